@@ -1,0 +1,433 @@
+//! Test harness for domsnap: finds QEMU 10 and the test guest, and starts QEMU processes that are
+//! killed when the test ends.
+//!
+//! Tests that need QEMU call these helpers and **fail loudly** (panic with what to run) when QEMU
+//! or the guest is missing; they never skip silently. `cargo xtask setup` installs both.
+//!
+//! ```no_run
+//! let qemu = testkit::Qemu::builder("demo").paused().spawn();
+//! println!("QMP at {}", qemu.qmp_socket().display());
+//! ```
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The QEMU major version the project is built and tested against.
+pub const QEMU_MAJOR: u32 = 10;
+
+/// Path of `qemu-system-x86_64`, checked to be QEMU 10. Panics with a clear message otherwise.
+pub fn qemu_system() -> PathBuf {
+    require_tool("qemu-system-x86_64")
+}
+
+/// Path of a QEMU tool (`qemu-img`, `qemu-io`, `qemu-system-x86_64`), checked to be QEMU 10.
+/// Panics with a clear message when it is missing or another version.
+pub fn require_tool(name: &str) -> PathBuf {
+    let output = Command::new(name).arg("--version").output().unwrap_or_else(|e| {
+        panic!("{name} is required by this test but cannot be run ({e}); run `cargo xtask setup`")
+    });
+    let text = String::from_utf8_lossy(&output.stdout);
+    let major = text
+        .split_whitespace()
+        .skip_while(|word| *word != "version")
+        .nth(1)
+        .and_then(|v| v.split('.').next())
+        .and_then(|v| v.parse::<u32>().ok());
+    assert_eq!(
+        major,
+        Some(QEMU_MAJOR),
+        "{name} must be QEMU {QEMU_MAJOR}.x, it says: {}; run `cargo xtask setup`",
+        text.lines().next().unwrap_or_default()
+    );
+    PathBuf::from(name)
+}
+
+/// The test guest built by `cargo xtask setup`.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    /// The kernel.
+    pub kernel: PathBuf,
+    /// The initramfs with the workload.
+    pub initrd: PathBuf,
+}
+
+/// The guest folder: `$DOMSNAP_GUEST_DIR`, else `$HOME/.cache/domsnap/guest`.
+pub fn guest_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DOMSNAP_GUEST_DIR") {
+        return dir.into();
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    Path::new(&home).join(".cache/domsnap/guest")
+}
+
+/// The test guest. Panics with a clear message if it has not been built.
+pub fn guest() -> Guest {
+    let dir = guest_dir();
+    let guest = Guest { kernel: dir.join("vmlinuz"), initrd: dir.join("initramfs.cpio") };
+    for file in [&guest.kernel, &guest.initrd] {
+        assert!(
+            file.is_file(),
+            "test guest file {} is missing; run `cargo xtask setup`",
+            file.display()
+        );
+    }
+    guest
+}
+
+/// What the test guest runs, chosen on its kernel command line.
+#[derive(Debug, Clone)]
+pub enum Workload {
+    /// Prints `DOMSNAP TICK n` once a second.
+    Idle,
+    /// Also rewrites `wss_mib` MiB of memory at `rate_mib` MiB/s.
+    Dirty {
+        /// MiB per second.
+        rate_mib: u32,
+        /// Working-set size in MiB.
+        wss_mib: u32,
+    },
+    /// Fills `mib` MiB of tmpfs from `seed` and prints its checksum; `verify` on the console
+    /// recomputes it.
+    Fingerprint {
+        /// PRNG seed.
+        seed: u64,
+        /// Size in MiB.
+        mib: u32,
+    },
+}
+
+impl Workload {
+    /// The kernel command-line words selecting this workload.
+    pub fn cmdline(&self) -> String {
+        match self {
+            Workload::Idle => "domsnap.mode=idle".into(),
+            Workload::Dirty { rate_mib, wss_mib } => {
+                format!("domsnap.mode=dirty domsnap.rate_mib={rate_mib} domsnap.wss_mib={wss_mib}")
+            }
+            Workload::Fingerprint { seed, mib } => {
+                format!("domsnap.mode=fingerprint domsnap.seed={seed} domsnap.fp_mib={mib}")
+            }
+        }
+    }
+}
+
+/// Builds a QEMU command line for tests: q35 under TCG, guest RAM in a shared file, QMP on a
+/// Unix socket, serial console logged to a file.
+#[derive(Debug)]
+pub struct QemuBuilder {
+    name: String,
+    memory_mib: u64,
+    paused: bool,
+    incoming_defer: bool,
+    workload: Option<Workload>,
+    disks: Vec<PathBuf>,
+    extra: Vec<String>,
+    dir: Option<PathBuf>,
+}
+
+/// A running QEMU, killed on drop. Its files live in a temporary folder removed on drop.
+#[derive(Debug)]
+pub struct Qemu {
+    child: Child,
+    dir: PathBuf,
+    _tempdir: Option<tempfile::TempDir>,
+}
+
+impl Qemu {
+    /// Starts describing a QEMU process named `name` (used for the RAM file name).
+    pub fn builder(name: &str) -> QemuBuilder {
+        QemuBuilder {
+            name: name.to_owned(),
+            memory_mib: 128,
+            paused: false,
+            incoming_defer: false,
+            workload: None,
+            disks: Vec::new(),
+            extra: Vec::new(),
+            dir: None,
+        }
+    }
+
+    /// The QMP socket.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+
+    /// The file holding guest RAM (`memory-backend-file,id=mem,share=on`).
+    pub fn ram_file(&self) -> PathBuf {
+        self.dir.join("ram")
+    }
+
+    /// The serial console log.
+    pub fn serial_log(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+
+    /// The serial console socket (write `verify\n` to it to trigger a fingerprint check).
+    pub fn console_socket(&self) -> PathBuf {
+        self.dir.join("console.sock")
+    }
+
+    /// The folder of this QEMU's files; tests may put their own files there.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What QEMU wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(self.dir.join("qemu.stderr")).unwrap_or_default()
+    }
+
+    /// Whether the process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits up to `timeout` for a serial console line containing `needle`; returns the line.
+    pub fn wait_for_serial(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = fs::read_to_string(self.serial_log()).unwrap_or_default();
+            if let Some(line) = log.lines().find(|line| line.contains(needle)) {
+                return line.trim_end_matches('\r').to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no serial line containing {needle:?} within {timeout:?}; log so far:\n{log}\nQEMU stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last `DOMSNAP TICK n` counter the guest printed, if any.
+    pub fn last_tick(&self) -> Option<u64> {
+        let log = fs::read_to_string(self.serial_log()).unwrap_or_default();
+        log.lines().rev().find_map(parse_tick)
+    }
+}
+
+/// The counter of a `DOMSNAP TICK n ...` line.
+pub fn parse_tick(line: &str) -> Option<u64> {
+    let rest = line.trim().strip_prefix("DOMSNAP TICK ")?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl QemuBuilder {
+    /// Guest RAM size (default 128 MiB).
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Start with the vCPUs stopped (`-S`).
+    pub fn paused(mut self) -> Self {
+        self.paused = true;
+        self
+    }
+
+    /// Wait for incoming state (`-incoming defer`, `send-configuration=off`) as for a restore.
+    pub fn incoming_defer(mut self) -> Self {
+        self.incoming_defer = true;
+        self
+    }
+
+    /// Boot the test guest with this workload.
+    pub fn guest(mut self, workload: Workload) -> Self {
+        self.workload = Some(workload);
+        self
+    }
+
+    /// Attach a qcow2 image as a virtio disk; the first gets node names `file0`/`disk0`, and so on.
+    pub fn disk(mut self, path: impl Into<PathBuf>) -> Self {
+        self.disks.push(path.into());
+        self
+    }
+
+    /// Put this QEMU's files (RAM, sockets, logs) in `dir` instead of a fresh temporary folder
+    /// (to restore into a QEMU sharing a folder with an earlier one).
+    pub fn in_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
+    /// Extra command-line arguments.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.extra.push(arg.into());
+        self
+    }
+
+    /// The full argument list QEMU is started with, given the folder for its files.
+    pub fn args(&self, dir: &Path) -> Vec<String> {
+        let mib = self.memory_mib;
+        let mut args: Vec<String> = vec![
+            "-name".into(),
+            self.name.clone(),
+            "-accel".into(),
+            "tcg".into(),
+            "-machine".into(),
+            "q35,memory-backend=mem".into(),
+            "-m".into(),
+            format!("{mib}M"),
+            "-object".into(),
+            format!("memory-backend-file,id=mem,size={mib}M,mem-path={},share=on", dir.join("ram").display()),
+            "-nodefaults".into(),
+            "-display".into(),
+            "none".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
+            "-chardev".into(),
+            format!(
+                "socket,id=console,path={},server=on,wait=off,logfile={}",
+                dir.join("console.sock").display(),
+                dir.join("serial.log").display()
+            ),
+            "-serial".into(),
+            "chardev:console".into(),
+        ];
+        if let Some(workload) = &self.workload {
+            let guest = guest();
+            args.extend([
+                "-kernel".into(),
+                guest.kernel.display().to_string(),
+                "-initrd".into(),
+                guest.initrd.display().to_string(),
+                "-append".into(),
+                format!("console=ttyS0 quiet {}", workload.cmdline()),
+            ]);
+        }
+        for (index, disk) in self.disks.iter().enumerate() {
+            args.extend([
+                "-blockdev".into(),
+                format!("driver=file,filename={},node-name=file{index}", disk.display()),
+                "-blockdev".into(),
+                format!("driver=qcow2,file=file{index},node-name=disk{index}"),
+                "-device".into(),
+                format!("virtio-blk-pci,drive=disk{index},id=vd{index}"),
+            ]);
+        }
+        if self.paused {
+            args.push("-S".into());
+        }
+        if self.incoming_defer {
+            args.extend([
+                "-incoming".into(),
+                "defer".into(),
+                "-global".into(),
+                "migration.send-configuration=off".into(),
+            ]);
+        }
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    /// Starts QEMU and waits until its QMP socket exists. Panics (with QEMU's stderr) on failure.
+    pub fn spawn(self) -> Qemu {
+        let binary = qemu_system();
+        let (dir, tempdir) = match &self.dir {
+            Some(dir) => {
+                fs::create_dir_all(dir).expect("create QEMU folder");
+                (dir.clone(), None)
+            }
+            None => {
+                let tempdir = tempfile::Builder::new()
+                    .prefix(&format!("domsnap-test-{}-", self.name))
+                    .tempdir()
+                    .expect("create temporary folder");
+                (tempdir.path().to_owned(), Some(tempdir))
+            }
+        };
+        // Stale files of an earlier QEMU in the same folder would be mistaken for ours.
+        for stale in ["qmp.sock", "console.sock", "serial.log"] {
+            let _ = fs::remove_file(dir.join(stale));
+        }
+        let stderr = fs::File::create(dir.join("qemu.stderr")).expect("create stderr file");
+        let child = Command::new(&binary)
+            .args(self.args(&dir))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let mut qemu = Qemu { child, dir, _tempdir: tempdir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !qemu.qmp_socket().exists() {
+            assert!(qemu.is_running(), "QEMU exited during start-up:\n{}", qemu.stderr());
+            assert!(Instant::now() < deadline, "QEMU's QMP socket did not appear:\n{}", qemu.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        qemu
+    }
+}
+
+/// Runs a command to completion and returns its stdout; panics with its stderr on failure.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {} failed ({}):\n{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Creates a qcow2 image with `qemu-img create`.
+pub fn create_qcow2(path: &Path, size: &str) {
+    require_tool("qemu-img");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &path.display().to_string(), size]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tick_lines_parse() {
+        assert_eq!(parse_tick("DOMSNAP TICK 42"), Some(42));
+        assert_eq!(parse_tick("DOMSNAP TICK 7 dirtied_mib=56\r"), Some(7));
+        assert_eq!(parse_tick("DOMSNAP READY mode=idle"), None);
+    }
+
+    #[test]
+    fn command_line_has_shared_ram_and_qmp() {
+        let args = Qemu::builder("t").memory_mib(64).paused().incoming_defer().args(Path::new("/x"));
+        let joined = args.join(" ");
+        assert!(joined.contains("memory-backend-file,id=mem,size=64M,mem-path=/x/ram,share=on"));
+        assert!(joined.contains("-qmp unix:/x/qmp.sock,server=on,wait=off"));
+        assert!(joined.contains("-incoming defer -global migration.send-configuration=off"));
+        assert!(joined.contains(" -S"));
+    }
+}

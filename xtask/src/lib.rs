@@ -1,0 +1,61 @@
+//! domsnap developer tasks, run as `cargo xtask <task>`: `setup` (QEMU 10 and the test guest), `test`,
+//! `demo`. The modules are a library so other tasks (the demo) can reuse them.
+
+pub mod cmd;
+pub mod cpio;
+pub mod guest;
+pub mod guest_image;
+pub mod setup;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+/// The workspace root (the folder above `xtask/`).
+pub fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+/// What `setup` found or made.
+#[derive(Debug, Clone)]
+pub struct SetupReport {
+    /// The QEMU tools' versions.
+    pub qemu: setup::QemuVersions,
+    /// The guest folder.
+    pub guest_dir: PathBuf,
+    /// The guest's description.
+    pub guest: guest::GuestInfo,
+}
+
+/// `cargo xtask setup`: QEMU 10, then the test guest (rebuilt when its inputs changed or `force`).
+pub fn run_setup(force: bool) -> Result<SetupReport> {
+    let qemu = setup::ensure_qemu()?;
+    let guest_dir = guest::guest_dir()?;
+    let guest = guest_image::ensure_guest(&workspace_root(), &guest_dir, force)?;
+    println!("setup: summary");
+    println!("  QEMU:  {}", qemu.summary());
+    println!("  guest: {}", guest_dir.display());
+    println!(
+        "         kernel {} {} ({}), busybox-static {}",
+        guest.kernel_package,
+        guest.kernel_package_version,
+        guest.kernel_release,
+        guest.busybox_package_version
+    );
+    println!(
+        "         initramfs {} bytes, modules [{}]{}",
+        guest.initramfs_bytes,
+        guest.modules.join(" "),
+        if guest.modules_builtin.is_empty() {
+            String::new()
+        } else {
+            format!(", built in [{}]", guest.modules_builtin.join(" "))
+        }
+    );
+    Ok(SetupReport {
+        qemu,
+        guest_dir,
+        guest,
+    })
+}
