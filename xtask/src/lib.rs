@@ -3,6 +3,7 @@
 
 pub mod cmd;
 pub mod cpio;
+pub mod demo;
 pub mod guest;
 pub mod guest_image;
 pub mod setup;
@@ -31,7 +32,7 @@ pub struct SetupReport {
 /// `cargo xtask setup`: QEMU 10, then the test guest (rebuilt when its inputs changed or `force`).
 pub fn run_setup(force: bool) -> Result<SetupReport> {
     let qemu = setup::ensure_qemu()?;
-    let guest_dir = guest::guest_dir()?;
+    let guest_dir = guest::guest_dir();
     let guest = guest_image::ensure_guest(&workspace_root(), &guest_dir, force)?;
     println!("setup: summary");
     println!("  QEMU:  {}", qemu.summary());

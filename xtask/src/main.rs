@@ -4,7 +4,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{cmd, guest, run_setup, workspace_root};
+use xtask::{cmd, demo, guest, run_setup, workspace_root};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,7 +37,7 @@ enum Task {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
-    /// Demonstrate whole-VM snapshots (not yet implemented).
+    /// Boot the test guest and drive it over QMP: status, pause/resume, device-state save, quit
     Demo,
 }
 
@@ -46,10 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup { force } => run_setup(force).map(|_| ExitCode::SUCCESS),
         Task::Test { cargo_args } => test(&cargo_args).map(|()| ExitCode::SUCCESS),
-        Task::Demo => {
-            eprintln!("demo: not yet implemented");
-            Ok(ExitCode::FAILURE)
-        }
+        Task::Demo => run_setup(false).and_then(|_| demo::run()).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("xtask: error: {e:#}");
@@ -68,7 +65,7 @@ fn test(cargo_args: &[String]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut test = Command::new(cargo);
     test.current_dir(workspace_root())
-        .env(guest::ENV_GUEST_DIR, &report.guest_dir)
+        .env(guest::GUEST_DIR_ENV, &report.guest_dir)
         .arg("test");
     if !selects_packages(cargo_args) {
         test.arg("--workspace");

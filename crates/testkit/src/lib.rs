@@ -16,6 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use guest_workload::{marker_sector, parse_marker, parse_serial_line, SerialLine};
+
 /// The QEMU major version the project is built and tested against.
 pub const QEMU_MAJOR: u32 = 10;
 
@@ -55,9 +57,16 @@ pub struct Guest {
     pub initrd: PathBuf,
 }
 
+/// Environment variable naming the guest folder (exported by `cargo xtask test` to the tests).
+pub const GUEST_DIR_ENV: &str = "DOMSNAP_GUEST_DIR";
+/// The kernel inside the guest folder.
+pub const KERNEL_FILE: &str = "vmlinuz";
+/// The initramfs (uncompressed newc cpio) inside the guest folder.
+pub const INITRAMFS_FILE: &str = "initramfs.cpio";
+
 /// The guest folder: `$DOMSNAP_GUEST_DIR`, else `$HOME/.cache/domsnap/guest`.
 pub fn guest_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("DOMSNAP_GUEST_DIR") {
+    if let Some(dir) = std::env::var_os(GUEST_DIR_ENV).filter(|dir| !dir.is_empty()) {
         return dir.into();
     }
     let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
@@ -67,7 +76,7 @@ pub fn guest_dir() -> PathBuf {
 /// The test guest. Panics with a clear message if it has not been built.
 pub fn guest() -> Guest {
     let dir = guest_dir();
-    let guest = Guest { kernel: dir.join("vmlinuz"), initrd: dir.join("initramfs.cpio") };
+    let guest = Guest { kernel: dir.join(KERNEL_FILE), initrd: dir.join(INITRAMFS_FILE) };
     for file in [&guest.kernel, &guest.initrd] {
         assert!(
             file.is_file(),
@@ -86,9 +95,9 @@ pub enum Workload {
     /// Also rewrites `wss_mib` MiB of memory at `rate_mib` MiB/s.
     Dirty {
         /// MiB per second.
-        rate_mib: u32,
+        rate_mib: u64,
         /// Working-set size in MiB.
-        wss_mib: u32,
+        wss_mib: u64,
     },
     /// Fills `mib` MiB of tmpfs from `seed` and prints its checksum; `verify` on the console
     /// recomputes it.
@@ -96,11 +105,19 @@ pub enum Workload {
         /// PRNG seed.
         seed: u64,
         /// Size in MiB.
-        mib: u32,
+        mib: u64,
     },
 }
 
 impl Workload {
+    /// The checksum a healthy fingerprint guest prints (computed on the host).
+    pub fn expected_fingerprint(&self) -> Option<u64> {
+        match *self {
+            Workload::Fingerprint { seed, mib } => Some(guest_workload::fingerprint_sum(seed, mib)),
+            _ => None,
+        }
+    }
+
     /// The kernel command-line words selecting this workload.
     pub fn cmdline(&self) -> String {
         match self {
@@ -206,33 +223,57 @@ impl Qemu {
     }
 
     /// Waits up to `timeout` for a serial console line containing `needle`; returns the line.
+    /// Panics with the log and QEMU's stderr when it does not come.
     pub fn wait_for_serial(&self, needle: &str, timeout: Duration) -> String {
+        self.try_wait_for_serial(needle, timeout).unwrap_or_else(|report| panic!("{report}"))
+    }
+
+    /// Like [`Qemu::wait_for_serial`], but returns the failure report instead of panicking.
+    pub fn try_wait_for_serial(&self, needle: &str, timeout: Duration) -> Result<String, String> {
+        self.poll(timeout, |log| log.lines().find(|line| line.contains(needle)).map(|l| l.trim().to_owned()))
+            .map_err(|log| format!("no serial line containing {needle:?} within {timeout:?}; {log}"))
+    }
+
+    /// Waits up to `timeout` for a tick counter above `after`; returns it.
+    pub fn try_wait_for_tick_after(&self, after: u64, timeout: Duration) -> Result<u64, String> {
+        self.poll(timeout, |log| {
+            let last = log.lines().rev().filter_map(parse_serial_line).find_map(|line| match line {
+                SerialLine::Tick { n, .. } => Some(n),
+                _ => None,
+            });
+            last.filter(|&n| n > after)
+        })
+        .map_err(|log| format!("the guest did not count past {after} within {timeout:?}; {log}"))
+    }
+
+    /// Re-reads the serial log until `check` finds what it wants, or reports the log and stderr.
+    fn poll<T>(&self, timeout: Duration, mut check: impl FnMut(&str) -> Option<T>) -> Result<T, String> {
         let deadline = Instant::now() + timeout;
         loop {
             let log = fs::read_to_string(self.serial_log()).unwrap_or_default();
-            if let Some(line) = log.lines().find(|line| line.contains(needle)) {
-                return line.trim_end_matches('\r').to_owned();
+            if let Some(found) = check(&log) {
+                return Ok(found);
             }
-            assert!(
-                Instant::now() < deadline,
-                "no serial line containing {needle:?} within {timeout:?}; log so far:\n{log}\nQEMU stderr:\n{}",
-                self.stderr()
-            );
+            if Instant::now() >= deadline {
+                return Err(format!("serial log so far:\n{log}\nQEMU stderr:\n{}", self.stderr()));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
+    /// Every `DOMSNAP` line the guest printed so far, parsed.
+    pub fn serial_lines(&self) -> Vec<SerialLine> {
+        let log = fs::read_to_string(self.serial_log()).unwrap_or_default();
+        log.lines().filter_map(parse_serial_line).collect()
+    }
+
     /// The last `DOMSNAP TICK n` counter the guest printed, if any.
     pub fn last_tick(&self) -> Option<u64> {
-        let log = fs::read_to_string(self.serial_log()).unwrap_or_default();
-        log.lines().rev().find_map(parse_tick)
+        self.serial_lines().into_iter().rev().find_map(|line| match line {
+            SerialLine::Tick { n, .. } => Some(n),
+            _ => None,
+        })
     }
-}
-
-/// The counter of a `DOMSNAP TICK n ...` line.
-pub fn parse_tick(line: &str) -> Option<u64> {
-    let rest = line.trim().strip_prefix("DOMSNAP TICK ")?;
-    rest.split_whitespace().next()?.parse().ok()
 }
 
 impl Drop for Qemu {
@@ -410,16 +451,40 @@ pub fn create_qcow2(path: &Path, size: &str) {
     run("qemu-img", &["create", "-q", "-f", "qcow2", &path.display().to_string(), size]);
 }
 
+/// The marker in sector 0 of a qcow2 image (`Some("domsnap-marker tick=<n>")`, or `None` if the
+/// sector holds no marker). Works while QEMU runs (`qemu-img dd -U` reads the active layer).
+pub fn read_disk_marker(qcow2: &Path) -> Option<String> {
+    parse_marker(&read_sector0(qcow2))
+}
+
+/// The first 512 bytes of a qcow2 image as the guest sees them (backing chain included).
+pub fn read_sector0(qcow2: &Path) -> Vec<u8> {
+    require_tool("qemu-img");
+    let tmp = tempfile::tempdir().expect("create temporary folder");
+    let out = tmp.path().join("sector0.raw");
+    run(
+        "qemu-img",
+        &[
+            "dd",
+            "-U",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            "bs=512",
+            "count=1",
+            &format!("if={}", qcow2.display()),
+            &format!("of={}", out.display()),
+        ],
+    );
+    let bytes = fs::read(&out).expect("read the sector qemu-img wrote");
+    assert!(bytes.len() >= 512, "qemu-img dd gave {} bytes for sector 0 of {}", bytes.len(), qcow2.display());
+    bytes[..512].to_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tick_lines_parse() {
-        assert_eq!(parse_tick("DOMSNAP TICK 42"), Some(42));
-        assert_eq!(parse_tick("DOMSNAP TICK 7 dirtied_mib=56\r"), Some(7));
-        assert_eq!(parse_tick("DOMSNAP READY mode=idle"), None);
-    }
 
     #[test]
     fn command_line_has_shared_ram_and_qmp() {
@@ -429,5 +494,21 @@ mod tests {
         assert!(joined.contains("-qmp unix:/x/qmp.sock,server=on,wait=off"));
         assert!(joined.contains("-incoming defer -global migration.send-configuration=off"));
         assert!(joined.contains(" -S"));
+    }
+
+    #[test]
+    fn disk_marker_from_qcow2() {
+        let tmp = tempfile::tempdir().unwrap();
+        let raw = tmp.path().join("d.raw");
+        let mut image = marker_sector(17).to_vec();
+        image.resize(1 << 20, 0);
+        fs::write(&raw, &image).unwrap();
+        let qcow2 = tmp.path().join("d.qcow2");
+        require_tool("qemu-img");
+        run("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), qcow2.to_str().unwrap()]);
+        assert_eq!(read_disk_marker(&qcow2).as_deref(), Some("domsnap-marker tick=17"));
+        let blank = tmp.path().join("blank.qcow2");
+        create_qcow2(&blank, "1M");
+        assert_eq!(read_disk_marker(&blank), None);
     }
 }

@@ -363,6 +363,95 @@ pub fn parse_request(line: &str) -> Request {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Reading the serial console from the host
+
+/// A `DOMSNAP` line of the guest's serial output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialLine {
+    /// `DOMSNAP TICK <n>` (dirty mode adds `dirtied_mib=<d>`).
+    Tick {
+        /// The counter (1, 2, 3, ...; continues after a restore).
+        n: u64,
+        /// MiB rewritten so far (dirty mode).
+        dirtied_mib: Option<u64>,
+    },
+    /// `DOMSNAP READY mode=<mode>`.
+    Ready {
+        /// idle, dirty or fingerprint.
+        mode: String,
+    },
+    /// `DOMSNAP FP seed=<s> mib=<m> sum=<hex>`.
+    Fingerprint {
+        /// The seed.
+        seed: u64,
+        /// The size in MiB.
+        mib: u64,
+        /// The checksum.
+        sum: u64,
+    },
+    /// `DOMSNAP FP-CHECK sum=<hex>` (Ok) or `DOMSNAP FP-CHECK error=<text>` (Err).
+    FingerprintCheck(Result<u64, String>),
+    /// `DOMSNAP DISK-MARKER-BOOT <text>`: the marker found at boot (`None` for `none`).
+    DiskMarkerBoot(Option<String>),
+    /// `DOMSNAP DISK-ERROR <text>`.
+    DiskError(String),
+    /// `DOMSNAP PONG`.
+    Pong,
+    /// `DOMSNAP UNKNOWN-COMMAND <line>`.
+    UnknownCommand(String),
+    /// `DOMSNAP ERROR <text>`: the workload failed to start.
+    Error(String),
+    /// `DOMSNAP WORKLOAD-EXIT status=<n>` (printed by init; should never happen).
+    WorkloadExit(String),
+    /// Any other `DOMSNAP` line (e.g. `DOMSNAP INIT ...`): the text after `DOMSNAP `.
+    Other(String),
+}
+
+/// Parses one line of serial output; `None` if it is not a `DOMSNAP` line. Surrounding white space
+/// (including the console's `\r`) is ignored; text before `DOMSNAP` on the same line (a kernel message
+/// that was not ended) is skipped.
+pub fn parse_serial_line(line: &str) -> Option<SerialLine> {
+    let start = line.find("DOMSNAP ")?;
+    let rest = line[start + "DOMSNAP ".len()..].trim();
+    let (word, args) = rest.split_once(' ').unwrap_or((rest, ""));
+    let kv = |key: &str| {
+        args.split_whitespace()
+            .find_map(|t| t.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+    };
+    let hex = |s: Option<&str>| s.and_then(|s| u64::from_str_radix(s, 16).ok());
+    let dec = |s: Option<&str>| s.and_then(|s| s.parse::<u64>().ok());
+    let parsed = match word {
+        "TICK" => {
+            let n = args.split_whitespace().next().and_then(|n| n.parse().ok());
+            n.map(|n| SerialLine::Tick {
+                n,
+                dirtied_mib: dec(kv("dirtied_mib")),
+            })
+        }
+        "READY" => kv("mode").map(|m| SerialLine::Ready { mode: m.to_string() }),
+        "FP" => match (dec(kv("seed")), dec(kv("mib")), hex(kv("sum"))) {
+            (Some(seed), Some(mib), Some(sum)) => Some(SerialLine::Fingerprint { seed, mib, sum }),
+            _ => None,
+        },
+        "FP-CHECK" => match (hex(kv("sum")), args.strip_prefix("error=")) {
+            (Some(sum), _) => Some(SerialLine::FingerprintCheck(Ok(sum))),
+            (None, Some(err)) => Some(SerialLine::FingerprintCheck(Err(err.to_string()))),
+            (None, None) => None,
+        },
+        "DISK-MARKER-BOOT" => Some(SerialLine::DiskMarkerBoot(
+            (args != "none").then(|| args.to_string()),
+        )),
+        "DISK-ERROR" => Some(SerialLine::DiskError(args.to_string())),
+        "PONG" => Some(SerialLine::Pong),
+        "UNKNOWN-COMMAND" => Some(SerialLine::UnknownCommand(args.to_string())),
+        "ERROR" => Some(SerialLine::Error(args.to_string())),
+        "WORKLOAD-EXIT" => Some(SerialLine::WorkloadExit(args.to_string())),
+        _ => None,
+    };
+    Some(parsed.unwrap_or_else(|| SerialLine::Other(rest.to_string())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,5 +578,88 @@ mod tests {
         assert_eq!(parse_request(" ping "), Request::Ping);
         assert_eq!(parse_request(""), Request::Empty);
         assert_eq!(parse_request("frob x"), Request::Unknown("frob x".into()));
+    }
+
+    #[test]
+    fn serial_lines() {
+        use SerialLine::*;
+        let cases: &[(&str, Option<SerialLine>)] = &[
+            (
+                "DOMSNAP TICK 12\r",
+                Some(Tick {
+                    n: 12,
+                    dirtied_mib: None,
+                }),
+            ),
+            (
+                "DOMSNAP TICK 7 dirtied_mib=56",
+                Some(Tick {
+                    n: 7,
+                    dirtied_mib: Some(56),
+                }),
+            ),
+            (
+                "[   1.0] foo DOMSNAP TICK 3",
+                Some(Tick {
+                    n: 3,
+                    dirtied_mib: None,
+                }),
+            ),
+            (
+                "DOMSNAP READY mode=fingerprint",
+                Some(Ready {
+                    mode: "fingerprint".into(),
+                }),
+            ),
+            (
+                "DOMSNAP FP seed=7 mib=16 sum=00000000000000ab",
+                Some(Fingerprint {
+                    seed: 7,
+                    mib: 16,
+                    sum: 0xab,
+                }),
+            ),
+            (
+                "DOMSNAP FP-CHECK sum=ffffffffffffffff",
+                Some(FingerprintCheck(Ok(u64::MAX))),
+            ),
+            (
+                "DOMSNAP FP-CHECK error=no-fingerprint-file",
+                Some(FingerprintCheck(Err("no-fingerprint-file".into()))),
+            ),
+            ("DOMSNAP DISK-MARKER-BOOT none", Some(DiskMarkerBoot(None))),
+            (
+                "DOMSNAP DISK-MARKER-BOOT domsnap-marker tick=9",
+                Some(DiskMarkerBoot(Some("domsnap-marker tick=9".into()))),
+            ),
+            ("DOMSNAP PONG", Some(Pong)),
+            (
+                "DOMSNAP UNKNOWN-COMMAND frob",
+                Some(UnknownCommand("frob".into())),
+            ),
+            (
+                "DOMSNAP WORKLOAD-EXIT status=1",
+                Some(WorkloadExit("status=1".into())),
+            ),
+            (
+                "DOMSNAP INIT exec guest-workload idle",
+                Some(Other("INIT exec guest-workload idle".into())),
+            ),
+            ("DOMSNAP TICK x", Some(Other("TICK x".into()))),
+            ("[    0.000000] Linux version 6.1", None),
+        ];
+        for (line, want) in cases {
+            assert_eq!(&parse_serial_line(line), want, "{line}");
+        }
+        // What the workload prints parses back.
+        let line = fp_line(5, 2, 0x1234);
+        assert_eq!(
+            parse_serial_line(&line),
+            Some(Fingerprint {
+                seed: 5,
+                mib: 2,
+                sum: 0x1234
+            })
+        );
     }
 }
