@@ -115,18 +115,6 @@ pub fn run(cmd: &mut Command, capture_stdout: bool) -> Result<String> {
     Ok(String::from_utf8_lossy(&stdout).into_owned())
 }
 
-/// Runs `cmd` with all of stdio inherited (for `cargo test`: its output is the point). Fails with the
-/// command line and exit status (its stderr has already been shown).
-pub fn run_inherit(cmd: &mut Command) -> Result<()> {
-    let line = display(cmd);
-    eprintln!("$ {line}");
-    let status = cmd.status().with_context(|| format!("cannot run `{line}`"))?;
-    if !status.success() {
-        bail!("`{line}` failed ({status}); its output is above");
-    }
-    Ok(())
-}
-
 /// The effective user id of this process (from /proc/self/status).
 pub fn effective_uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

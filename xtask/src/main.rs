@@ -2,7 +2,7 @@
 
 use std::process::{Command, ExitCode};
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use xtask::{cmd, demo, guest, run_setup, workspace_root};
 
@@ -71,7 +71,57 @@ fn test(cargo_args: &[String]) -> Result<()> {
         test.arg("--workspace");
     }
     test.args(cargo_args);
-    cmd::run_inherit(&mut test)
+    run_counting_tests(&mut test)
+}
+
+/// Runs `cargo test`, echoing its output, and ends with one line adding up every test binary's
+/// `test result:` line, so the suite's outcome is stated once, at the end.
+fn run_counting_tests(test: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let line = cmd::display(test);
+    eprintln!("$ {line}");
+    let mut child = test
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    let stdout = child.stdout.take().context("cargo test's stdout")?;
+    let mut totals = TestTotals::default();
+    for text in BufReader::new(stdout).lines() {
+        let text = text.context("reading cargo test's output")?;
+        println!("{text}");
+        totals.add(&text);
+    }
+    let status = child.wait().with_context(|| format!("waiting for `{line}`"))?;
+    println!("tests: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
+    if !status.success() {
+        bail!("`{line}` failed ({status}); its output is above");
+    }
+    Ok(())
+}
+
+/// Sums of libtest's `test result: ok. N passed; N failed; N ignored; ...` lines.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestTotals {
+    fn add(&mut self, line: &str) {
+        let Some(result) = line.strip_prefix("test result: ") else { return };
+        for part in result.split(['.', ';']) {
+            let mut words = part.split_whitespace();
+            let (Some(count), Some(kind)) = (words.next(), words.next()) else { continue };
+            let Ok(count) = count.parse::<u64>() else { continue };
+            match kind {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -82,6 +132,15 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_results_add_up() {
+        let mut totals = TestTotals::default();
+        totals.add("test result: ok. 16 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.42s");
+        totals.add("test result: FAILED. 7 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.93s");
+        totals.add("test foo ... ok");
+        assert_eq!(totals, TestTotals { passed: 23, failed: 2, ignored: 2 });
     }
 
     #[test]
