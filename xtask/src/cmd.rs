@@ -122,6 +122,9 @@ pub fn effective_uid() -> Option<u32> {
     line.split_whitespace().nth(2)?.parse().ok()
 }
 
+/// Environment for apt-get: never ask questions.
+pub const APT_ENV: &[(&str, &str)] = &[("DEBIAN_FRONTEND", "noninteractive")];
+
 /// A command that runs `program` as root: directly when we are root, else through `sudo`. `env` is set in
 /// either case (sudo would drop it otherwise).
 pub fn as_root(program: &str, env: &[(&str, &str)]) -> Command {

@@ -42,7 +42,6 @@ pub const MODULES: &[&str] = &[
 /// The target the workload is built for (statically linked).
 pub const WORKLOAD_TARGET: &str = "x86_64-unknown-linux-gnu";
 const BUSYBOX_PACKAGE: &str = "busybox-static";
-const APT_ENV: &[(&str, &str)] = &[("DEBIAN_FRONTEND", "noninteractive")];
 
 /// Builds (or confirms up to date) the guest in `dir`. `force` rebuilds even when the stamp matches.
 pub fn ensure_guest(workspace: &Path, dir: &Path, force: bool) -> Result<GuestInfo> {
@@ -129,7 +128,7 @@ fn resolve_kernel_package() -> Result<String> {
         return Ok(pkg);
     }
     println!("setup: apt does not know linux-image-amd64: updating the package lists");
-    cmd::run(cmd::as_root("apt-get", APT_ENV).arg("update"), false)?;
+    cmd::run(cmd::as_root("apt-get", cmd::APT_ENV).arg("update"), false)?;
     match query() {
         Some(pkg) => Ok(pkg),
         None => {
@@ -190,7 +189,7 @@ fn ensure_debs(dir: &Path, kernel_package: &str) -> Result<Debs> {
         );
         if let Err(first) = download(&debs_dir, &missing) {
             println!("setup: download failed ({first:#}); updating the package lists and retrying");
-            cmd::run(cmd::as_root("apt-get", APT_ENV).arg("update"), false)?;
+            cmd::run(cmd::as_root("apt-get", cmd::APT_ENV).arg("update"), false)?;
             download(&debs_dir, &missing)?;
         }
     }

@@ -10,14 +10,12 @@ use anyhow::{bail, Context, Result};
 
 use crate::cmd;
 
-/// The QEMU major version the project needs.
-pub const QEMU_MAJOR: u32 = 10;
+pub use testkit::QEMU_MAJOR;
 /// The apt source file `setup` writes when bookworm-backports is not configured.
 pub const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/bookworm-backports.sources";
 const DEBIAN_SOURCES: &str = "/etc/apt/sources.list.d/debian.sources";
 const DEFAULT_URIS: &str = "http://deb.debian.org/debian";
 const DEFAULT_SIGNED_BY: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
-const APT_ENV: &[(&str, &str)] = &[("DEBIAN_FRONTEND", "noninteractive")];
 
 /// Installed QEMU tools and their versions (`None` = not installed or not runnable).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,9 +95,9 @@ pub fn ensure_qemu() -> Result<QemuVersions> {
     }
     ensure_backports_source()?;
     println!("setup: installing qemu-system-x86 and qemu-utils from bookworm-backports");
-    cmd::run(cmd::as_root("apt-get", APT_ENV).arg("update"), false)?;
+    cmd::run(cmd::as_root("apt-get", cmd::APT_ENV).arg("update"), false)?;
     cmd::run(
-        cmd::as_root("apt-get", APT_ENV).args([
+        cmd::as_root("apt-get", cmd::APT_ENV).args([
             "install",
             "-y",
             "--no-install-recommends",
