@@ -421,3 +421,21 @@ async fn many_tasks_share_one_connection() {
         task.await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn out_of_band_execution_is_negotiated_and_used() {
+    let qemu = Qemu::builder("qmp-oob").memory_mib(64).paused().spawn();
+    let options = ClientOptions { enable_oob: true, ..Default::default() };
+    let client = Client::connect_unix(qemu.qmp_socket(), options).await.unwrap();
+    assert!(client.greeting().capabilities.iter().any(|c| c == "oob"), "QEMU 10 offers oob");
+    assert!(client.oob_enabled());
+    // `migrate-pause` allows out-of-band execution; without a post-copy migration QEMU refuses it,
+    // which proves the exec-oob request reached the out-of-band dispatcher and was answered.
+    let error = client.execute_oob_raw("migrate-pause", Value::Null).await.unwrap_err();
+    assert_eq!(error.qmp_class(), Some("GenericError"), "{error}");
+    // In-band commands still work on an oob-enabled connection.
+    assert_eq!(client.execute(&QueryStatus).await.unwrap().status, RunState::Prelaunch);
+    // A command that does not allow oob is refused as such.
+    let refused = client.execute_oob_raw("query-status", Value::Null).await.unwrap_err();
+    assert!(refused.qmp_class().is_some(), "{refused}");
+}
