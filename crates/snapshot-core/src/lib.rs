@@ -1,3 +1,36 @@
 //! Hypervisor-agnostic orchestration of whole-domain snapshots: create, delete, revert.
 //!
-//! Filled in by the `snapshot-core` issue; see `docs/architecture.md` for the role this crate plays.
+//! This crate knows no QEMU. It holds the snapshot metadata ([`SnapshotRecord`]), the tree of a
+//! domain's snapshots ([`SnapshotTree`]) and the store that keeps them under a state directory
+//! ([`SnapshotStore`], [`FsStore`]) with atomic writes and a per-domain lock. The create / delete /
+//! revert orchestration over the domain, memory and disk traits arrives with the orchestrator
+//! issue; see `docs/architecture.md`.
+//!
+//! ```
+//! use std::time::Duration;
+//! use snapshot_core::{FsStore, Name, SnapshotStore};
+//!
+//! # fn main() -> snapshot_core::Result<()> {
+//! let state = tempfile::tempdir().unwrap();
+//! let store = FsStore::new(state.path());
+//! let domain = Name::new("demo")?;
+//! let _lock = store.lock(&domain, Duration::from_secs(5))?;
+//! assert!(store.list(&domain)?.is_empty());
+//! assert!(Name::new("../escape").is_err());
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+mod metadata;
+mod name;
+mod store;
+mod tree;
+
+pub use error::{Error, Result};
+pub use metadata::{
+    Consistency, DiskRecord, DiskSnapshot, DomainState, MemoryState, SnapshotRecord, METADATA_VERSION,
+};
+pub use name::{Name, MAX_NAME_LEN};
+pub use store::{write_atomic, DomainLock, FsStore, MockSnapshotStore, SnapshotFiles, SnapshotStore};
+pub use tree::SnapshotTree;
