@@ -1,3 +1,31 @@
-//! The QEMU domain driver: launches QEMU 10 with guest RAM in a shared file and drives it over QMP.
+//! The QEMU domain driver: a domain's configuration (TOML) and the QEMU 10 command line that runs
+//! it under TCG with guest RAM in a shared file, QMP on a Unix socket and qcow2 disks as
+//! `-blockdev` nodes. Process supervision and the snapshot-core traits arrive with the
+//! orchestrator issue; see `docs/architecture.md`.
 //!
-//! Filled in by the `snapshot-core` issue; see `docs/architecture.md` for the role this crate plays.
+//! ```
+//! use std::path::Path;
+//! use qemu::{qemu_args, DomainConfig, RuntimePaths, StartMode};
+//!
+//! let config = DomainConfig::parse(
+//!     "name = \"demo\"\nmemory_mib = 256\nkernel = \"/boot/vmlinuz\"",
+//!     Path::new("/etc/domsnap"),
+//! )
+//! .unwrap();
+//! let paths = RuntimePaths {
+//!     ram_file: "/dev/shm/demo/ram".into(),
+//!     qmp_socket: "/run/domsnap/demo/qmp.sock".into(),
+//!     serial_log: "/run/domsnap/demo/serial.log".into(),
+//!     console_socket: "/run/domsnap/demo/console.sock".into(),
+//! };
+//! let args = qemu_args(&config, &paths, StartMode::Boot { paused: false });
+//! assert!(args.iter().any(|a| a == "-qmp"));
+//! ```
+
+mod command_line;
+mod config;
+mod error;
+
+pub use command_line::{disk_nodes, qemu_args, RuntimePaths, StartMode, RAM_BACKEND_ID};
+pub use config::{DiskConfig, DomainConfig, MAX_VCPUS, MEMORY_MIB_RANGE};
+pub use error::{Error, Result};

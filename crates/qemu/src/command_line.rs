@@ -1,0 +1,170 @@
+//! The QEMU 10 command line of a domain.
+//!
+//! Guest RAM is a `memory-backend-file` with `share=on`, so the toolstack can map the same file to
+//! save and restore memory; disks are `-blockdev` file + qcow2 nodes on virtio-blk; QMP listens on
+//! a Unix socket. A restore starts the same machine with `-incoming defer` and
+//! `migration.send-configuration=off` (the device-state stream carries no configuration section).
+
+use std::{ffi::OsString, path::PathBuf};
+
+use crate::config::DomainConfig;
+
+/// The memory backend's id (the RAM block QEMU names in its migration stream).
+pub const RAM_BACKEND_ID: &str = "mem";
+
+/// Files of a running domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimePaths {
+    /// Guest RAM (best on tmpfs, e.g. under /dev/shm).
+    pub ram_file: PathBuf,
+    /// The QMP socket.
+    pub qmp_socket: PathBuf,
+    /// The serial console log (appended to, so it spans restores).
+    pub serial_log: PathBuf,
+    /// The serial console as a Unix socket, for typing into the guest.
+    pub console_socket: PathBuf,
+}
+
+/// How the domain starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// Boot normally; with `paused`, the vCPUs wait for `cont`.
+    Boot {
+        /// Start with `-S`.
+        paused: bool,
+    },
+    /// Wait for `migrate-incoming` with the saved device state (RAM is written into the RAM file
+    /// by the toolstack first); the vCPUs stay stopped afterwards until `cont`.
+    Incoming,
+}
+
+/// The block node names of a disk.
+pub fn disk_nodes(disk_id: &str) -> (String, String) {
+    (format!("file-{disk_id}"), format!("disk-{disk_id}"))
+}
+
+/// The full argument list for `qemu-system-x86_64`.
+pub fn qemu_args(config: &DomainConfig, paths: &RuntimePaths, mode: StartMode) -> Vec<OsString> {
+    let mut args = Args::default();
+    let mib = config.memory_mib;
+    args.pair("-name", format!("{},debug-threads=on", config.name));
+    args.pair("-accel", "tcg");
+    args.pair("-machine", format!("q35,memory-backend={RAM_BACKEND_ID}"));
+    args.pair("-m", format!("{mib}M"));
+    args.pair("-smp", config.vcpus.to_string());
+    args.pair(
+        "-object",
+        format!("memory-backend-file,id={RAM_BACKEND_ID},size={mib}M,mem-path={},share=on", escape(&paths.ram_file)),
+    );
+    args.flag("-nodefaults");
+    args.flag("-no-user-config");
+    args.pair("-display", "none");
+    args.pair("-qmp", format!("unix:{},server=on,wait=off", escape(&paths.qmp_socket)));
+    args.pair(
+        "-chardev",
+        format!(
+            "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
+            escape(&paths.console_socket),
+            escape(&paths.serial_log)
+        ),
+    );
+    args.pair("-serial", "chardev:console");
+    if let Some(kernel) = &config.kernel {
+        args.pair("-kernel", kernel.clone());
+        if let Some(initrd) = &config.initrd {
+            args.pair("-initrd", initrd.clone());
+        }
+        if let Some(cmdline) = &config.cmdline {
+            args.pair("-append", cmdline.clone());
+        }
+    }
+    for disk in &config.disks {
+        let (file_node, format_node) = disk_nodes(&disk.id);
+        args.pair("-blockdev", format!("driver=file,filename={},node-name={file_node}", escape(&disk.path)));
+        args.pair("-blockdev", format!("driver=qcow2,file={file_node},node-name={format_node}"));
+        args.pair("-device", format!("virtio-blk-pci,drive={format_node},id={}", disk.id));
+    }
+    match mode {
+        StartMode::Boot { paused: false } => {}
+        StartMode::Boot { paused: true } => args.flag("-S"),
+        StartMode::Incoming => {
+            args.pair("-incoming", "defer");
+            args.pair("-global", "migration.send-configuration=off");
+            args.flag("-S");
+        }
+    }
+    args.0
+}
+
+/// QEMU's option syntax: a comma inside a value is written twice.
+fn escape(path: &std::path::Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+#[derive(Default)]
+struct Args(Vec<OsString>);
+
+impl Args {
+    fn flag(&mut self, flag: &str) {
+        self.0.push(flag.into());
+    }
+
+    fn pair(&mut self, flag: &str, value: impl Into<OsString>) {
+        self.0.push(flag.into());
+        self.0.push(value.into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config() -> DomainConfig {
+        DomainConfig::parse(
+            "name = \"vm1\"\nmemory_mib = 256\nkernel = \"/k\"\ncmdline = \"console=ttyS0\"\n\
+             [[disks]]\nid = \"vda\"\npath = \"/img/a,b.qcow2\"",
+            Path::new("/"),
+        )
+        .unwrap()
+    }
+
+    fn paths() -> RuntimePaths {
+        RuntimePaths {
+            ram_file: "/dev/shm/vm1/ram".into(),
+            qmp_socket: "/run/vm1/qmp.sock".into(),
+            serial_log: "/run/vm1/serial.log".into(),
+            console_socket: "/run/vm1/console.sock".into(),
+        }
+    }
+
+    fn joined(mode: StartMode) -> String {
+        qemu_args(&config(), &paths(), mode).iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn boot_line_has_shared_ram_qmp_serial_and_blockdev_disks() {
+        let line = joined(StartMode::Boot { paused: false });
+        for expected in [
+            "-accel tcg -machine q35,memory-backend=mem -m 256M -smp 1",
+            "-object memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/vm1/ram,share=on",
+            "-qmp unix:/run/vm1/qmp.sock,server=on,wait=off",
+            "-chardev socket,id=console,path=/run/vm1/console.sock,server=on,wait=off,\
+             logfile=/run/vm1/serial.log,logappend=on -serial chardev:console",
+            "-kernel /k -append console=ttyS0",
+            "-blockdev driver=file,filename=/img/a,,b.qcow2,node-name=file-vda",
+            "-blockdev driver=qcow2,file=file-vda,node-name=disk-vda",
+            "-device virtio-blk-pci,drive=disk-vda,id=vda",
+        ] {
+            assert!(line.contains(expected), "missing {expected:?} in {line}");
+        }
+        assert!(!line.contains("-S") && !line.contains("-incoming"));
+    }
+
+    #[test]
+    fn restore_line_waits_for_incoming_state_paused() {
+        let line = joined(StartMode::Incoming);
+        assert!(line.ends_with("-incoming defer -global migration.send-configuration=off -S"), "{line}");
+        assert!(joined(StartMode::Boot { paused: true }).ends_with(" -S"));
+    }
+}
