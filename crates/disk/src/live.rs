@@ -1,0 +1,438 @@
+//! The live backend: disk snapshots of a running QEMU through QMP.
+//!
+//! Disks are found by their active image's path among QEMU's named block nodes. Snapshots of
+//! several disks run in one `transaction` (all or none). Overlays are written natively (0600,
+//! backing file recorded), opened with `blockdev-add` and switched to with `blockdev-snapshot`
+//! inside the transaction. Merges run `block-commit` / `block-stream` jobs to completion.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use async_trait::async_trait;
+use qmp::{
+    commands::{
+        BlockCommit, BlockDeviceInfo, BlockJobOptions, BlockStream, BlockdevAdd, BlockdevDel,
+        BlockdevSnapshot, BlockdevSnapshotDeleteInternalSync, BlockdevSnapshotInternalSync,
+        QueryNamedBlockNodes, Transaction, TransactionAction,
+    },
+    Client, JobOptions,
+};
+use serde_json::Value;
+
+use crate::{
+    api::{ChainImage, DiskSnapshots, ExternalSnapshot, InternalSnapshot, MergeMethod},
+    error::{Error, Result},
+    names, offline, qcow2,
+};
+
+/// Longest backing chain followed.
+const MAX_CHAIN: usize = 256;
+
+/// [`DiskSnapshots`] for the disks of a running QEMU.
+#[derive(Debug, Clone)]
+pub struct LiveBackend {
+    qmp: Client,
+    jobs: JobOptions,
+}
+
+/// Unique suffixes for node and job names within this process.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// One image of a chain as QEMU has it open.
+#[derive(Debug, Clone)]
+struct Node {
+    name: String,
+    path: PathBuf,
+    info: BlockDeviceInfo,
+}
+
+/// The host file of a format node. Nodes opened with explicit options (our overlays, added
+/// with `backing: null`) are named by a `json:{...}` pseudo-filename; the file is inside it.
+fn image_path(filename: &str) -> Option<PathBuf> {
+    let Some(json) = filename.strip_prefix("json:") else {
+        return Some(filename.into());
+    };
+    let options: Value = serde_json::from_str(json).ok()?;
+    options.pointer("/file/filename")?.as_str().map(PathBuf::from)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+impl LiveBackend {
+    /// A backend on a connected QMP client; block jobs wait up to 10 minutes.
+    pub fn new(qmp: Client) -> Self {
+        Self {
+            qmp,
+            jobs: JobOptions::default(),
+        }
+    }
+
+    /// Uses `jobs` for block-commit and block-stream jobs (e.g. a longer timeout).
+    pub fn with_job_options(mut self, jobs: JobOptions) -> Self {
+        self.jobs = jobs;
+        self
+    }
+
+    fn qmp_error<'a>(operation: &'static str, path: &'a Path) -> impl FnOnce(qmp::Error) -> Error + 'a {
+        move |source| Error::Qmp {
+            operation,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    async fn nodes(&self, path: &Path) -> Result<Vec<BlockDeviceInfo>> {
+        self.qmp
+            .execute(&QueryNamedBlockNodes { flat: Some(true) })
+            .await
+            .map_err(Self::qmp_error("query-named-block-nodes", path))
+    }
+
+    /// The format node that has `path` open.
+    fn find(nodes: &[BlockDeviceInfo], path: &Path) -> Result<Node> {
+        nodes
+            .iter()
+            .filter(|n| n.drv != "file")
+            .find_map(|n| {
+                let file = image_path(&n.file)?;
+                let name = n.node_name.clone().filter(|_| same_file(&file, path))?;
+                Some(Node {
+                    name,
+                    path: file,
+                    info: n.clone(),
+                })
+            })
+            .ok_or_else(|| Error::NodeNotFound {
+                path: path.to_owned(),
+            })
+    }
+
+    async fn node(&self, path: &Path) -> Result<Node> {
+        Self::find(&self.nodes(path).await?, path)
+    }
+
+    /// The chain of `disk`, active image first, following each image's backing file.
+    async fn chain(&self, disk: &Path) -> Result<Vec<Node>> {
+        let nodes = self.nodes(disk).await?;
+        let mut chain = vec![Self::find(&nodes, disk)?];
+        loop {
+            let image = &chain.last().expect("not empty").info.image;
+            let Some(backing) = image
+                .full_backing_filename
+                .as_ref()
+                .or(image.backing_filename.as_ref())
+            else {
+                return Ok(chain);
+            };
+            if chain.len() == MAX_CHAIN {
+                return Err(Error::Chain {
+                    disk: disk.to_owned(),
+                    image: backing.into(),
+                    reason: "backing chain too long".into(),
+                });
+            }
+            chain.push(Self::find(&nodes, Path::new(backing))?);
+        }
+    }
+
+    async fn transaction(&self, actions: Vec<TransactionAction>, path: &Path) -> Result<()> {
+        self.qmp
+            .execute(&Transaction {
+                actions,
+                properties: None,
+            })
+            .await
+            .map(drop)
+            .map_err(Self::qmp_error("transaction", path))
+    }
+
+    /// Removes overlay nodes (newest first) and files after a failed snapshot (best effort: the
+    /// error that caused it is the one reported).
+    async fn discard_overlays(&self, nodes: &[String], files: &[PathBuf]) {
+        for node in nodes.iter().rev() {
+            if let Err(e) = self
+                .qmp
+                .execute(&BlockdevDel {
+                    node_name: node.clone(),
+                })
+                .await
+            {
+                tracing::warn!(node, %e, "cannot remove an overlay node after a failed snapshot");
+            }
+        }
+        for file in files {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+
+    /// Opens every overlay without a backing (it gets one from `blockdev-snapshot`), recording
+    /// the nodes added in `added`; returns the transaction's actions.
+    async fn add_overlays(
+        &self,
+        snapshots: &[ExternalSnapshot],
+        added: &mut Vec<String>,
+    ) -> Result<Vec<TransactionAction>> {
+        let mut actions = Vec::new();
+        for snapshot in snapshots {
+            let node = self.node(&snapshot.disk).await?;
+            let file_node = unique("dsf");
+            let format_node = unique("dsd");
+            let overlay = snapshot.overlay.to_string_lossy().into_owned();
+            let fail = || Self::qmp_error("blockdev-add", &snapshot.overlay);
+            self.qmp
+                .execute(&BlockdevAdd::file(&file_node, overlay))
+                .await
+                .map_err(fail())?;
+            added.push(file_node.clone());
+            let add = BlockdevAdd::qcow2(&format_node, &file_node).with("backing", Value::Null);
+            self.qmp.execute(&add).await.map_err(fail())?;
+            added.push(format_node.clone());
+            actions.push(TransactionAction::BlockdevSnapshot(BlockdevSnapshot {
+                node: node.name,
+                overlay: format_node,
+            }));
+        }
+        Ok(actions)
+    }
+
+    async fn run_job<C: qmp::commands::Command>(
+        &self,
+        command: &C,
+        job_id: &str,
+        complete: bool,
+        path: &Path,
+    ) -> Result<()> {
+        let options = JobOptions {
+            complete_when_ready: complete,
+            ..self.jobs.clone()
+        };
+        self.qmp
+            .run_job(command, job_id, &options)
+            .await
+            .map_err(Self::qmp_error("block job", path))
+    }
+}
+
+#[async_trait]
+impl DiskSnapshots for LiveBackend {
+    async fn list_internal(&self, disk: &Path) -> Result<Vec<InternalSnapshot>> {
+        let node = self.node(disk).await?;
+        Ok(node
+            .info
+            .image
+            .snapshots
+            .iter()
+            .map(|s| InternalSnapshot {
+                id: s.id.clone(),
+                name: s.name.clone(),
+                date_sec: s.date_sec.max(0) as u64,
+                date_nsec: s.date_nsec.clamp(0, 999_999_999) as u32,
+                vm_clock_nsec: (s.vm_clock_sec.max(0) as u64) * 1_000_000_000 + s.vm_clock_nsec.max(0) as u64,
+                disk_size: None,
+                vm_state_size: s.vm_state_size,
+            })
+            .collect())
+    }
+
+    async fn create_internal(&self, disks: &[PathBuf], name: &str) -> Result<()> {
+        names::validate_snapshot_name(name)?;
+        let Some(first) = disks.first() else { return Ok(()) };
+        let nodes = self.nodes(first).await?;
+        let actions = disks
+            .iter()
+            .map(|disk| {
+                let node = Self::find(&nodes, disk)?;
+                Ok(TransactionAction::BlockdevSnapshotInternalSync(
+                    BlockdevSnapshotInternalSync {
+                        device: node.name,
+                        name: name.into(),
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.transaction(actions, first).await
+    }
+
+    async fn delete_internal(&self, disks: &[PathBuf], name: &str) -> Result<()> {
+        let Some(first) = disks.first() else { return Ok(()) };
+        let nodes = self.nodes(first).await?;
+        let found = disks
+            .iter()
+            .map(|disk| Self::find(&nodes, disk))
+            .collect::<Result<Vec<_>>>()?;
+        // QMP has no transaction action for deletes: check every disk first instead.
+        if let Some(missing) = found
+            .iter()
+            .find(|n| !n.info.image.snapshots.iter().any(|s| s.name == name))
+        {
+            return Err(Error::SnapshotNotFound {
+                path: missing.path.clone(),
+                name: name.into(),
+            });
+        }
+        for node in found {
+            let delete = BlockdevSnapshotDeleteInternalSync {
+                device: node.name.clone(),
+                id: None,
+                name: Some(name.into()),
+            };
+            self.qmp.execute(&delete).await.map_err(Self::qmp_error(
+                "blockdev-snapshot-delete-internal-sync",
+                &node.path,
+            ))?;
+        }
+        Ok(())
+    }
+
+    async fn apply_internal(&self, _disks: &[PathBuf], _name: &str) -> Result<()> {
+        Err(Error::NotSupported {
+            operation: "applying an internal snapshot",
+            backend: "live",
+            reason: "QEMU reverts a running disk only together with the VM state (snapshot-load); stop the \
+                     domain and use the offline backend"
+                .into(),
+        })
+    }
+
+    async fn create_external(&self, snapshots: &[ExternalSnapshot]) -> Result<()> {
+        let Some(first) = snapshots.first() else {
+            return Ok(());
+        };
+        let mut plans = Vec::with_capacity(snapshots.len());
+        for snapshot in snapshots {
+            let backing = offline::backing_name(snapshot)?;
+            let node = self.node(&snapshot.disk).await?;
+            plans.push((
+                snapshot.overlay.clone(),
+                backing,
+                node.info.drv.clone(),
+                node.info.image.virtual_size,
+            ));
+        }
+        let mut files = Vec::new();
+        for (overlay, backing, format, size) in plans {
+            let created = tokio::task::spawn_blocking({
+                let overlay = overlay.clone();
+                move || qcow2::create_overlay(&overlay, &backing, &format, size)
+            })
+            .await
+            .map_err(Error::Task)
+            .and_then(|r| r);
+            if let Err(e) = created {
+                self.discard_overlays(&[], &files).await;
+                return Err(e);
+            }
+            files.push(overlay);
+        }
+        let mut added = Vec::new();
+        let result = match self.add_overlays(snapshots, &mut added).await {
+            Ok(actions) => self.transaction(actions, &first.disk).await,
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            self.discard_overlays(&added, &files).await;
+        }
+        result
+    }
+
+    async fn revert_external(&self, _revert: &ExternalSnapshot) -> Result<()> {
+        Err(Error::NotSupported {
+            operation: "reverting to an external snapshot",
+            backend: "live",
+            reason: "a running guest cannot have its disk replaced under it; stop the domain and use the \
+                     offline backend"
+                .into(),
+        })
+    }
+
+    async fn delete_external(&self, disk: &Path, image: &Path, method: MergeMethod) -> Result<PathBuf> {
+        let chain = self.chain(disk).await?;
+        let chain_error = |reason: &str| Error::Chain {
+            disk: disk.to_owned(),
+            image: image.to_owned(),
+            reason: reason.into(),
+        };
+        let Some(at) = chain.iter().position(|n| same_file(&n.path, image)) else {
+            return Err(chain_error("the image is not in the disk's backing chain"));
+        };
+        let root = &chain[0];
+        let job_id = unique("dsjob");
+        match method {
+            MergeMethod::CommitIntoParent => {
+                let Some(parent) = chain.get(at + 1) else {
+                    return Err(chain_error("it has no backing image to commit into"));
+                };
+                let commit = BlockCommit {
+                    job_id: job_id.clone(),
+                    device: root.name.clone(),
+                    base_node: Some(parent.name.clone()),
+                    top_node: Some(chain[at].name.clone()),
+                    backing_file: None,
+                    job: BlockJobOptions::default(),
+                };
+                // Committing the active image needs job-complete, which pivots the disk to the parent.
+                let active = at == 0;
+                self.run_job(&commit, &job_id, active, image).await?;
+                Ok(if active {
+                    parent.path.clone()
+                } else {
+                    root.path.clone()
+                })
+            }
+            MergeMethod::StreamIntoChild => {
+                let Some(child) = at.checked_sub(1).map(|i| &chain[i]) else {
+                    return Err(chain_error(
+                        "it is the active image, which has no child; commit it instead",
+                    ));
+                };
+                let stream = BlockStream {
+                    job_id: job_id.clone(),
+                    device: child.name.clone(),
+                    base_node: chain.get(at + 1).map(|parent| parent.name.clone()),
+                    backing_file: None,
+                    job: BlockJobOptions::default(),
+                };
+                self.run_job(&stream, &job_id, false, image).await?;
+                Ok(root.path.clone())
+            }
+        }
+    }
+
+    async fn backing_chain(&self, disk: &Path) -> Result<Vec<ChainImage>> {
+        Ok(self
+            .chain(disk)
+            .await?
+            .into_iter()
+            .map(|n| ChainImage {
+                path: n.path,
+                format: n.info.drv,
+                virtual_size: n.info.image.virtual_size,
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_paths_of_nodes() {
+        assert_eq!(image_path("/a/b.qcow2"), Some(PathBuf::from("/a/b.qcow2")));
+        let json = r#"json:{"backing": {"driver": "qcow2"}, "driver": "qcow2", "file": {"driver": "file", "filename": "/t/o0.qcow2"}}"#;
+        assert_eq!(image_path(json), Some(PathBuf::from("/t/o0.qcow2")));
+        assert_eq!(image_path("json:{not json"), None);
+    }
+}

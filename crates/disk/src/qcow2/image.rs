@@ -1,0 +1,559 @@
+//! An open qcow2 image: reading metadata, the in-memory refcounts and writing them back in a
+//! crash-safe order.
+
+use std::{
+    fs::{File, OpenOptions},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+};
+
+use super::{
+    header::{be_u64, offsets, Header, HeaderError},
+    refcount::{RefcountError, Refcounts},
+    snapshot_table::{self, SnapshotEntry, TableError},
+};
+use crate::{
+    error::{io_err, Error, Result},
+    lock,
+};
+
+/// Host offset bits of L1 and standard L2 entries.
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// "Refcount is exactly one": the cluster may be written in place.
+pub const COPIED: u64 = 1 << 63;
+/// L2 entry describes a compressed cluster.
+pub const COMPRESSED: u64 = 1 << 62;
+
+/// How an image is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reading metadata only.
+    Read,
+    /// Editing metadata: the image is locked against QEMU and its refcounts are loaded.
+    Write,
+}
+
+/// An open qcow2 image.
+#[derive(Debug)]
+pub struct Image {
+    path: PathBuf,
+    file: File,
+    header: Header,
+    /// Loaded for [`Access::Write`].
+    refcounts: Option<Refcounts>,
+    /// The refcount table as in memory (capacity entries); compared with `table_on_disk` to find
+    /// entries to write.
+    table: Vec<u64>,
+    table_on_disk: Vec<u64>,
+}
+
+impl Image {
+    /// Opens and validates an image. [`Access::Write`] takes QEMU's lock bytes exclusively
+    /// (failing with [`Error::Locked`] if QEMU or qemu-img has the image open), refuses images
+    /// it cannot edit safely, and loads the refcounts. [`Access::Read`] also refuses a locked
+    /// image: its metadata may change under us.
+    pub fn open(path: &Path, access: Access) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(access == Access::Write)
+            .open(path)
+            .map_err(io_err("cannot open image", path))?;
+        let free = match access {
+            Access::Write => lock::try_lock_exclusive(&file),
+            Access::Read => lock::is_locked_by_other(&file).map(|locked| !locked),
+        }
+        .map_err(io_err("cannot query the locks of", path))?;
+        if !free {
+            return Err(Error::Locked {
+                path: path.to_owned(),
+            });
+        }
+        let mut start = [0u8; 24];
+        let got = read_up_to(&file, 0, &mut start).map_err(io_err("cannot read the header of", path))?;
+        let cluster_bits = if got == 24 {
+            u32::from_be_bytes(start[20..24].try_into().expect("4 bytes"))
+        } else {
+            9
+        };
+        // An absurd cluster_bits is reported by the parser; read a bounded amount meanwhile.
+        let mut cluster0 = vec![0u8; 1 << cluster_bits.clamp(9, 21)];
+        let got = read_up_to(&file, 0, &mut cluster0).map_err(io_err("cannot read the header of", path))?;
+        cluster0.truncate(got);
+        let header = Header::parse(&cluster0).map_err(|e| header_error(path, e))?;
+        match access {
+            Access::Read => header.check_supported(),
+            Access::Write => header.check_writable(),
+        }
+        .map_err(|e| header_error(path, e))?;
+        let mut image = Image {
+            path: path.to_owned(),
+            file,
+            header,
+            refcounts: None,
+            table: Vec::new(),
+            table_on_disk: Vec::new(),
+        };
+        if access == Access::Write {
+            image.load_refcounts()?;
+            image.clear_autoclear()?;
+        }
+        Ok(image)
+    }
+
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub(crate) fn cluster_size(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    pub(crate) fn invalid(&self, reason: impl Into<String>) -> Error {
+        Error::Invalid {
+            path: self.path.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn read_at(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.file.read_exact_at(&mut buf, offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                self.invalid(format!(
+                    "{what} at {offset:#x} ({len} bytes) lies beyond the end of the file"
+                ))
+            } else {
+                Error::Io {
+                    action: "cannot read",
+                    path: self.path.clone(),
+                    source: e,
+                }
+            }
+        })?;
+        Ok(buf)
+    }
+
+    pub(crate) fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(bytes, offset)
+            .map_err(io_err("cannot write to", &self.path))
+    }
+
+    /// Makes everything written so far durable; the ordering points of every operation.
+    pub(crate) fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(io_err("cannot sync", &self.path))
+    }
+
+    /// The internal snapshot table and its length in bytes (padded, as stored).
+    pub fn snapshots(&self) -> Result<(Vec<SnapshotEntry>, u64)> {
+        let count = self.header.nb_snapshots;
+        if count == 0 {
+            return Ok((Vec::new(), 0));
+        }
+        // The table's length is only known once parsed: read more until it fits.
+        let mut want = 64 << 10;
+        loop {
+            let mut buf = vec![0u8; want];
+            let got = read_up_to(&self.file, self.header.snapshots_offset, &mut buf)
+                .map_err(io_err("cannot read the snapshot table of", &self.path))?;
+            buf.truncate(got);
+            match snapshot_table::parse(&buf, count, self.cluster_size()) {
+                Ok(parsed) => return Ok(parsed),
+                Err(TableError::Truncated { .. }) if got == want && want < snapshot_table::MAX_TABLE_LEN => {
+                    want *= 4
+                }
+                Err(e) => return Err(self.invalid(e.to_string())),
+            }
+        }
+    }
+
+    /// Reads an L1 table of `entries` entries.
+    pub(crate) fn read_l1(&self, offset: u64, entries: u32) -> Result<Vec<u64>> {
+        let bytes = self.read_at(offset, entries as usize * 8, "L1 table")?;
+        Ok(bytes.chunks_exact(8).map(|e| be_u64(e, 0)).collect())
+    }
+
+    /// Every cluster an L1 table reaches, once per reference: its L2 tables and the data
+    /// clusters they map (all clusters a compressed cluster spans). This is what a refcount
+    /// counts: a cluster reached from two L1 tables through one shared L2 table counts twice.
+    pub(crate) fn references(&self, l1: &[u64]) -> Result<Vec<u64>> {
+        let cluster_bits = self.header.cluster_bits;
+        let cluster_size = self.cluster_size();
+        let mut refs = Vec::new();
+        for (index, &entry) in l1.iter().enumerate() {
+            let l2_offset = entry & OFFSET_MASK;
+            if l2_offset == 0 {
+                continue;
+            }
+            if l2_offset % cluster_size != 0 {
+                return Err(self.invalid(format!(
+                    "L1 entry {index}: L2 table offset {l2_offset:#x} is not aligned"
+                )));
+            }
+            refs.push(l2_offset >> cluster_bits);
+            let l2 = self.read_at(l2_offset, cluster_size as usize, "L2 table")?;
+            for (slot, raw) in l2.chunks_exact(self.header.l2_entry_size() as usize).enumerate() {
+                let clusters = data_clusters(&self.header, be_u64(raw, 0)).map_err(|reason| {
+                    self.invalid(format!("L2 table at {l2_offset:#x}, entry {slot}: {reason}"))
+                })?;
+                if let Some((first, count)) = clusters {
+                    refs.extend(first..first + count);
+                }
+            }
+        }
+        Ok(refs)
+    }
+
+    fn load_refcounts(&mut self) -> Result<()> {
+        let (refcounts, table) = self.read_refcounts()?;
+        self.table_on_disk = table.clone();
+        self.table = table;
+        self.refcounts = Some(refcounts);
+        Ok(())
+    }
+
+    /// The refcounts and the refcount table as stored.
+    pub(crate) fn read_refcounts(&self) -> Result<(Refcounts, Vec<u64>)> {
+        let cluster_size = self.cluster_size();
+        let entries = u64::from(self.header.refcount_table_clusters) * cluster_size / 8;
+        let raw = self.read_at(
+            self.header.refcount_table_offset,
+            (entries * 8) as usize,
+            "refcount table",
+        )?;
+        let table: Vec<u64> = raw.chunks_exact(8).map(|e| be_u64(e, 0)).collect();
+        let mut refcounts = Refcounts::new(self.header.cluster_bits, self.header.refcount_order);
+        for (index, &offset) in table.iter().enumerate() {
+            if offset == 0 {
+                continue;
+            }
+            if offset % cluster_size != 0 {
+                return Err(self.invalid(format!(
+                    "refcount table entry {index}: block offset {offset:#x} not aligned"
+                )));
+            }
+            let block = self.read_at(offset, cluster_size as usize, "refcount block")?;
+            refcounts.load_block(index as u64, &block);
+        }
+        refcounts.take_dirty();
+        Ok((refcounts, table))
+    }
+
+    /// Autoclear bits this crate does not maintain must be cleared before the image changes
+    /// (the bitmaps bit never reaches here: such images are refused).
+    fn clear_autoclear(&mut self) -> Result<()> {
+        if self.header.version < 3 || self.header.autoclear_features == 0 {
+            return Ok(());
+        }
+        self.write_at(offsets::AUTOCLEAR, &0u64.to_be_bytes())?;
+        self.sync()?;
+        self.header.autoclear_features = 0;
+        Ok(())
+    }
+
+    pub(crate) fn refcounts(&self) -> &Refcounts {
+        self.refcounts
+            .as_ref()
+            .expect("refcounts are loaded for images opened for writing")
+    }
+
+    fn refcounts_mut(&mut self) -> &mut Refcounts {
+        self.refcounts
+            .as_mut()
+            .expect("refcounts are loaded for images opened for writing")
+    }
+
+    fn refcount_error(&self, e: RefcountError) -> Error {
+        let cluster_size = self.cluster_size();
+        match e {
+            RefcountError::Overflow { cluster, max } => Error::RefcountOverflow {
+                path: self.path.clone(),
+                offset: cluster * cluster_size,
+                max,
+            },
+            RefcountError::Underflow { cluster } => self.invalid(format!(
+                "refcount of cluster {:#x} is lower than its references (run `qemu-img check -r all`)",
+                cluster * cluster_size
+            )),
+        }
+    }
+
+    /// Adds `delta` to the count of every cluster in `clusters` (in memory).
+    pub(crate) fn add_refs(&mut self, clusters: &[u64], delta: i64) -> Result<()> {
+        let refcounts = self.refcounts_mut();
+        let result = clusters.iter().try_for_each(|&c| refcounts.add(c, delta));
+        result.map_err(|e| self.refcount_error(e))
+    }
+
+    /// Checks (on a copy) that `clusters` can each lose `delta` references, so that a later
+    /// step cannot fail after earlier ones were written.
+    pub(crate) fn check_refs(&self, clusters: &[u64], delta: i64) -> Result<()> {
+        let mut trial = self.refcounts().clone();
+        clusters
+            .iter()
+            .try_for_each(|&c| trial.add(c, delta))
+            .map_err(|e| self.refcount_error(e))
+    }
+
+    /// Allocates clusters for `len` bytes (in memory); 0 for an empty range.
+    pub(crate) fn allocate(&mut self, len: u64) -> u64 {
+        if len == 0 {
+            return 0;
+        }
+        let clusters = len.div_ceil(self.cluster_size());
+        let first = self.refcounts_mut().allocate(clusters);
+        first << self.header.cluster_bits
+    }
+
+    /// The clusters of a byte range.
+    pub(crate) fn clusters_of(&self, offset: u64, len: u64) -> Vec<u64> {
+        if len == 0 {
+            return Vec::new();
+        }
+        let bits = self.header.cluster_bits;
+        ((offset >> bits)..=((offset + len - 1) >> bits)).collect()
+    }
+
+    /// Writes the changed refcounts.
+    ///
+    /// Changed blocks without a home get one (and the refcount table grows into new clusters
+    /// when it is full); the blocks are written and synced before the table entries or the new
+    /// table that point at them, so a crash never exposes an unwritten block. A batch holds
+    /// either only increments (before the metadata that uses the clusters is written) or only
+    /// decrements (after that metadata stopped referring to them), which is what makes every
+    /// intermediate state at worst leak clusters.
+    pub(crate) fn flush_refcounts(&mut self) -> Result<()> {
+        let cluster_size = self.cluster_size();
+        let mut old_table: Option<(u64, u32)> = None;
+        loop {
+            let refcounts = self.refcounts.as_mut().expect("loaded");
+            let needed = refcounts
+                .dirty()
+                .iter()
+                .copied()
+                .filter(|&b| refcounts.block_in_use(b))
+                .max();
+            let capacity = self.table.len() as u64;
+            if let Some(highest) = needed.filter(|&h| h >= capacity) {
+                // Grow with headroom so that the table's own clusters rarely force another growth.
+                let entries = (highest + 1).max(capacity) * 2;
+                let clusters = (entries * 8).div_ceil(cluster_size);
+                let first = refcounts.allocate(clusters);
+                match old_table {
+                    // A table allocated earlier in this loop was never written: drop it.
+                    Some(_) => {
+                        let previous = self.header.refcount_table_offset >> self.header.cluster_bits;
+                        for c in previous..previous + u64::from(self.header.refcount_table_clusters) {
+                            refcounts
+                                .add(c, -1)
+                                .expect("a table allocated in this loop counts one");
+                        }
+                    }
+                    None => {
+                        old_table = Some((
+                            self.header.refcount_table_offset,
+                            self.header.refcount_table_clusters,
+                        ))
+                    }
+                }
+                self.header.refcount_table_offset = first << self.header.cluster_bits;
+                self.header.refcount_table_clusters = clusters as u32;
+                self.table.resize((clusters * cluster_size / 8) as usize, 0);
+                continue;
+            }
+            let homeless: Vec<u64> = refcounts
+                .dirty()
+                .iter()
+                .copied()
+                .filter(|&b| self.table[b as usize] == 0 && refcounts.block_in_use(b))
+                .collect();
+            if homeless.is_empty() {
+                break;
+            }
+            for block in homeless {
+                self.table[block as usize] = refcounts.allocate(1) << self.header.cluster_bits;
+            }
+        }
+        self.extend_file()?;
+        self.write_dirty_blocks()?;
+        match old_table {
+            Some((offset, clusters)) => {
+                let bytes: Vec<u8> = self.table.iter().flat_map(|e| e.to_be_bytes()).collect();
+                self.write_at(self.header.refcount_table_offset, &bytes)?;
+                self.sync()?;
+                let mut switch = self.header.refcount_table_offset.to_be_bytes().to_vec();
+                switch.extend_from_slice(&self.header.refcount_table_clusters.to_be_bytes());
+                self.write_at(offsets::REFCOUNT_TABLE, &switch)?;
+                self.sync()?;
+                self.table_on_disk = self.table.clone();
+                // Nothing points at the old table any more.
+                let old = self.clusters_of(offset, u64::from(clusters) * cluster_size);
+                self.add_refs(&old, -1)?;
+                self.write_dirty_blocks()?;
+            }
+            None => {
+                let mut wrote = false;
+                for index in 0..self.table.len() {
+                    if self.table[index] != self.table_on_disk[index] {
+                        let at = self.header.refcount_table_offset + index as u64 * 8;
+                        self.write_at(at, &self.table[index].to_be_bytes())?;
+                        wrote = true;
+                    }
+                }
+                if wrote {
+                    self.sync()?;
+                    self.table_on_disk = self.table.clone();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every changed refcount block that has a home, then syncs.
+    fn write_dirty_blocks(&mut self) -> Result<()> {
+        let cluster_size = self.cluster_size() as usize;
+        let dirty = self.refcounts_mut().take_dirty();
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        for block in dirty {
+            let home = self.table.get(block as usize).copied().unwrap_or(0);
+            if home == 0 {
+                // Only all-zero blocks stay homeless, and they mean the same as no block.
+                continue;
+            }
+            let bytes = self.refcounts().encode_block(block, cluster_size);
+            self.write_at(home, &bytes)?;
+        }
+        self.sync()
+    }
+
+    /// Makes the file cover every allocated cluster, so that reading any of them works.
+    fn extend_file(&mut self) -> Result<()> {
+        let end = self.refcounts().end() << self.header.cluster_bits;
+        let len = self
+            .file
+            .metadata()
+            .map_err(io_err("cannot stat", &self.path))?
+            .len();
+        if end > len {
+            self.file
+                .set_len(end)
+                .map_err(io_err("cannot extend", &self.path))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `fields` at header offset `at` (one small write: the atomic switch of an
+    /// operation), then syncs.
+    pub(crate) fn switch_header(&mut self, at: u64, fields: &[u8]) -> Result<()> {
+        self.write_at(at, fields)?;
+        self.sync()
+    }
+
+    pub(crate) fn header_mut(&mut self) -> &mut Header {
+        &mut self.header
+    }
+
+    /// Sets or clears the COPIED flag of every active L1 and L2 entry so that it is set exactly
+    /// when the cluster's refcount is one, as QEMU requires before writing in place. Changed
+    /// tables are rewritten (not synced).
+    pub(crate) fn sync_copied_flags(&mut self) -> Result<()> {
+        let cluster_bits = self.header.cluster_bits;
+        let cluster_size = self.cluster_size();
+        let entry_size = self.header.l2_entry_size() as usize;
+        let mut l1 = self.read_l1(self.header.l1_table_offset, self.header.l1_size)?;
+        let mut l1_changed = false;
+        for entry in l1.iter_mut() {
+            let l2_offset = *entry & OFFSET_MASK;
+            if l2_offset == 0 {
+                continue;
+            }
+            l1_changed |= set_copied(entry, self.refcounts().get(l2_offset >> cluster_bits) == 1);
+            let mut l2 = self.read_at(l2_offset, cluster_size as usize, "L2 table")?;
+            let mut l2_changed = false;
+            for raw in l2.chunks_exact_mut(entry_size) {
+                let mut e = be_u64(raw, 0);
+                let offset = e & OFFSET_MASK;
+                if e & COMPRESSED != 0 || offset == 0 {
+                    continue;
+                }
+                if set_copied(&mut e, self.refcounts().get(offset >> cluster_bits) == 1) {
+                    raw[..8].copy_from_slice(&e.to_be_bytes());
+                    l2_changed = true;
+                }
+            }
+            if l2_changed {
+                self.write_at(l2_offset, &l2)?;
+            }
+        }
+        if l1_changed {
+            let bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+            self.write_at(self.header.l1_table_offset, &bytes)?;
+        }
+        Ok(())
+    }
+}
+
+fn set_copied(entry: &mut u64, copied: bool) -> bool {
+    let new = if copied { *entry | COPIED } else { *entry & !COPIED };
+    let changed = new != *entry;
+    *entry = new;
+    changed
+}
+
+/// The host clusters an L2 entry refers to: `(first cluster, count)`, `None` if unallocated.
+pub(crate) fn data_clusters(header: &Header, entry: u64) -> Result<Option<(u64, u64)>, String> {
+    let bits = header.cluster_bits;
+    if entry & COMPRESSED != 0 {
+        // Compressed: the offset has 62 - (cluster_bits - 8) bits, then the number of extra
+        // 512-byte sectors; the data may straddle clusters and each one is counted.
+        let offset_bits = 62 - (bits - 8);
+        let offset = entry & ((1u64 << offset_bits) - 1);
+        let sectors = ((entry >> offset_bits) & ((1u64 << (bits - 8)) - 1)) + 1;
+        let len = sectors * 512 - (offset & 511);
+        let first = offset >> bits;
+        return Ok(Some((first, ((offset + len - 1) >> bits) - first + 1)));
+    }
+    let offset = entry & OFFSET_MASK;
+    if offset == 0 {
+        return Ok(None);
+    }
+    if offset % header.cluster_size() != 0 {
+        return Err(format!("data cluster offset {offset:#x} is not aligned"));
+    }
+    Ok(Some((offset >> bits, 1)))
+}
+
+fn header_error(path: &Path, e: HeaderError) -> Error {
+    match e {
+        HeaderError::Invalid(reason) => Error::Invalid {
+            path: path.to_owned(),
+            reason,
+        },
+        HeaderError::Unsupported(reason) => Error::Unsupported {
+            path: path.to_owned(),
+            reason,
+        },
+    }
+}
+
+/// Reads as much as is there (a short file is not an error here).
+fn read_up_to(file: &File, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}

@@ -1,0 +1,401 @@
+//! The native qcow2 backend against qemu-img and qemu-io.
+
+mod common;
+
+use std::{
+    fs,
+    os::unix::fs::{FileExt, PermissionsExt},
+    path::PathBuf,
+};
+
+use common::*;
+use disk::{offline, qcow2, BackingPath, Error, ExternalSnapshot};
+
+fn one(path: &std::path::Path) -> Vec<PathBuf> {
+    vec![path.to_owned()]
+}
+
+#[test]
+fn lists_snapshots_made_by_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    for opts in ["compat=1.1", "compat=0.10", "cluster_size=4096,refcount_bits=8"] {
+        let img = create(dir.path(), &format!("l-{}.qcow2", opts.len()), "16M", opts);
+        tool("qemu-img", &["snapshot", "-c", "first", &s(&img)]);
+        tool("qemu-img", &["snapshot", "-c", "second", &s(&img)]);
+        let list = offline::list_internal(&img).unwrap();
+        assert_eq!(
+            list.iter().map(|s| (&*s.id, &*s.name)).collect::<Vec<_>>(),
+            [("1", "first"), ("2", "second")]
+        );
+        assert!(list
+            .iter()
+            .all(|s| s.vm_state_size == 0 && s.date_sec > 1_600_000_000));
+        if opts != "compat=0.10" {
+            assert!(list.iter().all(|s| s.disk_size == Some(16 << 20)));
+        }
+    }
+}
+
+#[test]
+fn refuses_unsupported_images_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let set_incompatible = |bits: u64| {
+        let img = create(dir.path(), &format!("bits-{bits}.qcow2"), "1M", "");
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .write_all_at(&bits.to_be_bytes(), 72)
+            .unwrap();
+        img
+    };
+    let cases = [
+        (set_incompatible(1), "dirty bit"),
+        (set_incompatible(2), "corrupt bit"),
+        (set_incompatible(1 << 20), "unknown incompatible features: bit 20"),
+    ];
+    for (img, want) in &cases {
+        let err = offline::create_internal(&one(img), "s").unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+        assert!(err.to_string().contains(want), "{err}");
+        assert!(offline::list_internal(img).is_err());
+    }
+    let data = dir.path().join("data.raw");
+    let ext = create(dir.path(), "ext.qcow2", "1M", &format!("data_file={}", s(&data)));
+    let err = offline::list_internal(&ext).unwrap_err().to_string();
+    assert!(err.contains("external data file"), "{err}");
+
+    let bitmaps = create(dir.path(), "bitmaps.qcow2", "1M", "");
+    tool("qemu-img", &["bitmap", "--add", &s(&bitmaps), "b0"]);
+    assert!(offline::list_internal(&bitmaps).unwrap().is_empty());
+    let err = offline::create_internal(&one(&bitmaps), "s")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bitmaps"), "{err}");
+
+    let raw = dir.path().join("plain.raw");
+    fs::write(&raw, vec![0u8; 4096]).unwrap();
+    let err = offline::list_internal(&raw).unwrap_err().to_string();
+    assert!(err.contains("bad magic"), "{err}");
+    let short = dir.path().join("short.qcow2");
+    fs::write(&short, b"QFI\xfb\0\0\0\x03").unwrap();
+    assert!(matches!(
+        offline::list_internal(&short),
+        Err(Error::Invalid { .. })
+    ));
+}
+
+#[test]
+fn refuses_bad_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "n.qcow2", "1M", "");
+    for bad in ["", "42", "a b", "../x"] {
+        assert!(matches!(
+            offline::create_internal(&one(&img), bad),
+            Err(Error::InvalidArgument { .. })
+        ));
+    }
+    offline::create_internal(&one(&img), "s").unwrap();
+    assert!(matches!(
+        offline::create_internal(&one(&img), "s"),
+        Err(Error::SnapshotExists { .. })
+    ));
+    assert!(matches!(
+        offline::apply_internal(&one(&img), "nope"),
+        Err(Error::SnapshotNotFound { .. })
+    ));
+    assert!(matches!(
+        offline::delete_internal(&one(&img), "nope"),
+        Err(Error::SnapshotNotFound { .. })
+    ));
+    check_clean(&img);
+}
+
+/// Create, overwrite, apply, delete with data checks, on several layouts.
+#[test]
+fn internal_snapshots_keep_their_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let layouts = [
+        "compat=1.1",
+        "compat=0.10",
+        "cluster_size=512",
+        "cluster_size=4096,refcount_bits=2",
+        "cluster_size=4096,refcount_bits=64",
+        "cluster_size=65536,extended_l2=on",
+        "cluster_size=2097152",
+    ];
+    for (i, opts) in layouts.iter().enumerate() {
+        let img = create(dir.path(), &format!("d{i}.qcow2"), "8M", opts);
+        write(&img, 0x11, 0, 1 << 20);
+        write(&img, 0x12, 5 << 20, 12345);
+        let v1 = contents(&img, None);
+        offline::create_internal(&one(&img), "one").unwrap();
+        check_clean(&img);
+        write(&img, 0x21, 512 << 10, 1 << 20);
+        let v2 = contents(&img, None);
+        offline::create_internal(&one(&img), "two").unwrap();
+        check_clean(&img);
+        write(&img, 0x31, 0, 64 << 10);
+        assert_eq!(qemu_snapshot_names(&img), ["one", "two"], "{opts}");
+        assert_eq!(contents(&img, Some("one")), v1, "{opts}");
+        assert_eq!(contents(&img, Some("two")), v2, "{opts}");
+
+        offline::apply_internal(&one(&img), "one").unwrap();
+        check_clean(&img);
+        assert_eq!(contents(&img, None), v1, "{opts}");
+        write(&img, 0x41, 7 << 20, 4096);
+        offline::delete_internal(&one(&img), "one").unwrap();
+        check_clean(&img);
+        assert_eq!(contents(&img, Some("two")), v2, "{opts}");
+        offline::apply_internal(&one(&img), "two").unwrap();
+        check_clean(&img);
+        assert_eq!(contents(&img, None), v2, "{opts}");
+        offline::delete_internal(&one(&img), "two").unwrap();
+        check_clean(&img);
+        assert_eq!(contents(&img, None), v2, "{opts}");
+        assert!(qemu_snapshot_names(&img).is_empty());
+    }
+}
+
+#[test]
+fn interoperates_with_qemu_img_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "i.qcow2", "4M", "");
+    write(&img, 1, 0, 1 << 20);
+    let v1 = contents(&img, None);
+    tool("qemu-img", &["snapshot", "-c", "theirs", &s(&img)]);
+    write(&img, 2, 0, 1 << 20);
+    let v2 = contents(&img, None);
+    offline::create_internal(&one(&img), "ours").unwrap();
+    assert_eq!(our_names(&img), ["theirs", "ours"]);
+    assert_eq!(qemu_snapshot_names(&img), ["theirs", "ours"]);
+    // Theirs applied by us, ours applied by them.
+    offline::apply_internal(&one(&img), "theirs").unwrap();
+    check_clean(&img);
+    assert_eq!(contents(&img, None), v1);
+    tool("qemu-img", &["snapshot", "-a", "ours", &s(&img)]);
+    check_clean(&img);
+    assert_eq!(contents(&img, None), v2);
+    // Theirs deleted by us, ours by them.
+    offline::delete_internal(&one(&img), "theirs").unwrap();
+    check_clean(&img);
+    tool("qemu-img", &["snapshot", "-d", "ours", &s(&img)]);
+    check_clean(&img);
+    assert!(our_names(&img).is_empty());
+    assert_eq!(contents(&img, None), v2);
+}
+
+#[test]
+fn compressed_clusters_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = create(dir.path(), "p.qcow2", "4M", "");
+    write(&plain, 7, 0, 3 << 20);
+    let img = dir.path().join("c.qcow2");
+    tool(
+        "qemu-img",
+        &["convert", "-c", "-O", "qcow2", &s(&plain), &s(&img)],
+    );
+    let before = contents(&img, None);
+    offline::create_internal(&one(&img), "s").unwrap();
+    check_clean(&img);
+    write(&img, 8, 0, 1 << 20);
+    offline::apply_internal(&one(&img), "s").unwrap();
+    check_clean(&img);
+    assert_eq!(contents(&img, None), before);
+    offline::delete_internal(&one(&img), "s").unwrap();
+    check_clean(&img);
+}
+
+#[test]
+fn refcount_overflow_is_refused_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "r1.qcow2", "1M", "refcount_bits=1");
+    write(&img, 3, 0, 4096);
+    let before = fs::read(&img).unwrap();
+    let err = offline::create_internal(&one(&img), "s").unwrap_err();
+    assert!(matches!(err, Error::RefcountOverflow { .. }), "{err}");
+    assert_eq!(
+        fs::read(&img).unwrap(),
+        before,
+        "a refused snapshot must not change the image"
+    );
+}
+
+#[test]
+fn refcount_table_grows_when_full() {
+    // 512-byte clusters with 64-bit refcounts: 64 counts per block, so the table fills quickly.
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "g.qcow2", "4M", "cluster_size=512,refcount_bits=64");
+    let table = |img: &std::path::Path| {
+        qcow2::Image::open(img, qcow2::Access::Read)
+            .unwrap()
+            .header()
+            .refcount_table_offset
+    };
+    let first = table(&img);
+    let mut grew = false;
+    for round in 0..40 {
+        write(&img, round as u8, (round * 96) << 10, 96 << 10);
+        offline::create_internal(&one(&img), &format!("s{round}")).unwrap();
+        check_clean(&img);
+        if table(&img) != first {
+            grew = true;
+            break;
+        }
+    }
+    assert!(grew, "the refcount table never had to grow");
+}
+
+#[test]
+fn multi_disk_create_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = create(dir.path(), "a.qcow2", "1M", "");
+    let b = create(dir.path(), "b.qcow2", "1M", "refcount_bits=1");
+    write(&b, 1, 0, 4096);
+    let err = offline::create_internal(&[a.clone(), b.clone()], "s").unwrap_err();
+    assert!(matches!(err, Error::RefcountOverflow { .. }));
+    assert!(
+        our_names(&a).is_empty(),
+        "the snapshot of the first disk was not rolled back"
+    );
+    check_clean(&a);
+    check_clean(&b);
+}
+
+#[test]
+fn overlays_are_valid_qcow2_with_backing() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = create(dir.path(), "base.qcow2", "3G", "");
+    write(&base, 5, 1 << 30, 1 << 20);
+    let overlay = dir.path().join("top.qcow2");
+    let spec = ExternalSnapshot {
+        disk: base.clone(),
+        overlay: overlay.clone(),
+        backing_path: BackingPath::Relative,
+    };
+    offline::create_external(std::slice::from_ref(&spec)).unwrap();
+    assert_eq!(
+        fs::metadata(&overlay).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&tool("qemu-img", &["info", "--output=json", &s(&overlay)])).unwrap();
+    assert_eq!(info["backing-filename"], "base.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    assert_eq!(info["virtual-size"], 3u64 << 30);
+    check_clean(&overlay);
+    let read = tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("read -P 5 {} 1048576", 1u64 << 30),
+            &s(&overlay),
+        ],
+    );
+    assert!(!read.contains("fail"), "{read}");
+    write(&overlay, 6, 0, 65536);
+    check_clean(&overlay);
+    // Internal snapshots work on our overlays too.
+    offline::create_internal(&one(&overlay), "o").unwrap();
+    check_clean(&overlay);
+    // The same path again is refused, as is an overlay in a missing folder.
+    assert!(matches!(
+        offline::create_external(std::slice::from_ref(&spec)),
+        Err(Error::InvalidArgument { .. })
+    ));
+    let lost = ExternalSnapshot {
+        overlay: dir.path().join("no/such/dir.qcow2"),
+        ..spec.clone()
+    };
+    assert!(offline::create_external(&[lost]).is_err());
+
+    // Absolute backing onto a raw image, and the chain.
+    let raw = dir.path().join("base.raw");
+    fs::write(&raw, vec![9u8; 1 << 20]).unwrap();
+    let top2 = dir.path().join("top2.qcow2");
+    offline::create_external(&[ExternalSnapshot {
+        disk: raw.clone(),
+        overlay: top2.clone(),
+        backing_path: BackingPath::Absolute,
+    }])
+    .unwrap();
+    check_clean(&top2);
+    assert_eq!(contents(&top2, None), vec![9u8; 1 << 20]);
+    let chain = offline::backing_chain(&top2).unwrap();
+    assert_eq!(
+        chain
+            .iter()
+            .map(|c| (c.path.clone(), c.format.as_str()))
+            .collect::<Vec<_>>(),
+        [(top2, "qcow2"), (raw, "raw")]
+    );
+    let chain = offline::backing_chain(&overlay).unwrap();
+    assert_eq!(chain.len(), 2);
+    assert_eq!(chain[1].path, base);
+}
+
+#[test]
+fn images_held_by_qemu_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "locked.qcow2", "16M", "");
+    let qemu = testkit::Qemu::builder("disk-lock").paused().disk(&img).spawn();
+    let _ = qemu.qmp_socket();
+    // The lock is taken when the block node opens, shortly after the socket appears.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let err = loop {
+        match offline::create_internal(&one(&img), "s") {
+            Err(err) => break err,
+            Ok(()) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "snapshot of an image QEMU holds succeeded"
+                );
+                offline::delete_internal(&one(&img), "s").unwrap();
+            }
+        }
+    };
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    assert!(matches!(offline::list_internal(&img), Err(Error::Locked { .. })));
+    drop(qemu);
+    check_clean(&img);
+}
+
+#[tokio::test]
+async fn offline_backend_through_the_trait() {
+    use disk::{DiskSnapshots, MergeMethod, OfflineBackend};
+    let dir = tempfile::tempdir().unwrap();
+    let base = create(dir.path(), "t.qcow2", "4M", "");
+    write(&base, 4, 0, 65536);
+    let backend: &dyn DiskSnapshots = &OfflineBackend;
+    backend.create_internal(&one(&base), "t1").await.unwrap();
+    assert_eq!(backend.list_internal(&base).await.unwrap()[0].name, "t1");
+    backend.apply_internal(&one(&base), "t1").await.unwrap();
+    backend.delete_internal(&one(&base), "t1").await.unwrap();
+    check_clean(&base);
+    // An external snapshot, then a revert: a fresh overlay on the snapshot's image.
+    let top = dir.path().join("top.qcow2");
+    let snap = ExternalSnapshot {
+        disk: base.clone(),
+        overlay: top.clone(),
+        backing_path: BackingPath::Absolute,
+    };
+    backend
+        .create_external(std::slice::from_ref(&snap))
+        .await
+        .unwrap();
+    write(&top, 5, 0, 65536);
+    let again = ExternalSnapshot {
+        overlay: dir.path().join("again.qcow2"),
+        ..snap
+    };
+    backend.revert_external(&again).await.unwrap();
+    assert_eq!(&contents(&again.overlay, None)[..65536], &[4u8; 65536][..]);
+    assert_eq!(backend.backing_chain(&again.overlay).await.unwrap().len(), 2);
+    let err = backend
+        .delete_external(&top, &base, MergeMethod::StreamIntoChild)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotSupported { .. }), "{err}");
+}
