@@ -151,20 +151,20 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
     let client = connect(&qemu).await;
 
     let nodes = client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
-    assert_eq!(node(&nodes, "disk0").drv, "qcow2");
-    assert_eq!(node(&nodes, "disk0").image.virtual_size, 16 << 20);
+    assert_eq!(node(&nodes, "disk-vda").drv, "qcow2");
+    assert_eq!(node(&nodes, "disk-vda").image.virtual_size, 16 << 20);
     let block = client.execute(&QueryBlock).await.unwrap();
     assert!(
-        block.iter().any(|b| b.inserted.as_ref().and_then(|i| i.node_name.as_deref()) == Some("disk0")),
+        block.iter().any(|b| b.inserted.as_ref().and_then(|i| i.node_name.as_deref()) == Some("disk-vda")),
         "{block:#?}"
     );
 
     // Internal snapshots, alone and in a transaction, then deleted.
-    client.execute(&BlockdevSnapshotInternalSync { device: "disk0".into(), name: "first".into() }).await.unwrap();
+    client.execute(&BlockdevSnapshotInternalSync { device: "disk-vda".into(), name: "first".into() }).await.unwrap();
     client
         .execute(&Transaction {
             actions: vec![TransactionAction::BlockdevSnapshotInternalSync(BlockdevSnapshotInternalSync {
-                device: "disk0".into(),
+                device: "disk-vda".into(),
                 name: "second".into(),
             })],
             properties: None,
@@ -172,10 +172,10 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
         .await
         .unwrap();
     let nodes = client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
-    let names: Vec<_> = node(&nodes, "disk0").image.snapshots.iter().map(|s| s.name.clone()).collect();
+    let names: Vec<_> = node(&nodes, "disk-vda").image.snapshots.iter().map(|s| s.name.clone()).collect();
     assert_eq!(names, ["first", "second"]);
     let deleted = client
-        .execute(&BlockdevSnapshotDeleteInternalSync { device: "disk0".into(), id: None, name: Some("first".into()) })
+        .execute(&BlockdevSnapshotDeleteInternalSync { device: "disk-vda".into(), id: None, name: Some("first".into()) })
         .await
         .unwrap();
     assert_eq!(deleted.name, "first");
@@ -185,7 +185,7 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
         .execute(&Transaction {
             actions: vec![
                 TransactionAction::BlockdevSnapshotInternalSync(BlockdevSnapshotInternalSync {
-                    device: "disk0".into(),
+                    device: "disk-vda".into(),
                     name: "never".into(),
                 }),
                 TransactionAction::Abort {},
@@ -195,9 +195,9 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
         .await;
     assert!(aborted.is_err());
     let nodes = client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
-    assert!(node(&nodes, "disk0").image.snapshots.iter().all(|s| s.name != "never"));
+    assert!(node(&nodes, "disk-vda").image.snapshots.iter().all(|s| s.name != "never"));
     client
-        .execute(&BlockdevSnapshotDeleteInternalSync { device: "disk0".into(), id: None, name: Some("second".into()) })
+        .execute(&BlockdevSnapshotDeleteInternalSync { device: "disk-vda".into(), id: None, name: Some("second".into()) })
         .await
         .unwrap();
 
@@ -206,7 +206,7 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
     client
         .execute(&Transaction {
             actions: vec![TransactionAction::BlockdevSnapshotSync(BlockdevSnapshotSync {
-                node_name: Some("disk0".into()),
+                node_name: Some("disk-vda".into()),
                 snapshot_file: path_str(&overlay1),
                 snapshot_node_name: Some("ov1".into()),
                 format: Some("qcow2".into()),
@@ -297,26 +297,26 @@ async fn whole_vm_snapshot_jobs_save_load_delete() {
     testkit::create_qcow2(&image, "16M");
     let qemu = Qemu::builder("qmp-vmsnap").memory_mib(64).paused().disk(&image).spawn();
     let client = connect(&qemu).await;
-    let devices = vec!["disk0".to_string()];
+    let devices = vec!["disk-vda".to_string()];
     let job = JobOptions::default();
-    let save = SnapshotSave { job_id: "save".into(), tag: "vm1".into(), vmstate: "disk0".into(), devices: devices.clone() };
+    let save = SnapshotSave { job_id: "save".into(), tag: "vm1".into(), vmstate: "disk-vda".into(), devices: devices.clone() };
     client.run_job(&save, "save", &job).await.unwrap();
     let nodes = client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
-    let snapshot = &node(&nodes, "disk0").image.snapshots[0];
+    let snapshot = &node(&nodes, "disk-vda").image.snapshots[0];
     assert_eq!(snapshot.name, "vm1");
     assert!(snapshot.vm_state_size > 0, "the snapshot holds VM state");
 
-    let load = SnapshotLoad { job_id: "load".into(), tag: "vm1".into(), vmstate: "disk0".into(), devices: devices.clone() };
+    let load = SnapshotLoad { job_id: "load".into(), tag: "vm1".into(), vmstate: "disk-vda".into(), devices: devices.clone() };
     client.run_job(&load, "load", &job).await.unwrap();
 
     // Loading a snapshot that does not exist fails with QEMU's reason.
-    let missing = SnapshotLoad { job_id: "load2".into(), tag: "nope".into(), vmstate: "disk0".into(), devices: devices.clone() };
+    let missing = SnapshotLoad { job_id: "load2".into(), tag: "nope".into(), vmstate: "disk-vda".into(), devices: devices.clone() };
     let error = client.run_job(&missing, "load2", &job).await.unwrap_err();
     assert!(matches!(&error, Error::JobFailed { job_id, .. } if job_id == "load2"), "{error:?}");
 
     client.run_job(&SnapshotDelete { job_id: "del".into(), tag: "vm1".into(), devices }, "del", &job).await.unwrap();
     let nodes = client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
-    assert!(node(&nodes, "disk0").image.snapshots.is_empty());
+    assert!(node(&nodes, "disk-vda").image.snapshots.is_empty());
 }
 
 async fn wait_migration(client: &Client, want: MigrationStatus) -> MigrationInfo {

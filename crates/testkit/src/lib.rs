@@ -295,7 +295,8 @@ impl QemuBuilder {
         self
     }
 
-    /// Wait for incoming state (`-incoming defer`, `send-configuration=off`) as for a restore.
+    /// Wait for incoming state (`-incoming defer`, `send-configuration=off`, vCPUs stopped) as
+    /// for a restore.
     pub fn incoming_defer(mut self) -> Self {
         self.incoming_defer = true;
         self
@@ -307,7 +308,8 @@ impl QemuBuilder {
         self
     }
 
-    /// Attach a qcow2 image as a virtio disk; the first gets node names `file0`/`disk0`, and so on.
+    /// Attach a qcow2 image as a virtio disk: the first has target id `vda` (block nodes
+    /// `file-vda` and `disk-vda`, see [`disk_id`]), the second `vdb`, and so on.
     pub fn disk(mut self, path: impl Into<PathBuf>) -> Self {
         self.disks.push(path.into());
         self
@@ -326,67 +328,40 @@ impl QemuBuilder {
         self
     }
 
-    /// The full argument list QEMU is started with, given the folder for its files.
-    pub fn args(&self, dir: &Path) -> Vec<String> {
-        let mib = self.memory_mib;
-        let mut args: Vec<String> = vec![
-            "-name".into(),
-            self.name.clone(),
-            "-accel".into(),
-            "tcg".into(),
-            "-machine".into(),
-            "q35,memory-backend=mem".into(),
-            "-m".into(),
-            format!("{mib}M"),
-            "-object".into(),
-            format!("memory-backend-file,id=mem,size={mib}M,mem-path={},share=on", dir.join("ram").display()),
-            "-nodefaults".into(),
-            "-display".into(),
-            "none".into(),
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
-            "-chardev".into(),
-            format!(
-                "socket,id=console,path={},server=on,wait=off,logfile={}",
-                dir.join("console.sock").display(),
-                dir.join("serial.log").display()
-            ),
-            "-serial".into(),
-            "chardev:console".into(),
-        ];
-        if let Some(workload) = &self.workload {
-            let guest = guest();
-            args.extend([
-                "-kernel".into(),
-                guest.kernel.display().to_string(),
-                "-initrd".into(),
-                guest.initrd.display().to_string(),
-                "-append".into(),
-                format!("console=ttyS0 quiet {}", workload.cmdline()),
-            ]);
-        }
-        for (index, disk) in self.disks.iter().enumerate() {
-            args.extend([
-                "-blockdev".into(),
-                format!("driver=file,filename={},node-name=file{index}", disk.display()),
-                "-blockdev".into(),
-                format!("driver=qcow2,file=file{index},node-name=disk{index}"),
-                "-device".into(),
-                format!("virtio-blk-pci,drive=disk{index},id=vd{index}"),
-            ]);
-        }
-        if self.paused {
-            args.push("-S".into());
-        }
-        if self.incoming_defer {
-            args.extend([
-                "-incoming".into(),
-                "defer".into(),
-                "-global".into(),
-                "migration.send-configuration=off".into(),
-            ]);
-        }
-        args.extend(self.extra.iter().cloned());
+    /// The full argument list QEMU is started with, given the folder for its files: the domain
+    /// driver's command line ([`qemu::qemu_args`]) plus this builder's extra arguments.
+    pub fn args(&self, dir: &Path) -> Vec<std::ffi::OsString> {
+        let guest = self.workload.as_ref().map(|workload| (guest(), workload.cmdline()));
+        // Built directly rather than parsed: a QMP-only test QEMU has nothing to boot, which a
+        // user's configuration may not do.
+        let config = qemu::DomainConfig {
+            name: snapshot_core::Name::new(self.name.as_str()).expect("test QEMU names are valid domain names"),
+            memory_mib: self.memory_mib,
+            vcpus: 1,
+            kernel: guest.as_ref().map(|(guest, _)| guest.kernel.clone()),
+            initrd: guest.as_ref().map(|(guest, _)| guest.initrd.clone()),
+            cmdline: guest.as_ref().map(|(_, words)| format!("console=ttyS0 quiet {words}")),
+            serial_log: None,
+            disks: self
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(index, path)| qemu::DiskConfig { id: disk_id(index), path: path.clone() })
+                .collect(),
+        };
+        let paths = qemu::RuntimePaths {
+            ram_file: dir.join("ram"),
+            qmp_socket: dir.join("qmp.sock"),
+            serial_log: dir.join("serial.log"),
+            console_socket: dir.join("console.sock"),
+        };
+        let mode = if self.incoming_defer {
+            qemu::StartMode::Incoming
+        } else {
+            qemu::StartMode::Boot { paused: self.paused }
+        };
+        let mut args = qemu::qemu_args(&config, &paths, mode);
+        args.extend(self.extra.iter().map(Into::into));
         args
     }
 
@@ -427,6 +402,12 @@ impl QemuBuilder {
         }
         qemu
     }
+}
+
+/// The target id of the test QEMU's disk number `index`: `vda`, `vdb`, ...
+pub fn disk_id(index: usize) -> String {
+    let letter = u8::try_from(index).ok().filter(|i| *i < 26).expect("at most 26 test disks") + b'a';
+    format!("vd{}", char::from(letter))
 }
 
 /// Runs a command to completion and returns its stdout; panics with its stderr on failure.
@@ -487,13 +468,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn command_line_has_shared_ram_and_qmp() {
-        let args = Qemu::builder("t").memory_mib(64).paused().incoming_defer().args(Path::new("/x"));
-        let joined = args.join(" ");
-        assert!(joined.contains("memory-backend-file,id=mem,size=64M,mem-path=/x/ram,share=on"));
-        assert!(joined.contains("-qmp unix:/x/qmp.sock,server=on,wait=off"));
-        assert!(joined.contains("-incoming defer -global migration.send-configuration=off"));
-        assert!(joined.contains(" -S"));
+    fn test_disks_get_target_ids_and_extra_arguments_come_last() {
+        assert_eq!((disk_id(0), disk_id(1), disk_id(25)), ("vda".into(), "vdb".into(), "vdz".into()));
+        let args = Qemu::builder("t").disk("/a.qcow2").disk("/b.qcow2").arg("-no-reboot").args(Path::new("/x"));
+        let joined = args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+        assert!(joined.contains("node-name=disk-vda") && joined.contains("id=vdb"), "{joined}");
+        assert!(joined.ends_with(" -no-reboot"), "{joined}");
     }
 
     #[test]
