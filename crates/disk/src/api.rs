@@ -107,6 +107,13 @@ pub trait DiskSnapshots: Send + Sync {
     /// its data so the chain shows the same contents. Returns the disk's active image
     /// afterwards (it changes when the active image is committed into its parent). The removed
     /// image's file is left in place for the caller to delete.
+    ///
+    /// [`MergeMethod::StreamIntoChild`] needs `image` to have a child in the chain (it cannot
+    /// be `disk`) and returns `disk`; [`MergeMethod::CommitIntoParent`] needs a parent and
+    /// returns the parent if `image` is `disk`, else `disk`. Both backends report an image not in
+    /// the chain, or without the child or parent the method needs, as [`crate::Error::Chain`];
+    /// the offline backend also refuses what it cannot merge safely (see
+    /// [`crate::offline::delete_external`]).
     async fn delete_external(&self, disk: &Path, image: &Path, method: MergeMethod) -> Result<PathBuf>;
 
     /// The backing chain of a disk, from its active image down to the base.

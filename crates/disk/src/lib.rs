@@ -9,7 +9,8 @@
 //!   `block-stream` jobs.
 //! - [`OfflineBackend`] (and the synchronous functions in [`offline`]) edits qcow2 images in
 //!   pure Rust ([`qcow2`]): list, create, delete and apply internal snapshots with QEMU's
-//!   crash-safe write ordering, and create overlays. Images a QEMU holds are refused.
+//!   crash-safe write ordering, create overlays, and delete external snapshots by streaming or
+//!   committing their data. Images a QEMU holds are refused.
 //!
 //! The write ordering of the native operations is explained in `docs/qcow2-snapshots.md`.
 //!

@@ -66,10 +66,6 @@ fn image_path(filename: &str) -> Option<PathBuf> {
     options.pointer("/file/filename")?.as_str().map(PathBuf::from)
 }
 
-fn same_file(a: &Path, b: &Path) -> bool {
-    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
-}
-
 impl LiveBackend {
     /// A backend on a connected QMP client; block jobs wait up to 10 minutes.
     pub fn new(qmp: Client) -> Self {
@@ -107,7 +103,7 @@ impl LiveBackend {
             .filter(|n| n.drv != "file")
             .find_map(|n| {
                 let file = image_path(&n.file)?;
-                let name = n.node_name.clone().filter(|_| same_file(&file, path))?;
+                let name = n.node_name.clone().filter(|_| names::same_file(&file, path))?;
                 Some(Node {
                     name,
                     path: file,
@@ -364,7 +360,7 @@ impl DiskSnapshots for LiveBackend {
             image: image.to_owned(),
             reason: reason.into(),
         };
-        let Some(at) = chain.iter().position(|n| same_file(&n.path, image)) else {
+        let Some(at) = chain.iter().position(|n| names::same_file(&n.path, image)) else {
             return Err(chain_error("the image is not in the disk's backing chain"));
         };
         let root = &chain[0];

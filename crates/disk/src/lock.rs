@@ -7,7 +7,12 @@
 //! image: it fails if any QEMU or qemu-img has the image open, and any QEMU that starts while
 //! we edit sees our lock and refuses to open the image.
 
-use std::{fs::File, io, os::fd::AsFd};
+use std::{
+    fs::File,
+    io,
+    os::fd::AsFd,
+    time::{Duration, Instant},
+};
 
 use nix::fcntl::{fcntl, FcntlArg};
 
@@ -27,21 +32,45 @@ fn lock_request(kind: libc::c_short) -> libc::flock {
     }
 }
 
+/// How long a conflicting lock may take to go away before it counts as held.
+///
+/// A lock of ours can outlive the descriptor we closed: a child forked by another thread of this
+/// process shares the open file description until it execs (and close-on-exec drops it). Such a
+/// lock vanishes within milliseconds; QEMU's are held for as long as it runs.
+const TRANSIENT_HOLD: Duration = Duration::from_millis(250);
+
+/// Asks `free` until it says the bytes are free or [`TRANSIENT_HOLD`] has passed.
+fn free_within_transient_hold(mut free: impl FnMut() -> io::Result<bool>) -> io::Result<bool> {
+    let deadline = Instant::now() + TRANSIENT_HOLD;
+    loop {
+        if free()? {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Takes an exclusive OFD lock on QEMU's lock bytes; released when `file` (its open file
 /// description) is closed. `Ok(false)` means another process holds a lock there.
 pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     let request = lock_request(libc::F_WRLCK as libc::c_short);
-    match fcntl(file.as_fd(), FcntlArg::F_OFD_SETLK(&request)) {
+    free_within_transient_hold(|| match fcntl(file.as_fd(), FcntlArg::F_OFD_SETLK(&request)) {
         Ok(_) => Ok(true),
         Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => Ok(false),
         Err(errno) => Err(errno.into()),
-    }
+    })
 }
 
 /// Whether another process holds any lock on QEMU's lock bytes (for read-only checks, where
 /// the file may be open read-only and so cannot take a write lock itself).
 pub fn is_locked_by_other(file: &File) -> io::Result<bool> {
-    let mut probe = lock_request(libc::F_WRLCK as libc::c_short);
-    fcntl(file.as_fd(), FcntlArg::F_OFD_GETLK(&mut probe))?;
-    Ok(probe.l_type != libc::F_UNLCK as libc::c_short)
+    let free = free_within_transient_hold(|| {
+        let mut probe = lock_request(libc::F_WRLCK as libc::c_short);
+        fcntl(file.as_fd(), FcntlArg::F_OFD_GETLK(&mut probe))?;
+        Ok(probe.l_type == libc::F_UNLCK as libc::c_short)
+    })?;
+    Ok(!free)
 }

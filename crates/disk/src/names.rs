@@ -66,6 +66,11 @@ pub fn validate_image_path(path: &Path, what: &'static str) -> Result<()> {
     Ok(())
 }
 
+/// Whether two paths name the same file (after resolving symlinks and `..`).
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
 /// The path of `target` relative to the folder `from` (both absolute and normalised), as QEMU
 /// resolves a relative backing file name against the overlay's folder.
 pub fn relative_to(target: &Path, from: &Path) -> PathBuf {

@@ -1,9 +1,11 @@
 //! The offline backend: edits the qcow2 images of a shut-off domain directly.
 //!
 //! The synchronous functions do the work (usable on their own); [`OfflineBackend`] runs them on
-//! tokio's blocking pool behind [`DiskSnapshots`]. Every image being changed is opened for
-//! writing first, which takes QEMU's lock bytes: an image a running QEMU holds is refused with
-//! [`Error::Locked`], and a QEMU started meanwhile cannot open it.
+//! tokio's blocking pool behind [`DiskSnapshots`]. Deleting an external snapshot merges image
+//! data natively too ([`delete_external`]: stream into the child or commit into the parent).
+//! Every image being changed is opened for writing first, which takes QEMU's lock bytes: an
+//! image a running QEMU holds is refused with [`Error::Locked`], and a QEMU started meanwhile
+//! cannot open it.
 
 use std::{
     fs::File,
@@ -17,8 +19,8 @@ use async_trait::async_trait;
 use crate::{
     api::{BackingPath, ChainImage, DiskSnapshots, ExternalSnapshot, InternalSnapshot, MergeMethod},
     error::{io_err, Error, Result},
-    names,
-    qcow2::{self, header::MAGIC, snapshot_table::SnapshotEntry, Access, Image},
+    lock, names,
+    qcow2::{self, header::MAGIC, snapshot_table::SnapshotEntry, Access, Chain, Image, Layer},
 };
 
 /// Longest backing chain followed (a longer one is most likely a loop).
@@ -194,6 +196,199 @@ pub fn backing_chain(disk: &Path) -> Result<Vec<ChainImage>> {
     Ok(chain)
 }
 
+/// Removes `image` from the backing chain of the disk whose active image is `disk` by merging
+/// its data, and returns the disk's active image afterwards (see
+/// [`DiskSnapshots::delete_external`]); the removed image's file is left in place.
+///
+/// - [`MergeMethod::StreamIntoChild`]: every cluster the child does not map in full but
+///   `image` maps something of is written into the child with the contents the child shows;
+///   then the child's header names `image`'s backing file (or none) in one write. Only the
+///   child changes, so other branches on `image` or below stay valid.
+/// - [`MergeMethod::CommitIntoParent`]: every cluster `image` maps something of is written into
+///   its parent with the contents `image` shows; then `image`'s child (if `image` is not the
+///   active image) names the parent in one header write. The parent changes: other branches
+///   on it see the committed data. Internal snapshots of the parent keep their contents (the
+///   tables they share with the active state are copied before being written); only the
+///   parent's active state takes the committed data.
+///
+/// Refused, before anything is written: an image of the chain that a QEMU holds
+/// ([`Error::Locked`]); images of different virtual sizes; committing into a raw parent;
+/// internal snapshots in the child of a stream (they read through the backing file that
+/// streaming replaces) or in the committed image (they read through the parent, which the
+/// commit changes); encrypted images; compressed clusters that would have to be read (this
+/// backend cannot decompress them; compressed clusters that are only counted or replaced are
+/// fine).
+///
+/// Clusters are written in batches (see `docs/qcow2-snapshots.md`): a failure or crash in the
+/// middle leaves the disk showing the same contents as before, with at most leaked clusters (a
+/// commit's parent may hold part of the committed data, which its other branches see).
+pub fn delete_external(disk: &Path, image: &Path, method: MergeMethod) -> Result<PathBuf> {
+    names::validate_image_path(disk, "disk image")?;
+    names::validate_image_path(image, "image")?;
+    let chain = backing_chain(disk)?;
+    let refuse = |reason: &str| Error::Chain {
+        disk: disk.to_owned(),
+        image: image.to_owned(),
+        reason: reason.into(),
+    };
+    let at = chain
+        .iter()
+        .position(|c| names::same_file(&c.path, image))
+        .ok_or_else(|| refuse("the image is not in the disk's backing chain"))?;
+    // The images written (and, for a commit, the committed one, whose data must not move):
+    // opened for writing, which locks them against QEMU. The first of them tops the layers.
+    let written = match method {
+        MergeMethod::StreamIntoChild => {
+            let child = at
+                .checked_sub(1)
+                .ok_or_else(|| refuse("it is the active image, which has no child; commit it instead"))?;
+            child..=child
+        }
+        MergeMethod::CommitIntoParent => {
+            if at + 1 == chain.len() {
+                return Err(refuse("it has no backing image to commit into"));
+            }
+            if chain[at + 1].format != "qcow2" {
+                return Err(refuse(
+                    "its backing image is not qcow2; only qcow2 images are written",
+                ));
+            }
+            at.saturating_sub(1)..=at + 1
+        }
+    };
+    let top = *written.start();
+    if chain[top..=(at + 1).min(chain.len() - 1)]
+        .iter()
+        .any(|c| c.virtual_size != chain[at].virtual_size)
+    {
+        return Err(refuse("the images involved have different virtual sizes"));
+    }
+    let layers = chain[top..]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| open_layer(c, written.contains(&(top + i))))
+        .collect::<Result<Vec<_>>>()?;
+    let mut layers = Chain::new(layers);
+    let snapshots =
+        |layers: &mut Chain, index: usize| layers.image_mut(index).map_or(0, |i| i.header().nb_snapshots);
+    let at_layer = at - top;
+    match method {
+        MergeMethod::StreamIntoChild => {
+            if snapshots(&mut layers, 0) > 0 {
+                return Err(refuse(
+                    "the child has internal snapshots, which read through the backing file that streaming \
+                     replaces; delete them first or commit instead",
+                ));
+            }
+            let backing = new_backing(&chain, at, &mut layers, at_layer)?;
+            merge_and_rebase(&mut layers, backing, |layers| layers.stream(0))?;
+            Ok(chain[0].path.clone())
+        }
+        MergeMethod::CommitIntoParent => {
+            if snapshots(&mut layers, at_layer) > 0 {
+                return Err(refuse(
+                    "the image has internal snapshots, which read through the parent that the commit \
+                     changes; delete them first or stream instead",
+                ));
+            }
+            if at == 0 {
+                layers.commit(1)?;
+                return Ok(chain[1].path.clone());
+            }
+            let backing = new_backing(&chain, at, &mut layers, at_layer)?;
+            merge_and_rebase(&mut layers, backing, |layers| layers.commit(at_layer + 1))?;
+            Ok(chain[0].path.clone())
+        }
+    }
+}
+
+/// Opens one image of a chain to merge: qcow2 for writing (locked) or reading, raw for reading
+/// after checking that no QEMU holds it.
+fn open_layer(image: &ChainImage, write: bool) -> Result<Layer> {
+    let path = &image.path;
+    if image.format == "qcow2" {
+        let access = if write { Access::Write } else { Access::Read };
+        let opened = Image::open(path, access)?;
+        // The data is encrypted with keys (and, for LUKS, IVs from host offsets) of its own
+        // image: copied clusters would not decrypt.
+        if opened.header().crypt_method != 0 {
+            return Err(Error::Unsupported {
+                path: path.clone(),
+                reason: "encrypted images cannot be merged by this backend".into(),
+            });
+        }
+        return Ok(Layer::Qcow2(Box::new(opened)));
+    }
+    let file = File::open(path).map_err(io_err("cannot open image", path))?;
+    if lock::is_locked_by_other(&file).map_err(io_err("cannot query the locks of", path))? {
+        return Err(Error::Locked { path: path.clone() });
+    }
+    Ok(Layer::Raw {
+        path: path.clone(),
+        file,
+        size: image.virtual_size,
+    })
+}
+
+/// The backing file (name, format) that replaces `chain[at]` for its child: what `chain[at]`
+/// itself records, or none. A relative name is kept if the child is in the same folder, else
+/// the backing image's resolved absolute path is recorded.
+fn new_backing(
+    chain: &[ChainImage],
+    at: usize,
+    layers: &mut Chain,
+    at_layer: usize,
+) -> Result<Option<(String, String)>> {
+    let (Some(below), Some(merged)) = (chain.get(at + 1), layers.image_mut(at_layer)) else {
+        return Ok(None);
+    };
+    let recorded = merged.header().backing_file.clone().unwrap_or_default();
+    let same_folder = at
+        .checked_sub(1)
+        .is_some_and(|child| chain[child].path.parent() == chain[at].path.parent());
+    let name = if Path::new(&recorded).is_absolute() || same_folder {
+        recorded
+    } else {
+        let resolved = below
+            .path
+            .canonicalize()
+            .map_err(io_err("cannot resolve the backing file", &below.path))?;
+        resolved
+            .into_os_string()
+            .into_string()
+            .map_err(|path| Error::InvalidArgument {
+                what: "backing file",
+                value: path.to_string_lossy().into_owned(),
+                reason: "path is not UTF-8".into(),
+            })?
+    };
+    Ok(Some((name, below.format.clone())))
+}
+
+/// Runs `merge`, then makes the child (layer 0) name `backing` (the switch). The new header is
+/// built first as a check, so that a name that cannot fit fails before anything is written.
+fn merge_and_rebase(
+    layers: &mut Chain,
+    backing: Option<(String, String)>,
+    merge: impl FnOnce(&mut Chain) -> Result<()>,
+) -> Result<()> {
+    let backing = backing
+        .as_ref()
+        .map(|(name, format)| (name.as_str(), format.as_str()));
+    child(layers)?.backing_header(backing)?;
+    merge(layers)?;
+    child(layers)?.set_backing(backing)
+}
+
+/// The child whose backing file a merge replaces (layer 0), which is qcow2 since it has one.
+fn child(layers: &mut Chain) -> Result<&mut Image> {
+    layers.image_mut(0).ok_or_else(|| Error::InvalidArgument {
+        what: "merge target",
+        value: "the child".into(),
+        reason: "only qcow2 images can be rebased".into(),
+    })
+}
+
 /// [`DiskSnapshots`] for the disks of a shut-off domain.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OfflineBackend;
@@ -234,14 +429,9 @@ impl DiskSnapshots for OfflineBackend {
         blocking(move || create_external(std::slice::from_ref(&revert))).await
     }
 
-    async fn delete_external(&self, _disk: &Path, _image: &Path, _method: MergeMethod) -> Result<PathBuf> {
-        Err(Error::NotSupported {
-            operation: "deleting an external snapshot",
-            backend: "offline",
-            reason: "merging image data needs a qcow2 data path this backend does not have yet; start the \
-                     domain paused and use the live backend (block-commit / block-stream)"
-                .into(),
-        })
+    async fn delete_external(&self, disk: &Path, image: &Path, method: MergeMethod) -> Result<PathBuf> {
+        let (disk, image) = (disk.to_owned(), image.to_owned());
+        blocking(move || delete_external(&disk, &image, method)).await
     }
 
     async fn backing_chain(&self, disk: &Path) -> Result<Vec<ChainImage>> {

@@ -99,6 +99,9 @@ pub struct FeatureName {
     pub name: String,
 }
 
+/// Header extensions as (type, data), and the offset just past them.
+type Extensions<'a> = (Vec<(u32, &'a [u8])>, usize);
+
 /// A parsed qcow2 header, version 2 or 3.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
@@ -362,19 +365,22 @@ impl Header {
         Ok(())
     }
 
-    fn parse_extensions(&mut self, cluster0: &[u8]) -> Result<(), HeaderError> {
-        // Extensions end at the backing file name if there is one, else at the end of cluster 0.
+    /// The header extensions in `cluster0` as (type, data), and the offset just past the last
+    /// one (past the end marker if there is one). Extensions end at the backing file name if
+    /// there is one, else at the end of cluster 0.
+    fn extensions<'a>(&self, cluster0: &'a [u8]) -> Result<Extensions<'a>, HeaderError> {
         let limit = if self.backing_file_offset != 0 {
-            self.backing_file_offset as usize
+            (self.backing_file_offset as usize).min(cluster0.len())
         } else {
             cluster0.len()
         };
+        let mut found = Vec::new();
         let mut at = self.header_length as usize;
         loop {
             if at + 8 > limit {
                 // Version 2 images may end the header without an end marker.
                 if self.version == 2 && at >= limit {
-                    return Ok(());
+                    return Ok((found, at));
                 }
                 return Err(invalid(format!(
                     "header extension at {at:#x} runs past the header area"
@@ -383,7 +389,7 @@ impl Header {
             let kind = be_u32(cluster0, at);
             let len = be_u32(cluster0, at + 4) as usize;
             if kind == extension::END {
-                return Ok(());
+                return Ok((found, at + 8));
             }
             let data_at = at + 8;
             let Some(data) = data_at
@@ -395,6 +401,13 @@ impl Header {
                     "header extension {kind:#x} of {len} bytes runs past the header area"
                 )));
             };
+            found.push((kind, data));
+            at = data_at + len.next_multiple_of(8);
+        }
+    }
+
+    fn parse_extensions(&mut self, cluster0: &[u8]) -> Result<(), HeaderError> {
+        for (kind, data) in self.extensions(cluster0)?.0 {
             match kind {
                 extension::BACKING_FORMAT => self.backing_format = Some(text(data, "backing format")?),
                 extension::FEATURE_NAMES => self.feature_names = feature_names(data)?,
@@ -410,8 +423,56 @@ impl Header {
                 }
                 other => self.unknown_extensions.push(other),
             }
-            at = data_at + len.next_multiple_of(8);
         }
+        Ok(())
+    }
+
+    /// The header area of `cluster0` (this header's image) rewritten to name another backing
+    /// file, `(name, format)`, or none: the header fields and every other extension are kept
+    /// byte for byte, the backing format extension is replaced (or dropped) and the name
+    /// follows the end marker. The result covers at least the old header area (zero padded),
+    /// so writing it at offset 0 leaves no stale bytes of the old layout behind.
+    pub(crate) fn with_backing(
+        &self,
+        cluster0: &[u8],
+        backing: Option<(&str, &str)>,
+    ) -> Result<Vec<u8>, HeaderError> {
+        let (extensions, old_end) = self.extensions(cluster0)?;
+        let mut out = cluster0[..self.header_length as usize].to_vec();
+        let push = |out: &mut Vec<u8>, kind: u32, data: &[u8]| {
+            out.extend_from_slice(&kind.to_be_bytes());
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            out.extend_from_slice(data);
+            out.resize(out.len().next_multiple_of(8), 0);
+        };
+        if let Some((_, format)) = backing {
+            push(&mut out, extension::BACKING_FORMAT, format.as_bytes());
+        }
+        for (kind, data) in extensions {
+            if kind != extension::BACKING_FORMAT {
+                push(&mut out, kind, data);
+            }
+        }
+        out.extend_from_slice(&[0; 8]); // end of extensions
+        let (offset, size) = match backing {
+            Some((name, _)) => {
+                if name.is_empty() || name.len() > 1023 {
+                    return Err(invalid("backing file name must be 1 to 1023 bytes"));
+                }
+                let at = out.len() as u64;
+                out.extend_from_slice(name.as_bytes());
+                (at, name.len() as u32)
+            }
+            None => (0, 0),
+        };
+        out[8..16].copy_from_slice(&offset.to_be_bytes());
+        out[16..20].copy_from_slice(&size.to_be_bytes());
+        let old_end = old_end.max((self.backing_file_offset + u64::from(self.backing_file_size)) as usize);
+        out.resize(out.len().max(old_end), 0);
+        if out.len() as u64 > self.cluster_size() {
+            return Err(invalid("the new header does not fit in the first cluster"));
+        }
+        Ok(out)
     }
 
     fn parse_backing_name(&mut self, cluster0: &[u8]) -> Result<(), HeaderError> {

@@ -545,7 +545,7 @@ fn header_error(path: &Path, e: HeaderError) -> Error {
 }
 
 /// Reads as much as is there (a short file is not an error here).
-fn read_up_to(file: &File, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(super) fn read_up_to(file: &File, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match file.read_at(&mut buf[got..], offset + got as u64) {
