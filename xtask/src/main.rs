@@ -37,6 +37,15 @@ enum Task {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// Run the criterion benchmarks (memory engine, qcow2 snapshots) with their same-run baselines
+    ///
+    /// Arguments after `--` go to every bench binary (e.g. `cargo xtask bench -- --sample-size 10`).
+    /// Reports: docs/memory-performance.md and docs/qcow2-snapshots.md.
+    Bench {
+        /// Arguments for the bench binaries.
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
     /// Boot the test guest and drive it over QMP: status, pause/resume, device-state save, quit
     Demo,
 }
@@ -46,6 +55,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup { force } => run_setup(force).map(|_| ExitCode::SUCCESS),
         Task::Test { cargo_args } => test(&cargo_args).map(|()| ExitCode::SUCCESS),
+        Task::Bench { bench_args } => bench(&bench_args).map(|()| ExitCode::SUCCESS),
         Task::Demo => run_setup(false).and_then(|_| demo::run()).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
@@ -72,6 +82,25 @@ fn test(cargo_args: &[String]) -> Result<()> {
     }
     test.args(cargo_args);
     run_counting_tests(&mut test)
+}
+
+/// The criterion benches: (package, bench target).
+const BENCHES: &[(&str, &str)] = &[("memory", "memory"), ("disk", "snapshots")];
+
+fn bench(bench_args: &[String]) -> Result<()> {
+    run_setup(false)?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    for (package, target) in BENCHES {
+        let mut bench = Command::new(&cargo);
+        bench.current_dir(workspace_root()).args(["bench", "-p", package, "--bench", target, "--"]).args(bench_args);
+        let line = cmd::display(&bench);
+        eprintln!("$ {line}");
+        let status = bench.status().with_context(|| format!("cannot run `{line}`"))?;
+        if !status.success() {
+            bail!("`{line}` failed ({status})");
+        }
+    }
+    Ok(())
 }
 
 /// Runs `cargo test`, echoing its output, and ends with one line adding up every test binary's
