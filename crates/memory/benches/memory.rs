@@ -4,11 +4,10 @@
 //! Run: `cargo bench -p memory --bench memory` (about three minutes; needs ~3.5 GiB of RAM and
 //! /dev/shm). Each group prints extra figures (rounds, pages, peak heap) to stderr.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
@@ -18,50 +17,16 @@ use memory::{
     ZeroPages, PAGE_SIZE,
 };
 
-/// Counts heap bytes in use and their peak, to show a save's memory is bounded.
-struct Counting;
-static IN_USE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
+#[path = "../tests/common/heap.rs"]
+mod heap;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
-// SAFETY: forwards every call to the system allocator unchanged; only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let now = IN_USE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-        PEAK.fetch_max(now, Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
-
-/// Peak extra heap while `f` runs.
-fn peak_heap<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let base = IN_USE.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    let out = f();
-    (out, PEAK.load(Ordering::Relaxed) - base)
-}
+use common::{content_compare_save, Rng};
+use heap::peak_heap;
 
 const GIB: u64 = 1 << 30;
 const PAGES: u64 = GIB / PAGE_SIZE as u64;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
 
 /// 1 GiB of guest RAM with 10% random non-zero pages, as a flat buffer. Every page is written:
 /// untouched pages would all read the kernel's one shared zero page, from cache, and make the scanning
@@ -264,19 +229,7 @@ fn paused_save_and_restore(c: &mut Criterion) {
     g.bench_function("baseline_read_scan_ram_file", |b| {
         b.iter(|| memory::reference::read_scan(&mem))
     });
-    let sink = ImageWriter::create(
-        &s.out_dir.path().join("live.img"),
-        ImageLayout::of(&mem),
-        Durability::NoSync,
-    )
-    .unwrap();
-    let mut save = LiveSave::begin(
-        &mem,
-        Box::new(ContentCompare::new()),
-        Box::new(sink),
-        SaveOptions::default(),
-    )
-    .unwrap();
+    let mut save = content_compare_save(&mem, &s.out_dir.path().join("live.img"));
     g.bench_function("content_compare_round_ram_file", |b| {
         b.iter(|| assert_eq!(save.round().unwrap().pages_dirty, 0))
     });
@@ -442,19 +395,7 @@ fn sparse_ram_file(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
-    let sink = ImageWriter::create(
-        &dir.path().join("live.img"),
-        ImageLayout::of(&mem),
-        Durability::NoSync,
-    )
-    .unwrap();
-    let mut save = LiveSave::begin(
-        &mem,
-        Box::new(ContentCompare::new()),
-        Box::new(sink),
-        SaveOptions::default(),
-    )
-    .unwrap();
+    let mut save = content_compare_save(&mem, &dir.path().join("live.img"));
     g.bench_function("content_compare_round", |b| {
         b.iter(|| assert_eq!(save.round().unwrap().pages_dirty, 0))
     });

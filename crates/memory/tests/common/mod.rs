@@ -1,7 +1,11 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use memory::{reference, GuestMemory, PAGE_SIZE};
+use std::path::Path;
+
+use memory::{
+    reference, ContentCompare, Durability, GuestMemory, ImageLayout, ImageWriter, LiveSave, SaveOptions, PAGE_SIZE,
+};
 
 /// splitmix64: a tiny deterministic generator, enough for test data.
 pub struct Rng(pub u64);
@@ -53,4 +57,10 @@ pub fn same_shape(mem: &GuestMemory) -> GuestMemory {
 
 pub fn snapshot(mem: &GuestMemory) -> Vec<u8> {
     reference::snapshot(mem).unwrap()
+}
+
+/// A live save of `mem` with content comparison into an unsynced image at `path`, round 0 done.
+pub fn content_compare_save<'a>(mem: &'a GuestMemory, path: &Path) -> LiveSave<'a> {
+    let sink = ImageWriter::create(path, ImageLayout::of(mem), Durability::NoSync).unwrap();
+    LiveSave::begin(mem, Box::new(ContentCompare::new()), Box::new(sink), SaveOptions::default()).unwrap()
 }
