@@ -86,14 +86,17 @@ fn content_compare_live_round_trip() {
     live_round_trip(Box::new(ContentCompare::new()), &mem, 32);
 }
 
-/// userfaultfd needs kernel support; say so loudly rather than fail on a kernel without it.
+/// userfaultfd write-protect needs kernel support (this project's machines have it). Without it
+/// these tests fail, naming what is missing, unless `DOMSNAP_ALLOW_NO_UFFD=1` says that running on
+/// such a kernel is intended; they never skip silently.
 fn uffd_available() -> bool {
     match UffdWriteProtect::probe() {
         Ok(()) => true,
-        Err(e) => {
-            eprintln!("SKIPPED: userfaultfd write-protect unavailable: {e}");
+        Err(e) if std::env::var_os("DOMSNAP_ALLOW_NO_UFFD").is_some() => {
+            eprintln!("SKIPPED (DOMSNAP_ALLOW_NO_UFFD is set): userfaultfd write-protect unavailable: {e}");
             false
         }
+        Err(e) => panic!("userfaultfd write-protect is unavailable on this kernel: {e}"),
     }
 }
 
