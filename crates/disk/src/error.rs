@@ -121,6 +121,7 @@ pub enum Error {
     },
 
     /// QEMU refused a command or a block job failed.
+    #[cfg(feature = "live")]
     #[error("QMP {operation} failed for {path}")]
     Qmp {
         /// What was being done.

@@ -33,6 +33,7 @@
 
 mod api;
 mod error;
+#[cfg(feature = "live")]
 mod live;
 mod lock;
 pub mod names;
@@ -43,5 +44,6 @@ pub mod qcow2;
 pub use api::MockDiskSnapshots;
 pub use api::{BackingPath, ChainImage, DiskSnapshots, ExternalSnapshot, InternalSnapshot, MergeMethod};
 pub use error::{Error, Result};
+#[cfg(feature = "live")]
 pub use live::LiveBackend;
 pub use offline::OfflineBackend;
