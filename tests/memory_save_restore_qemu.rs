@@ -25,32 +25,55 @@ fn path_str(path: &Path) -> String {
 
 /// Maps a QEMU's RAM file. q35 with 256 MiB keeps all RAM below the PCI hole, at GPA 0.
 fn map_ram(qemu: &Qemu) -> GuestMemory {
-    GuestMemory::from_ram_file(&qemu.ram_file(), &[FileRegion { gpa: 0, len: RAM_MIB << 20, file_offset: 0 }])
-        .expect("map QEMU's RAM file")
+    GuestMemory::from_ram_file(
+        &qemu.ram_file(),
+        &[FileRegion {
+            gpa: 0,
+            len: RAM_MIB << 20,
+            file_offset: 0,
+        }],
+    )
+    .expect("map QEMU's RAM file")
 }
 
 async fn connect(qemu: &Qemu) -> Client {
-    Client::connect_unix(qemu.qmp_socket(), ClientOptions::default()).await.expect("connect QMP")
+    Client::connect_unix(qemu.qmp_socket(), ClientOptions::default())
+        .await
+        .expect("connect QMP")
 }
 
 #[test]
 fn live_save_then_restore_into_a_new_qemu_continues_the_guest() {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let work = tempfile::tempdir().unwrap();
     let image = work.path().join("ram.img");
     let devstate = work.path().join("devstate");
-    let workload = Workload::Dirty { rate_mib: 16, wss_mib: 32 };
+    let workload = Workload::Dirty {
+        rate_mib: 16,
+        wss_mib: 32,
+    };
 
     // Source: a guest rewriting 32 MiB at 16 MiB/s.
-    let source = Qemu::builder("mem-src").memory_mib(RAM_MIB).guest(workload.clone()).spawn();
+    let source = Qemu::builder("mem-src")
+        .memory_mib(RAM_MIB)
+        .guest(workload.clone())
+        .spawn();
     source.wait_for_serial("DOMSNAP READY", BOOT);
-    source.try_wait_for_tick_after(1, WAIT).expect("the source guest ticks");
+    source
+        .try_wait_for_tick_after(1, WAIT)
+        .expect("the source guest ticks");
     let qmp = runtime.block_on(connect(&source));
 
     let ram = map_ram(&source);
     let writer = ImageWriter::create(&image, ImageLayout::of(&ram), Durability::Sync).unwrap();
     let options = SaveOptions {
-        policy: ConvergencePolicy { max_rounds: 5, ..Default::default() },
+        policy: ConvergencePolicy {
+            max_rounds: 5,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut save = LiveSave::begin(&ram, Box::new(ContentCompare::new()), Box::new(writer), options).unwrap();
@@ -66,19 +89,31 @@ fn live_save_then_restore_into_a_new_qemu_continues_the_guest() {
     });
     let finished = save.finish().unwrap();
     runtime
-        .block_on(qmp.execute(&XenSaveDevicesState { filename: path_str(&devstate), live: false }))
+        .block_on(qmp.execute(&XenSaveDevicesState {
+            filename: path_str(&devstate),
+            live: false,
+        }))
         .unwrap();
     let pause = paused_at.elapsed();
     let tick_at_pause = source.last_tick().expect("the source ticked");
     let summary = finished.seal().unwrap();
     assert!(summary.present_pages > 0);
-    eprintln!("live save: {} rounds, pause {pause:?} (memory part {:?})", summary.rounds.len(), summary.final_pause());
+    eprintln!(
+        "live save: {} rounds, pause {pause:?} (memory part {:?})",
+        summary.rounds.len(),
+        summary.final_pause()
+    );
     runtime.block_on(qmp.execute(&Quit)).unwrap();
     drop(source);
     assert_eq!(verify(&image).unwrap().present_pages, summary.present_pages);
 
     // Target: same machine, waiting for incoming state, RAM restored from the image.
-    let target = Qemu::builder("mem-dst").memory_mib(RAM_MIB).guest(workload).incoming_defer().paused().spawn();
+    let target = Qemu::builder("mem-dst")
+        .memory_mib(RAM_MIB)
+        .guest(workload)
+        .incoming_defer()
+        .paused()
+        .spawn();
     let target_qmp = runtime.block_on(connect(&target));
     let status = runtime.block_on(target_qmp.execute(&QueryStatus)).unwrap();
     assert_eq!(status.status, RunState::InMigrate);
@@ -88,13 +123,20 @@ fn live_save_then_restore_into_a_new_qemu_continues_the_guest() {
     restore(&image, &map_ram(&target), &RestoreOptions::default()).unwrap();
 
     runtime.block_on(async {
-        target_qmp.execute(&MigrateIncoming { uri: format!("file:{}", path_str(&devstate)) }).await.unwrap();
+        target_qmp
+            .execute(&MigrateIncoming {
+                uri: format!("file:{}", path_str(&devstate)),
+            })
+            .await
+            .unwrap();
         let deadline = Instant::now() + WAIT;
         loop {
             let info = target_qmp.execute(&QueryMigrate).await.unwrap();
             match info.status {
                 Some(MigrationStatus::Completed) => break,
-                Some(MigrationStatus::Failed) => panic!("loading the device state failed: {info:?}\n{}", target.stderr()),
+                Some(MigrationStatus::Failed) => {
+                    panic!("loading the device state failed: {info:?}\n{}", target.stderr())
+                }
                 _ if Instant::now() > deadline => panic!("device state not loaded in time: {info:?}"),
                 _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
@@ -104,12 +146,22 @@ fn live_save_then_restore_into_a_new_qemu_continues_the_guest() {
 
     // The guest continues: its first tick after the restore follows the last one before the pause
     // (one more is allowed when the pause cut a tick line in half between the two serial logs).
-    let resumed = target.try_wait_for_tick_after(0, WAIT).expect("the restored guest ticks");
+    let resumed = target
+        .try_wait_for_tick_after(0, WAIT)
+        .expect("the restored guest ticks");
     assert!(
         (tick_at_pause..=tick_at_pause + 2).contains(&resumed),
         "restored guest printed tick {resumed}, the source had reached {tick_at_pause}"
     );
-    let later = target.try_wait_for_tick_after(resumed, WAIT).expect("the restored guest keeps ticking");
+    let later = target
+        .try_wait_for_tick_after(resumed, WAIT)
+        .expect("the restored guest keeps ticking");
     assert_eq!(later, resumed + 1);
-    assert!(target.serial_lines().iter().all(|l| !matches!(l, testkit::SerialLine::Ready { .. })), "the guest rebooted");
+    assert!(
+        target
+            .serial_lines()
+            .iter()
+            .all(|l| !matches!(l, testkit::SerialLine::Ready { .. })),
+        "the guest rebooted"
+    );
 }

@@ -56,7 +56,9 @@ fn main() -> ExitCode {
         Task::Setup { force } => run_setup(force).map(|_| ExitCode::SUCCESS),
         Task::Test { cargo_args } => test(&cargo_args).map(|()| ExitCode::SUCCESS),
         Task::Bench { bench_args } => bench(&bench_args).map(|()| ExitCode::SUCCESS),
-        Task::Demo => run_setup(false).and_then(|_| demo::run()).map(|()| ExitCode::SUCCESS),
+        Task::Demo => run_setup(false)
+            .and_then(|_| demo::run())
+            .map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("xtask: error: {e:#}");
@@ -92,7 +94,10 @@ fn bench(bench_args: &[String]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     for (package, target) in BENCHES {
         let mut bench = Command::new(&cargo);
-        bench.current_dir(workspace_root()).args(["bench", "-p", package, "--bench", target, "--"]).args(bench_args);
+        bench
+            .current_dir(workspace_root())
+            .args(["bench", "-p", package, "--bench", target, "--"])
+            .args(bench_args);
         let line = cmd::display(&bench);
         eprintln!("$ {line}");
         let status = bench.status().with_context(|| format!("cannot run `{line}`"))?;
@@ -121,7 +126,10 @@ fn run_counting_tests(test: &mut Command) -> Result<()> {
         totals.add(&text);
     }
     let status = child.wait().with_context(|| format!("waiting for `{line}`"))?;
-    println!("tests: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
     if !status.success() {
         bail!("`{line}` failed ({status}); its output is above");
     }
@@ -138,10 +146,14 @@ struct TestTotals {
 
 impl TestTotals {
     fn add(&mut self, line: &str) {
-        let Some(result) = line.strip_prefix("test result: ") else { return };
+        let Some(result) = line.strip_prefix("test result: ") else {
+            return;
+        };
         for part in result.split(['.', ';']) {
             let mut words = part.split_whitespace();
-            let (Some(count), Some(kind)) = (words.next(), words.next()) else { continue };
+            let (Some(count), Some(kind)) = (words.next(), words.next()) else {
+                continue;
+            };
             let Ok(count) = count.parse::<u64>() else { continue };
             match kind {
                 "passed" => self.passed += count,
@@ -166,10 +178,19 @@ mod tests {
     #[test]
     fn test_results_add_up() {
         let mut totals = TestTotals::default();
-        totals.add("test result: ok. 16 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.42s");
+        totals.add(
+            "test result: ok. 16 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.42s",
+        );
         totals.add("test result: FAILED. 7 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.93s");
         totals.add("test foo ... ok");
-        assert_eq!(totals, TestTotals { passed: 23, failed: 2, ignored: 2 });
+        assert_eq!(
+            totals,
+            TestTotals {
+                passed: 23,
+                failed: 2,
+                ignored: 2
+            }
+        );
     }
 
     #[test]

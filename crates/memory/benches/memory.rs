@@ -17,10 +17,10 @@ use memory::{
     ZeroPages, PAGE_SIZE,
 };
 
-#[path = "../tests/common/heap.rs"]
-mod heap;
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../tests/common/heap.rs"]
+mod heap;
 
 use common::{content_compare_save, Rng};
 use heap::peak_heap;

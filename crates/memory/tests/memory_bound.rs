@@ -19,7 +19,8 @@ fn save_heap_is_bounded() {
     let bound = 16 * mem.total_pages() as usize + threads * (513 << 10) + (128 << 10);
 
     let (_, paused) = peak_heap(|| {
-        let sink = ImageWriter::create(&dir.path().join("a"), ImageLayout::of(&mem), Durability::NoSync).unwrap();
+        let sink =
+            ImageWriter::create(&dir.path().join("a"), ImageLayout::of(&mem), Durability::NoSync).unwrap();
         save_paused(&mem, Box::new(sink)).unwrap()
     });
     assert!(

@@ -54,12 +54,18 @@ pub fn qemu_args(config: &DomainConfig, paths: &RuntimePaths, mode: StartMode) -
     args.pair("-smp", config.vcpus.to_string());
     args.pair(
         "-object",
-        format!("memory-backend-file,id={RAM_BACKEND_ID},size={mib}M,mem-path={},share=on", escape(&paths.ram_file)),
+        format!(
+            "memory-backend-file,id={RAM_BACKEND_ID},size={mib}M,mem-path={},share=on",
+            escape(&paths.ram_file)
+        ),
     );
     args.flag("-nodefaults");
     args.flag("-no-user-config");
     args.pair("-display", "none");
-    args.pair("-qmp", format!("unix:{},server=on,wait=off", escape(&paths.qmp_socket)));
+    args.pair(
+        "-qmp",
+        format!("unix:{},server=on,wait=off", escape(&paths.qmp_socket)),
+    );
     args.pair(
         "-chardev",
         format!(
@@ -80,9 +86,21 @@ pub fn qemu_args(config: &DomainConfig, paths: &RuntimePaths, mode: StartMode) -
     }
     for disk in &config.disks {
         let (file_node, format_node) = disk_nodes(&disk.id);
-        args.pair("-blockdev", format!("driver=file,filename={},node-name={file_node}", escape(&disk.path)));
-        args.pair("-blockdev", format!("driver=qcow2,file={file_node},node-name={format_node}"));
-        args.pair("-device", format!("virtio-blk-pci,drive={format_node},id={}", disk.id));
+        args.pair(
+            "-blockdev",
+            format!(
+                "driver=file,filename={},node-name={file_node}",
+                escape(&disk.path)
+            ),
+        );
+        args.pair(
+            "-blockdev",
+            format!("driver=qcow2,file={file_node},node-name={format_node}"),
+        );
+        args.pair(
+            "-device",
+            format!("virtio-blk-pci,drive={format_node},id={}", disk.id),
+        );
     }
     match mode {
         StartMode::Boot { paused: false } => {}
@@ -139,7 +157,11 @@ mod tests {
     }
 
     fn joined(mode: StartMode) -> String {
-        qemu_args(&config(), &paths(), mode).iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        qemu_args(&config(), &paths(), mode)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
@@ -164,7 +186,10 @@ mod tests {
     #[test]
     fn restore_line_waits_for_incoming_state_paused() {
         let line = joined(StartMode::Incoming);
-        assert!(line.ends_with("-incoming defer -global migration.send-configuration=off -S"), "{line}");
+        assert!(
+            line.ends_with("-incoming defer -global migration.send-configuration=off -S"),
+            "{line}"
+        );
         assert!(joined(StartMode::Boot { paused: true }).ends_with(" -S"));
     }
 }

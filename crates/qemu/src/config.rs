@@ -76,19 +76,26 @@ fn one_vcpu() -> u32 {
 impl DomainConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| Error::ReadConfig { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+            path: path.to_owned(),
+            source,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, base).map_err(|error| match error {
-            Error::InvalidConfig { reason, .. } => Error::InvalidConfig { path: Some(path.to_owned()), reason },
+            Error::InvalidConfig { reason, .. } => Error::InvalidConfig {
+                path: Some(path.to_owned()),
+                reason,
+            },
             other => other,
         })
     }
 
     /// Parses and validates configuration text; relative paths are resolved against `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self> {
-        let mut config: DomainConfig =
-            toml::from_str(text).map_err(|e| Error::InvalidConfig { path: None, reason: e.to_string() })?;
+        let mut config: DomainConfig = toml::from_str(text).map_err(|e| Error::InvalidConfig {
+            path: None,
+            reason: e.to_string(),
+        })?;
         config.resolve_paths(base);
         config.validate()?;
         Ok(config)
@@ -100,7 +107,10 @@ impl DomainConfig {
                 *path = base.join(&*path);
             }
         };
-        [&mut self.kernel, &mut self.initrd, &mut self.serial_log].into_iter().flatten().for_each(resolve);
+        [&mut self.kernel, &mut self.initrd, &mut self.serial_log]
+            .into_iter()
+            .flatten()
+            .for_each(resolve);
         self.disks.iter_mut().for_each(|disk| resolve(&mut disk.path));
     }
 
@@ -174,8 +184,14 @@ mod tests {
         let config = DomainConfig::parse(EXAMPLE, Path::new("/etc/domsnap")).unwrap();
         assert_eq!(config.name.as_str(), "demo");
         assert_eq!(config.kernel.as_deref(), Some(Path::new("/path/vmlinuz")));
-        assert_eq!(config.initrd.as_deref(), Some(Path::new("/etc/domsnap/initrd.gz")));
-        assert_eq!(config.disk("vda").unwrap().path, Path::new("/etc/domsnap/disks/disk.qcow2"));
+        assert_eq!(
+            config.initrd.as_deref(),
+            Some(Path::new("/etc/domsnap/initrd.gz"))
+        );
+        assert_eq!(
+            config.disk("vda").unwrap().path,
+            Path::new("/etc/domsnap/disks/disk.qcow2")
+        );
         assert_eq!(config.serial_log, None);
         // It survives a round trip through TOML (snapshots keep the configuration).
         let again = DomainConfig::parse(&toml::to_string(&config).unwrap(), Path::new("/")).unwrap();
@@ -207,8 +223,13 @@ mod tests {
         let path = dir.path().join("vm.toml");
         std::fs::write(&path, "name = \"a\"\nmemory_mib = 64").unwrap();
         let error = DomainConfig::load(&path).unwrap_err().to_string();
-        assert!(error.contains("vm.toml") && error.contains("nothing to boot"), "{error}");
-        let error = DomainConfig::load(&dir.path().join("absent.toml")).unwrap_err().to_string();
+        assert!(
+            error.contains("vm.toml") && error.contains("nothing to boot"),
+            "{error}"
+        );
+        let error = DomainConfig::load(&dir.path().join("absent.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("absent.toml"), "{error}");
     }
 }

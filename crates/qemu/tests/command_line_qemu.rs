@@ -12,15 +12,29 @@ async fn the_guest_boots_from_the_driver_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("vda.qcow2");
     testkit::create_qcow2(&disk, "16M");
-    let qemu = Qemu::builder("cmdline-boot").memory_mib(128).guest(Workload::Idle).disk(&disk).spawn();
-    let qmp = Client::connect_unix(qemu.qmp_socket(), ClientOptions::default()).await.unwrap();
+    let qemu = Qemu::builder("cmdline-boot")
+        .memory_mib(128)
+        .guest(Workload::Idle)
+        .disk(&disk)
+        .spawn();
+    let qmp = Client::connect_unix(qemu.qmp_socket(), ClientOptions::default())
+        .await
+        .unwrap();
     assert_eq!(qmp.execute(&QueryStatus).await.unwrap().status, RunState::Running);
     let memdevs = qmp.execute(&QueryMemdev).await.unwrap();
     assert!(memdevs[0].share && memdevs[0].size == 128 << 20, "{memdevs:?}");
-    let nodes = qmp.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
+    let nodes = qmp
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .unwrap();
     let (file_node, format_node) = qemu::disk_nodes("vda");
     for name in [file_node, format_node] {
-        assert!(nodes.iter().any(|n| n.node_name.as_deref() == Some(name.as_str())), "{name}: {nodes:?}");
+        assert!(
+            nodes
+                .iter()
+                .any(|n| n.node_name.as_deref() == Some(name.as_str())),
+            "{name}: {nodes:?}"
+        );
     }
     // The guest found its disk through the driver's blockdev + virtio-blk line.
     tokio::task::block_in_place(|| {
@@ -31,8 +45,13 @@ async fn the_guest_boots_from_the_driver_command_line() {
 
 #[tokio::test]
 async fn the_restore_command_line_waits_for_incoming_state() {
-    let qemu = Qemu::builder("cmdline-incoming").memory_mib(64).incoming_defer().spawn();
-    let qmp = Client::connect_unix(qemu.qmp_socket(), ClientOptions::default()).await.unwrap();
+    let qemu = Qemu::builder("cmdline-incoming")
+        .memory_mib(64)
+        .incoming_defer()
+        .spawn();
+    let qmp = Client::connect_unix(qemu.qmp_socket(), ClientOptions::default())
+        .await
+        .unwrap();
     let status = qmp.execute(&QueryStatus).await.unwrap();
     assert_eq!((status.running, status.status), (false, RunState::InMigrate));
 }

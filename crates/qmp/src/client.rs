@@ -124,7 +124,9 @@ impl Shared {
     fn routes(&self) -> MutexGuard<'_, Routes> {
         // A panic while holding this lock cannot leave the maps inconsistent (every critical
         // section is a single insert/remove), so poisoning is safe to ignore.
-        self.routes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.routes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Ends the connection: fails every pending call with `reason` and stops both tasks.
@@ -140,7 +142,9 @@ impl Shared {
         tracing::debug!(%reason, pending = pending.len(), "QMP connection closing");
         for (_, (_, reply)) in pending {
             // The caller may be gone already; nothing to tell then.
-            let _ = reply.send(Err(Error::Disconnected { reason: reason.clone() }));
+            let _ = reply.send(Err(Error::Disconnected {
+                reason: reason.clone(),
+            }));
         }
         self.closed.send_replace(Some(reason));
     }
@@ -180,9 +184,10 @@ impl Client {
     /// descriptors can be passed ([`Client::execute_with_fds`]).
     pub async fn connect_unix(path: impl AsRef<Path>, options: ClientOptions) -> Result<Self> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| Error::Connect { path: path.to_owned(), source })?;
+        let stream = UnixStream::connect(path).await.map_err(|source| Error::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_unix_stream(stream, options).await
     }
 
@@ -209,12 +214,14 @@ impl Client {
         W: MessageSink,
     {
         let mut reader = MessageReader::new(BufReader::new(read), options.max_message_len);
-        let (greeting, oob_enabled) =
-            tokio::time::timeout(options.handshake_timeout, handshake(&mut reader, &mut sink, &options))
-                .await
-                .map_err(|_| Error::Handshake {
-                    reason: format!("no answer within {:?}", options.handshake_timeout),
-                })??;
+        let (greeting, oob_enabled) = tokio::time::timeout(
+            options.handshake_timeout,
+            handshake(&mut reader, &mut sink, &options),
+        )
+        .await
+        .map_err(|_| Error::Handshake {
+            reason: format!("no answer within {:?}", options.handshake_timeout),
+        })??;
 
         let (outbox, outbox_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(options.event_capacity.max(1));
@@ -231,7 +238,10 @@ impl Client {
         });
         tokio::spawn(read_loop(reader, shared.clone()));
         tokio::spawn(write_loop(sink, outbox_rx, shared.clone()));
-        Ok(Self { handle: Arc::new(Handle { shared }), timeout: options.command_timeout })
+        Ok(Self {
+            handle: Arc::new(Handle { shared }),
+            timeout: options.command_timeout,
+        })
     }
 
     fn shared(&self) -> &Shared {
@@ -271,7 +281,10 @@ impl Client {
 
     /// A handle to the same connection whose calls use `timeout` instead of the default.
     pub fn with_timeout(&self, timeout: Option<Duration>) -> Self {
-        Self { handle: self.handle.clone(), timeout }
+        Self {
+            handle: self.handle.clone(),
+            timeout,
+        }
     }
 
     /// Subscribes to events: the stream sees every event that arrives from now on.
@@ -291,11 +304,15 @@ impl Client {
         command: &C,
         fds: &[BorrowedFd<'_>],
     ) -> Result<C::Response> {
-        let arguments = serde_json::to_value(command)
-            .map_err(|source| Error::EncodeArguments { command: C::NAME.into(), source })?;
+        let arguments = serde_json::to_value(command).map_err(|source| Error::EncodeArguments {
+            command: C::NAME.into(),
+            source,
+        })?;
         let value = self.call("execute", C::NAME, arguments, fds).await?;
-        C::Response::deserialize(value)
-            .map_err(|source| Error::DecodeReply { command: C::NAME.into(), source })
+        C::Response::deserialize(value).map_err(|source| Error::DecodeReply {
+            command: C::NAME.into(),
+            source,
+        })
     }
 
     /// Runs any command by name: the escape hatch for commands without a typed binding.
@@ -308,7 +325,9 @@ impl Client {
     /// is stuck. Needs [`ClientOptions::enable_oob`] and a command that allows it.
     pub async fn execute_oob_raw(&self, command: &str, arguments: Value) -> Result<Value> {
         if !self.oob_enabled() {
-            return Err(Error::OobNotEnabled { command: command.into() });
+            return Err(Error::OobNotEnabled {
+                command: command.into(),
+            });
         }
         self.call("exec-oob", command, arguments, &[]).await
     }
@@ -322,13 +341,18 @@ impl Client {
     ) -> Result<Value> {
         let shared = self.shared();
         if !fds.is_empty() && !shared.fd_passing {
-            return Err(Error::FdPassingUnsupported { command: command.into() });
+            return Err(Error::FdPassingUnsupported {
+                command: command.into(),
+            });
         }
         let fds = fds
             .iter()
             .map(|fd| fd.try_clone_to_owned())
             .collect::<io::Result<Vec<_>>>()
-            .map_err(|source| Error::Send { command: command.into(), source })?;
+            .map_err(|source| Error::Send {
+                command: command.into(),
+                source,
+            })?;
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let mut message = json!({ verb: command, "id": id });
         match arguments {
@@ -338,21 +362,23 @@ impl Client {
             other => {
                 return Err(Error::EncodeArguments {
                     command: command.into(),
-                    source: serde::de::Error::custom(format!(
-                        "arguments must be a JSON object, not {other}"
-                    )),
+                    source: serde::de::Error::custom(format!("arguments must be a JSON object, not {other}")),
                 })
             }
         }
-        let mut bytes = serde_json::to_vec(&message)
-            .map_err(|source| Error::EncodeArguments { command: command.into(), source })?;
+        let mut bytes = serde_json::to_vec(&message).map_err(|source| Error::EncodeArguments {
+            command: command.into(),
+            source,
+        })?;
         bytes.push(b'\n');
 
         let (reply_tx, reply_rx) = oneshot::channel();
         {
             let mut routes = shared.routes();
             if let Some(reason) = &routes.closed {
-                return Err(Error::Disconnected { reason: reason.clone() });
+                return Err(Error::Disconnected {
+                    reason: reason.clone(),
+                });
             }
             routes.pending.insert(id, (command.to_owned(), reply_tx));
         }
@@ -360,16 +386,30 @@ impl Client {
         tracing::trace!(id, command, "QMP call");
         shared
             .outbox
-            .send(Outgoing { id, command: command.to_owned(), bytes, fds })
-            .map_err(|_| Error::Disconnected { reason: "writer task ended".into() })?;
+            .send(Outgoing {
+                id,
+                command: command.to_owned(),
+                bytes,
+                fds,
+            })
+            .map_err(|_| Error::Disconnected {
+                reason: "writer task ended".into(),
+            })?;
 
         let reply = match self.timeout {
             Some(after) => tokio::time::timeout(after, reply_rx)
                 .await
-                .map_err(|_| Error::Timeout { command: command.into(), after })?,
+                .map_err(|_| Error::Timeout {
+                    command: command.into(),
+                    after,
+                })?,
             None => reply_rx.await,
         };
-        reply.unwrap_or_else(|_| Err(Error::Disconnected { reason: "reply route dropped".into() }))
+        reply.unwrap_or_else(|_| {
+            Err(Error::Disconnected {
+                reason: "reply route dropped".into(),
+            })
+        })
     }
 }
 
@@ -411,7 +451,9 @@ where
         match parse_server_message(&message)? {
             ServerMessage::Return { .. } => return Ok((greeting, oob_enabled)),
             ServerMessage::Error { class, desc, .. } => {
-                return Err(handshake_error(format!("qmp_capabilities refused: {class}: {desc}")))
+                return Err(handshake_error(format!(
+                    "qmp_capabilities refused: {class}: {desc}"
+                )))
             }
             // Events cannot arrive before negotiation ends, but tolerate them.
             ServerMessage::Event(_) => continue,
@@ -452,7 +494,9 @@ async fn read_loop<R: AsyncRead + Unpin>(mut reader: MessageReader<BufReader<R>>
 
 fn reply_id(id: Option<Value>) -> Result<RequestId, Arc<str>> {
     match id {
-        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| format!("reply id {n} is not ours").into()),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| format!("reply id {n} is not ours").into()),
         Some(other) => Err(format!("reply id {other} is not ours").into()),
         None => Err("reply without an id".into()),
     }
@@ -488,7 +532,13 @@ async fn write_loop<W: MessageSink>(
             outgoing = outbox.recv() => outgoing,
             _ = closed.wait_for(Option::is_some) => None,
         };
-        let Some(Outgoing { id, command, bytes, fds }) = outgoing else {
+        let Some(Outgoing {
+            id,
+            command,
+            bytes,
+            fds,
+        }) = outgoing
+        else {
             sink.shutdown().await;
             return;
         };
@@ -513,7 +563,10 @@ struct PlainSink<W> {
 
 impl<W: AsyncWrite + Unpin + Send + 'static> MessageSink for PlainSink<W> {
     async fn send(&mut self, bytes: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
-        debug_assert!(fds.is_empty(), "fd passing is refused before reaching a plain sink");
+        debug_assert!(
+            fds.is_empty(),
+            "fd passing is refused before reaching a plain sink"
+        );
         self.writer.write_all(bytes).await?;
         self.writer.flush().await
     }

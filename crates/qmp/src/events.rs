@@ -132,11 +132,7 @@ pub struct MigrationPassData {
 impl Event {
     /// Decodes an event from its name and data.
     pub fn decode(name: String, data: Value) -> Self {
-        fn typed<T: DeserializeOwned>(
-            name: String,
-            data: Value,
-            variant: fn(T) -> Event,
-        ) -> Event {
+        fn typed<T: DeserializeOwned>(name: String, data: Value, variant: fn(T) -> Event) -> Event {
             match T::deserialize(&data) {
                 Ok(decoded) => variant(decoded),
                 Err(error) => {
@@ -238,7 +234,9 @@ impl EventStream {
 
     fn disconnected(&self) -> Error {
         let reason = self.closed.borrow().clone();
-        Error::Disconnected { reason: reason.unwrap_or_else(|| Arc::from("client shut down")) }
+        Error::Disconnected {
+            reason: reason.unwrap_or_else(|| Arc::from("client shut down")),
+        }
     }
 
     /// Waits up to `timeout` for the first event for which `matches` is true; events before it
@@ -269,13 +267,22 @@ mod tests {
 
     #[test]
     fn typed_events_decode_and_odd_ones_stay_raw() {
-        let job = Event::decode("JOB_STATUS_CHANGE".into(), json!({"id": "j1", "status": "concluded"}));
+        let job = Event::decode(
+            "JOB_STATUS_CHANGE".into(),
+            json!({"id": "j1", "status": "concluded"}),
+        );
         assert_eq!(
             job,
-            Event::JobStatusChange(JobStatusChangeData { id: "j1".into(), status: JobStatus::Concluded })
+            Event::JobStatusChange(JobStatusChangeData {
+                id: "j1".into(),
+                status: JobStatus::Concluded
+            })
         );
         // A newer status value is kept, not rejected.
-        let newer = Event::decode("JOB_STATUS_CHANGE".into(), json!({"id": "j1", "status": "teleporting"}));
+        let newer = Event::decode(
+            "JOB_STATUS_CHANGE".into(),
+            json!({"id": "j1", "status": "teleporting"}),
+        );
         assert_eq!(
             newer,
             Event::JobStatusChange(JobStatusChangeData {

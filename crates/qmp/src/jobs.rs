@@ -21,7 +21,10 @@ pub struct JobOptions {
 
 impl Default for JobOptions {
     fn default() -> Self {
-        Self { timeout: Some(Duration::from_secs(600)), complete_when_ready: false }
+        Self {
+            timeout: Some(Duration::from_secs(600)),
+            complete_when_ready: false,
+        }
     }
 }
 
@@ -44,15 +47,22 @@ impl Client {
         self.execute(command).await?;
         let drive = self.drive_job(&mut events, job_id, options.complete_when_ready);
         match options.timeout {
-            Some(after) => tokio::time::timeout(after, drive).await.map_err(|_| Error::JobLost {
-                job_id: job_id.into(),
-                reason: format!("not finished after {after:?}; it is still running"),
-            })?,
+            Some(after) => tokio::time::timeout(after, drive)
+                .await
+                .map_err(|_| Error::JobLost {
+                    job_id: job_id.into(),
+                    reason: format!("not finished after {after:?}; it is still running"),
+                })?,
             None => drive.await,
         }
     }
 
-    async fn drive_job(&self, events: &mut EventStream, job_id: &str, complete_when_ready: bool) -> Result<()> {
+    async fn drive_job(
+        &self,
+        events: &mut EventStream,
+        job_id: &str,
+        complete_when_ready: bool,
+    ) -> Result<()> {
         // Block jobs that dismiss themselves report their error only in this event.
         let mut completion_error: Option<String> = None;
         loop {
@@ -71,7 +81,10 @@ impl Client {
                 },
                 Err(other) => return Err(other),
             };
-            match self.on_job_status(job_id, &status, complete_when_ready, &completion_error).await {
+            match self
+                .on_job_status(job_id, &status, complete_when_ready, &completion_error)
+                .await
+            {
                 Next::Wait => {}
                 Next::Complete => {
                     self.execute(&JobComplete { id: job_id.into() }).await?;
@@ -92,7 +105,10 @@ impl Client {
             JobStatus::Ready if complete_when_ready => Next::Complete,
             JobStatus::Concluded => Next::Finish(self.conclude(job_id).await),
             JobStatus::Null => Next::Finish(match completion_error {
-                Some(error) => Err(Error::JobFailed { job_id: job_id.into(), error: error.clone() }),
+                Some(error) => Err(Error::JobFailed {
+                    job_id: job_id.into(),
+                    error: error.clone(),
+                }),
                 None => Ok(()),
             }),
             JobStatus::Paused | JobStatus::Standby => {
@@ -114,13 +130,19 @@ impl Client {
         };
         self.execute(&JobDismiss { id: job_id.into() }).await?;
         match job.error {
-            Some(error) => Err(Error::JobFailed { job_id: job_id.into(), error }),
+            Some(error) => Err(Error::JobFailed {
+                job_id: job_id.into(),
+                error,
+            }),
             None => Ok(()),
         }
     }
 
     async fn job_status(&self, job_id: &str) -> Result<Option<JobStatus>> {
         let jobs = self.execute(&QueryJobs).await?;
-        Ok(jobs.into_iter().find(|job| job.id == job_id).map(|job| job.status))
+        Ok(jobs
+            .into_iter()
+            .find(|job| job.id == job_id)
+            .map(|job| job.status))
     }
 }

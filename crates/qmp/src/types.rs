@@ -239,8 +239,14 @@ mod tests {
         assert_eq!(known, RunState::Running);
         let unknown: RunState = serde_json::from_str("\"hibernating-in-2030\"").unwrap();
         assert_eq!(unknown, RunState::Other("hibernating-in-2030".into()));
-        assert_eq!(serde_json::to_string(&unknown).unwrap(), "\"hibernating-in-2030\"");
-        assert_eq!(serde_json::to_string(&JobStatus::Concluded).unwrap(), "\"concluded\"");
+        assert_eq!(
+            serde_json::to_string(&unknown).unwrap(),
+            "\"hibernating-in-2030\""
+        );
+        assert_eq!(
+            serde_json::to_string(&JobStatus::Concluded).unwrap(),
+            "\"concluded\""
+        );
         assert!(serde_json::from_str::<RunState>("3").is_err());
     }
 

@@ -47,7 +47,10 @@ pub fn parse_server_message(bytes: &[u8]) -> Result<ServerMessage> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| protocol(format!("invalid JSON ({e}) in {}", excerpt(bytes))))?;
     let Value::Object(mut object) = value else {
-        return Err(protocol(format!("message is not a JSON object: {}", excerpt(bytes))));
+        return Err(protocol(format!(
+            "message is not a JSON object: {}",
+            excerpt(bytes)
+        )));
     };
     if let Some(greeting) = object.remove("QMP") {
         let greeting = Greeting::deserialize(greeting)
@@ -61,11 +64,18 @@ pub fn parse_server_message(bytes: &[u8]) -> Result<ServerMessage> {
     if let Some(error) = object.remove("error") {
         let error = ErrorBody::deserialize(error)
             .map_err(|e| protocol(format!("malformed error reply ({e}): {}", excerpt(bytes))))?;
-        return Ok(ServerMessage::Error { id, class: error.class, desc: error.desc });
+        return Ok(ServerMessage::Error {
+            id,
+            class: error.class,
+            desc: error.desc,
+        });
     }
     if let Some(name) = object.remove("event") {
         let Value::String(name) = name else {
-            return Err(protocol(format!("event name is not a string: {}", excerpt(bytes))));
+            return Err(protocol(format!(
+                "event name is not a string: {}",
+                excerpt(bytes)
+            )));
         };
         let timestamp = match object.remove("timestamp") {
             Some(t) => Timestamp::deserialize(t)
@@ -73,7 +83,10 @@ pub fn parse_server_message(bytes: &[u8]) -> Result<ServerMessage> {
             None => return Err(protocol(format!("event without timestamp: {}", excerpt(bytes)))),
         };
         let data = object.remove("data").unwrap_or_else(|| Value::Object(Map::new()));
-        return Ok(ServerMessage::Event(EventMessage { event: Event::decode(name, data), timestamp }));
+        return Ok(ServerMessage::Event(EventMessage {
+            event: Event::decode(name, data),
+            timestamp,
+        }));
     }
     Err(protocol(format!(
         "message has none of `QMP`, `return`, `error`, `event`: {}",
@@ -113,7 +126,11 @@ pub struct MessageReader<R> {
 impl<R: AsyncBufRead + Unpin> MessageReader<R> {
     /// Wraps a buffered reader; messages longer than `max_len` bytes are an error.
     pub fn new(inner: R, max_len: usize) -> Self {
-        Self { inner, max_len, line: Vec::new() }
+        Self {
+            inner,
+            max_len,
+            line: Vec::new(),
+        }
     }
 
     /// The next non-empty line, without its terminator. `Ok(None)` on a clean end of stream;
@@ -170,22 +187,42 @@ mod tests {
             r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian"}, "capabilities": ["oob"]}}"#,
         )
         .unwrap();
-        let ServerMessage::Greeting(g) = greeting else { panic!("not a greeting: {greeting:?}") };
-        assert_eq!((g.version.qemu.major, g.version.qemu.minor, g.version.qemu.micro), (10, 0, 2));
+        let ServerMessage::Greeting(g) = greeting else {
+            panic!("not a greeting: {greeting:?}")
+        };
+        assert_eq!(
+            (g.version.qemu.major, g.version.qemu.minor, g.version.qemu.micro),
+            (10, 0, 2)
+        );
         assert_eq!(g.capabilities, vec!["oob".to_string()]);
 
         assert_eq!(
             parse(r#"{"return": {}, "id": 7}"#).unwrap(),
-            ServerMessage::Return { id: Some(7.into()), value: serde_json::json!({}) }
+            ServerMessage::Return {
+                id: Some(7.into()),
+                value: serde_json::json!({})
+            }
         );
         assert_eq!(
             parse(r#"{"id": 3, "error": {"class": "GenericError", "desc": "nope"}}"#).unwrap(),
-            ServerMessage::Error { id: Some(3.into()), class: "GenericError".into(), desc: "nope".into() }
+            ServerMessage::Error {
+                id: Some(3.into()),
+                class: "GenericError".into(),
+                desc: "nope".into()
+            }
         );
         let event = parse(r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#).unwrap();
-        let ServerMessage::Event(e) = event else { panic!("not an event") };
+        let ServerMessage::Event(e) = event else {
+            panic!("not an event")
+        };
         assert_eq!(e.event, Event::Stop);
-        assert_eq!(e.timestamp, Timestamp { seconds: 1, microseconds: 2 });
+        assert_eq!(
+            e.timestamp,
+            Timestamp {
+                seconds: 1,
+                microseconds: 2
+            }
+        );
     }
 
     #[test]
@@ -225,10 +262,16 @@ mod tests {
         assert!(reader.next_message().await.unwrap().is_none());
 
         let mut reader = MessageReader::new(&b"{\"unterminated\""[..], 64);
-        assert!(matches!(reader.next_message().await, Err(Error::Disconnected { .. })));
+        assert!(matches!(
+            reader.next_message().await,
+            Err(Error::Disconnected { .. })
+        ));
 
         let long = [b'x'; 100];
         let mut reader = MessageReader::new(&long[..], 64);
-        assert!(matches!(reader.next_message().await, Err(Error::MessageTooLong { limit: 64 })));
+        assert!(matches!(
+            reader.next_message().await,
+            Err(Error::MessageTooLong { limit: 64 })
+        ));
     }
 }

@@ -47,7 +47,10 @@ impl Server {
 async fn connect_with(options: ClientOptions) -> (Client, Server) {
     let (client_end, server_end) = tokio::io::duplex(1 << 16);
     let (read, writer) = tokio::io::split(server_end);
-    let mut server = Server { lines: BufReader::new(read).lines(), writer };
+    let mut server = Server {
+        lines: BufReader::new(read).lines(),
+        writer,
+    };
     let handshake = tokio::spawn(async move {
         server.send(GREETING).await;
         let negotiate = server.request().await;
@@ -61,7 +64,11 @@ async fn connect_with(options: ClientOptions) -> (Client, Server) {
 }
 
 async fn connect() -> (Client, Server) {
-    connect_with(ClientOptions { command_timeout: Some(Duration::from_secs(5)), ..Default::default() }).await
+    connect_with(ClientOptions {
+        command_timeout: Some(Duration::from_secs(5)),
+        ..Default::default()
+    })
+    .await
 }
 
 #[tokio::test]
@@ -73,7 +80,10 @@ async fn greeting_is_parsed_and_oob_enabled_only_when_asked() {
 
     let (client_end, server_end) = tokio::io::duplex(1 << 16);
     let (read, writer) = tokio::io::split(server_end);
-    let mut server = Server { lines: BufReader::new(read).lines(), writer };
+    let mut server = Server {
+        lines: BufReader::new(read).lines(),
+        writer,
+    };
     let fake = tokio::spawn(async move {
         server.send(GREETING).await;
         let negotiate = server.request().await;
@@ -82,10 +92,16 @@ async fn greeting_is_parsed_and_oob_enabled_only_when_asked() {
         server.reply(&oob, json!({"ok": true})).await;
         (negotiate, oob)
     });
-    let options = ClientOptions { enable_oob: true, ..Default::default() };
+    let options = ClientOptions {
+        enable_oob: true,
+        ..Default::default()
+    };
     let client = Client::from_stream(client_end, options).await.unwrap();
     assert!(client.oob_enabled());
-    assert_eq!(client.execute_oob_raw("x-oob-test", Value::Null).await.unwrap(), json!({"ok": true}));
+    assert_eq!(
+        client.execute_oob_raw("x-oob-test", Value::Null).await.unwrap(),
+        json!({"ok": true})
+    );
     let (negotiate, oob) = fake.await.unwrap();
     assert_eq!(negotiate["arguments"]["enable"], json!(["oob"]));
     assert_eq!(oob["exec-oob"], "x-oob-test");
@@ -106,7 +122,9 @@ async fn concurrent_calls_get_their_own_replies_even_out_of_order() {
     }
     // Answer in reverse order, with an event in between.
     for request in requests.iter().rev() {
-        server.reply(request, json!({ "n": request["arguments"]["n"] })).await;
+        server
+            .reply(request, json!({ "n": request["arguments"]["n"] }))
+            .await;
         server.event("RESUME", json!({})).await;
     }
     for (n, call) in calls.into_iter().enumerate() {
@@ -124,17 +142,31 @@ async fn events_reach_subscribers_interleaved_with_replies() {
     });
     let request = server.request().await;
     assert_eq!(request["execute"], "stop");
-    assert!(request.get("arguments").is_none(), "no-argument commands send no arguments");
+    assert!(
+        request.get("arguments").is_none(),
+        "no-argument commands send no arguments"
+    );
     server.event("SOME_FUTURE_EVENT", json!({"x": 1})).await;
     server.event("STOP", json!({})).await;
     server.reply(&request, json!({})).await;
     stop.await.unwrap().unwrap();
 
     let first = events.next().await.unwrap();
-    assert_eq!(first.event, Event::Unknown { name: "SOME_FUTURE_EVENT".into(), data: json!({"x": 1}) });
-    let stopped = events.wait_for(Duration::from_secs(1), |e| matches!(e, Event::Stop)).await.unwrap();
+    assert_eq!(
+        first.event,
+        Event::Unknown {
+            name: "SOME_FUTURE_EVENT".into(),
+            data: json!({"x": 1})
+        }
+    );
+    let stopped = events
+        .wait_for(Duration::from_secs(1), |e| matches!(e, Event::Stop))
+        .await
+        .unwrap();
     assert_eq!(stopped.event.name(), "STOP");
-    let none = events.wait_for(Duration::from_millis(100), |e| matches!(e, Event::Resume)).await;
+    let none = events
+        .wait_for(Duration::from_millis(100), |e| matches!(e, Event::Resume))
+        .await;
     assert!(matches!(none, Err(Error::EventTimeout { .. })), "{none:?}");
 }
 
@@ -150,7 +182,10 @@ async fn command_errors_carry_class_description_and_command() {
     server.send(&text.to_string()).await;
     let error = call.await.unwrap().unwrap_err();
     assert_eq!(error.qmp_class(), Some("DeviceNotFound"));
-    assert_eq!(error.to_string(), "QMP command `query-status` failed: DeviceNotFound: no such thing");
+    assert_eq!(
+        error.to_string(),
+        "QMP command `query-status` failed: DeviceNotFound: no such thing"
+    );
 }
 
 #[tokio::test]
@@ -162,7 +197,10 @@ async fn replies_with_new_enum_values_and_extra_fields_decode() {
     });
     let request = server.request().await;
     server
-        .reply(&request, json!({"running": false, "status": "quantum-suspended", "new-field": [1, 2]}))
+        .reply(
+            &request,
+            json!({"running": false, "status": "quantum-suspended", "new-field": [1, 2]}),
+        )
         .await;
     let status = call.await.unwrap().unwrap();
     assert_eq!(status.status, RunState::Other("quantum-suspended".into()));
@@ -175,7 +213,10 @@ async fn replies_with_new_enum_values_and_extra_fields_decode() {
     let request = server.request().await;
     server.reply(&request, json!({"status": "running"})).await;
     let error = call.await.unwrap().unwrap_err();
-    assert!(matches!(&error, Error::DecodeReply { command, .. } if command == "query-status"), "{error:?}");
+    assert!(
+        matches!(&error, Error::DecodeReply { command, .. } if command == "query-status"),
+        "{error:?}"
+    );
     // The connection survives a reply of the wrong shape.
     assert!(client.closed_reason().is_none());
 }
@@ -185,7 +226,10 @@ async fn a_timed_out_call_fails_and_its_late_reply_is_dropped() {
     let (client, mut server) = connect().await;
     let slow = client.with_timeout(Some(Duration::from_millis(100)));
     let error = slow.execute_raw("slow", Value::Null).await.unwrap_err();
-    assert!(matches!(error, Error::Timeout { ref command, .. } if command == "slow"), "{error:?}");
+    assert!(
+        matches!(error, Error::Timeout { ref command, .. } if command == "slow"),
+        "{error:?}"
+    );
     let late = server.request().await;
     server.reply(&late, json!("late")).await;
 
@@ -224,7 +268,11 @@ async fn slow_replies_within_the_timeout_succeed() {
 }
 
 /// Starts `count` calls and waits until the server has read them all.
-async fn pending_calls(client: &Client, server: &mut Server, count: usize) -> Vec<tokio::task::JoinHandle<qmp::Result<Value>>> {
+async fn pending_calls(
+    client: &Client,
+    server: &mut Server,
+    count: usize,
+) -> Vec<tokio::task::JoinHandle<qmp::Result<Value>>> {
     let calls: Vec<_> = (0..count)
         .map(|n| {
             let client = client.clone();
@@ -245,7 +293,10 @@ async fn expect_all_disconnected(calls: Vec<tokio::task::JoinHandle<qmp::Result<
             .unwrap()
             .unwrap_err();
         assert!(matches!(error, Error::Disconnected { .. }), "{error:?}");
-        assert!(error.to_string().contains(needle), "{error} should mention {needle:?}");
+        assert!(
+            error.to_string().contains(needle),
+            "{error} should mention {needle:?}"
+        );
     }
 }
 
@@ -282,13 +333,18 @@ async fn a_reply_to_an_unknown_id_is_a_protocol_violation() {
 async fn an_error_without_id_is_reported() {
     let (client, mut server) = connect().await;
     let calls = pending_calls(&client, &mut server, 1).await;
-    server.send(r#"{"error": {"class": "GenericError", "desc": "JSON parse error"}}"#).await;
+    server
+        .send(r#"{"error": {"class": "GenericError", "desc": "JSON parse error"}}"#)
+        .await;
     expect_all_disconnected(calls, "could not parse").await;
 }
 
 #[tokio::test]
 async fn an_over_long_message_is_refused() {
-    let options = ClientOptions { max_message_len: 1024, ..Default::default() };
+    let options = ClientOptions {
+        max_message_len: 1024,
+        ..Default::default()
+    };
     let (client, mut server) = connect_with(options).await;
     let calls = pending_calls(&client, &mut server, 1).await;
     let huge = format!(r#"{{"return": "{}", "id": 1}}"#, "x".repeat(4096));
@@ -310,8 +366,13 @@ async fn a_bad_greeting_fails_the_handshake() {
     for greeting in [r#"{"return": {}}"#, r#"{"QMP": {"version": "ten"}}"#, "not json"] {
         let (client_end, server_end) = tokio::io::duplex(4096);
         let (_read, mut writer) = tokio::io::split(server_end);
-        writer.write_all(format!("{greeting}\r\n").as_bytes()).await.unwrap();
-        let error = Client::from_stream(client_end, ClientOptions::default()).await.unwrap_err();
+        writer
+            .write_all(format!("{greeting}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let error = Client::from_stream(client_end, ClientOptions::default())
+            .await
+            .unwrap_err();
         assert!(
             matches!(error, Error::Handshake { .. } | Error::Protocol { .. }),
             "{greeting}: {error:?}"
@@ -319,7 +380,10 @@ async fn a_bad_greeting_fails_the_handshake() {
     }
     // A server that never greets times out instead of hanging.
     let (client_end, _server_end) = tokio::io::duplex(4096);
-    let options = ClientOptions { handshake_timeout: Duration::from_millis(100), ..Default::default() };
+    let options = ClientOptions {
+        handshake_timeout: Duration::from_millis(100),
+        ..Default::default()
+    };
     let error = Client::from_stream(client_end, options).await.unwrap_err();
     assert!(matches!(error, Error::Handshake { .. }), "{error:?}");
 }
@@ -340,7 +404,9 @@ async fn serve_job(server: &mut Server, error: Option<&str>) -> Vec<String> {
         if status == "aborting" && error.is_none() {
             continue;
         }
-        server.event("JOB_STATUS_CHANGE", json!({"id": "job0", "status": status})).await;
+        server
+            .event("JOB_STATUS_CHANGE", json!({"id": "job0", "status": status}))
+            .await;
     }
     let mut seen = vec![start["execute"].as_str().unwrap().to_owned()];
     let query = server.request().await;

@@ -13,8 +13,13 @@ use serde_json::{json, Value};
 use testkit::Qemu;
 
 async fn connect(qemu: &Qemu) -> Client {
-    let options = ClientOptions { command_timeout: Some(Duration::from_secs(30)), ..Default::default() };
-    Client::connect_unix(qemu.qmp_socket(), options).await.expect("connect to QEMU's QMP socket")
+    let options = ClientOptions {
+        command_timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    };
+    Client::connect_unix(qemu.qmp_socket(), options)
+        .await
+        .expect("connect to QEMU's QMP socket")
 }
 
 fn path_str(path: &Path) -> String {
@@ -37,16 +42,33 @@ async fn version_status_stop_cont_reset_and_events() {
 
     let mut events = client.subscribe();
     client.execute(&Cont).await.unwrap();
-    events.wait_for(EVENT_WAIT, |e| matches!(e, Event::Resume)).await.unwrap();
-    assert_eq!(client.execute(&QueryStatus).await.unwrap().status, RunState::Running);
+    events
+        .wait_for(EVENT_WAIT, |e| matches!(e, Event::Resume))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.execute(&QueryStatus).await.unwrap().status,
+        RunState::Running
+    );
 
     client.execute(&Stop).await.unwrap();
-    events.wait_for(EVENT_WAIT, |e| matches!(e, Event::Stop)).await.unwrap();
-    assert_eq!(client.execute(&QueryStatus).await.unwrap().status, RunState::Paused);
+    events
+        .wait_for(EVENT_WAIT, |e| matches!(e, Event::Stop))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.execute(&QueryStatus).await.unwrap().status,
+        RunState::Paused
+    );
 
     client.execute(&SystemReset).await.unwrap();
-    let reset = events.wait_for(EVENT_WAIT, |e| matches!(e, Event::Reset(_))).await.unwrap();
-    let Event::Reset(reset) = &reset.event else { unreachable!() };
+    let reset = events
+        .wait_for(EVENT_WAIT, |e| matches!(e, Event::Reset(_)))
+        .await
+        .unwrap();
+    let Event::Reset(reset) = &reset.event else {
+        unreachable!()
+    };
     assert!(!reset.guest, "a QMP reset is not guest-initiated");
 }
 
@@ -66,13 +88,22 @@ async fn memdev_shows_the_shared_ram_file() {
 async fn errors_name_the_command_and_carry_qemus_class() {
     let qemu = Qemu::builder("qmp-errors").memory_mib(64).paused().spawn();
     let client = connect(&qemu).await;
-    let error = client.execute_raw("no-such-command", Value::Null).await.unwrap_err();
-    assert_eq!(error.qmp_class(), Some("CommandNotFound"), "{error}");
     let error = client
-        .execute(&BlockdevSnapshotInternalSync { device: "nonexistent".into(), name: "s".into() })
+        .execute_raw("no-such-command", Value::Null)
         .await
         .unwrap_err();
-    assert!(error.to_string().contains("blockdev-snapshot-internal-sync"), "{error}");
+    assert_eq!(error.qmp_class(), Some("CommandNotFound"), "{error}");
+    let error = client
+        .execute(&BlockdevSnapshotInternalSync {
+            device: "nonexistent".into(),
+            name: "s".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("blockdev-snapshot-internal-sync"),
+        "{error}"
+    );
     assert!(error.qmp_class().is_some(), "{error}");
     // The connection is still usable after errors.
     client.execute(&QueryStatus).await.unwrap();
@@ -84,24 +115,45 @@ async fn quit_closes_the_connection_and_fails_later_calls() {
     let client = connect(&qemu).await;
     let mut events = client.subscribe();
     client.execute(&Quit).await.unwrap();
-    let shutdown = events.wait_for(EVENT_WAIT, |e| matches!(e, Event::Shutdown(_))).await.unwrap();
-    let Event::Shutdown(shutdown) = &shutdown.event else { unreachable!() };
+    let shutdown = events
+        .wait_for(EVENT_WAIT, |e| matches!(e, Event::Shutdown(_)))
+        .await
+        .unwrap();
+    let Event::Shutdown(shutdown) = &shutdown.event else {
+        unreachable!()
+    };
     assert_eq!(shutdown.reason, "host-qmp-quit");
-    let reason = tokio::time::timeout(EVENT_WAIT, client.wait_closed()).await.unwrap();
+    let reason = tokio::time::timeout(EVENT_WAIT, client.wait_closed())
+        .await
+        .unwrap();
     assert!(reason.contains("closed"), "{reason}");
     let error = client.execute(&QueryStatus).await.unwrap_err();
     assert!(matches!(error, Error::Disconnected { .. }), "{error:?}");
-    assert!(qemu.wait_exit(EVENT_WAIT).is_some(), "QEMU did not exit after quit");
+    assert!(
+        qemu.wait_exit(EVENT_WAIT).is_some(),
+        "QEMU did not exit after quit"
+    );
 }
 
 /// Creates `path` as a qcow2 image through QEMU's own job API and opens it as node `name`.
 async fn create_and_add_qcow2(client: &Client, path: &Path, name: &str, backing: Option<&str>) {
     let job = JobOptions::default();
     let file_node = format!("{name}-file");
-    let create_file =
-        BlockdevCreate { job_id: format!("{name}-mkfile"), options: BlockdevCreateOptions::File { filename: path_str(path), size: 0 } };
-    client.run_job(&create_file, &create_file.job_id, &job).await.unwrap();
-    client.execute(&BlockdevAdd::file(&file_node, path_str(path))).await.unwrap();
+    let create_file = BlockdevCreate {
+        job_id: format!("{name}-mkfile"),
+        options: BlockdevCreateOptions::File {
+            filename: path_str(path),
+            size: 0,
+        },
+    };
+    client
+        .run_job(&create_file, &create_file.job_id, &job)
+        .await
+        .unwrap();
+    client
+        .execute(&BlockdevAdd::file(&file_node, path_str(path)))
+        .await
+        .unwrap();
     let format = BlockdevCreate {
         job_id: format!("{name}-mkqcow2"),
         options: BlockdevCreateOptions::Qcow2(CreateQcow2 {
@@ -129,14 +181,34 @@ fn node<'a>(nodes: &'a [BlockDeviceInfo], name: &str) -> &'a BlockDeviceInfo {
 }
 
 fn write_pattern(image: &Path, pattern: u8) {
-    testkit::run("qemu-io", &["-f", "qcow2", "-c", &format!("write -P {pattern} 0 64k"), &path_str(image)]);
+    testkit::run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P {pattern} 0 64k"),
+            &path_str(image),
+        ],
+    );
 }
 
 fn read_matches(image: &Path, pattern: u8) -> bool {
     std::process::Command::new("qemu-io")
-        .args(["-U", "-r", "-f", "qcow2", "-c", &format!("read -P {pattern} 0 64k"), &path_str(image)])
+        .args([
+            "-U",
+            "-r",
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("read -P {pattern} 0 64k"),
+            &path_str(image),
+        ])
         .output()
-        .map(|out| out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed"))
+        .map(|out| {
+            out.status.success()
+                && !String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed")
+        })
         .unwrap_or(false)
 }
 
@@ -147,35 +219,64 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
     let base = dir.path().join("base.qcow2");
     testkit::create_qcow2(&base, "16M");
     write_pattern(&base, 0x11);
-    let qemu = Qemu::builder("qmp-block").memory_mib(64).paused().disk(&base).spawn();
+    let qemu = Qemu::builder("qmp-block")
+        .memory_mib(64)
+        .paused()
+        .disk(&base)
+        .spawn();
     let client = connect(&qemu).await;
 
-    let nodes = client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
+    let nodes = client
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .unwrap();
     assert_eq!(node(&nodes, "disk-vda").drv, "qcow2");
     assert_eq!(node(&nodes, "disk-vda").image.virtual_size, 16 << 20);
     let block = client.execute(&QueryBlock).await.unwrap();
     assert!(
-        block.iter().any(|b| b.inserted.as_ref().and_then(|i| i.node_name.as_deref()) == Some("disk-vda")),
+        block
+            .iter()
+            .any(|b| b.inserted.as_ref().and_then(|i| i.node_name.as_deref()) == Some("disk-vda")),
         "{block:#?}"
     );
 
     // Internal snapshots, alone and in a transaction, then deleted.
-    client.execute(&BlockdevSnapshotInternalSync { device: "disk-vda".into(), name: "first".into() }).await.unwrap();
+    client
+        .execute(&BlockdevSnapshotInternalSync {
+            device: "disk-vda".into(),
+            name: "first".into(),
+        })
+        .await
+        .unwrap();
     client
         .execute(&Transaction {
-            actions: vec![TransactionAction::BlockdevSnapshotInternalSync(BlockdevSnapshotInternalSync {
-                device: "disk-vda".into(),
-                name: "second".into(),
-            })],
+            actions: vec![TransactionAction::BlockdevSnapshotInternalSync(
+                BlockdevSnapshotInternalSync {
+                    device: "disk-vda".into(),
+                    name: "second".into(),
+                },
+            )],
             properties: None,
         })
         .await
         .unwrap();
-    let nodes = client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
-    let names: Vec<_> = node(&nodes, "disk-vda").image.snapshots.iter().map(|s| s.name.clone()).collect();
+    let nodes = client
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .unwrap();
+    let names: Vec<_> = node(&nodes, "disk-vda")
+        .image
+        .snapshots
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
     assert_eq!(names, ["first", "second"]);
     let deleted = client
-        .execute(&BlockdevSnapshotDeleteInternalSync { device: "disk-vda".into(), id: None, name: Some("first".into()) })
+        .execute(&BlockdevSnapshotDeleteInternalSync {
+            device: "disk-vda".into(),
+            id: None,
+            name: Some("first".into()),
+        })
         .await
         .unwrap();
     assert_eq!(deleted.name, "first");
@@ -194,10 +295,21 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
         })
         .await;
     assert!(aborted.is_err());
-    let nodes = client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
-    assert!(node(&nodes, "disk-vda").image.snapshots.iter().all(|s| s.name != "never"));
+    let nodes = client
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .unwrap();
+    assert!(node(&nodes, "disk-vda")
+        .image
+        .snapshots
+        .iter()
+        .all(|s| s.name != "never"));
     client
-        .execute(&BlockdevSnapshotDeleteInternalSync { device: "disk-vda".into(), id: None, name: Some("second".into()) })
+        .execute(&BlockdevSnapshotDeleteInternalSync {
+            device: "disk-vda".into(),
+            id: None,
+            name: Some("second".into()),
+        })
         .await
         .unwrap();
 
@@ -219,13 +331,39 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
     // External overlay made by blockdev-create + blockdev-add + blockdev-snapshot.
     let overlay2 = dir.path().join("overlay2.qcow2");
     create_and_add_qcow2(&client, &overlay2, "ov2", Some(&path_str(&overlay1))).await;
-    client.execute(&BlockdevSnapshot { node: "ov1".into(), overlay: "ov2".into() }).await.unwrap();
-    let nodes = client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
-    assert_eq!(node(&nodes, "ov2").backing_file.as_deref(), Some(path_str(&overlay1).as_str()));
-    let chain = client.execute(&QueryNamedBlockNodes { flat: Some(false) }).await.unwrap();
-    let ov2_backing = node(&chain, "ov2").image.backing_image.as_ref().expect("ov2 has a backing image");
+    client
+        .execute(&BlockdevSnapshot {
+            node: "ov1".into(),
+            overlay: "ov2".into(),
+        })
+        .await
+        .unwrap();
+    let nodes = client
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .unwrap();
+    assert_eq!(
+        node(&nodes, "ov2").backing_file.as_deref(),
+        Some(path_str(&overlay1).as_str())
+    );
+    let chain = client
+        .execute(&QueryNamedBlockNodes { flat: Some(false) })
+        .await
+        .unwrap();
+    let ov2_backing = node(&chain, "ov2")
+        .image
+        .backing_image
+        .as_ref()
+        .expect("ov2 has a backing image");
     assert_eq!(ov2_backing.filename, path_str(&overlay1));
-    assert_eq!(ov2_backing.backing_image.as_ref().expect("overlay1 has a backing image").filename, path_str(&base));
+    assert_eq!(
+        ov2_backing
+            .backing_image
+            .as_ref()
+            .expect("overlay1 has a backing image")
+            .filename,
+        path_str(&base)
+    );
 
     // Stream base's data into ov1 (the middle), then commit the active layer ov2 down into ov1.
     client
@@ -253,14 +391,30 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
                 job: BlockJobOptions::default(),
             },
             "commit",
-            &JobOptions { complete_when_ready: true, ..Default::default() },
+            &JobOptions {
+                complete_when_ready: true,
+                ..Default::default()
+            },
         )
         .await
         .unwrap();
-    let nodes = client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
-    assert_eq!(node(&nodes, "ov1").backing_file, None, "stream made ov1 self-contained");
-    assert!(read_matches(&overlay1, 0x11), "base's data was streamed into overlay1");
-    assert!(client.execute(&QueryJobs).await.unwrap().is_empty(), "jobs were dismissed");
+    let nodes = client
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .unwrap();
+    assert_eq!(
+        node(&nodes, "ov1").backing_file,
+        None,
+        "stream made ov1 self-contained"
+    );
+    assert!(
+        read_matches(&overlay1, 0x11),
+        "base's data was streamed into overlay1"
+    );
+    assert!(
+        client.execute(&QueryJobs).await.unwrap().is_empty(),
+        "jobs were dismissed"
+    );
 
     // A job QEMU refuses to start fails with the command's error, and no job is left behind.
     let refused = client
@@ -278,15 +432,36 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(&refused, Error::Command { command, .. } if command == "block-commit"), "{refused:?}");
+    assert!(
+        matches!(&refused, Error::Command { command, .. } if command == "block-commit"),
+        "{refused:?}"
+    );
     assert!(client.execute(&QueryJobs).await.unwrap().is_empty());
 
     // The committed overlay left the chain; it and its file node can now be deleted, in order.
-    let in_use = client.execute(&BlockdevDel { node_name: "ov2-file".into() }).await.unwrap_err();
+    let in_use = client
+        .execute(&BlockdevDel {
+            node_name: "ov2-file".into(),
+        })
+        .await
+        .unwrap_err();
     assert!(in_use.qmp_class().is_some(), "{in_use}");
-    client.execute(&BlockdevDel { node_name: "ov2".into() }).await.unwrap();
-    client.execute(&BlockdevDel { node_name: "ov2-file".into() }).await.unwrap();
-    let nodes = client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
+    client
+        .execute(&BlockdevDel {
+            node_name: "ov2".into(),
+        })
+        .await
+        .unwrap();
+    client
+        .execute(&BlockdevDel {
+            node_name: "ov2-file".into(),
+        })
+        .await
+        .unwrap();
+    let nodes = client
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .unwrap();
     assert!(nodes.iter().all(|n| n.node_name.as_deref() != Some("ov2")));
 }
 
@@ -295,27 +470,66 @@ async fn whole_vm_snapshot_jobs_save_load_delete() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("vm.qcow2");
     testkit::create_qcow2(&image, "16M");
-    let qemu = Qemu::builder("qmp-vmsnap").memory_mib(64).paused().disk(&image).spawn();
+    let qemu = Qemu::builder("qmp-vmsnap")
+        .memory_mib(64)
+        .paused()
+        .disk(&image)
+        .spawn();
     let client = connect(&qemu).await;
     let devices = vec!["disk-vda".to_string()];
     let job = JobOptions::default();
-    let save = SnapshotSave { job_id: "save".into(), tag: "vm1".into(), vmstate: "disk-vda".into(), devices: devices.clone() };
+    let save = SnapshotSave {
+        job_id: "save".into(),
+        tag: "vm1".into(),
+        vmstate: "disk-vda".into(),
+        devices: devices.clone(),
+    };
     client.run_job(&save, "save", &job).await.unwrap();
-    let nodes = client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
+    let nodes = client
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .unwrap();
     let snapshot = &node(&nodes, "disk-vda").image.snapshots[0];
     assert_eq!(snapshot.name, "vm1");
     assert!(snapshot.vm_state_size > 0, "the snapshot holds VM state");
 
-    let load = SnapshotLoad { job_id: "load".into(), tag: "vm1".into(), vmstate: "disk-vda".into(), devices: devices.clone() };
+    let load = SnapshotLoad {
+        job_id: "load".into(),
+        tag: "vm1".into(),
+        vmstate: "disk-vda".into(),
+        devices: devices.clone(),
+    };
     client.run_job(&load, "load", &job).await.unwrap();
 
     // Loading a snapshot that does not exist fails with QEMU's reason.
-    let missing = SnapshotLoad { job_id: "load2".into(), tag: "nope".into(), vmstate: "disk-vda".into(), devices: devices.clone() };
+    let missing = SnapshotLoad {
+        job_id: "load2".into(),
+        tag: "nope".into(),
+        vmstate: "disk-vda".into(),
+        devices: devices.clone(),
+    };
     let error = client.run_job(&missing, "load2", &job).await.unwrap_err();
-    assert!(matches!(&error, Error::JobFailed { job_id, .. } if job_id == "load2"), "{error:?}");
+    assert!(
+        matches!(&error, Error::JobFailed { job_id, .. } if job_id == "load2"),
+        "{error:?}"
+    );
 
-    client.run_job(&SnapshotDelete { job_id: "del".into(), tag: "vm1".into(), devices }, "del", &job).await.unwrap();
-    let nodes = client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
+    client
+        .run_job(
+            &SnapshotDelete {
+                job_id: "del".into(),
+                tag: "vm1".into(),
+                devices,
+            },
+            "del",
+            &job,
+        )
+        .await
+        .unwrap();
+    let nodes = client
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .unwrap();
     assert!(node(&nodes, "disk-vda").image.snapshots.is_empty());
 }
 
@@ -337,33 +551,75 @@ async fn device_state_and_migration_to_file_and_back() {
     let client = connect(&source).await;
 
     let devstate = source.dir().join("devstate");
-    client.execute(&XenSaveDevicesState { filename: path_str(&devstate), live: false }).await.unwrap();
+    client
+        .execute(&XenSaveDevicesState {
+            filename: path_str(&devstate),
+            live: false,
+        })
+        .await
+        .unwrap();
     let saved = fs::read(&devstate).unwrap();
     assert!(saved.starts_with(b"QEVM"), "device state has QEMU's stream magic");
 
     client
         .execute(&MigrateSetCapabilities {
-            capabilities: vec![MigrationCapabilityStatus { capability: MigrationCapability::Events, state: true }],
+            capabilities: vec![MigrationCapabilityStatus {
+                capability: MigrationCapability::Events,
+                state: true,
+            }],
         })
         .await
         .unwrap();
-    client.execute(&MigrateSetParameters { downtime_limit: Some(500), ..Default::default() }).await.unwrap();
-    let mut events = client.subscribe();
-    let stream = source.dir().join("stream");
-    client.execute(&Migrate { uri: format!("file:{}", path_str(&stream)) }).await.unwrap();
-    let info = wait_migration(&client, MigrationStatus::Completed).await;
-    // RAM plus the firmware ROM blocks.
-    assert!(info.ram.as_ref().is_some_and(|ram| ram.total >= 64 << 20), "{info:?}");
-    events
-        .wait_for(EVENT_WAIT, |e| matches!(e, Event::Migration(m) if m.status == MigrationStatus::Completed))
+    client
+        .execute(&MigrateSetParameters {
+            downtime_limit: Some(500),
+            ..Default::default()
+        })
         .await
         .unwrap();
-    assert_eq!(client.execute(&QueryStatus).await.unwrap().status, RunState::PostMigrate);
+    let mut events = client.subscribe();
+    let stream = source.dir().join("stream");
+    client
+        .execute(&Migrate {
+            uri: format!("file:{}", path_str(&stream)),
+        })
+        .await
+        .unwrap();
+    let info = wait_migration(&client, MigrationStatus::Completed).await;
+    // RAM plus the firmware ROM blocks.
+    assert!(
+        info.ram.as_ref().is_some_and(|ram| ram.total >= 64 << 20),
+        "{info:?}"
+    );
+    events
+        .wait_for(
+            EVENT_WAIT,
+            |e| matches!(e, Event::Migration(m) if m.status == MigrationStatus::Completed),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        client.execute(&QueryStatus).await.unwrap().status,
+        RunState::PostMigrate
+    );
 
-    let target = Qemu::builder("qmp-mig-dst").memory_mib(64).paused().arg("-incoming").arg("defer").spawn();
+    let target = Qemu::builder("qmp-mig-dst")
+        .memory_mib(64)
+        .paused()
+        .arg("-incoming")
+        .arg("defer")
+        .spawn();
     let target_client = connect(&target).await;
-    assert_eq!(target_client.execute(&QueryStatus).await.unwrap().status, RunState::InMigrate);
-    target_client.execute(&MigrateIncoming { uri: format!("file:{}", path_str(&stream)) }).await.unwrap();
+    assert_eq!(
+        target_client.execute(&QueryStatus).await.unwrap().status,
+        RunState::InMigrate
+    );
+    target_client
+        .execute(&MigrateIncoming {
+            uri: format!("file:{}", path_str(&stream)),
+        })
+        .await
+        .unwrap();
     wait_migration(&target_client, MigrationStatus::Completed).await;
 }
 
@@ -376,11 +632,20 @@ async fn file_descriptors_pass_over_the_socket() {
     let target: PathBuf = qemu.dir().join("via-fd");
     let file = fs::File::create(&target).unwrap();
     client.getfd("migfd", file.as_fd()).await.unwrap();
-    client.execute(&Migrate { uri: "fd:migfd".into() }).await.unwrap();
+    client
+        .execute(&Migrate {
+            uri: "fd:migfd".into(),
+        })
+        .await
+        .unwrap();
     wait_migration(&client, MigrationStatus::Completed).await;
     drop(file);
     let written = fs::read(&target).unwrap();
-    assert!(written.starts_with(b"QEVM") && written.len() > 1 << 16, "{} bytes", written.len());
+    assert!(
+        written.starts_with(b"QEVM") && written.len() > 1 << 16,
+        "{} bytes",
+        written.len()
+    );
 
     // getfd then closefd; closing twice fails.
     let spare = tempfile::tempfile().unwrap();
@@ -390,7 +655,10 @@ async fn file_descriptors_pass_over_the_socket() {
 
     // add-fd / remove-fd with fd sets.
     let info = client.add_fd(None, spare.as_fd(), Some("test")).await.unwrap();
-    let again = client.add_fd(Some(info.fdset_id), spare.as_fd(), None).await.unwrap();
+    let again = client
+        .add_fd(Some(info.fdset_id), spare.as_fd(), None)
+        .await
+        .unwrap();
     assert_eq!(again.fdset_id, info.fdset_id);
     assert_ne!(again.fd, info.fd);
     client.remove_fd(info.fdset_id, Some(info.fd)).await.unwrap();
@@ -425,17 +693,32 @@ async fn many_tasks_share_one_connection() {
 #[tokio::test]
 async fn out_of_band_execution_is_negotiated_and_used() {
     let qemu = Qemu::builder("qmp-oob").memory_mib(64).paused().spawn();
-    let options = ClientOptions { enable_oob: true, ..Default::default() };
+    let options = ClientOptions {
+        enable_oob: true,
+        ..Default::default()
+    };
     let client = Client::connect_unix(qemu.qmp_socket(), options).await.unwrap();
-    assert!(client.greeting().capabilities.iter().any(|c| c == "oob"), "QEMU 10 offers oob");
+    assert!(
+        client.greeting().capabilities.iter().any(|c| c == "oob"),
+        "QEMU 10 offers oob"
+    );
     assert!(client.oob_enabled());
     // `migrate-pause` allows out-of-band execution; without a post-copy migration QEMU refuses it,
     // which proves the exec-oob request reached the out-of-band dispatcher and was answered.
-    let error = client.execute_oob_raw("migrate-pause", Value::Null).await.unwrap_err();
+    let error = client
+        .execute_oob_raw("migrate-pause", Value::Null)
+        .await
+        .unwrap_err();
     assert_eq!(error.qmp_class(), Some("GenericError"), "{error}");
     // In-band commands still work on an oob-enabled connection.
-    assert_eq!(client.execute(&QueryStatus).await.unwrap().status, RunState::Prelaunch);
+    assert_eq!(
+        client.execute(&QueryStatus).await.unwrap().status,
+        RunState::Prelaunch
+    );
     // A command that does not allow oob is refused as such.
-    let refused = client.execute_oob_raw("query-status", Value::Null).await.unwrap_err();
+    let refused = client
+        .execute_oob_raw("query-status", Value::Null)
+        .await
+        .unwrap_err();
     assert!(refused.qmp_class().is_some(), "{refused}");
 }

@@ -72,5 +72,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Builds an [`Error::Io`] for `path`.
 pub(crate) fn io_error(operation: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
     let path = path.into();
-    move |source| Error::Io { operation, path, source }
+    move |source| Error::Io {
+        operation,
+        path,
+        source,
+    }
 }

@@ -27,7 +27,10 @@ impl Name {
             Some("it is longer than 64 characters")
         } else if name.starts_with('.') {
             Some("it starts with '.'")
-        } else if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
+        } else if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        {
             Some("only letters, digits, '_', '.' and '-' are allowed")
         } else {
             None
@@ -81,7 +84,18 @@ mod tests {
         for good in ["demo", "s1", "before-upgrade_2.0", &"x".repeat(64)] {
             Name::new(good).unwrap();
         }
-        for bad in ["", ".", "..", ".hidden", "a/b", "../etc", "with space", "ü", &"x".repeat(65), "a\0b"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "../etc",
+            "with space",
+            "ü",
+            &"x".repeat(65),
+            "a\0b",
+        ] {
             let error = Name::new(bad).unwrap_err();
             assert!(error.to_string().contains("invalid name"), "{bad:?}: {error}");
         }

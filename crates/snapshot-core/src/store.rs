@@ -79,7 +79,9 @@ pub struct FsStore {
 impl FsStore {
     /// A store rooted at `state_dir` (created on first write).
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
-        Self { root: state_dir.into() }
+        Self {
+            root: state_dir.into(),
+        }
     }
 
     fn domain_dir(&self, domain: &Name) -> PathBuf {
@@ -118,8 +120,15 @@ impl SnapshotStore for FsStore {
                         let mut pid = String::new();
                         let _ = file.read_to_string(&mut pid);
                         let pid = pid.trim();
-                        let holder = if pid.is_empty() { String::new() } else { format!(" (pid {pid})") };
-                        return Err(Error::Locked { domain: domain.clone(), holder });
+                        let holder = if pid.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (pid {pid})")
+                        };
+                        return Err(Error::Locked {
+                            domain: domain.clone(),
+                            holder,
+                        });
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -149,8 +158,12 @@ impl SnapshotStore for FsStore {
     }
 
     fn get(&self, domain: &Name, snapshot: &Name) -> Result<SnapshotRecord> {
-        read_record(&self.files(domain, snapshot).dir.join(META_FILE))?
-            .ok_or_else(|| Error::SnapshotNotFound { domain: domain.clone(), snapshot: snapshot.clone() })
+        read_record(&self.files(domain, snapshot).dir.join(META_FILE))?.ok_or_else(|| {
+            Error::SnapshotNotFound {
+                domain: domain.clone(),
+                snapshot: snapshot.clone(),
+            }
+        })
     }
 
     fn prepare(&self, domain: &Name, snapshot: &Name) -> Result<SnapshotFiles> {
@@ -159,7 +172,10 @@ impl SnapshotStore for FsStore {
         match fs::create_dir(&files.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                return Err(Error::SnapshotExists { domain: domain.clone(), snapshot: snapshot.clone() })
+                return Err(Error::SnapshotExists {
+                    domain: domain.clone(),
+                    snapshot: snapshot.clone(),
+                })
             }
             Err(e) => return Err(io_error("cannot create", &files.dir)(e)),
         }
@@ -231,7 +247,10 @@ fn read_record(path: &Path) -> Result<Option<SnapshotRecord>> {
     };
     serde_json::from_slice(&bytes)
         .map(Some)
-        .map_err(|source| Error::CorruptMetadata { path: path.to_owned(), source })
+        .map_err(|source| Error::CorruptMetadata {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 fn create_dir_all(dir: &Path) -> Result<()> {
@@ -240,7 +259,9 @@ fn create_dir_all(dir: &Path) -> Result<()> {
 
 /// Makes a rename or unlink in `dir` durable.
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("cannot sync", dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error("cannot sync", dir))
 }
 
 /// Replaces `path` with `bytes` so that a crash leaves the old or the new content, never a mix:
@@ -262,7 +283,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })();
     if let Err(source) = written {
         let _ = fs::remove_file(&temporary);
-        return Err(Error::Io { operation: "cannot write", path: path.to_owned(), source });
+        return Err(Error::Io {
+            operation: "cannot write",
+            path: path.to_owned(),
+            source,
+        });
     }
     sync_dir(dir)
 }
@@ -290,7 +315,9 @@ mod tests {
             disks: vec![DiskRecord {
                 target: "vda".into(),
                 image: "/images/vda.qcow2".into(),
-                snapshot: DiskSnapshot::Internal { name: snapshot.into() },
+                snapshot: DiskSnapshot::Internal {
+                    name: snapshot.into(),
+                },
             }],
         }
     }
@@ -305,11 +332,22 @@ mod tests {
             store.prepare(&vm, &name(snap)).unwrap();
             store.commit(&record(snap, created, parent)).unwrap();
         }
-        let names: Vec<_> = store.list(&vm).unwrap().into_iter().map(|r| r.name.to_string()).collect();
+        let names: Vec<_> = store
+            .list(&vm)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name.to_string())
+            .collect();
         assert_eq!(names, ["a", "b"]);
         assert_eq!(store.get(&vm, &name("b")).unwrap(), record("b", 2, Some("a")));
-        assert!(matches!(store.get(&vm, &name("zz")), Err(Error::SnapshotNotFound { .. })));
-        assert!(matches!(store.prepare(&vm, &name("a")), Err(Error::SnapshotExists { .. })));
+        assert!(matches!(
+            store.get(&vm, &name("zz")),
+            Err(Error::SnapshotNotFound { .. })
+        ));
+        assert!(matches!(
+            store.prepare(&vm, &name("a")),
+            Err(Error::SnapshotExists { .. })
+        ));
     }
 
     #[test]
@@ -333,7 +371,10 @@ mod tests {
         let files = store.prepare(&vm, &name("bad")).unwrap();
         fs::write(files.dir.join(META_FILE), b"{not json").unwrap();
         let error = store.list(&vm).unwrap_err();
-        assert!(matches!(&error, Error::CorruptMetadata { path, .. } if path.ends_with("bad/meta.json")), "{error}");
+        assert!(
+            matches!(&error, Error::CorruptMetadata { path, .. } if path.ends_with("bad/meta.json")),
+            "{error}"
+        );
     }
 
     #[test]
@@ -357,7 +398,10 @@ mod tests {
         write_atomic(&path, b"two").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, ["f.json"]);
         let error = write_atomic(&dir.path().join("missing/f.json"), b"x").unwrap_err();
         assert!(error.to_string().contains("missing/f.json"), "{error}");
@@ -373,7 +417,10 @@ mod tests {
         // just as another process would.
         let error = store.lock(&vm, Duration::from_millis(120)).unwrap_err();
         let expected = format!("(pid {})", std::process::id());
-        assert!(matches!(&error, Error::Locked { holder, .. } if holder.contains(&expected)), "{error}");
+        assert!(
+            matches!(&error, Error::Locked { holder, .. } if holder.contains(&expected)),
+            "{error}"
+        );
         drop(held);
         store.lock(&vm, Duration::ZERO).unwrap();
     }

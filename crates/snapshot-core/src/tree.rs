@@ -50,7 +50,12 @@ impl<'a> SnapshotTree<'a> {
         while let Some((record, depth)) = stack.pop() {
             let marker = if Some(&record.name) == current { " *" } else { "" };
             out.push_str(&format!("{}{}{marker}\n", "  ".repeat(depth), record.name));
-            stack.extend(self.children(&record.name).iter().rev().map(|child| (*child, depth + 1)));
+            stack.extend(
+                self.children(&record.name)
+                    .iter()
+                    .rev()
+                    .map(|child| (*child, depth + 1)),
+            );
         }
         out
     }
@@ -92,6 +97,9 @@ mod tests {
         let names = |v: Vec<&SnapshotRecord>| v.iter().map(|r| r.name.to_string()).collect::<Vec<_>>();
         assert_eq!(names(tree.children(&s1).to_vec()), ["s2", "s3"]);
         assert_eq!(names(tree.descendants(&s1)), ["s2", "s3", "s4"]);
-        assert_eq!(tree.render(Some(&Name::new("s4").unwrap())), "s1\n  s2\n  s3\n    s4 *\norphan\n");
+        assert_eq!(
+            tree.render(Some(&Name::new("s4").unwrap())),
+            "s1\n  s2\n  s3\n    s4 *\norphan\n"
+        );
     }
 }

@@ -76,7 +76,10 @@ pub fn guest_dir() -> PathBuf {
 /// The test guest. Panics with a clear message if it has not been built.
 pub fn guest() -> Guest {
     let dir = guest_dir();
-    let guest = Guest { kernel: dir.join(KERNEL_FILE), initrd: dir.join(INITRAMFS_FILE) };
+    let guest = Guest {
+        kernel: dir.join(KERNEL_FILE),
+        initrd: dir.join(INITRAMFS_FILE),
+    };
     for file in [&guest.kernel, &guest.initrd] {
         assert!(
             file.is_file(),
@@ -225,22 +228,31 @@ impl Qemu {
     /// Waits up to `timeout` for a serial console line containing `needle`; returns the line.
     /// Panics with the log and QEMU's stderr when it does not come.
     pub fn wait_for_serial(&self, needle: &str, timeout: Duration) -> String {
-        self.try_wait_for_serial(needle, timeout).unwrap_or_else(|report| panic!("{report}"))
+        self.try_wait_for_serial(needle, timeout)
+            .unwrap_or_else(|report| panic!("{report}"))
     }
 
     /// Like [`Qemu::wait_for_serial`], but returns the failure report instead of panicking.
     pub fn try_wait_for_serial(&self, needle: &str, timeout: Duration) -> Result<String, String> {
-        self.poll(timeout, |log| log.lines().find(|line| line.contains(needle)).map(|l| l.trim().to_owned()))
-            .map_err(|log| format!("no serial line containing {needle:?} within {timeout:?}; {log}"))
+        self.poll(timeout, |log| {
+            log.lines()
+                .find(|line| line.contains(needle))
+                .map(|l| l.trim().to_owned())
+        })
+        .map_err(|log| format!("no serial line containing {needle:?} within {timeout:?}; {log}"))
     }
 
     /// Waits up to `timeout` for a tick counter above `after`; returns it.
     pub fn try_wait_for_tick_after(&self, after: u64, timeout: Duration) -> Result<u64, String> {
         self.poll(timeout, |log| {
-            let last = log.lines().rev().filter_map(parse_serial_line).find_map(|line| match line {
-                SerialLine::Tick { n, .. } => Some(n),
-                _ => None,
-            });
+            let last = log
+                .lines()
+                .rev()
+                .filter_map(parse_serial_line)
+                .find_map(|line| match line {
+                    SerialLine::Tick { n, .. } => Some(n),
+                    _ => None,
+                });
             last.filter(|&n| n > after)
         })
         .map_err(|log| format!("the guest did not count past {after} within {timeout:?}; {log}"))
@@ -255,7 +267,10 @@ impl Qemu {
                 return Ok(found);
             }
             if Instant::now() >= deadline {
-                return Err(format!("serial log so far:\n{log}\nQEMU stderr:\n{}", self.stderr()));
+                return Err(format!(
+                    "serial log so far:\n{log}\nQEMU stderr:\n{}",
+                    self.stderr()
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -331,22 +346,31 @@ impl QemuBuilder {
     /// The full argument list QEMU is started with, given the folder for its files: the domain
     /// driver's command line ([`qemu::qemu_args`]) plus this builder's extra arguments.
     pub fn args(&self, dir: &Path) -> Vec<std::ffi::OsString> {
-        let guest = self.workload.as_ref().map(|workload| (guest(), workload.cmdline()));
+        let guest = self
+            .workload
+            .as_ref()
+            .map(|workload| (guest(), workload.cmdline()));
         // Built directly rather than parsed: a QMP-only test QEMU has nothing to boot, which a
         // user's configuration may not do.
         let config = qemu::DomainConfig {
-            name: snapshot_core::Name::new(self.name.as_str()).expect("test QEMU names are valid domain names"),
+            name: snapshot_core::Name::new(self.name.as_str())
+                .expect("test QEMU names are valid domain names"),
             memory_mib: self.memory_mib,
             vcpus: 1,
             kernel: guest.as_ref().map(|(guest, _)| guest.kernel.clone()),
             initrd: guest.as_ref().map(|(guest, _)| guest.initrd.clone()),
-            cmdline: guest.as_ref().map(|(_, words)| format!("console=ttyS0 quiet {words}")),
+            cmdline: guest
+                .as_ref()
+                .map(|(_, words)| format!("console=ttyS0 quiet {words}")),
             serial_log: None,
             disks: self
                 .disks
                 .iter()
                 .enumerate()
-                .map(|(index, path)| qemu::DiskConfig { id: disk_id(index), path: path.clone() })
+                .map(|(index, path)| qemu::DiskConfig {
+                    id: disk_id(index),
+                    path: path.clone(),
+                })
                 .collect(),
         };
         let paths = qemu::RuntimePaths {
@@ -393,11 +417,23 @@ impl QemuBuilder {
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-        let mut qemu = Qemu { child, dir, _tempdir: tempdir };
+        let mut qemu = Qemu {
+            child,
+            dir,
+            _tempdir: tempdir,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !qemu.qmp_socket().exists() {
-            assert!(qemu.is_running(), "QEMU exited during start-up:\n{}", qemu.stderr());
-            assert!(Instant::now() < deadline, "QEMU's QMP socket did not appear:\n{}", qemu.stderr());
+            assert!(
+                qemu.is_running(),
+                "QEMU exited during start-up:\n{}",
+                qemu.stderr()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "QEMU's QMP socket did not appear:\n{}",
+                qemu.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         qemu
@@ -406,7 +442,11 @@ impl QemuBuilder {
 
 /// The target id of the test QEMU's disk number `index`: `vda`, `vdb`, ...
 pub fn disk_id(index: usize) -> String {
-    let letter = u8::try_from(index).ok().filter(|i| *i < 26).expect("at most 26 test disks") + b'a';
+    let letter = u8::try_from(index)
+        .ok()
+        .filter(|i| *i < 26)
+        .expect("at most 26 test disks")
+        + b'a';
     format!("vd{}", char::from(letter))
 }
 
@@ -429,7 +469,10 @@ pub fn run(program: &str, args: &[&str]) -> String {
 /// Creates a qcow2 image with `qemu-img create`.
 pub fn create_qcow2(path: &Path, size: &str) {
     require_tool("qemu-img");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &path.display().to_string(), size]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &path.display().to_string(), size],
+    );
 }
 
 /// The marker in sector 0 of a qcow2 image (`Some("domsnap-marker tick=<n>")`, or `None` if the
@@ -459,7 +502,12 @@ pub fn read_sector0(qcow2: &Path) -> Vec<u8> {
         ],
     );
     let bytes = fs::read(&out).expect("read the sector qemu-img wrote");
-    assert!(bytes.len() >= 512, "qemu-img dd gave {} bytes for sector 0 of {}", bytes.len(), qcow2.display());
+    assert!(
+        bytes.len() >= 512,
+        "qemu-img dd gave {} bytes for sector 0 of {}",
+        bytes.len(),
+        qcow2.display()
+    );
     bytes[..512].to_vec()
 }
 
@@ -469,10 +517,24 @@ mod tests {
 
     #[test]
     fn test_disks_get_target_ids_and_extra_arguments_come_last() {
-        assert_eq!((disk_id(0), disk_id(1), disk_id(25)), ("vda".into(), "vdb".into(), "vdz".into()));
-        let args = Qemu::builder("t").disk("/a.qcow2").disk("/b.qcow2").arg("-no-reboot").args(Path::new("/x"));
-        let joined = args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
-        assert!(joined.contains("node-name=disk-vda") && joined.contains("id=vdb"), "{joined}");
+        assert_eq!(
+            (disk_id(0), disk_id(1), disk_id(25)),
+            ("vda".into(), "vdb".into(), "vdz".into())
+        );
+        let args = Qemu::builder("t")
+            .disk("/a.qcow2")
+            .disk("/b.qcow2")
+            .arg("-no-reboot")
+            .args(Path::new("/x"));
+        let joined = args
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            joined.contains("node-name=disk-vda") && joined.contains("id=vdb"),
+            "{joined}"
+        );
         assert!(joined.ends_with(" -no-reboot"), "{joined}");
     }
 
@@ -485,8 +547,22 @@ mod tests {
         fs::write(&raw, &image).unwrap();
         let qcow2 = tmp.path().join("d.qcow2");
         require_tool("qemu-img");
-        run("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), qcow2.to_str().unwrap()]);
-        assert_eq!(read_disk_marker(&qcow2).as_deref(), Some("domsnap-marker tick=17"));
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                raw.to_str().unwrap(),
+                qcow2.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(
+            read_disk_marker(&qcow2).as_deref(),
+            Some("domsnap-marker tick=17")
+        );
         let blank = tmp.path().join("blank.qcow2");
         create_qcow2(&blank, "1M");
         assert_eq!(read_disk_marker(&blank), None);

@@ -4,7 +4,8 @@
 use std::path::Path;
 
 use memory::{
-    reference, ContentCompare, Durability, GuestMemory, ImageLayout, ImageWriter, LiveSave, SaveOptions, PAGE_SIZE,
+    reference, ContentCompare, Durability, GuestMemory, ImageLayout, ImageWriter, LiveSave, SaveOptions,
+    PAGE_SIZE,
 };
 
 /// splitmix64: a tiny deterministic generator, enough for test data.
@@ -62,5 +63,11 @@ pub fn snapshot(mem: &GuestMemory) -> Vec<u8> {
 /// A live save of `mem` with content comparison into an unsynced image at `path`, round 0 done.
 pub fn content_compare_save<'a>(mem: &'a GuestMemory, path: &Path) -> LiveSave<'a> {
     let sink = ImageWriter::create(path, ImageLayout::of(mem), Durability::NoSync).unwrap();
-    LiveSave::begin(mem, Box::new(ContentCompare::new()), Box::new(sink), SaveOptions::default()).unwrap()
+    LiveSave::begin(
+        mem,
+        Box::new(ContentCompare::new()),
+        Box::new(sink),
+        SaveOptions::default(),
+    )
+    .unwrap()
 }

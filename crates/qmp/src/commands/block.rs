@@ -146,7 +146,12 @@ impl BlockdevAdd {
 
     /// A node of any driver; add its options with [`BlockdevAdd::with`].
     pub fn new(driver: impl Into<String>, node_name: impl Into<String>) -> Self {
-        Self { driver: driver.into(), node_name: node_name.into(), read_only: None, options: Map::new() }
+        Self {
+            driver: driver.into(),
+            node_name: node_name.into(),
+            read_only: None,
+            options: Map::new(),
+        }
     }
 
     /// Adds a driver-specific option, e.g. `.with("backing", Value::Null)`.
