@@ -103,15 +103,7 @@ impl ImageLayout {
 
     /// Layout matching `mem` with a given seed (for reproducible images in tests).
     pub fn with_seed(mem: &GuestMemory, seed: u64) -> Self {
-        let regions = mem
-            .regions()
-            .iter()
-            .map(|r| RegionInfo {
-                gpa: r.gpa(),
-                len: r.len(),
-            })
-            .collect();
-        Self::new(regions, seed).expect("a built GuestMemory has valid regions")
+        Self::new(region_infos(mem), seed).expect("a built GuestMemory has valid regions")
     }
 
     /// The regions, in address order.
@@ -155,14 +147,7 @@ impl ImageLayout {
 
     /// Checks that `mem` has exactly this layout's regions.
     pub fn check_matches(&self, mem: &GuestMemory) -> Result<()> {
-        let target: Vec<RegionInfo> = mem
-            .regions()
-            .iter()
-            .map(|r| RegionInfo {
-                gpa: r.gpa(),
-                len: r.len(),
-            })
-            .collect();
+        let target = region_infos(mem);
         if target.len() != self.regions.len() {
             return Err(Error::RegionMismatch {
                 detail: format!(
@@ -341,6 +326,17 @@ impl Footer {
         }
         Ok(footer)
     }
+}
+
+/// The regions of `mem` as an image records them.
+fn region_infos(mem: &GuestMemory) -> Vec<RegionInfo> {
+    mem.regions()
+        .iter()
+        .map(|r| RegionInfo {
+            gpa: r.gpa(),
+            len: r.len(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -173,6 +173,13 @@ async fn create_and_add_qcow2(client: &Client, path: &Path, name: &str, backing:
     client.execute(&add).await.unwrap();
 }
 
+async fn flat_nodes(client: &Client) -> Vec<BlockDeviceInfo> {
+    client
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .unwrap()
+}
+
 fn node<'a>(nodes: &'a [BlockDeviceInfo], name: &str) -> &'a BlockDeviceInfo {
     nodes
         .iter()
@@ -226,10 +233,7 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
         .spawn();
     let client = connect(&qemu).await;
 
-    let nodes = client
-        .execute(&QueryNamedBlockNodes { flat: Some(true) })
-        .await
-        .unwrap();
+    let nodes = flat_nodes(&client).await;
     assert_eq!(node(&nodes, "disk-vda").drv, "qcow2");
     assert_eq!(node(&nodes, "disk-vda").image.virtual_size, 16 << 20);
     let block = client.execute(&QueryBlock).await.unwrap();
@@ -260,10 +264,7 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
         })
         .await
         .unwrap();
-    let nodes = client
-        .execute(&QueryNamedBlockNodes { flat: Some(true) })
-        .await
-        .unwrap();
+    let nodes = flat_nodes(&client).await;
     let names: Vec<_> = node(&nodes, "disk-vda")
         .image
         .snapshots
@@ -295,10 +296,7 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
         })
         .await;
     assert!(aborted.is_err());
-    let nodes = client
-        .execute(&QueryNamedBlockNodes { flat: Some(true) })
-        .await
-        .unwrap();
+    let nodes = flat_nodes(&client).await;
     assert!(node(&nodes, "disk-vda")
         .image
         .snapshots
@@ -338,10 +336,7 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
         })
         .await
         .unwrap();
-    let nodes = client
-        .execute(&QueryNamedBlockNodes { flat: Some(true) })
-        .await
-        .unwrap();
+    let nodes = flat_nodes(&client).await;
     assert_eq!(
         node(&nodes, "ov2").backing_file.as_deref(),
         Some(path_str(&overlay1).as_str())
@@ -398,10 +393,7 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
         )
         .await
         .unwrap();
-    let nodes = client
-        .execute(&QueryNamedBlockNodes { flat: Some(true) })
-        .await
-        .unwrap();
+    let nodes = flat_nodes(&client).await;
     assert_eq!(
         node(&nodes, "ov1").backing_file,
         None,
@@ -458,10 +450,7 @@ async fn block_nodes_snapshots_transactions_commit_and_stream() {
         })
         .await
         .unwrap();
-    let nodes = client
-        .execute(&QueryNamedBlockNodes { flat: Some(true) })
-        .await
-        .unwrap();
+    let nodes = flat_nodes(&client).await;
     assert!(nodes.iter().all(|n| n.node_name.as_deref() != Some("ov2")));
 }
 
@@ -485,10 +474,7 @@ async fn whole_vm_snapshot_jobs_save_load_delete() {
         devices: devices.clone(),
     };
     client.run_job(&save, "save", &job).await.unwrap();
-    let nodes = client
-        .execute(&QueryNamedBlockNodes { flat: Some(true) })
-        .await
-        .unwrap();
+    let nodes = flat_nodes(&client).await;
     let snapshot = &node(&nodes, "disk-vda").image.snapshots[0];
     assert_eq!(snapshot.name, "vm1");
     assert!(snapshot.vm_state_size > 0, "the snapshot holds VM state");
@@ -526,10 +512,7 @@ async fn whole_vm_snapshot_jobs_save_load_delete() {
         )
         .await
         .unwrap();
-    let nodes = client
-        .execute(&QueryNamedBlockNodes { flat: Some(true) })
-        .await
-        .unwrap();
+    let nodes = flat_nodes(&client).await;
     assert!(node(&nodes, "disk-vda").image.snapshots.is_empty());
 }
 
