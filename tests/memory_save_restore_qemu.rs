@@ -9,8 +9,8 @@ use std::{
 };
 
 use memory::{
-    restore, verify, ContentCompare, ConvergencePolicy, Durability, FileRegion, GuestMemory, ImageLayout,
-    ImageWriter, LiveSave, RestoreOptions, SaveOptions,
+    restore, verify, ContentCompare, ConvergencePolicy, Durability, GuestMemory, ImageLayout, ImageWriter,
+    LiveSave, RestoreOptions, SaveOptions,
 };
 use qmp::{commands::*, Client, ClientOptions, Event, MigrationStatus, RunState};
 use testkit::{Qemu, Workload};
@@ -23,17 +23,12 @@ fn path_str(path: &Path) -> String {
     path.to_str().expect("UTF-8 test path").to_owned()
 }
 
-/// Maps a QEMU's RAM file. q35 with 256 MiB keeps all RAM below the PCI hole, at GPA 0.
-fn map_ram(qemu: &Qemu) -> GuestMemory {
-    GuestMemory::from_ram_file(
-        &qemu.ram_file(),
-        &[FileRegion {
-            gpa: 0,
-            len: RAM_MIB << 20,
-            file_offset: 0,
-        }],
-    )
-    .expect("map QEMU's RAM file")
+/// Maps a QEMU's RAM file where QEMU says it sits in guest-physical memory.
+fn map_ram(runtime: &tokio::runtime::Runtime, qemu: &Qemu, qmp: &Client) -> GuestMemory {
+    let regions = runtime
+        .block_on(qemu::ram_layout(qmp))
+        .expect("read the RAM layout");
+    GuestMemory::from_ram_file(&qemu.ram_file(), &regions).expect("map QEMU's RAM file")
 }
 
 async fn connect(qemu: &Qemu) -> Client {
@@ -67,7 +62,7 @@ fn live_save_then_restore_into_a_new_qemu_continues_the_guest() {
         .expect("the source guest ticks");
     let qmp = runtime.block_on(connect(&source));
 
-    let ram = map_ram(&source);
+    let ram = map_ram(&runtime, &source, &qmp);
     let writer = ImageWriter::create(&image, ImageLayout::of(&ram), Durability::Sync).unwrap();
     let options = SaveOptions {
         policy: ConvergencePolicy {
@@ -120,7 +115,12 @@ fn live_save_then_restore_into_a_new_qemu_continues_the_guest() {
     // Restore only writes: the RAM file must exist with the right size.
     let ram_file = OpenOptions::new().read(true).open(target.ram_file()).unwrap();
     assert_eq!(ram_file.metadata().unwrap().len(), RAM_MIB << 20);
-    restore(&image, &map_ram(&target), &RestoreOptions::default()).unwrap();
+    restore(
+        &image,
+        &map_ram(&runtime, &target, &target_qmp),
+        &RestoreOptions::default(),
+    )
+    .unwrap();
 
     runtime.block_on(async {
         target_qmp

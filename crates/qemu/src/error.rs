@@ -23,6 +23,23 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+
+    /// QEMU refused or failed a QMP command.
+    #[error("QMP failed while {operation}")]
+    Qmp {
+        /// What was being done.
+        operation: &'static str,
+        /// QEMU's answer or the connection error.
+        #[source]
+        source: qmp::Error,
+    },
+
+    /// QEMU's memory map does not describe the RAM file the way the driver needs.
+    #[error("cannot read the guest RAM layout: {reason}")]
+    RamLayout {
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// Shorthand for results of this crate.

@@ -1,6 +1,7 @@
 //! The QEMU domain driver: a domain's configuration (TOML) and the QEMU 10 command line that runs
 //! it under TCG with guest RAM in a shared file, QMP on a Unix socket and qcow2 disks as
-//! `-blockdev` nodes. Process supervision and the snapshot-core traits arrive with the
+//! `-blockdev` nodes; and where the RAM file sits in guest-physical memory ([`ram_layout`],
+//! read from QEMU). Process supervision and the snapshot-core traits arrive with the
 //! orchestrator issue; see `docs/architecture.md`.
 //!
 //! ```
@@ -25,7 +26,9 @@
 mod command_line;
 mod config;
 mod error;
+mod ram_layout;
 
 pub use command_line::{disk_nodes, qemu_args, RuntimePaths, StartMode, RAM_BACKEND_ID};
 pub use config::{DiskConfig, DomainConfig, MAX_VCPUS, MEMORY_MIB_RANGE};
 pub use error::{Error, Result};
+pub use ram_layout::{parse_ram_layout, ram_layout};

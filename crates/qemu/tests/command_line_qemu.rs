@@ -55,3 +55,22 @@ async fn the_restore_command_line_waits_for_incoming_state() {
     let status = qmp.execute(&QueryStatus).await.unwrap();
     assert_eq!((status.running, status.status), (false, RunState::InMigrate));
 }
+
+#[tokio::test]
+async fn the_ram_layout_comes_from_qemu_and_maps_the_whole_ram_file() {
+    for (mib, expected) in [
+        (128_u64, vec![(0_u64, 128_u64 << 20, 0_u64)]),
+        // Past 2.75 GiB q35 keeps 2 GiB below the PCI hole and maps the rest from 4 GiB up.
+        (3072, vec![(0, 2 << 30, 0), (4 << 30, 1 << 30, 2 << 30)]),
+    ] {
+        let qemu = Qemu::builder("ram-layout").memory_mib(mib).paused().spawn();
+        let qmp = Client::connect_unix(qemu.qmp_socket(), ClientOptions::default())
+            .await
+            .unwrap();
+        let regions = qemu::ram_layout(&qmp).await.unwrap();
+        let found: Vec<_> = regions.iter().map(|r| (r.gpa, r.len, r.file_offset)).collect();
+        assert_eq!(found, expected, "{mib} MiB");
+        let mapped = memory::GuestMemory::from_ram_file(&qemu.ram_file(), &regions).unwrap();
+        assert_eq!(mapped.size(), mib << 20);
+    }
+}
