@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use common::{fill_random, same_shape, snapshot, two_regions, Rng};
+use common::{content_compare_save, fill_random, same_shape, snapshot, two_regions, Rng};
 use memory::{
     receive_stream, reference, restore, ContentCompare, ConvergencePolicy, DirtySource, Durability, Error,
     Everything, GuestMemory, ImageLayout, ImageWriter, LiveSave, PageSink, PageTable, ReceiveOptions,
@@ -140,14 +140,7 @@ fn quiet_guest_converges_after_one_round() {
     let dir = tempfile::tempdir().unwrap();
     let mem = GuestMemory::anonymous(256 * PAGE_SIZE as u64).unwrap();
     fill_random(&mem, 50, &mut Rng(41));
-    let (_, sink, _) = writer(dir.path(), &mem, 1);
-    let mut save = LiveSave::begin(
-        &mem,
-        Box::new(ContentCompare::new()),
-        Box::new(sink),
-        SaveOptions::default(),
-    )
-    .unwrap();
+    let mut save = content_compare_save(&mem, &dir.path().join("img"));
     assert_eq!(save.converged(), None, "round 0 alone says nothing");
     assert_eq!(save.precopy().unwrap(), StopReason::FewDirtyPages);
     assert_eq!(save.rounds().len(), 2);
