@@ -78,7 +78,9 @@ fn test(cargo_args: &[String]) -> Result<()> {
     let mut test = Command::new(cargo);
     test.current_dir(workspace_root())
         .env(guest::GUEST_DIR_ENV, &report.guest_dir)
-        .arg("test");
+        .arg("test")
+        // Every failing test is reported, not only those of the first failing test binary.
+        .arg("--no-fail-fast");
     if !selects_packages(cargo_args) {
         test.arg("--workspace");
     }

@@ -289,6 +289,45 @@ impl Qemu {
             _ => None,
         })
     }
+
+    /// Connects to QMP, negotiates capabilities and waits for the reply, then disconnects (QEMU
+    /// serves one QMP client at a time, so the test can connect afterwards).
+    fn wait_until_initialised(&mut self, deadline: Instant) {
+        use std::io::{BufRead, BufReader, Write};
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(self.qmp_socket()) {
+                Ok(stream) => break stream,
+                Err(err) => {
+                    assert!(
+                        self.is_running() && Instant::now() < deadline,
+                        "cannot connect to QEMU's QMP socket ({err}):\n{}",
+                        self.stderr()
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        stream.set_read_timeout(Some(left)).expect("set QMP read timeout");
+        let mut reader = BufReader::new(stream.try_clone().expect("clone QMP stream"));
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("read QMP greeting");
+        (&stream)
+            .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+            .expect("send qmp_capabilities");
+        loop {
+            line.clear();
+            let read = reader
+                .read_line(&mut line)
+                .unwrap_or_else(|err| panic!("QEMU did not answer on QMP ({err}):\n{}", self.stderr()));
+            assert!(read > 0, "QEMU closed QMP during start-up:\n{}", self.stderr());
+            if line.contains("\"return\"") {
+                return;
+            }
+        }
+    }
 }
 
 impl Drop for Qemu {
@@ -389,7 +428,8 @@ impl QemuBuilder {
         args
     }
 
-    /// Starts QEMU and waits until its QMP socket exists. Panics (with QEMU's stderr) on failure.
+    /// Starts QEMU and waits until it has finished initialising (it answers on QMP, so its disks
+    /// are open and locked). Panics (with QEMU's stderr) on failure.
     pub fn spawn(self) -> Qemu {
         let binary = qemu_system();
         let (dir, tempdir) = match &self.dir {
@@ -436,6 +476,9 @@ impl QemuBuilder {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The socket is created before QEMU has opened (and locked) its disks; a command's
+        // reply means initialisation has finished.
+        qemu.wait_until_initialised(deadline);
         qemu
     }
 }
