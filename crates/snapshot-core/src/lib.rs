@@ -22,12 +22,14 @@
 //! ```
 
 mod error;
+mod hypervisor;
 mod metadata;
 mod name;
 mod store;
 mod tree;
 
 pub use error::{Error, Result};
+pub use hypervisor::{DiskTarget, DriverError, DriverResult, Hypervisor, MockHypervisor};
 pub use metadata::{
     Consistency, DiskRecord, DiskSnapshot, DomainState, MemoryState, SnapshotRecord, METADATA_VERSION,
 };

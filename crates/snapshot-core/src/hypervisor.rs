@@ -1,0 +1,71 @@
+//! What the orchestrator needs from a hypervisor: the seam between `snapshot-core` and a domain
+//! driver (for QEMU: `crates/qemu`). Nothing here knows QEMU.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use async_trait::async_trait;
+use disk::DiskSnapshots;
+use memory::GuestMemory;
+use serde::{Deserialize, Serialize};
+
+use crate::{metadata::DomainState, name::Name};
+
+/// The error a driver reports; the orchestrator wraps it with the step that failed.
+pub type DriverError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A driver call's result.
+pub type DriverResult<T> = std::result::Result<T, DriverError>;
+
+/// One disk of a domain and the image the domain writes to (the top of its backing chain).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskTarget {
+    /// The disk's id in the domain configuration, e.g. `vda`.
+    pub target: String,
+    /// Its active image.
+    pub image: PathBuf,
+}
+
+/// A hypervisor managing named domains.
+///
+/// Every call names the domain; the driver keeps the processes and connections. Calls that need
+/// a running domain (pause, memory, device state) fail on a shut-off one.
+#[mockall::automock]
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// The domain's state now.
+    async fn state(&self, domain: &Name) -> DriverResult<DomainState>;
+    /// The domain's configuration (opaque here; recorded in snapshots and given back to
+    /// [`Hypervisor::define`] at revert).
+    async fn config(&self, domain: &Name) -> DriverResult<serde_json::Value>;
+    /// The domain's disks and their active images, in configuration order.
+    async fn disks(&self, domain: &Name) -> DriverResult<Vec<DiskTarget>>;
+    /// Pauses the vCPUs of a running domain.
+    async fn pause(&self, domain: &Name) -> DriverResult<()>;
+    /// Resumes the vCPUs of a paused domain.
+    async fn resume(&self, domain: &Name) -> DriverResult<()>;
+    /// Maps the guest RAM of a domain that has a process (running, paused, or started with
+    /// [`Hypervisor::start_incoming`]). The hypervisor writes the same memory: dirty pages are
+    /// found by content comparison.
+    async fn guest_memory(&self, domain: &Name) -> DriverResult<GuestMemory>;
+    /// Saves the device (and vCPU) state of a paused domain to `path`, written and fsynced.
+    async fn save_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()>;
+    /// The disk-snapshot backend fit for the domain's state: live while it has a process,
+    /// offline when shut off.
+    async fn disk_backend(&self, domain: &Name) -> DriverResult<Arc<dyn DiskSnapshots>>;
+    /// Ends the domain's process at once, without a guest shutdown (revert discards its state).
+    /// Succeeds if the domain is already shut off.
+    async fn destroy(&self, domain: &Name) -> DriverResult<()>;
+    /// Replaces the domain's stored configuration with `config` (as returned by
+    /// [`Hypervisor::config`]) whose disks use the images `disks`. Takes effect at the next start.
+    async fn define(&self, domain: &Name, config: &serde_json::Value, disks: &[DiskTarget]) -> DriverResult<()>;
+    /// Starts a shut-off domain from its configuration, paused, waiting for its state to be
+    /// loaded: its RAM is written through [`Hypervisor::guest_memory`], then
+    /// [`Hypervisor::load_device_state`] completes it.
+    async fn start_incoming(&self, domain: &Name) -> DriverResult<()>;
+    /// Loads device state saved by [`Hypervisor::save_device_state`] into a domain started with
+    /// [`Hypervisor::start_incoming`]; the domain is paused afterwards.
+    async fn load_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()>;
+}
