@@ -89,8 +89,8 @@ pub use image::{
     RestoreStats, ZeroPages,
 };
 pub use save::{
-    save_paused, ConvergencePolicy, Finished, LiveSave, Progress, RoundStats, SaveOptions, SaveSummary,
-    StopReason,
+    copy_paused, save_paused, ConvergencePolicy, Finished, LiveSave, Progress, RoundStats, SaveOptions,
+    SaveSummary, StopReason,
 };
 pub use stream::{receive_stream, ReceiveOptions, StreamWriter};
 pub use table::{DirtySet, PageState, PageTable};

@@ -337,12 +337,18 @@ impl Finished<'_> {
 
 /// Saves `mem` of a paused domain into `sink` and seals it: one pass over memory, zero pages skipped.
 pub fn save_paused(mem: &GuestMemory, sink: Box<dyn PageSink + '_>) -> Result<SaveSummary> {
+    copy_paused(mem, sink)?.seal()
+}
+
+/// The copy of [`save_paused`] without the seal: the domain may resume once this returns, and
+/// the image's fsync and rename ([`Finished::seal`]) need not be paused time.
+pub fn copy_paused<'a>(mem: &'a GuestMemory, sink: Box<dyn PageSink + 'a>) -> Result<Finished<'a>> {
     let mut finished =
         LiveSave::begin(mem, Box::new(Everything), sink, SaveOptions::default())?.into_finished();
     if let Some(only) = finished.rounds.first_mut() {
         only.final_round = true;
     }
-    finished.seal()
+    Ok(finished)
 }
 
 /// A worker's staging area: copies of up to [`STAGE_PAGES`] pages (ascending, not necessarily

@@ -60,7 +60,12 @@ pub trait Hypervisor: Send + Sync {
     async fn destroy(&self, domain: &Name) -> DriverResult<()>;
     /// Replaces the domain's stored configuration with `config` (as returned by
     /// [`Hypervisor::config`]) whose disks use the images `disks`. Takes effect at the next start.
-    async fn define(&self, domain: &Name, config: &serde_json::Value, disks: &[DiskTarget]) -> DriverResult<()>;
+    async fn define(
+        &self,
+        domain: &Name,
+        config: &serde_json::Value,
+        disks: &[DiskTarget],
+    ) -> DriverResult<()>;
     /// Starts a shut-off domain from its configuration, paused, waiting for its state to be
     /// loaded: its RAM is written through [`Hypervisor::guest_memory`], then
     /// [`Hypervisor::load_device_state`] completes it.

@@ -23,16 +23,23 @@
 
 mod error;
 mod hypervisor;
+mod intent;
 mod metadata;
 mod name;
+mod orchestrator;
 mod store;
 mod tree;
 
-pub use error::{Error, Result};
+pub use error::{Error, Operation, Result, Step};
 pub use hypervisor::{DiskTarget, DriverError, DriverResult, Hypervisor, MockHypervisor};
+pub use intent::Intent;
 pub use metadata::{
     Consistency, DiskRecord, DiskSnapshot, DomainState, MemoryState, SnapshotRecord, METADATA_VERSION,
 };
 pub use name::{Name, MAX_NAME_LEN};
+pub use orchestrator::{
+    CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, MemoryMode, Observer, Orchestrator,
+    Quiet, Recovery, RevertReport, RoundReport, VerifyReport,
+};
 pub use store::{write_atomic, DomainLock, FsStore, MockSnapshotStore, SnapshotFiles, SnapshotStore};
 pub use tree::SnapshotTree;

@@ -3,6 +3,8 @@
 //! ```text
 //! STATE/domains/DOMAIN/lock                     held (flock) for the duration of a command
 //! STATE/domains/DOMAIN/current                  name of the current snapshot (absent: none)
+//! STATE/domains/DOMAIN/intent.json              the operation in progress, if any (see Intent)
+//! STATE/domains/DOMAIN/overlays.json            overlay images domsnap created for the domain
 //! STATE/domains/DOMAIN/snapshots/SNAP/          one folder per snapshot:
 //!                                    meta.json  the record, written last: its presence marks the
 //!                                               snapshot complete
@@ -24,11 +26,14 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::{
     error::{io_error, Error, Result},
+    intent::Intent,
     metadata::SnapshotRecord,
     name::Name,
 };
 
 const META_FILE: &str = "meta.json";
+const INTENT_FILE: &str = "intent.json";
+const OVERLAYS_FILE: &str = "overlays.json";
 const MEMORY_FILE: &str = "memory.img";
 const DEVICE_STATE_FILE: &str = "devices.bin";
 
@@ -68,6 +73,19 @@ pub trait SnapshotStore: Send + Sync {
     fn current(&self, domain: &Name) -> Result<Option<Name>>;
     /// Sets (or clears) the domain's current snapshot.
     fn set_current(&self, domain: &Name, snapshot: Option<Name>) -> Result<()>;
+    /// The operation in progress on the domain, if one was interrupted.
+    fn intent(&self, domain: &Name) -> Result<Option<Intent>>;
+    /// Records the operation in progress.
+    fn set_intent(&self, domain: &Name, intent: &Intent) -> Result<()>;
+    /// Clears the operation in progress (it finished or was undone).
+    fn clear_intent(&self, domain: &Name) -> Result<()>;
+    /// The overlay images domsnap created for the domain (external snapshots and reverts): the
+    /// only images it ever deletes.
+    fn overlays(&self, domain: &Name) -> Result<Vec<PathBuf>>;
+    /// Replaces the list of overlays domsnap created.
+    fn set_overlays(&self, domain: &Name, overlays: &[PathBuf]) -> Result<()>;
+    /// Every domain that has a folder in the store.
+    fn domains(&self) -> Result<Vec<Name>>;
 }
 
 /// The on-disk store under a state directory.
@@ -194,8 +212,7 @@ impl SnapshotStore for FsStore {
 
     fn commit(&self, record: &SnapshotRecord) -> Result<()> {
         let dir = self.files(&record.domain, &record.name).dir;
-        let bytes = serde_json::to_vec_pretty(record).expect("snapshot records always serialise");
-        write_atomic(&dir.join(META_FILE), &bytes)
+        write_atomic(&dir.join(META_FILE), &to_json(record))
     }
 
     fn remove(&self, domain: &Name, snapshot: &Name) -> Result<()> {
@@ -223,23 +240,77 @@ impl SnapshotStore for FsStore {
     }
 
     fn set_current(&self, domain: &Name, snapshot: Option<Name>) -> Result<()> {
-        let dir = self.domain_dir(domain);
-        let path = dir.join("current");
-        match snapshot {
-            Some(name) => {
-                create_dir_all(&dir)?;
-                write_atomic(&path, name.as_str().as_bytes())
+        let path = self.domain_dir(domain).join("current");
+        write_or_remove(&path, snapshot.map(|name| name.as_str().as_bytes().to_vec()))
+    }
+
+    fn intent(&self, domain: &Name) -> Result<Option<Intent>> {
+        read_json(&self.domain_dir(domain).join(INTENT_FILE))
+    }
+
+    fn set_intent(&self, domain: &Name, intent: &Intent) -> Result<()> {
+        write_or_remove(&self.domain_dir(domain).join(INTENT_FILE), Some(to_json(intent)))
+    }
+
+    fn clear_intent(&self, domain: &Name) -> Result<()> {
+        write_or_remove(&self.domain_dir(domain).join(INTENT_FILE), None)
+    }
+
+    fn overlays(&self, domain: &Name) -> Result<Vec<PathBuf>> {
+        Ok(read_json(&self.domain_dir(domain).join(OVERLAYS_FILE))?.unwrap_or_default())
+    }
+
+    fn set_overlays(&self, domain: &Name, overlays: &[PathBuf]) -> Result<()> {
+        let path = self.domain_dir(domain).join(OVERLAYS_FILE);
+        write_or_remove(&path, (!overlays.is_empty()).then(|| to_json(&overlays)))
+    }
+
+    fn domains(&self) -> Result<Vec<Name>> {
+        let dir = self.root.join("domains");
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_error("cannot list", &dir)(e)),
+        };
+        let mut domains = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_error("cannot list", &dir))?;
+            // Foreign files in the folder are not domains.
+            if let Ok(name) = Name::new(entry.file_name().to_string_lossy()) {
+                domains.push(name);
             }
-            None => match fs::remove_file(&path) {
-                Ok(()) => sync_dir(&dir),
-                Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(io_error("cannot remove", &path)(e)),
-            },
         }
+        domains.sort();
+        Ok(domains)
+    }
+}
+
+fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    serde_json::to_vec_pretty(value).expect("store records always serialise")
+}
+
+/// Writes `path` atomically, or removes it (durably) when `bytes` is `None`.
+fn write_or_remove(path: &Path, bytes: Option<Vec<u8>>) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    match bytes {
+        Some(bytes) => {
+            create_dir_all(dir)?;
+            write_atomic(path, &bytes)
+        }
+        None => match fs::remove_file(path) {
+            Ok(()) => sync_dir(dir),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("cannot remove", path)(e)),
+        },
     }
 }
 
 fn read_record(path: &Path) -> Result<Option<SnapshotRecord>> {
+    read_json(path)
+}
+
+/// Reads a JSON file of the store; `None` if it does not exist.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),

@@ -1,0 +1,56 @@
+//! Intent records: what a multi-step operation is about to do, written before its first step so
+//! that `recover` can finish or undo it after a crash.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    hypervisor::DiskTarget,
+    metadata::{DiskRecord, DomainState, SnapshotRecord},
+    name::Name,
+};
+
+/// An operation in progress on one domain (at most one: the domain lock serialises them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "operation", rename_all = "kebab-case")]
+pub enum Intent {
+    /// A snapshot is being created. Recovery: if its record was committed the create is
+    /// finished, else everything it may have made is undone.
+    Create {
+        /// The snapshot.
+        snapshot: Name,
+        /// The domain's state before the create (recovery resumes a domain the create paused).
+        was: DomainState,
+        /// The disk snapshots it makes (internal names, overlays).
+        disks: Vec<DiskRecord>,
+    },
+    /// A snapshot is being deleted. Recovery finishes the delete (every step is idempotent).
+    Delete {
+        /// The record as it was before the delete (its metadata file goes early).
+        record: SnapshotRecord,
+    },
+    /// The domain is being reverted to a snapshot. Recovery runs the revert again from the
+    /// start: its steps redo cleanly, and the domain's old state is already gone once it stops.
+    Revert {
+        /// The snapshot.
+        snapshot: Name,
+        /// Leave the domain paused afterwards.
+        paused: bool,
+        /// The disks before the revert (their images are removed once it succeeds, if domsnap made
+        /// them and no snapshot needs them).
+        old_disks: Vec<DiskTarget>,
+        /// Overlays this revert creates.
+        new_overlays: Vec<PathBuf>,
+    },
+}
+
+impl Intent {
+    /// The snapshot the operation is about.
+    pub fn snapshot(&self) -> &Name {
+        match self {
+            Intent::Create { snapshot, .. } | Intent::Revert { snapshot, .. } => snapshot,
+            Intent::Delete { record } => &record.name,
+        }
+    }
+}

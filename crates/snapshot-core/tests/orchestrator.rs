@@ -1,0 +1,746 @@
+//! The orchestrator's steps and rollbacks against a simulated hypervisor and disks (mockall
+//! mocks over shared state) and the real on-disk store. A failure is injected at every step;
+//! afterwards the domain must be as it was and nothing of the snapshot may remain.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use disk::MockDiskSnapshots;
+use snapshot_core::{
+    CreateOptions, DiskKind, DiskRequest, DiskTarget, DomainState, DriverResult, Error, FsStore, Intent,
+    MemoryMode, MockHypervisor, Name, Orchestrator, Quiet, SnapshotStore, Step,
+};
+
+const RAM: u64 = 4 << 20;
+
+/// The simulated domain and its disks.
+#[derive(Debug, Clone)]
+struct Sim {
+    state: DomainState,
+    disks: Vec<DiskTarget>,
+    /// (image, snapshot name) pairs.
+    internal: BTreeSet<(PathBuf, String)>,
+    /// The call that fails, e.g. "pause".
+    fail: Option<&'static str>,
+    calls: Vec<&'static str>,
+}
+
+type Shared = Arc<Mutex<Sim>>;
+
+fn call(sim: &Shared, name: &'static str) -> DriverResult<()> {
+    let mut sim = sim.lock().unwrap();
+    sim.calls.push(name);
+    if sim.fail == Some(name) {
+        return Err(format!("injected failure in {name}").into());
+    }
+    Ok(())
+}
+
+fn disk_mock(sim: &Shared) -> MockDiskSnapshots {
+    let mut disks = MockDiskSnapshots::new();
+    let s = sim.clone();
+    disks.expect_create_internal().returning(move |images, name| {
+        call(&s, "create_internal").map_err(disk_error)?;
+        let mut sim = s.lock().unwrap();
+        for image in images {
+            sim.internal.insert((image.clone(), name.to_owned()));
+        }
+        Ok(())
+    });
+    let s = sim.clone();
+    disks.expect_delete_internal().returning(move |images, name| {
+        call(&s, "delete_internal").map_err(disk_error)?;
+        let mut sim = s.lock().unwrap();
+        for image in images {
+            sim.internal.remove(&(image.clone(), name.to_owned()));
+        }
+        Ok(())
+    });
+    let s = sim.clone();
+    disks
+        .expect_apply_internal()
+        .returning(move |_, _| call(&s, "apply_internal").map_err(disk_error));
+    let s = sim.clone();
+    disks.expect_list_internal().returning(move |image| {
+        let sim = s.lock().unwrap();
+        Ok(sim
+            .internal
+            .iter()
+            .filter(|(i, _)| i == image)
+            .map(|(_, name)| disk::InternalSnapshot {
+                id: "1".into(),
+                name: name.clone(),
+                date_sec: 0,
+                date_nsec: 0,
+                vm_clock_nsec: 0,
+                disk_size: None,
+                vm_state_size: 0,
+            })
+            .collect())
+    });
+    let s = sim.clone();
+    disks.expect_create_external().returning(move |snapshots| {
+        call(&s, "create_external").map_err(disk_error)?;
+        let mut sim = s.lock().unwrap();
+        for snapshot in snapshots {
+            std::fs::write(&snapshot.overlay, b"overlay").unwrap();
+            for disk in sim.disks.iter_mut().filter(|d| d.image == snapshot.disk) {
+                disk.image = snapshot.overlay.clone();
+            }
+        }
+        Ok(())
+    });
+    let s = sim.clone();
+    disks.expect_revert_external().returning(move |revert| {
+        call(&s, "revert_external").map_err(disk_error)?;
+        std::fs::write(&revert.overlay, b"revert overlay").unwrap();
+        Ok(())
+    });
+    let s = sim.clone();
+    disks.expect_delete_external().returning(move |_, image, _| {
+        call(&s, "delete_external").map_err(disk_error)?;
+        let mut sim = s.lock().unwrap();
+        // Committing the active overlay: the domain writes to its parent again.
+        let parent = image.with_extension("parent");
+        let parent = sim
+            .disks
+            .iter()
+            .find(|d| d.image == image)
+            .map(|_| base_of(image))
+            .unwrap_or(parent);
+        for disk in sim.disks.iter_mut().filter(|d| d.image == image) {
+            disk.image = parent.clone();
+        }
+        Ok(parent)
+    });
+    disks.expect_backing_chain().returning(|_| Ok(Vec::new()));
+    disks
+}
+
+/// The simulation names overlays `BASE.SNAP.qcow2`; its parent is `BASE.qcow2`.
+fn base_of(overlay: &Path) -> PathBuf {
+    let name = overlay.file_name().unwrap().to_string_lossy();
+    let base = name.split('.').next().unwrap();
+    overlay.with_file_name(format!("{base}.qcow2"))
+}
+
+fn disk_error(e: snapshot_core::DriverError) -> disk::Error {
+    disk::Error::NotSupported {
+        operation: "simulated",
+        backend: "simulated",
+        reason: e.to_string(),
+    }
+}
+
+fn hypervisor(sim: &Shared) -> MockHypervisor {
+    let mut h = MockHypervisor::new();
+    let s = sim.clone();
+    h.expect_state().returning(move |_| Ok(s.lock().unwrap().state));
+    h.expect_config()
+        .returning(|_| Ok(serde_json::json!({"memory_mib": 4})));
+    let s = sim.clone();
+    h.expect_disks()
+        .returning(move |_| Ok(s.lock().unwrap().disks.clone()));
+    let s = sim.clone();
+    h.expect_pause().returning(move |_| {
+        call(&s, "pause")?;
+        s.lock().unwrap().state = DomainState::Paused;
+        Ok(())
+    });
+    let s = sim.clone();
+    h.expect_resume().returning(move |_| {
+        call(&s, "resume")?;
+        s.lock().unwrap().state = DomainState::Running;
+        Ok(())
+    });
+    let s = sim.clone();
+    h.expect_guest_memory().returning(move |_| {
+        call(&s, "guest_memory")?;
+        Ok(memory::GuestMemory::anonymous(RAM)?)
+    });
+    let s = sim.clone();
+    h.expect_save_device_state().returning(move |_, path| {
+        call(&s, "save_device_state")?;
+        std::fs::write(path, b"device state")?;
+        Ok(())
+    });
+    let s = sim.clone();
+    h.expect_disk_backend().returning(move |_| {
+        call(&s, "disk_backend")?;
+        Ok(Arc::new(disk_mock(&s)))
+    });
+    let s = sim.clone();
+    h.expect_destroy().returning(move |_| {
+        call(&s, "destroy")?;
+        s.lock().unwrap().state = DomainState::ShutOff;
+        Ok(())
+    });
+    let s = sim.clone();
+    h.expect_define().returning(move |_, _, disks| {
+        call(&s, "define")?;
+        s.lock().unwrap().disks = disks.to_vec();
+        Ok(())
+    });
+    let s = sim.clone();
+    h.expect_start_incoming().returning(move |_| {
+        call(&s, "start_incoming")?;
+        s.lock().unwrap().state = DomainState::Paused;
+        Ok(())
+    });
+    let s = sim.clone();
+    h.expect_load_device_state()
+        .returning(move |_, _| call(&s, "load_device_state"));
+    h
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    sim: Shared,
+    store: Arc<FsStore>,
+    orchestrator: Orchestrator,
+    domain: Name,
+}
+
+fn fixture(state: DomainState) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let disks = ["vda", "vdb"]
+        .iter()
+        .map(|id| {
+            let image = dir.path().join(format!("{id}.qcow2"));
+            std::fs::write(&image, b"image").unwrap();
+            DiskTarget {
+                target: (*id).into(),
+                image,
+            }
+        })
+        .collect();
+    let sim = Arc::new(Mutex::new(Sim {
+        state,
+        disks,
+        internal: BTreeSet::new(),
+        fail: None,
+        calls: Vec::new(),
+    }));
+    let store = Arc::new(FsStore::new(dir.path().join("state")));
+    let orchestrator = Orchestrator::new(Arc::new(hypervisor(&sim)), store.clone(), Arc::new(Quiet));
+    Fixture {
+        dir,
+        sim,
+        store,
+        orchestrator,
+        domain: name("dom"),
+    }
+}
+
+fn name(text: &str) -> Name {
+    Name::new(text).unwrap()
+}
+
+fn mixed_disks() -> Vec<DiskRequest> {
+    vec![DiskRequest {
+        target: "vdb".into(),
+        kind: DiskKind::External {
+            path: None,
+            format: None,
+        },
+    }]
+}
+
+impl Fixture {
+    fn fail_at(&self, call: &'static str) {
+        let mut sim = self.sim.lock().unwrap();
+        sim.fail = Some(call);
+        sim.calls.clear();
+    }
+
+    /// A copy of the simulation's state (no lock held across awaits).
+    fn sim(&self) -> Sim {
+        self.sim.lock().unwrap().clone()
+    }
+
+    fn calls(&self) -> Vec<&'static str> {
+        self.sim.lock().unwrap().calls.clone()
+    }
+
+    /// Files in the test folder other than the disk images and the store's fixed files.
+    fn stray_files(&self) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let mut stack = vec![self.dir.path().to_owned()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else {
+                    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                    if !["vda.qcow2", "vdb.qcow2", "lock", "current"].contains(&name.as_str()) {
+                        found.push(path);
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    async fn create(&self, snapshot: &str, live: bool) -> snapshot_core::Result<snapshot_core::CreateReport> {
+        let options = CreateOptions {
+            memory: if live {
+                MemoryMode::Live(memory::ConvergencePolicy::default())
+            } else {
+                MemoryMode::Paused
+            },
+            disks: mixed_disks(),
+            description: Some("test".into()),
+        };
+        self.orchestrator
+            .create(&self.domain, &name(snapshot), options)
+            .await
+    }
+}
+
+#[tokio::test]
+async fn create_saves_memory_devices_and_disks_and_resumes() {
+    let f = fixture(DomainState::Running);
+    let report = f.create("s1", true).await.unwrap();
+    let record = &report.record;
+    assert_eq!(record.state, DomainState::Running);
+    assert_eq!(record.memory.as_ref().unwrap().ram_bytes, RAM);
+    assert!(report.memory_rounds.last().unwrap().final_round);
+    let sim = f.sim();
+    assert_eq!(sim.state, DomainState::Running);
+    assert!(sim
+        .internal
+        .contains(&(f.dir.path().join("vda.qcow2"), "s1".into())));
+    let overlay = f.dir.path().join("vdb.s1.qcow2");
+    assert_eq!(sim.disks[1].image, overlay);
+    let files = f.store.files(&f.domain, &name("s1"));
+    memory::verify(&files.memory_image).unwrap();
+    assert!(files.device_state.exists());
+    assert_eq!(f.store.current(&f.domain).unwrap(), Some(name("s1")));
+    assert_eq!(f.store.overlays(&f.domain).unwrap(), vec![overlay]);
+    assert!(f.store.intent(&f.domain).unwrap().is_none());
+    // The domain was paused exactly once, for the final round.
+    let calls = f.calls();
+    assert_eq!(calls.iter().filter(|c| **c == "pause").count(), 1);
+    assert_eq!(calls.iter().filter(|c| **c == "resume").count(), 1);
+}
+
+#[tokio::test]
+async fn a_paused_domain_stays_paused_and_a_shut_off_one_gets_disks_only() {
+    let f = fixture(DomainState::Paused);
+    let report = f.create("p", false).await.unwrap();
+    assert_eq!(report.guest_pause_ms, 0.0);
+    assert!(!f.calls().contains(&"resume"));
+    assert_eq!(f.sim.lock().unwrap().state, DomainState::Paused);
+
+    let f = fixture(DomainState::ShutOff);
+    let report = f.create("off", false).await.unwrap();
+    assert!(report.record.memory.is_none());
+    assert!(!f.calls().contains(&"guest_memory"));
+    // Offline, the orchestrator records that the domain now writes to the overlay.
+    assert!(f.calls().contains(&"define"));
+    assert_eq!(
+        f.sim.lock().unwrap().disks[1].image,
+        f.dir.path().join("vdb.off.qcow2")
+    );
+}
+
+#[tokio::test]
+async fn a_failure_at_any_create_step_is_rolled_back() {
+    for (call, step) in [
+        ("guest_memory", Step::SaveMemory),
+        ("pause", Step::Pause),
+        ("save_device_state", Step::SaveDeviceState),
+        ("disk_backend", Step::SnapshotDisks),
+        ("create_internal", Step::SnapshotDisks),
+        ("create_external", Step::SnapshotDisks),
+        ("resume", Step::Resume),
+    ] {
+        for live in [false, true] {
+            let f = fixture(DomainState::Running);
+            f.fail_at(call);
+            let err = f.create("s1", live).await.unwrap_err();
+            match &err {
+                Error::Failed { step: failed, .. } => assert_eq!(*failed, step, "{call}: {err}"),
+                other => panic!("{call}: unexpected error {other}"),
+            }
+            assert!(
+                err.to_string().contains(&format!("injected failure in {call}")) || {
+                    // The error names the step; the source chain names the call.
+                    let source = std::error::Error::source(&err).unwrap().to_string();
+                    source.contains(call)
+                }
+            );
+            let sim = f.sim();
+            if call != "resume" {
+                assert_eq!(
+                    sim.state,
+                    DomainState::Running,
+                    "{call}: domain left {:?}",
+                    sim.state
+                );
+            }
+            assert!(
+                sim.internal.is_empty(),
+                "{call}: internal snapshots left: {:?}",
+                sim.internal
+            );
+            assert_eq!(
+                sim.disks[1].image,
+                f.dir.path().join("vdb.qcow2"),
+                "{call}: overlay still active"
+            );
+            assert!(f.store.list(&f.domain).unwrap().is_empty(), "{call}");
+            assert!(f.store.intent(&f.domain).unwrap().is_none(), "{call}");
+            assert!(f.store.overlays(&f.domain).unwrap().is_empty(), "{call}");
+            assert_eq!(
+                f.stray_files(),
+                Vec::<PathBuf>::new(),
+                "{call}: files left behind"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_change_nothing() {
+    let f = fixture(DomainState::Running);
+    f.create("s1", false).await.unwrap();
+    assert!(matches!(
+        f.create("s1", false).await,
+        Err(Error::SnapshotExists { .. })
+    ));
+    let unknown_disk = CreateOptions {
+        disks: vec![DiskRequest {
+            target: "vdz".into(),
+            kind: DiskKind::Internal,
+        }],
+        ..CreateOptions::default()
+    };
+    let err = f
+        .orchestrator
+        .create(&f.domain, &name("s2"), unknown_disk)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no disk \"vdz\""), "{err}");
+    let raw_overlay = CreateOptions {
+        disks: vec![DiskRequest {
+            target: "vda".into(),
+            kind: DiskKind::External {
+                path: Some("relative.qcow2".into()),
+                format: Some("raw".into()),
+            },
+        }],
+        ..CreateOptions::default()
+    };
+    let err = f
+        .orchestrator
+        .create(&f.domain, &name("s2"), raw_overlay)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not supported"), "{err}");
+    assert_eq!(f.store.list(&f.domain).unwrap().len(), 1);
+    assert!(matches!(
+        f.orchestrator.revert(&f.domain, &name("nope"), false).await,
+        Err(Error::SnapshotNotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn delete_merges_the_active_overlay_and_reparents_children() {
+    let f = fixture(DomainState::Running);
+    f.create("s1", false).await.unwrap();
+    let internal_only = CreateOptions::default();
+    f.orchestrator
+        .create(&f.domain, &name("s2"), internal_only)
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.get(&f.domain, &name("s2")).unwrap().parent,
+        Some(name("s1"))
+    );
+
+    // s2 read the overlay s1 made (as its image): s1's overlay stays.
+    let report = f
+        .orchestrator
+        .delete(&f.domain, &name("s1"), false)
+        .await
+        .unwrap();
+    assert_eq!(report.deleted, vec![name("s1")]);
+    assert_eq!(f.store.get(&f.domain, &name("s2")).unwrap().parent, None);
+    assert!(f.dir.path().join("vdb.s1.qcow2").exists());
+    assert_eq!(f.store.current(&f.domain).unwrap(), Some(name("s2")));
+
+    f.orchestrator
+        .delete(&f.domain, &name("s2"), false)
+        .await
+        .unwrap();
+    assert!(f.store.list(&f.domain).unwrap().is_empty());
+    assert_eq!(f.store.current(&f.domain).unwrap(), None);
+    assert!(f.sim.lock().unwrap().internal.is_empty());
+
+    // s1's overlay holds s2's internal snapshot... which is gone now, but the overlay is still
+    // what the domain writes to: it stays, listed as domsnap's.
+    assert_eq!(
+        f.store.overlays(&f.domain).unwrap(),
+        vec![f.dir.path().join("vdb.s1.qcow2")]
+    );
+
+    // A lone external snapshot: its overlay is committed back and removed.
+    let f = fixture(DomainState::Running);
+    f.create("s3", false).await.unwrap();
+    f.orchestrator
+        .delete(&f.domain, &name("s3"), false)
+        .await
+        .unwrap();
+    assert!(!f.dir.path().join("vdb.s3.qcow2").exists());
+    assert_eq!(
+        f.sim.lock().unwrap().disks[1].image,
+        f.dir.path().join("vdb.qcow2")
+    );
+    assert!(f.store.overlays(&f.domain).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn delete_with_children_removes_the_subtree() {
+    let f = fixture(DomainState::Running);
+    for snapshot in ["a", "b", "c"] {
+        f.orchestrator
+            .create(&f.domain, &name(snapshot), CreateOptions::default())
+            .await
+            .unwrap();
+    }
+    let report = f.orchestrator.delete(&f.domain, &name("a"), true).await.unwrap();
+    assert_eq!(report.deleted, vec![name("c"), name("b"), name("a")]);
+    assert!(f.store.list(&f.domain).unwrap().is_empty());
+    assert!(f.sim.lock().unwrap().internal.is_empty());
+}
+
+#[tokio::test]
+async fn revert_restores_memory_disks_and_configuration() {
+    let f = fixture(DomainState::Running);
+    f.create("s1", false).await.unwrap();
+    let report = f
+        .orchestrator
+        .revert(&f.domain, &name("s1"), false)
+        .await
+        .unwrap();
+    assert_eq!(report.state, DomainState::Running);
+    let calls = f.calls();
+    let order: Vec<&str> = calls
+        .iter()
+        .copied()
+        .filter(|c| {
+            [
+                "destroy",
+                "revert_external",
+                "apply_internal",
+                "define",
+                "start_incoming",
+                "guest_memory",
+                "load_device_state",
+                "resume",
+            ]
+            .contains(c)
+        })
+        .collect();
+    assert_eq!(
+        order[order.len() - 8..],
+        [
+            "destroy",
+            "revert_external",
+            "apply_internal",
+            "define",
+            "start_incoming",
+            "guest_memory",
+            "load_device_state",
+            "resume"
+        ]
+    );
+    // vdb now writes to a fresh overlay on the snapshot's image; the replaced overlay went.
+    let sim = f.sim();
+    let revert_overlay = &sim.disks[1].image;
+    assert!(
+        revert_overlay.to_string_lossy().contains(".revert-"),
+        "{revert_overlay:?}"
+    );
+    assert!(!f.dir.path().join("vdb.s1.qcow2").exists());
+    assert_eq!(f.store.current(&f.domain).unwrap(), Some(name("s1")));
+
+    // Paused revert.
+    let report = f.orchestrator.revert(&f.domain, &name("s1"), true).await.unwrap();
+    assert_eq!(report.state, DomainState::Paused);
+}
+
+#[tokio::test]
+async fn a_corrupt_memory_image_is_refused_before_the_domain_is_touched() {
+    let f = fixture(DomainState::Running);
+    f.create("s1", false).await.unwrap();
+    let image = f.store.files(&f.domain, &name("s1")).memory_image;
+    let mut bytes = std::fs::read(&image).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&image, bytes).unwrap();
+    f.fail_at("nothing");
+    let err = f
+        .orchestrator
+        .revert(&f.domain, &name("s1"), false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Failed {
+                step: Step::Check,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!f.calls().contains(&"destroy"));
+    assert_eq!(f.sim.lock().unwrap().state, DomainState::Running);
+    let report = f.orchestrator.verify(&f.domain, &name("s1")).await.unwrap();
+    assert!(
+        report.problems.iter().any(|p| p.contains("memory image")),
+        "{:?}",
+        report.problems
+    );
+}
+
+#[tokio::test]
+async fn a_failure_during_revert_removes_new_overlays_and_restores_the_configuration() {
+    for call in [
+        "destroy",
+        "revert_external",
+        "apply_internal",
+        "define",
+        "start_incoming",
+        "load_device_state",
+    ] {
+        let f = fixture(DomainState::Running);
+        f.create("s1", false).await.unwrap();
+        let before = f.sim.lock().unwrap().disks.clone();
+        f.fail_at(call);
+        let err = f
+            .orchestrator
+            .revert(&f.domain, &name("s1"), false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Failed { .. }), "{call}: {err}");
+        let sim = f.sim();
+        assert_eq!(sim.disks, before, "{call}");
+        if call == "destroy" {
+            assert_eq!(sim.state, DomainState::Running, "{call}");
+        } else {
+            assert_eq!(sim.state, DomainState::ShutOff, "{call}");
+            assert!(err.to_string().contains("shut off"), "{call}: {err}");
+        }
+        assert!(f.store.intent(&f.domain).unwrap().is_none());
+        let overlays = f.store.overlays(&f.domain).unwrap();
+        assert_eq!(overlays, vec![f.dir.path().join("vdb.s1.qcow2")], "{call}");
+        assert!(
+            f.stray_files()
+                .iter()
+                .all(|p| !p.to_string_lossy().contains(".revert-")),
+            "{call}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn recover_undoes_an_unfinished_create_and_resumes_the_domain() {
+    let f = fixture(DomainState::Running);
+    // What a create killed after its disk step leaves: intent, folder, internal snapshot,
+    // active overlay, paused domain.
+    let image = f.dir.path().join("vda.qcow2");
+    let overlay = f.dir.path().join("vdb.s1.qcow2");
+    let disks = vec![
+        snapshot_core::DiskRecord {
+            target: "vda".into(),
+            image: image.clone(),
+            snapshot: snapshot_core::DiskSnapshot::Internal { name: "s1".into() },
+        },
+        snapshot_core::DiskRecord {
+            target: "vdb".into(),
+            image: f.dir.path().join("vdb.qcow2"),
+            snapshot: snapshot_core::DiskSnapshot::External {
+                overlay: overlay.clone(),
+                format: "qcow2".into(),
+            },
+        },
+    ];
+    f.store
+        .set_intent(
+            &f.domain,
+            &Intent::Create {
+                snapshot: name("s1"),
+                was: DomainState::Running,
+                disks,
+            },
+        )
+        .unwrap();
+    f.store
+        .set_overlays(&f.domain, std::slice::from_ref(&overlay))
+        .unwrap();
+    let files = f.store.prepare(&f.domain, &name("s1")).unwrap();
+    std::fs::write(&files.device_state, b"half").unwrap();
+    std::fs::write(&overlay, b"overlay").unwrap();
+    {
+        let mut sim = f.sim.lock().unwrap();
+        sim.internal.insert((image, "s1".into()));
+        sim.disks[1].image = overlay.clone();
+        sim.state = DomainState::Paused;
+    }
+    let recovered = f.orchestrator.recover(&f.domain).await.unwrap().unwrap();
+    assert_eq!(recovered.outcome, "undone");
+    let sim = f.sim();
+    assert_eq!(sim.state, DomainState::Running);
+    assert!(sim.internal.is_empty());
+    assert_eq!(sim.disks[1].image, f.dir.path().join("vdb.qcow2"));
+    assert!(!overlay.exists());
+    assert!(f.store.intent(&f.domain).unwrap().is_none());
+    assert_eq!(f.stray_files(), Vec::<PathBuf>::new());
+    // Nothing left to recover.
+    assert!(f.orchestrator.recover(&f.domain).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn recover_finishes_a_committed_create_and_an_interrupted_delete() {
+    let f = fixture(DomainState::Running);
+    let report = f.create("s1", false).await.unwrap();
+    // Killed after the commit, before the tidy-up: intent still there, domain still paused.
+    f.store
+        .set_intent(
+            &f.domain,
+            &Intent::Create {
+                snapshot: name("s1"),
+                was: DomainState::Running,
+                disks: report.record.disks.clone(),
+            },
+        )
+        .unwrap();
+    f.sim.lock().unwrap().state = DomainState::Paused;
+    let recovered = f.orchestrator.recover(&f.domain).await.unwrap().unwrap();
+    assert_eq!(recovered.outcome, "finished");
+    assert_eq!(f.sim.lock().unwrap().state, DomainState::Running);
+    assert_eq!(f.store.list(&f.domain).unwrap().len(), 1);
+
+    // A delete killed after removing the record: recovery finishes it from the intent.
+    f.store
+        .set_intent(
+            &f.domain,
+            &Intent::Delete {
+                record: report.record.clone(),
+            },
+        )
+        .unwrap();
+    f.store.remove(&f.domain, &name("s1")).unwrap();
+    let recovered = f.orchestrator.recover(&f.domain).await.unwrap().unwrap();
+    assert_eq!(recovered.outcome, "finished");
+    assert!(f.sim.lock().unwrap().internal.is_empty());
+    assert!(!f.dir.path().join("vdb.s1.qcow2").exists());
+    assert_eq!(f.stray_files(), Vec::<PathBuf>::new());
+}
