@@ -115,7 +115,7 @@ pub fn qemu_args(config: &DomainConfig, paths: &RuntimePaths, mode: StartMode) -
 }
 
 /// QEMU's option syntax: a comma inside a value is written twice.
-fn escape(path: &std::path::Path) -> String {
+pub(crate) fn escape(path: &std::path::Path) -> String {
     path.display().to_string().replace(',', ",,")
 }
 

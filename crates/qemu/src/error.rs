@@ -2,6 +2,8 @@
 
 use std::{io, path::PathBuf};
 
+use snapshot_core::Name;
+
 /// What can go wrong driving a QEMU domain.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -40,6 +42,204 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+
+    /// No domain of this name is defined in the state directory.
+    #[error("domain {domain} is not defined")]
+    UnknownDomain {
+        /// The domain.
+        domain: Name,
+    },
+
+    /// The domain needs to be shut off for this.
+    #[error("cannot {action} domain {domain} while its QEMU runs (pid {pid}); stop it first")]
+    Running {
+        /// The domain.
+        domain: Name,
+        /// What was refused, e.g. "start".
+        action: &'static str,
+        /// QEMU's pid.
+        pid: u32,
+    },
+
+    /// The domain has no QEMU process.
+    #[error("domain {domain} is shut off")]
+    NotRunning {
+        /// The domain.
+        domain: Name,
+    },
+
+    /// The domain's QEMU is in the wrong run state for this.
+    #[error("domain {domain} is {state}: {hint}")]
+    WrongState {
+        /// The domain.
+        domain: Name,
+        /// QEMU's run state, e.g. `paused`.
+        state: String,
+        /// What to do about it.
+        hint: &'static str,
+    },
+
+    /// Another process has been starting or stopping the domain for too long.
+    #[error("domain {domain} is busy: another process has been starting or stopping it for {seconds} s")]
+    Busy {
+        /// The domain.
+        domain: Name,
+        /// How long this process waited.
+        seconds: u64,
+    },
+
+    /// A file in the state directory (or the RAM file) cannot be read, written or removed.
+    #[error("{operation} {path}")]
+    Io {
+        /// What was being done, e.g. "cannot create".
+        operation: &'static str,
+        /// The file or folder.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The domain definition cannot be written.
+    #[error("cannot save the definition of domain {domain}")]
+    SaveDefinition {
+        /// The domain.
+        domain: Name,
+        /// The store's error (it names the file).
+        #[source]
+        source: snapshot_core::Error,
+    },
+
+    /// A Unix socket path is longer than `sun_path` allows.
+    #[error(
+        "socket path {path} is {len} bytes, longer than the {max} bytes a Unix socket path may have; \
+         use a shorter state directory"
+    )]
+    SocketPathTooLong {
+        /// The socket path.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+
+    /// The QEMU binary cannot be run.
+    #[error(
+        "cannot run {binary}: install QEMU 10 (`cargo xtask setup`) or set DOMSNAP_QEMU to a \
+         qemu-system-x86_64 of version 10"
+    )]
+    QemuNotFound {
+        /// The binary tried.
+        binary: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The QEMU binary is not QEMU 10.
+    #[error("{binary} must be QEMU 10.x, but it says {found:?}; set DOMSNAP_QEMU to a QEMU 10 binary")]
+    QemuVersion {
+        /// The binary.
+        binary: PathBuf,
+        /// The first line of its `--version` output.
+        found: String,
+    },
+
+    /// QEMU exited or failed while starting the domain.
+    #[error("QEMU failed to start domain {domain} ({reason}){}", stderr_tail(stderr))]
+    StartFailed {
+        /// The domain.
+        domain: Name,
+        /// What happened, e.g. its exit status.
+        reason: String,
+        /// The end of QEMU's stderr (`run/qemu.log`).
+        stderr: String,
+    },
+
+    /// The domain's QMP socket cannot be connected to.
+    #[error(
+        "cannot talk to the QEMU of domain {domain} on {socket} (QEMU serves one QMP client at a \
+         time: another domsnap process may be connected)"
+    )]
+    QmpConnect {
+        /// The domain.
+        domain: Name,
+        /// The socket.
+        socket: PathBuf,
+        /// The connection error.
+        #[source]
+        source: qmp::Error,
+    },
+
+    /// A QMP command on the domain's QEMU failed.
+    #[error("domain {domain}: QMP failed while {operation}")]
+    DomainQmp {
+        /// The domain.
+        domain: Name,
+        /// What was being done.
+        operation: &'static str,
+        /// QEMU's answer or the connection error.
+        #[source]
+        source: qmp::Error,
+    },
+
+    /// The guest ignored the ACPI power button.
+    #[error("domain {domain}: the guest did not power off within {seconds} s; use --force")]
+    PowerOffTimeout {
+        /// The domain.
+        domain: Name,
+        /// How long the driver waited.
+        seconds: u64,
+    },
+
+    /// QEMU survived SIGKILL (or signalling it failed).
+    #[error("cannot end QEMU (pid {pid}) of domain {domain}: {reason}")]
+    Kill {
+        /// The domain.
+        domain: Name,
+        /// QEMU's pid.
+        pid: u32,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// Saving or loading the device state failed.
+    #[error(
+        "domain {domain}: cannot {operation} device state {path}: {reason}{}",
+        stderr_tail(stderr)
+    )]
+    DeviceState {
+        /// The domain.
+        domain: Name,
+        /// "save" or "load".
+        operation: &'static str,
+        /// The device-state file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+        /// The end of QEMU's stderr, when it may tell more.
+        stderr: String,
+    },
+
+    /// The guest RAM file cannot be mapped.
+    #[error("cannot map the guest RAM of domain {domain}")]
+    Memory {
+        /// The domain.
+        domain: Name,
+        /// The mapping error.
+        #[source]
+        source: memory::Error,
+    },
+}
+
+/// Formats the end of QEMU's stderr for an error message (nothing when it is empty).
+fn stderr_tail(stderr: &str) -> String {
+    if stderr.trim().is_empty() {
+        String::new()
+    } else {
+        format!("; QEMU said:\n{}", stderr.trim_end())
+    }
 }
 
 /// Shorthand for results of this crate.

@@ -25,10 +25,15 @@
 
 mod command_line;
 mod config;
+mod driver;
 mod error;
+mod hypervisor;
+mod process;
 mod ram_layout;
 
 pub use command_line::{disk_nodes, qemu_args, RuntimePaths, StartMode, RAM_BACKEND_ID};
 pub use config::{DiskConfig, DomainConfig, MAX_VCPUS, MEMORY_MIB_RANGE};
+pub use driver::{DomainStatus, QemuDriver, StopMode};
 pub use error::{Error, Result};
+pub use process::QEMU_ENV;
 pub use ram_layout::{parse_ram_layout, ram_layout};

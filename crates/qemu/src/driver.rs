@@ -1,0 +1,968 @@
+//! The domain driver: named domains under a state directory, each run by a daemonized QEMU 10
+//! that outlives the process that started it (the `domsnap` CLI runs one short process per
+//! command).
+//!
+//! # State layout
+//!
+//! ```text
+//! STATE/domains/NAME/domain.toml     the definition: DomainConfig as TOML with absolute paths,
+//!                                    replaced atomically (temporary file, fsync, rename, fsync)
+//! STATE/domains/NAME/serial.log      the serial console, appended across runs and restores
+//!                                    (unless the definition sets `serial_log`)
+//! STATE/domains/NAME/run/            files of the running QEMU (mode 0700), removed when it ends:
+//!                    qmp.sock        QMP
+//!                    console.sock    the serial console, to type into the guest
+//!                    qemu.pid        QEMU's pid (written by QEMU: -daemonize -pidfile)
+//!                    qemu.log        QEMU's stderr (-D keeps it after daemonizing)
+//! /dev/shm/domsnap-UID-HASH-NAME.ram guest RAM (mode 0600), HASH = first 8 hex digits of the
+//!                                    xxh3-64 of the canonical state directory
+//! ```
+//!
+//! Guest RAM is on tmpfs because `share=on` RAM in a file on a disk would be written back to the
+//! disk. The snapshot store owns the rest of the domain folder (`lock`, `current`, `snapshots/`,
+//! ...); the driver never touches it, and `undefine` leaves the folder to it. Unix socket paths
+//! are limited to 107 bytes: a state directory that makes them longer is refused when a domain
+//! is defined or started.
+//!
+//! # Supervision
+//!
+//! A domain runs iff the process in `run/qemu.pid` is alive and its `/proc/PID/cmdline` names
+//! the domain's QMP socket (a recycled pid or a zombie does not count). When the driver finds
+//! the QEMU dead (the guest powered off, QEMU crashed or was killed), it removes `run/` and the
+//! RAM file and reports the domain shut off. Starting, stopping, defining and undefining take an
+//! exclusive `flock` on the domain folder, so two processes never start the same domain twice,
+//! and the stale-file cleanup of one never removes the files of a QEMU another is starting.
+//!
+//! QEMU starts with `-daemonize`: its first process exits only once initialisation has finished
+//! (disks open and locked, QMP listening), with its errors in `run/qemu.log`.
+//!
+//! QEMU serves one QMP client at a time. A driver keeps one connection per running domain and
+//! reuses it (reconnecting when it closed or the pid changed); while one process holds it,
+//! another process's QMP calls on that domain fail after a few seconds with
+//! [`Error::QmpConnect`]. Drop the driver (or end the process) to let another one talk.
+//!
+//! # Run states
+//!
+//! QEMU's `running` maps to [`DomainState::Running`]. Every other state of a live QEMU maps to
+//! [`DomainState::Paused`]: `paused`, `prelaunch` (started with `-S`), `inmigrate` (started to
+//! receive saved state), `finish-migrate`, `postmigrate`, `save-vm`, `restore-vm`, `suspended`,
+//! `debug`, `io-error`, `internal-error`, `guest-panicked`, `watchdog`, `shutdown`, `colo`: the
+//! vCPUs are not running in any of them. No process is [`DomainState::ShutOff`].
+//!
+//! # Disks
+//!
+//! The definition names each disk's active image. A live external snapshot (or a merge of the
+//! active image) makes QEMU write to another image, so while QEMU runs the driver takes the
+//! active images from QEMU (`query-block`: the image of the root node attached to the device
+//! whose id is the disk id) and rewrites the definition whenever they differ from it: after
+//! every change made through the disk backend the driver hands out
+//! ([`snapshot_core::Hypervisor::disk_backend`]), and when the disks or configuration are read
+//! or the domain is stopped. A later cold start therefore uses the overlay. Images changed while
+//! the domain is shut off are recorded by the caller with [`snapshot_core::Hypervisor::define`].
+
+use std::{
+    collections::HashMap,
+    fs::{self, DirBuilder, File, OpenOptions},
+    io,
+    os::unix::{
+        ffi::OsStrExt,
+        fs::{DirBuilderExt, OpenOptionsExt},
+    },
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex, OnceLock, PoisonError},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    errno::Errno,
+    fcntl::{Flock, FlockArg},
+};
+use qmp::{
+    commands::{BlockInfo, Cont, QueryBlock, QueryStatus, Quit, Stop},
+    Client, ClientOptions, RunState,
+};
+use snapshot_core::{DomainState, Name};
+
+use crate::{
+    command_line::{escape, qemu_args, RuntimePaths, StartMode},
+    config::DomainConfig,
+    error::{Error, Result},
+    process,
+};
+
+/// Longest Unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// Where guest RAM files go (tmpfs).
+const RAM_DIR: &str = "/dev/shm";
+/// Longest wait for QEMU's initialisation.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for QEMU to answer `quit` and exit before it is killed.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the process to vanish after SIGKILL.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for another process that is starting or stopping the domain.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest wait for QMP's greeting: QEMU answers at once unless another client is connected.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a waiting loop looks again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Manages named QEMU domains under a state directory. Cheap to clone; clones share their QMP
+/// connections.
+#[derive(Debug, Clone)]
+pub struct QemuDriver {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state_dir: PathBuf,
+    /// The canonical state directory, once it exists.
+    root: OnceLock<PathBuf>,
+    /// The QEMU binary, once checked.
+    qemu: tokio::sync::OnceCell<PathBuf>,
+    /// One QMP connection slot per domain; the async mutex makes concurrent callers share one
+    /// connection attempt (a second one would wait for QEMU to drop the first).
+    connections: Mutex<HashMap<Name, Slot>>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+
+#[derive(Debug)]
+struct Connection {
+    pid: u32,
+    client: Client,
+}
+
+/// A domain's state as the driver sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainStatus {
+    /// The domain.
+    pub name: Name,
+    /// Running, paused or shut off (see the module docs for QEMU's run states).
+    pub state: DomainState,
+    /// QEMU's pid while it has a process.
+    pub pid: Option<u32>,
+}
+
+/// How [`QemuDriver::stop`] ends a domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Press the ACPI power button and wait up to `timeout` for the guest to power off.
+    Clean {
+        /// How long the guest may take.
+        timeout: Duration,
+    },
+    /// QMP `quit` (QEMU flushes and closes its disk images), SIGKILL if QEMU does not answer.
+    Force,
+}
+
+/// The files of one domain.
+#[derive(Debug)]
+pub(crate) struct DomainFiles {
+    dir: PathBuf,
+    pub(crate) definition: PathBuf,
+    run: PathBuf,
+    pid_file: PathBuf,
+    pub(crate) qemu_log: PathBuf,
+    qmp_socket: PathBuf,
+    console_socket: PathBuf,
+    default_serial_log: PathBuf,
+    pub(crate) ram_file: PathBuf,
+}
+
+impl DomainFiles {
+    fn runtime(&self, config: &DomainConfig) -> RuntimePaths {
+        RuntimePaths {
+            ram_file: self.ram_file.clone(),
+            qmp_socket: self.qmp_socket.clone(),
+            serial_log: config
+                .serial_log
+                .clone()
+                .unwrap_or_else(|| self.default_serial_log.clone()),
+            console_socket: self.console_socket.clone(),
+        }
+    }
+
+    /// What QEMU's command line contains, and no other process's does: the QMP socket option.
+    pub(crate) fn marker(&self) -> Vec<u8> {
+        format!("unix:{},server=on", escape(&self.qmp_socket)).into_bytes()
+    }
+
+    /// QEMU's pid, if the domain's QEMU is alive.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        process::read_pid(&self.pid_file).filter(|&pid| process::is_our_qemu(pid, &self.marker()))
+    }
+
+    fn check_socket_paths(&self) -> Result<()> {
+        for socket in [&self.qmp_socket, &self.console_socket] {
+            let len = socket.as_os_str().len();
+            if len > MAX_SOCKET_PATH {
+                return Err(Error::SocketPathTooLong {
+                    path: socket.clone(),
+                    len,
+                    max: MAX_SOCKET_PATH,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn has_leftovers(&self) -> bool {
+        self.run.exists() || self.ram_file.exists()
+    }
+
+    /// Removes the runtime files and the RAM file (of a QEMU that has ended).
+    fn clean(&self) -> Result<()> {
+        match fs::remove_dir_all(&self.run) {
+            Err(source) if source.kind() != io::ErrorKind::NotFound => {
+                return Err(io_error("cannot remove", &self.run)(source))
+            }
+            _ => {}
+        }
+        match fs::remove_file(&self.ram_file) {
+            Err(source) if source.kind() != io::ErrorKind::NotFound => {
+                Err(io_error("cannot remove", &self.ram_file)(source))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Builds an [`Error::Io`] for `path`.
+pub(crate) fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error {
+    let path = path.to_owned();
+    move |source| Error::Io {
+        operation,
+        path,
+        source,
+    }
+}
+
+/// Builds an [`Error::DomainQmp`].
+pub(crate) fn qmp_error(domain: &Name, operation: &'static str) -> impl FnOnce(qmp::Error) -> Error {
+    let domain = domain.clone();
+    move |source| Error::DomainQmp {
+        domain,
+        operation,
+        source,
+    }
+}
+
+/// The domain state of a live QEMU in run state `state`.
+pub(crate) fn domain_state(state: &RunState) -> DomainState {
+    if *state == RunState::Running {
+        DomainState::Running
+    } else {
+        DomainState::Paused
+    }
+}
+
+impl QemuDriver {
+    /// A driver for the domains under `state_dir` (created when the first domain is defined).
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                state_dir: state_dir.into(),
+                root: OnceLock::new(),
+                qemu: tokio::sync::OnceCell::new(),
+                connections: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Defines (or redefines) a domain: validates `config`, makes its paths absolute (QEMU runs
+    /// from `/`) and writes `domain.toml`. Refused while the domain's QEMU runs.
+    pub async fn define(&self, config: &DomainConfig) -> Result<()> {
+        config.validate()?;
+        let config = absolute_paths(config)?;
+        let dir = self.inner.state_dir.join("domains").join(config.name.as_str());
+        fs::create_dir_all(&dir).map_err(io_error("cannot create", &dir))?;
+        let files = self.files(&config.name)?;
+        files.check_socket_paths()?;
+        let _lock = self.lock(&config.name, &files).await?;
+        if let Some(pid) = files.pid() {
+            return Err(Error::Running {
+                domain: config.name.clone(),
+                action: "redefine",
+                pid,
+            });
+        }
+        self.write_definition(&files, &config)
+    }
+
+    /// The stored definition of a domain.
+    pub fn definition(&self, name: &Name) -> Result<DomainConfig> {
+        self.load_definition(name, &self.files(name)?)
+    }
+
+    /// Where the domain's QEMU keeps its RAM, QMP socket, console socket and serial log.
+    pub fn runtime_paths(&self, name: &Name) -> Result<RuntimePaths> {
+        let files = self.files(name)?;
+        Ok(files.runtime(&self.load_definition(name, &files)?))
+    }
+
+    /// Boots a shut-off domain; with `paused`, its vCPUs wait for [`QemuDriver::resume`].
+    pub async fn start(&self, name: &Name, paused: bool) -> Result<()> {
+        self.launch(name, StartMode::Boot { paused }).await
+    }
+
+    /// Stops a running domain (see [`StopMode`]); its runtime files and RAM file are removed.
+    pub async fn stop(&self, name: &Name, mode: StopMode) -> Result<()> {
+        let files = self.files(name)?;
+        let _lock = self.lock(name, &files).await?;
+        self.load_definition(name, &files)?;
+        let Some(pid) = files.pid() else {
+            self.forget(name);
+            files.clean()?;
+            return Err(Error::NotRunning { domain: name.clone() });
+        };
+        match mode {
+            StopMode::Force => self.end_process(name, &files, pid).await,
+            StopMode::Clean { timeout } => self.power_off(name, &files, pid, timeout).await,
+        }
+    }
+
+    /// Ends the domain's QEMU at once (as [`StopMode::Force`]); succeeds if it is shut off.
+    pub async fn destroy(&self, name: &Name) -> Result<()> {
+        let files = self.files(name)?;
+        let _lock = self.lock(name, &files).await?;
+        self.load_definition(name, &files)?;
+        match files.pid() {
+            Some(pid) => self.end_process(name, &files, pid).await,
+            None => {
+                self.forget(name);
+                files.clean()
+            }
+        }
+    }
+
+    /// Pauses the vCPUs.
+    pub async fn pause(&self, name: &Name) -> Result<()> {
+        let (_, _, client) = self.running(name).await?;
+        client.execute(&Stop).await.map_err(qmp_error(name, "pausing"))?;
+        Ok(())
+    }
+
+    /// Resumes the vCPUs.
+    pub async fn resume(&self, name: &Name) -> Result<()> {
+        let (_, _, client) = self.running(name).await?;
+        client.execute(&Cont).await.map_err(qmp_error(name, "resuming"))?;
+        Ok(())
+    }
+
+    /// The domain's state. Finding its QEMU dead cleans its stale files up.
+    pub async fn status(&self, name: &Name) -> Result<DomainStatus> {
+        let files = self.files(name)?;
+        self.load_definition(name, &files)?;
+        if let Some(pid) = files.pid() {
+            match self.run_state(name, &files, pid).await {
+                Ok(state) => {
+                    return Ok(DomainStatus {
+                        name: name.clone(),
+                        state: domain_state(&state),
+                        pid: Some(pid),
+                    })
+                }
+                // QEMU may have exited since the check.
+                Err(error) if files.pid().is_some() => return Err(error),
+                Err(_) => {}
+            }
+        }
+        self.clean_if_dead(name, &files)?;
+        Ok(DomainStatus {
+            name: name.clone(),
+            state: DomainState::ShutOff,
+            pid: None,
+        })
+    }
+
+    /// Every defined domain's status, sorted by name.
+    pub async fn list(&self) -> Result<Vec<DomainStatus>> {
+        let domains = self.inner.state_dir.join("domains");
+        let entries = match fs::read_dir(&domains) {
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            entries => entries.map_err(io_error("cannot list", &domains))?,
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_error("cannot list", &domains))?;
+            // Foreign files in the folder are not domains.
+            let Some(name) = entry.file_name().to_str().and_then(|n| Name::new(n).ok()) else {
+                continue;
+            };
+            if entry.path().join("domain.toml").is_file() {
+                names.push(name);
+            }
+        }
+        names.sort();
+        let mut statuses = Vec::with_capacity(names.len());
+        for name in &names {
+            statuses.push(self.status(name).await?);
+        }
+        Ok(statuses)
+    }
+
+    /// Removes a shut-off domain's definition and runtime files; the rest of its folder belongs
+    /// to the snapshot store.
+    pub async fn undefine(&self, name: &Name) -> Result<()> {
+        let files = self.files(name)?;
+        let _lock = self.lock(name, &files).await?;
+        self.load_definition(name, &files)?;
+        if let Some(pid) = files.pid() {
+            return Err(Error::Running {
+                domain: name.clone(),
+                action: "undefine",
+                pid,
+            });
+        }
+        self.forget(name);
+        files.clean()?;
+        fs::remove_file(&files.definition).map_err(io_error("cannot remove", &files.definition))?;
+        File::open(&files.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io_error("cannot sync", &files.dir))
+    }
+
+    /// Starts QEMU for a shut-off domain.
+    pub(crate) async fn launch(&self, name: &Name, mode: StartMode) -> Result<()> {
+        let files = self.files(name)?;
+        let _lock = self.lock(name, &files).await?;
+        let config = self.load_definition(name, &files)?;
+        if let Some(pid) = files.pid() {
+            return Err(Error::Running {
+                domain: name.clone(),
+                action: "start",
+                pid,
+            });
+        }
+        files.check_socket_paths()?;
+        self.forget(name);
+        files.clean()?;
+        let binary = self.qemu().await?;
+
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&files.run)
+            .map_err(io_error("cannot create", &files.run))?;
+        // A fresh, private RAM file: a restore writes only the non-zero pages into it.
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&files.ram_file)
+            .map_err(io_error("cannot create the RAM file", &files.ram_file))?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&files.qemu_log)
+            .map_err(io_error("cannot create", &files.qemu_log))?;
+        let log_too = log
+            .try_clone()
+            .map_err(io_error("cannot open", &files.qemu_log))?;
+
+        let mut args = qemu_args(&config, &files.runtime(&config), mode);
+        args.extend([
+            "-daemonize".into(),
+            "-pidfile".into(),
+            files.pid_file.clone().into(),
+            "-D".into(),
+            files.qemu_log.clone().into(),
+        ]);
+        let spawned = tokio::process::Command::new(&binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_too)
+            // Not in the caller's process group: a Ctrl-C at the terminal must not reach QEMU
+            // before it has detached.
+            .process_group(0)
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(source) => {
+                files.clean()?;
+                return Err(Error::QemuNotFound { binary, source });
+            }
+        };
+        let failure = match tokio::time::timeout(START_TIMEOUT, child.wait()).await {
+            Ok(Ok(status)) if status.success() => None,
+            Ok(Ok(status)) => Some(format!("QEMU {status}")),
+            Ok(Err(error)) => Some(format!("cannot wait for QEMU: {error}")),
+            Err(_) => {
+                let _ = child.start_kill();
+                Some(format!(
+                    "it did not finish initialising within {} s",
+                    START_TIMEOUT.as_secs()
+                ))
+            }
+        };
+        let failure = failure.or_else(|| {
+            files
+                .pid()
+                .is_none()
+                .then(|| "QEMU exited right after initialising".to_owned())
+        });
+        if let Some(reason) = failure {
+            // The daemon may have been forked before the failure.
+            if let Some(pid) = files.pid() {
+                let _ = process::kill(pid, &files.marker());
+                process::wait_exit(pid, &files.marker(), KILL_TIMEOUT).await;
+            }
+            let stderr = process::log_tail(&files.qemu_log);
+            if let Err(error) = files.clean() {
+                tracing::warn!(%error, "cannot clean up after a failed start");
+            }
+            return Err(Error::StartFailed {
+                domain: name.clone(),
+                reason,
+                stderr,
+            });
+        }
+        Ok(())
+    }
+
+    /// The files, pid and a QMP connection of a domain that has a process.
+    pub(crate) async fn running(&self, name: &Name) -> Result<(DomainFiles, u32, Client)> {
+        let files = self.files(name)?;
+        self.load_definition(name, &files)?;
+        let Some(pid) = files.pid() else {
+            self.clean_if_dead(name, &files)?;
+            return Err(Error::NotRunning { domain: name.clone() });
+        };
+        let client = self.client(name, &files, pid).await?;
+        Ok((files, pid, client))
+    }
+
+    /// The domain's files; fails for a domain that cannot exist (no state directory).
+    pub(crate) fn files(&self, name: &Name) -> Result<DomainFiles> {
+        let root = self.root().map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => Error::UnknownDomain { domain: name.clone() },
+            _ => Error::Io {
+                operation: "cannot open the state directory",
+                path: self.inner.state_dir.clone(),
+                source,
+            },
+        })?;
+        let dir = root.join("domains").join(name.as_str());
+        let run = dir.join("run");
+        let hash = xxhash_rust::xxh3::xxh3_64(root.as_os_str().as_bytes());
+        let ram_file = Path::new(RAM_DIR).join(format!(
+            "domsnap-{}-{:08x}-{name}.ram",
+            nix::unistd::getuid(),
+            hash >> 32
+        ));
+        Ok(DomainFiles {
+            definition: dir.join("domain.toml"),
+            pid_file: run.join("qemu.pid"),
+            qemu_log: run.join("qemu.log"),
+            qmp_socket: run.join("qmp.sock"),
+            console_socket: run.join("console.sock"),
+            default_serial_log: dir.join("serial.log"),
+            ram_file,
+            dir,
+            run,
+        })
+    }
+
+    /// The canonical state directory: every process names the same domain's files alike, so
+    /// the pid check and the RAM file name agree whatever path the caller used.
+    fn root(&self) -> io::Result<&Path> {
+        if let Some(root) = self.inner.root.get() {
+            return Ok(root);
+        }
+        let root = fs::canonicalize(&self.inner.state_dir)?;
+        Ok(self.inner.root.get_or_init(|| root))
+    }
+
+    pub(crate) fn load_definition(&self, name: &Name, files: &DomainFiles) -> Result<DomainConfig> {
+        if !files.definition.is_file() {
+            return Err(Error::UnknownDomain { domain: name.clone() });
+        }
+        DomainConfig::load(&files.definition)
+    }
+
+    fn write_definition(&self, files: &DomainFiles, config: &DomainConfig) -> Result<()> {
+        let text = toml::to_string(config).map_err(|error| Error::InvalidConfig {
+            path: None,
+            reason: error.to_string(),
+        })?;
+        snapshot_core::write_atomic(&files.definition, text.as_bytes()).map_err(|source| {
+            Error::SaveDefinition {
+                domain: config.name.clone(),
+                source,
+            }
+        })
+    }
+
+    /// The QEMU binary, checked once per driver.
+    async fn qemu(&self) -> Result<PathBuf> {
+        self.inner.qemu.get_or_try_init(process::find_qemu).await.cloned()
+    }
+
+    /// Waits for the domain folder's lock (held while a domain starts, stops or is redefined).
+    async fn lock(&self, name: &Name, files: &DomainFiles) -> Result<Flock<File>> {
+        let started = Instant::now();
+        let mut dir = open_dir(name, files)?;
+        loop {
+            match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(lock),
+                Err((file, Errno::EWOULDBLOCK)) if started.elapsed() < LOCK_TIMEOUT => {
+                    dir = file;
+                    tokio::time::sleep(POLL).await;
+                }
+                Err((_, Errno::EWOULDBLOCK)) => {
+                    return Err(Error::Busy {
+                        domain: name.clone(),
+                        seconds: LOCK_TIMEOUT.as_secs(),
+                    })
+                }
+                Err((_, errno)) => return Err(io_error("cannot lock", &files.dir)(errno.into())),
+            }
+        }
+    }
+
+    /// Removes the files of a QEMU that is gone, unless another process holds the domain's lock
+    /// (it is starting or stopping the domain, and the files may be its QEMU's).
+    fn clean_if_dead(&self, name: &Name, files: &DomainFiles) -> Result<()> {
+        if !files.has_leftovers() {
+            return Ok(());
+        }
+        let Ok(dir) = open_dir(name, files) else {
+            return Ok(());
+        };
+        let Ok(_lock) = Flock::lock(dir, FlockArg::LockExclusiveNonblock) else {
+            return Ok(());
+        };
+        if files.pid().is_none() {
+            tracing::info!(domain = %name, "QEMU is gone; removing its stale files");
+            self.forget(name);
+            files.clean()?;
+        }
+        Ok(())
+    }
+
+    /// The QMP connection to the domain's QEMU (pid `pid`), reused while it stays open.
+    pub(crate) async fn client(&self, name: &Name, files: &DomainFiles, pid: u32) -> Result<Client> {
+        let slot = self
+            .inner
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(name.clone())
+            .or_default()
+            .clone();
+        let mut held = slot.lock().await;
+        if let Some(connection) = held.as_ref() {
+            if connection.pid == pid && connection.client.closed_reason().is_none() {
+                return Ok(connection.client.clone());
+            }
+        }
+        *held = None;
+        let options = ClientOptions {
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            ..ClientOptions::default()
+        };
+        let client = Client::connect_unix(&files.qmp_socket, options)
+            .await
+            .map_err(|source| Error::QmpConnect {
+                domain: name.clone(),
+                socket: files.qmp_socket.clone(),
+                source,
+            })?;
+        *held = Some(Connection {
+            pid,
+            client: client.clone(),
+        });
+        Ok(client)
+    }
+
+    /// Drops the domain's QMP connection (its QEMU ended).
+    fn forget(&self, name: &Name) {
+        self.inner
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+    }
+
+    pub(crate) async fn run_state(&self, name: &Name, files: &DomainFiles, pid: u32) -> Result<RunState> {
+        let client = self.client(name, files, pid).await?;
+        let status = client
+            .execute(&QueryStatus)
+            .await
+            .map_err(qmp_error(name, "querying the run state"))?;
+        Ok(status.status)
+    }
+
+    /// Reads the active image of every disk from QEMU and records any change in the definition;
+    /// returns the (updated) definition.
+    pub(crate) async fn sync_disks(
+        &self,
+        name: &Name,
+        files: &DomainFiles,
+        client: &Client,
+    ) -> Result<DomainConfig> {
+        let mut config = self.load_definition(name, files)?;
+        let blocks = client
+            .execute(&QueryBlock)
+            .await
+            .map_err(qmp_error(name, "querying the disks"))?;
+        let mut changed = false;
+        for disk in &mut config.disks {
+            match active_image(&blocks, &disk.id) {
+                Some(image) if image != disk.path => {
+                    tracing::info!(domain = %name, disk = disk.id, image = %image.display(), "active image changed");
+                    disk.path = image;
+                    changed = true;
+                }
+                Some(_) => {}
+                None => tracing::warn!(domain = %name, disk = disk.id, "QEMU has no such disk"),
+            }
+        }
+        if changed {
+            self.write_definition(files, &config)?;
+        }
+        Ok(config)
+    }
+
+    /// Presses the power button of a running guest and waits for QEMU to exit.
+    async fn power_off(&self, name: &Name, files: &DomainFiles, pid: u32, timeout: Duration) -> Result<()> {
+        let client = self.client(name, files, pid).await?;
+        let state = self.run_state(name, files, pid).await?;
+        if state != RunState::Running {
+            return Err(Error::WrongState {
+                domain: name.clone(),
+                state: state.as_str().to_owned(),
+                hint: "its vCPUs cannot react to the power button; resume it or use --force",
+            });
+        }
+        self.sync_disks(name, files, &client).await?;
+        client
+            .execute_raw("system_powerdown", serde_json::json!({}))
+            .await
+            .map_err(qmp_error(name, "pressing the power button"))?;
+        if !process::wait_exit(pid, &files.marker(), timeout).await {
+            return Err(Error::PowerOffTimeout {
+                domain: name.clone(),
+                seconds: timeout.as_secs(),
+            });
+        }
+        self.forget(name);
+        files.clean()
+    }
+
+    /// Asks QEMU to quit (it closes its images cleanly); kills it if it does not answer or exit.
+    async fn end_process(&self, name: &Name, files: &DomainFiles, pid: u32) -> Result<()> {
+        let marker = files.marker();
+        let quit = async {
+            let client = self
+                .client(name, files, pid)
+                .await?
+                .with_timeout(Some(QUIT_TIMEOUT));
+            if let Err(error) = self.sync_disks(name, files, &client).await {
+                tracing::warn!(domain = %name, %error, "cannot record the active disk images");
+            }
+            match client.execute(&Quit).await {
+                // QEMU may close the connection before its reply is read.
+                Err(error) if !error.is_disconnect() => Err(qmp_error(name, "quitting")(error)),
+                _ => Ok(()),
+            }
+        };
+        let exited = match quit.await {
+            Ok(()) => process::wait_exit(pid, &marker, QUIT_TIMEOUT).await,
+            Err(error) => {
+                tracing::warn!(domain = %name, %error, "QEMU did not quit; killing it");
+                false
+            }
+        };
+        if !exited {
+            process::kill(pid, &marker).map_err(|reason| Error::Kill {
+                domain: name.clone(),
+                pid,
+                reason,
+            })?;
+            if !process::wait_exit(pid, &marker, KILL_TIMEOUT).await {
+                return Err(Error::Kill {
+                    domain: name.clone(),
+                    pid,
+                    reason: format!("still alive {} s after SIGKILL", KILL_TIMEOUT.as_secs()),
+                });
+            }
+        }
+        self.forget(name);
+        files.clean()
+    }
+}
+
+/// Opens the domain folder (to lock it).
+fn open_dir(name: &Name, files: &DomainFiles) -> Result<File> {
+    File::open(&files.dir).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => Error::UnknownDomain { domain: name.clone() },
+        _ => io_error("cannot open", &files.dir)(source),
+    })
+}
+
+/// `config` with absolute paths.
+fn absolute_paths(config: &DomainConfig) -> Result<DomainConfig> {
+    let absolute = |path: &Path| std::path::absolute(path).map_err(io_error("cannot resolve", path));
+    let mut config = config.clone();
+    for path in [&mut config.kernel, &mut config.initrd, &mut config.serial_log]
+        .into_iter()
+        .flatten()
+    {
+        *path = absolute(path)?;
+    }
+    for disk in &mut config.disks {
+        disk.path = absolute(&disk.path)?;
+    }
+    Ok(config)
+}
+
+/// The active image of the disk whose device id is `id`: the image of the root node inserted in
+/// the device (`-device virtio-blk-pci,id=ID` has the QOM path `/machine/peripheral/ID/...`).
+fn active_image(blocks: &[BlockInfo], id: &str) -> Option<PathBuf> {
+    let prefix = format!("/machine/peripheral/{id}/");
+    let block = blocks.iter().find(|block| {
+        block
+            .qdev
+            .as_deref()
+            .is_some_and(|qdev| qdev.starts_with(&prefix) || qdev == id)
+    })?;
+    image_path(&block.inserted.as_ref()?.file)
+}
+
+/// The host file of a format node. Nodes opened with explicit options (the disk backend's
+/// overlays) are named by a `json:{...}` pseudo-filename with the file inside.
+fn image_path(filename: &str) -> Option<PathBuf> {
+    let Some(json) = filename.strip_prefix("json:") else {
+        return Some(filename.into());
+    };
+    let options: serde_json::Value = serde_json::from_str(json).ok()?;
+    options.pointer("/file/filename")?.as_str().map(PathBuf::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(qdev: &str, file: &str) -> BlockInfo {
+        serde_json::from_value(serde_json::json!({
+            "device": "",
+            "qdev": qdev,
+            "removable": false,
+            "locked": false,
+            "inserted": {
+                "file": file, "ro": false, "drv": "qcow2", "backing_file_depth": 0,
+                "image": {"filename": file, "format": "qcow2", "virtual-size": 1}
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_active_image_is_the_root_node_of_the_disk_device() {
+        let blocks = [
+            block("/machine/peripheral/vda/virtio-backend", "/img/a.qcow2"),
+            block(
+                "/machine/peripheral/vdb/virtio-backend",
+                r#"json:{"backing": null, "driver": "qcow2", "file": {"driver": "file", "filename": "/img/b-overlay.qcow2"}}"#,
+            ),
+        ];
+        assert_eq!(active_image(&blocks, "vda"), Some("/img/a.qcow2".into()));
+        assert_eq!(active_image(&blocks, "vdb"), Some("/img/b-overlay.qcow2".into()));
+        assert_eq!(active_image(&blocks, "vd"), None);
+        assert_eq!(image_path("json:{not json"), None);
+    }
+
+    #[test]
+    fn only_qemus_running_state_is_running() {
+        assert_eq!(domain_state(&RunState::Running), DomainState::Running);
+        for state in [
+            RunState::Paused,
+            RunState::Prelaunch,
+            RunState::InMigrate,
+            RunState::PostMigrate,
+        ] {
+            assert_eq!(domain_state(&state), DomainState::Paused);
+        }
+    }
+
+    #[tokio::test]
+    async fn domains_are_defined_listed_and_undefined_without_qemu() {
+        let state = tempfile::tempdir().unwrap();
+        let driver = QemuDriver::new(state.path());
+        let name = Name::new("vm1").unwrap();
+        assert!(driver.list().await.unwrap().is_empty());
+        let error = driver.status(&name).await.unwrap_err().to_string();
+        assert_eq!(error, "domain vm1 is not defined");
+
+        let config = DomainConfig::parse(
+            "name = \"vm1\"\nmemory_mib = 64\nkernel = \"/k\"\n[[disks]]\nid = \"vda\"\npath = \"/d.qcow2\"",
+            Path::new("/"),
+        )
+        .unwrap();
+        driver.define(&config).await.unwrap();
+        let definition = state.path().join("domains/vm1/domain.toml");
+        assert!(definition.is_file());
+        // Another driver (another process) sees it.
+        let other = QemuDriver::new(state.path());
+        assert_eq!(other.definition(&name).unwrap(), config);
+        assert_eq!(
+            other.list().await.unwrap(),
+            [DomainStatus {
+                name: name.clone(),
+                state: DomainState::ShutOff,
+                pid: None
+            }]
+        );
+        let paths = other.runtime_paths(&name).unwrap();
+        assert_eq!(
+            paths.serial_log,
+            state
+                .path()
+                .canonicalize()
+                .unwrap()
+                .join("domains/vm1/serial.log")
+        );
+        let ram = paths.ram_file.to_str().unwrap().to_owned();
+        assert!(
+            ram.starts_with("/dev/shm/domsnap-") && ram.ends_with("-vm1.ram"),
+            "{ram}"
+        );
+
+        let error = driver.stop(&name, StopMode::Force).await.unwrap_err().to_string();
+        assert_eq!(error, "domain vm1 is shut off");
+        driver.destroy(&name).await.unwrap();
+        driver.undefine(&name).await.unwrap();
+        assert!(!definition.exists() && state.path().join("domains/vm1").is_dir());
+        assert!(driver.list().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn relative_paths_become_absolute_and_long_socket_paths_are_refused() {
+        let state = tempfile::tempdir().unwrap();
+        let driver = QemuDriver::new(state.path());
+        let mut config =
+            DomainConfig::parse("name = \"vm\"\nmemory_mib = 64\nkernel = \"/k\"", Path::new("/")).unwrap();
+        config.initrd = Some("relative/initrd".into());
+        driver.define(&config).await.unwrap();
+        let stored = driver.definition(&config.name).unwrap();
+        assert_eq!(
+            stored.initrd,
+            Some(std::env::current_dir().unwrap().join("relative/initrd"))
+        );
+
+        let deep = state.path().join("x".repeat(100));
+        let error = QemuDriver::new(&deep)
+            .define(&config)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("qmp.sock") && error.contains("107 bytes"),
+            "{error}"
+        );
+    }
+}

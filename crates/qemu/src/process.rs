@@ -1,0 +1,152 @@
+//! The QEMU process seen from outside: which binary, whether a pid is still our QEMU, waiting
+//! for it to exit, killing it, and the end of its log.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use crate::error::{Error, Result};
+
+/// Environment variable naming the `qemu-system-x86_64` binary to use.
+pub const QEMU_ENV: &str = "DOMSNAP_QEMU";
+
+/// The QEMU major version the driver is built for (its command line and QMP use).
+const QEMU_MAJOR: u32 = 10;
+
+/// How often a waiting loop looks again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// The bytes of QEMU's stderr quoted in errors.
+const STDERR_TAIL: usize = 2048;
+
+/// `$DOMSNAP_QEMU`, else `qemu-system-x86_64` from `PATH`, checked to be QEMU 10.
+pub(crate) async fn find_qemu() -> Result<PathBuf> {
+    let binary = std::env::var_os(QEMU_ENV)
+        .filter(|value| !value.is_empty())
+        .map_or_else(|| PathBuf::from("qemu-system-x86_64"), PathBuf::from);
+    let output = tokio::process::Command::new(&binary)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|source| Error::QemuNotFound {
+            binary: binary.clone(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let first_line = text.lines().next().unwrap_or_default().to_owned();
+    match parse_major(&first_line) {
+        Some(QEMU_MAJOR) => Ok(binary),
+        _ => Err(Error::QemuVersion {
+            binary,
+            found: first_line,
+        }),
+    }
+}
+
+/// The major version in `QEMU emulator version 10.0.2 (...)`.
+fn parse_major(line: &str) -> Option<u32> {
+    line.split_whitespace()
+        .skip_while(|word| *word != "version")
+        .nth(1)?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The pid in QEMU's pid file, if the file holds one.
+pub(crate) fn read_pid(pid_file: &Path) -> Option<u32> {
+    fs::read_to_string(pid_file).ok()?.trim().parse().ok()
+}
+
+/// Whether `pid` is a live process whose command line names `marker` (the domain's QMP socket
+/// as it appears in QEMU's arguments). This guards against a recycled pid; a zombie has an
+/// empty command line, so it counts as exited.
+pub(crate) fn is_our_qemu(pid: u32, marker: &[u8]) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|cmdline| cmdline.windows(marker.len()).any(|window| window == marker))
+}
+
+/// Waits up to `timeout` for the process to be gone; returns whether it is.
+pub(crate) async fn wait_exit(pid: u32, marker: &[u8], timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !is_our_qemu(pid, marker) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Sends SIGKILL to `pid` if it is still our QEMU.
+pub(crate) fn kill(pid: u32, marker: &[u8]) -> std::result::Result<(), String> {
+    if !is_our_qemu(pid, marker) {
+        return Ok(());
+    }
+    let raw = i32::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), nix::sys::signal::Signal::SIGKILL) {
+        // It exited between the check and the signal.
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(errno) => Err(format!("SIGKILL failed: {errno}")),
+    }
+}
+
+/// The last few KiB of QEMU's log, starting at a line boundary.
+pub(crate) fn log_tail(log: &Path) -> String {
+    let Ok(bytes) = fs::read(log) else {
+        return String::new();
+    };
+    let start = bytes.len().saturating_sub(STDERR_TAIL);
+    let tail = String::from_utf8_lossy(&bytes[start..]);
+    match tail.split_once('\n') {
+        Some((_, rest)) if start > 0 => rest.to_owned(),
+        _ => tail.into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_major_version_comes_from_the_version_line() {
+        assert_eq!(
+            parse_major("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)"),
+            Some(10)
+        );
+        assert_eq!(parse_major("QEMU emulator version 7.2.15"), Some(7));
+        assert_eq!(parse_major("something else"), None);
+    }
+
+    #[test]
+    fn a_process_is_our_qemu_only_if_its_command_line_names_the_socket() {
+        let me = std::process::id();
+        let cmdline = fs::read("/proc/self/cmdline").unwrap();
+        let first_arg = cmdline.split(|b| *b == 0).next().unwrap();
+        assert!(is_our_qemu(me, first_arg));
+        assert!(!is_our_qemu(me, b"/no/such/qmp.sock,"));
+        assert!(!is_our_qemu(u32::MAX, first_arg));
+    }
+
+    #[test]
+    fn the_log_tail_starts_at_a_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("qemu.log");
+        assert_eq!(log_tail(&log), "");
+        fs::write(&log, "short\n").unwrap();
+        assert_eq!(log_tail(&log), "short\n");
+        let long: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+        fs::write(&log, &long).unwrap();
+        let tail = log_tail(&log);
+        assert!(
+            tail.starts_with("line ") && tail.ends_with("line 999\n"),
+            "{tail}"
+        );
+        assert!(tail.len() <= STDERR_TAIL);
+    }
+}
