@@ -11,6 +11,7 @@
 //!                                    (unless the definition sets `serial_log`)
 //! STATE/domains/NAME/run/            files of the running QEMU (mode 0700), removed when it ends:
 //!                    qmp.sock        QMP
+//!                    status.sock     a second QMP monitor, for state queries only
 //!                    console.sock    the serial console, to type into the guest
 //!                    qemu.pid        QEMU's pid (written by QEMU: -daemonize -pidfile)
 //!                    qemu.log        QEMU's stderr (-D keeps it after daemonizing)
@@ -36,10 +37,13 @@
 //! QEMU starts with `-daemonize`: its first process exits only once initialisation has finished
 //! (disks open and locked, QMP listening), with its errors in `run/qemu.log`.
 //!
-//! QEMU serves one QMP client at a time. A driver keeps one connection per running domain and
-//! reuses it (reconnecting when it closed or the pid changed); while one process holds it,
-//! another process's QMP calls on that domain fail after a few seconds with
-//! [`Error::QmpConnect`]. Drop the driver (or end the process) to let another one talk.
+//! QEMU serves one client at a time on a QMP socket. A driver keeps one connection to
+//! `qmp.sock` per running domain and reuses it (reconnecting when it closed or the pid changed);
+//! while one process holds it, another process's commands on that domain fail after a few
+//! seconds with [`Error::QmpConnect`] (drop the driver, or end the process, to let another one
+//! talk). State queries of a driver that holds no connection go to `status.sock` instead
+//! (connect, `query-status`, disconnect), so `status` and `list` answer while another process
+//! works on the domain.
 //!
 //! # Run states
 //!
@@ -167,6 +171,7 @@ pub(crate) struct DomainFiles {
     pid_file: PathBuf,
     pub(crate) qemu_log: PathBuf,
     qmp_socket: PathBuf,
+    status_socket: PathBuf,
     console_socket: PathBuf,
     default_serial_log: PathBuf,
     pub(crate) ram_file: PathBuf,
@@ -196,7 +201,7 @@ impl DomainFiles {
     }
 
     fn check_socket_paths(&self) -> Result<()> {
-        for socket in [&self.qmp_socket, &self.console_socket] {
+        for socket in [&self.qmp_socket, &self.status_socket, &self.console_socket] {
             let len = socket.as_os_str().len();
             if len > MAX_SOCKET_PATH {
                 return Err(Error::SocketPathTooLong {
@@ -464,6 +469,8 @@ impl QemuDriver {
 
         let mut args = qemu_args(&config, &files.runtime(&config), mode);
         args.extend([
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", escape(&files.status_socket)).into(),
             "-daemonize".into(),
             "-pidfile".into(),
             files.pid_file.clone().into(),
@@ -558,6 +565,7 @@ impl QemuDriver {
             pid_file: run.join("qemu.pid"),
             qemu_log: run.join("qemu.log"),
             qmp_socket: run.join("qmp.sock"),
+            status_socket: run.join("status.sock"),
             console_socket: run.join("console.sock"),
             default_serial_log: dir.join("serial.log"),
             ram_file,
@@ -660,11 +668,7 @@ impl QemuDriver {
             }
         }
         *held = None;
-        let options = ClientOptions {
-            handshake_timeout: HANDSHAKE_TIMEOUT,
-            ..ClientOptions::default()
-        };
-        let client = Client::connect_unix(&files.qmp_socket, options)
+        let client = Client::connect_unix(&files.qmp_socket, Self::client_options())
             .await
             .map_err(|source| Error::QmpConnect {
                 domain: name.clone(),
@@ -687,13 +691,45 @@ impl QemuDriver {
             .remove(name);
     }
 
+    /// QEMU's run state, on this driver's connection if it has one, else on the status monitor.
     pub(crate) async fn run_state(&self, name: &Name, files: &DomainFiles, pid: u32) -> Result<RunState> {
-        let client = self.client(name, files, pid).await?;
+        let client = match self.connected(name, pid) {
+            Some(client) => client,
+            None => Client::connect_unix(&files.status_socket, Self::client_options())
+                .await
+                .map_err(|source| Error::QmpConnect {
+                    domain: name.clone(),
+                    socket: files.status_socket.clone(),
+                    source,
+                })?,
+        };
         let status = client
             .execute(&QueryStatus)
             .await
             .map_err(qmp_error(name, "querying the run state"))?;
         Ok(status.status)
+    }
+
+    /// This driver's open connection to the domain's QEMU (pid `pid`), if it has one at hand.
+    fn connected(&self, name: &Name, pid: u32) -> Option<Client> {
+        let slot = self
+            .inner
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)?
+            .clone();
+        let held = slot.try_lock().ok()?;
+        held.as_ref()
+            .filter(|c| c.pid == pid && c.client.closed_reason().is_none())
+            .map(|c| c.client.clone())
+    }
+
+    fn client_options() -> ClientOptions {
+        ClientOptions {
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            ..ClientOptions::default()
+        }
     }
 
     /// Reads the active image of every disk from QEMU and records any change in the definition;

@@ -1,0 +1,474 @@
+//! The domain driver on a real QEMU 10 with the test guest: lifecycle and supervision across
+//! driver instances (as separate CLI processes would use it), a crashed QEMU, the revert
+//! mechanism (RAM through the shared file, device state through QEMU), and the disk backend
+//! that follows the domain's state.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use disk::ExternalSnapshot;
+use memory::{restore, save_paused, Durability, ImageLayout, ImageWriter, RestoreOptions, ZeroPages};
+use qemu::{DiskConfig, DomainConfig, DomainStatus, QemuDriver, StopMode};
+use snapshot_core::{DiskTarget, DomainState, Hypervisor, Name};
+use testkit::{SerialLine, Workload};
+
+const BOOT: Duration = Duration::from_secs(90);
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A state directory whose domains' QEMUs are killed and RAM files removed when the test ends,
+/// whatever happened (the driver's QEMUs outlive the test process otherwise).
+struct State {
+    dir: tempfile::TempDir,
+    names: Vec<Name>,
+}
+
+impl State {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::Builder::new()
+                .prefix("domsnap-driver-")
+                .tempdir()
+                .unwrap(),
+            names: Vec::new(),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn driver(&self) -> QemuDriver {
+        QemuDriver::new(self.path())
+    }
+
+    /// A domain of the test guest running `workload` (or nothing to run, when `None`).
+    fn config(&mut self, name: &str, workload: Option<Workload>, disks: &[PathBuf]) -> DomainConfig {
+        let name = Name::new(name).unwrap();
+        self.names.push(name.clone());
+        let guest = testkit::guest();
+        DomainConfig {
+            name,
+            memory_mib: 128,
+            vcpus: 1,
+            kernel: Some(guest.kernel),
+            initrd: Some(guest.initrd),
+            cmdline: workload.map(|w| format!("console=ttyS0 quiet {}", w.cmdline())),
+            serial_log: None,
+            disks: disks
+                .iter()
+                .enumerate()
+                .map(|(index, path)| DiskConfig {
+                    id: testkit::disk_id(index),
+                    path: path.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn pid(&self, name: &Name) -> Option<i32> {
+        let pid_file = self
+            .path()
+            .join("domains")
+            .join(name.as_str())
+            .join("run/qemu.pid");
+        fs::read_to_string(pid_file).ok()?.trim().parse().ok()
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        let driver = self.driver();
+        for name in &self.names {
+            if let Some(pid) = self.pid(name) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            if let Ok(paths) = driver.runtime_paths(name) {
+                let _ = fs::remove_file(paths.ram_file);
+            }
+        }
+    }
+}
+
+/// The parsed `DOMSNAP` lines of a serial log.
+fn serial_lines(log: &Path) -> Vec<SerialLine> {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(testkit::parse_serial_line)
+        .collect()
+}
+
+fn last_tick(log: &Path) -> Option<u64> {
+    serial_lines(log).into_iter().rev().find_map(|line| match line {
+        SerialLine::Tick { n, .. } => Some(n),
+        _ => None,
+    })
+}
+
+/// Waits for a serial line that `check` accepts; panics with the log if none comes in time.
+async fn wait_serial<T>(
+    log: &Path,
+    timeout: Duration,
+    mut check: impl FnMut(&[SerialLine]) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(found) = check(&serial_lines(log)) {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not print what the test waits for within {timeout:?}; serial log:\n{}",
+            fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_tick_after(log: &Path, after: u64, timeout: Duration) -> u64 {
+    wait_serial(log, timeout, |_| last_tick(log).filter(|&n| n > after)).await
+}
+
+fn status(name: &Name, state: DomainState, pid: Option<u32>) -> DomainStatus {
+    DomainStatus {
+        name: name.clone(),
+        state,
+        pid,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_starts_pauses_resumes_and_stops_across_driver_instances() {
+    let mut state = State::new();
+    let config = state.config("life", Some(Workload::Idle), &[]);
+    let name = config.name.clone();
+    let driver = state.driver();
+    let unknown = Name::new("nobody").unwrap();
+    assert_eq!(
+        driver.start(&unknown, false).await.unwrap_err().to_string(),
+        "domain nobody is not defined"
+    );
+
+    driver.define(&config).await.unwrap();
+    driver.start(&name, false).await.unwrap();
+    let running = driver.status(&name).await.unwrap();
+    let pid = running.pid.expect("a running domain has a pid");
+    assert_eq!(running, status(&name, DomainState::Running, Some(pid)));
+    let error = driver.start(&name, false).await.unwrap_err().to_string();
+    assert!(
+        error.contains("cannot start domain life while its QEMU runs"),
+        "{error}"
+    );
+    let error = driver.define(&config).await.unwrap_err().to_string();
+    assert!(error.contains("cannot redefine domain life"), "{error}");
+
+    let paths = driver.runtime_paths(&name).unwrap();
+    assert_eq!(
+        paths.serial_log,
+        state
+            .path()
+            .canonicalize()
+            .unwrap()
+            .join("domains/life/serial.log")
+    );
+    let first = wait_tick_after(&paths.serial_log, 0, BOOT).await;
+
+    driver.pause(&name).await.unwrap();
+    assert_eq!(driver.status(&name).await.unwrap().state, DomainState::Paused);
+    let at_pause = last_tick(&paths.serial_log).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // One line may have been on its way out when the vCPU stopped.
+    assert!(
+        last_tick(&paths.serial_log).unwrap() <= at_pause + 1,
+        "ticks went on while paused"
+    );
+    driver.resume(&name).await.unwrap();
+    assert_eq!(driver.status(&name).await.unwrap().state, DomainState::Running);
+    wait_tick_after(&paths.serial_log, at_pause.max(first) + 1, WAIT).await;
+
+    // Another driver (another CLI process) sees the state while this one holds its QMP
+    // connection, and can drive the domain once this one lets go of it.
+    let other = state.driver();
+    let asked = Instant::now();
+    assert_eq!(
+        other.status(&name).await.unwrap(),
+        status(&name, DomainState::Running, Some(pid))
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "the state query waited for QMP"
+    );
+    drop(driver);
+    assert_eq!(
+        other.list().await.unwrap(),
+        [status(&name, DomainState::Running, Some(pid))]
+    );
+    other.stop(&name, StopMode::Force).await.unwrap();
+    assert_eq!(
+        other.status(&name).await.unwrap(),
+        status(&name, DomainState::ShutOff, None)
+    );
+    assert!(!state.path().join("domains/life/run").exists());
+    assert!(!paths.ram_file.exists());
+    assert!(paths.serial_log.exists(), "the serial log outlives the run");
+    let error = other.stop(&name, StopMode::Force).await.unwrap_err().to_string();
+    assert_eq!(error, "domain life is shut off");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_qemu_is_found_dead_and_cleaned_up() {
+    let mut state = State::new();
+    let config = state.config("crash", None, &[]);
+    let name = config.name.clone();
+    let driver = state.driver();
+    driver.define(&config).await.unwrap();
+    driver.start(&name, true).await.unwrap();
+    let paused = driver.status(&name).await.unwrap();
+    assert_eq!(paused.state, DomainState::Paused, "started with -S");
+    let ram_file = driver.runtime_paths(&name).unwrap().ram_file;
+    assert_eq!(fs::metadata(&ram_file).unwrap().len(), 128 << 20);
+
+    let pid = paused.pid.unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Seen from another process, which also cleans up.
+    let other = state.driver();
+    let deadline = Instant::now() + WAIT;
+    while other.status(&name).await.unwrap().state != DomainState::ShutOff {
+        assert!(Instant::now() < deadline, "QEMU did not die");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!state.path().join("domains/crash/run").exists());
+    assert!(!ram_file.exists());
+
+    // The first driver's connection to the dead QEMU is replaced.
+    driver.start(&name, true).await.unwrap();
+    let again = driver.status(&name).await.unwrap();
+    assert_eq!(again.state, DomainState::Paused);
+    assert_ne!(again.pid, Some(pid));
+    Hypervisor::destroy(&driver, &name).await.unwrap();
+    Hypervisor::destroy(&driver, &name).await.unwrap();
+    assert_eq!(driver.status(&name).await.unwrap().state, DomainState::ShutOff);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_errors_carry_qemus_message_and_leave_nothing_behind() {
+    let mut state = State::new();
+    let missing = state.path().join("missing.qcow2");
+    let config = state.config("broken", None, std::slice::from_ref(&missing));
+    let name = config.name.clone();
+    let driver = state.driver();
+    driver.define(&config).await.unwrap();
+    let error = driver.start(&name, true).await.unwrap_err().to_string();
+    assert!(
+        error.contains("QEMU failed to start domain broken") && error.contains("missing.qcow2"),
+        "{error}"
+    );
+    assert!(!state.path().join("domains/broken/run").exists());
+    assert!(!driver.runtime_paths(&name).unwrap().ram_file.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_state_that_qemu_cannot_load_fails_with_qemus_reason() {
+    let mut state = State::new();
+    let config = state.config("badstate", None, &[]);
+    let name = config.name.clone();
+    let driver = state.driver();
+    driver.define(&config).await.unwrap();
+    driver.start_incoming(&name).await.unwrap();
+    assert_eq!(driver.status(&name).await.unwrap().state, DomainState::Paused);
+
+    let garbage = state.path().join("garbage.bin");
+    fs::write(&garbage, b"not a device state").unwrap();
+    let error = driver
+        .load_device_state(&name, &garbage)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("not a QEMU device-state file"), "{error}");
+    // The right header, then a section QEMU does not know.
+    let truncated = state.path().join("truncated.bin");
+    fs::write(&truncated, b"QEVM\0\0\0\x03\x04\0\0\0\x09").unwrap();
+    let error = driver
+        .load_device_state(&name, &truncated)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("cannot load device state") && error.contains("truncated.bin"),
+        "{error}"
+    );
+    Hypervisor::destroy(&driver, &name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_through_the_driver_continues_the_guest_where_it_was_saved() {
+    let mut state = State::new();
+    let workload = Workload::Fingerprint { seed: 7, mib: 8 };
+    let expected = workload.expected_fingerprint().unwrap();
+    let config = state.config("revert", Some(workload), &[]);
+    let name = config.name.clone();
+    let driver = state.driver();
+    driver.define(&config).await.unwrap();
+    driver.start(&name, false).await.unwrap();
+    let log = driver.runtime_paths(&name).unwrap().serial_log;
+    let sum = wait_serial(&log, BOOT, |lines| {
+        lines.iter().find_map(|line| match line {
+            SerialLine::Fingerprint { sum, .. } => Some(*sum),
+            _ => None,
+        })
+    })
+    .await;
+    assert_eq!(sum, expected);
+    wait_tick_after(&log, 1, WAIT).await;
+
+    // Save: pause, RAM from the shared file, device state from QEMU.
+    let image = state.path().join("memory.img");
+    let devices = state.path().join("devices.bin");
+    driver.pause(&name).await.unwrap();
+    let error = driver
+        .load_device_state(&name, &devices)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("is paused: device state loads only into"),
+        "{error}"
+    );
+    let ram = driver.guest_memory(&name).await.unwrap();
+    assert_eq!(ram.size(), 128 << 20);
+    let writer = ImageWriter::create(&image, ImageLayout::of(&ram), Durability::Sync).unwrap();
+    let saved = save_paused(&ram, Box::new(writer)).unwrap();
+    assert!(saved.present_pages > 0);
+    drop(ram);
+    driver.save_device_state(&name, &devices).await.unwrap();
+    assert!(fs::metadata(&devices).unwrap().len() > 1000);
+    let tick_at_save = last_tick(&log).unwrap();
+
+    // Revert: a new QEMU waiting for state, RAM written into its fresh file, devices loaded.
+    Hypervisor::destroy(&driver, &name).await.unwrap();
+    driver.start_incoming(&name).await.unwrap();
+    assert_eq!(driver.state(&name).await.unwrap(), DomainState::Paused);
+    let ram = driver.guest_memory(&name).await.unwrap();
+    let options = RestoreOptions {
+        zero_pages: ZeroPages::AssumeZeroed,
+    };
+    let restored = restore(&image, &ram, &options).unwrap();
+    assert_eq!(restored.pages_restored, saved.present_pages);
+    drop(ram);
+    driver.load_device_state(&name, &devices).await.unwrap();
+    assert_eq!(driver.state(&name).await.unwrap(), DomainState::Paused);
+    driver.resume(&name).await.unwrap();
+
+    // The counter continues (one more is allowed for a tick line cut by the pause), and the
+    // guest's memory is intact.
+    let resumed = wait_tick_after(&log, tick_at_save, WAIT).await;
+    assert!(
+        resumed <= tick_at_save + 2,
+        "saved at {tick_at_save}, resumed at {resumed}"
+    );
+    let console = driver.runtime_paths(&name).unwrap().console_socket;
+    UnixStream::connect(console)
+        .unwrap()
+        .write_all(b"verify\n")
+        .unwrap();
+    let check = wait_serial(&log, WAIT, |lines| {
+        lines.iter().find_map(|line| match line {
+            SerialLine::FingerprintCheck(result) => Some(result.clone()),
+            _ => None,
+        })
+    })
+    .await;
+    assert_eq!(check, Ok(expected));
+    let boots = serial_lines(&log)
+        .iter()
+        .filter(|line| matches!(line, SerialLine::Ready { .. }))
+        .count();
+    assert_eq!(boots, 1, "the guest rebooted");
+    Hypervisor::destroy(&driver, &name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_backend_follows_the_domain_and_the_definition_follows_the_active_image() {
+    let mut state = State::new();
+    let base = state.path().join("vda.qcow2");
+    testkit::create_qcow2(&base, "16M");
+    let config = state.config("disks", None, std::slice::from_ref(&base));
+    let name = config.name.clone();
+    let driver = state.driver();
+    driver.define(&config).await.unwrap();
+    driver.start(&name, true).await.unwrap();
+
+    // Live: QEMU takes the snapshots, and the overlay becomes the active image everywhere.
+    let live = driver.disk_backend(&name).await.unwrap();
+    live.create_internal(std::slice::from_ref(&base), "s1")
+        .await
+        .unwrap();
+    let overlay = state.path().join("vda-1.qcow2");
+    live.create_external(&[ExternalSnapshot {
+        disk: base.clone(),
+        overlay: overlay.clone(),
+        backing_path: Default::default(),
+    }])
+    .await
+    .unwrap();
+    let vda = |image: &Path| DiskTarget {
+        target: "vda".into(),
+        image: image.to_owned(),
+    };
+    assert_eq!(driver.disks(&name).await.unwrap(), [vda(&overlay)]);
+    assert_eq!(driver.definition(&name).unwrap().disks[0].path, overlay);
+
+    // Offline once shut off: the images are edited natively.
+    driver.stop(&name, StopMode::Force).await.unwrap();
+    let offline = driver.disk_backend(&name).await.unwrap();
+    let snapshots = offline.list_internal(&base).await.unwrap();
+    assert_eq!(
+        snapshots.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["s1"]
+    );
+    let chain = offline.backing_chain(&overlay).await.unwrap();
+    assert_eq!(
+        chain.iter().map(|i| i.path.clone()).collect::<Vec<_>>(),
+        [overlay.clone(), base.clone()]
+    );
+    offline
+        .create_internal(std::slice::from_ref(&overlay), "s2")
+        .await
+        .unwrap();
+
+    // Revert-style redefinition from a recorded configuration, with other images.
+    let recorded = driver.config(&name).await.unwrap();
+    Hypervisor::define(&driver, &name, &recorded, &[vda(&base)])
+        .await
+        .unwrap();
+    assert_eq!(driver.disks(&name).await.unwrap(), [vda(&base)]);
+    let vdz = DiskTarget {
+        target: "vdz".into(),
+        image: base.clone(),
+    };
+    let error = Hypervisor::define(&driver, &name, &recorded, &[vdz])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("no disk \"vdz\""), "{error}");
+    driver.start(&name, true).await.unwrap();
+    assert_eq!(driver.disks(&name).await.unwrap(), [vda(&base)]);
+    let error = Hypervisor::define(&driver, &name, &recorded, &[])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("cannot redefine domain disks"), "{error}");
+    driver.stop(&name, StopMode::Force).await.unwrap();
+}
