@@ -1,68 +1,5 @@
-//! The domain driver: named domains under a state directory, each run by a daemonized QEMU 10
-//! that outlives the process that started it (the `domsnap` CLI runs one short process per
-//! command).
-//!
-//! # State layout
-//!
-//! ```text
-//! STATE/domains/NAME/domain.toml     the definition: DomainConfig as TOML with absolute paths,
-//!                                    replaced atomically (temporary file, fsync, rename, fsync)
-//! STATE/domains/NAME/serial.log      the serial console, appended across runs and restores
-//!                                    (unless the definition sets `serial_log`)
-//! STATE/domains/NAME/run/            files of the running QEMU (mode 0700), removed when it ends:
-//!                    qmp.sock        QMP
-//!                    status.sock     a second QMP monitor, for state queries only
-//!                    console.sock    the serial console, to type into the guest
-//!                    qemu.pid        QEMU's pid (written by QEMU: -daemonize -pidfile)
-//!                    qemu.log        QEMU's stderr (-D keeps it after daemonizing)
-//! /dev/shm/domsnap-UID-HASH-NAME.ram guest RAM (mode 0600), HASH = first 8 hex digits of the
-//!                                    xxh3-64 of the canonical state directory
-//! ```
-//!
-//! Guest RAM is on tmpfs because `share=on` RAM in a file on a disk would be written back to the
-//! disk. The snapshot store owns the rest of the domain folder (`lock`, `current`, `snapshots/`,
-//! ...); the driver never touches it, and `undefine` leaves the folder to it. Unix socket paths
-//! are limited to 107 bytes: a state directory that makes them longer is refused when a domain
-//! is defined or started.
-//!
-//! # Supervision
-//!
-//! A domain runs iff the process in `run/qemu.pid` is alive and its `/proc/PID/cmdline` names
-//! the domain's QMP socket (a recycled pid or a zombie does not count). When the driver finds
-//! the QEMU dead (the guest powered off, QEMU crashed or was killed), it removes `run/` and the
-//! RAM file and reports the domain shut off. Starting, stopping, defining and undefining take an
-//! exclusive `flock` on the domain folder, so two processes never start the same domain twice,
-//! and the stale-file cleanup of one never removes the files of a QEMU another is starting.
-//!
-//! QEMU starts with `-daemonize`: its first process exits only once initialisation has finished
-//! (disks open and locked, QMP listening), with its errors in `run/qemu.log`.
-//!
-//! QEMU serves one client at a time on a QMP socket. A driver keeps one connection to
-//! `qmp.sock` per running domain and reuses it (reconnecting when it closed or the pid changed);
-//! while one process holds it, another process's commands on that domain fail after a few
-//! seconds with [`Error::QmpConnect`] (drop the driver, or end the process, to let another one
-//! talk). State queries of a driver that holds no connection go to `status.sock` instead
-//! (connect, `query-status`, disconnect), so `status` and `list` answer while another process
-//! works on the domain.
-//!
-//! # Run states
-//!
-//! QEMU's `running` maps to [`DomainState::Running`]. Every other state of a live QEMU maps to
-//! [`DomainState::Paused`]: `paused`, `prelaunch` (started with `-S`), `inmigrate` (started to
-//! receive saved state), `finish-migrate`, `postmigrate`, `save-vm`, `restore-vm`, `suspended`,
-//! `debug`, `io-error`, `internal-error`, `guest-panicked`, `watchdog`, `shutdown`, `colo`: the
-//! vCPUs are not running in any of them. No process is [`DomainState::ShutOff`].
-//!
-//! # Disks
-//!
-//! The definition names each disk's active image. A live external snapshot (or a merge of the
-//! active image) makes QEMU write to another image, so while QEMU runs the driver takes the
-//! active images from QEMU (`query-block`: the image of the root node attached to the device
-//! whose id is the disk id) and rewrites the definition whenever they differ from it: after
-//! every change made through the disk backend the driver hands out
-//! ([`snapshot_core::Hypervisor::disk_backend`]), and when the disks or configuration are read
-//! or the domain is stopped. A later cold start therefore uses the overlay. Images changed while
-//! the domain is shut off are recorded by the caller with [`snapshot_core::Hypervisor::define`].
+//! The domain driver: [`QemuDriver`] (its documentation has the state layout, supervision,
+//! run states and disk handling).
 
 use std::{
     collections::HashMap,
@@ -112,8 +49,73 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a waiting loop looks again.
 const POLL: Duration = Duration::from_millis(20);
 
-/// Manages named QEMU domains under a state directory. Cheap to clone; clones share their QMP
-/// connections.
+/// The QEMU domain driver: named domains under a state directory, each run by a daemonized QEMU 10
+/// that outlives the process that started it (the `domsnap` CLI runs one short process per
+/// command).
+///
+/// # State layout
+///
+/// ```text
+/// STATE/domains/NAME/domain.toml     the definition: DomainConfig as TOML with absolute paths,
+///                                    replaced atomically (temporary file, fsync, rename, fsync)
+/// STATE/domains/NAME/serial.log      the serial console, appended across runs and restores
+///                                    (unless the definition sets `serial_log`)
+/// STATE/domains/NAME/run/            files of the running QEMU (mode 0700), removed when it ends:
+///                    qmp.sock        QMP
+///                    status.sock     a second QMP monitor, for state queries only
+///                    console.sock    the serial console, to type into the guest
+///                    qemu.pid        QEMU's pid (written by QEMU: -daemonize -pidfile)
+///                    qemu.log        QEMU's stderr (-D keeps it after daemonizing)
+/// /dev/shm/domsnap-UID-HASH-NAME.ram guest RAM (mode 0600), HASH = first 8 hex digits of the
+///                                    xxh3-64 of the canonical state directory
+/// ```
+///
+/// Guest RAM is on tmpfs because `share=on` RAM in a file on a disk would be written back to the
+/// disk. The snapshot store owns the rest of the domain folder (`lock`, `current`, `snapshots/`,
+/// ...); the driver never touches it, and `undefine` leaves the folder to it. Unix socket paths
+/// are limited to 107 bytes: a state directory that makes them longer is refused when a domain
+/// is defined or started.
+///
+/// # Supervision
+///
+/// A domain runs iff the process in `run/qemu.pid` is alive and its `/proc/PID/cmdline` names
+/// the domain's QMP socket (a recycled pid or a zombie does not count). When the driver finds
+/// the QEMU dead (the guest powered off, QEMU crashed or was killed), it removes `run/` and the
+/// RAM file and reports the domain shut off. Starting, stopping, defining and undefining take an
+/// exclusive `flock` on the domain folder, so two processes never start the same domain twice,
+/// and the stale-file cleanup of one never removes the files of a QEMU another is starting.
+///
+/// QEMU starts with `-daemonize`: its first process exits only once initialisation has finished
+/// (disks open and locked, QMP listening), with its errors in `run/qemu.log`.
+///
+/// QEMU serves one client at a time on a QMP socket. A driver keeps one connection to
+/// `qmp.sock` per running domain and reuses it (reconnecting when it closed or the pid changed);
+/// while one process holds it, another process's commands on that domain fail after a few
+/// seconds with [`Error::QmpConnect`] (drop the driver, or end the process, to let another one
+/// talk). State queries of a driver that holds no connection go to `status.sock` instead
+/// (connect, `query-status`, disconnect), so `status` and `list` answer while another process
+/// works on the domain.
+///
+/// # Run states
+///
+/// QEMU's `running` maps to [`DomainState::Running`]. Every other state of a live QEMU maps to
+/// [`DomainState::Paused`]: `paused`, `prelaunch` (started with `-S`), `inmigrate` (started to
+/// receive saved state), `finish-migrate`, `postmigrate`, `save-vm`, `restore-vm`, `suspended`,
+/// `debug`, `io-error`, `internal-error`, `guest-panicked`, `watchdog`, `shutdown`, `colo`: the
+/// vCPUs are not running in any of them. No process is [`DomainState::ShutOff`].
+///
+/// # Disks
+///
+/// The definition names each disk's active image. A live external snapshot (or a merge of the
+/// active image) makes QEMU write to another image, so while QEMU runs the driver takes the
+/// active images from QEMU (`query-block`: the image of the root node attached to the device
+/// whose id is the disk id) and rewrites the definition whenever they differ from it: after
+/// every change made through the disk backend the driver hands out
+/// ([`snapshot_core::Hypervisor::disk_backend`]), and when the disks or configuration are read
+/// or the domain is stopped. A later cold start therefore uses the overlay. Images changed while
+/// the domain is shut off are recorded by the caller with [`snapshot_core::Hypervisor::define`].
+///
+/// Cheap to clone; clones share their QMP connections.
 #[derive(Debug, Clone)]
 pub struct QemuDriver {
     inner: Arc<Inner>,

@@ -1,8 +1,30 @@
 //! The QEMU domain driver: a domain's configuration (TOML) and the QEMU 10 command line that runs
 //! it under TCG with guest RAM in a shared file, QMP on a Unix socket and qcow2 disks as
 //! `-blockdev` nodes; and where the RAM file sits in guest-physical memory ([`ram_layout`],
-//! read from QEMU). Process supervision and the snapshot-core traits arrive with the
-//! orchestrator issue; see `docs/architecture.md`.
+//! read from QEMU); and [`QemuDriver`], which keeps named domains under a state directory, runs
+//! each in a daemonized QEMU that outlives the process that started it, supervises it, and
+//! implements [`snapshot_core::Hypervisor`] (device state through `xen-save-devices-state` and
+//! `migrate-incoming`, RAM through the shared file, a disk backend that follows the domain's
+//! state). The driver module's documentation describes the state layout, supervision and the
+//! mapping of QEMU's run states.
+//!
+//! ```no_run
+//! # async fn demo() -> qemu::Result<()> {
+//! use qemu::{DomainConfig, QemuDriver, StopMode};
+//! use snapshot_core::Name;
+//!
+//! let driver = QemuDriver::new("/var/lib/domsnap");
+//! let config = DomainConfig::load(std::path::Path::new("demo.toml"))?;
+//! driver.define(&config).await?;
+//! let name = Name::new("demo").expect("a valid name");
+//! driver.start(&name, false).await?;
+//! println!("{:?}", driver.status(&name).await?);
+//! driver.stop(&name, StopMode::Force).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The command line alone:
 //!
 //! ```
 //! use std::path::Path;

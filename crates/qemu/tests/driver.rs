@@ -263,6 +263,33 @@ async fn a_killed_qemu_is_found_dead_and_cleaned_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_fails_clearly_when_the_guest_cannot_power_off() {
+    let mut state = State::new();
+    let config = state.config("button", None, &[]);
+    let name = config.name.clone();
+    let driver = state.driver();
+    driver.define(&config).await.unwrap();
+    driver.start(&name, true).await.unwrap();
+    let clean = StopMode::Clean {
+        timeout: Duration::from_secs(1),
+    };
+    let error = driver.stop(&name, clean).await.unwrap_err().to_string();
+    assert!(
+        error.contains("domain button is prelaunch: its vCPUs cannot react to the power button"),
+        "{error}"
+    );
+    // The test guest's initramfs has no ACPI button driver: it ignores the power button.
+    driver.resume(&name).await.unwrap();
+    let error = driver.stop(&name, clean).await.unwrap_err().to_string();
+    assert_eq!(
+        error,
+        "domain button: the guest did not power off within 1 s; use --force"
+    );
+    assert_eq!(driver.status(&name).await.unwrap().state, DomainState::Running);
+    driver.stop(&name, StopMode::Force).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_errors_carry_qemus_message_and_leave_nothing_behind() {
     let mut state = State::new();
     let missing = state.path().join("missing.qcow2");
