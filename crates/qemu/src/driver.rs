@@ -751,7 +751,8 @@ impl QemuDriver {
         for disk in &mut config.disks {
             match active_image(&blocks, &disk.id) {
                 Some(image) if image != disk.path => {
-                    tracing::info!(domain = %name, disk = disk.id, image = %image.display(), "active image changed");
+                    let shown = image.display();
+                    tracing::info!(domain = %name, disk = disk.id, image = %shown, "active image changed");
                     disk.path = image;
                     changed = true;
                 }
@@ -905,7 +906,10 @@ mod tests {
             block("/machine/peripheral/vda/virtio-backend", "/img/a.qcow2"),
             block(
                 "/machine/peripheral/vdb/virtio-backend",
-                r#"json:{"backing": null, "driver": "qcow2", "file": {"driver": "file", "filename": "/img/b-overlay.qcow2"}}"#,
+                concat!(
+                    r#"json:{"backing": null, "driver": "qcow2", "#,
+                    r#""file": {"driver": "file", "filename": "/img/b-overlay.qcow2"}}"#
+                ),
             ),
         ];
         assert_eq!(active_image(&blocks, "vda"), Some("/img/a.qcow2".into()));
@@ -970,12 +974,20 @@ mod tests {
             "{ram}"
         );
 
+        // Sorted by name; foreign entries are not domains.
+        let mut first = config.clone();
+        first.name = Name::new("a0").unwrap();
+        driver.define(&first).await.unwrap();
+        fs::create_dir(state.path().join("domains/.hidden")).unwrap();
+        let names: Vec<_> = other.list().await.unwrap().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, [first.name.clone(), name.clone()]);
+
         let error = driver.stop(&name, StopMode::Force).await.unwrap_err().to_string();
         assert_eq!(error, "domain vm1 is shut off");
         driver.destroy(&name).await.unwrap();
         driver.undefine(&name).await.unwrap();
         assert!(!definition.exists() && state.path().join("domains/vm1").is_dir());
-        assert!(driver.list().await.unwrap().is_empty());
+        assert_eq!(driver.list().await.unwrap().len(), 1);
     }
 
     #[tokio::test]
