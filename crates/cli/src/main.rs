@@ -1,5 +1,575 @@
-//! `domsnap`: the command-line front end. The subcommands arrive with the `snapshot-core` issue.
+//! `domsnap`: whole-domain snapshots of QEMU domains from the command line.
+//!
+//! Every command first finishes or undoes an operation a crash interrupted (`recover`), under
+//! the domain's lock. `--json` prints one JSON document per command; otherwise a short report,
+//! with progress on a terminal. Failures exit non-zero with a one-line error.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("domsnap: no subcommands yet; see README.md for what is built so far")
+mod output;
+
+use std::{
+    io::IsTerminal,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use memory::RoundStats;
+use qemu::{DomainConfig, QemuDriver, StopMode};
+use snapshot_core::{
+    CreateOptions, DiskKind, DiskRequest, FsStore, MemoryMode, Name, Observer, Operation, Orchestrator,
+    SnapshotStore, Step,
+};
+
+/// Whole-domain snapshots for QEMU domains: memory, device state and disks.
+#[derive(Debug, Parser)]
+#[command(name = "domsnap", version)]
+struct Cli {
+    /// State directory (default: $DOMSNAP_STATE_DIR, else /var/lib/domsnap for root,
+    /// $XDG_STATE_HOME/domsnap otherwise).
+    #[arg(long, global = true, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Print one JSON document and no progress.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Define, start, stop and inspect domains.
+    #[command(subcommand)]
+    Domain(DomainCommand),
+    /// Create, list, delete and revert snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Finish or undo operations interrupted by a crash, on every domain.
+    Recover,
+}
+
+#[derive(Debug, Subcommand)]
+enum DomainCommand {
+    /// Define a domain from CONFIG.toml and start it, or start a defined domain NAME.
+    Start {
+        /// A configuration file (defines or redefines the domain) or a domain name.
+        #[arg(value_name = "CONFIG.toml | NAME")]
+        domain: String,
+        /// Start with the vCPUs paused.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Shut a domain down cleanly (ACPI power button), or end it at once with --force.
+    Stop {
+        /// The domain.
+        name: String,
+        /// QEMU quits at once (disk images are closed cleanly; the guest is not asked).
+        #[arg(long)]
+        force: bool,
+        /// Seconds the guest may take to power off.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Pause a domain's vCPUs.
+    Pause {
+        /// The domain.
+        name: String,
+    },
+    /// Resume a domain's vCPUs.
+    Resume {
+        /// The domain.
+        name: String,
+    },
+    /// Every defined domain: name, state (running, paused, shut-off), pid.
+    List,
+    /// One domain's name, state and pid.
+    Status {
+        /// The domain.
+        name: String,
+    },
+    /// Forget a shut-off domain's definition (refused while it has snapshots).
+    Undefine {
+        /// The domain.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Snapshot a domain: memory, device state and disks (disks only if it is shut off).
+    Create {
+        /// The domain.
+        name: String,
+        /// The new snapshot's name ([A-Za-z0-9_.-], up to 64).
+        snap: String,
+        /// Copy memory while the guest runs; it pauses only for the last dirty pages.
+        #[arg(long)]
+        live: bool,
+        /// Per-disk snapshot kind (default: internal for every disk). PATH defaults to
+        /// IMAGE-STEM.SNAP.qcow2 beside the image; FORMAT to qcow2.
+        #[arg(long = "disk", value_name = "ID=internal|external[:PATH[:FORMAT]]")]
+        disks: Vec<String>,
+        /// Free text stored with the snapshot.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// A domain's snapshots.
+    List {
+        /// The domain.
+        name: String,
+        /// Show parents and children as a tree.
+        #[arg(long)]
+        tree: bool,
+    },
+    /// One snapshot in detail.
+    Show {
+        /// The domain.
+        name: String,
+        /// The snapshot.
+        snap: String,
+    },
+    /// Delete a snapshot: its memory and device state and its disk snapshots.
+    Delete {
+        /// The domain.
+        name: String,
+        /// The snapshot.
+        snap: String,
+        /// Delete its descendants too (otherwise they are re-parented to its parent).
+        #[arg(long)]
+        children: bool,
+    },
+    /// Revert a domain to a snapshot (running afterwards unless --paused).
+    Revert {
+        /// The domain.
+        name: String,
+        /// The snapshot.
+        snap: String,
+        /// Leave the domain paused.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Check that a snapshot's memory image and disk snapshots exist and are intact.
+    Verify {
+        /// The domain.
+        name: String,
+        /// The snapshot.
+        snap: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("DOMSNAP_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(error) = runtime.block_on(run(cli)) {
+        let chain: Vec<String> = error.chain().map(ToString::to_string).collect();
+        eprintln!("domsnap: error: {}", dedup_chain(&chain).join(": "));
+        std::process::exit(1);
+    }
+}
+
+/// Drops messages that repeat the one before them (wrappers that print their source).
+fn dedup_chain(chain: &[String]) -> Vec<String> {
+    let mut kept: Vec<String> = Vec::new();
+    for message in chain {
+        if !kept.last().is_some_and(|last| last.contains(message.as_str())) {
+            kept.push(message.clone());
+        }
+    }
+    kept
+}
+
+/// The state directory: --state-dir, $DOMSNAP_STATE_DIR, /var/lib/domsnap for root,
+/// $XDG_STATE_HOME/domsnap (or ~/.local/state/domsnap) otherwise.
+fn state_dir(flag: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(dir) = flag.or_else(|| std::env::var_os("DOMSNAP_STATE_DIR").map(PathBuf::from)) {
+        return Ok(dir);
+    }
+    if nix::unistd::geteuid().is_root() {
+        return Ok(PathBuf::from("/var/lib/domsnap"));
+    }
+    if let Some(xdg) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("domsnap"));
+    }
+    let home = std::env::var_os("HOME").context("cannot choose a state directory: HOME is not set")?;
+    Ok(PathBuf::from(home).join(".local/state/domsnap"))
+}
+
+struct App {
+    json: bool,
+    driver: QemuDriver,
+    store: Arc<FsStore>,
+    orchestrator: Orchestrator,
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let dir = state_dir(cli.state_dir)?;
+    let dir = if dir.is_absolute() {
+        dir
+    } else {
+        std::env::current_dir()?.join(dir)
+    };
+    let driver = QemuDriver::new(&dir);
+    let store = Arc::new(FsStore::new(&dir));
+    let progress = Arc::new(Progress::new(!cli.json && std::io::stderr().is_terminal()));
+    let orchestrator = Orchestrator::new(Arc::new(driver.clone()), store.clone(), progress.clone());
+    let app = App {
+        json: cli.json,
+        driver,
+        store,
+        orchestrator,
+    };
+    let result = match cli.command {
+        Command::Domain(command) => app.domain(command).await,
+        Command::Snapshot(command) => app.snapshot(command).await,
+        Command::Recover => {
+            let recovered = app.orchestrator.recover_all().await?;
+            app.print(&recovered, || output::recoveries(&recovered))
+        }
+    };
+    progress.finish();
+    result
+}
+
+fn name(text: &str, what: &str) -> Result<Name> {
+    Name::new(text).with_context(|| format!("bad {what} name"))
+}
+
+impl App {
+    /// Prints `value` as JSON, or the human text.
+    fn print<T: serde::Serialize>(&self, value: &T, human: impl FnOnce() -> String) -> Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(value)?);
+        } else {
+            print!("{}", human());
+        }
+        Ok(())
+    }
+
+    async fn domain(&self, command: DomainCommand) -> Result<()> {
+        match command {
+            DomainCommand::List => {
+                self.orchestrator.recover_all().await?;
+                let domains = self.driver.list().await?;
+                let rows: Vec<output::DomainRow> = domains.iter().map(output::DomainRow::from).collect();
+                self.print(&rows, || output::domains(&rows))
+            }
+            DomainCommand::Start { domain, paused } => {
+                let domain = if looks_like_file(&domain) {
+                    let config = DomainConfig::load(Path::new(&domain))?;
+                    let _lock = self.orchestrator.begin(&config.name).await?;
+                    self.driver.define(&config).await?;
+                    config.name
+                } else {
+                    name(&domain, "domain")?
+                };
+                let _lock = self.orchestrator.begin(&domain).await?;
+                self.driver.start(&domain, paused).await?;
+                self.status(&domain).await
+            }
+            DomainCommand::Stop {
+                name: domain,
+                force,
+                timeout,
+            } => {
+                let domain = name(&domain, "domain")?;
+                let _lock = self.orchestrator.begin(&domain).await?;
+                let mode = if force {
+                    StopMode::Force
+                } else {
+                    StopMode::Clean {
+                        timeout: Duration::from_secs(timeout),
+                    }
+                };
+                self.driver.stop(&domain, mode).await?;
+                self.status(&domain).await
+            }
+            DomainCommand::Pause { name: ref domain } | DomainCommand::Resume { name: ref domain } => {
+                let pause = matches!(command, DomainCommand::Pause { .. });
+                let domain = name(domain, "domain")?;
+                let _lock = self.orchestrator.begin(&domain).await?;
+                if pause {
+                    self.driver.pause(&domain).await?;
+                } else {
+                    self.driver.resume(&domain).await?;
+                }
+                self.status(&domain).await
+            }
+            DomainCommand::Status { name: domain } => {
+                let domain = name(&domain, "domain")?;
+                self.orchestrator.recover(&domain).await?;
+                self.status(&domain).await
+            }
+            DomainCommand::Undefine { name: domain } => {
+                let domain = name(&domain, "domain")?;
+                let _lock = self.orchestrator.begin(&domain).await?;
+                let snapshots = self.store.list(&domain)?;
+                if !snapshots.is_empty() {
+                    bail!(
+                        "domain {domain} has {} snapshot(s); delete them first (snapshot delete {domain} SNAP)",
+                        snapshots.len()
+                    );
+                }
+                self.driver.undefine(&domain).await?;
+                self.print(&serde_json::json!({ "undefined": domain }), || {
+                    format!("domain {domain} undefined\n")
+                })
+            }
+        }
+    }
+
+    async fn status(&self, domain: &Name) -> Result<()> {
+        let status = self.driver.status(domain).await?;
+        let row = output::DomainRow::from(&status);
+        self.print(&row, || output::domains(std::slice::from_ref(&row)))
+    }
+
+    async fn snapshot(&self, command: SnapshotCommand) -> Result<()> {
+        match command {
+            SnapshotCommand::Create {
+                name: domain,
+                snap,
+                live,
+                disks,
+                description,
+            } => {
+                let (domain, snap) = (name(&domain, "domain")?, name(&snap, "snapshot")?);
+                let options = CreateOptions {
+                    memory: if live {
+                        MemoryMode::Live(memory::ConvergencePolicy::default())
+                    } else {
+                        MemoryMode::Paused
+                    },
+                    disks: disks.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?,
+                    description,
+                };
+                let report = self.orchestrator.create(&domain, &snap, options).await?;
+                self.print(&report, || output::created(&report))
+            }
+            SnapshotCommand::List { name: domain, tree } => {
+                let domain = name(&domain, "domain")?;
+                self.orchestrator.recover(&domain).await?;
+                // An unknown domain is an error, not an empty list.
+                self.driver.status(&domain).await?;
+                let records = self.store.list(&domain)?;
+                let current = self.store.current(&domain)?;
+                if tree && !self.json {
+                    print!(
+                        "{}",
+                        snapshot_core::SnapshotTree::new(&records).render(current.as_ref())
+                    );
+                    return Ok(());
+                }
+                let rows: Vec<output::SnapshotRow> = records
+                    .iter()
+                    .map(|r| output::SnapshotRow::new(r, current.as_ref()))
+                    .collect();
+                self.print(&rows, || output::snapshots(&rows))
+            }
+            SnapshotCommand::Show { name: domain, snap } => {
+                let (domain, snap) = (name(&domain, "domain")?, name(&snap, "snapshot")?);
+                self.orchestrator.recover(&domain).await?;
+                let record = self.store.get(&domain, &snap)?;
+                let current = self.store.current(&domain)?;
+                let files = self.store.files(&domain, &snap);
+                self.print(&record, || output::show(&record, current.as_ref(), &files))
+            }
+            SnapshotCommand::Delete {
+                name: domain,
+                snap,
+                children,
+            } => {
+                let (domain, snap) = (name(&domain, "domain")?, name(&snap, "snapshot")?);
+                let report = self.orchestrator.delete(&domain, &snap, children).await?;
+                self.print(&report, || output::deleted(&report))
+            }
+            SnapshotCommand::Revert {
+                name: domain,
+                snap,
+                paused,
+            } => {
+                let (domain, snap) = (name(&domain, "domain")?, name(&snap, "snapshot")?);
+                let report = self.orchestrator.revert(&domain, &snap, paused).await?;
+                self.print(&report, || output::reverted(&domain, &report))
+            }
+            SnapshotCommand::Verify { name: domain, snap } => {
+                let (domain, snap) = (name(&domain, "domain")?, name(&snap, "snapshot")?);
+                let report = self.orchestrator.verify(&domain, &snap).await?;
+                self.print(&report, || output::verified(&report))?;
+                if !report.problems.is_empty() {
+                    bail!(
+                        "snapshot {snap} of domain {domain} is damaged: {}",
+                        report.problems.join("; ")
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A `domain start` argument naming a file rather than a domain.
+fn looks_like_file(argument: &str) -> bool {
+    argument.ends_with(".toml") || argument.contains('/') || Path::new(argument).is_file()
+}
+
+/// Parses `ID=internal|external[:PATH[:FORMAT]]`.
+fn parse_disk(text: &str) -> Result<DiskRequest> {
+    let (target, kind) = text
+        .split_once('=')
+        .with_context(|| format!("--disk {text:?}: expected ID=internal|external[:PATH[:FORMAT]]"))?;
+    let mut parts = kind.splitn(3, ':');
+    let kind = match (parts.next(), parts.next(), parts.next()) {
+        (Some("internal"), None, None) => DiskKind::Internal,
+        (Some("external"), path, format) => {
+            let path = path.filter(|p| !p.is_empty()).map(|p| {
+                let path = PathBuf::from(p);
+                if path.is_absolute() {
+                    Ok(path)
+                } else {
+                    std::env::current_dir().map(|cwd| cwd.join(path))
+                }
+            });
+            DiskKind::External {
+                path: path.transpose()?,
+                format: format.filter(|f| !f.is_empty()).map(str::to_owned),
+            }
+        }
+        _ => bail!("--disk {text:?}: the kind must be internal or external[:PATH[:FORMAT]]"),
+    };
+    if target.is_empty() {
+        bail!("--disk {text:?}: the disk id is empty");
+    }
+    Ok(DiskRequest {
+        target: target.to_owned(),
+        kind,
+    })
+}
+
+/// Progress on a terminal, and the crash-test hook: with `DOMSNAP_TEST_KILL_AT=STEP` (a step's
+/// kebab-case name, e.g. `snapshot-disks`) the process kills itself with SIGKILL as that step
+/// starts, so tests can check `recover` after a crash at every step.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    kill_at: Option<String>,
+}
+
+impl Progress {
+    fn new(terminal: bool) -> Self {
+        let bar = terminal.then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        Progress {
+            bar,
+            kill_at: std::env::var("DOMSNAP_TEST_KILL_AT").ok(),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Observer for Progress {
+    fn step(&self, operation: Operation, step: Step) {
+        if let Some(kill_at) = &self.kill_at {
+            let name = serde_json::to_value(step).ok();
+            if name.as_ref().and_then(|n| n.as_str()) == Some(kill_at.as_str()) {
+                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("{operation}: {step}"));
+        }
+    }
+
+    fn memory_round(&self, stats: &RoundStats) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!(
+                "memory round {}: {} dirty pages, {:.1} MiB written in {:.0} ms",
+                stats.round,
+                stats.pages_dirty,
+                stats.bytes_written as f64 / (1 << 20) as f64,
+                stats.duration.as_secs_f64() * 1e3
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_parses_as_documented() {
+        Cli::command_for_tests().debug_assert();
+        let cli = Cli::try_parse_from([
+            "domsnap",
+            "--state-dir",
+            "/s",
+            "--json",
+            "snapshot",
+            "create",
+            "d",
+            "s",
+            "--live",
+            "--disk",
+            "vda=internal",
+            "--disk",
+            "vdb=external:/o.qcow2:qcow2",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        assert!(matches!(
+            cli.command,
+            Command::Snapshot(SnapshotCommand::Create { live: true, .. })
+        ));
+    }
+
+    #[test]
+    fn disk_options_parse_and_bad_ones_are_explained() {
+        assert_eq!(parse_disk("vda=internal").unwrap().kind, DiskKind::Internal);
+        let external = parse_disk("vdb=external:/a/b.qcow2:qcow2").unwrap();
+        assert_eq!(
+            external.kind,
+            DiskKind::External {
+                path: Some("/a/b.qcow2".into()),
+                format: Some("qcow2".into())
+            }
+        );
+        assert_eq!(
+            parse_disk("vdb=external").unwrap().kind,
+            DiskKind::External {
+                path: None,
+                format: None
+            }
+        );
+        for bad in ["vda", "vda=copy", "=internal", "vda=internal:x"] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn error_chains_drop_repeated_messages() {
+        let chain = vec!["a failed: b".to_owned(), "b".to_owned(), "c".to_owned()];
+        assert_eq!(dedup_chain(&chain), vec!["a failed: b", "c"]);
+    }
+
+    impl Cli {
+        fn command_for_tests() -> clap::Command {
+            <Cli as clap::CommandFactory>::command()
+        }
+    }
 }

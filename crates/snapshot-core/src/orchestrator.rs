@@ -267,8 +267,10 @@ impl Orchestrator {
         }
     }
 
-    /// Takes the domain's lock and finishes or undoes an interrupted operation.
-    async fn begin(&self, domain: &Name) -> Result<(crate::store::DomainLock, Option<Recovery>)> {
+    /// Takes the domain's lock and finishes or undoes an interrupted operation. Every operation
+    /// starts here; other commands on the domain (start, stop, pause) hold this lock too, so
+    /// they cannot interleave with a snapshot operation.
+    pub async fn begin(&self, domain: &Name) -> Result<(crate::store::DomainLock, Option<Recovery>)> {
         let lock = self.store.lock(domain, self.lock_wait)?;
         let recovered = self.recover_locked(domain).await?;
         Ok((lock, recovered))

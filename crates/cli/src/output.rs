@@ -1,0 +1,279 @@
+//! Human-readable output of the commands (the JSON output serialises the same values).
+
+use std::fmt::Write;
+
+use serde::Serialize;
+use snapshot_core::{
+    CreateReport, DeleteReport, DiskSnapshot, DomainState, Name, Recovery, RevertReport, SnapshotFiles,
+    SnapshotRecord, VerifyReport,
+};
+
+/// One line of `domain list`.
+#[derive(Debug, Serialize)]
+pub struct DomainRow {
+    name: Name,
+    state: DomainState,
+    pid: Option<u32>,
+}
+
+impl From<&qemu::DomainStatus> for DomainRow {
+    fn from(status: &qemu::DomainStatus) -> Self {
+        DomainRow {
+            name: status.name.clone(),
+            state: status.state,
+            pid: status.pid,
+        }
+    }
+}
+
+fn state_text(state: DomainState) -> &'static str {
+    match state {
+        DomainState::Running => "running",
+        DomainState::Paused => "paused",
+        DomainState::ShutOff => "shut-off",
+    }
+}
+
+pub fn domains(rows: &[DomainRow]) -> String {
+    let mut out = format!("{:<24} {:<9} {}\n", "NAME", "STATE", "PID");
+    for row in rows {
+        let pid = row.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
+        let _ = writeln!(
+            out,
+            "{:<24} {:<9} {pid}",
+            row.name.as_str(),
+            state_text(row.state)
+        );
+    }
+    out
+}
+
+/// One line of `snapshot list`.
+#[derive(Debug, Serialize)]
+pub struct SnapshotRow {
+    name: Name,
+    current: bool,
+    created_unix_ms: u64,
+    state: DomainState,
+    memory: bool,
+    parent: Option<Name>,
+    disks: Vec<String>,
+    description: Option<String>,
+}
+
+impl SnapshotRow {
+    pub fn new(record: &SnapshotRecord, current: Option<&Name>) -> Self {
+        SnapshotRow {
+            name: record.name.clone(),
+            current: current == Some(&record.name),
+            created_unix_ms: record.created_unix_ms,
+            state: record.state,
+            memory: record.memory.is_some(),
+            parent: record.parent.clone(),
+            disks: record.disks.iter().map(disk_text).collect(),
+            description: record.description.clone(),
+        }
+    }
+}
+
+fn disk_text(disk: &snapshot_core::DiskRecord) -> String {
+    match &disk.snapshot {
+        DiskSnapshot::Internal { .. } => format!("{}:internal", disk.target),
+        DiskSnapshot::External { .. } => format!("{}:external", disk.target),
+    }
+}
+
+/// Seconds since the epoch as UTC `YYYY-MM-DD HH:MM:SS` (civil-from-days, no time zone
+/// database needed).
+fn utc(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+pub fn snapshots(rows: &[SnapshotRow]) -> String {
+    let mut out = format!(
+        "  {:<20} {:<19} {:<9} {:<6} {:<16} {}\n",
+        "NAME", "CREATED (UTC)", "STATE", "MEMORY", "PARENT", "DISKS"
+    );
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "{} {:<20} {:<19} {:<9} {:<6} {:<16} {}",
+            if row.current { "*" } else { " " },
+            row.name.as_str(),
+            utc(row.created_unix_ms),
+            state_text(row.state),
+            if row.memory { "yes" } else { "no" },
+            row.parent.as_ref().map_or("-", Name::as_str),
+            row.disks.join(" ")
+        );
+    }
+    out
+}
+
+pub fn show(record: &SnapshotRecord, current: Option<&Name>, files: &SnapshotFiles) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "snapshot:    {}{}",
+        record.name,
+        if current == Some(&record.name) {
+            " (current)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(out, "domain:      {}", record.domain);
+    let _ = writeln!(out, "created:     {} UTC", utc(record.created_unix_ms));
+    let _ = writeln!(out, "state:       {}", state_text(record.state));
+    let _ = writeln!(
+        out,
+        "parent:      {}",
+        record.parent.as_ref().map_or("-", Name::as_str)
+    );
+    if let Some(description) = &record.description {
+        let _ = writeln!(out, "description: {description}");
+    }
+    match &record.memory {
+        Some(memory) => {
+            let consistency = match memory.consistency {
+                snapshot_core::Consistency::End => "end of the create (pause)",
+                snapshot_core::Consistency::Start => "start of the create",
+            };
+            let _ = writeln!(
+                out,
+                "memory:      {} MiB, consistent at the {consistency}",
+                memory.ram_bytes >> 20
+            );
+            let _ = writeln!(out, "  image:     {}", files.memory_image.display());
+            let _ = writeln!(out, "  devices:   {}", files.device_state.display());
+        }
+        None => {
+            let _ = writeln!(out, "memory:      none (disk-only snapshot)");
+        }
+    }
+    for disk in &record.disks {
+        match &disk.snapshot {
+            DiskSnapshot::Internal { name } => {
+                let _ = writeln!(
+                    out,
+                    "disk {}:    internal snapshot {name} in {}",
+                    disk.target,
+                    disk.image.display()
+                );
+            }
+            DiskSnapshot::External { overlay, format } => {
+                let _ = writeln!(
+                    out,
+                    "disk {}:    external: {} is the snapshot, {} ({format}) the overlay made then",
+                    disk.target,
+                    disk.image.display(),
+                    overlay.display()
+                );
+            }
+        }
+    }
+    out
+}
+
+pub fn created(report: &CreateReport) -> String {
+    let record = &report.record;
+    let mut out = format!(
+        "created snapshot {} of {}: total {:.0} ms, guest paused {:.1} ms",
+        record.name, record.domain, report.total_ms, report.guest_pause_ms
+    );
+    if let Some((total, stored)) = report.memory_pages {
+        let _ = write!(
+            out,
+            ", {} memory round(s), {stored} of {total} pages stored",
+            report.memory_rounds.len()
+        );
+    } else {
+        out.push_str(", disks only");
+    }
+    out.push('\n');
+    out
+}
+
+pub fn deleted(report: &DeleteReport) -> String {
+    let names: Vec<&str> = report.deleted.iter().map(Name::as_str).collect();
+    let mut out = format!("deleted {} in {:.0} ms\n", names.join(", "), report.total_ms);
+    for image in &report.kept_images {
+        let _ = writeln!(
+            out,
+            "kept {} (other snapshots or branches read it)",
+            image.display()
+        );
+    }
+    out
+}
+
+pub fn reverted(domain: &Name, report: &RevertReport) -> String {
+    format!(
+        "reverted {domain} to {}: now {}, total {:.0} ms (memory {:.0} ms)\n",
+        report.snapshot,
+        state_text(report.state),
+        report.total_ms,
+        report.memory_ms
+    )
+}
+
+pub fn verified(report: &VerifyReport) -> String {
+    if report.problems.is_empty() {
+        let mut out = format!("snapshot {} is intact", report.snapshot);
+        if let Some((total, stored)) = report.memory_pages {
+            let _ = write!(
+                out,
+                " (memory image: {stored} of {total} pages stored, checksums good)"
+            );
+        }
+        out.push('\n');
+        out
+    } else {
+        report
+            .problems
+            .iter()
+            .map(|p| format!("problem: {p}\n"))
+            .collect()
+    }
+}
+
+pub fn recoveries(recovered: &[Recovery]) -> String {
+    if recovered.is_empty() {
+        return "nothing to recover\n".to_owned();
+    }
+    recovered
+        .iter()
+        .map(|r| {
+            format!(
+                "{}: {} of snapshot {} {}\n",
+                r.domain, r.operation, r.snapshot, r.outcome
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
+        assert_eq!(super::utc(1_795_000_000_000), "2026-11-18 11:06:40");
+        assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00");
+    }
+}
