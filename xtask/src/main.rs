@@ -37,11 +37,16 @@ enum Task {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
-    /// Run the criterion benchmarks (memory engine, qcow2 snapshots) with their same-run baselines
+    /// Run the benchmarks with their same-run baselines: the criterion benches (memory engine, qcow2
+    /// snapshots), then the whole-domain benchmark (domsnap vs QEMU's snapshot and migration commands)
     ///
-    /// Arguments after `--` go to every bench binary (e.g. `cargo xtask bench -- --sample-size 10`).
-    /// Reports: docs/memory-performance.md and docs/qcow2-snapshots.md.
+    /// Arguments after `--` go to every bench binary (e.g. `cargo xtask bench -- --sample-size 10`,
+    /// `cargo xtask bench --only domain -- --reps 3`). Reports: docs/memory-performance.md,
+    /// docs/qcow2-snapshots.md and docs/benchmarks.md.
     Bench {
+        /// Run only these benchmarks (repeatable).
+        #[arg(long, value_enum)]
+        only: Vec<BenchName>,
         /// Arguments for the bench binaries.
         #[arg(last = true)]
         bench_args: Vec<String>,
@@ -55,7 +60,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup { force } => run_setup(force).map(|_| ExitCode::SUCCESS),
         Task::Test { cargo_args } => test(&cargo_args).map(|()| ExitCode::SUCCESS),
-        Task::Bench { bench_args } => bench(&bench_args).map(|()| ExitCode::SUCCESS),
+        Task::Bench { only, bench_args } => bench(&only, &bench_args).map(|()| ExitCode::SUCCESS),
         Task::Demo => run_setup(false)
             .and_then(|_| demo::run())
             .map(|()| ExitCode::SUCCESS),
@@ -88,16 +93,42 @@ fn test(cargo_args: &[String]) -> Result<()> {
     run_counting_tests(&mut test)
 }
 
-/// The criterion benches: (package, bench target).
-const BENCHES: &[(&str, &str)] = &[("memory", "memory"), ("disk", "snapshots")];
+/// A benchmark `cargo xtask bench` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchName {
+    /// The memory engine (criterion).
+    Memory,
+    /// qcow2 snapshots (criterion).
+    Disk,
+    /// domsnap vs QEMU's own snapshot and migration on a 1 GiB guest (a program, not criterion).
+    Domain,
+}
 
-fn bench(bench_args: &[String]) -> Result<()> {
-    run_setup(false)?;
+/// Every benchmark in the order they run: (name, package, bench target).
+const BENCHES: &[(BenchName, &str, &str)] = &[
+    (BenchName::Memory, "memory", "memory"),
+    (BenchName::Disk, "disk", "snapshots"),
+    (BenchName::Domain, "integration", "domain"),
+];
+
+/// The benchmarks `only` selects (all when it is empty), in their running order.
+fn selected_benches(
+    only: &[BenchName],
+) -> impl Iterator<Item = &'static (BenchName, &'static str, &'static str)> + '_ {
+    BENCHES
+        .iter()
+        .filter(move |(name, _, _)| only.is_empty() || only.contains(name))
+}
+
+fn bench(only: &[BenchName], bench_args: &[String]) -> Result<()> {
+    let report = run_setup(false)?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    for (package, target) in BENCHES {
+    for (_, package, target) in selected_benches(only) {
         let mut bench = Command::new(&cargo);
         bench
             .current_dir(workspace_root())
+            // The domain benchmark boots the test guest through testkit.
+            .env(guest::GUEST_DIR_ENV, &report.guest_dir)
             .args(["bench", "-p", package, "--bench", target, "--"])
             .args(bench_args);
         let line = cmd::display(&bench);
@@ -205,6 +236,14 @@ mod tests {
         assert!(selects_packages(&cargo_args));
         assert!(!selects_packages(&["--".into(), "-p".into()]));
         assert!(!selects_packages(&["--release".into()]));
+        let cli = Cli::try_parse_from(["xtask", "bench", "--only", "domain", "--", "--reps", "3"]).unwrap();
+        let Task::Bench { only, bench_args } = cli.task else {
+            panic!("not bench")
+        };
+        assert_eq!(bench_args, ["--reps", "3"]);
+        let targets: Vec<&str> = selected_benches(&only).map(|(_, _, target)| *target).collect();
+        assert_eq!(targets, ["domain"]);
+        assert_eq!(selected_benches(&[]).count(), BENCHES.len());
         let cli = Cli::try_parse_from(["xtask", "setup", "--force"]).unwrap();
         assert!(matches!(cli.task, Task::Setup { force: true }));
     }

@@ -1,0 +1,174 @@
+//! QEMU's own ways of doing the same, with QEMU's default migration parameters: internal snapshots
+//! with the VM state in a qcow2 image (`snapshot-save` / `snapshot-load` jobs) and migration to and
+//! from a file (`migrate` / `migrate-incoming` with a `file:` URI).
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use qmp::{commands::*, JobOptions};
+
+use crate::{file_size, fsync, path_str, Bench, Loaded, Source, Start, Vm, VMSTATE_NODE};
+
+/// Runs a `snapshot-*` job to its end (it is dismissed afterwards, a QMP round trip).
+fn run_job<C: qmp::commands::Command>(bench: &Bench, source: &Source, command: &C, id: &str) -> Result<()> {
+    bench
+        .block_on(source.vm.qmp.run_job(command, id, &JobOptions::default()))
+        .with_context(|| format!("QEMU job {id}"))
+}
+
+/// `snapshot-save` of the running guest (QEMU stops it for the whole save and resumes it):
+/// from the command until the job concluded.
+pub fn snapshot_save(bench: &Bench, source: &Source, tag: &str) -> Result<Duration> {
+    let id = format!("save-{tag}");
+    let started = Instant::now();
+    let command = SnapshotSave {
+        job_id: id.clone(),
+        tag: tag.to_owned(),
+        vmstate: VMSTATE_NODE.to_owned(),
+        devices: vec![VMSTATE_NODE.to_owned()],
+    };
+    run_job(bench, source, &command, &id)?;
+    Ok(started.elapsed())
+}
+
+/// Removes an internal snapshot (not timed), so the image does not grow from one repetition to the
+/// next.
+pub fn snapshot_delete(bench: &Bench, source: &Source, tag: &str) -> Result<()> {
+    let id = format!("delete-{tag}");
+    let command = SnapshotDelete {
+        job_id: id.clone(),
+        tag: tag.to_owned(),
+        devices: vec![VMSTATE_NODE.to_owned()],
+    };
+    run_job(bench, source, &command, &id)
+}
+
+/// `snapshot-load` into the same QEMU, the guest paused before (not timed) so that, like the other
+/// reverts, it ends paused: from the command until the job concluded. The guest is resumed after.
+pub fn snapshot_load(bench: &Bench, source: &Source, tag: &str) -> Result<Duration> {
+    let id = format!("load-{tag}");
+    source.vm.execute(bench, &Stop)?;
+    let started = Instant::now();
+    let command = SnapshotLoad {
+        job_id: id.clone(),
+        tag: tag.to_owned(),
+        vmstate: VMSTATE_NODE.to_owned(),
+        devices: vec![VMSTATE_NODE.to_owned()],
+    };
+    run_job(bench, source, &command, &id)?;
+    let wall = started.elapsed();
+    source.vm.execute(bench, &Cont)?;
+    Ok(wall)
+}
+
+/// Sets QEMU's migration bandwidth limit (bytes per second; QEMU's default is 128 MiB/s).
+pub fn set_max_bandwidth(bench: &Bench, source: &Source, bytes_per_second: u64) -> Result<()> {
+    source.vm.execute(
+        bench,
+        &MigrateSetParameters {
+            max_bandwidth: Some(bytes_per_second),
+            ..Default::default()
+        },
+    )?;
+    Ok(())
+}
+
+/// QEMU's current migration bandwidth limit.
+pub fn max_bandwidth(bench: &Bench, source: &Source) -> Result<u64> {
+    let parameters = bench
+        .block_on(
+            source
+                .vm
+                .qmp
+                .execute_raw("query-migrate-parameters", serde_json::json!({})),
+        )
+        .context("QMP query-migrate-parameters")?;
+    parameters["max-bandwidth"]
+        .as_u64()
+        .with_context(|| format!("no max-bandwidth in {parameters}"))
+}
+
+/// A migration to a file.
+#[derive(Debug)]
+pub struct Migrated {
+    /// Paused: `stop` sent → `cont` answered. Live: `migrate` sent → completion seen.
+    pub wall: Duration,
+    /// QEMU's `downtime` (ms resolution): from stopping the guest for the switch-over to completion.
+    pub downtime: Duration,
+    /// QEMU's `total-time`: from the start of the migration to its completion.
+    pub qemu_total: Duration,
+    /// fsync of the file afterwards (QEMU does not sync it; the kernel may have written it back
+    /// already while a bandwidth-limited migration was running).
+    pub fsync: Duration,
+    /// The file's size.
+    pub file_bytes: u64,
+    /// Dirty-bitmap syncs, i.e. pre-copy passes over RAM.
+    pub dirty_syncs: u64,
+}
+
+fn migrate(bench: &Bench, source: &Source, file: &Path) -> Result<MigrationInfo> {
+    source.vm.execute(
+        bench,
+        &Migrate {
+            uri: format!("file:{}", path_str(file)?),
+        },
+    )?;
+    source.vm.wait_migration(bench)
+}
+
+fn migrated(wall: Duration, info: &MigrationInfo, file: &Path) -> Result<Migrated> {
+    Ok(Migrated {
+        wall,
+        downtime: Duration::from_millis(info.downtime.context("no downtime reported")?),
+        qemu_total: Duration::from_millis(info.total_time.context("no total time reported")?),
+        fsync: fsync(file)?,
+        file_bytes: file_size(file)?.0,
+        dirty_syncs: info.ram.as_ref().map_or(0, |ram| ram.dirty_sync_count),
+    })
+}
+
+/// `migrate` to `file:` with the guest paused: stop, migrate, wait for completion, cont (the
+/// guest is in `postmigrate` until then).
+pub fn migrate_paused(bench: &Bench, source: &Source, file: &Path) -> Result<Migrated> {
+    let started = Instant::now();
+    source.vm.execute(bench, &Stop)?;
+    let info = migrate(bench, source, file)?;
+    source.vm.execute(bench, &Cont)?;
+    migrated(started.elapsed(), &info, file)
+}
+
+/// Live `migrate` to `file:` of the running guest: QEMU pre-copies, stops the guest for the
+/// switch-over and leaves it in `postmigrate`; resumed afterwards (not timed).
+pub fn migrate_live(bench: &Bench, source: &Source, file: &Path) -> Result<Migrated> {
+    let started = Instant::now();
+    let info = migrate(bench, source, file)?;
+    let wall = started.elapsed();
+    source.vm.execute(bench, &Cont)?;
+    migrated(wall, &info, file)
+}
+
+/// `migrate-incoming` of a whole migration file into a new QEMU started with `-incoming defer -S`,
+/// until it completed (the guest is paused). Returns the QEMU so the caller may check the guest.
+pub fn migrate_incoming(bench: &Bench, file: &Path) -> Result<(Loaded, Vm)> {
+    let started = Instant::now();
+    let vm = Vm::spawn(bench, "bench-incoming", Start::IncomingStream)?;
+    let startup = started.elapsed();
+    let loading = Instant::now();
+    vm.execute(
+        bench,
+        &MigrateIncoming {
+            uri: format!("file:{}", path_str(file)?),
+        },
+    )?;
+    vm.wait_migration(bench)?;
+    let load = loading.elapsed();
+    let loaded = Loaded {
+        startup,
+        load,
+        with_startup: started.elapsed(),
+    };
+    Ok((loaded, vm))
+}
