@@ -111,15 +111,20 @@ pub fn apply_internal(disks: &[PathBuf], name: &str) -> Result<()> {
 }
 
 /// The format and virtual size of an image: qcow2 if it has the magic, else raw.
-fn probe(path: &Path) -> Result<(String, u64)> {
+fn probe_is_qcow2(path: &Path) -> Result<bool> {
     let file = File::open(path).map_err(io_err("cannot open image", path))?;
     let mut magic = [0u8; 4];
-    let is_qcow2 = file.read_exact_at(&mut magic, 0).is_ok() && u32::from_be_bytes(magic) == MAGIC;
-    if is_qcow2 {
+    Ok(file.read_exact_at(&mut magic, 0).is_ok() && u32::from_be_bytes(magic) == MAGIC)
+}
+
+fn probe(path: &Path) -> Result<(String, u64)> {
+    if probe_is_qcow2(path)? {
         let image = Image::open(path, Access::Read)?;
         Ok(("qcow2".into(), image.header().size))
     } else {
-        let len = file.metadata().map_err(io_err("cannot stat", path))?.len();
+        let len = std::fs::metadata(path)
+            .map_err(io_err("cannot stat", path))?
+            .len();
         Ok(("raw".into(), len))
     }
 }
@@ -165,6 +170,29 @@ pub fn create_external(snapshots: &[ExternalSnapshot]) -> Result<()> {
     Ok(())
 }
 
+/// The backing file of `image` (`None` for a raw image or a qcow2 image without one), read
+/// from the header alone, so it works on images a running QEMU holds.
+pub fn backing_file(image: &Path) -> Result<Option<PathBuf>> {
+    if probe_is_qcow2(image)? {
+        let header = Image::open(image, Access::Header)?;
+        Ok(header
+            .header()
+            .backing_file
+            .as_ref()
+            .map(|backing| resolve_backing(image, backing)))
+    } else {
+        Ok(None)
+    }
+}
+
+/// QEMU resolves a relative backing name against the overlay's folder.
+fn resolve_backing(image: &Path, backing: &str) -> PathBuf {
+    let backing = Path::new(backing);
+    image
+        .parent()
+        .map_or_else(|| backing.to_owned(), |dir| dir.join(backing))
+}
+
 /// The backing chain of `disk`, active image first.
 pub fn backing_chain(disk: &Path) -> Result<Vec<ChainImage>> {
     let mut chain = Vec::new();
@@ -180,12 +208,11 @@ pub fn backing_chain(disk: &Path) -> Result<Vec<ChainImage>> {
         let (format, virtual_size) = probe(&path)?;
         if format == "qcow2" {
             let image = Image::open(&path, Access::Read)?;
-            next = image.header().backing_file.as_ref().map(|backing| {
-                let backing = Path::new(backing);
-                // QEMU resolves a relative backing name against the overlay's folder.
-                path.parent()
-                    .map_or_else(|| backing.to_owned(), |dir| dir.join(backing))
-            });
+            next = image
+                .header()
+                .backing_file
+                .as_ref()
+                .map(|backing| resolve_backing(&path, backing));
         }
         chain.push(ChainImage {
             path,

@@ -601,7 +601,7 @@ impl QemuDriver {
         snapshot_core::write_atomic(&files.definition, text.as_bytes()).map_err(|source| {
             Error::SaveDefinition {
                 domain: config.name.clone(),
-                source,
+                source: Box::new(source),
             }
         })
     }

@@ -105,9 +105,9 @@ pub enum Error {
     SaveDefinition {
         /// The domain.
         domain: Name,
-        /// The store's error (it names the file).
+        /// The store's error (it names the file); boxed, as it is large.
         #[source]
-        source: snapshot_core::Error,
+        source: Box<snapshot_core::Error>,
     },
 
     /// A Unix socket path is longer than `sun_path` allows.

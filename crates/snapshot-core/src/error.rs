@@ -161,8 +161,8 @@ pub enum Step {
     RestoreMemory,
     /// Loading device state.
     LoadDeviceState,
-    /// Removing the disk images the revert replaced.
-    RemoveOldOverlays,
+    /// Folding away and removing the overlays no snapshot needs any more.
+    TidyDisks,
 }
 
 impl std::fmt::Display for Step {
@@ -188,7 +188,7 @@ impl std::fmt::Display for Step {
             Step::StartIncoming => "starting the domain to receive its state",
             Step::RestoreMemory => "restoring memory",
             Step::LoadDeviceState => "loading device state",
-            Step::RemoveOldOverlays => "removing the replaced disk overlays",
+            Step::TidyDisks => "folding away overlays no snapshot needs",
         })
     }
 }

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    hypervisor::DiskTarget,
     metadata::{DiskRecord, DomainState, SnapshotRecord},
     name::Name,
 };
@@ -37,9 +36,6 @@ pub enum Intent {
         snapshot: Name,
         /// Leave the domain paused afterwards.
         paused: bool,
-        /// The disks before the revert (their images are removed once it succeeds, if domsnap made
-        /// them and no snapshot needs them).
-        old_disks: Vec<DiskTarget>,
         /// Overlays this revert creates.
         new_overlays: Vec<PathBuf>,
     },

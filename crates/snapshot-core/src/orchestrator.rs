@@ -7,6 +7,7 @@
 //! ([`Error::Failed`]); the domain is left running if it was running.
 
 use std::{
+    collections::HashSet,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -142,8 +143,8 @@ pub struct CreateReport {
 pub struct DeleteReport {
     /// The snapshots deleted, in order.
     pub deleted: Vec<Name>,
-    /// Images kept because other snapshots or branches still read them.
-    pub kept_images: Vec<PathBuf>,
+    /// Overlay images merged into their parents or removed because no snapshot needs them.
+    pub removed_images: Vec<PathBuf>,
     /// Wall time, milliseconds.
     pub total_ms: f64,
 }
@@ -676,12 +677,12 @@ impl Orchestrator {
                     record: victim.clone(),
                 },
             )?;
-            let kept = self
+            let removed = self
                 .delete_steps(&victim)
                 .await
                 .map_err(|e| self.failed(Operation::Delete, domain, &victim.name, e, Vec::new(), None))?;
             self.store.clear_intent(domain)?;
-            report.kept_images.extend(kept);
+            report.removed_images.extend(removed);
             report.deleted.push(victim.name);
         }
         report.total_ms = millis(started.elapsed());
@@ -689,11 +690,11 @@ impl Orchestrator {
     }
 
     /// The steps of one delete. Each is idempotent, so recovery runs them again. Returns the
-    /// images kept because something else still reads them.
+    /// overlay images removed.
     async fn delete_steps(&self, record: &SnapshotRecord) -> std::result::Result<Vec<PathBuf>, StepError> {
         let domain = &record.domain;
         self.observer.step(Operation::Delete, Step::DeleteDisks);
-        let kept = self.delete_disks(record).await.map_err(at(Step::DeleteDisks))?;
+        self.delete_disks(record).await.map_err(at(Step::DeleteDisks))?;
 
         self.observer.step(Operation::Delete, Step::RemoveFiles);
         self.store
@@ -714,63 +715,108 @@ impl Orchestrator {
             Ok(())
         };
         update().map_err(at(Step::UpdateTree))?;
-        Ok(kept)
+
+        self.observer.step(Operation::Delete, Step::TidyDisks);
+        self.tidy_disks(domain).await.map_err(at(Step::TidyDisks))
     }
 
-    /// Deletes a snapshot's disk snapshots. Internal: deleted where present. External: when the
-    /// overlay made by the snapshot is what the domain writes to and no other snapshot reads the
-    /// snapshot's image, the overlay is committed into the image and removed (the chain is as
-    /// before the snapshot); otherwise the images stay, since branches read them.
-    async fn delete_disks(&self, record: &SnapshotRecord) -> std::result::Result<Vec<PathBuf>, DriverError> {
-        let domain = &record.domain;
-        let backend = self.hypervisor.disk_backend(domain).await?;
-        let others: Vec<SnapshotRecord> = self
-            .store
-            .list(domain)?
-            .into_iter()
-            .filter(|r| r.name != record.name)
+    /// Deletes a snapshot's internal disk snapshots (where still present). Its external ones
+    /// need no step of their own: once the record is gone, [`Orchestrator::tidy_disks`] folds
+    /// away the overlays no snapshot reads any more.
+    async fn delete_disks(&self, record: &SnapshotRecord) -> std::result::Result<(), DriverError> {
+        let backend = self.hypervisor.disk_backend(&record.domain).await?;
+        for disk in &record.disks {
+            if let DiskSnapshot::Internal { name } = &disk.snapshot {
+                let present = backend
+                    .list_internal(&disk.image)
+                    .await?
+                    .iter()
+                    .any(|s| &s.name == name);
+                if present {
+                    backend
+                        .delete_internal(std::slice::from_ref(&disk.image), name)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds away and removes the overlays domsnap made that no snapshot needs any more, after
+    /// a delete or a revert. Two passes:
+    /// - fold: while a disk's active image is a domsnap overlay no snapshot reads, and its
+    ///   parent is neither a snapshot's image nor read by another image, the overlay is
+    ///   committed into its parent (which becomes active) and removed;
+    /// - sweep: domsnap overlays outside every backing chain of the active images and the
+    ///   snapshots' images (a revert's replaced overlay, for one) are removed.
+    ///
+    /// Returns the images removed.
+    async fn tidy_disks(&self, domain: &Name) -> std::result::Result<Vec<PathBuf>, DriverError> {
+        let records = self.store.list(domain)?;
+        let snapshot_images: HashSet<PathBuf> = records
+            .iter()
+            .flat_map(|r| r.disks.iter().map(|d| d.image.clone()))
             .collect();
+        let mut owned = self.store.overlays(domain)?;
         let mut active = self.hypervisor.disks(domain).await?;
         let before = active.clone();
-        let mut kept = Vec::new();
-        for disk in &record.disks {
-            match &disk.snapshot {
-                DiskSnapshot::Internal { name } => {
-                    let present = backend
-                        .list_internal(&disk.image)
-                        .await?
-                        .iter()
-                        .any(|s| &s.name == name);
-                    if present {
-                        backend
-                            .delete_internal(std::slice::from_ref(&disk.image), name)
-                            .await?;
-                    }
+        let backend = self.hypervisor.disk_backend(domain).await?;
+        let mut removed = Vec::new();
+
+        for index in 0..active.len() {
+            loop {
+                let image = active[index].image.clone();
+                if !owned.contains(&image) || snapshot_images.contains(&image) {
+                    break;
                 }
-                DiskSnapshot::External { overlay, .. } => {
-                    let image_shared = others
-                        .iter()
-                        .any(|r| r.disks.iter().any(|d| d.image == disk.image));
-                    let overlay_needed = others.iter().any(|r| r.disks.iter().any(|d| &d.image == overlay));
-                    let target = active.iter_mut().find(|t| t.target == disk.target);
-                    match target {
-                        Some(target) if &target.image == overlay && !image_shared && !overlay_needed => {
-                            target.image = backend
-                                .delete_external(overlay, overlay, MergeMethod::CommitIntoParent)
-                                .await?;
-                            remove_file(overlay)?;
-                            self.remove_overlays_from_list(domain, std::slice::from_ref(overlay))?;
-                        }
-                        _ if !overlay.exists() => {}
-                        _ => kept.push(disk.image.clone()),
-                    }
+                let Some(parent) = disk::offline::backing_file(&image)? else {
+                    break;
+                };
+                let mut readers = owned
+                    .iter()
+                    .chain(&snapshot_images)
+                    .chain(active.iter().map(|t| &t.image));
+                let shared = readers.try_fold(false, |shared, other| {
+                    let reads = other != &image
+                        && other.exists()
+                        && disk::offline::backing_file(other)?.as_ref() == Some(&parent);
+                    Ok::<_, disk::Error>(shared || reads)
+                })?;
+                if snapshot_images.contains(&parent) || shared {
+                    break;
                 }
+                active[index].image = backend
+                    .delete_external(&image, &image, MergeMethod::CommitIntoParent)
+                    .await?;
+                remove_file(&image)?;
+                owned.retain(|o| o != &image);
+                self.store.set_overlays(domain, &owned)?;
+                removed.push(image);
             }
         }
         if active != before {
             self.define_disks(domain, &active).await?;
         }
-        Ok(kept)
+
+        let mut needed = HashSet::new();
+        let mut stack: Vec<PathBuf> = active
+            .iter()
+            .map(|t| t.image.clone())
+            .chain(snapshot_images)
+            .collect();
+        while let Some(image) = stack.pop() {
+            if image.exists() && needed.insert(image.clone()) {
+                stack.extend(disk::offline::backing_file(&image)?);
+            }
+        }
+        let (keep, unused): (Vec<PathBuf>, Vec<PathBuf>) =
+            owned.into_iter().partition(|o| needed.contains(o));
+        for image in &unused {
+            remove_file(image)?;
+        }
+        self.store.set_overlays(domain, &keep)?;
+        removed.extend(unused);
+        Ok(removed)
     }
 
     // ---------------------------------------------------------------- revert
@@ -824,14 +870,10 @@ impl Orchestrator {
         let intent = Intent::Revert {
             snapshot: snapshot.clone(),
             paused,
-            old_disks: old_disks.clone(),
             new_overlays: new_overlays.clone(),
         };
         self.store.set_intent(domain, &intent)?;
-        match self
-            .revert_steps(&record, &files, paused, &old_disks, &new_overlays)
-            .await
-        {
+        match self.revert_steps(&record, &files, paused, &new_overlays).await {
             Ok((state, memory_ms)) => {
                 self.store.clear_intent(domain)?;
                 Ok(RevertReport {
@@ -902,7 +944,6 @@ impl Orchestrator {
         record: &SnapshotRecord,
         files: &SnapshotFiles,
         paused: bool,
-        old_disks: &[DiskTarget],
         new_overlays: &[PathBuf],
     ) -> std::result::Result<(DomainState, f64), StepError> {
         let domain = &record.domain;
@@ -1000,33 +1041,15 @@ impl Orchestrator {
             }
         }
 
-        observe(Step::RemoveOldOverlays);
-        self.remove_replaced(domain, old_disks, &new_disks)
-            .map_err(at(Step::RemoveOldOverlays))?;
         observe(Step::UpdateTree);
         self.store
             .set_current(domain, Some(record.name.clone()))
             .map_err(at(Step::UpdateTree))?;
+        // The overlays the domain wrote to before are not needed any more (unless a snapshot
+        // reads them).
+        observe(Step::TidyDisks);
+        self.tidy_disks(domain).await.map_err(at(Step::TidyDisks))?;
         Ok((state, memory_ms))
-    }
-
-    /// After a revert: removes the images the domain wrote to before it, when domsnap made them
-    /// and no snapshot reads them.
-    fn remove_replaced(&self, domain: &Name, old: &[DiskTarget], new: &[DiskTarget]) -> Result<()> {
-        let owned = self.store.overlays(domain)?;
-        let records = self.store.list(domain)?;
-        let needed = |image: &PathBuf| {
-            new.iter().any(|t| &t.image == image)
-                || records.iter().any(|r| r.disks.iter().any(|d| &d.image == image))
-        };
-        let mut removed = Vec::new();
-        for disk in old {
-            if owned.contains(&disk.image) && !needed(&disk.image) {
-                remove_file(&disk.image).map_err(crate::error::io_error("cannot remove", &disk.image))?;
-                removed.push(disk.image.clone());
-            }
-        }
-        self.remove_overlays_from_list(domain, &removed)
     }
 
     // ---------------------------------------------------------------- recover, verify
@@ -1088,12 +1111,11 @@ impl Orchestrator {
             Intent::Revert {
                 snapshot,
                 paused,
-                old_disks,
                 new_overlays,
             } => {
                 let record = self.store.get(domain, &snapshot)?;
                 let files = self.store.files(domain, &snapshot);
-                self.revert_steps(&record, &files, paused, &old_disks, &new_overlays)
+                self.revert_steps(&record, &files, paused, &new_overlays)
                     .await
                     .map_err(|e| fail(e, Vec::new()))?;
                 self.store.clear_intent(domain)?;

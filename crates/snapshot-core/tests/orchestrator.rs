@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeSet,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
 };
 
@@ -84,9 +84,10 @@ fn disk_mock(sim: &Shared) -> MockDiskSnapshots {
     let s = sim.clone();
     disks.expect_create_external().returning(move |snapshots| {
         call(&s, "create_external").map_err(disk_error)?;
+        // Real overlay files: the orchestrator's tidy-up reads their backing files.
+        disk::offline::create_external(snapshots)?;
         let mut sim = s.lock().unwrap();
         for snapshot in snapshots {
-            std::fs::write(&snapshot.overlay, b"overlay").unwrap();
             for disk in sim.disks.iter_mut().filter(|d| d.image == snapshot.disk) {
                 disk.image = snapshot.overlay.clone();
             }
@@ -96,21 +97,14 @@ fn disk_mock(sim: &Shared) -> MockDiskSnapshots {
     let s = sim.clone();
     disks.expect_revert_external().returning(move |revert| {
         call(&s, "revert_external").map_err(disk_error)?;
-        std::fs::write(&revert.overlay, b"revert overlay").unwrap();
-        Ok(())
+        disk::offline::create_external(std::slice::from_ref(revert))
     });
     let s = sim.clone();
     disks.expect_delete_external().returning(move |_, image, _| {
         call(&s, "delete_external").map_err(disk_error)?;
-        let mut sim = s.lock().unwrap();
         // Committing the active overlay: the domain writes to its parent again.
-        let parent = image.with_extension("parent");
-        let parent = sim
-            .disks
-            .iter()
-            .find(|d| d.image == image)
-            .map(|_| base_of(image))
-            .unwrap_or(parent);
+        let parent = disk::offline::backing_file(image)?.expect("overlays have a parent");
+        let mut sim = s.lock().unwrap();
         for disk in sim.disks.iter_mut().filter(|d| d.image == image) {
             disk.image = parent.clone();
         }
@@ -118,13 +112,6 @@ fn disk_mock(sim: &Shared) -> MockDiskSnapshots {
     });
     disks.expect_backing_chain().returning(|_| Ok(Vec::new()));
     disks
-}
-
-/// The simulation names overlays `BASE.SNAP.qcow2`; its parent is `BASE.qcow2`.
-fn base_of(overlay: &Path) -> PathBuf {
-    let name = overlay.file_name().unwrap().to_string_lossy();
-    let base = name.split('.').next().unwrap();
-    overlay.with_file_name(format!("{base}.qcow2"))
 }
 
 fn disk_error(e: snapshot_core::DriverError) -> disk::Error {
@@ -209,8 +196,9 @@ fn fixture(state: DomainState) -> Fixture {
     let disks = ["vda", "vdb"]
         .iter()
         .map(|id| {
+            // Raw images: the overlays made on them are real qcow2 files.
             let image = dir.path().join(format!("{id}.qcow2"));
-            std::fs::write(&image, b"image").unwrap();
+            std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
             DiskTarget {
                 target: (*id).into(),
                 image,
@@ -450,7 +438,7 @@ async fn bad_requests_change_nothing() {
 }
 
 #[tokio::test]
-async fn delete_merges_the_active_overlay_and_reparents_children() {
+async fn delete_folds_unneeded_overlays_and_reparents_children() {
     let f = fixture(DomainState::Running);
     f.create("s1", false).await.unwrap();
     let internal_only = CreateOptions::default();
@@ -482,12 +470,10 @@ async fn delete_merges_the_active_overlay_and_reparents_children() {
     assert_eq!(f.store.current(&f.domain).unwrap(), None);
     assert!(f.sim.lock().unwrap().internal.is_empty());
 
-    // s1's overlay holds s2's internal snapshot... which is gone now, but the overlay is still
-    // what the domain writes to: it stays, listed as domsnap's.
-    assert_eq!(
-        f.store.overlays(&f.domain).unwrap(),
-        vec![f.dir.path().join("vdb.s1.qcow2")]
-    );
+    // With s2 gone, nothing reads s1's overlay: it is folded into the image and removed.
+    assert!(f.store.overlays(&f.domain).unwrap().is_empty());
+    assert!(!f.dir.path().join("vdb.s1.qcow2").exists());
+    assert_eq!(f.sim().disks[1].image, f.dir.path().join("vdb.qcow2"));
 
     // A lone external snapshot: its overlay is committed back and removed.
     let f = fixture(DomainState::Running);
@@ -687,7 +673,12 @@ async fn recover_undoes_an_unfinished_create_and_resumes_the_domain() {
         .unwrap();
     let files = f.store.prepare(&f.domain, &name("s1")).unwrap();
     std::fs::write(&files.device_state, b"half").unwrap();
-    std::fs::write(&overlay, b"overlay").unwrap();
+    disk::offline::create_external(&[disk::ExternalSnapshot {
+        disk: f.dir.path().join("vdb.qcow2"),
+        overlay: overlay.clone(),
+        backing_path: disk::BackingPath::Absolute,
+    }])
+    .unwrap();
     {
         let mut sim = f.sim.lock().unwrap();
         sim.internal.insert((image, "s1".into()));
@@ -742,5 +733,36 @@ async fn recover_finishes_a_committed_create_and_an_interrupted_delete() {
     assert_eq!(recovered.outcome, "finished");
     assert!(f.sim.lock().unwrap().internal.is_empty());
     assert!(!f.dir.path().join("vdb.s1.qcow2").exists());
+    assert_eq!(f.stray_files(), Vec::<PathBuf>::new());
+}
+
+#[tokio::test]
+async fn branches_keep_what_they_read_and_deleting_everything_leaves_no_overlay() {
+    let f = fixture(DomainState::Running);
+    f.create("s1", false).await.unwrap();
+    f.orchestrator
+        .revert(&f.domain, &name("s1"), false)
+        .await
+        .unwrap();
+    let branch = f.sim().disks[1].image.clone();
+    f.create("s2", false).await.unwrap();
+    assert_eq!(
+        f.store.get(&f.domain, &name("s2")).unwrap().parent,
+        Some(name("s1"))
+    );
+
+    // s2's snapshot is the revert's overlay: deleting s1 keeps it.
+    f.orchestrator
+        .delete(&f.domain, &name("s1"), false)
+        .await
+        .unwrap();
+    assert!(branch.exists());
+    f.orchestrator
+        .delete(&f.domain, &name("s2"), false)
+        .await
+        .unwrap();
+    assert!(!branch.exists());
+    assert_eq!(f.sim().disks[1].image, f.dir.path().join("vdb.qcow2"));
+    assert!(f.store.overlays(&f.domain).unwrap().is_empty());
     assert_eq!(f.stray_files(), Vec::<PathBuf>::new());
 }

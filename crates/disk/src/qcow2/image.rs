@@ -29,6 +29,10 @@ pub const COMPRESSED: u64 = 1 << 62;
 pub enum Access {
     /// Reading metadata only.
     Read,
+    /// Reading the header only, even of an image a QEMU holds: the header's backing name
+    /// changes only through block jobs, which the caller drives (the snapshot table and
+    /// refcounts may change under QEMU and are not read).
+    Header,
     /// Editing metadata: the image is locked against QEMU and its refcounts are loaded.
     Write,
 }
@@ -61,6 +65,7 @@ impl Image {
         let free = match access {
             Access::Write => lock::try_lock_exclusive(&file),
             Access::Read => lock::is_locked_by_other(&file).map(|locked| !locked),
+            Access::Header => Ok(true),
         }
         .map_err(io_err("cannot query the locks of", path))?;
         if !free {
@@ -82,6 +87,7 @@ impl Image {
         let header = Header::parse(&cluster0).map_err(|e| header_error(path, e))?;
         match access {
             Access::Read => header.check_supported(),
+            Access::Header => Ok(()),
             Access::Write => header.check_writable(),
         }
         .map_err(|e| header_error(path, e))?;
