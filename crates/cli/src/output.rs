@@ -213,12 +213,8 @@ pub fn created(report: &CreateReport) -> String {
 pub fn deleted(report: &DeleteReport) -> String {
     let names: Vec<&str> = report.deleted.iter().map(Name::as_str).collect();
     let mut out = format!("deleted {} in {:.0} ms\n", names.join(", "), report.total_ms);
-    for image in &report.kept_images {
-        let _ = writeln!(
-            out,
-            "kept {} (other snapshots or branches read it)",
-            image.display()
-        );
+    for image in &report.removed_images {
+        let _ = writeln!(out, "removed overlay {} (no snapshot needs it)", image.display());
     }
     out
 }
