@@ -221,6 +221,43 @@ impl LiveBackend {
     }
 }
 
+impl LiveBackend {
+    /// After an active commit QEMU keeps the old top's nodes if the monitor added them
+    /// (`-blockdev`, `blockdev-add`), and the old top still holds the new active image as its
+    /// backing child: the new active node is then no root node, and the next commit of it fails
+    /// ("Need a root block node"). Deleting the old top's format and protocol nodes releases it.
+    /// Nodes QEMU opened itself went away with the commit and are not found.
+    async fn release_committed_top(&self, image: &Path) -> Result<()> {
+        let nodes = self.nodes(image).await?;
+        let stale: Vec<(String, bool)> = nodes
+            .iter()
+            .filter_map(|n| {
+                let file = image_path(&n.file)?;
+                let name = n.node_name.clone().filter(|_| names::same_file(&file, image))?;
+                Some((name, n.drv == "file"))
+            })
+            .collect();
+        // The format node first: it holds the protocol node.
+        for (name, _) in stale
+            .iter()
+            .filter(|(_, protocol)| !protocol)
+            .chain(stale.iter().filter(|(_, p)| *p))
+        {
+            if let Err(error) = self
+                .qmp
+                .execute(&BlockdevDel {
+                    node_name: name.clone(),
+                })
+                .await
+            {
+                // A node QEMU owns itself is not the monitor's to delete; it goes with its parent.
+                tracing::debug!(node = %name, %error, "old top node not deleted");
+            }
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl DiskSnapshots for LiveBackend {
     async fn list_internal(&self, disk: &Path) -> Result<Vec<InternalSnapshot>> {
@@ -381,6 +418,9 @@ impl DiskSnapshots for LiveBackend {
                 // Committing the active image needs job-complete, which pivots the disk to the parent.
                 let active = at == 0;
                 self.run_job(&commit, &job_id, active, image).await?;
+                if active {
+                    self.release_committed_top(image).await?;
+                }
                 Ok(if active {
                     parent.path.clone()
                 } else {

@@ -111,6 +111,16 @@ async fn live_snapshots_on_a_running_guest() {
     );
     let tick = marker_passes(&o0b, tick).await;
 
+    // Two active commits in a row (o0c into o0b, then o0b into d0): the first must release
+    // the old top's nodes, or o0b is no root node for the second.
+    let o0c = dir.path().join("o0c.qcow2");
+    live.create_external(&[spec(&o0b, &o0c)]).await.unwrap();
+    let active = live
+        .delete_external(&o0c, &o0c, MergeMethod::CommitIntoParent)
+        .await
+        .unwrap();
+    assert_eq!(active, o0b);
+
     // Delete the active overlay by committing it into its parent: the disk pivots to d0.
     let active = live
         .delete_external(&o0b, &o0b, MergeMethod::CommitIntoParent)
