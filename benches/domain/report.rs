@@ -176,6 +176,7 @@ fn format_value(unit: Unit, value: f64) -> String {
     match unit {
         Unit::Time if value < 1.0 => format!("{:.1} ms", value * 1e3),
         Unit::Time => format!("{value:.2} s"),
+        Unit::Bytes if value < f64::from(1 << 20) => format!("{:.1} KiB", value / 1024.0),
         Unit::Bytes => format!("{:.1} MiB", value / f64::from(1 << 20)),
         Unit::Count => format!("{value:.0}"),
     }
