@@ -1,154 +1,258 @@
-//! `cargo xtask demo`: boots the test guest under QEMU 10 and drives it over QMP with the `qmp`
-//! crate: status, pause and resume (proved by the guest's tick counter), device-state save, quit.
+//! `cargo xtask demo`: the whole story through the `domsnap` CLI (release build). Start a domain
+//! whose guest keeps rewriting memory, take a live snapshot while it works, let it change,
+//! revert, and show that it went on from the snapshot — with the timings.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Context, Result};
-use qmp::{commands::*, Client, ClientOptions, Event};
-use testkit::{Qemu, Workload};
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use testkit::{SerialLine, Workload};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
-const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+const TICK_TIMEOUT: Duration = Duration::from_secs(30);
+const MEMORY_MIB: u64 = 512;
 
 /// Runs the demo; the guest must have been built (`run_setup`).
 pub fn run() -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(demo())
+    let started = Instant::now();
+    step("build domsnap (release)");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    crate::cmd::run(
+        Command::new(cargo)
+            .current_dir(crate::workspace_root())
+            .args(["build", "--release", "--quiet", "-p", "domsnap"]),
+        false,
+    )?;
+    let binary = release_binary()?;
+
+    let dir = tempfile::Builder::new().prefix("dsdemo").tempdir_in("/tmp")?;
+    let demo = Demo {
+        binary,
+        state: dir.path().join("state"),
+        serial_log: dir.path().join("state/domains/demo/serial.log"),
+    };
+    let config = write_config(dir.path())?;
+
+    step(&format!(
+        "start domain \"demo\": {MEMORY_MIB} MiB, a guest rewriting 20 MiB/s of a 64 MiB working set, \
+         disks vda and vdb"
+    ));
+    demo.show(&["domain", "start", config.to_str().context("UTF-8 path")?])?;
+    demo.wait_serial("DOMSNAP READY")?;
+    let tick = demo.wait_tick_above(1)?;
+    println!("the guest works: tick {tick}");
+
+    step("live snapshot while the guest works (vda: internal snapshot, vdb: external overlay)");
+    let before = demo.last_tick();
+    let report = demo.json(&[
+        "snapshot",
+        "create",
+        "demo",
+        "before",
+        "--live",
+        "--disk",
+        "vdb=external",
+        "--description",
+        "taken by cargo xtask demo",
+    ])?;
+    let at_snapshot = demo.last_tick();
+    let rounds = report["memory_rounds"].as_array().map_or(0, Vec::len);
+    let pages = &report["memory_pages"];
+    println!(
+        "created in {:.0} ms; the guest was paused for {:.1} ms; {rounds} memory rounds, {} of {} pages \
+         stored (the rest are zero)",
+        report["total_ms"].as_f64().unwrap_or_default(),
+        report["guest_pause_ms"].as_f64().unwrap_or_default(),
+        pages[1],
+        pages[0]
+    );
+    for round in report["memory_rounds"].as_array().into_iter().flatten() {
+        println!(
+            "  round {:>2}{}: {:>6} dirty pages, {:>7.1} MiB written in {:>7.1} ms",
+            round["round"],
+            if round["final_round"] == true { " (paused)" } else { "         " },
+            round["pages_dirty"],
+            round["bytes_written"].as_f64().unwrap_or_default() / f64::from(1 << 20),
+            round["duration_ms"].as_f64().unwrap_or_default()
+        );
+    }
+    println!("the guest's counter was between {before} and {at_snapshot} when the snapshot was taken");
+
+    step("let the guest change");
+    let later = demo.wait_tick_above(at_snapshot + 5)?;
+    println!("counter now {later}");
+    demo.show(&["snapshot", "list", "demo"])?;
+    demo.show(&["snapshot", "show", "demo", "before"])?;
+
+    step("revert to the snapshot");
+    let position = demo.serial_position();
+    let old = demo.last_tick();
+    let report = demo.json(&["snapshot", "revert", "demo", "before"])?;
+    println!(
+        "reverted in {:.0} ms (loading memory: {:.0} ms); the domain is {}",
+        report["total_ms"].as_f64().unwrap_or_default(),
+        report["memory_ms"].as_f64().unwrap_or_default(),
+        report["state"].as_str().unwrap_or("?")
+    );
+    let resumed_at = demo.first_reverted_tick(position, old)?;
+    println!(
+        "the guest went on at tick {resumed_at}: from the snapshot (taken at {before}..{at_snapshot}), \
+         not from {later}"
+    );
+    ensure!(
+        before < resumed_at && resumed_at <= at_snapshot + 2,
+        "the guest did not continue from the snapshot"
+    );
+
+    step("check, delete, stop");
+    demo.show(&["snapshot", "verify", "demo", "before"])?;
+    demo.show(&["snapshot", "delete", "demo", "before"])?;
+    demo.show(&["domain", "stop", "demo", "--force"])?;
+    println!("\ndemo finished in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn step(text: &str) {
     println!("\n== {text}");
 }
 
-async fn demo() -> Result<()> {
-    let started = Instant::now();
-    let dir = tempfile::Builder::new().prefix("domsnap-demo-").tempdir()?;
-    let disk = dir.path().join("demo.qcow2");
-    testkit::create_qcow2(&disk, "64M");
+fn release_binary() -> Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target"));
+    let binary = target.join("release/domsnap");
+    ensure!(binary.exists(), "{} was not built", binary.display());
+    Ok(binary)
+}
 
-    step("boot the test guest (q35, TCG, 256 MiB RAM in a shared file, one qcow2 disk)");
-    let qemu = Qemu::builder("demo")
-        .memory_mib(256)
-        .guest(Workload::Idle)
-        .disk(&disk)
-        .in_dir(dir.path().join("vm"))
-        .spawn();
-    println!(
-        "QMP socket {}, RAM file {}",
-        qemu.qmp_socket().display(),
-        qemu.ram_file().display()
+fn write_config(dir: &Path) -> Result<PathBuf> {
+    let guest = testkit::guest();
+    let workload = Workload::Dirty {
+        rate_mib: 20,
+        wss_mib: 64,
+    };
+    let mut config = format!(
+        "name = \"demo\"\nmemory_mib = {MEMORY_MIB}\nvcpus = 1\nkernel = \"{}\"\ninitrd = \"{}\"\n\
+         cmdline = \"console=ttyS0 quiet {}\"\n",
+        guest.kernel.display(),
+        guest.initrd.display(),
+        workload.cmdline()
     );
-    let qmp = Client::connect_unix(qemu.qmp_socket(), ClientOptions::default()).await?;
-    println!(
-        "connected: QEMU {} ({})",
-        qmp.greeting().version.qemu,
-        qmp.greeting().version.package
-    );
-    let ready = wait_serial(&qemu, "DOMSNAP READY")?;
-    println!("guest says: {ready}");
-    let tick = wait_serial(&qemu, "DOMSNAP TICK")?;
-    println!("guest says: {tick}");
-
-    step("status and memory backend");
-    let status = qmp.execute(&QueryStatus).await?;
-    println!("status: {} (running: {})", status.status, status.running);
-    for memdev in qmp.execute(&QueryMemdev).await? {
-        println!(
-            "memdev {:?}: {} MiB, share={}",
-            memdev.id,
-            memdev.size >> 20,
-            memdev.share
-        );
+    for id in ["vda", "vdb"] {
+        let image = dir.join(format!("{id}.qcow2"));
+        testkit::create_qcow2(&image, "64M");
+        config.push_str(&format!("[[disks]]\nid = \"{id}\"\npath = \"{}\"\n", image.display()));
     }
-    for node in qmp.execute(&QueryNamedBlockNodes { flat: Some(true) }).await? {
-        println!("block node {:?}: {} ({})", node.node_name, node.file, node.drv);
+    let path = dir.join("demo.toml");
+    std::fs::write(&path, config)?;
+    Ok(path)
+}
+
+struct Demo {
+    binary: PathBuf,
+    state: PathBuf,
+    serial_log: PathBuf,
+}
+
+impl Demo {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.binary);
+        command.arg("--state-dir").arg(&self.state).args(args);
+        command
     }
 
-    step("pause: STOP event, and the guest's counter stops");
-    let mut events = qmp.subscribe();
-    qmp.execute(&Stop).await?;
-    events
-        .wait_for(EVENT_TIMEOUT, |e| matches!(e, Event::Stop))
-        .await?;
-    let paused_at = qemu.last_tick().context("no tick yet")?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let still = qemu.last_tick().context("no tick yet")?;
-    println!(
-        "status: {}; counter {paused_at} -> {still} over 2 s",
-        qmp.execute(&QueryStatus).await?.status
-    );
-    ensure!(
-        still == paused_at,
-        "the guest kept counting while paused ({paused_at} -> {still})"
-    );
+    /// Runs a command and shows it with its output.
+    fn show(&self, args: &[&str]) -> Result<()> {
+        println!("$ domsnap {}", args.join(" "));
+        let output = self.command(args).output()?;
+        print!("{}", String::from_utf8_lossy(&output.stdout));
+        if !output.status.success() {
+            bail!("domsnap {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(())
+    }
 
-    step("save CPU and device state (no RAM) while paused");
-    let devstate = dir.path().join("devstate");
-    let save_started = Instant::now();
-    qmp.execute(&XenSaveDevicesState {
-        filename: path(&devstate)?,
-        live: false,
-    })
-    .await?;
-    let bytes = std::fs::read(&devstate)?;
-    ensure!(
-        bytes.starts_with(b"QEVM"),
-        "device state does not start with QEMU's stream magic"
-    );
-    println!(
-        "{} bytes of device state in {:?}",
-        bytes.len(),
-        save_started.elapsed()
-    );
+    /// Runs a command with --json (shown without it) and returns its document.
+    fn json(&self, args: &[&str]) -> Result<Value> {
+        println!("$ domsnap {}", args.join(" "));
+        let mut with_json = vec!["--json"];
+        with_json.extend_from_slice(args);
+        let output = self.command(&with_json).output()?;
+        if !output.status.success() {
+            bail!("domsnap {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
 
-    step("resume: RESUME event, and the counter goes on");
-    qmp.execute(&Cont).await?;
-    events
-        .wait_for(EVENT_TIMEOUT, |e| matches!(e, Event::Resume))
-        .await?;
-    let resumed = wait_tick_after(&qemu, still)?;
-    println!(
-        "status: {}; counter now {resumed}",
-        qmp.execute(&QueryStatus).await?.status
-    );
+    fn serial(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.serial_log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
 
-    step("quit");
-    qmp.execute(&Quit).await?;
-    let reason = tokio::time::timeout(EVENT_TIMEOUT, qmp.wait_closed()).await?;
-    println!("QMP connection closed: {reason}");
-    let marker = testkit::read_disk_marker(&disk);
-    println!(
-        "disk marker written by the guest: {}",
-        marker.as_deref().unwrap_or("none")
-    );
-    ensure!(
-        qmp.execute(&QueryStatus).await.is_err(),
-        "QMP still answers after quit"
-    );
-    println!("\ndemo finished in {:.1} s", started.elapsed().as_secs_f64());
-    drop(qemu);
-    Ok(())
-}
+    fn serial_position(&self) -> usize {
+        self.serial().len()
+    }
 
-fn path(p: &Path) -> Result<String> {
-    p.to_str()
-        .map(str::to_owned)
-        .with_context(|| format!("{} is not UTF-8", p.display()))
-}
+    fn ticks_since(&self, position: usize) -> Vec<u64> {
+        self.serial()
+            .iter()
+            .skip(position)
+            .filter_map(|line| match testkit::parse_serial_line(line) {
+                Some(SerialLine::Tick { n, .. }) => Some(n),
+                _ => None,
+            })
+            .collect()
+    }
 
-/// Waits for the guest to print a line containing `needle` (blocking on the serial log).
-fn wait_serial(qemu: &Qemu, needle: &str) -> Result<String> {
-    tokio::task::block_in_place(|| qemu.try_wait_for_serial(needle, BOOT_TIMEOUT)).map_err(anyhow::Error::msg)
-}
+    fn last_tick(&self) -> u64 {
+        self.ticks_since(0).last().copied().unwrap_or(0)
+    }
 
-/// Waits for the guest's tick counter to pass `after`.
-fn wait_tick_after(qemu: &Qemu, after: u64) -> Result<u64> {
-    tokio::task::block_in_place(|| qemu.try_wait_for_tick_after(after, EVENT_TIMEOUT))
-        .map_err(anyhow::Error::msg)
+    fn wait_serial(&self, needle: &str) -> Result<String> {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            if let Some(line) = self.serial().into_iter().find(|l| l.contains(needle)) {
+                return Ok(line);
+            }
+            ensure!(Instant::now() < deadline, "the guest did not print {needle:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_tick_above(&self, above: u64) -> Result<u64> {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            if let Some(tick) = self.ticks_since(0).into_iter().find(|t| *t > above) {
+                return Ok(tick);
+            }
+            ensure!(Instant::now() < deadline, "the guest did not count past {above}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The reverted guest's first tick: the first after `position` that breaks the old guest's
+    /// sequence (which went on from `old`).
+    fn first_reverted_tick(&self, position: usize, old: u64) -> Result<u64> {
+        let deadline = Instant::now() + TICK_TIMEOUT;
+        loop {
+            let mut previous = old;
+            let jump = self.ticks_since(position).into_iter().find(|t| {
+                let jump = *t != previous + 1;
+                previous = *t;
+                jump
+            });
+            if let Some(tick) = jump {
+                return Ok(tick);
+            }
+            ensure!(Instant::now() < deadline, "the reverted guest printed no tick");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
