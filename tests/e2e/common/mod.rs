@@ -18,6 +18,23 @@ pub struct Cli {
     pub dir: tempfile::TempDir,
 }
 
+/// QEMU runs daemonized and outlives `domsnap`: a test that fails half-way must not leave its
+/// domains running. Kill them, then let `domain list` clean their runtime and RAM files.
+impl Drop for Cli {
+    fn drop(&mut self) {
+        let Ok(domains) = std::fs::read_dir(self.state_dir().join("domains")) else {
+            return;
+        };
+        for domain in domains.flatten() {
+            let pid = std::fs::read_to_string(domain.path().join("run/qemu.pid")).unwrap_or_default();
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            }
+        }
+        let _ = self.command(&["domain", "list"]).output();
+    }
+}
+
 /// The outcome of one `domsnap` run.
 pub struct Run {
     pub output: Output,
@@ -83,16 +100,28 @@ impl Cli {
         let mut with_json = vec!["--json"];
         with_json.extend_from_slice(args);
         let stdout = self.ok(&with_json);
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("domsnap {args:?}: not JSON ({e}):\n{stdout}"))
+        serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("domsnap {args:?}: not JSON ({e}):\n{stdout}"))
     }
 
     /// Runs a command that must fail; its one-line error.
     pub fn fails(&self, args: &[&str]) -> String {
         let run = self.run(args);
-        assert!(!run.success(), "domsnap {args:?} succeeded but should fail:\n{}", run.stdout());
+        assert!(
+            !run.success(),
+            "domsnap {args:?} succeeded but should fail:\n{}",
+            run.stdout()
+        );
         let stderr = run.stderr();
-        assert!(stderr.starts_with("domsnap: error: "), "domsnap {args:?}: unexpected stderr:\n{stderr}");
-        assert_eq!(stderr.trim_end().lines().count(), 1, "domsnap {args:?}: error is not one line:\n{stderr}");
+        assert!(
+            stderr.starts_with("domsnap: error: "),
+            "domsnap {args:?}: unexpected stderr:\n{stderr}"
+        );
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "domsnap {args:?}: error is not one line:\n{stderr}"
+        );
         stderr
     }
 
@@ -122,7 +151,10 @@ impl Cli {
             let id = testkit::disk_id(index);
             let image = dir.join(format!("{id}.qcow2"));
             testkit::create_qcow2(&image, "64M");
-            config.push_str(&format!("[[disks]]\nid = \"{id}\"\npath = \"{}\"\n", image.display()));
+            config.push_str(&format!(
+                "[[disks]]\nid = \"{id}\"\npath = \"{}\"\n",
+                image.display()
+            ));
             images.push(image);
         }
         let path = dir.join(format!("{name}.toml"));
@@ -133,7 +165,11 @@ impl Cli {
             dir,
             images,
             serial_log: self.state_dir().join("domains").join(name).join("serial.log"),
-            console: self.state_dir().join("domains").join(name).join("run/console.sock"),
+            console: self
+                .state_dir()
+                .join("domains")
+                .join(name)
+                .join("run/console.sock"),
         }
     }
 
@@ -234,7 +270,12 @@ impl Domain {
     pub fn wait_tick_above(&self, position: usize, above: u64, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(t) = self.serial_since(position).iter().filter_map(tick).find(|t| *t > above) {
+            if let Some(t) = self
+                .serial_since(position)
+                .iter()
+                .filter_map(tick)
+                .find(|t| *t > above)
+            {
                 return t;
             }
             assert!(
@@ -279,10 +320,13 @@ impl Domain {
         self.console_send("verify");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let found = self.serial_since(position).into_iter().find_map(|line| match line {
-                SerialLine::FingerprintCheck(result) => Some(result),
-                _ => None,
-            });
+            let found = self
+                .serial_since(position)
+                .into_iter()
+                .find_map(|line| match line {
+                    SerialLine::FingerprintCheck(result) => Some(result),
+                    _ => None,
+                });
             match found {
                 Some(Ok(sum)) => return format!("{sum:016x}"),
                 Some(Err(error)) => panic!("{}: fingerprint check failed in the guest: {error}", self.name),
