@@ -22,9 +22,13 @@ pub fn run() -> Result<()> {
     step("build domsnap (release)");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     crate::cmd::run(
-        Command::new(cargo)
-            .current_dir(crate::workspace_root())
-            .args(["build", "--release", "--quiet", "-p", "domsnap"]),
+        Command::new(cargo).current_dir(crate::workspace_root()).args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "domsnap",
+        ]),
         false,
     )?;
     let binary = release_binary()?;
@@ -74,7 +78,11 @@ pub fn run() -> Result<()> {
         println!(
             "  round {:>2}{}: {:>6} dirty pages, {:>7.1} MiB written in {:>7.1} ms",
             round["round"],
-            if round["final_round"] == true { " (paused)" } else { "         " },
+            if round["final_round"] == true {
+                " (paused)"
+            } else {
+                "         "
+            },
             round["pages_dirty"],
             round["bytes_written"].as_f64().unwrap_or_default() / f64::from(1 << 20),
             round["duration_ms"].as_f64().unwrap_or_default()
@@ -145,7 +153,10 @@ fn write_config(dir: &Path) -> Result<PathBuf> {
     for id in ["vda", "vdb"] {
         let image = dir.join(format!("{id}.qcow2"));
         testkit::create_qcow2(&image, "64M");
-        config.push_str(&format!("[[disks]]\nid = \"{id}\"\npath = \"{}\"\n", image.display()));
+        config.push_str(&format!(
+            "[[disks]]\nid = \"{id}\"\npath = \"{}\"\n",
+            image.display()
+        ));
     }
     let path = dir.join("demo.toml");
     std::fs::write(&path, config)?;
@@ -171,7 +182,10 @@ impl Demo {
         let output = self.command(args).output()?;
         print!("{}", String::from_utf8_lossy(&output.stdout));
         if !output.status.success() {
-            bail!("domsnap {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+            bail!(
+                "domsnap {args:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         Ok(())
     }
@@ -183,7 +197,10 @@ impl Demo {
         with_json.extend_from_slice(args);
         let output = self.command(&with_json).output()?;
         if !output.status.success() {
-            bail!("domsnap {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+            bail!(
+                "domsnap {args:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         Ok(serde_json::from_slice(&output.stdout)?)
     }

@@ -30,7 +30,8 @@ use crate::guest::{GuestInfo, DEBS_DIR, INFO_FILE, INITRAMFS_FILE, KERNEL_FILE};
 pub const FORMAT: u32 = 1;
 /// The init script (PID 1).
 pub const INIT_SCRIPT: &str = include_str!("init.sh");
-/// Virtio modules needed for /dev/vda, in load order (init.sh loads the same list).
+/// Modules the guest loads, in load order (init.sh loads the same list): virtio for /dev/vda, and
+/// the ACPI power button with its input events (the workload powers off on it, for a clean stop).
 pub const MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
@@ -38,6 +39,8 @@ pub const MODULES: &[&str] = &[
     "virtio_pci_legacy_dev",
     "virtio_pci",
     "virtio_blk",
+    "button",
+    "evdev",
 ];
 /// The target the workload is built for (statically linked).
 pub const WORKLOAD_TARGET: &str = "x86_64-unknown-linux-gnu";

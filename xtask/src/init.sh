@@ -18,8 +18,9 @@ exec </dev/console >/dev/console 2>&1
 # Lines the host writes to the console must not be echoed into the output.
 stty -echo 2>/dev/null
 
-# Virtio drivers, in dependency order; a module that is not in the initramfs is built in or absent.
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+# Virtio drivers in dependency order, then the ACPI power button and input events (a clean stop);
+# a module that is not in the initramfs is built in or absent.
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk button evdev; do
     if [ -e "/lib/modules/$m.ko" ]; then
         insmod "/lib/modules/$m.ko" || echo "DOMSNAP INIT insmod $m failed"
     fi

@@ -263,30 +263,38 @@ async fn a_killed_qemu_is_found_dead_and_cleaned_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clean_stop_fails_clearly_when_the_guest_cannot_power_off() {
+async fn a_clean_stop_powers_the_guest_off_and_fails_clearly_when_it_cannot() {
     let mut state = State::new();
-    let config = state.config("button", None, &[]);
+    let config = state.config("button", Some(Workload::Idle), &[]);
     let name = config.name.clone();
     let driver = state.driver();
     driver.define(&config).await.unwrap();
     driver.start(&name, true).await.unwrap();
-    let clean = StopMode::Clean {
+    let quick = StopMode::Clean {
         timeout: Duration::from_secs(1),
     };
-    let error = driver.stop(&name, clean).await.unwrap_err().to_string();
+    let error = driver.stop(&name, quick).await.unwrap_err().to_string();
     assert!(
         error.contains("domain button is prelaunch: its vCPUs cannot react to the power button"),
         "{error}"
     );
-    // The test guest's initramfs has no ACPI button driver: it ignores the power button.
+    // Before its workload runs, nothing in the guest acts on the button.
     driver.resume(&name).await.unwrap();
-    let error = driver.stop(&name, clean).await.unwrap_err().to_string();
+    let error = driver.stop(&name, quick).await.unwrap_err().to_string();
     assert_eq!(
         error,
         "domain button: the guest did not power off within 1 s; use --force"
     );
     assert_eq!(driver.status(&name).await.unwrap().state, DomainState::Running);
-    driver.stop(&name, StopMode::Force).await.unwrap();
+    // The test guest's workload powers off on the button.
+    let log = driver.runtime_paths(&name).unwrap().serial_log;
+    wait_tick_after(&log, 0, BOOT).await;
+    let patient = StopMode::Clean {
+        timeout: Duration::from_secs(60),
+    };
+    driver.stop(&name, patient).await.unwrap();
+    assert_eq!(driver.status(&name).await.unwrap().state, DomainState::ShutOff);
+    assert!(fs::read_to_string(&log).unwrap().contains("DOMSNAP POWER-OFF"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

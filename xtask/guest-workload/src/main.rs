@@ -82,6 +82,7 @@ fn run(cfg: &Config) -> io::Result<()> {
     thread::Builder::new()
         .name("stdin".into())
         .spawn(move || serve_stdin(fp_path.as_deref()))?;
+    watch_power_button();
 
     emit(&format!("{LINE_PREFIX} READY mode={}", cfg.mode));
 
@@ -216,6 +217,48 @@ fn dirty_forever(mut wss: Vec<u64>, rate_pages: u64, counter: &AtomicU64) -> ! {
         std::hint::black_box(&mut wss);
         total += due;
         counter.store(total, Ordering::Relaxed);
+    }
+}
+
+/// `EV_KEY` and `KEY_POWER` from linux/input-event-codes.h.
+const EV_KEY: u16 = 1;
+const KEY_POWER: u16 = 116;
+/// `struct input_event` on x86_64: timeval (16 bytes), type (u16), code (u16), value (i32).
+const INPUT_EVENT_LEN: usize = 24;
+
+/// Powers the guest off when the ACPI power button is pressed (QMP `system_powerdown`), so the
+/// toolstack's clean stop works: with the `button` and `evdev` modules (loaded by init) the
+/// kernel reports the button as `KEY_POWER` on an input device.
+fn watch_power_button() {
+    let Ok(entries) = std::fs::read_dir("/dev/input") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("event") {
+            let path = entry.path();
+            let _ = thread::Builder::new()
+                .name("power-button".into())
+                .spawn(move || wait_for_power_key(&path));
+        }
+    }
+}
+
+fn wait_for_power_key(device: &Path) {
+    let Ok(mut input) = File::open(device) else {
+        return;
+    };
+    let mut event = [0u8; INPUT_EVENT_LEN];
+    while input.read_exact(&mut event).is_ok() {
+        let kind = u16::from_ne_bytes([event[16], event[17]]);
+        let code = u16::from_ne_bytes([event[18], event[19]]);
+        let value = i32::from_ne_bytes([event[20], event[21], event[22], event[23]]);
+        if kind == EV_KEY && code == KEY_POWER && value == 1 {
+            emit(&format!("{LINE_PREFIX} POWER-OFF"));
+            // busybox poweroff -f syncs the disks, then powers off without asking init.
+            let _ = std::process::Command::new("/bin/busybox")
+                .args(["poweroff", "-f"])
+                .status();
+        }
     }
 }
 
