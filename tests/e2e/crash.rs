@@ -57,36 +57,6 @@ const REVERT_STEPS: [&str; 11] = [
     "tidy-disks",
 ];
 
-/// Ends the domain's QEMU when a test ends, passed or not: QEMU is daemonized and would
-/// outlive the test (and keep its RAM file in /dev/shm).
-struct StopOnDrop<'a> {
-    cli: &'a Cli,
-    name: String,
-}
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        let _ = self.cli.run(&["domain", "stop", "--force", &self.name]);
-        // If even that failed (a test left the domain in a state the CLI refuses), kill it.
-        let pid_file = domain_dir(self.cli, &self.name).join("run/qemu.pid");
-        if let Some(pid) = std::fs::read_to_string(pid_file)
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-        {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            // Lets the driver notice the dead QEMU and remove its RAM file.
-            let _ = self.cli.run(&["domain", "status", &self.name]);
-        }
-    }
-}
-
-fn stop_on_drop<'a>(cli: &'a Cli, domain: &Domain) -> StopOnDrop<'a> {
-    StopOnDrop {
-        cli,
-        name: domain.name.clone(),
-    }
-}
-
 fn domain_dir(cli: &Cli, name: &str) -> PathBuf {
     cli.state_dir().join("domains").join(name)
 }
@@ -247,7 +217,6 @@ fn last_tick(domain: &Domain) -> u64 {
 fn create_killed_at_every_step_is_undone_before_its_record_and_finished_after() {
     let cli = Cli::new();
     let domain = cli.start_domain("ck", MEMORY_MIB, Workload::Idle, 2);
-    let _stop = stop_on_drop(&cli, &domain);
     let (vda, vdb) = (domain.images[0].clone(), domain.images[1].clone());
     let files_before = lasting_files(&cli);
     let disks_before = defined_disks(&cli, "ck");
@@ -344,7 +313,6 @@ fn create_killed_at_every_step_is_undone_before_its_record_and_finished_after() 
 fn delete_killed_at_every_step_is_finished() {
     let cli = Cli::new();
     let domain = cli.start_domain("dk", MEMORY_MIB, Workload::Idle, 2);
-    let _stop = stop_on_drop(&cli, &domain);
     let (vda, vdb) = (domain.images[0].clone(), domain.images[1].clone());
     // A snapshot that stays: each deleted one is its child, so the delete must re-parent the
     // tree, make `base` current again and fold the child's overlay into base's.
@@ -420,7 +388,6 @@ fn revert_overlays(cli: &Cli) -> Vec<PathBuf> {
 fn revert_killed_at_every_step_leaves_the_domain_untouched_or_reverted() {
     let cli = Cli::new();
     let domain = cli.start_domain("rv", MEMORY_MIB, Workload::Idle, 2);
-    let _stop = stop_on_drop(&cli, &domain);
     let vda = domain.images[0].clone();
     wait_last_tick_above(&domain, 2);
     cli.ok(&["snapshot", "create", "rv", "r", "--disk", "vdb=external"]);
@@ -512,7 +479,6 @@ fn assert_step_error(error: &str, operation: &str, steps: &[&str]) {
 fn a_failing_disk_step_and_a_damaged_memory_image_leave_the_domain_running() {
     let cli = Cli::new();
     let domain = cli.start_domain("fl", MEMORY_MIB, Workload::Idle, 2);
-    let _stop = stop_on_drop(&cli, &domain);
     let vda = domain.images[0].clone();
     let files_before = lasting_files(&cli);
     let disks_before = defined_disks(&cli, "fl");
@@ -585,7 +551,6 @@ fn qemu_killed_during_a_live_create_fails_it_cleanly() {
         wss_mib: 32,
     };
     let domain = cli.start_domain("fq", MEMORY_MIB, workload, 2);
-    let _stop = stop_on_drop(&cli, &domain);
     domain.first_tick_since(0, TICK_WAIT);
     let files_before = lasting_files(&cli);
     let pid = domain_pid(&cli, "fq");
