@@ -266,8 +266,10 @@ fn a_shut_off_domain_gets_disk_only_snapshots_and_stays_shut_off_on_revert() {
     let cli = Cli::new();
     let domain = cli.start_domain("off", 128, Workload::Idle, 2);
     domain.wait_tick_above(0, 2, BOOT);
-    cli.ok(&["domain", "stop", "off", "--force"]);
+    // A clean stop: the guest powers off on the ACPI power button.
+    cli.ok(&["domain", "stop", "off"]);
     assert_eq!(state(&cli, &domain), "shut-off");
+    domain.wait_for_serial("DOMSNAP POWER-OFF", TICKS);
     let marker = Domain::disk_marker_tick(&domain.images[0]).expect("the guest wrote its marker");
 
     let report = cli.json(&["snapshot", "create", "off", "cold", "--disk", "vdb=external"]);
