@@ -136,6 +136,14 @@ pub enum Error {
     /// Writing the stream form failed.
     #[error("cannot write memory stream")]
     StreamWrite(#[source] io::Error),
+    /// A page number given to an import is outside the image.
+    #[error("page {page} is outside the image's {pages} pages")]
+    PageOutOfRange {
+        /// The page number given.
+        page: u64,
+        /// Pages in the image.
+        pages: u64,
+    },
 }
 
 /// Result alias used throughout the crate.

@@ -15,7 +15,8 @@
 //!   [`Finished::seal`]. [`save_paused`] does it in one pass.
 //! - The image format v1 (`docs/memory-image-format.md`): [`ImageWriter`] writes it,
 //!   [`verify`] checks it, [`restore`] loads it back. Its stream form, for pipes and sockets:
-//!   [`StreamWriter`] and [`receive_stream`].
+//!   [`StreamWriter`] and [`receive_stream`]. [`PageImport`] builds an image from pages pushed in any
+//!   order by a producer it does not drive (a parser of a hypervisor's own save stream).
 //!
 //! CPU-bound work runs on scoped std threads, one per core. [`reference`](mod@reference) holds simple single-threaded
 //! versions of the algorithms that the tests compare the fast paths with.
@@ -74,6 +75,7 @@ mod error;
 mod format;
 mod guest;
 mod image;
+mod import;
 mod par;
 pub mod reference;
 mod save;
@@ -88,6 +90,7 @@ pub use image::{
     restore, verify, Durability, ImageInfo, ImageReader, ImageWriter, PageSink, ReadAt, RestoreOptions,
     RestoreStats, ZeroPages,
 };
+pub use import::{ImportStats, PageImport};
 pub use save::{
     copy_paused, save_paused, ConvergencePolicy, Finished, LiveSave, Progress, RoundStats, SaveOptions,
     SaveSummary, StopReason,
