@@ -95,6 +95,12 @@ enum DomainCommand {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LiveMode {
+    Precopy,
+    Background,
+}
+
 #[derive(Debug, Subcommand)]
 enum SnapshotCommand {
     /// Snapshot a domain: memory, device state and disks (disks only if it is shut off).
@@ -103,9 +109,16 @@ enum SnapshotCommand {
         name: String,
         /// The new snapshot's name ([A-Za-z0-9_.-], up to 64).
         snap: String,
-        /// Copy memory while the guest runs; it pauses only for the last dirty pages.
+        /// Save memory while the guest runs, with a short pause (the mode with the shorter pause
+        /// for the domain's RAM size unless --live-mode says).
         #[arg(long)]
         live: bool,
+        /// precopy: copy memory in rounds while the guest runs, pause for the last dirty pages
+        /// (about one read of RAM; consistent at the end). background: QEMU's write-protect
+        /// snapshot streamed into the image (pause about 20 ms whatever the RAM size; consistent
+        /// at the start). Implies --live.
+        #[arg(long, value_enum, value_name = "MODE")]
+        live_mode: Option<LiveMode>,
         /// Per-disk snapshot kind (default: internal for every disk). PATH defaults to
         /// IMAGE-STEM.SNAP.qcow2 beside the image; FORMAT to qcow2.
         #[arg(long = "disk", value_name = "ID=internal|external[:PATH[:FORMAT]]")]
@@ -338,16 +351,22 @@ impl App {
                 name: domain,
                 snap,
                 live,
+                live_mode,
                 disks,
                 description,
             } => {
                 let (domain, snap) = (name(&domain, "domain")?, name(&snap, "snapshot")?);
+                let memory = match (live, live_mode) {
+                    (_, Some(LiveMode::Precopy)) => MemoryMode::Live(memory::ConvergencePolicy::default()),
+                    (_, Some(LiveMode::Background)) => MemoryMode::Background,
+                    (true, None) => {
+                        let ram_bytes = self.driver.definition(&domain)?.memory_mib << 20;
+                        MemoryMode::shortest_live_pause(ram_bytes)
+                    }
+                    (false, None) => MemoryMode::Paused,
+                };
                 let options = CreateOptions {
-                    memory: if live {
-                        MemoryMode::Live(memory::ConvergencePolicy::default())
-                    } else {
-                        MemoryMode::Paused
-                    },
+                    memory,
                     disks: disks.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?,
                     description,
                 };
@@ -536,6 +555,26 @@ mod tests {
             cli.command,
             Command::Snapshot(SnapshotCommand::Create { live: true, .. })
         ));
+        let cli = Cli::try_parse_from([
+            "domsnap",
+            "snapshot",
+            "create",
+            "d",
+            "s",
+            "--live-mode",
+            "background",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Snapshot(SnapshotCommand::Create {
+                live_mode: Some(LiveMode::Background),
+                ..
+            })
+        ));
+        assert!(
+            Cli::try_parse_from(["domsnap", "snapshot", "create", "d", "s", "--live-mode", "x"]).is_err()
+        );
     }
 
     #[test]

@@ -194,8 +194,8 @@ pub fn show(record: &SnapshotRecord, current: Option<&Name>, files: &SnapshotFil
 pub fn created(report: &CreateReport) -> String {
     let record = &report.record;
     let mut out = format!(
-        "created snapshot {} of {}: total {:.0} ms, guest paused {:.1} ms",
-        record.name, record.domain, report.total_ms, report.guest_pause_ms
+        "created snapshot {} of {} ({} memory): total {:.0} ms, guest paused {:.1} ms",
+        record.name, record.domain, report.memory_mode, report.total_ms, report.guest_pause_ms
     );
     if let Some((total, stored)) = report.memory_pages {
         let _ = write!(

@@ -132,6 +132,16 @@ impl Hypervisor for QemuDriver {
         Ok(self.launch(domain, StartMode::Incoming).await?)
     }
 
+    async fn background_save(
+        &self,
+        domain: &Name,
+        _image: &Path,
+        _device_state: &Path,
+        _captured: tokio::sync::oneshot::Sender<()>,
+    ) -> DriverResult<snapshot_core::StreamedSave> {
+        Err(format!("domain {domain}: background snapshots are not available yet").into())
+    }
+
     async fn load_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()> {
         Ok(self.load_devices(domain, path).await?)
     }

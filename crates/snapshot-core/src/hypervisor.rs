@@ -28,6 +28,23 @@ pub struct DiskTarget {
     pub image: PathBuf,
 }
 
+/// What a streamed save ([`Hypervisor::background_save`]) did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamedSave {
+    /// Guest RAM size in bytes.
+    pub ram_bytes: u64,
+    /// Bytes of the stream the hypervisor wrote.
+    pub stream_bytes: u64,
+    /// Guest pages received with data.
+    pub pages: u64,
+    /// Guest pages received as zero.
+    pub zero_pages: u64,
+    /// Bytes of device state.
+    pub device_state_bytes: u64,
+    /// How long the hypervisor itself stopped the guest, if it says.
+    pub hypervisor_downtime_ms: Option<f64>,
+}
+
 /// A hypervisor managing named domains.
 ///
 /// Every call names the domain; the driver keeps the processes and connections. Calls that need
@@ -52,6 +69,18 @@ pub trait Hypervisor: Send + Sync {
     async fn guest_memory(&self, domain: &Name) -> DriverResult<GuestMemory>;
     /// Saves the device (and vCPU) state of a paused domain to `path`, written and fsynced.
     async fn save_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()>;
+    /// Saves memory and device state as of this call with the hypervisor's own write-protect
+    /// snapshot, into the memory image `image` and the device-state file `device_state` (both
+    /// complete and synced when this returns). The caller pauses the domain first (so that its
+    /// disks can be snapshotted at the same instant) and may resume it as soon as `captured`
+    /// fires: the state is then fixed, and memory streams while the guest runs.
+    async fn background_save(
+        &self,
+        domain: &Name,
+        image: &Path,
+        device_state: &Path,
+        captured: tokio::sync::oneshot::Sender<()>,
+    ) -> DriverResult<StreamedSave>;
     /// The disk-snapshot backend fit for the domain's state: live while it has a process,
     /// offline when shut off.
     async fn disk_backend(&self, domain: &Name) -> DriverResult<Arc<dyn DiskSnapshots>>;

@@ -31,7 +31,7 @@ mod store;
 mod tree;
 
 pub use error::{Error, Operation, Result, Step};
-pub use hypervisor::{DiskTarget, DriverError, DriverResult, Hypervisor, MockHypervisor};
+pub use hypervisor::{DiskTarget, DriverError, DriverResult, Hypervisor, MockHypervisor, StreamedSave};
 pub use intent::Intent;
 pub use metadata::{
     Consistency, DiskRecord, DiskSnapshot, DomainState, MemoryState, SnapshotRecord, METADATA_VERSION,
@@ -39,7 +39,7 @@ pub use metadata::{
 pub use name::{Name, MAX_NAME_LEN};
 pub use orchestrator::{
     CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, MemoryMode, Observer, Orchestrator,
-    Quiet, Recovery, RevertReport, RoundReport, VerifyReport,
+    Quiet, Recovery, RevertReport, RoundReport, VerifyReport, BACKGROUND_FROM_RAM_BYTES,
 };
 pub use store::{write_atomic, DomainLock, FsStore, MockSnapshotStore, SnapshotFiles, SnapshotStore};
 pub use tree::SnapshotTree;

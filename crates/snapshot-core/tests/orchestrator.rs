@@ -11,7 +11,7 @@ use std::{
 use disk::MockDiskSnapshots;
 use snapshot_core::{
     CreateOptions, DiskKind, DiskRequest, DiskTarget, DomainState, DriverResult, Error, FsStore, Intent,
-    MemoryMode, MockHypervisor, Name, Orchestrator, Quiet, SnapshotStore, Step,
+    MemoryMode, MockHypervisor, Name, Orchestrator, Quiet, SnapshotStore, Step, StreamedSave,
 };
 
 const RAM: u64 = 4 << 20;
@@ -154,6 +154,29 @@ fn hypervisor(sim: &Shared) -> MockHypervisor {
         std::fs::write(path, b"device state")?;
         Ok(())
     });
+    let s = sim.clone();
+    h.expect_background_save()
+        .returning(move |_, image, devices, captured| {
+            // The simulated hypervisor captures at once, then "streams": a real image of the memory.
+            if s.lock().unwrap().fail != Some("background_save_before_capture") {
+                let _ = captured.send(());
+            }
+            call(&s, "background_save")?;
+            call(&s, "background_save_before_capture")?;
+            let mem = memory::GuestMemory::anonymous(RAM)?;
+            let sink =
+                memory::ImageWriter::create(image, memory::ImageLayout::of(&mem), memory::Durability::Sync)?;
+            let summary = memory::save_paused(&mem, Box::new(sink))?;
+            std::fs::write(devices, b"device state")?;
+            Ok(StreamedSave {
+                ram_bytes: RAM,
+                stream_bytes: RAM,
+                pages: summary.present_pages,
+                zero_pages: summary.total_pages - summary.present_pages,
+                device_state_bytes: 12,
+                hypervisor_downtime_ms: Some(1.0),
+            })
+        });
     let s = sim.clone();
     h.expect_disk_backend().returning(move |_| {
         call(&s, "disk_backend")?;
@@ -765,4 +788,91 @@ async fn branches_keep_what_they_read_and_deleting_everything_leaves_no_overlay(
     assert_eq!(f.sim().disks[1].image, f.dir.path().join("vdb.qcow2"));
     assert!(f.store.overlays(&f.domain).unwrap().is_empty());
     assert_eq!(f.stray_files(), Vec::<PathBuf>::new());
+}
+
+#[tokio::test]
+async fn a_background_create_pauses_for_disks_and_capture_and_is_consistent_at_the_start() {
+    let f = fixture(DomainState::Running);
+    let options = CreateOptions {
+        memory: MemoryMode::Background,
+        disks: mixed_disks(),
+        description: None,
+    };
+    let report = f
+        .orchestrator
+        .create(&f.domain, &name("bg"), options.clone())
+        .await
+        .unwrap();
+    assert_eq!(report.memory_mode, "background");
+    let memory = report.record.memory.as_ref().unwrap();
+    assert_eq!(memory.consistency, snapshot_core::Consistency::Start);
+    assert!(report.streamed.is_some());
+    // Pause, then the disks, then the capture, then the resume.
+    let calls: Vec<&str> = f
+        .calls()
+        .into_iter()
+        .filter(|c| {
+            [
+                "pause",
+                "create_internal",
+                "create_external",
+                "background_save",
+                "resume",
+            ]
+            .contains(c)
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "pause",
+            "create_internal",
+            "create_external",
+            "background_save",
+            "resume"
+        ]
+    );
+    assert_eq!(f.sim().state, DomainState::Running);
+    f.orchestrator
+        .revert(&f.domain, &name("bg"), false)
+        .await
+        .unwrap();
+
+    // A save failing before or after the capture is rolled back; the domain runs on.
+    for failure in ["background_save_before_capture", "background_save"] {
+        let f = fixture(DomainState::Running);
+        f.fail_at(failure);
+        let err = f
+            .orchestrator
+            .create(&f.domain, &name("bg"), options.clone())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Failed {
+                    step: Step::SaveMemory,
+                    ..
+                }
+            ),
+            "{failure}: {err}"
+        );
+        let sim = f.sim();
+        assert_eq!(sim.state, DomainState::Running, "{failure}");
+        assert!(sim.internal.is_empty(), "{failure}");
+        assert_eq!(sim.disks[1].image, f.dir.path().join("vdb.qcow2"), "{failure}");
+        assert_eq!(f.stray_files(), Vec::<PathBuf>::new(), "{failure}");
+    }
+}
+
+#[test]
+fn the_shortest_live_pause_is_background_for_large_guests() {
+    assert!(matches!(
+        MemoryMode::shortest_live_pause(256 << 20),
+        MemoryMode::Live(_)
+    ));
+    assert!(matches!(
+        MemoryMode::shortest_live_pause(1 << 30),
+        MemoryMode::Background
+    ));
 }
