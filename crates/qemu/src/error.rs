@@ -231,6 +231,103 @@ pub enum Error {
         #[source]
         source: memory::Error,
     },
+
+    /// The QEMU migration stream is not one the parser reads, or is damaged.
+    #[error("QEMU migration stream, at byte {offset}: {reason}")]
+    StreamFormat {
+        /// Where the offending item starts in the stream.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// The QEMU migration stream ended early.
+    #[error(
+        "QEMU migration stream cut short: it ends at byte {offset}, inside {inside} starting at byte \
+         {item_at}"
+    )]
+    StreamTruncated {
+        /// Length of the stream.
+        offset: u64,
+        /// What was being read.
+        inside: &'static str,
+        /// Where that item starts.
+        item_at: u64,
+    },
+
+    /// Reading the QEMU migration stream failed.
+    #[error("cannot read the QEMU migration stream at byte {offset}")]
+    StreamRead {
+        /// Bytes read before the failure.
+        offset: u64,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A guest RAM page of the QEMU migration stream cannot be stored.
+    #[error("cannot store the guest RAM page of the record at byte {offset} of the QEMU migration stream")]
+    StreamRam {
+        /// Where the page record starts in the stream.
+        offset: u64,
+        /// The memory image's error.
+        #[source]
+        source: memory::Error,
+    },
+
+    /// The stream did not carry every page of guest RAM.
+    #[error("QEMU's migration stream did not carry {missing} pages of guest RAM")]
+    StreamIncomplete {
+        /// Pages never sent.
+        missing: u64,
+    },
+
+    /// The socket QEMU streams into cannot be set up.
+    #[error("cannot set up the socket for QEMU's migration stream")]
+    StreamSocket {
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Another migration runs on the QEMU.
+    #[error("QEMU is busy with another migration (status {status}); it runs one at a time")]
+    MigrationBusy {
+        /// QEMU's migration status.
+        status: String,
+    },
+
+    /// QEMU's migration settings would change the stream into one the parser does not read.
+    #[error("QEMU's migration settings do not allow a background snapshot: {reason}")]
+    MigrationSettings {
+        /// Which settings.
+        reason: String,
+    },
+
+    /// QEMU's background snapshot failed.
+    #[error("QEMU's background snapshot failed: {reason}")]
+    MigrationFailed {
+        /// QEMU's `error-desc`, or what went wrong.
+        reason: String,
+    },
+
+    /// The memory image cannot be written.
+    #[error("cannot write the memory image {path}")]
+    MemoryImage {
+        /// The image's destination.
+        path: PathBuf,
+        /// The memory crate's error.
+        #[source]
+        source: memory::Error,
+    },
+
+    /// The device state taken from the QEMU migration stream cannot be written.
+    #[error("cannot write the device state taken from the QEMU migration stream")]
+    StreamDeviceState {
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Formats the end of QEMU's stderr for an error message (nothing when it is empty).

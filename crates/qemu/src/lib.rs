@@ -8,6 +8,11 @@
 //! state). The driver module's documentation describes the state layout, supervision and the
 //! mapping of QEMU's run states.
 //!
+//! A live memory snapshot consistent at its start: [`background_snapshot`] runs QEMU's
+//! `background-snapshot` migration into a socket and [`parse_migration_stream`] turns the stream,
+//! as it arrives, into the toolstack's memory image and a device-state file
+//! (`docs/qemu-migration-stream.md`).
+//!
 //! ```no_run
 //! # async fn demo() -> qemu::Result<()> {
 //! use qemu::{DomainConfig, QemuDriver, StopMode};
@@ -45,17 +50,23 @@
 //! assert!(args.iter().any(|a| a == "-qmp"));
 //! ```
 
+mod background;
 mod command_line;
 mod config;
 mod driver;
 mod error;
 mod hypervisor;
+mod migration_stream;
 mod process;
 mod ram_layout;
 
+pub use background::{background_snapshot, expected_blocks, BackgroundStats};
 pub use command_line::{disk_nodes, qemu_args, RuntimePaths, StartMode, RAM_BACKEND_ID};
 pub use config::{DiskConfig, DomainConfig, MAX_VCPUS, MEMORY_MIB_RANGE};
 pub use driver::{DomainStatus, QemuDriver, StopMode};
 pub use error::{Error, Result};
+pub use migration_stream::{
+    parse_migration_stream, ExpectedBlocks, RamSink, StreamStats, DEVICE_STATE_HEADER,
+};
 pub use process::QEMU_ENV;
 pub use ram_layout::{parse_ram_layout, ram_layout};

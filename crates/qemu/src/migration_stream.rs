@@ -1,0 +1,994 @@
+//! The migration stream QEMU 10 writes for a `background-snapshot` migration, parsed as it arrives:
+//! the guest-RAM pages go to a [`RamSink`] (in the stream's order, duplicates included), everything
+//! from the first device section on is kept as the device-state blob. Only the subset QEMU writes with
+//! our domains' settings is accepted; anything else is refused with the byte offset where it was
+//! found. The format, what is refused and where the facts come from: `docs/qemu-migration-stream.md`.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+
+use memory::{PageImport, PAGE_SIZE};
+
+use crate::error::{Error, Result};
+
+/// `QEVM`.
+const FILE_MAGIC: u32 = 0x5145_564d;
+/// The stream version QEMU has written since 0.13.
+const FILE_VERSION: u32 = 3;
+/// The device-state blob's header: magic and version, as `migrate-incoming` expects them.
+pub const DEVICE_STATE_HEADER: [u8; 8] = *b"QEVM\0\0\0\x03";
+
+// Section types (QEMU `migration/savevm.c`).
+const SECTION_EOF: u8 = 0x00;
+const SECTION_START: u8 = 0x01;
+const SECTION_PART: u8 = 0x02;
+const SECTION_END: u8 = 0x03;
+const SECTION_FULL: u8 = 0x04;
+const SECTION_SUBSECTION: u8 = 0x05;
+const SECTION_VMDESCRIPTION: u8 = 0x06;
+const SECTION_CONFIGURATION: u8 = 0x07;
+const SECTION_COMMAND: u8 = 0x08;
+const SECTION_FOOTER: u8 = 0x7e;
+
+// RAM record flags, in the low bits of a record's be64 (QEMU `migration/ram.c`). The offset of a
+// page is aligned to the target page (4 KiB on x86), which leaves 12 bits for flags.
+const FLAG_MASK: u64 = 0xfff;
+const FLAG_ZERO: u64 = 0x02;
+const FLAG_MEM_SIZE: u64 = 0x04;
+const FLAG_PAGE: u64 = 0x08;
+const FLAG_EOS: u64 = 0x10;
+const FLAG_CONTINUE: u64 = 0x20;
+/// Flags this parser reads; any other bit is refused.
+const KNOWN_FLAGS: u64 = FLAG_ZERO | FLAG_MEM_SIZE | FLAG_PAGE | FLAG_EOS | FLAG_CONTINUE;
+/// Names of the flags it refuses, for the error message.
+const REFUSED_FLAGS: [(u64, &str); 5] = [
+    (0x01, "FULL (obsolete)"),
+    (0x40, "XBZRLE"),
+    (0x80, "HOOK (RDMA)"),
+    (0x100, "COMPRESS_PAGE"),
+    (0x200, "MULTIFD_FLUSH"),
+];
+
+/// The only iterable section this parser reads, and its version in QEMU 10.
+const RAM_SECTION: &str = "ram";
+const RAM_SECTION_VERSION: u32 = 4;
+/// Longest machine type name accepted in the configuration section.
+const MAX_MACHINE_NAME: u32 = 256;
+/// Most RAM blocks a block list may declare.
+const MAX_BLOCKS: usize = 1024;
+/// Read buffer: a pipe delivers up to its size per read; 1 MiB keeps system calls rare.
+const READ_BUFFER: usize = 1 << 20;
+/// Most bytes of the device state's end kept to check its end-of-file marker and description.
+const MAX_TAIL: usize = 16 << 20;
+
+/// Receives the pages of the guest-RAM block, in the stream's order; a page may come several times
+/// (the later copy wins).
+pub trait RamSink {
+    /// Page `page` of the block (its byte offset in the block divided by 4096) holds `data`.
+    fn page(&mut self, page: u64, data: &[u8; PAGE_SIZE]) -> memory::Result<()>;
+    /// Page `page` of the block is zero.
+    fn zero(&mut self, page: u64) -> memory::Result<()>;
+}
+
+/// The image's page numbering must follow the RAM block's: page `n` is bytes `n * 4096..` of the RAM
+/// file. That holds for a layout made of the RAM file's regions when they sit in the file in
+/// guest-address order, as on q35 (checked by [`crate::background_snapshot`]).
+impl RamSink for PageImport<'_> {
+    fn page(&mut self, page: u64, data: &[u8; PAGE_SIZE]) -> memory::Result<()> {
+        PageImport::page(self, page, data)
+    }
+    fn zero(&mut self, page: u64) -> memory::Result<()> {
+        PageImport::zero(self, page)
+    }
+}
+
+/// The RAM blocks the stream must declare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedBlocks {
+    /// The guest-RAM block: the memory backend's id ([`crate::RAM_BACKEND_ID`]).
+    pub ram_block: String,
+    /// Its size in bytes.
+    pub ram_size: u64,
+    /// The other blocks the stream may carry (ROMs and firmware tables such as `pc.bios`, `pc.rom`,
+    /// `/rom@etc/acpi/tables`), with their size when it is to be checked. Their pages are skipped:
+    /// a QEMU started with the same options recreates them.
+    pub other_blocks: BTreeMap<String, Option<u64>>,
+}
+
+/// What a parse read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// The machine type named by the configuration section, e.g. `pc-q35-10.0`.
+    pub machine_type: String,
+    /// Bytes of stream read.
+    pub bytes_read: u64,
+    /// Page records of the guest-RAM block carrying data.
+    pub ram_pages: u64,
+    /// Zero-page records of the guest-RAM block.
+    pub ram_zero_pages: u64,
+    /// Page records of other blocks (ROMs), skipped.
+    pub other_pages_skipped: u64,
+    /// Bytes written as the device state, its 8-byte header included.
+    pub device_state_bytes: u64,
+}
+
+/// A RAM block declared by the stream.
+struct Block {
+    name: String,
+    len: u64,
+    guest_ram: bool,
+}
+
+/// The stream with the offset of the next byte to read.
+struct Input<R> {
+    reader: BufReader<R>,
+    pos: u64,
+}
+
+impl<R: Read> Input<R> {
+    /// Fills `buf`; the end of the stream inside it is a truncation, reported with the offset where
+    /// the item being read (`what`) started.
+    fn exact(&mut self, buf: &mut [u8], what: &'static str, item_at: u64) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.reader.read(&mut buf[done..]) {
+                Ok(0) => {
+                    return Err(Error::StreamTruncated {
+                        offset: self.pos + done as u64,
+                        inside: what,
+                        item_at,
+                    })
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(Error::StreamRead {
+                        offset: self.pos + done as u64,
+                        source,
+                    })
+                }
+            }
+        }
+        self.pos += done as u64;
+        Ok(())
+    }
+
+    fn u8(&mut self, what: &'static str, item_at: u64) -> Result<u8> {
+        let mut b = [0u8; 1];
+        self.exact(&mut b, what, item_at)?;
+        Ok(b[0])
+    }
+
+    fn be32(&mut self, what: &'static str, item_at: u64) -> Result<u32> {
+        let mut b = [0u8; 4];
+        self.exact(&mut b, what, item_at)?;
+        Ok(u32::from_be_bytes(b))
+    }
+
+    fn be64(&mut self, what: &'static str, item_at: u64) -> Result<u64> {
+        let mut b = [0u8; 8];
+        self.exact(&mut b, what, item_at)?;
+        Ok(u64::from_be_bytes(b))
+    }
+
+    /// A string preceded by its length in one byte (block and section names).
+    fn name(&mut self, what: &'static str, item_at: u64) -> Result<String> {
+        let len = self.u8(what, item_at)?;
+        let mut bytes = vec![0u8; usize::from(len)];
+        self.exact(&mut bytes, what, item_at)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+/// Parses a stream QEMU 10 wrote for a `background-snapshot` migration from `input` (read in large
+/// buffered pieces, so it keeps up with QEMU writing into a pipe or socket): checks its header, configuration
+/// section and RAM block list against `expected`, hands every page of the guest-RAM block to `ram`
+/// as it arrives, skips the pages of the other blocks, and writes the device state (everything from
+/// the first device section to the end, behind [`DEVICE_STATE_HEADER`]) to `device_state`. Reads to
+/// the end of the stream.
+///
+/// Anything this parser does not know (other capabilities' records, sections or blocks) is an
+/// error, as is a stream cut short anywhere (the device state must end with QEMU's end-of-file
+/// marker and description). After an error, what `ram` and `device_state` received is incomplete and
+/// must be discarded.
+pub fn parse_migration_stream<S: RamSink + ?Sized>(
+    input: impl Read,
+    expected: &ExpectedBlocks,
+    ram: &mut S,
+    device_state: &mut dyn Write,
+) -> Result<StreamStats> {
+    let mut parser = Parser {
+        input: Input {
+            reader: BufReader::with_capacity(READ_BUFFER, input),
+            pos: 0,
+        },
+        expected,
+        ram,
+        blocks: Vec::new(),
+        current: None,
+        ram_section: None,
+        page: Box::new([0u8; PAGE_SIZE]),
+        stats: StreamStats::default(),
+    };
+    parser.run(device_state)?;
+    parser.stats.bytes_read = parser.input.pos;
+    Ok(parser.stats)
+}
+
+struct Parser<'a, R, S: ?Sized> {
+    input: Input<R>,
+    expected: &'a ExpectedBlocks,
+    ram: &'a mut S,
+    blocks: Vec<Block>,
+    /// The block the last page record named: a record with CONTINUE is in it.
+    current: Option<usize>,
+    /// The section id of `ram`, once its START was read.
+    ram_section: Option<u32>,
+    page: Box<[u8; PAGE_SIZE]>,
+    stats: StreamStats,
+}
+
+fn format_error(offset: u64, reason: impl Into<String>) -> Error {
+    Error::StreamFormat {
+        offset,
+        reason: reason.into(),
+    }
+}
+
+impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
+    fn run(&mut self, device_state: &mut dyn Write) -> Result<()> {
+        let magic = self.input.be32("the file header", 0)?;
+        let version = self.input.be32("the file header", 0)?;
+        if magic != FILE_MAGIC {
+            return Err(format_error(
+                0,
+                format!("magic {magic:#010x} is not QEVM: not a QEMU migration stream"),
+            ));
+        }
+        if version != FILE_VERSION {
+            return Err(format_error(
+                4,
+                format!("stream version {version}, this parser reads version {FILE_VERSION}"),
+            ));
+        }
+        self.configuration()?;
+        loop {
+            let at = self.input.pos;
+            let kind = self.input.u8("the next section (no device state yet)", at)?;
+            match kind {
+                SECTION_START => self.start_section(at)?,
+                // QEMU's background snapshot sends PART sections only; a plain migration ends `ram`
+                // with an END section, whose records are the same.
+                SECTION_PART | SECTION_END => {
+                    let id = self.input.be32("a section header", at)?;
+                    if self.ram_section != Some(id) {
+                        return Err(format_error(
+                            at,
+                            format!("iterable section {id} continues, but only `ram` was started"),
+                        ));
+                    }
+                    self.records()?;
+                    self.footer(id)?;
+                }
+                SECTION_FULL if self.ram_section.is_some() => return self.device_state(at, device_state),
+                other => return Err(format_error(at, unexpected_section(other, self.ram_section))),
+            }
+        }
+    }
+
+    /// The configuration section: the machine type, and no subsection (QEMU adds one for
+    /// capabilities that change the stream, x-ignore-shared and mapped-ram, and for UUID checks).
+    fn configuration(&mut self) -> Result<()> {
+        let at = self.input.pos;
+        let kind = self.input.u8("the configuration section", at)?;
+        if kind != SECTION_CONFIGURATION {
+            return Err(format_error(
+                at,
+                format!("section type {kind:#04x} where the configuration section (0x07) must be"),
+            ));
+        }
+        let len = self.input.be32("the configuration section", at)?;
+        if len > MAX_MACHINE_NAME {
+            return Err(format_error(
+                at,
+                format!("machine type name of {len} bytes in the configuration section"),
+            ));
+        }
+        let mut name = vec![0u8; len as usize];
+        self.input.exact(&mut name, "the configuration section", at)?;
+        self.stats.machine_type = String::from_utf8_lossy(&name).into_owned();
+        Ok(())
+    }
+
+    /// A START section: must be `ram` (the only iterable section without extra capabilities), once,
+    /// beginning with the RAM block list.
+    fn start_section(&mut self, at: u64) -> Result<()> {
+        let what = "a section header";
+        let id = self.input.be32(what, at)?;
+        let name = self.input.name(what, at)?;
+        let instance = self.input.be32(what, at)?;
+        let version = self.input.be32(what, at)?;
+        if name != RAM_SECTION {
+            return Err(format_error(
+                at,
+                format!("unknown iterable section `{name}` (only `ram` is read)"),
+            ));
+        }
+        if self.ram_section.is_some() {
+            return Err(format_error(at, "a second `ram` section starts"));
+        }
+        if instance != 0 || version != RAM_SECTION_VERSION {
+            return Err(format_error(
+                at,
+                format!(
+                    "`ram` section instance {instance} version {version} (this parser reads instance 0 \
+                     version {RAM_SECTION_VERSION})"
+                ),
+            ));
+        }
+        self.ram_section = Some(id);
+        let list_at = self.input.pos;
+        let word = self.input.be64("the RAM block list", list_at)?;
+        if word & FLAG_MASK != FLAG_MEM_SIZE {
+            return Err(format_error(
+                list_at,
+                format!(
+                    "the `ram` section starts with flags {:#x}, not the block list",
+                    word & FLAG_MASK
+                ),
+            ));
+        }
+        self.block_list(word & !FLAG_MASK)?;
+        self.records()?;
+        self.footer(id)
+    }
+
+    /// Blocks (name, used length) until their lengths add up to `total`.
+    fn block_list(&mut self, total: u64) -> Result<()> {
+        let mut remaining = total;
+        while remaining > 0 {
+            let at = self.input.pos;
+            let name = self.input.name("the RAM block list", at)?;
+            let len = self.input.be64("the RAM block list", at)?;
+            if self.blocks.len() == MAX_BLOCKS {
+                return Err(format_error(at, format!("more than {MAX_BLOCKS} RAM blocks")));
+            }
+            if self.blocks.iter().any(|b| b.name == name) {
+                return Err(format_error(at, format!("RAM block `{name}` declared twice")));
+            }
+            if len % PAGE_SIZE as u64 != 0 || len > remaining {
+                // x-ignore-shared and mapped-ram add fields per block, which land here when their
+                // configuration subsection was not seen.
+                return Err(format_error(
+                    at,
+                    format!(
+                        "RAM block `{name}` of {len:#x} bytes is not whole pages or overruns the \
+                         {total:#x} bytes the block list announced"
+                    ),
+                ));
+            }
+            let guest_ram = name == self.expected.ram_block;
+            let expected_len = if guest_ram {
+                Some(self.expected.ram_size)
+            } else {
+                *self.expected.other_blocks.get(&name).ok_or_else(|| {
+                    format_error(
+                        at,
+                        format!("RAM block `{name}` is not one of the domain's RAM blocks"),
+                    )
+                })?
+            };
+            if expected_len.is_some_and(|expected| expected != len) {
+                return Err(format_error(
+                    at,
+                    format!(
+                        "RAM block `{name}` has {len:#x} bytes, the domain's has {:#x}",
+                        expected_len.unwrap_or_default()
+                    ),
+                ));
+            }
+            self.blocks.push(Block { name, len, guest_ram });
+            remaining -= len;
+        }
+        if !self.blocks.iter().any(|b| b.guest_ram) {
+            return Err(format_error(
+                self.input.pos,
+                format!(
+                    "the block list has no guest RAM block `{}`",
+                    self.expected.ram_block
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Page records up to the end-of-section record.
+    fn records(&mut self) -> Result<()> {
+        loop {
+            let at = self.input.pos;
+            let word = self.input.be64("a RAM record header", at)?;
+            let (flags, offset) = (word & FLAG_MASK, word & !FLAG_MASK);
+            if flags & !KNOWN_FLAGS != 0 {
+                return Err(format_error(at, refused_flags(flags)));
+            }
+            match flags & !FLAG_CONTINUE {
+                FLAG_EOS if word == FLAG_EOS => return Ok(()),
+                FLAG_ZERO | FLAG_PAGE => self.page_record(at, flags, offset)?,
+                _ => {
+                    return Err(format_error(
+                        at,
+                        format!("RAM record with flags {flags:#x} at offset {offset:#x}"),
+                    ))
+                }
+            }
+        }
+    }
+
+    fn page_record(&mut self, at: u64, flags: u64, offset: u64) -> Result<()> {
+        let index = if flags & FLAG_CONTINUE != 0 {
+            self.current
+                .ok_or_else(|| format_error(at, "a page record continues a block, but none was named"))?
+        } else {
+            let name = self.input.name("a RAM record's block name", at)?;
+            let index = self.blocks.iter().position(|b| b.name == name).ok_or_else(|| {
+                format_error(at, format!("page of RAM block `{name}`, not in the block list"))
+            })?;
+            self.current = Some(index);
+            index
+        };
+        let block = &self.blocks[index];
+        if offset
+            .checked_add(PAGE_SIZE as u64)
+            .is_none_or(|end| end > block.len)
+        {
+            return Err(format_error(
+                at,
+                format!(
+                    "page at offset {offset:#x} is beyond RAM block `{}` of {:#x} bytes",
+                    block.name, block.len
+                ),
+            ));
+        }
+        let guest_ram = block.guest_ram;
+        let page = offset / PAGE_SIZE as u64;
+        if flags & FLAG_ZERO != 0 {
+            let fill = self.input.u8("a zero-page record", at)?;
+            if fill != 0 {
+                // QEMU 8.2 and later never write one, and refuse to load one.
+                return Err(format_error(
+                    at,
+                    format!("zero-page record with fill byte {fill:#04x}"),
+                ));
+            }
+            if guest_ram {
+                self.stats.ram_zero_pages += 1;
+                self.ram
+                    .zero(page)
+                    .map_err(|source| Error::StreamRam { offset: at, source })?;
+            } else {
+                self.stats.other_pages_skipped += 1;
+            }
+        } else {
+            self.input.exact(&mut self.page[..], "a page's data", at)?;
+            if guest_ram {
+                self.stats.ram_pages += 1;
+                self.ram
+                    .page(page, &self.page)
+                    .map_err(|source| Error::StreamRam { offset: at, source })?;
+            } else {
+                self.stats.other_pages_skipped += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn footer(&mut self, id: u32) -> Result<()> {
+        let at = self.input.pos;
+        let kind = self.input.u8("a section footer", at)?;
+        let footer_id = self.input.be32("a section footer", at)?;
+        if kind != SECTION_FOOTER || footer_id != id {
+            return Err(format_error(
+                at,
+                format!("section {id} has no footer (found type {kind:#04x}, id {footer_id})"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Copies everything from the FULL section at `at` (its type byte already read) to the end, behind
+    /// the header, and checks that it ends as QEMU ends a stream.
+    fn device_state(&mut self, at: u64, out: &mut dyn Write) -> Result<()> {
+        let write = |out: &mut dyn Write, bytes: &[u8]| {
+            out.write_all(bytes)
+                .map_err(|source| Error::StreamDeviceState { source })
+        };
+        write(out, &DEVICE_STATE_HEADER)?;
+        write(out, &[SECTION_FULL])?;
+        let mut tail = vec![SECTION_FULL];
+        let mut written = 1u64;
+        loop {
+            let chunk = match self.input.reader.fill_buf() {
+                Ok([]) => break,
+                Ok(chunk) => chunk,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(Error::StreamRead {
+                        offset: self.input.pos,
+                        source,
+                    })
+                }
+            };
+            write(out, chunk)?;
+            tail.extend_from_slice(chunk);
+            if tail.len() > 2 * MAX_TAIL {
+                tail.drain(..tail.len() - MAX_TAIL);
+            }
+            let n = chunk.len();
+            self.input.reader.consume(n);
+            self.input.pos += n as u64;
+            written += n as u64;
+        }
+        if !ends_like_qemu(&tail) {
+            return Err(Error::StreamTruncated {
+                offset: self.input.pos,
+                inside: "the device state, which lacks QEMU's end-of-file marker and description",
+                item_at: at,
+            });
+        }
+        out.flush()
+            .map_err(|source| Error::StreamDeviceState { source })?;
+        self.stats.device_state_bytes = DEVICE_STATE_HEADER.len() as u64 + written;
+        Ok(())
+    }
+}
+
+/// Whether `tail` ends with QEMU's end of stream: the EOF section type, then the VM description
+/// (`0x06`, be32 length, that many bytes of JSON). JSON holds no NUL byte, so the EOF marker is one of
+/// the last few NULs.
+fn ends_like_qemu(tail: &[u8]) -> bool {
+    (0..tail.len().saturating_sub(6)).rev().any(|p| {
+        let len = u32::from_be_bytes(tail[p + 2..p + 6].try_into().expect("4 bytes"));
+        tail[p] == SECTION_EOF
+            && tail[p + 1] == SECTION_VMDESCRIPTION
+            && len as usize == tail.len() - (p + 6)
+            && tail[p + 6] == b'{'
+            && tail.last() == Some(&b'}')
+    })
+}
+
+fn unexpected_section(kind: u8, ram_started: Option<u32>) -> String {
+    let what = match kind {
+        SECTION_EOF => "the end of the stream before any device state",
+        SECTION_SUBSECTION => {
+            "a configuration subsection: capabilities that change the stream (x-ignore-shared, \
+             mapped-ram) or UUID validation are on"
+        }
+        SECTION_FULL if ram_started.is_none() => "device state before the `ram` section",
+        SECTION_VMDESCRIPTION => "a VM description before any device state",
+        SECTION_CONFIGURATION => "a second configuration section",
+        SECTION_COMMAND => "a command section (postcopy, return path or switch-over acknowledgement)",
+        _ => "an unknown section type",
+    };
+    format!("section type {kind:#04x}: {what}")
+}
+
+fn refused_flags(flags: u64) -> String {
+    let names: Vec<&str> = REFUSED_FLAGS
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, name)| *name)
+        .collect();
+    format!(
+        "RAM record flags {flags:#x} include ones this parser does not read{} (multifd, xbzrle, \
+         compression or RDMA are not supported)",
+        if names.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", names.join(", "))
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: u64 = PAGE_SIZE as u64;
+
+    /// Records what the parser hands over: (page, first byte), `None` for a zero page.
+    #[derive(Debug, Default)]
+    struct Recorder(Vec<(u64, Option<u8>)>);
+
+    impl RamSink for Recorder {
+        fn page(&mut self, page: u64, data: &[u8; PAGE_SIZE]) -> memory::Result<()> {
+            self.0.push((page, Some(data[0])));
+            Ok(())
+        }
+        fn zero(&mut self, page: u64) -> memory::Result<()> {
+            self.0.push((page, None));
+            Ok(())
+        }
+    }
+
+    fn expected() -> ExpectedBlocks {
+        ExpectedBlocks {
+            ram_block: "mem".into(),
+            ram_size: 16 * PAGE,
+            other_blocks: [
+                ("pc.bios".to_owned(), Some(2 * PAGE)),
+                ("pc.rom".to_owned(), None),
+            ]
+            .into(),
+        }
+    }
+
+    /// Writes streams the way QEMU does.
+    #[derive(Default)]
+    struct Stream(Vec<u8>);
+
+    impl Stream {
+        fn u8(mut self, b: u8) -> Self {
+            self.0.push(b);
+            self
+        }
+        fn be32(mut self, v: u32) -> Self {
+            self.0.extend_from_slice(&v.to_be_bytes());
+            self
+        }
+        fn be64(mut self, v: u64) -> Self {
+            self.0.extend_from_slice(&v.to_be_bytes());
+            self
+        }
+        fn bytes(mut self, b: &[u8]) -> Self {
+            self.0.extend_from_slice(b);
+            self
+        }
+        fn name(self, name: &str) -> Self {
+            self.u8(name.len() as u8).bytes(name.as_bytes())
+        }
+        fn header(self) -> Self {
+            self.bytes(b"QEVM")
+                .be32(3)
+                .u8(SECTION_CONFIGURATION)
+                .be32(11)
+                .bytes(b"pc-q35-10.0")
+        }
+        fn ram_start(self, blocks: &[(&str, u64)]) -> Self {
+            let total = blocks.iter().map(|b| b.1).sum::<u64>();
+            let mut s = self.u8(SECTION_START).be32(2).name("ram").be32(0).be32(4);
+            s = s.be64(total | FLAG_MEM_SIZE);
+            for (name, len) in blocks {
+                s = s.name(name).be64(*len);
+            }
+            s.be64(FLAG_EOS).u8(SECTION_FOOTER).be32(2)
+        }
+        fn part(self) -> Self {
+            self.u8(SECTION_PART).be32(2)
+        }
+        fn end_part(self) -> Self {
+            self.be64(FLAG_EOS).u8(SECTION_FOOTER).be32(2)
+        }
+        /// A page record; `block` is `None` for CONTINUE.
+        fn page(self, block: Option<&str>, offset: u64, fill: u8) -> Self {
+            self.record(block, offset | FLAG_PAGE).bytes(&[fill; PAGE_SIZE])
+        }
+        fn zero(self, block: Option<&str>, offset: u64) -> Self {
+            self.record(block, offset | FLAG_ZERO).u8(0)
+        }
+        fn record(self, block: Option<&str>, word: u64) -> Self {
+            match block {
+                Some(name) => self.be64(word).name(name),
+                None => self.be64(word | FLAG_CONTINUE),
+            }
+        }
+        fn device_state(self) -> Self {
+            let json = br#"{"page_size": 4096, "devices": []}"#;
+            self.bytes(DEVICE_BLOB)
+                .u8(SECTION_EOF)
+                .u8(SECTION_VMDESCRIPTION)
+                .be32(json.len() as u32)
+                .bytes(json)
+        }
+    }
+
+    /// A FULL section as QEMU writes one (`timer`), footer included.
+    const DEVICE_BLOB: &[u8] = b"\x04\0\0\0\x03\x05timer\0\0\0\0\0\0\0\x02\x01\x02\x03\x04\x7e\0\0\0\x03";
+
+    fn valid() -> Vec<u8> {
+        Stream::default()
+            .header()
+            .ram_start(&[("mem", 16 * PAGE), ("pc.bios", 2 * PAGE), ("pc.rom", PAGE)])
+            .part()
+            .page(Some("mem"), 0, 1)
+            .zero(None, PAGE)
+            .page(Some("pc.bios"), PAGE, 9)
+            .zero(None, 0)
+            .page(Some("mem"), 15 * PAGE, 2)
+            .page(None, 0, 3)
+            .end_part()
+            .part()
+            .end_part()
+            .device_state()
+            .0
+    }
+
+    /// What a parse hands over: statistics, the pages (as [`Recorder`] keeps them), the device state.
+    type Parsed = (StreamStats, Vec<(u64, Option<u8>)>, Vec<u8>);
+
+    fn parse(bytes: &[u8]) -> Result<Parsed> {
+        let mut ram = Recorder::default();
+        let mut device = Vec::new();
+        let stats = parse_migration_stream(bytes, &expected(), &mut ram, &mut device)?;
+        Ok((stats, ram.0, device))
+    }
+
+    fn error_of(bytes: &[u8]) -> String {
+        parse(bytes).expect_err("the stream must be refused").to_string()
+    }
+
+    #[test]
+    fn valid_stream_hands_over_pages_and_device_state() {
+        let bytes = valid();
+        let (stats, pages, device) = parse(&bytes).unwrap();
+        assert_eq!(pages, [(0, Some(1)), (1, None), (15, Some(2)), (0, Some(3))]);
+        let blob_at = bytes
+            .windows(DEVICE_BLOB.len())
+            .position(|w| w == DEVICE_BLOB)
+            .unwrap();
+        assert_eq!(&device[..8], b"QEVM\0\0\0\x03");
+        assert_eq!(&device[8..], &bytes[blob_at..]);
+        assert_eq!(
+            stats,
+            StreamStats {
+                machine_type: "pc-q35-10.0".into(),
+                bytes_read: bytes.len() as u64,
+                ram_pages: 3,
+                ram_zero_pages: 1,
+                other_pages_skipped: 2,
+                device_state_bytes: device.len() as u64,
+            }
+        );
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_naming_where_it_ends() {
+        let bytes = valid();
+        // Every offset, except most of the inside of page data (all alike).
+        let cuts = (0..bytes.len()).filter(|&n| bytes[..n].len() % 61 == 0 || !is_in_page_data(&bytes, n));
+        for n in cuts {
+            let error = parse(&bytes[..n]).expect_err("a cut stream must be refused");
+            match &error {
+                Error::StreamTruncated { offset, .. } => assert_eq!(*offset, n as u64, "{error}"),
+                other => panic!("cut at {n}: {other}"),
+            }
+        }
+    }
+
+    /// Whether byte `n` is in the middle of a run of equal bytes (page data in [`valid`]).
+    fn is_in_page_data(bytes: &[u8], n: usize) -> bool {
+        n > 8 && n + 8 < bytes.len() && bytes[n - 8..n + 8].iter().all(|&b| b == bytes[n])
+    }
+
+    #[test]
+    fn unknown_record_flags_are_refused_by_name() {
+        for (flag, name) in REFUSED_FLAGS.iter().copied().chain([(0x400, "")]) {
+            let bytes = Stream::default()
+                .header()
+                .ram_start(&[("mem", 16 * PAGE)])
+                .part()
+                .record(Some("mem"), flag | FLAG_PAGE)
+                .0;
+            let error = error_of(&bytes);
+            assert!(
+                error.contains("does not read") && error.contains(name),
+                "{flag:#x}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn streams_it_does_not_know_are_refused() {
+        let start = || {
+            Stream::default()
+                .header()
+                .ram_start(&[("mem", 16 * PAGE), ("pc.bios", 2 * PAGE)])
+        };
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"QEVX\0\0\0\x03".to_vec(), "not QEVM"),
+            (b"QEVM\0\0\0\x02".to_vec(), "version 2"),
+            (
+                Stream::default().bytes(b"QEVM").be32(3).u8(SECTION_START).0,
+                "configuration section",
+            ),
+            (
+                Stream::default()
+                    .header()
+                    .u8(SECTION_SUBSECTION)
+                    .name("configuration/capabilities")
+                    .0,
+                "x-ignore-shared",
+            ),
+            (
+                Stream::default()
+                    .header()
+                    .u8(SECTION_START)
+                    .be32(1)
+                    .name("dirty-bitmap")
+                    .be32(0)
+                    .be32(1)
+                    .0,
+                "unknown iterable section `dirty-bitmap`",
+            ),
+            (
+                Stream::default().header().bytes(DEVICE_BLOB).0,
+                "device state before",
+            ),
+            (start().u8(SECTION_COMMAND).0, "command section"),
+            (start().u8(0x42).0, "unknown section type"),
+            (start().u8(SECTION_EOF).0, "before any device state"),
+            (start().u8(SECTION_PART).be32(7).0, "section 7 continues"),
+            (
+                Stream::default()
+                    .header()
+                    .ram_start(&[("mem", 16 * PAGE), ("nvram", PAGE)])
+                    .0,
+                "`nvram` is not one of the domain's",
+            ),
+            (
+                Stream::default().header().ram_start(&[("mem", 8 * PAGE)]).0,
+                "`mem` has 0x8000 bytes, the domain's has 0x10000",
+            ),
+            (
+                Stream::default()
+                    .header()
+                    .ram_start(&[("mem", 16 * PAGE), ("pc.bios", PAGE)])
+                    .0,
+                "`pc.bios` has 0x1000 bytes",
+            ),
+            (
+                Stream::default().header().ram_start(&[("pc.bios", 2 * PAGE)]).0,
+                "no guest RAM block",
+            ),
+            (
+                Stream::default()
+                    .header()
+                    .ram_start(&[("mem", 16 * PAGE), ("mem", 16 * PAGE)])
+                    .0,
+                "declared twice",
+            ),
+            (
+                // x-ignore-shared's extra field after each block, without its subsection.
+                Stream::default()
+                    .header()
+                    .u8(SECTION_START)
+                    .be32(2)
+                    .name("ram")
+                    .be32(0)
+                    .be32(4)
+                    .be64((18 * PAGE) | FLAG_MEM_SIZE)
+                    .name("mem")
+                    .be64(16 * PAGE)
+                    .be64(0)
+                    .name("pc.bios")
+                    .be64(2 * PAGE)
+                    .be64(0xfffc_0000)
+                    .0,
+                "block `` of 0x",
+            ),
+            (
+                start().part().page(Some("mem"), 16 * PAGE, 1).0,
+                "beyond RAM block `mem`",
+            ),
+            (
+                start().part().zero(Some("pc.bios"), !FLAG_MASK).0,
+                "beyond RAM block `pc.bios`",
+            ),
+            (
+                start().part().page(Some("pc.rom"), 0, 1).0,
+                "`pc.rom`, not in the block list",
+            ),
+            (start().part().page(None, 0, 1).0, "none was named"),
+            (
+                start().part().record(Some("mem"), FLAG_ZERO).u8(0xaa).0,
+                "fill byte 0xaa",
+            ),
+            (start().part().be64(FLAG_MEM_SIZE).0, "flags 0x4"),
+            (start().part().be64(FLAG_EOS | PAGE).0, "flags 0x10"),
+            (
+                start().part().be64(FLAG_EOS).u8(SECTION_FOOTER).be32(3).0,
+                "no footer",
+            ),
+            (
+                start().part().end_part().bytes(DEVICE_BLOB).u8(SECTION_EOF).0,
+                "end-of-file marker",
+            ),
+            (
+                Stream::default().header().u8(SECTION_CONFIGURATION).0,
+                "a second configuration",
+            ),
+            (Stream::default().header().0, "no device state yet"),
+            (start().0, "no device state yet"),
+        ];
+        for (bytes, expected) in cases {
+            let error = error_of(&bytes);
+            assert!(error.contains(expected), "expected {expected:?} in: {error}");
+        }
+    }
+
+    #[test]
+    fn sink_errors_name_the_record() {
+        struct Full;
+        impl RamSink for Full {
+            fn page(&mut self, page: u64, _: &[u8; PAGE_SIZE]) -> memory::Result<()> {
+                Err(memory::Error::PageOutOfRange { page, pages: 0 })
+            }
+            fn zero(&mut self, page: u64) -> memory::Result<()> {
+                Err(memory::Error::PageOutOfRange { page, pages: 0 })
+            }
+        }
+        let bytes = valid();
+        let error = parse_migration_stream(&bytes[..], &expected(), &mut Full, &mut Vec::new()).unwrap_err();
+        // The first page record: 8 bytes before the second `mem` (the first is in the block list).
+        let names: Vec<usize> = (0..bytes.len())
+            .filter(|&i| bytes[i..].starts_with(b"\x03mem"))
+            .collect();
+        let first_record = names[1] - 8;
+        assert!(
+            matches!(error, Error::StreamRam { offset, .. } if offset == first_record as u64),
+            "{error}"
+        );
+    }
+
+    /// splitmix64, for reproducible mutations.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Random damage (flipped, overwritten, removed, repeated bytes; random bytes) never panics: the
+    /// parser returns a result, and every page it hands over is inside the block.
+    #[test]
+    fn damaged_streams_never_panic() {
+        let valid = valid();
+        let mut rng = Rng(7);
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..3000 {
+            let mut bytes = valid.clone();
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(bytes.len());
+                match rng.below(5) {
+                    0 => bytes[at] ^= 1 << rng.below(8),
+                    1 => bytes[at] = rng.next() as u8,
+                    2 => drop(bytes.drain(at..(at + 1 + rng.below(16)).min(bytes.len()))),
+                    3 => {
+                        let piece = bytes[at..(at + 1 + rng.below(64)).min(bytes.len())].to_vec();
+                        bytes.splice(at..at, piece);
+                    }
+                    _ => bytes.truncate(at),
+                }
+            }
+            match parse(&bytes) {
+                Ok((_, pages, _)) => {
+                    assert!(pages.iter().all(|&(page, _)| page < 16));
+                    accepted += 1;
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        for len in [0, 1, 7, 8, 100, 5000] {
+            let noise: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            assert!(parse(&noise).is_err());
+        }
+        // Most damage is caught; what is accepted hit page data or the opaque device state.
+        assert!(refused > accepted, "{refused} refused, {accepted} accepted");
+    }
+}
