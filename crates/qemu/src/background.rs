@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use crate::{
     command_line::RAM_BACKEND_ID,
     error::{Error, Result},
-    migration_stream::{parse_migration_stream, ExpectedBlocks, StreamStats},
+    migration_stream::{parse_migration_stream, ExpectedBlocks, RamSink, StreamStats},
     ram_layout::ram_layout,
 };
 
@@ -68,7 +68,10 @@ pub struct BackgroundStats {
 /// restored into its RAM file.
 ///
 /// The guest stops for [`BackgroundStats::downtime`] only, then runs on (slowed while pages it
-/// writes are still write-protected). QEMU's RAM must be a shared file on tmpfs or hugetlbfs
+/// writes are still write-protected). `captured` fires once QEMU has saved the device state and
+/// write-protected RAM: the snapshot's contents are fixed from then on, so a caller that paused the
+/// domain to snapshot its disks at the same instant may resume it (QEMU keeps a paused domain
+/// paused). It is dropped unsent if the snapshot fails before. QEMU's RAM must be a shared file on tmpfs or hugetlbfs
 /// (userfaultfd write-protection); no other migration may run, and no migration capability that
 /// changes the stream may be on. Both files are written under temporary names and appear (fsynced
 /// per `durability`) only when everything succeeded; on any error neither exists, the migration is
@@ -80,6 +83,7 @@ pub async fn background_snapshot(
     image: &Path,
     device_state: &Path,
     durability: Durability,
+    captured: oneshot::Sender<()>,
 ) -> Result<BackgroundStats> {
     let started = Instant::now();
     check_migration_idle(client).await?;
@@ -90,7 +94,7 @@ pub async fn background_snapshot(
     let (reader, writer) = UnixStream::pair().map_err(|source| Error::StreamSocket { source })?;
     // Best effort: a larger buffer lets QEMU run further ahead of the reader.
     let _ = nix::sys::socket::setsockopt(&writer, nix::sys::socket::sockopt::SndBuf, &SOCKET_BUFFER);
-    let mut parser = Parser::spawn(reader, expected, outputs)?;
+    let mut parser = Parser::spawn(reader, expected, outputs, captured)?;
     let (info, stream, outputs) = match run(client, writer, &mut parser).await {
         Ok(done) => done,
         Err(error) => {
@@ -492,6 +496,27 @@ fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error)
     }
 }
 
+/// Guest RAM into the image; the capture announced to the caller.
+struct ImageSink<'a> {
+    import: &'a mut PageImport<'static>,
+    captured: Option<oneshot::Sender<()>>,
+}
+
+impl RamSink for ImageSink<'_> {
+    fn page(&mut self, page: u64, data: &[u8; PAGE_SIZE]) -> memory::Result<()> {
+        self.import.page(page, data)
+    }
+    fn zero(&mut self, page: u64) -> memory::Result<()> {
+        self.import.zero(page)
+    }
+    fn state_captured(&mut self) {
+        if let Some(captured) = self.captured.take() {
+            // The caller may not be waiting for it.
+            let _ = captured.send(());
+        }
+    }
+}
+
 type ParseOutcome = Result<(StreamStats, Outputs)>;
 
 /// The parser on its own thread, reading the socket as QEMU writes.
@@ -502,7 +527,12 @@ struct Parser {
 }
 
 impl Parser {
-    fn spawn(reader: UnixStream, expected: ExpectedBlocks, mut outputs: Outputs) -> Result<Self> {
+    fn spawn(
+        reader: UnixStream,
+        expected: ExpectedBlocks,
+        mut outputs: Outputs,
+        captured: oneshot::Sender<()>,
+    ) -> Result<Self> {
         let socket = reader
             .try_clone()
             .map_err(|source| Error::StreamSocket { source })?;
@@ -513,7 +543,11 @@ impl Parser {
                 let Outputs {
                     import, device_state, ..
                 } = &mut outputs;
-                let parsed = parse_migration_stream(reader, &expected, import, device_state.writer());
+                let mut sink = ImageSink {
+                    import,
+                    captured: Some(captured),
+                };
+                let parsed = parse_migration_stream(reader, &expected, &mut sink, device_state.writer());
                 // The receiver is gone only if the caller gave up: dropping the outputs then removes
                 // the files.
                 let _ = send.send(parsed.map(|stats| (stats, outputs)));

@@ -68,6 +68,11 @@ pub trait RamSink {
     fn page(&mut self, page: u64, data: &[u8; PAGE_SIZE]) -> memory::Result<()>;
     /// Page `page` of the block is zero.
     fn zero(&mut self, page: u64) -> memory::Result<()>;
+    /// Called once, when the first RAM section after the block list begins. In a background
+    /// snapshot QEMU writes it only after it stopped the guest, saved the device state and
+    /// write-protected RAM (`bg_migration_thread`): the snapshot's contents are fixed from then on,
+    /// and a guest paused for the snapshot (to snapshot its disks at the same instant) may resume.
+    fn state_captured(&mut self) {}
 }
 
 /// The image's page numbering must follow the RAM block's: page `n` is bytes `n * 4096..` of the RAM
@@ -207,6 +212,7 @@ pub fn parse_migration_stream<S: RamSink + ?Sized>(
         blocks: Vec::new(),
         current: None,
         ram_section: None,
+        streaming: false,
         page: Box::new([0u8; PAGE_SIZE]),
         stats: StreamStats::default(),
     };
@@ -224,6 +230,8 @@ struct Parser<'a, R, S: ?Sized> {
     current: Option<usize>,
     /// The section id of `ram`, once its START was read.
     ram_section: Option<u32>,
+    /// Whether a RAM section after the START was seen.
+    streaming: bool,
     page: Box<[u8; PAGE_SIZE]>,
     stats: StreamStats,
 }
@@ -266,6 +274,10 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
                             at,
                             format!("iterable section {id} continues, but only `ram` was started"),
                         ));
+                    }
+                    if !self.streaming {
+                        self.streaming = true;
+                        self.ram.state_captured();
                     }
                     self.records()?;
                     self.footer(id)?;
@@ -608,7 +620,13 @@ mod tests {
             self.0.push((page, None));
             Ok(())
         }
+        fn state_captured(&mut self) {
+            self.0.push((CAPTURED, None));
+        }
     }
+
+    /// Where [`Recorder`] notes [`RamSink::state_captured`].
+    const CAPTURED: u64 = u64::MAX;
 
     fn expected() -> ExpectedBlocks {
         ExpectedBlocks {
@@ -730,7 +748,16 @@ mod tests {
     fn valid_stream_hands_over_pages_and_device_state() {
         let bytes = valid();
         let (stats, pages, device) = parse(&bytes).unwrap();
-        assert_eq!(pages, [(0, Some(1)), (1, None), (15, Some(2)), (0, Some(3))]);
+        assert_eq!(
+            pages,
+            [
+                (CAPTURED, None),
+                (0, Some(1)),
+                (1, None),
+                (15, Some(2)),
+                (0, Some(3))
+            ]
+        );
         let blob_at = bytes
             .windows(DEVICE_BLOB.len())
             .position(|w| w == DEVICE_BLOB)
@@ -978,7 +1005,7 @@ mod tests {
             }
             match parse(&bytes) {
                 Ok((_, pages, _)) => {
-                    assert!(pages.iter().all(|&(page, _)| page < 16));
+                    assert!(pages.iter().all(|&(page, _)| page < 16 || page == CAPTURED));
                     accepted += 1;
                 }
                 Err(_) => refused += 1,

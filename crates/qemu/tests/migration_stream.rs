@@ -132,18 +132,25 @@ fn parse_into(
     (stats, import.seal().unwrap())
 }
 
-/// Counts what it is given: for parses whose pages are not kept.
+/// Counts what it is given (for parses whose pages are not kept), and when the capture came.
 #[derive(Default)]
-struct Count(u64);
+struct Count {
+    pages: u64,
+    captured_after: Option<u64>,
+}
 
 impl RamSink for Count {
     fn page(&mut self, _: u64, _: &[u8; PAGE_SIZE]) -> memory::Result<()> {
-        self.0 += 1;
+        self.pages += 1;
         Ok(())
     }
     fn zero(&mut self, _: u64) -> memory::Result<()> {
-        self.0 += 1;
+        self.pages += 1;
         Ok(())
+    }
+    fn state_captured(&mut self) {
+        assert_eq!(self.captured_after, None, "captured once");
+        self.captured_after = Some(self.pages);
     }
 }
 
@@ -374,11 +381,14 @@ async fn streams_of_other_capabilities_are_refused() {
 
     let plain = files.path().join("plain.stream");
     record(&qmp, &plain, &[]).await;
-    let stats = parse_bytes(File::open(&plain).unwrap(), &expected).unwrap();
+    let mut count = Count::default();
+    let input = File::open(&plain).unwrap();
+    let stats = parse_migration_stream(input, &expected, &mut count, &mut std::io::sink()).unwrap();
     assert_eq!(
         stats.ram_pages + stats.ram_zero_pages,
         RAM_SIZE / PAGE_SIZE as u64
     );
+    assert_eq!(count.captured_after, Some(0), "the capture comes before any page");
 
     for (capability, name) in [
         (MigrationCapability::MappedRam, "mapped-ram"),
@@ -514,18 +524,29 @@ async fn background_snapshots_of_a_dirtying_guest_restore_to_their_start() {
     let files = tempfile::tempdir().unwrap();
     let path = |name: &str| files.path().join(name);
 
-    // Through the driver function.
+    // Through the driver function, as the orchestrator drives it: paused (its disks would be
+    // snapshotted now), resumed as soon as the state is captured.
     source.try_wait_for_tick_after(last_tick(&source), WAIT).unwrap();
+    qmp.execute(&Stop).await.unwrap();
     let tick_at_start = last_tick(&source);
-    let stats = qemu::background_snapshot(
+    let (image_a, devices_a) = (path("a.img"), path("a.dev"));
+    let (captured, on_capture) = tokio::sync::oneshot::channel();
+    let snapshot = qemu::background_snapshot(
         &qmp,
         layout.clone(),
-        &path("a.img"),
-        &path("a.dev"),
+        &image_a,
+        &devices_a,
         Durability::Sync,
-    )
-    .await
-    .unwrap();
+        captured,
+    );
+    let resume = async {
+        on_capture.await.expect("the capture is announced");
+        let status = qmp.execute(&QueryStatus).await.unwrap();
+        assert!(!status.running, "QEMU keeps a paused guest paused");
+        qmp.execute(&Cont).await.unwrap();
+    };
+    let (stats, ()) = tokio::join!(snapshot, resume);
+    let stats = stats.unwrap();
     eprintln!("background snapshot from tick {tick_at_start}: {stats:?}");
     assert!(stats.downtime < Duration::from_secs(1), "{stats:?}");
     assert_eq!(stats.image.pages_missing, 0);
@@ -561,7 +582,8 @@ async fn background_snapshots_of_a_dirtying_guest_restore_to_their_start() {
 
     // QEMU killed mid-stream: an error, and no files.
     let (image_c, devices_c) = (path("c.img"), path("c.dev"));
-    let snapshot = qemu::background_snapshot(&qmp, layout, &image_c, &devices_c, Durability::Sync);
+    let (captured, _) = tokio::sync::oneshot::channel();
+    let snapshot = qemu::background_snapshot(&qmp, layout, &image_c, &devices_c, Durability::Sync, captured);
     let kill = async {
         let deadline = Instant::now() + WAIT;
         loop {
@@ -600,11 +622,13 @@ async fn background_snapshots_refused_before_they_start_leave_no_files() {
     let files = tempfile::tempdir().unwrap();
     let (image, devices) = (files.path().join("ram.img"), files.path().join("devices"));
 
-    // A capability that changes the stream.
+    // A capability that changes the stream; the capture is never announced.
     set_capabilities(&qmp, &[(MigrationCapability::XIgnoreShared, true)]).await;
-    let error = qemu::background_snapshot(&qmp, layout.clone(), &image, &devices, Durability::Sync)
+    let (captured, on_capture) = tokio::sync::oneshot::channel();
+    let error = qemu::background_snapshot(&qmp, layout.clone(), &image, &devices, Durability::Sync, captured)
         .await
         .unwrap_err();
+    assert!(on_capture.await.is_err());
     assert!(matches!(error, Error::MigrationSettings { .. }), "{error}");
     assert!(error.to_string().contains("x-ignore-shared"), "{error}");
     set_capabilities(&qmp, &[(MigrationCapability::XIgnoreShared, false)]).await;
@@ -619,16 +643,19 @@ async fn background_snapshots_refused_before_they_start_leave_no_files() {
         1,
     )
     .unwrap();
-    let error = qemu::background_snapshot(&qmp, half, &image, &devices, Durability::Sync)
+    let (captured, _) = tokio::sync::oneshot::channel();
+    let error = qemu::background_snapshot(&qmp, half, &image, &devices, Durability::Sync, captured)
         .await
         .unwrap_err();
     assert!(matches!(error, Error::RamLayout { .. }), "{error}");
     assert!(entries(files.path()).is_empty());
 
     // The same QEMU then snapshots fine.
-    let stats = qemu::background_snapshot(&qmp, layout, &image, &devices, Durability::NoSync)
+    let (captured, on_capture) = tokio::sync::oneshot::channel();
+    let stats = qemu::background_snapshot(&qmp, layout, &image, &devices, Durability::NoSync, captured)
         .await
         .unwrap();
+    assert_eq!(on_capture.await, Ok(()));
     assert_eq!(stats.image.pages_missing, 0);
     assert_eq!(entries(files.path()).len(), 2);
 }
