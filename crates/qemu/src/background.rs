@@ -164,8 +164,10 @@ async fn migrate(
     match follow(client, parser).await {
         Ok(done) => Ok(done),
         Err(error) => {
-            // The parser may have stopped reading (QEMU then fails on its own with a broken pipe) or
-            // QEMU may be gone; a cancel covers the rest. Wait for QEMU to let go of the domain.
+            // Stop reading first: QEMU's next write then fails at once (broken pipe) instead of
+            // waiting on a full socket. QEMU may be gone already; a cancel covers the rest. Wait
+            // for QEMU to let go of the domain.
+            parser.stop();
             let _ = client.execute(&MigrateCancel).await;
             let deadline = Instant::now() + END_TIMEOUT;
             while Instant::now() < deadline {
@@ -573,9 +575,16 @@ impl Parser {
         }
     }
 
+    /// Makes the parser see the end of the stream (after what the socket holds already), and QEMU's
+    /// writes fail.
+    fn stop(&self) {
+        // Fails only if the socket is not connected any more, which has the same effect.
+        let _ = self.socket.shutdown(Shutdown::Read);
+    }
+
     /// Stops the parser and waits for it, so that its files are gone when this returns.
     async fn abort(&mut self) {
-        let _ = self.socket.shutdown(Shutdown::Read);
+        self.stop();
         if self.result.is_some() {
             let _ = self.result().await;
         }
@@ -585,7 +594,7 @@ impl Parser {
 impl Drop for Parser {
     fn drop(&mut self) {
         // A dropped snapshot must not leave the thread reading: QEMU then fails with a broken pipe.
-        let _ = self.socket.shutdown(Shutdown::Read);
+        self.stop();
     }
 }
 
