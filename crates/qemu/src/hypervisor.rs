@@ -23,7 +23,7 @@ use qmp::{
     MigrationStatus, RunState,
 };
 use serde::Deserialize as _;
-use snapshot_core::{DiskTarget, DomainState, DriverResult, Hypervisor, Name};
+use snapshot_core::{DiskTarget, DomainState, DriverResult, Hypervisor, Name, StreamedSave};
 
 use crate::{
     command_line::StartMode,
@@ -135,11 +135,30 @@ impl Hypervisor for QemuDriver {
     async fn background_save(
         &self,
         domain: &Name,
-        _image: &Path,
-        _device_state: &Path,
-        _captured: tokio::sync::oneshot::Sender<()>,
-    ) -> DriverResult<snapshot_core::StreamedSave> {
-        Err(format!("domain {domain}: background snapshots are not available yet").into())
+        image: &Path,
+        device_state: &Path,
+        captured: tokio::sync::oneshot::Sender<()>,
+    ) -> DriverResult<StreamedSave> {
+        let mem = self.guest_memory(domain).await?;
+        let (_, _, client) = self.running(domain).await?;
+        let layout = memory::ImageLayout::of(&mem);
+        let stats = crate::background_snapshot(
+            &client,
+            layout,
+            image,
+            device_state,
+            memory::Durability::Sync,
+            captured,
+        )
+        .await?;
+        Ok(StreamedSave {
+            ram_bytes: mem.size(),
+            stream_bytes: stats.stream.bytes_read,
+            pages: stats.stream.ram_pages,
+            zero_pages: stats.stream.ram_zero_pages,
+            device_state_bytes: stats.stream.device_state_bytes,
+            hypervisor_downtime_ms: Some(stats.downtime.as_secs_f64() * 1e3),
+        })
     }
 
     async fn load_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()> {
