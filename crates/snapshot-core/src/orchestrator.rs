@@ -314,6 +314,17 @@ impl Orchestrator {
         Ok((lock, recovered))
     }
 
+    /// The domain's state, configuration and disks.
+    async fn inspect(
+        &self,
+        domain: &Name,
+    ) -> std::result::Result<(DomainState, serde_json::Value, Vec<DiskTarget>), StepError> {
+        let state = self.hypervisor.state(domain).await.map_err(at(Step::Inspect))?;
+        let config = self.hypervisor.config(domain).await.map_err(at(Step::Inspect))?;
+        let disks = self.hypervisor.disks(domain).await.map_err(at(Step::Inspect))?;
+        Ok((state, config, disks))
+    }
+
     // ---------------------------------------------------------------- create
 
     /// Creates snapshot `snapshot` of `domain`: memory, device state and disks of a running or
@@ -328,24 +339,7 @@ impl Orchestrator {
         let _lock = self.begin(domain).await?;
         let fail = |e: StepError| self.failed(Operation::Create, domain, snapshot, e, Vec::new(), None);
         self.observer.step(Operation::Create, Step::Inspect);
-        let state = self
-            .hypervisor
-            .state(domain)
-            .await
-            .map_err(at(Step::Inspect))
-            .map_err(fail)?;
-        let config = self
-            .hypervisor
-            .config(domain)
-            .await
-            .map_err(at(Step::Inspect))
-            .map_err(fail)?;
-        let targets = self
-            .hypervisor
-            .disks(domain)
-            .await
-            .map_err(at(Step::Inspect))
-            .map_err(fail)?;
+        let (state, config, targets) = self.inspect(domain).await.map_err(fail)?;
         if self.store.get(domain, snapshot).is_ok() {
             return Err(Error::SnapshotExists {
                 domain: domain.clone(),
@@ -978,24 +972,7 @@ impl Orchestrator {
             .await
             .map_err(at(Step::Check))
             .map_err(fail)?;
-        let state = self
-            .hypervisor
-            .state(domain)
-            .await
-            .map_err(at(Step::Inspect))
-            .map_err(fail)?;
-        let old_config = self
-            .hypervisor
-            .config(domain)
-            .await
-            .map_err(at(Step::Inspect))
-            .map_err(fail)?;
-        let old_disks = self
-            .hypervisor
-            .disks(domain)
-            .await
-            .map_err(at(Step::Inspect))
-            .map_err(fail)?;
+        let (state, old_config, old_disks) = self.inspect(domain).await.map_err(fail)?;
         let stamp = now_unix_ms();
         let new_overlays: Vec<PathBuf> = record
             .disks
