@@ -130,14 +130,7 @@ impl ImageWriter {
         std::fs::rename(&self.tmp, &self.dest).map_err(|e| self.err("rename into place", e))?;
         self.sealed = true;
         if self.durability == Durability::Sync {
-            let dir = self
-                .dest
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io("fsync directory", dir, e))?;
+            sync_parent(&self.dest).map_err(|(dir, e)| Error::io("fsync directory", &dir, e))?;
         }
         Ok(())
     }
@@ -190,6 +183,18 @@ impl Drop for ImageWriter {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
+}
+
+/// Makes a rename into `path`'s folder durable by fsyncing the folder; on failure, the folder and
+/// the error.
+pub fn sync_parent(path: &Path) -> std::result::Result<(), (PathBuf, io::Error)> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| (dir.to_owned(), e))
 }
 
 /// Positioned reads from an image: a file, or bytes in memory (fuzzing, tests).

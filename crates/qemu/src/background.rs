@@ -467,14 +467,7 @@ impl TempFile {
         std::fs::rename(&self.tmp, &self.dest).map_err(io_error("cannot rename into place", &self.tmp))?;
         self.tmp = PathBuf::new();
         if self.durability == Durability::Sync {
-            let dir = self
-                .dest
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_error("cannot sync", dir))?;
+            memory::sync_parent(&self.dest).map_err(|(dir, e)| io_error("cannot sync", &dir)(e))?;
         }
         Ok(())
     }
