@@ -1,10 +1,33 @@
 //! Hypervisor-agnostic orchestration of whole-domain snapshots: create, delete, revert.
 //!
-//! This crate knows no QEMU. It holds the snapshot metadata ([`SnapshotRecord`]), the tree of a
-//! domain's snapshots ([`SnapshotTree`]) and the store that keeps them under a state directory
-//! ([`SnapshotStore`], [`FsStore`]) with atomic writes and a per-domain lock. The create / delete /
-//! revert orchestration over the domain, memory and disk traits arrives with the orchestrator
-//! issue; see `docs/architecture.md`.
+//! This crate knows no QEMU. A domain driver implements [`Hypervisor`] (state, pause/resume, guest
+//! memory, device state, disks, start to receive state); the [`Orchestrator`] runs
+//! [`Orchestrator::create`] (paused, pre-copy or background memory; internal or external disk
+//! snapshots), [`Orchestrator::delete`], [`Orchestrator::revert`] and [`Orchestrator::verify`] over
+//! it, rolls back every step of a failed operation and, through intent records,
+//! [`Orchestrator::recover`]s operations a crash interrupted. Snapshot metadata
+//! ([`SnapshotRecord`]), the tree of a domain's snapshots ([`SnapshotTree`]) and the store that keeps
+//! them under a state directory ([`SnapshotStore`], [`FsStore`]: atomic writes, a per-domain lock)
+//! live here too. See `docs/architecture.md` for the data flow.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use snapshot_core::{CreateOptions, FsStore, Hypervisor, MemoryMode, Name, Orchestrator, Quiet};
+//!
+//! # async fn demo(driver: Arc<dyn Hypervisor>) -> snapshot_core::Result<()> {
+//! // `driver` is e.g. `qemu::QemuDriver::new("/var/lib/domsnap")`.
+//! let orchestrator = Orchestrator::new(driver, Arc::new(FsStore::new("/var/lib/domsnap")), Arc::new(Quiet));
+//! let (domain, snapshot) = (Name::new("demo")?, Name::new("before-upgrade")?);
+//! let options = CreateOptions { memory: MemoryMode::Background, ..CreateOptions::default() };
+//! let report = orchestrator.create(&domain, &snapshot, options).await?;
+//! println!("guest paused {:.1} ms", report.guest_pause_ms);
+//! orchestrator.revert(&domain, &snapshot, false).await?;
+//! orchestrator.delete(&domain, &snapshot, false).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The store on its own:
 //!
 //! ```
 //! use std::time::Duration;
