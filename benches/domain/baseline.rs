@@ -1,6 +1,8 @@
-//! QEMU's own ways of doing the same, with QEMU's default migration parameters: internal snapshots
-//! with the VM state in a qcow2 image (`snapshot-save` / `snapshot-load` jobs) and migration to and
-//! from a file (`migrate` / `migrate-incoming` with a `file:` URI).
+//! QEMU's own ways of doing the same, with QEMU's default migration parameters, on the same domain's
+//! QEMU (through [`Monitor`]): internal snapshots with the VM state in the guest's qcow2 disk
+//! (`snapshot-save` / `snapshot-load` jobs, which snapshot and revert that disk too) and migration
+//! to and from a file (`migrate` / `migrate-incoming` with a `file:` URI: memory and devices, no
+//! disk snapshot).
 
 use std::{
     path::Path,
@@ -10,63 +12,70 @@ use std::{
 use anyhow::{Context, Result};
 use qmp::{commands::*, JobOptions};
 
-use crate::{file_size, fsync, path_str, Bench, Loaded, Source, Start, Vm, VMSTATE_NODE};
+use crate::{file_size, fsync, path_str, Bench, Monitor, Vm, DISK};
+
+/// The guest disk's qcow2 node: `snapshot-save` writes the VM state into it and snapshots it, as
+/// libvirt's internal snapshot of a domain with one qcow2 disk does.
+fn disk_node() -> String {
+    qemu::disk_nodes(DISK).1
+}
 
 /// Runs a `snapshot-*` job to its end (it is dismissed afterwards, a QMP round trip).
-fn run_job<C: qmp::commands::Command>(bench: &Bench, source: &Source, command: &C, id: &str) -> Result<()> {
+fn run_job<C: qmp::commands::Command>(bench: &Bench, qemu: &Monitor, command: &C, id: &str) -> Result<()> {
     bench
-        .block_on(source.vm.qmp.run_job(command, id, &JobOptions::default()))
+        .block_on(qemu.client.run_job(command, id, &JobOptions::default()))
         .with_context(|| format!("QEMU job {id}"))
 }
 
 /// `snapshot-save` of the running guest (QEMU stops it for the whole save and resumes it):
 /// from the command until the job concluded.
-pub fn snapshot_save(bench: &Bench, source: &Source, tag: &str) -> Result<Duration> {
+pub fn snapshot_save(bench: &Bench, qemu: &Monitor, tag: &str) -> Result<Duration> {
     let id = format!("save-{tag}");
     let started = Instant::now();
     let command = SnapshotSave {
         job_id: id.clone(),
         tag: tag.to_owned(),
-        vmstate: VMSTATE_NODE.to_owned(),
-        devices: vec![VMSTATE_NODE.to_owned()],
+        vmstate: disk_node(),
+        devices: vec![disk_node()],
     };
-    run_job(bench, source, &command, &id)?;
+    run_job(bench, qemu, &command, &id)?;
     Ok(started.elapsed())
 }
 
 /// Removes an internal snapshot (not timed), so the image does not grow from one repetition to the
 /// next.
-pub fn snapshot_delete(bench: &Bench, source: &Source, tag: &str) -> Result<()> {
+pub fn snapshot_delete(bench: &Bench, qemu: &Monitor, tag: &str) -> Result<()> {
     let id = format!("delete-{tag}");
     let command = SnapshotDelete {
         job_id: id.clone(),
         tag: tag.to_owned(),
-        devices: vec![VMSTATE_NODE.to_owned()],
+        devices: vec![disk_node()],
     };
-    run_job(bench, source, &command, &id)
+    run_job(bench, qemu, &command, &id)
 }
 
-/// `snapshot-load` into the same QEMU, the guest paused before (not timed) so that, like the other
-/// reverts, it ends paused: from the command until the job concluded. The guest is resumed after.
-pub fn snapshot_load(bench: &Bench, source: &Source, tag: &str) -> Result<Duration> {
+/// `snapshot-load` into the same, running QEMU (memory, devices and the disk), the guest paused
+/// before (not timed) so that, like the other reverts, it ends paused: from the command until the
+/// job concluded. The guest is resumed after.
+pub fn snapshot_load(bench: &Bench, qemu: &Monitor, tag: &str) -> Result<Duration> {
     let id = format!("load-{tag}");
-    source.vm.execute(bench, &Stop)?;
+    qemu.execute(bench, &Stop)?;
     let started = Instant::now();
     let command = SnapshotLoad {
         job_id: id.clone(),
         tag: tag.to_owned(),
-        vmstate: VMSTATE_NODE.to_owned(),
-        devices: vec![VMSTATE_NODE.to_owned()],
+        vmstate: disk_node(),
+        devices: vec![disk_node()],
     };
-    run_job(bench, source, &command, &id)?;
+    run_job(bench, qemu, &command, &id)?;
     let wall = started.elapsed();
-    source.vm.execute(bench, &Cont)?;
+    qemu.execute(bench, &Cont)?;
     Ok(wall)
 }
 
 /// Sets QEMU's migration bandwidth limit (bytes per second; QEMU's default is 128 MiB/s).
-pub fn set_max_bandwidth(bench: &Bench, source: &Source, bytes_per_second: u64) -> Result<()> {
-    source.vm.execute(
+pub fn set_max_bandwidth(bench: &Bench, qemu: &Monitor, bytes_per_second: u64) -> Result<()> {
+    qemu.execute(
         bench,
         &MigrateSetParameters {
             max_bandwidth: Some(bytes_per_second),
@@ -77,12 +86,10 @@ pub fn set_max_bandwidth(bench: &Bench, source: &Source, bytes_per_second: u64) 
 }
 
 /// QEMU's current migration bandwidth limit.
-pub fn max_bandwidth(bench: &Bench, source: &Source) -> Result<u64> {
+pub fn max_bandwidth(bench: &Bench, qemu: &Monitor) -> Result<u64> {
     let parameters = bench
         .block_on(
-            source
-                .vm
-                .qmp
+            qemu.client
                 .execute_raw("query-migrate-parameters", serde_json::json!({})),
         )
         .context("QMP query-migrate-parameters")?;
@@ -109,14 +116,14 @@ pub struct Migrated {
     pub dirty_syncs: u64,
 }
 
-fn migrate(bench: &Bench, source: &Source, file: &Path) -> Result<MigrationInfo> {
-    source.vm.execute(
+fn migrate(bench: &Bench, qemu: &Monitor, file: &Path) -> Result<MigrationInfo> {
+    qemu.execute(
         bench,
         &Migrate {
             uri: format!("file:{}", path_str(file)?),
         },
     )?;
-    source.vm.wait_migration(bench)
+    qemu.wait_migration(bench)
 }
 
 fn migrated(wall: Duration, info: &MigrationInfo, file: &Path) -> Result<Migrated> {
@@ -131,39 +138,51 @@ fn migrated(wall: Duration, info: &MigrationInfo, file: &Path) -> Result<Migrate
 }
 
 /// `migrate` to `file:` with the guest paused: stop, migrate, wait for completion, cont (the
-/// guest is in `postmigrate` until then).
-pub fn migrate_paused(bench: &Bench, source: &Source, file: &Path) -> Result<Migrated> {
+/// guest is in `postmigrate` until then, its disk released; `cont` takes it back).
+pub fn migrate_paused(bench: &Bench, qemu: &Monitor, file: &Path) -> Result<Migrated> {
     let started = Instant::now();
-    source.vm.execute(bench, &Stop)?;
-    let info = migrate(bench, source, file)?;
-    source.vm.execute(bench, &Cont)?;
+    qemu.execute(bench, &Stop)?;
+    let info = migrate(bench, qemu, file)?;
+    qemu.execute(bench, &Cont)?;
     migrated(started.elapsed(), &info, file)
 }
 
 /// Live `migrate` to `file:` of the running guest: QEMU pre-copies, stops the guest for the
 /// switch-over and leaves it in `postmigrate`; resumed afterwards (not timed).
-pub fn migrate_live(bench: &Bench, source: &Source, file: &Path) -> Result<Migrated> {
+pub fn migrate_live(bench: &Bench, qemu: &Monitor, file: &Path) -> Result<Migrated> {
     let started = Instant::now();
-    let info = migrate(bench, source, file)?;
+    let info = migrate(bench, qemu, file)?;
     let wall = started.elapsed();
-    source.vm.execute(bench, &Cont)?;
+    qemu.execute(bench, &Cont)?;
     migrated(wall, &info, file)
 }
 
-/// `migrate-incoming` of a whole migration file into a new QEMU started with `-incoming defer -S`,
-/// until it completed (the guest is paused). Returns the QEMU so the caller may check the guest.
-pub fn migrate_incoming(bench: &Bench, file: &Path) -> Result<(Loaded, Vm)> {
+/// What loading a migration file into a new QEMU cost.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Starting QEMU with `-incoming defer` until it answers on QMP.
+    pub startup: Duration,
+    /// From QEMU answering until the guest is loaded and paused.
+    pub load: Duration,
+    /// Both.
+    pub with_startup: Duration,
+}
+
+/// `migrate-incoming` of a whole migration file into a new QEMU started with `-incoming defer -S`
+/// (the domain's machine, with `disk` as its guest disk), until it completed (the guest is paused).
+/// Returns the QEMU so the caller may check the guest.
+pub fn migrate_incoming(bench: &Bench, file: &Path, disk: &Path) -> Result<(Loaded, Vm)> {
     let started = Instant::now();
-    let vm = Vm::spawn(bench, "bench-incoming", Start::IncomingStream)?;
+    let vm = Vm::spawn_incoming(bench, disk)?;
     let startup = started.elapsed();
     let loading = Instant::now();
-    vm.execute(
+    vm.monitor.execute(
         bench,
         &MigrateIncoming {
             uri: format!("file:{}", path_str(file)?),
         },
     )?;
-    vm.wait_migration(bench)?;
+    vm.monitor.wait_migration(bench)?;
     let load = loading.elapsed();
     let loaded = Loaded {
         startup,

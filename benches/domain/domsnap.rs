@@ -1,190 +1,358 @@
-//! The domsnap side, one function per scenario, measured at the mechanism level: the memory engine
-//! (`memory`) saving and restoring the RAM file QEMU shares with us, and QMP for the rest (pause,
-//! device state without RAM, resume, `migrate-incoming` of the device state). This is what the
-//! orchestrator's create and revert do with a QEMU domain, minus its metadata, intent records and
-//! disk snapshots; each function's body is the one place to replace with the orchestrator's call.
+//! The domsnap side, measured through the product: an in-process [`Orchestrator`] over a
+//! [`QemuDriver`] and an [`FsStore`] on one state directory, wired as the `domsnap` CLI wires them.
+//! A [`Domain`] is one domain of that driver; its create, delete and revert are the orchestrator's.
+//! A [`StepClock`] observer timestamps the orchestrator's steps, so the table can say which part of
+//! an operation a figure is without measuring anything outside the product's own run.
 
 use std::{
-    path::PathBuf,
+    fs,
+    path::Path,
+    process::Command,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
-use memory::{
-    restore, save_paused, ContentCompare, Durability, ImageLayout, ImageWriter, LiveSave, RestoreOptions,
-    SaveOptions,
+use anyhow::{bail, Context, Result};
+use qemu::{DiskConfig, DomainConfig, QemuDriver, RuntimePaths};
+use snapshot_core::{
+    CreateOptions, FsStore, MemoryMode, Name, Observer, Operation, Orchestrator, SnapshotStore, Step,
 };
-use qmp::commands::*;
+use testkit::{SerialLine, Workload};
 
-use crate::{file_size, fsync, path_str, Bench, Loaded, Source, Start, Vm};
+use crate::{cmd_output, file_size, Bench, Monitor, BOOT, DISK, DISK_SIZE, RAM_MIB, SETTLE};
 
-/// A snapshot taken by a create, with what its creation cost.
+/// Longest wait for a restored guest's next tick (it ticks once a second).
+const RESUME_WAIT: Duration = Duration::from_secs(30);
+
+/// Timestamps the orchestrator's steps as it announces them.
+#[derive(Debug, Default)]
+struct StepClock {
+    steps: Mutex<Vec<(Step, Instant)>>,
+}
+
+impl Observer for StepClock {
+    fn step(&self, _operation: Operation, step: Step) {
+        self.steps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((step, Instant::now()));
+    }
+}
+
+impl StepClock {
+    /// The steps announced since the last call.
+    fn take(&self) -> Steps {
+        Steps(std::mem::take(
+            &mut *self.steps.lock().unwrap_or_else(PoisonError::into_inner),
+        ))
+    }
+}
+
+/// One operation's steps in the order they started.
+struct Steps(Vec<(Step, Instant)>);
+
+impl Steps {
+    /// From the start of step `from` to the start of the first step `to` after it.
+    fn span(&self, from: Step, to: Step) -> Result<Duration> {
+        let start = self
+            .0
+            .iter()
+            .position(|(step, _)| *step == from)
+            .with_context(|| format!("the orchestrator announced no step {from:?}: {:?}", self.names()))?;
+        let end = self.0[start..]
+            .iter()
+            .find(|(step, _)| *step == to)
+            .with_context(|| format!("no step {to:?} after {from:?}: {:?}", self.names()))?;
+        Ok(end.1 - self.0[start].1)
+    }
+
+    fn names(&self) -> Vec<Step> {
+        self.0.iter().map(|(step, _)| *step).collect()
+    }
+}
+
+/// A snapshot taken by [`Domain::create`], with what its creation cost.
 #[derive(Debug)]
 pub struct Created {
-    /// The memory image.
-    pub image: PathBuf,
-    /// The device state (QEMU's stream without RAM).
-    pub devices: PathBuf,
-    /// Reading the RAM layout from QEMU and mapping the RAM file.
-    pub map: Duration,
-    /// From `stop` sent to `cont` answered: how long the guest could not run.
+    /// Wall time around `Orchestrator::create`.
+    pub wall: Duration,
+    /// The report's `total_ms` (the same span measured inside the call).
+    pub report_total: Duration,
+    /// The report's `guest_pause_ms`: from `stop` answered to `cont` answered.
     pub pause: Duration,
-    /// The memory engine's part of the pause (the whole save when paused, the final round when
-    /// live).
-    pub memory: Duration,
-    /// From the start until image and device state are on stable storage.
-    pub total: Duration,
-    /// Pre-copy rounds, the final one included (1 for a paused save).
+    /// Before memory is copied: the domain's lock, inspecting the domain (QMP), the intent record
+    /// and the snapshot's folder (fsynced), mapping the RAM file.
+    pub setup: Duration,
+    /// Pre-copy while the guest runs (live only; zero when paused).
+    pub precopy: Duration,
+    /// The final memory round and the device state (overlapped), while paused.
+    pub memory_devices: Duration,
+    /// The final memory round alone (the report's last round): the rest of `memory_devices` is
+    /// the device state's save and fsync, when that takes longer.
+    pub final_round: Duration,
+    /// The disk snapshot (internal, `blockdev-snapshot-internal-sync`), while paused.
+    pub disks: Duration,
+    /// After the resume: sealing the memory image (fsync, rename).
+    pub seal: Duration,
+    /// Memory rounds, the final one included (1 for a paused create).
     pub rounds: u64,
-    /// The image's length (a sparse file: RAM size plus 9 bytes per page of metadata).
+    /// The memory image's length (sparse: RAM size plus 9 bytes per page of metadata).
     pub image_len: u64,
-    /// Bytes the image occupies.
+    /// Bytes the memory image occupies.
     pub image_allocated: u64,
     /// The device state's size.
     pub devices_bytes: u64,
 }
 
-/// Writes the device state (`xen-save-devices-state`: CPU and devices, no RAM). The guest must be
-/// paused.
-fn save_devices(bench: &Bench, vm: &Vm, devices: &std::path::Path) -> Result<()> {
-    vm.execute(
-        bench,
-        &XenSaveDevicesState {
-            filename: path_str(devices)?,
-            live: false,
-        },
-    )?;
-    Ok(())
-}
-
-/// The durations a create measured, in [`Created`]'s order.
-struct Times {
-    map: Duration,
-    pause: Duration,
-    memory: Duration,
-    total: Duration,
-}
-
-fn created(image: PathBuf, devices: PathBuf, times: Times, rounds: u64) -> Result<Created> {
-    let (image_len, image_allocated) = file_size(&image)?;
-    let (devices_bytes, _) = file_size(&devices)?;
-    Ok(Created {
-        image,
-        devices,
-        map: times.map,
-        pause: times.pause,
-        memory: times.memory,
-        total: times.total,
-        rounds,
-        image_len,
-        image_allocated,
-        devices_bytes,
-    })
-}
-
-/// Paused create: map the RAM (as each domsnap command does for itself: a new process), stop, save every non-zero page into a new image (with
-/// `Durability::Sync` fsynced and renamed into place), save the device state, cont, fsync the device
-/// state (durability needs no paused guest).
-pub fn create_paused(bench: &Bench, source: &Source, name: &str, durability: Durability) -> Result<Created> {
-    let image = bench.file(&format!("{name}.img"));
-    let devices = bench.file(&format!("{name}.devices"));
-    let started = Instant::now();
-    let ram = source.vm.map_ram(bench)?;
-    let map = started.elapsed();
-    let paused = Instant::now();
-    source.vm.execute(bench, &Stop)?;
-    let writer = ImageWriter::create(&image, ImageLayout::of(&ram), durability)?;
-    save_paused(&ram, Box::new(writer)).context("save the RAM")?;
-    let memory = paused.elapsed();
-    save_devices(bench, &source.vm, &devices)?;
-    source.vm.execute(bench, &Cont)?;
-    let pause = paused.elapsed();
-    if durability == Durability::Sync {
-        fsync(&devices)?;
-    }
-    let times = Times {
-        map,
-        pause,
-        memory,
-        total: started.elapsed(),
-    };
-    created(image, devices, times, 1)
-}
-
-/// Live create: map the RAM, pre-copy with content comparison (QEMU's vCPUs write the RAM file from another
-/// process, so write-protection cannot see them) under the default convergence policy while the
-/// guest runs; then stop, final round, device state, cont; then seal (fsync) the image and fsync
-/// the device state.
-pub fn create_live(bench: &Bench, source: &Source, name: &str) -> Result<Created> {
-    let image = bench.file(&format!("{name}.img"));
-    let devices = bench.file(&format!("{name}.devices"));
-    let started = Instant::now();
-    let ram = source.vm.map_ram(bench)?;
-    let map = started.elapsed();
-    let writer = ImageWriter::create(&image, ImageLayout::of(&ram), Durability::Sync)?;
-    let mut save = LiveSave::begin(
-        &ram,
-        Box::new(ContentCompare::new()),
-        Box::new(writer),
-        SaveOptions::default(),
-    )?;
-    save.precopy().context("pre-copy")?;
-    let paused = Instant::now();
-    source.vm.execute(bench, &Stop)?;
-    let finished = save.finish().context("final round")?;
-    save_devices(bench, &source.vm, &devices)?;
-    source.vm.execute(bench, &Cont)?;
-    let pause = paused.elapsed();
-    let summary = finished.seal().context("seal the image")?;
-    fsync(&devices)?;
-    let times = Times {
-        map,
-        pause,
-        memory: summary.final_pause(),
-        total: started.elapsed(),
-    };
-    created(image, devices, times, summary.rounds.len() as u64)
-}
-
-/// What a revert cost.
+/// What [`Domain::revert`] cost.
 #[derive(Debug)]
 pub struct Reverted {
-    /// Start-up and load.
-    pub loaded: Loaded,
-    /// The restore of the memory image alone (part of the load).
+    /// Wall time around `Orchestrator::revert`.
+    pub wall: Duration,
+    /// The report's `total_ms`.
+    pub report_total: Duration,
+    /// The report's `memory_ms`: reading the RAM layout, mapping the new RAM file and restoring the
+    /// image into it.
     pub memory: Duration,
+    /// Checking the snapshot before the domain is touched (the whole memory image verified) and
+    /// inspecting the domain.
+    pub check: Duration,
+    /// Ending the old QEMU (`quit`, until it has exited).
+    pub stop: Duration,
+    /// Reverting the disk (offline internal-snapshot apply) and redefining the domain.
+    pub disks: Duration,
+    /// Starting the new QEMU with `-incoming defer` until it has initialised.
+    pub startup: Duration,
+    /// From the new QEMU started to the device state loaded: restore the memory image, load the
+    /// device state (`migrate-incoming`).
+    pub load: Duration,
+    /// `startup` and `load`.
+    pub with_startup: Duration,
 }
 
-/// Revert into a new QEMU: start it waiting for device state, restore the image into its (fresh)
-/// RAM file, `migrate-incoming` the device state, wait until it completes (the guest is paused).
-/// Returns the QEMU so the caller may check that the guest runs.
-pub fn revert(bench: &Bench, snapshot: &Created) -> Result<(Reverted, Vm)> {
-    let started = Instant::now();
-    let vm = Vm::spawn(bench, "bench-revert", Start::IncomingDevices)?;
-    let startup = started.elapsed();
-    let loading = Instant::now();
-    let ram = vm.map_ram(bench)?;
-    // The default (clear non-zero target pages) rather than assuming the new RAM file is zero:
-    // QEMU has started, and a fresh file's holes are skipped without being read anyway.
-    let stats = restore(&snapshot.image, &ram, &RestoreOptions::default()).context("restore the RAM")?;
-    vm.execute(
-        bench,
-        &MigrateIncoming {
-            uri: format!("file:{}", path_str(&snapshot.devices)?),
-        },
-    )?;
-    vm.wait_migration(bench)?;
-    let load = loading.elapsed();
-    let loaded = Loaded {
-        startup,
-        load,
-        with_startup: started.elapsed(),
-    };
-    Ok((
-        Reverted {
-            loaded,
-            memory: stats.duration,
-        },
-        vm,
-    ))
+/// A domain of the driver, booted from the test guest with one qcow2 disk. Its QEMU is ended
+/// on drop: it runs daemonized and would outlive the bench, with its RAM file on tmpfs.
+pub struct Domain {
+    name: Name,
+    driver: QemuDriver,
+    store: Arc<FsStore>,
+    orchestrator: Orchestrator,
+    clock: Arc<StepClock>,
+    paths: RuntimePaths,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for Domain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Domain")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        if let Err(e) = self.runtime.block_on(self.driver.destroy(&self.name)) {
+            eprintln!("domain bench: cannot end domain {}: {e}", self.name);
+        }
+    }
+}
+
+/// The configuration of a 1 GiB test-guest domain named `name`, as a user would write it (the
+/// kernel command line as testkit builds it, so a testkit QEMU with the same workload and disk
+/// has the same machine and can load this domain's migration stream).
+fn config(name: &Name, workload: &Workload, disk: &Path) -> DomainConfig {
+    let guest = testkit::guest();
+    DomainConfig {
+        name: name.clone(),
+        memory_mib: RAM_MIB,
+        vcpus: 1,
+        kernel: Some(guest.kernel),
+        initrd: Some(guest.initrd),
+        cmdline: Some(format!("console=ttyS0 quiet {}", workload.cmdline())),
+        serial_log: None,
+        disks: vec![DiskConfig {
+            id: DISK.to_owned(),
+            path: disk.to_owned(),
+        }],
+    }
+}
+
+impl Domain {
+    /// Defines the domain (its disk a new qcow2 in the bench folder), starts it, and waits until
+    /// the guest's workload runs.
+    pub fn boot(bench: &Bench, name: &str, workload: &Workload) -> Result<Domain> {
+        let name = Name::new(name)?;
+        let disk = bench.file(&format!("{name}-{DISK}.qcow2"));
+        testkit::create_qcow2(&disk, DISK_SIZE);
+        let driver = QemuDriver::new(bench.state_dir());
+        bench.block_on(driver.define(&config(&name, workload, &disk)))?;
+        let store = Arc::new(FsStore::new(bench.state_dir()));
+        let clock = Arc::new(StepClock::default());
+        let orchestrator = Orchestrator::new(Arc::new(driver.clone()), store.clone(), clock.clone());
+        let domain = Domain {
+            paths: driver.runtime_paths(&name)?,
+            name,
+            driver,
+            store,
+            orchestrator,
+            clock,
+            runtime: bench.runtime.handle().clone(),
+        };
+        bench.block_on(domain.driver.start(&domain.name, false))?;
+        domain.wait_serial(0, BOOT, "DOMSNAP READY", |line| {
+            matches!(line, SerialLine::Ready { .. })
+        })?;
+        // A few ticks: the workload has allocated its working set and dirties at its rate.
+        domain.wait_serial(
+            0,
+            BOOT,
+            "a tick above 3",
+            |line| matches!(line, SerialLine::Tick { n, .. } if *n > 3),
+        )?;
+        Ok(domain)
+    }
+
+    /// Lets the guest run between measurements, so each starts from a guest that is dirtying
+    /// memory at its steady rate (a pause stops the workload's clock).
+    pub fn settle(&self) {
+        std::thread::sleep(SETTLE);
+    }
+
+    /// Waits until the guest prints, after byte `from` of its serial log, a line `wanted` accepts.
+    fn wait_serial(
+        &self,
+        from: usize,
+        timeout: Duration,
+        what: &str,
+        wanted: impl Fn(&SerialLine) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = fs::read(&self.paths.serial_log).unwrap_or_default();
+            let new = String::from_utf8_lossy(log.get(from..).unwrap_or_default());
+            if new
+                .lines()
+                .filter_map(testkit::parse_serial_line)
+                .any(|l| wanted(&l))
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "domain {}: no {what} on the serial console in {timeout:?}:\n{new}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Allocates every page of the RAM file without changing its content, as a guest that has run
+    /// for a while has: a fresh guest's RAM file is mostly holes, which domsnap skips and QEMU's
+    /// migration fills on its first run, so without this the two would not read the same memory.
+    pub fn populate_ram_file(&self) -> Result<()> {
+        cmd_output(
+            Command::new("fallocate")
+                .args(["--length", &format!("{RAM_MIB}MiB")])
+                .arg(&self.paths.ram_file),
+        )?;
+        Ok(())
+    }
+
+    /// Runs `f` with a QMP connection to the domain's QEMU for QEMU's own commands. It is the
+    /// driver's second monitor (`run/status.sock`): QEMU serves one client per monitor and the
+    /// driver keeps `qmp.sock`. The connection is closed before the orchestrator runs again,
+    /// because the driver queries the run state on that monitor when it holds no connection.
+    pub fn with_monitor<T>(&self, bench: &Bench, f: impl FnOnce(&Monitor) -> Result<T>) -> Result<T> {
+        let monitor = Monitor::connect(
+            bench,
+            &self.paths.qmp_socket.with_file_name("status.sock"),
+            self.paths.qmp_socket.with_file_name("qemu.log"),
+        )?;
+        f(&monitor)
+    }
+
+    /// `Orchestrator::create` of snapshot `snapshot` (every disk internal: the default).
+    pub fn create(&self, bench: &Bench, snapshot: &str, memory: MemoryMode) -> Result<Created> {
+        let live = matches!(memory, MemoryMode::Live(_));
+        let snapshot = Name::new(snapshot)?;
+        let options = CreateOptions {
+            memory,
+            ..CreateOptions::default()
+        };
+        self.clock.take();
+        let started = Instant::now();
+        let report = bench.block_on(self.orchestrator.create(&self.name, &snapshot, options))?;
+        let wall = started.elapsed();
+        let steps = self.clock.take();
+        let files = self.store.files(&self.name, &snapshot);
+        let (image_len, image_allocated) = file_size(&files.memory_image)?;
+        let copy_starts = if live { Step::Precopy } else { Step::Pause };
+        Ok(Created {
+            wall,
+            report_total: millis(report.total_ms),
+            pause: millis(report.guest_pause_ms),
+            setup: steps.span(Step::Inspect, copy_starts)?,
+            precopy: if live {
+                steps.span(Step::Precopy, Step::Pause)?
+            } else {
+                Duration::ZERO
+            },
+            memory_devices: steps.span(Step::SaveMemory, Step::SnapshotDisks)?,
+            final_round: report
+                .memory_rounds
+                .last()
+                .map_or(Duration::ZERO, |round| millis(round.duration_ms)),
+            disks: steps.span(Step::SnapshotDisks, Step::Resume)?,
+            seal: steps.span(Step::SealMemory, Step::Commit)?,
+            rounds: report.memory_rounds.len() as u64,
+            image_len,
+            image_allocated,
+            devices_bytes: file_size(&files.device_state)?.0,
+        })
+    }
+
+    /// `Orchestrator::delete` (not timed: it runs between repetitions).
+    pub fn delete(&self, bench: &Bench, snapshot: &str) -> Result<()> {
+        bench.block_on(self.orchestrator.delete(&self.name, &Name::new(snapshot)?, false))?;
+        Ok(())
+    }
+
+    /// `Orchestrator::revert` to `snapshot`, leaving the guest paused (as the baselines end, and so
+    /// that it takes no CPU from what is measured next).
+    pub fn revert(&self, bench: &Bench, snapshot: &str) -> Result<Reverted> {
+        let snapshot = Name::new(snapshot)?;
+        self.clock.take();
+        let started = Instant::now();
+        let report = bench.block_on(self.orchestrator.revert(&self.name, &snapshot, true))?;
+        let wall = started.elapsed();
+        let steps = self.clock.take();
+        Ok(Reverted {
+            wall,
+            report_total: millis(report.total_ms),
+            memory: millis(report.memory_ms),
+            check: steps.span(Step::Check, Step::Intent)?,
+            stop: steps.span(Step::Stop, Step::RevertDisks)?,
+            disks: steps.span(Step::RevertDisks, Step::StartIncoming)?,
+            startup: steps.span(Step::StartIncoming, Step::RestoreMemory)?,
+            load: steps.span(Step::RestoreMemory, Step::UpdateTree)?,
+            with_startup: steps.span(Step::StartIncoming, Step::UpdateTree)?,
+        })
+    }
+
+    /// Resumes the guest a revert left paused and waits for its next tick: proof that what was
+    /// measured was a working restore (not timed).
+    pub fn resume_checked(&self, bench: &Bench) -> Result<()> {
+        let from = fs::metadata(&self.paths.serial_log).map_or(0, |m| m.len());
+        let from = usize::try_from(from)?;
+        bench.block_on(self.driver.resume(&self.name))?;
+        self.wait_serial(from, RESUME_WAIT, "tick after the revert", |line| {
+            matches!(line, SerialLine::Tick { .. })
+        })
+    }
+}
+
+fn millis(ms: f64) -> Duration {
+    Duration::from_secs_f64(ms / 1e3)
 }

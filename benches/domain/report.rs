@@ -66,12 +66,12 @@ impl Series {
 /// Every series of a run, by key (`side.scenario.quantity`).
 #[derive(Debug, Default)]
 pub struct Results {
-    series: BTreeMap<&'static str, Series>,
+    series: BTreeMap<String, Series>,
 }
 
 impl Results {
-    fn push(&mut self, key: &'static str, unit: Unit, value: f64) {
-        let series = self.series.entry(key).or_insert(Series {
+    fn push(&mut self, key: &str, unit: Unit, value: f64) {
+        let series = self.series.entry(key.to_owned()).or_insert(Series {
             unit,
             samples: Vec::new(),
         });
@@ -80,17 +80,17 @@ impl Results {
     }
 
     /// Records a duration.
-    pub fn time(&mut self, key: &'static str, value: Duration) {
+    pub fn time(&mut self, key: &str, value: Duration) {
         self.push(key, Unit::Time, value.as_secs_f64());
     }
 
     /// Records a size.
-    pub fn bytes(&mut self, key: &'static str, value: u64) {
+    pub fn bytes(&mut self, key: &str, value: u64) {
         self.push(key, Unit::Bytes, value as f64);
     }
 
     /// Records a count.
-    pub fn count(&mut self, key: &'static str, value: u64) {
+    pub fn count(&mut self, key: &str, value: u64) {
         self.push(key, Unit::Count, value as f64);
     }
 
@@ -122,7 +122,7 @@ impl Results {
         Value::Object(
             self.series
                 .iter()
-                .map(|(key, series)| ((*key).to_owned(), series.to_json()))
+                .map(|(key, series)| (key.clone(), series.to_json()))
                 .collect(),
         )
     }
