@@ -3,6 +3,7 @@
 //! guest runs on) written into a socket this process reads, parsed as it arrives into the toolstack's
 //! own memory image and a device-state file.
 
+use snapshot_core::CaptureSignals;
 use std::{
     collections::BTreeMap,
     fs::{File, OpenOptions},
@@ -68,10 +69,13 @@ pub struct BackgroundStats {
 /// restored into its RAM file.
 ///
 /// The guest stops for [`BackgroundStats::downtime`] only, then runs on (slowed while pages it
-/// writes are still write-protected). `captured` fires once QEMU has saved the device state and
-/// write-protected RAM: the snapshot's contents are fixed from then on, so a caller that paused the
-/// domain to snapshot its disks at the same instant may resume it (QEMU keeps a paused domain
-/// paused). It is dropped unsent if the snapshot fails before. QEMU's RAM must be a shared file on tmpfs or hugetlbfs
+/// writes are still write-protected). `signals` lets the caller place the snapshot's instant:
+/// `prepared` fires once the checks are done and the files exist, and QEMU starts when `capture`
+/// arrives (dropped instead, the snapshot gives up and leaves nothing behind); `captured` fires
+/// once QEMU has saved the device state and write-protected RAM: the snapshot's contents are fixed
+/// from then on, so a caller that paused the domain to snapshot its disks at the same instant may
+/// resume it (QEMU keeps a paused domain paused). It is dropped unsent if the snapshot fails
+/// before. QEMU's RAM must be a shared file on tmpfs or hugetlbfs
 /// (userfaultfd write-protection); no other migration may run, and no migration capability that
 /// changes the stream may be on. Both files are written under temporary names and appear (fsynced
 /// per `durability`) only when everything succeeded; on any error neither exists, the migration is
@@ -83,8 +87,13 @@ pub async fn background_snapshot(
     image: &Path,
     device_state: &Path,
     durability: Durability,
-    captured: oneshot::Sender<()>,
+    signals: CaptureSignals,
 ) -> Result<BackgroundStats> {
+    let CaptureSignals {
+        prepared,
+        capture,
+        captured,
+    } = signals;
     let started = Instant::now();
     check_migration_idle(client).await?;
     check_capabilities(client).await?;
@@ -95,7 +104,7 @@ pub async fn background_snapshot(
     // Best effort: a larger buffer lets QEMU run further ahead of the reader.
     let _ = nix::sys::socket::setsockopt(&writer, nix::sys::socket::sockopt::SndBuf, &SOCKET_BUFFER);
     let mut parser = Parser::spawn(reader, expected, outputs, captured)?;
-    let (info, stream, outputs) = match run(client, writer, &mut parser).await {
+    let (info, stream, outputs) = match run(client, writer, &mut parser, prepared, capture).await {
         Ok(done) => done,
         Err(error) => {
             parser.abort().await;
@@ -125,7 +134,11 @@ async fn run(
     client: &Client,
     writer: UnixStream,
     parser: &mut Parser,
+    prepared: oneshot::Sender<()>,
+    capture: oneshot::Receiver<()>,
 ) -> Result<(MigrationInfo, StreamStats, Outputs)> {
+    let _ = prepared.send(());
+    capture.await.map_err(|_| Error::CaptureAbandoned)?;
     set_background_capability(client, true).await?;
     let migrated = migrate(client, writer, parser).await;
     let switched_off = set_background_capability(client, false).await;

@@ -290,6 +290,10 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// The caller of a background snapshot gave up before it started.
+    #[error("the background snapshot was abandoned before QEMU started it")]
+    CaptureAbandoned,
+
     /// Another migration runs on the QEMU.
     #[error("QEMU is busy with another migration (status {status}); it runs one at a time")]
     MigrationBusy {

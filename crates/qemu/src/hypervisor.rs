@@ -23,7 +23,7 @@ use qmp::{
     MigrationStatus, RunState,
 };
 use serde::Deserialize as _;
-use snapshot_core::{DiskTarget, DomainState, DriverResult, Hypervisor, Name, StreamedSave};
+use snapshot_core::{CaptureSignals, DiskTarget, DomainState, DriverResult, Hypervisor, Name, StreamedSave};
 
 use crate::{
     command_line::StartMode,
@@ -137,7 +137,7 @@ impl Hypervisor for QemuDriver {
         domain: &Name,
         image: &Path,
         device_state: &Path,
-        captured: tokio::sync::oneshot::Sender<()>,
+        signals: CaptureSignals,
     ) -> DriverResult<StreamedSave> {
         let mem = self.guest_memory(domain).await?;
         let (_, _, client) = self.running(domain).await?;
@@ -148,7 +148,7 @@ impl Hypervisor for QemuDriver {
             image,
             device_state,
             memory::Durability::Sync,
-            captured,
+            signals,
         )
         .await?;
         Ok(StreamedSave {

@@ -537,7 +537,7 @@ async fn background_snapshots_of_a_dirtying_guest_restore_to_their_start() {
         &image_a,
         &devices_a,
         Durability::Sync,
-        captured,
+        snapshot_core::CaptureSignals::at_once(captured),
     );
     let resume = async {
         on_capture.await.expect("the capture is announced");
@@ -583,7 +583,14 @@ async fn background_snapshots_of_a_dirtying_guest_restore_to_their_start() {
     // QEMU killed mid-stream: an error, and no files.
     let (image_c, devices_c) = (path("c.img"), path("c.dev"));
     let (captured, _) = tokio::sync::oneshot::channel();
-    let snapshot = qemu::background_snapshot(&qmp, layout, &image_c, &devices_c, Durability::Sync, captured);
+    let snapshot = qemu::background_snapshot(
+        &qmp,
+        layout,
+        &image_c,
+        &devices_c,
+        Durability::Sync,
+        snapshot_core::CaptureSignals::at_once(captured),
+    );
     let kill = async {
         let deadline = Instant::now() + WAIT;
         loop {
@@ -625,9 +632,16 @@ async fn background_snapshots_refused_before_they_start_leave_no_files() {
     // A capability that changes the stream; the capture is never announced.
     set_capabilities(&qmp, &[(MigrationCapability::XIgnoreShared, true)]).await;
     let (captured, on_capture) = tokio::sync::oneshot::channel();
-    let error = qemu::background_snapshot(&qmp, layout.clone(), &image, &devices, Durability::Sync, captured)
-        .await
-        .unwrap_err();
+    let error = qemu::background_snapshot(
+        &qmp,
+        layout.clone(),
+        &image,
+        &devices,
+        Durability::Sync,
+        snapshot_core::CaptureSignals::at_once(captured),
+    )
+    .await
+    .unwrap_err();
     assert!(on_capture.await.is_err());
     assert!(matches!(error, Error::MigrationSettings { .. }), "{error}");
     assert!(error.to_string().contains("x-ignore-shared"), "{error}");
@@ -644,17 +658,31 @@ async fn background_snapshots_refused_before_they_start_leave_no_files() {
     )
     .unwrap();
     let (captured, _) = tokio::sync::oneshot::channel();
-    let error = qemu::background_snapshot(&qmp, half, &image, &devices, Durability::Sync, captured)
-        .await
-        .unwrap_err();
+    let error = qemu::background_snapshot(
+        &qmp,
+        half,
+        &image,
+        &devices,
+        Durability::Sync,
+        snapshot_core::CaptureSignals::at_once(captured),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(error, Error::RamLayout { .. }), "{error}");
     assert!(entries(files.path()).is_empty());
 
     // The same QEMU then snapshots fine.
     let (captured, on_capture) = tokio::sync::oneshot::channel();
-    let stats = qemu::background_snapshot(&qmp, layout, &image, &devices, Durability::NoSync, captured)
-        .await
-        .unwrap();
+    let stats = qemu::background_snapshot(
+        &qmp,
+        layout,
+        &image,
+        &devices,
+        Durability::NoSync,
+        snapshot_core::CaptureSignals::at_once(captured),
+    )
+    .await
+    .unwrap();
     assert_eq!(on_capture.await, Ok(()));
     assert_eq!(stats.image.pages_missing, 0);
     assert_eq!(entries(files.path()).len(), 2);

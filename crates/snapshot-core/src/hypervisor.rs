@@ -45,6 +45,35 @@ pub struct StreamedSave {
     pub hypervisor_downtime_ms: Option<f64>,
 }
 
+/// The handshake of a background save between the orchestrator and the driver: the driver
+/// prepares (checks, files) while the guest runs, the orchestrator then pauses the domain and
+/// snapshots its disks, and the driver captures the state at once, so that the pause holds only
+/// the disks and the capture.
+#[derive(Debug)]
+pub struct CaptureSignals {
+    /// Sent by the driver when it is ready to capture at once.
+    pub prepared: tokio::sync::oneshot::Sender<()>,
+    /// Received by the driver: capture now. Dropped unsent: give up, leaving nothing behind.
+    pub capture: tokio::sync::oneshot::Receiver<()>,
+    /// Sent by the driver once the state is captured: the domain may resume.
+    pub captured: tokio::sync::oneshot::Sender<()>,
+}
+
+impl CaptureSignals {
+    /// Signals for a caller that lets the driver capture as soon as it is ready and only waits
+    /// for `captured`.
+    pub fn at_once(captured: tokio::sync::oneshot::Sender<()>) -> Self {
+        let (prepared, _) = tokio::sync::oneshot::channel();
+        let (go, capture) = tokio::sync::oneshot::channel();
+        let _ = go.send(());
+        CaptureSignals {
+            prepared,
+            capture,
+            captured,
+        }
+    }
+}
+
 /// A hypervisor managing named domains.
 ///
 /// Every call names the domain; the driver keeps the processes and connections. Calls that need
@@ -69,17 +98,18 @@ pub trait Hypervisor: Send + Sync {
     async fn guest_memory(&self, domain: &Name) -> DriverResult<GuestMemory>;
     /// Saves the device (and vCPU) state of a paused domain to `path`, written and fsynced.
     async fn save_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()>;
-    /// Saves memory and device state as of this call with the hypervisor's own write-protect
-    /// snapshot, into the memory image `image` and the device-state file `device_state` (both
-    /// complete and synced when this returns). The caller pauses the domain first (so that its
-    /// disks can be snapshotted at the same instant) and may resume it as soon as `captured`
-    /// fires: the state is then fixed, and memory streams while the guest runs.
+    /// Saves memory and device state with the hypervisor's own write-protect snapshot, into the
+    /// memory image `image` and the device-state file `device_state` (both complete and synced
+    /// when this returns), following the handshake of `signals`: the state is the domain's at the
+    /// moment the caller sends `capture` (the caller pauses the domain before, so that its disks
+    /// can be snapshotted at the same instant, and may resume it once `captured` fires; memory
+    /// then streams while the guest runs).
     async fn background_save(
         &self,
         domain: &Name,
         image: &Path,
         device_state: &Path,
-        captured: tokio::sync::oneshot::Sender<()>,
+        signals: CaptureSignals,
     ) -> DriverResult<StreamedSave>;
     /// The disk-snapshot backend fit for the domain's state: live while it has a process,
     /// offline when shut off.

@@ -54,7 +54,9 @@ mod store;
 mod tree;
 
 pub use error::{Error, Operation, Result, Step};
-pub use hypervisor::{DiskTarget, DriverError, DriverResult, Hypervisor, MockHypervisor, StreamedSave};
+pub use hypervisor::{
+    CaptureSignals, DiskTarget, DriverError, DriverResult, Hypervisor, MockHypervisor, StreamedSave,
+};
 pub use intent::Intent;
 pub use metadata::{
     Consistency, DiskRecord, DiskSnapshot, DomainState, MemoryState, SnapshotRecord, METADATA_VERSION,

@@ -20,7 +20,7 @@ use tokio::{sync::oneshot, task::JoinHandle};
 
 use crate::{
     error::{Error, Operation, Result, Step},
-    hypervisor::{DiskTarget, DriverError, Hypervisor, StreamedSave},
+    hypervisor::{CaptureSignals, DiskTarget, DriverError, Hypervisor, StreamedSave},
     intent::Intent,
     metadata::{
         Consistency, DiskRecord, DiskSnapshot, DomainState, MemoryState, SnapshotRecord, METADATA_VERSION,
@@ -561,9 +561,10 @@ impl Orchestrator {
         })
     }
 
-    /// The steps of a background create: pause, snapshot the disks, start the hypervisor's
-    /// write-protect snapshot, resume as soon as it has captured the state, and wait while
-    /// memory streams into the image. Memory, devices and disks are all as of the pause.
+    /// The steps of a background create: the driver prepares its snapshot while the guest runs;
+    /// then pause, snapshot the disks, let the hypervisor capture the state, resume as soon as it
+    /// has, and wait while memory streams into the image. Memory, devices and disks are all as
+    /// of the pause.
     async fn background_steps(
         &self,
         domain: &Name,
@@ -574,28 +575,54 @@ impl Orchestrator {
         run: &mut CreateRun,
     ) -> std::result::Result<Saved, StepError> {
         let observe = |step| self.observer.step(Operation::Create, step);
-        if state == DomainState::Running {
-            observe(Step::Pause);
-            self.hypervisor.pause(domain).await.map_err(at(Step::Pause))?;
-            run.paused_by_us = Some(Instant::now());
-        }
-        observe(Step::SnapshotDisks);
-        let backend = self
-            .hypervisor
-            .disk_backend(domain)
-            .await
-            .map_err(at(Step::SnapshotDisks))?;
-        run.disks_done = true;
-        self.snapshot_disks(&*backend, snapshot, disks)
-            .await
-            .map_err(at(Step::SnapshotDisks))?;
-
-        observe(Step::SaveMemory);
+        let (prepared, on_prepared) = oneshot::channel();
+        let (capture, on_capture) = oneshot::channel();
         let (captured, on_captured) = oneshot::channel();
-        let save =
-            self.hypervisor
-                .background_save(domain, &files.memory_image, &files.device_state, captured);
+        let signals = CaptureSignals {
+            prepared,
+            capture: on_capture,
+            captured,
+        };
+        observe(Step::SaveMemory);
+        let save = self
+            .hypervisor
+            .background_save(domain, &files.memory_image, &files.device_state, signals);
         tokio::pin!(save);
+        // A save that ends before it is prepared failed.
+        tokio::select! {
+            biased;
+            Ok(()) = on_prepared => {}
+            result = &mut save => {
+                let failure = result.err().unwrap_or_else(|| "the background save ended before it started".into());
+                return Err((Step::SaveMemory, failure));
+            }
+        }
+
+        let paused_and_disks = async {
+            if state == DomainState::Running {
+                observe(Step::Pause);
+                self.hypervisor.pause(domain).await.map_err(at(Step::Pause))?;
+                run.paused_by_us = Some(Instant::now());
+            }
+            observe(Step::SnapshotDisks);
+            let backend = self
+                .hypervisor
+                .disk_backend(domain)
+                .await
+                .map_err(at(Step::SnapshotDisks))?;
+            run.disks_done = true;
+            self.snapshot_disks(&*backend, snapshot, disks)
+                .await
+                .map_err(at(Step::SnapshotDisks))
+        };
+        if let Err(error) = paused_and_disks.await {
+            // Dropping `capture` makes the driver give up; let it clean up before the rollback.
+            drop(capture);
+            let _ = save.await;
+            return Err(error);
+        }
+
+        let _ = capture.send(());
         // Until the state is captured the guest stays paused. A save that ends first either
         // failed (the rollback resumes the guest) or is complete, capture included.
         let ended_early = tokio::select! {

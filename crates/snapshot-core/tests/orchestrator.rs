@@ -4,14 +4,15 @@
 
 use std::{
     collections::BTreeSet,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use disk::MockDiskSnapshots;
 use snapshot_core::{
-    CreateOptions, DiskKind, DiskRequest, DiskTarget, DomainState, DriverResult, Error, FsStore, Intent,
-    MemoryMode, MockHypervisor, Name, Orchestrator, Quiet, SnapshotStore, Step, StreamedSave,
+    CaptureSignals, CreateOptions, DiskKind, DiskRequest, DiskTarget, DomainState, DriverResult, Error,
+    FsStore, Hypervisor, Intent, MemoryMode, MockHypervisor, Name, Orchestrator, Quiet, SnapshotStore, Step,
+    StreamedSave,
 };
 
 const RAM: u64 = 4 << 20;
@@ -155,29 +156,6 @@ fn hypervisor(sim: &Shared) -> MockHypervisor {
         Ok(())
     });
     let s = sim.clone();
-    h.expect_background_save()
-        .returning(move |_, image, devices, captured| {
-            // The simulated hypervisor captures at once, then "streams": a real image of the memory.
-            if s.lock().unwrap().fail != Some("background_save_before_capture") {
-                let _ = captured.send(());
-            }
-            call(&s, "background_save")?;
-            call(&s, "background_save_before_capture")?;
-            let mem = memory::GuestMemory::anonymous(RAM)?;
-            let sink =
-                memory::ImageWriter::create(image, memory::ImageLayout::of(&mem), memory::Durability::Sync)?;
-            let summary = memory::save_paused(&mem, Box::new(sink))?;
-            std::fs::write(devices, b"device state")?;
-            Ok(StreamedSave {
-                ram_bytes: RAM,
-                stream_bytes: RAM,
-                pages: summary.present_pages,
-                zero_pages: summary.total_pages - summary.present_pages,
-                device_state_bytes: 12,
-                hypervisor_downtime_ms: Some(1.0),
-            })
-        });
-    let s = sim.clone();
     h.expect_disk_backend().returning(move |_| {
         call(&s, "disk_backend")?;
         Ok(Arc::new(disk_mock(&s)))
@@ -204,6 +182,85 @@ fn hypervisor(sim: &Shared) -> MockHypervisor {
     h.expect_load_device_state()
         .returning(move |_, _| call(&s, "load_device_state"));
     h
+}
+
+/// The mocked hypervisor, with a background save that follows the capture handshake for real
+/// (mockall's closures cannot wait for the orchestrator's `capture`).
+struct Simulated {
+    mock: MockHypervisor,
+    sim: Shared,
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for Simulated {
+    async fn state(&self, domain: &Name) -> DriverResult<DomainState> {
+        self.mock.state(domain).await
+    }
+    async fn config(&self, domain: &Name) -> DriverResult<serde_json::Value> {
+        self.mock.config(domain).await
+    }
+    async fn disks(&self, domain: &Name) -> DriverResult<Vec<DiskTarget>> {
+        self.mock.disks(domain).await
+    }
+    async fn pause(&self, domain: &Name) -> DriverResult<()> {
+        self.mock.pause(domain).await
+    }
+    async fn resume(&self, domain: &Name) -> DriverResult<()> {
+        self.mock.resume(domain).await
+    }
+    async fn guest_memory(&self, domain: &Name) -> DriverResult<memory::GuestMemory> {
+        self.mock.guest_memory(domain).await
+    }
+    async fn save_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()> {
+        self.mock.save_device_state(domain, path).await
+    }
+    async fn background_save(
+        &self,
+        _domain: &Name,
+        image: &Path,
+        device_state: &Path,
+        signals: CaptureSignals,
+    ) -> DriverResult<StreamedSave> {
+        let _ = signals.prepared.send(());
+        signals.capture.await.map_err(|_| "abandoned")?;
+        call(&self.sim, "background_save_before_capture")?;
+        let _ = signals.captured.send(());
+        call(&self.sim, "background_save")?;
+        // "Streams": a real image of the memory.
+        let mem = memory::GuestMemory::anonymous(RAM)?;
+        let sink =
+            memory::ImageWriter::create(image, memory::ImageLayout::of(&mem), memory::Durability::Sync)?;
+        let summary = memory::save_paused(&mem, Box::new(sink))?;
+        std::fs::write(device_state, b"device state")?;
+        Ok(StreamedSave {
+            ram_bytes: RAM,
+            stream_bytes: RAM,
+            pages: summary.present_pages,
+            zero_pages: summary.total_pages - summary.present_pages,
+            device_state_bytes: 12,
+            hypervisor_downtime_ms: Some(1.0),
+        })
+    }
+    async fn disk_backend(&self, domain: &Name) -> DriverResult<Arc<dyn disk::DiskSnapshots>> {
+        self.mock.disk_backend(domain).await
+    }
+    async fn destroy(&self, domain: &Name) -> DriverResult<()> {
+        self.mock.destroy(domain).await
+    }
+    async fn define(
+        &self,
+        domain: &Name,
+        config: &serde_json::Value,
+        disks: &[DiskTarget],
+    ) -> DriverResult<()> {
+        self.mock.define(domain, config, disks).await
+    }
+    async fn start_incoming(&self, domain: &Name) -> DriverResult<()> {
+        self.mock.start_incoming(domain).await
+    }
+    async fn load_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()> {
+        self.mock.load_device_state(domain, path).await
+    }
 }
 
 struct Fixture {
@@ -236,7 +293,11 @@ fn fixture(state: DomainState) -> Fixture {
         calls: Vec::new(),
     }));
     let store = Arc::new(FsStore::new(dir.path().join("state")));
-    let orchestrator = Orchestrator::new(Arc::new(hypervisor(&sim)), store.clone(), Arc::new(Quiet));
+    let simulated = Simulated {
+        mock: hypervisor(&sim),
+        sim: sim.clone(),
+    };
+    let orchestrator = Orchestrator::new(Arc::new(simulated), store.clone(), Arc::new(Quiet));
     Fixture {
         dir,
         sim,
