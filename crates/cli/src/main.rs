@@ -503,6 +503,7 @@ impl Progress {
 
 impl Observer for Progress {
     fn step(&self, operation: Operation, step: Step) {
+        tracing::debug!(%operation, %step, "step");
         if let Some(kill_at) = &self.kill_at {
             let name = serde_json::to_value(step).ok();
             if name.as_ref().and_then(|n| n.as_str()) == Some(kill_at.as_str()) {

@@ -137,22 +137,24 @@ async fn run(
     prepared: oneshot::Sender<()>,
     capture: oneshot::Receiver<()>,
 ) -> Result<(MigrationInfo, StreamStats, Outputs)> {
-    let _ = prepared.send(());
-    capture.await.map_err(|_| Error::CaptureAbandoned)?;
     set_background_capability(client, true).await?;
-    let migrated = migrate(client, writer, parser).await;
+    let migrated = migrate(client, writer, parser, prepared, capture).await;
     let switched_off = set_background_capability(client, false).await;
     let done = migrated?;
     switched_off?;
     Ok(done)
 }
 
-/// Passes `writer` to QEMU and runs the migration into it; returns QEMU's final report and the
-/// parser's outputs once both QEMU and the parser are done. On error the migration is cancelled.
+/// Passes `writer` to QEMU, announces `prepared`, and once `capture` arrives runs the migration
+/// into it (everything that can be done before is, so that a caller's pause holds little more than
+/// QEMU's capture); returns QEMU's final report and the parser's outputs once both QEMU and the
+/// parser are done. On error the migration is cancelled.
 async fn migrate(
     client: &Client,
     writer: UnixStream,
     parser: &mut Parser,
+    prepared: oneshot::Sender<()>,
+    capture: oneshot::Receiver<()>,
 ) -> Result<(MigrationInfo, StreamStats, Outputs)> {
     let qmp = |operation| move |source| Error::Qmp { operation, source };
     let passed = client
@@ -162,6 +164,11 @@ async fn migrate(
     // QEMU has its own copy: the stream ends (EOF) when QEMU closes it.
     drop(writer);
     passed?;
+    let _ = prepared.send(());
+    if capture.await.is_err() {
+        let _ = client.closefd(FD_NAME).await;
+        return Err(Error::CaptureAbandoned);
+    }
     let started = client
         .execute(&qmp::commands::Migrate {
             uri: format!("fd:{FD_NAME}"),
@@ -519,6 +526,7 @@ impl RamSink for ImageSink<'_> {
     }
     fn state_captured(&mut self) {
         if let Some(captured) = self.captured.take() {
+            tracing::debug!("state captured: the first RAM page arrived");
             // The caller may not be waiting for it.
             let _ = captured.send(());
         }

@@ -622,6 +622,7 @@ impl Orchestrator {
             return Err(error);
         }
 
+        tracing::debug!(%domain, "disks snapshotted; capturing");
         let _ = capture.send(());
         // Until the state is captured the guest stays paused. A save that ends first either
         // failed (the rollback resumes the guest) or is complete, capture included.
