@@ -282,6 +282,9 @@ fn a_shut_off_domain_gets_disk_only_snapshots_and_stays_shut_off_on_revert() {
         domain.dir.join("vdb.cold.qcow2")
     );
 
+    // Redefining from the file would move vdb back onto the snapshot's image: refused.
+    let error = cli.fails(&["domain", "start", domain.config.to_str().unwrap()]);
+    assert!(error.contains("start it by name"), "{error}");
     // The guest changes the disk, then the revert brings back the marker and leaves the
     // domain shut off.
     cli.ok(&["domain", "start", "off"]);

@@ -279,6 +279,7 @@ impl App {
                 let domain = if looks_like_file(&domain) {
                     let config = DomainConfig::load(Path::new(&domain))?;
                     let _lock = self.orchestrator.begin(&config.name).await?;
+                    self.check_redefinition(&config)?;
                     self.driver.define(&config).await?;
                     config.name
                 } else {
@@ -337,6 +338,33 @@ impl App {
                 })
             }
         }
+    }
+
+    /// Redefining a domain that has snapshots must not move its disks: after an external
+    /// snapshot or a revert the definition points at overlays, and the images under them are
+    /// snapshots that must never be written again.
+    fn check_redefinition(&self, config: &DomainConfig) -> Result<()> {
+        if self.store.list(&config.name)?.is_empty() {
+            return Ok(());
+        }
+        let Ok(defined) = self.driver.definition(&config.name) else {
+            return Ok(());
+        };
+        for disk in &defined.disks {
+            let given = config.disk(&disk.id).map(|d| d.path.as_path());
+            if given != Some(disk.path.as_path()) {
+                bail!(
+                    "domain {} has snapshots and its disk {} is now {} (the file gives {}): start it by name \
+                     (domsnap domain start {}) instead of redefining it",
+                    config.name,
+                    disk.id,
+                    disk.path.display(),
+                    given.map_or_else(|| "no such disk".to_owned(), |p| p.display().to_string()),
+                    config.name
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn status(&self, domain: &Name) -> Result<()> {
