@@ -674,7 +674,7 @@ fn background_create_killed_at_every_step_is_recovered_and_the_next_one_works() 
         assert_eq!(domain_state(&cli, "bk"), "running", "{step}");
         assert!(!has_intent(&cli, "bk"), "{step}");
         if index >= committed {
-            assert_eq!(names, [snap.clone()], "{step}");
+            assert_eq!(names, std::slice::from_ref(&snap), "{step}");
             cli.ok(&["snapshot", "verify", "bk", &snap]);
             cli.ok(&["snapshot", "delete", "bk", &snap]);
         } else {
