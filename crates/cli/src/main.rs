@@ -283,7 +283,7 @@ impl App {
                     self.driver.define(&config).await?;
                     config.name
                 } else {
-                    name(&domain, "domain")?
+                    self.defined_domain(&domain)?
                 };
                 let _lock = self.orchestrator.begin(&domain).await?;
                 self.driver.start(&domain, paused).await?;
@@ -294,7 +294,7 @@ impl App {
                 force,
                 timeout,
             } => {
-                let domain = name(&domain, "domain")?;
+                let domain = self.defined_domain(&domain)?;
                 let _lock = self.orchestrator.begin(&domain).await?;
                 let mode = if force {
                     StopMode::Force
@@ -308,7 +308,7 @@ impl App {
             }
             DomainCommand::Pause { name: ref domain } | DomainCommand::Resume { name: ref domain } => {
                 let pause = matches!(command, DomainCommand::Pause { .. });
-                let domain = name(domain, "domain")?;
+                let domain = self.defined_domain(domain)?;
                 let _lock = self.orchestrator.begin(&domain).await?;
                 if pause {
                     self.driver.pause(&domain).await?;
@@ -318,12 +318,12 @@ impl App {
                 self.status(&domain).await
             }
             DomainCommand::Status { name: domain } => {
-                let domain = name(&domain, "domain")?;
+                let domain = self.defined_domain(&domain)?;
                 self.orchestrator.recover(&domain).await?;
                 self.status(&domain).await
             }
             DomainCommand::Undefine { name: domain } => {
-                let domain = name(&domain, "domain")?;
+                let domain = self.defined_domain(&domain)?;
                 let _lock = self.orchestrator.begin(&domain).await?;
                 let snapshots = self.store.list(&domain)?;
                 if !snapshots.is_empty() {
@@ -333,6 +333,7 @@ impl App {
                     );
                 }
                 self.driver.undefine(&domain).await?;
+                self.store.forget_domain(&domain)?;
                 self.print(&serde_json::json!({ "undefined": domain }), || {
                     format!("domain {domain} undefined\n")
                 })
@@ -367,6 +368,14 @@ impl App {
         Ok(())
     }
 
+    /// A defined domain's name: commands on unknown domains fail before they touch the state
+    /// directory (taking a domain's lock would create its folder).
+    fn defined_domain(&self, text: &str) -> Result<Name> {
+        let domain = name(text, "domain")?;
+        self.driver.definition(&domain)?;
+        Ok(domain)
+    }
+
     async fn status(&self, domain: &Name) -> Result<()> {
         let status = self.driver.status(domain).await?;
         let row = output::DomainRow::from(&status);
@@ -383,7 +392,7 @@ impl App {
                 disks,
                 description,
             } => {
-                let (domain, snap) = (name(&domain, "domain")?, name(&snap, "snapshot")?);
+                let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
                 let memory = match (live, live_mode) {
                     (_, Some(LiveMode::Precopy)) => MemoryMode::Live(memory::ConvergencePolicy::default()),
                     (_, Some(LiveMode::Background)) => MemoryMode::Background,
@@ -402,7 +411,7 @@ impl App {
                 self.print(&report, || output::created(&report))
             }
             SnapshotCommand::List { name: domain, tree } => {
-                let domain = name(&domain, "domain")?;
+                let domain = self.defined_domain(&domain)?;
                 self.orchestrator.recover(&domain).await?;
                 // An unknown domain is an error, not an empty list.
                 self.driver.status(&domain).await?;
@@ -422,7 +431,7 @@ impl App {
                 self.print(&rows, || output::snapshots(&rows))
             }
             SnapshotCommand::Show { name: domain, snap } => {
-                let (domain, snap) = (name(&domain, "domain")?, name(&snap, "snapshot")?);
+                let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
                 self.orchestrator.recover(&domain).await?;
                 let record = self.store.get(&domain, &snap)?;
                 let current = self.store.current(&domain)?;
@@ -434,7 +443,7 @@ impl App {
                 snap,
                 children,
             } => {
-                let (domain, snap) = (name(&domain, "domain")?, name(&snap, "snapshot")?);
+                let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
                 let report = self.orchestrator.delete(&domain, &snap, children).await?;
                 self.print(&report, || output::deleted(&report))
             }
@@ -443,12 +452,12 @@ impl App {
                 snap,
                 paused,
             } => {
-                let (domain, snap) = (name(&domain, "domain")?, name(&snap, "snapshot")?);
+                let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
                 let report = self.orchestrator.revert(&domain, &snap, paused).await?;
                 self.print(&report, || output::reverted(&domain, &report))
             }
             SnapshotCommand::Verify { name: domain, snap } => {
-                let (domain, snap) = (name(&domain, "domain")?, name(&snap, "snapshot")?);
+                let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
                 let report = self.orchestrator.verify(&domain, &snap).await?;
                 self.print(&report, || output::verified(&report))?;
                 if !report.problems.is_empty() {

@@ -109,6 +109,30 @@ impl FsStore {
     fn snapshots_dir(&self, domain: &Name) -> PathBuf {
         self.domain_dir(domain).join("snapshots")
     }
+
+    /// Removes what the store keeps for a domain that is being undefined, and then its folder if
+    /// nothing else is left in it. Refused while the domain has snapshots or an interrupted
+    /// operation. Call it holding the domain's lock (its file goes too).
+    pub fn forget_domain(&self, domain: &Name) -> Result<()> {
+        if !self.list(domain)?.is_empty() || self.intent(domain)?.is_some() {
+            return Err(Error::InvalidRequest(format!(
+                "domain {domain} still has snapshots or an unfinished operation"
+            )));
+        }
+        let dir = self.domain_dir(domain);
+        for file in ["current", OVERLAYS_FILE, "lock"] {
+            write_or_remove(&dir.join(file), None)?;
+        }
+        for folder in [self.snapshots_dir(domain), dir] {
+            match fs::remove_dir(&folder) {
+                Err(e) if e.kind() != ErrorKind::NotFound && e.kind() != ErrorKind::DirectoryNotEmpty => {
+                    return Err(io_error("cannot remove", &folder)(e))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 impl SnapshotStore for FsStore {
