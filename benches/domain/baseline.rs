@@ -191,3 +191,31 @@ pub fn migrate_incoming(bench: &Bench, file: &Path, disk: &Path) -> Result<(Load
     };
     Ok((loaded, vm))
 }
+
+fn set_background_snapshot(bench: &Bench, qemu: &Monitor, state: bool) -> Result<()> {
+    qemu.execute(
+        bench,
+        &MigrateSetCapabilities {
+            capabilities: vec![MigrationCapabilityStatus {
+                capability: MigrationCapability::BackgroundSnapshot,
+                state,
+            }],
+        },
+    )?;
+    Ok(())
+}
+
+/// QEMU's `background-snapshot` migration of the running guest to `file:` (a snapshot consistent at
+/// its start; QEMU stops the guest only to capture the device state and write-protect RAM, then
+/// streams RAM while the guest runs and resumes nothing: the guest runs on by itself). `wall` is
+/// `migrate` sent → completion seen; the capability is switched off again whatever happened.
+pub fn background_snapshot(bench: &Bench, qemu: &Monitor, file: &Path) -> Result<Migrated> {
+    set_background_snapshot(bench, qemu, true)?;
+    let started = Instant::now();
+    let info = migrate(bench, qemu, file);
+    let wall = started.elapsed();
+    let switched_off = set_background_snapshot(bench, qemu, false);
+    let info = info?;
+    switched_off?;
+    migrated(wall, &info, file)
+}

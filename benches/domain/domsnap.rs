@@ -80,28 +80,56 @@ pub struct Created {
     pub report_total: Duration,
     /// The report's `guest_pause_ms`: from `stop` answered to `cont` answered.
     pub pause: Duration,
-    /// Before memory is copied: the domain's lock, inspecting the domain (QMP), the intent record
-    /// and the snapshot's folder (fsynced), mapping the RAM file.
+    /// Before memory is copied (or the background save starts): the domain's lock, inspecting the
+    /// domain (QMP), the intent record and the snapshot's folder (fsynced).
     pub setup: Duration,
-    /// Pre-copy while the guest runs (live only; zero when paused).
-    pub precopy: Duration,
-    /// The final memory round and the device state (overlapped), while paused.
-    pub memory_devices: Duration,
-    /// The final memory round alone (the report's last round): the rest of `memory_devices` is
-    /// the device state's save and fsync, when that takes longer.
-    pub final_round: Duration,
-    /// The disk snapshot (internal, `blockdev-snapshot-internal-sync`), while paused.
-    pub disks: Duration,
-    /// After the resume: sealing the memory image (fsync, rename).
-    pub seal: Duration,
-    /// Memory rounds, the final one included (1 for a paused create).
-    pub rounds: u64,
     /// The memory image's length (sparse: RAM size plus 9 bytes per page of metadata).
     pub image_len: u64,
     /// Bytes the memory image occupies.
     pub image_allocated: u64,
+    /// Pages stored in the image: the guest's non-zero pages at the consistency point.
+    pub pages_stored: u64,
     /// The device state's size.
     pub devices_bytes: u64,
+    /// The mode's own steps.
+    pub memory: MemorySteps,
+}
+
+/// The steps of a create that depend on its memory mode.
+#[derive(Debug)]
+pub enum MemorySteps {
+    /// Paused or pre-copy: domsnap's memory engine reads the RAM file.
+    Engine {
+        /// Pre-copy while the guest runs (live only; zero when paused).
+        precopy: Duration,
+        /// The final memory round and the device state (overlapped), while paused.
+        memory_devices: Duration,
+        /// The final memory round alone (the report's last round): the rest of `memory_devices`
+        /// is the device state's save and fsync, when that takes longer.
+        final_round: Duration,
+        /// The disk snapshot (internal, `blockdev-snapshot-internal-sync`), while paused.
+        disks: Duration,
+        /// After the resume: sealing the memory image (fsync, rename).
+        seal: Duration,
+        /// Memory rounds, the final one included (1 for a paused create).
+        rounds: u64,
+    },
+    /// Background: QEMU's `background-snapshot` stream, parsed into the image.
+    Streamed {
+        /// While the guest runs, before the pause: RAM layout, files, socket, capability, until
+        /// the driver is ready to capture.
+        prepare: Duration,
+        /// While paused: the disk snapshot, then QEMU's capture (device state, write protection),
+        /// until the stream's first RAM section arrives.
+        disks_capture: Duration,
+        /// After the resume: the rest of the stream while the guest runs, sealing the image and the
+        /// device state, the record.
+        after_resume: Duration,
+        /// QEMU's own `downtime` of the background migration (inside the guest pause).
+        hypervisor_downtime: Duration,
+        /// Bytes of the stream QEMU wrote.
+        stream_bytes: u64,
+    },
 }
 
 /// What [`Domain::revert`] cost.
@@ -274,11 +302,10 @@ impl Domain {
     }
 
     /// `Orchestrator::create` of snapshot `snapshot` (every disk internal: the default).
-    pub fn create(&self, bench: &Bench, snapshot: &str, memory: MemoryMode) -> Result<Created> {
-        let live = matches!(memory, MemoryMode::Live(_));
+    pub fn create(&self, bench: &Bench, snapshot: &str, mode: MemoryMode) -> Result<Created> {
         let snapshot = Name::new(snapshot)?;
         let options = CreateOptions {
-            memory,
+            memory: mode.clone(),
             ..CreateOptions::default()
         };
         self.clock.take();
@@ -288,28 +315,55 @@ impl Domain {
         let steps = self.clock.take();
         let files = self.store.files(&self.name, &snapshot);
         let (image_len, image_allocated) = file_size(&files.memory_image)?;
-        let copy_starts = if live { Step::Precopy } else { Step::Pause };
+        let (memory, copy_starts) = match mode {
+            MemoryMode::Background => {
+                let streamed = report
+                    .streamed
+                    .as_ref()
+                    .context("a background create reported no stream")?;
+                let memory = MemorySteps::Streamed {
+                    prepare: steps.span(Step::SaveMemory, Step::Pause)?,
+                    disks_capture: steps.span(Step::SnapshotDisks, Step::Resume)?,
+                    after_resume: steps.span(Step::Resume, Step::UpdateTree)?,
+                    hypervisor_downtime: millis(
+                        streamed
+                            .hypervisor_downtime_ms
+                            .context("QEMU reported no downtime")?,
+                    ),
+                    stream_bytes: streamed.stream_bytes,
+                };
+                (memory, Step::SaveMemory)
+            }
+            MemoryMode::Live(_) | MemoryMode::Paused => {
+                let live = matches!(mode, MemoryMode::Live(_));
+                let memory = MemorySteps::Engine {
+                    precopy: if live {
+                        steps.span(Step::Precopy, Step::Pause)?
+                    } else {
+                        Duration::ZERO
+                    },
+                    memory_devices: steps.span(Step::SaveMemory, Step::SnapshotDisks)?,
+                    final_round: report
+                        .memory_rounds
+                        .last()
+                        .map_or(Duration::ZERO, |round| millis(round.duration_ms)),
+                    disks: steps.span(Step::SnapshotDisks, Step::Resume)?,
+                    seal: steps.span(Step::SealMemory, Step::Commit)?,
+                    rounds: report.memory_rounds.len() as u64,
+                };
+                (memory, if live { Step::Precopy } else { Step::Pause })
+            }
+        };
         Ok(Created {
             wall,
             report_total: millis(report.total_ms),
             pause: millis(report.guest_pause_ms),
             setup: steps.span(Step::Inspect, copy_starts)?,
-            precopy: if live {
-                steps.span(Step::Precopy, Step::Pause)?
-            } else {
-                Duration::ZERO
-            },
-            memory_devices: steps.span(Step::SaveMemory, Step::SnapshotDisks)?,
-            final_round: report
-                .memory_rounds
-                .last()
-                .map_or(Duration::ZERO, |round| millis(round.duration_ms)),
-            disks: steps.span(Step::SnapshotDisks, Step::Resume)?,
-            seal: steps.span(Step::SealMemory, Step::Commit)?,
-            rounds: report.memory_rounds.len() as u64,
             image_len,
             image_allocated,
+            pages_stored: report.memory_pages.map_or(0, |(_, stored)| stored),
             devices_bytes: file_size(&files.device_state)?.0,
+            memory,
         })
     }
 

@@ -9,7 +9,10 @@
 //! that same domain's QEMU through its second QMP monitor; only `migrate-incoming` gets a QEMU of
 //! its own (a new one each time, as each domsnap revert starts one). The repetitions of the
 //! scenarios are interleaved, so a burst of other work on the machine hits both sides alike. A second
-//! domain runs the idle guest for the live create against QEMU's live migration there.
+//! domain runs the idle guest for the live creates against QEMU's live migration there. The live
+//! create runs in both modes, pre-copy and background (QEMU's `background-snapshot` streamed into
+//! domsnap's image); issue 6's table puts them beside QEMU's live `migrate` and QEMU's
+//! `background-snapshot` migration to a plain file.
 
 mod baseline;
 mod domsnap;
@@ -24,9 +27,9 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use domsnap::Domain;
+use domsnap::{Domain, MemorySteps};
 use qmp::{commands::*, Client, ClientOptions, MigrationStatus};
-use report::{Pick, Results, Row, Target};
+use report::{GridRow, Pick, Results, Row, Target};
 use serde_json::json;
 use snapshot_core::MemoryMode;
 use tempfile::TempDir;
@@ -55,6 +58,8 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 const UNLIMITED_BANDWIDTH: u64 = 1 << 40;
 /// The paused snapshot every revert goes back to.
 const KEPT: &str = "kept";
+/// A guest page.
+const PAGE_BYTES: u64 = 4096;
 
 /// The dirtying guest's workload: 48 MiB/s (50.3 MB/s) over a 64 MiB working set.
 fn dirty_workload() -> Workload {
@@ -363,6 +368,43 @@ const ROWS: &[Row] = &[
         target: Target::RatioAbove(1.0),
     },
     Row {
+        scenario: "background live create: guest pause (stop → cont: disk snapshot, QEMU's capture)",
+        domsnap: "domsnap.create_background.pause",
+        baseline: None,
+        pick: Pick::Median,
+        target: Target::AtMost(0.050),
+    },
+    Row {
+        scenario: "background live create: guest pause",
+        domsnap: "domsnap.create_background.pause",
+        baseline: Some((
+            "live `migrate`, default bandwidth: `downtime`",
+            "qemu.migrate_live.downtime",
+        )),
+        pick: Pick::Median,
+        target: Target::RatioAbove(1.0),
+    },
+    Row {
+        scenario: "background live create: guest pause",
+        domsnap: "domsnap.create_background.pause",
+        baseline: Some((
+            "live `migrate`, bandwidth unlimited: `downtime`",
+            "qemu.migrate_live_unlimited.downtime",
+        )),
+        pick: Pick::Median,
+        target: Target::RatioAbove(1.0),
+    },
+    Row {
+        scenario: "FIRST background create of the QEMU process (fresh guest): guest pause (one sample)",
+        domsnap: "domsnap.create_background_first.pause",
+        baseline: Some((
+            "live `migrate`, default bandwidth: `downtime`",
+            "qemu.migrate_live.downtime",
+        )),
+        pick: Pick::Median,
+        target: Target::None,
+    },
+    Row {
         scenario: "live create: total time",
         domsnap: "domsnap.create_live.wall",
         baseline: Some((
@@ -375,6 +417,13 @@ const ROWS: &[Row] = &[
     Row {
         scenario: "live create: memory image, bytes allocated (largest)",
         domsnap: "domsnap.create_live.image_allocated",
+        baseline: Some(("guest RAM", "guest.ram_bytes")),
+        pick: Pick::Max,
+        target: Target::RatioAtLeast(1.0),
+    },
+    Row {
+        scenario: "background live create: memory image, bytes allocated (largest)",
+        domsnap: "domsnap.create_background.image_allocated",
         baseline: Some(("guest RAM", "guest.ram_bytes")),
         pick: Pick::Max,
         target: Target::RatioAtLeast(1.0),
@@ -415,6 +464,43 @@ const ROWS: &[Row] = &[
         )),
         pick: Pick::Median,
         target: Target::RatioAbove(1.0),
+    },
+    Row {
+        scenario: "idle guest: background live create, guest pause",
+        domsnap: "domsnap.idle.create_background.pause",
+        baseline: None,
+        pick: Pick::Median,
+        target: Target::AtMost(0.050),
+    },
+    Row {
+        scenario: "idle guest: background live create, guest pause",
+        domsnap: "domsnap.idle.create_background.pause",
+        baseline: Some((
+            "live `migrate`, default bandwidth: `downtime`",
+            "qemu.idle.migrate_live.downtime",
+        )),
+        pick: Pick::Median,
+        target: Target::RatioAbove(1.0),
+    },
+    Row {
+        scenario: "idle guest: background live create, guest pause",
+        domsnap: "domsnap.idle.create_background.pause",
+        baseline: Some((
+            "live `migrate`, bandwidth unlimited: `downtime`",
+            "qemu.idle.migrate_live_unlimited.downtime",
+        )),
+        pick: Pick::Median,
+        target: Target::RatioAbove(1.0),
+    },
+    Row {
+        scenario: "idle guest: FIRST background create of the QEMU process (fresh), pause (one sample)",
+        domsnap: "domsnap.idle.create_background_first.pause",
+        baseline: Some((
+            "live `migrate`, default bandwidth: `downtime`",
+            "qemu.idle.migrate_live.downtime",
+        )),
+        pick: Pick::Median,
+        target: Target::None,
     },
     Row {
         scenario: "revert, end to end (old QEMU ended, disk, new QEMU, memory, devices)",
@@ -498,6 +584,122 @@ const ROWS: &[Row] = &[
     },
 ];
 
+/// Issue 6's methods, in the order of [`GRID`]'s series.
+const GRID_METHODS: &[&str] = &[
+    "precopy (ours)",
+    "background (ours)",
+    "QEMU live `migrate` to `file:` (default bandwidth)",
+    "QEMU `background-snapshot` to `file:`",
+];
+
+/// Issue 6's table: the 1 GiB guest rewriting its working set, the four ways side by side.
+const GRID: &[GridRow] = &[
+    GridRow {
+        quantity: "guest pause (ours: `stop` → `cont`; QEMU: its `downtime`), median",
+        pick: Pick::Median,
+        series: &[
+            "domsnap.create_live.pause",
+            "domsnap.create_background.pause",
+            "qemu.migrate_live.downtime",
+            "qemu.background_snapshot.downtime",
+        ],
+    },
+    GridRow {
+        quantity: "total time (ours: `Orchestrator::create`; QEMU: `migrate` → `completed`), median",
+        pick: Pick::Median,
+        series: &[
+            "domsnap.create_live.wall",
+            "domsnap.create_background.wall",
+            "qemu.migrate_live.wall",
+            "qemu.background_snapshot.wall",
+        ],
+    },
+    GridRow {
+        quantity: "image / file size, bytes allocated (ours) or length (QEMU), largest",
+        pick: Pick::Max,
+        series: &[
+            "domsnap.create_live.image_allocated",
+            "domsnap.create_background.image_allocated",
+            "qemu.migrate_live.file_bytes",
+            "qemu.background_snapshot.file_bytes",
+        ],
+    },
+];
+
+/// Issue 6's targets, in the format of [`ROWS`].
+const ISSUE6_ROWS: &[Row] = &[
+    Row {
+        scenario: "background create: guest pause (stop → cont, disk snapshot and capture included)",
+        domsnap: "domsnap.create_background.pause",
+        baseline: Some((
+            "QEMU `background-snapshot` to `file:`: `downtime`",
+            "qemu.background_snapshot.downtime",
+        )),
+        pick: Pick::Median,
+        target: Target::WithinFactor(1.2),
+    },
+    Row {
+        scenario: "background create: QEMU's own `downtime` inside our pause (report)",
+        domsnap: "domsnap.create_background.qemu_downtime",
+        baseline: Some((
+            "QEMU `background-snapshot` to `file:`: `downtime`",
+            "qemu.background_snapshot.downtime",
+        )),
+        pick: Pick::Median,
+        target: Target::None,
+    },
+    Row {
+        scenario: "background create: total time, end to end (disk snapshot, everything fsynced)",
+        domsnap: "domsnap.create_background.wall",
+        baseline: Some((
+            "QEMU `background-snapshot` to `file:`, `migrate` → `completed`, + fsync",
+            "qemu.background_snapshot.wall_fsync",
+        )),
+        pick: Pick::Median,
+        target: Target::RatioAtLeast(1.0),
+    },
+    Row {
+        scenario: "background create: total time",
+        domsnap: "domsnap.create_background.wall",
+        baseline: Some((
+            "QEMU `background-snapshot` to `file:`, `migrate` → `completed` (no fsync)",
+            "qemu.background_snapshot.wall",
+        )),
+        pick: Pick::Median,
+        target: Target::None,
+    },
+    Row {
+        scenario: "background create: memory image, bytes allocated (largest)",
+        domsnap: "domsnap.create_background.image_allocated",
+        baseline: Some((
+            "the guest's non-zero RAM at the snapshot (pages QEMU sent with data × 4 KiB, largest)",
+            "domsnap.create_background.nonzero_ram",
+        )),
+        pick: Pick::Max,
+        target: Target::RatioAtLeast(1.0),
+    },
+    Row {
+        scenario: "background create: memory image, bytes allocated (largest)",
+        domsnap: "domsnap.create_background.image_allocated",
+        baseline: Some((
+            "the guest's non-zero RAM read by domsnap's paused create (largest)",
+            "domsnap.create_paused.nonzero_ram",
+        )),
+        pick: Pick::Max,
+        target: Target::None,
+    },
+    Row {
+        scenario: "background create: memory image, bytes allocated (largest)",
+        domsnap: "domsnap.create_background.image_allocated",
+        baseline: Some((
+            "QEMU `background-snapshot` file (largest)",
+            "qemu.background_snapshot.file_bytes",
+        )),
+        pick: Pick::Max,
+        target: Target::None,
+    },
+];
+
 /// Records what a create measured as the series `PREFIX.wall`, `PREFIX.pause`, ...
 fn record_create(results: &mut Results, prefix: &str, created: &domsnap::Created) {
     let key = |quantity: &str| format!("{prefix}.{quantity}");
@@ -505,12 +707,40 @@ fn record_create(results: &mut Results, prefix: &str, created: &domsnap::Created
     results.time(&key("report_total"), created.report_total);
     results.time(&key("setup"), created.setup);
     results.time(&key("pause"), created.pause);
-    results.time(&key("pause_memory_devices"), created.memory_devices);
-    results.time(&key("pause_final_round"), created.final_round);
-    results.time(&key("pause_disks"), created.disks);
-    results.time(&key("seal"), created.seal);
-    results.count(&key("rounds"), created.rounds);
+    results.bytes(&key("image_len"), created.image_len);
     results.bytes(&key("image_allocated"), created.image_allocated);
+    results.bytes(&key("nonzero_ram"), created.pages_stored * PAGE_BYTES);
+    results.bytes(&key("devices_bytes"), created.devices_bytes);
+    match created.memory {
+        MemorySteps::Engine {
+            precopy,
+            memory_devices,
+            final_round,
+            disks,
+            seal,
+            rounds,
+        } => {
+            results.time(&key("precopy"), precopy);
+            results.time(&key("pause_memory_devices"), memory_devices);
+            results.time(&key("pause_final_round"), final_round);
+            results.time(&key("pause_disks"), disks);
+            results.time(&key("seal"), seal);
+            results.count(&key("rounds"), rounds);
+        }
+        MemorySteps::Streamed {
+            prepare,
+            disks_capture,
+            after_resume,
+            hypervisor_downtime,
+            stream_bytes,
+        } => {
+            results.time(&key("prepare"), prepare);
+            results.time(&key("pause_disks_capture"), disks_capture);
+            results.time(&key("after_resume"), after_resume);
+            results.time(&key("qemu_downtime"), hypervisor_downtime);
+            results.bytes(&key("stream_bytes"), stream_bytes);
+        }
+    }
 }
 
 /// A create that is measured and then deleted (not timed).
@@ -525,8 +755,29 @@ fn create_and_delete(
     Ok(created)
 }
 
-/// Phase 1: the freshly booted guest, whose RAM file is mostly holes. Only domsnap can be measured
-/// here repeatedly: QEMU's migration reads (and so allocates) every page on its first run.
+/// The first background create of the freshly booted domain's QEMU process, measured on its own
+/// (series `PREFIX.*`, not in the repetitions' medians): QEMU populates guest RAM for write
+/// protection in its first background snapshot, inside domsnap's pause.
+fn first_background(bench: &Bench, domain: &Domain, prefix: &str, results: &mut Results) -> Result<()> {
+    domain.settle();
+    let first = create_and_delete(bench, domain, "background-first", MemoryMode::Background)?;
+    record_create(results, prefix, &first);
+    Ok(())
+}
+
+/// Records QEMU's background snapshot to a file as the series `PREFIX.downtime`, ...
+fn record_background_snapshot(results: &mut Results, prefix: &str, migrated: &baseline::Migrated) {
+    let key = |quantity: &str| format!("{prefix}.{quantity}");
+    results.time(&key("downtime"), migrated.downtime);
+    results.time(&key("wall"), migrated.wall);
+    results.time(&key("wall_fsync"), migrated.wall + migrated.fsync);
+    results.time(&key("qemu_total"), migrated.qemu_total);
+    results.bytes(&key("file_bytes"), migrated.file_bytes);
+}
+
+/// Phase 1: the freshly booted guest, whose RAM file is mostly holes: domsnap's paused and live
+/// creates, then the QEMU process's first background create (its own row). Only domsnap can be
+/// measured here repeatedly: QEMU's migration reads (and so allocates) every page on its first run.
 fn fresh_creates(bench: &Bench, source: &Domain, reps: usize, results: &mut Results) -> Result<()> {
     for rep in 0..reps {
         eprintln!("domain bench: fresh guest, repetition {}/{reps}", rep + 1);
@@ -537,10 +788,14 @@ fn fresh_creates(bench: &Bench, source: &Domain, reps: usize, results: &mut Resu
         let live = create_and_delete(bench, source, "fresh-live", live())?;
         record_create(results, "domsnap.fresh.create_live", &live);
     }
+    // Last: QEMU's first background snapshot populates all guest RAM, so the RAM file is no longer
+    // sparse afterwards.
+    first_background(bench, source, "domsnap.create_background_first", results)?;
     Ok(())
 }
 
-/// Phase 2: the creates of both sides on the populated RAM file, interleaved, and `snapshot-load`
+/// Phase 2: the creates of both sides on the populated RAM file (paused, pre-copy and background;
+/// QEMU's paused, live and background-snapshot migrations), interleaved, and `snapshot-load`
 /// (which must run in the QEMU that saved: see `docs/benchmarks.md`). Then takes the paused
 /// snapshot [`KEPT`] (not timed) and returns the last paused migration file, for the reverts.
 fn creates(bench: &Bench, source: &Domain, reps: usize, results: &mut Results) -> Result<PathBuf> {
@@ -554,12 +809,13 @@ fn creates(bench: &Bench, source: &Domain, reps: usize, results: &mut Results) -
     })?;
     let migrate_file = bench.file("migrate-paused.bin");
     let live_file = bench.file("migrate-live.bin");
+    let background_file = bench.file("background-snapshot.bin");
+    create_and_delete(bench, source, "warm-up", MemoryMode::Background)?;
     for rep in 0..reps {
         eprintln!("domain bench: creates, repetition {}/{reps}", rep + 1);
         source.settle();
         let paused = create_and_delete(bench, source, "paused", MemoryMode::Paused)?;
         record_create(results, "domsnap.create_paused", &paused);
-        results.bytes("domsnap.create_paused.devices_bytes", paused.devices_bytes);
 
         source.settle();
         let migrated =
@@ -598,8 +854,16 @@ fn creates(bench: &Bench, source: &Domain, reps: usize, results: &mut Results) -
         source.settle();
         let live = create_and_delete(bench, source, "live", live())?;
         record_create(results, "domsnap.create_live", &live);
-        results.time("domsnap.create_live.precopy", live.precopy);
-        results.bytes("domsnap.create_live.image_len", live.image_len);
+
+        source.settle();
+        let background = create_and_delete(bench, source, "background", MemoryMode::Background)?;
+        record_create(results, "domsnap.create_background", &background);
+
+        source.settle();
+        let qemu_background = source.with_monitor(bench, |qemu| {
+            baseline::background_snapshot(bench, qemu, &background_file)
+        })?;
+        record_background_snapshot(results, "qemu.background_snapshot", &qemu_background);
 
         source.settle();
         let migrated_live =
@@ -678,9 +942,9 @@ fn reverts(
     source.resume_checked(bench)
 }
 
-/// Phase 4: the idle guest. domsnap's live create on the fresh guest, then, on the populated RAM
-/// file, domsnap's live create and QEMU's live migration (default and unlimited bandwidth),
-/// interleaved.
+/// Phase 4: the idle guest. domsnap's live creates on the fresh guest and then the QEMU process's
+/// first background create, then, on the populated RAM file, domsnap's live creates (pre-copy and
+/// background) and QEMU's live migration (default and unlimited bandwidth), interleaved.
 fn idle_creates(bench: &Bench, idle: &Domain, reps: usize, results: &mut Results) -> Result<()> {
     for rep in 0..reps {
         eprintln!("domain bench: fresh idle guest, repetition {}/{reps}", rep + 1);
@@ -688,6 +952,7 @@ fn idle_creates(bench: &Bench, idle: &Domain, reps: usize, results: &mut Results
         let live = create_and_delete(bench, idle, "fresh-live", live())?;
         record_create(results, "domsnap.idle_fresh.create_live", &live);
     }
+    first_background(bench, idle, "domsnap.idle.create_background_first", results)?;
     idle.populate_ram_file()?;
     let default_bandwidth = idle.with_monitor(bench, |qemu| baseline::max_bandwidth(bench, qemu))?;
     create_and_delete(bench, idle, "warm-up", MemoryMode::Paused)?;
@@ -695,11 +960,16 @@ fn idle_creates(bench: &Bench, idle: &Domain, reps: usize, results: &mut Results
         baseline::migrate_paused(bench, qemu, &bench.file("warm-up.bin"))
     })?;
     let live_file = bench.file("migrate-live-idle.bin");
+    create_and_delete(bench, idle, "warm-up", MemoryMode::Background)?;
     for rep in 0..reps {
         eprintln!("domain bench: idle guest, repetition {}/{reps}", rep + 1);
         idle.settle();
         let live = create_and_delete(bench, idle, "live", live())?;
         record_create(results, "domsnap.idle.create_live", &live);
+
+        idle.settle();
+        let background = create_and_delete(bench, idle, "background", MemoryMode::Background)?;
+        record_create(results, "domsnap.idle.create_background", &background);
 
         idle.settle();
         let migrated = idle.with_monitor(bench, |qemu| baseline::migrate_live(bench, qemu, &live_file))?;
@@ -749,6 +1019,11 @@ fn run() -> Result<()> {
     let elapsed = started.elapsed();
     let table = report::table(&results, ROWS);
     println!("\n{table}");
+    println!(
+        "issue 6, side by side:\n\n{}\n{}",
+        report::grid(&results, GRID_METHODS, GRID),
+        report::table(&results, ISSUE6_ROWS)
+    );
     println!("all series (median [min, max]):\n{}", results.summary());
     let load_after = loadavg();
     println!(
@@ -775,6 +1050,7 @@ fn run() -> Result<()> {
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "rows": report::rows_json(&results, ROWS),
+        "issue6_rows": report::rows_json(&results, ISSUE6_ROWS),
         "series": results.to_json(),
     });
     fs::write(&out, serde_json::to_string_pretty(&document)?)

@@ -148,6 +148,8 @@ pub enum Target {
     RatioAbove(f64),
     /// The domsnap value (seconds) at most this.
     AtMost(f64),
+    /// The domsnap value at most this many times the baseline's.
+    WithinFactor(f64),
 }
 
 /// One line of the table.
@@ -202,6 +204,7 @@ fn evaluate(results: &Results, row: Row) -> Evaluated {
         Target::RatioAtLeast(x) => ratio.map(|r| r >= x),
         Target::RatioAbove(x) => ratio.map(|r| r > x),
         Target::AtMost(limit) => Some(domsnap <= limit),
+        Target::WithinFactor(x) => baseline.map(|b| domsnap <= x * b),
     };
     Evaluated {
         row,
@@ -219,6 +222,7 @@ fn target_text(target: Target) -> String {
         Target::RatioAtLeast(x) => format!("≥ {x}×"),
         Target::RatioAbove(x) => format!("> {x}× (below it)"),
         Target::AtMost(limit) => format!("≤ {}", format_value(Unit::Time, limit)),
+        Target::WithinFactor(x) => format!("≤ {x}× the baseline"),
     }
 }
 
@@ -244,6 +248,38 @@ pub fn table(results: &Results, rows: &[Row]) -> String {
                 Some(false) => "**no**",
             }
         );
+    }
+    out
+}
+
+/// One line of a [`grid`]: a quantity and its series, one per method.
+#[derive(Debug, Clone, Copy)]
+pub struct GridRow {
+    /// What is shown.
+    pub quantity: &'static str,
+    /// Statistic shown.
+    pub pick: Pick,
+    /// The series of each method, in the order of the grid's methods.
+    pub series: &'static [&'static str],
+}
+
+/// Several methods side by side (one column each), one quantity a row, in Markdown.
+pub fn grid(results: &Results, methods: &[&str], rows: &[GridRow]) -> String {
+    let mut out = format!(
+        "| | {} |\n|{}\n",
+        methods.join(" | "),
+        " --- |".repeat(methods.len() + 1)
+    );
+    for row in rows {
+        let cells: Vec<String> = row
+            .series
+            .iter()
+            .map(|key| {
+                let series = results.get(key);
+                format_value(series.unit, pick(series, row.pick))
+            })
+            .collect();
+        let _ = writeln!(out, "| {} | {} |", row.quantity, cells.join(" | "));
     }
     out
 }
