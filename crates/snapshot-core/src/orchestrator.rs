@@ -503,11 +503,8 @@ impl Orchestrator {
                 self.observer.clone(),
             ));
             saver.precopied().await.map_err(at(Step::Precopy))?;
-            if state == DomainState::Running {
-                observe(Step::Pause);
-                self.hypervisor.pause(domain).await.map_err(at(Step::Pause))?;
-                run.paused_by_us = Some(Instant::now());
-            }
+            self.pause_if_running(domain, state, &mut run.paused_by_us)
+                .await?;
             // The final memory round and the device state are independent: overlap them.
             observe(Step::SaveMemory);
             observe(Step::SaveDeviceState);
@@ -525,16 +522,8 @@ impl Orchestrator {
             });
         }
 
-        observe(Step::SnapshotDisks);
-        let backend = self
-            .hypervisor
-            .disk_backend(domain)
-            .await
-            .map_err(at(Step::SnapshotDisks))?;
-        run.disks_done = true;
-        self.snapshot_disks(&*backend, snapshot, disks)
-            .await
-            .map_err(at(Step::SnapshotDisks))?;
+        self.snapshot_disks_step(domain, snapshot, disks, &mut run.disks_done)
+            .await?;
         if state == DomainState::ShutOff {
             self.define_disks(domain, &active_after_create(disks))
                 .await
@@ -599,21 +588,10 @@ impl Orchestrator {
         }
 
         let paused_and_disks = async {
-            if state == DomainState::Running {
-                observe(Step::Pause);
-                self.hypervisor.pause(domain).await.map_err(at(Step::Pause))?;
-                run.paused_by_us = Some(Instant::now());
-            }
-            observe(Step::SnapshotDisks);
-            let backend = self
-                .hypervisor
-                .disk_backend(domain)
+            self.pause_if_running(domain, state, &mut run.paused_by_us)
+                .await?;
+            self.snapshot_disks_step(domain, snapshot, disks, &mut run.disks_done)
                 .await
-                .map_err(at(Step::SnapshotDisks))?;
-            run.disks_done = true;
-            self.snapshot_disks(&*backend, snapshot, disks)
-                .await
-                .map_err(at(Step::SnapshotDisks))
         };
         if let Err(error) = paused_and_disks.await {
             // Dropping `capture` makes the driver give up; let it clean up before the rollback.
@@ -657,6 +635,41 @@ impl Orchestrator {
             streamed: Some(streamed),
             guest_pause,
         })
+    }
+
+    /// Pauses a running domain for a create; `paused_by_us` remembers it must be resumed.
+    async fn pause_if_running(
+        &self,
+        domain: &Name,
+        state: DomainState,
+        paused_by_us: &mut Option<Instant>,
+    ) -> std::result::Result<(), StepError> {
+        if state == DomainState::Running {
+            self.observer.step(Operation::Create, Step::Pause);
+            self.hypervisor.pause(domain).await.map_err(at(Step::Pause))?;
+            *paused_by_us = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// The disk step of a create; `disks_done` remembers it ran (perhaps partly), for the undo.
+    async fn snapshot_disks_step(
+        &self,
+        domain: &Name,
+        snapshot: &Name,
+        disks: &[DiskRecord],
+        disks_done: &mut bool,
+    ) -> std::result::Result<(), StepError> {
+        self.observer.step(Operation::Create, Step::SnapshotDisks);
+        let backend = self
+            .hypervisor
+            .disk_backend(domain)
+            .await
+            .map_err(at(Step::SnapshotDisks))?;
+        *disks_done = true;
+        self.snapshot_disks(&*backend, snapshot, disks)
+            .await
+            .map_err(at(Step::SnapshotDisks))
     }
 
     /// Internal snapshots of all disks that take one (one atomic call), then the external ones
