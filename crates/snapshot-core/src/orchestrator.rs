@@ -726,26 +726,11 @@ impl Orchestrator {
         for disk in disks {
             match &disk.snapshot {
                 DiskSnapshot::Internal { name } => {
-                    let present = match backend.list_internal(&disk.image).await {
-                        Ok(list) => list.iter().any(|s| &s.name == name),
-                        Err(e) => {
-                            problems.push(format!(
-                                "cannot list the snapshots of {}: {e}",
-                                disk.image.display()
-                            ));
-                            continue;
-                        }
-                    };
-                    if present {
-                        if let Err(e) = backend
-                            .delete_internal(std::slice::from_ref(&disk.image), name)
-                            .await
-                        {
-                            problems.push(format!(
-                                "cannot delete internal snapshot {name} of {}: {e}",
-                                disk.image.display()
-                            ));
-                        }
+                    if let Err(e) = delete_internal_if_present(&*backend, &disk.image, name).await {
+                        problems.push(format!(
+                            "cannot delete internal snapshot {name} of {}: {e}",
+                            disk.image.display()
+                        ));
                     }
                 }
                 DiskSnapshot::External { overlay, .. } => {
@@ -900,16 +885,7 @@ impl Orchestrator {
         let backend = self.hypervisor.disk_backend(&record.domain).await?;
         for disk in &record.disks {
             if let DiskSnapshot::Internal { name } = &disk.snapshot {
-                let present = backend
-                    .list_internal(&disk.image)
-                    .await?
-                    .iter()
-                    .any(|s| &s.name == name);
-                if present {
-                    backend
-                        .delete_internal(std::slice::from_ref(&disk.image), name)
-                        .await?;
-                }
+                delete_internal_if_present(&*backend, &disk.image, name).await?;
             }
         }
         Ok(())
@@ -1408,6 +1384,19 @@ struct CreateRun {
     disks_done: bool,
     /// The memory save in progress.
     memory: Option<MemorySaver>,
+}
+
+/// Deletes the internal snapshot `name` of `image` if the image still holds it: undo and recovery
+/// may run after a crash that happened either side of the delete.
+async fn delete_internal_if_present(
+    backend: &dyn DiskSnapshots,
+    image: &Path,
+    name: &str,
+) -> std::result::Result<(), disk::Error> {
+    if backend.list_internal(image).await?.iter().any(|s| s.name == name) {
+        backend.delete_internal(&[image.to_owned()], name).await?;
+    }
+    Ok(())
 }
 
 fn file_name(path: &Path) -> String {

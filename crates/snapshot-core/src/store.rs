@@ -180,15 +180,8 @@ impl SnapshotStore for FsStore {
     }
 
     fn list(&self, domain: &Name) -> Result<Vec<SnapshotRecord>> {
-        let dir = self.snapshots_dir(domain);
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io_error("cannot list", &dir)(e)),
-        };
         let mut records = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(io_error("cannot list", &dir))?;
+        for entry in entries(&self.snapshots_dir(domain))? {
             let meta = entry.path().join(META_FILE);
             // A folder without its record is an unfinished create, not a snapshot.
             if let Some(record) = read_record(&meta)? {
@@ -290,15 +283,8 @@ impl SnapshotStore for FsStore {
     }
 
     fn domains(&self) -> Result<Vec<Name>> {
-        let dir = self.root.join("domains");
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io_error("cannot list", &dir)(e)),
-        };
         let mut domains = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(io_error("cannot list", &dir))?;
+        for entry in entries(&self.root.join("domains"))? {
             // Foreign files in the folder are not domains.
             if let Ok(name) = Name::new(entry.file_name().to_string_lossy()) {
                 domains.push(name);
@@ -306,6 +292,17 @@ impl SnapshotStore for FsStore {
         }
         domains.sort();
         Ok(domains)
+    }
+}
+
+/// The entries of a store folder; a folder not created yet has none.
+fn entries(dir: &Path) -> Result<Vec<fs::DirEntry>> {
+    match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .collect::<Result<_, _>>()
+            .map_err(io_error("cannot list", dir)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io_error("cannot list", dir)(e)),
     }
 }
 
