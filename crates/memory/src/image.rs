@@ -57,7 +57,9 @@ pub struct ImageWriter {
     sealed: bool,
 }
 
-fn temp_name(dest: &Path) -> PathBuf {
+/// A hidden temporary name beside `dest`, unique in this process, for a file renamed to `dest`
+/// only once it is complete.
+pub fn temporary_name(dest: &Path) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = dest
         .file_name()
@@ -70,7 +72,7 @@ fn temp_name(dest: &Path) -> PathBuf {
 impl ImageWriter {
     /// Starts an image for `layout` that will appear at `dest` when sealed.
     pub fn create(dest: &Path, layout: ImageLayout, durability: Durability) -> Result<Self> {
-        let tmp = temp_name(dest);
+        let tmp = temporary_name(dest);
         let file = OpenOptions::new()
             .read(true)
             .write(true)

@@ -87,8 +87,8 @@ pub use error::{Error, Result};
 pub use format::{ImageLayout, RegionInfo, FORMAT_VERSION};
 pub use guest::{Backing, FileRegion, GuestMemory, GuestMemoryBuilder, Region, PAGE_SIZE};
 pub use image::{
-    restore, sync_parent, verify, Durability, ImageInfo, ImageReader, ImageWriter, PageSink, ReadAt,
-    RestoreOptions, RestoreStats, ZeroPages,
+    restore, sync_parent, temporary_name, verify, Durability, ImageInfo, ImageReader, ImageWriter, PageSink,
+    ReadAt, RestoreOptions, RestoreStats, ZeroPages,
 };
 pub use import::{ImportStats, PageImport};
 pub use save::{

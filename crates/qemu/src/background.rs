@@ -11,7 +11,6 @@ use std::{
     net::Shutdown,
     os::unix::{fs::OpenOptionsExt, net::UnixStream},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -448,13 +447,7 @@ struct TempFile {
 
 impl TempFile {
     fn create(dest: &Path, durability: Durability) -> Result<Self> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = dest.with_file_name(format!(".{name}.partial-{}-{n}", std::process::id()));
+        let tmp = memory::temporary_name(dest);
         // The device state holds guest secrets (CPU registers, device buffers): private.
         let file = OpenOptions::new()
             .write(true)

@@ -360,8 +360,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// temporary file in the same folder (mode 0600), fsync, rename, fsync of the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-    let temporary = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let temporary = memory::temporary_name(path);
     let written = (|| {
         let mut file = OpenOptions::new()
             .write(true)
