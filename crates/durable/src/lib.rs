@@ -1,0 +1,301 @@
+//! Crash-safe file writes, one home for every crate of domsnap.
+//!
+//! A file that a crash could leave half-written must never appear under its final name. Every
+//! durable write here follows the same order: a private temporary file beside the destination
+//! (unpredictable name, created `O_EXCL | O_NOFOLLOW`, mode 0600), its data, `fsync`, `rename`
+//! (or `link` when an existing file must not be replaced), then `fsync` of the folder so the new
+//! name itself survives a crash. A temporary that is dropped before it is persisted is removed.
+//!
+//! ```
+//! use std::io::Write;
+//! # fn main() -> Result<(), durable::Error> {
+//! let dir = tempfile::tempdir().unwrap();
+//! let dest = dir.path().join("meta.json");
+//! durable::write_atomic(&dest, b"{}")?;
+//!
+//! let mut temp = durable::TempFile::create(&dest)?;
+//! temp.file_mut().write_all(b"{\"v\": 2}").unwrap();
+//! temp.persist(durable::Sync::Yes)?;
+//! assert_eq!(std::fs::read(&dest).unwrap(), b"{\"v\": 2}");
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::hash_map::RandomState;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::hash::{BuildHasher, Hasher};
+use std::io::{self, ErrorKind, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Mode of every file domsnap writes: guest RAM and device state hold the guest's secrets.
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of every folder domsnap creates.
+pub const DIR_MODE: u32 = 0o700;
+
+/// A durable write that failed: what was being done, to which path, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{operation} {}: {source}", path.display())]
+pub struct Error {
+    /// What failed, e.g. "cannot fsync".
+    pub operation: &'static str,
+    /// The file or folder it failed on.
+    pub path: PathBuf,
+    /// The system's reason.
+    #[source]
+    pub source: io::Error,
+}
+
+impl Error {
+    fn new(operation: &'static str, path: &Path, source: io::Error) -> Self {
+        Error {
+            operation,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    /// True when the destination already existed (see [`TempFile::persist_new`]).
+    pub fn is_already_exists(&self) -> bool {
+        self.source.kind() == ErrorKind::AlreadyExists
+    }
+}
+
+/// Result of this crate's functions.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Whether a persist waits for the data and the new name to reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// fsync the file before the rename and the folder after it (survives power loss).
+    Yes,
+    /// Rename only: atomic against a crash of the process, not of the machine (benchmarks, tests).
+    No,
+}
+
+/// A hidden, unpredictable name beside `dest` (another local user cannot guess it in advance and
+/// plant a symlink there).
+pub fn temporary_name(dest: &Path) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u32(std::process::id());
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    hasher.write_u128(nanos);
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dest.with_file_name(format!(".{name}.partial-{:016x}", hasher.finish()))
+}
+
+/// Opens a new private file at `path`: it must not exist (`O_EXCL`), and a symlink there is
+/// refused rather than followed (`O_NOFOLLOW`).
+pub fn create_new_private(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Error::new("cannot create", path, e))
+}
+
+/// Creates `dir` and its missing parents with mode 0700 (existing folders keep their mode).
+pub fn create_private_dir_all(dir: &Path) -> Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .map_err(|e| Error::new("cannot create folder", dir, e))
+}
+
+/// Makes a rename or unlink in `dir` durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::new("cannot fsync folder", dir, e))
+}
+
+/// Makes a rename into `path`'s folder durable.
+pub fn sync_parent(path: &Path) -> Result<()> {
+    sync_dir(parent_dir(path))
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// A private temporary file that becomes `dest` only when persisted; removed if dropped before.
+#[derive(Debug)]
+pub struct TempFile {
+    file: File,
+    path: PathBuf,
+    dest: PathBuf,
+    persisted: bool,
+}
+
+impl TempFile {
+    /// Creates the temporary beside `dest` (same folder, so the rename is atomic).
+    pub fn create(dest: &Path) -> Result<Self> {
+        let path = temporary_name(dest);
+        let file = create_new_private(&path)?;
+        Ok(TempFile {
+            file,
+            path,
+            dest: dest.to_owned(),
+            persisted: false,
+        })
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The open file, to write through.
+    pub fn file_mut(&mut self) -> &mut File {
+        &mut self.file
+    }
+
+    /// The temporary's own path (for error messages; it goes away on persist or drop).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The final name.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// fsync (per `sync`), rename over `dest` (replacing what is there), fsync the folder.
+    pub fn persist(mut self, sync: Sync) -> Result<()> {
+        self.sync_data(sync)?;
+        fs::rename(&self.path, &self.dest).map_err(|e| Error::new("cannot rename into place", &self.path, e))?;
+        self.persisted = true;
+        self.sync_folder(sync)
+    }
+
+    /// Like [`TempFile::persist`], but never replaces an existing `dest`: the new name is a hard
+    /// link, which fails with [`Error::is_already_exists`] if another process made `dest` first.
+    pub fn persist_new(mut self, sync: Sync) -> Result<()> {
+        self.sync_data(sync)?;
+        fs::hard_link(&self.path, &self.dest).map_err(|e| Error::new("cannot create", &self.dest, e))?;
+        // The temporary name is gone either way below; the link at `dest` is the file now.
+        self.persisted = true;
+        fs::remove_file(&self.path).map_err(|e| Error::new("cannot remove", &self.path, e))?;
+        self.sync_folder(sync)
+    }
+
+    fn sync_data(&mut self, sync: Sync) -> Result<()> {
+        self.file.flush().map_err(|e| Error::new("cannot write", &self.path, e))?;
+        if sync == Sync::Yes {
+            self.file
+                .sync_all()
+                .map_err(|e| Error::new("cannot fsync", &self.path, e))?;
+        }
+        Ok(())
+    }
+
+    fn sync_folder(&self, sync: Sync) -> Result<()> {
+        match sync {
+            Sync::Yes => sync_parent(&self.dest),
+            Sync::No => Ok(()),
+        }
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.persisted {
+            // Best effort: a temporary never carries the final name, so it never looks complete.
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves the old or the new content, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut temp = TempFile::create(path)?;
+    temp.file_mut()
+        .write_all(bytes)
+        .map_err(|e| Error::new("cannot write", path, e))?;
+    temp.persist(Sync::Yes)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn atomic_writes_are_private_and_leave_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("a");
+        write_atomic(&dest, b"one").unwrap();
+        write_atomic(&dest, b"two").unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"two");
+        assert_eq!(mode(&dest), 0o600);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn temporary_names_are_not_predictable() {
+        let dest = Path::new("/x/image");
+        assert_ne!(temporary_name(dest), temporary_name(dest));
+        assert_eq!(temporary_name(dest).parent(), Some(Path::new("/x")));
+    }
+
+    #[test]
+    fn a_dropped_temporary_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let temp = TempFile::create(&dir.path().join("a")).unwrap();
+        let path = temp.path().to_owned();
+        assert!(path.exists());
+        drop(temp);
+        assert!(!path.exists());
+        assert!(!dir.path().join("a").exists());
+    }
+
+    #[test]
+    fn persist_new_never_replaces_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("overlay");
+        fs::write(&dest, b"someone else's").unwrap();
+        let error = TempFile::create(&dest).unwrap().persist_new(Sync::Yes).unwrap_err();
+        assert!(error.is_already_exists(), "{error}");
+        assert_eq!(fs::read(&dest).unwrap(), b"someone else's");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_symlink_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(create_new_private(&link).is_err());
+        assert!(!target.exists());
+    }
+
+    #[test]
+    fn private_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a/b");
+        create_private_dir_all(&nested).unwrap();
+        assert_eq!(mode(&nested), 0o700);
+        assert_eq!(mode(&dir.path().join("a")), 0o700);
+    }
+}
