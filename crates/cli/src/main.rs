@@ -278,14 +278,17 @@ impl App {
             DomainCommand::Start { domain, paused } => {
                 let domain = if looks_like_file(&domain) {
                     let config = DomainConfig::load(Path::new(&domain))?;
-                    let _lock = self.orchestrator.begin(&config.name).await?;
-                    self.check_redefinition(&config)?;
+                    self.orchestrator.recover(&config.name).await?;
+                    self.orchestrator
+                        .check_redefinition(&config.name, &config.disk_targets())
+                        .await?;
                     self.driver.define(&config).await?;
                     config.name
                 } else {
                     self.defined_domain(&domain)?
                 };
-                let _lock = self.orchestrator.begin(&domain).await?;
+                // The driver takes the domain's lock for the start itself.
+                self.orchestrator.recover(&domain).await?;
                 self.driver.start(&domain, paused).await?;
                 self.status(&domain).await
             }
@@ -295,7 +298,7 @@ impl App {
                 timeout,
             } => {
                 let domain = self.defined_domain(&domain)?;
-                let _lock = self.orchestrator.begin(&domain).await?;
+                self.orchestrator.recover(&domain).await?;
                 let mode = if force {
                     StopMode::Force
                 } else {
@@ -324,48 +327,12 @@ impl App {
             }
             DomainCommand::Undefine { name: domain } => {
                 let domain = self.defined_domain(&domain)?;
-                let _lock = self.orchestrator.begin(&domain).await?;
-                let snapshots = self.store.list(&domain)?;
-                if !snapshots.is_empty() {
-                    bail!(
-                        "domain {domain} has {} snapshot(s); delete them first (snapshot delete {domain} SNAP)",
-                        snapshots.len()
-                    );
-                }
-                self.driver.undefine(&domain).await?;
-                self.store.forget_domain(&domain)?;
+                self.orchestrator.undefine(&domain).await?;
                 self.print(&serde_json::json!({ "undefined": domain }), || {
                     format!("domain {domain} undefined\n")
                 })
             }
         }
-    }
-
-    /// Redefining a domain that has snapshots must not move its disks: after an external
-    /// snapshot or a revert the definition points at overlays, and the images under them are
-    /// snapshots that must never be written again.
-    fn check_redefinition(&self, config: &DomainConfig) -> Result<()> {
-        if self.store.list(&config.name)?.is_empty() {
-            return Ok(());
-        }
-        let Ok(defined) = self.driver.definition(&config.name) else {
-            return Ok(());
-        };
-        for disk in &defined.disks {
-            let given = config.disk(&disk.id).map(|d| d.path.as_path());
-            if given != Some(disk.path.as_path()) {
-                bail!(
-                    "domain {} has snapshots and its disk {} is now {} (the file gives {}): start it by name \
-                     (domsnap domain start {}) instead of redefining it",
-                    config.name,
-                    disk.id,
-                    disk.path.display(),
-                    given.map_or_else(|| "no such disk".to_owned(), |p| p.display().to_string()),
-                    config.name
-                );
-            }
-        }
-        Ok(())
     }
 
     /// A defined domain's name: commands on unknown domains fail before they touch the state

@@ -118,6 +118,11 @@ pub trait DiskSnapshots: Send + Sync {
 
     /// The backing chain of a disk, from its active image down to the base.
     async fn backing_chain(&self, disk: &Path) -> Result<Vec<ChainImage>>;
+
+    /// The backing file named in `image`'s header (resolved against the image's folder), or
+    /// `None` for an image without one. Reads the header alone, so it also answers for images a
+    /// running QEMU holds and for images that are in no disk's chain any more.
+    async fn backing_file(&self, image: &Path) -> Result<Option<PathBuf>>;
 }
 
 #[cfg(test)]

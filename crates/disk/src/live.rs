@@ -446,6 +446,12 @@ impl DiskSnapshots for LiveBackend {
         }
     }
 
+    async fn backing_file(&self, image: &Path) -> Result<Option<PathBuf>> {
+        // The header names it whatever QEMU has open; reading a header takes no lock.
+        let image = image.to_owned();
+        crate::offline::blocking(move || crate::offline::backing_file(&image)).await
+    }
+
     async fn backing_chain(&self, disk: &Path) -> Result<Vec<ChainImage>> {
         Ok(self
             .chain(disk)

@@ -87,6 +87,25 @@ pub fn relative_to(target: &Path, from: &Path) -> PathBuf {
     out
 }
 
+/// The overlay an external snapshot named `snapshot` of `image` gets when the caller names no
+/// path: beside the image, `STEM.SNAPSHOT.qcow2`.
+pub fn snapshot_overlay_path(image: &Path, snapshot: &str) -> PathBuf {
+    image.with_file_name(format!("{}.{snapshot}.qcow2", file_stem(image)))
+}
+
+/// The fresh overlay a revert to an external snapshot starts the disk on: beside the snapshot's
+/// overlay, stamped with the revert's time (`STEM.revert-STAMP.qcow2`), so reverting to the same
+/// snapshot twice never reuses a file.
+pub fn revert_overlay_path(overlay: &Path, stamp: u64) -> PathBuf {
+    overlay.with_file_name(format!("{}.revert-{stamp}.qcow2", file_stem(overlay)))
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +144,18 @@ mod tests {
         assert_eq!(
             relative_to(Path::new("/x/y/base"), Path::new("/a")),
             Path::new("../x/y/base")
+        );
+    }
+
+    #[test]
+    fn overlay_names_sit_beside_their_image() {
+        assert_eq!(
+            snapshot_overlay_path(Path::new("/vm/vdb.qcow2"), "s1"),
+            Path::new("/vm/vdb.s1.qcow2")
+        );
+        assert_eq!(
+            revert_overlay_path(Path::new("/vm/vdb.s1.qcow2"), 42),
+            Path::new("/vm/vdb.s1.revert-42.qcow2")
         );
     }
 }

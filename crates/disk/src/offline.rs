@@ -420,7 +420,9 @@ fn child(layers: &mut Chain) -> Result<&mut Image> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OfflineBackend;
 
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(work).await.map_err(Error::Task)?
 }
 
@@ -459,6 +461,11 @@ impl DiskSnapshots for OfflineBackend {
     async fn delete_external(&self, disk: &Path, image: &Path, method: MergeMethod) -> Result<PathBuf> {
         let (disk, image) = (disk.to_owned(), image.to_owned());
         blocking(move || delete_external(&disk, &image, method)).await
+    }
+
+    async fn backing_file(&self, image: &Path) -> Result<Option<PathBuf>> {
+        let image = image.to_owned();
+        blocking(move || backing_file(&image)).await
     }
 
     async fn backing_chain(&self, disk: &Path) -> Result<Vec<ChainImage>> {

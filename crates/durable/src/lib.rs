@@ -146,7 +146,8 @@ impl TempFile {
     /// Creates the temporary beside `dest` (same folder, so the rename is atomic).
     pub fn create(dest: &Path) -> Result<Self> {
         let path = temporary_name(dest);
-        let file = create_new_private(&path)?;
+        let file = create_new_private(&path)
+            .map_err(|e| Error::new("cannot create a temporary file for", dest, e.source))?;
         Ok(TempFile {
             file,
             path,
@@ -178,7 +179,8 @@ impl TempFile {
     /// fsync (per `sync`), rename over `dest` (replacing what is there), fsync the folder.
     pub fn persist(mut self, sync: Sync) -> Result<()> {
         self.sync_data(sync)?;
-        fs::rename(&self.path, &self.dest).map_err(|e| Error::new("cannot rename into place", &self.path, e))?;
+        fs::rename(&self.path, &self.dest)
+            .map_err(|e| Error::new("cannot rename into place", &self.path, e))?;
         self.persisted = true;
         self.sync_folder(sync)
     }
@@ -195,7 +197,9 @@ impl TempFile {
     }
 
     fn sync_data(&mut self, sync: Sync) -> Result<()> {
-        self.file.flush().map_err(|e| Error::new("cannot write", &self.path, e))?;
+        self.file
+            .flush()
+            .map_err(|e| Error::new("cannot write", &self.path, e))?;
         if sync == Sync::Yes {
             self.file
                 .sync_all()
@@ -274,7 +278,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("overlay");
         fs::write(&dest, b"someone else's").unwrap();
-        let error = TempFile::create(&dest).unwrap().persist_new(Sync::Yes).unwrap_err();
+        let error = TempFile::create(&dest)
+            .unwrap()
+            .persist_new(Sync::Yes)
+            .unwrap_err();
         assert!(error.is_already_exists(), "{error}");
         assert_eq!(fs::read(&dest).unwrap(), b"someone else's");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);

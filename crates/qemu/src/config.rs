@@ -22,7 +22,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use snapshot_core::Name;
+use snapshot_core::{DiskTarget, Name};
 
 use crate::error::{Error, Result};
 
@@ -152,6 +152,17 @@ impl DomainConfig {
     /// The disk with target id `id`.
     pub fn disk(&self, id: &str) -> Option<&DiskConfig> {
         self.disks.iter().find(|disk| disk.id == id)
+    }
+
+    /// The disks as the orchestrator names them (id and image).
+    pub fn disk_targets(&self) -> Vec<DiskTarget> {
+        self.disks
+            .iter()
+            .map(|disk| DiskTarget {
+                target: disk.id.clone(),
+                image: disk.path.clone(),
+            })
+            .collect()
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    fs::{self, DirBuilder, File, OpenOptions},
+    fs::{self, DirBuilder, OpenOptions},
     io,
     os::unix::{
         ffi::OsStrExt,
@@ -12,18 +12,14 @@ use std::{
     path::{Path, PathBuf},
     process::Stdio,
     sync::{Arc, Mutex, OnceLock, PoisonError},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use nix::{
-    errno::Errno,
-    fcntl::{Flock, FlockArg},
-};
 use qmp::{
     commands::{BlockInfo, Cont, QueryBlock, QueryStatus, Quit, Stop},
     Client, ClientOptions, RunState,
 };
-use snapshot_core::{DomainState, Name};
+use snapshot_core::{DomainLock, DomainState, Name, StateDir};
 
 use crate::{
     command_line::{escape, qemu_args, RuntimePaths, StartMode},
@@ -46,8 +42,6 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 const LOCK_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest wait for QMP's greeting: QEMU answers at once unless another client is connected.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a waiting loop looks again.
-const POLL: Duration = Duration::from_millis(20);
 
 /// The QEMU domain driver: named domains under a state directory, each run by a daemonized QEMU 10
 /// that outlives the process that started it (the `domsnap` CLI runs one short process per
@@ -283,12 +277,18 @@ impl QemuDriver {
     /// from `/`) and writes `domain.toml`. Refused while the domain's QEMU runs.
     pub async fn define(&self, config: &DomainConfig) -> Result<()> {
         config.validate()?;
-        let config = absolute_paths(config)?;
         let dir = self.inner.state_dir.join("domains").join(config.name.as_str());
-        fs::create_dir_all(&dir).map_err(io_error("cannot create", &dir))?;
+        durable::create_private_dir_all(&dir).map_err(|e| io_error(e.operation, &e.path)(e.source))?;
+        let _lock = self.lock(&config.name).await?;
+        self.define_locked(config)
+    }
+
+    /// [`QemuDriver::define`] with the domain's lock held by the caller.
+    pub(crate) fn define_locked(&self, config: &DomainConfig) -> Result<()> {
+        config.validate()?;
+        let config = absolute_paths(config)?;
         let files = self.files(&config.name)?;
         files.check_socket_paths()?;
-        let _lock = self.lock(&config.name, &files).await?;
         if let Some(pid) = files.pid() {
             return Err(Error::Running {
                 domain: config.name.clone(),
@@ -318,7 +318,7 @@ impl QemuDriver {
     /// Stops a running domain (see [`StopMode`]); its runtime files and RAM file are removed.
     pub async fn stop(&self, name: &Name, mode: StopMode) -> Result<()> {
         let files = self.files(name)?;
-        let _lock = self.lock(name, &files).await?;
+        let _lock = self.lock(name).await?;
         self.load_definition(name, &files)?;
         let Some(pid) = files.pid() else {
             self.forget(name);
@@ -333,8 +333,13 @@ impl QemuDriver {
 
     /// Ends the domain's QEMU at once (as [`StopMode::Force`]); succeeds if it is shut off.
     pub async fn destroy(&self, name: &Name) -> Result<()> {
+        let _lock = self.lock(name).await?;
+        self.destroy_locked(name).await
+    }
+
+    /// [`QemuDriver::destroy`] with the domain's lock held by the caller.
+    pub(crate) async fn destroy_locked(&self, name: &Name) -> Result<()> {
         let files = self.files(name)?;
-        let _lock = self.lock(name, &files).await?;
         self.load_definition(name, &files)?;
         match files.pid() {
             Some(pid) => self.end_process(name, &files, pid).await,
@@ -414,8 +419,13 @@ impl QemuDriver {
     /// Removes a shut-off domain's definition and runtime files; the rest of its folder belongs
     /// to the snapshot store.
     pub async fn undefine(&self, name: &Name) -> Result<()> {
+        let _lock = self.lock(name).await?;
+        self.undefine_locked(name)
+    }
+
+    /// [`QemuDriver::undefine`] with the domain's lock held by the caller.
+    pub(crate) fn undefine_locked(&self, name: &Name) -> Result<()> {
         let files = self.files(name)?;
-        let _lock = self.lock(name, &files).await?;
         self.load_definition(name, &files)?;
         if let Some(pid) = files.pid() {
             return Err(Error::Running {
@@ -427,15 +437,18 @@ impl QemuDriver {
         self.forget(name);
         files.clean()?;
         fs::remove_file(&files.definition).map_err(io_error("cannot remove", &files.definition))?;
-        File::open(&files.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io_error("cannot sync", &files.dir))
+        durable::sync_dir(&files.dir).map_err(|e| io_error(e.operation, &e.path)(e.source))
     }
 
     /// Starts QEMU for a shut-off domain.
     pub(crate) async fn launch(&self, name: &Name, mode: StartMode) -> Result<()> {
+        let _lock = self.lock(name).await?;
+        self.launch_locked(name, mode).await
+    }
+
+    /// Starts QEMU, with the domain's lock held by the caller.
+    pub(crate) async fn launch_locked(&self, name: &Name, mode: StartMode) -> Result<()> {
         let files = self.files(name)?;
-        let _lock = self.lock(name, &files).await?;
         let config = self.load_definition(name, &files)?;
         if let Some(pid) = files.pid() {
             return Err(Error::Running {
@@ -546,32 +559,25 @@ impl QemuDriver {
 
     /// The domain's files; fails for a domain that cannot exist (no state directory).
     pub(crate) fn files(&self, name: &Name) -> Result<DomainFiles> {
-        let root = self.root().map_err(|source| match source.kind() {
-            io::ErrorKind::NotFound => Error::UnknownDomain { domain: name.clone() },
-            _ => Error::Io {
-                operation: "cannot open the state directory",
-                path: self.inner.state_dir.clone(),
-                source,
-            },
-        })?;
-        let dir = root.join("domains").join(name.as_str());
-        let run = dir.join("run");
-        let hash = xxhash_rust::xxh3::xxh3_64(root.as_os_str().as_bytes());
+        let state = self.state(name)?;
+        let domain = state.domain(name);
+        let run = domain.run_dir();
+        let hash = xxhash_rust::xxh3::xxh3_64(state.root().as_os_str().as_bytes());
         let ram_file = Path::new(RAM_DIR).join(format!(
             "domsnap-{}-{:08x}-{name}.ram",
             nix::unistd::getuid(),
             hash >> 32
         ));
         Ok(DomainFiles {
-            definition: dir.join("domain.toml"),
+            definition: domain.definition_file(),
             pid_file: run.join("qemu.pid"),
             qemu_log: run.join("qemu.log"),
             qmp_socket: run.join("qmp.sock"),
             status_socket: run.join("status.sock"),
             console_socket: run.join("console.sock"),
-            default_serial_log: dir.join("serial.log"),
+            default_serial_log: domain.serial_log(),
             ram_file,
-            dir,
+            dir: domain.path().to_owned(),
             run,
         })
     }
@@ -598,11 +604,9 @@ impl QemuDriver {
             path: None,
             reason: error.to_string(),
         })?;
-        snapshot_core::write_atomic(&files.definition, text.as_bytes()).map_err(|source| {
-            Error::SaveDefinition {
-                domain: config.name.clone(),
-                source: Box::new(source),
-            }
+        durable::write_atomic(&files.definition, text.as_bytes()).map_err(|source| Error::SaveDefinition {
+            domain: config.name.clone(),
+            source: Box::new(snapshot_core::Error::from(source)),
         })
     }
 
@@ -611,38 +615,55 @@ impl QemuDriver {
         self.inner.qemu.get_or_try_init(process::find_qemu).await.cloned()
     }
 
-    /// Waits for the domain folder's lock (held while a domain starts, stops or is redefined).
-    async fn lock(&self, name: &Name, files: &DomainFiles) -> Result<Flock<File>> {
-        let started = Instant::now();
-        let mut dir = open_dir(name, files)?;
-        loop {
-            match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => return Ok(lock),
-                Err((file, Errno::EWOULDBLOCK)) if started.elapsed() < LOCK_TIMEOUT => {
-                    dir = file;
-                    tokio::time::sleep(POLL).await;
-                }
-                Err((_, Errno::EWOULDBLOCK)) => {
-                    return Err(Error::Busy {
-                        domain: name.clone(),
-                        seconds: LOCK_TIMEOUT.as_secs(),
-                    })
-                }
-                Err((_, errno)) => return Err(io_error("cannot lock", &files.dir)(errno.into())),
-            }
-        }
+    /// The state directory, by its canonical path.
+    fn state(&self, name: &Name) -> Result<StateDir> {
+        let root = self.root().map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => Error::UnknownDomain { domain: name.clone() },
+            _ => Error::Io {
+                operation: "cannot open the state directory",
+                path: self.inner.state_dir.clone(),
+                source,
+            },
+        })?;
+        Ok(StateDir::new(root))
     }
 
-    /// Removes the files of a QEMU that is gone, unless another process holds the domain's lock
+    /// Waits for the domain's lock (the one lock of the state directory that every command on
+    /// the domain holds). A domain without a folder is unknown, and none is made for it.
+    async fn lock(&self, name: &Name) -> Result<DomainLock> {
+        let state = self.state(name)?;
+        if !state.domain(name).path().is_dir() {
+            return Err(Error::UnknownDomain { domain: name.clone() });
+        }
+        state.lock(name, LOCK_TIMEOUT).await.map_err(|error| match error {
+            snapshot_core::Error::Locked { .. } => Error::Busy {
+                domain: name.clone(),
+                seconds: LOCK_TIMEOUT.as_secs(),
+            },
+            snapshot_core::Error::Io {
+                operation,
+                path,
+                source,
+            } => Error::Io {
+                operation,
+                path,
+                source,
+            },
+            other => Error::Io {
+                operation: "cannot lock",
+                path: state.domain(name).lock_file(),
+                source: io::Error::other(other.to_string()),
+            },
+        })
+    }
+
+    /// Removes the files of a QEMU that is gone, unless another command holds the domain's lock
     /// (it is starting or stopping the domain, and the files may be its QEMU's).
     fn clean_if_dead(&self, name: &Name, files: &DomainFiles) -> Result<()> {
-        if !files.has_leftovers() {
+        if !files.has_leftovers() || !files.dir.is_dir() {
             return Ok(());
         }
-        let Ok(dir) = open_dir(name, files) else {
-            return Ok(());
-        };
-        let Ok(_lock) = Flock::lock(dir, FlockArg::LockExclusiveNonblock) else {
+        let Ok(Ok(_lock)) = self.state(name)?.try_lock(name) else {
             return Ok(());
         };
         if files.pid().is_none() {
@@ -836,13 +857,6 @@ impl QemuDriver {
 }
 
 /// Opens the domain folder (to lock it).
-fn open_dir(name: &Name, files: &DomainFiles) -> Result<File> {
-    File::open(&files.dir).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => Error::UnknownDomain { domain: name.clone() },
-        _ => io_error("cannot open", &files.dir)(source),
-    })
-}
-
 /// `config` with absolute paths.
 fn absolute_paths(config: &DomainConfig) -> Result<DomainConfig> {
     let absolute = |path: &Path| std::path::absolute(path).map_err(io_error("cannot resolve", path));

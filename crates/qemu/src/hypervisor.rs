@@ -99,7 +99,7 @@ impl Hypervisor for QemuDriver {
     }
 
     async fn destroy(&self, domain: &Name) -> DriverResult<()> {
-        Ok(QemuDriver::destroy(self, domain).await?)
+        Ok(self.destroy_locked(domain).await?)
     }
 
     async fn define(
@@ -125,11 +125,15 @@ impl Hypervisor for QemuDriver {
                 .ok_or_else(|| invalid(format!("the configuration has no disk {:?}", target.target)))?;
             disk.path = target.image.clone();
         }
-        Ok(QemuDriver::define(self, &config).await?)
+        Ok(self.define_locked(&config)?)
+    }
+
+    async fn undefine(&self, domain: &Name) -> DriverResult<()> {
+        Ok(self.undefine_locked(domain)?)
     }
 
     async fn start_incoming(&self, domain: &Name) -> DriverResult<()> {
-        Ok(self.launch(domain, StartMode::Incoming).await?)
+        Ok(self.launch_locked(domain, StartMode::Incoming).await?)
     }
 
     async fn background_save(
@@ -362,6 +366,9 @@ impl DiskSnapshots for LiveDisks {
 
     async fn backing_chain(&self, disk: &Path) -> disk::Result<Vec<ChainImage>> {
         self.live.backing_chain(disk).await
+    }
+    async fn backing_file(&self, image: &Path) -> disk::Result<Option<PathBuf>> {
+        self.live.backing_file(image).await
     }
 }
 

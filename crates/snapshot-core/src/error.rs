@@ -2,19 +2,17 @@
 
 use std::{io, path::PathBuf};
 
-use crate::{hypervisor::DriverError, name::Name};
+use crate::name::{InvalidName, Name};
+
+/// The error a driver reports; the orchestrator wraps it with the step that failed.
+pub type DriverError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What can go wrong in snapshot orchestration and its store.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A domain or snapshot name breaks the naming rules.
-    #[error("invalid name {name:?}: {reason}")]
-    InvalidName {
-        /// The rejected name.
-        name: String,
-        /// Which rule it breaks.
-        reason: &'static str,
-    },
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
 
     /// A file-system operation in the state directory failed.
     #[error("{operation} {path}")]
@@ -76,6 +74,18 @@ pub enum Error {
         /// The domain's state afterwards when it differs from before (a failed revert may
         /// leave it shut off once its old process is gone).
         domain_left: Option<String>,
+    },
+
+    /// The driver refused or failed a domain-level call (nothing else was changed).
+    #[error("cannot {action} domain {domain}")]
+    Driver {
+        /// The domain.
+        domain: Name,
+        /// What was asked, e.g. "undefine".
+        action: &'static str,
+        /// The driver's error.
+        #[source]
+        source: DriverError,
     },
 
     /// The request cannot be carried out as asked (nothing was changed).
@@ -205,6 +215,16 @@ fn rollback_note(rollback: &[String], domain_left: &Option<String>) -> String {
         note.push_str(&format!("; {left}"));
     }
     note
+}
+
+impl From<durable::Error> for Error {
+    fn from(e: durable::Error) -> Self {
+        Error::Io {
+            operation: e.operation,
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 /// Builds an [`Error::Io`] for `path`.

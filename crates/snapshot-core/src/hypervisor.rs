@@ -11,10 +11,8 @@ use disk::DiskSnapshots;
 use memory::GuestMemory;
 use serde::{Deserialize, Serialize};
 
+pub use crate::error::DriverError;
 use crate::{metadata::DomainState, name::Name};
-
-/// The error a driver reports; the orchestrator wraps it with the step that failed.
-pub type DriverError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A driver call's result.
 pub type DriverResult<T> = std::result::Result<T, DriverError>;
@@ -78,7 +76,10 @@ impl CaptureSignals {
 ///
 /// Every call names the domain; the driver keeps the processes and connections. Calls that need
 /// a running domain (pause, memory, device state) fail on a shut-off one.
-#[mockall::automock]
+///
+/// The orchestrator calls these with the domain's lock held ([`crate::StateDir::lock`]): a
+/// driver must not take that lock again inside them.
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]
 pub trait Hypervisor: Send + Sync {
     /// The domain's state now.
@@ -129,6 +130,9 @@ pub trait Hypervisor: Send + Sync {
     /// loaded: its RAM is written through [`Hypervisor::guest_memory`], then
     /// [`Hypervisor::load_device_state`] completes it.
     async fn start_incoming(&self, domain: &Name) -> DriverResult<()>;
+    /// Forgets a shut-off domain: its definition and the driver's files. (The orchestrator's
+    /// [`crate::Orchestrator::undefine`] checks first that no snapshot needs it.)
+    async fn undefine(&self, domain: &Name) -> DriverResult<()>;
     /// Loads device state saved by [`Hypervisor::save_device_state`] into a domain started with
     /// [`Hypervisor::start_incoming`]; the domain is paused afterwards.
     async fn load_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()>;

@@ -37,7 +37,9 @@
 //! let state = tempfile::tempdir().unwrap();
 //! let store = FsStore::new(state.path());
 //! let domain = Name::new("demo")?;
-//! let _lock = store.lock(&domain, Duration::from_secs(5))?;
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let _lock = store.lock(&domain, Duration::from_secs(5)).await?;
+//! # Ok::<(), snapshot_core::Error>(()) })?;
 //! assert!(store.list(&domain)?.is_empty());
 //! assert!(Name::new("../escape").is_err());
 //! # Ok(())
@@ -50,21 +52,26 @@ mod intent;
 mod metadata;
 mod name;
 mod orchestrator;
+mod state_dir;
 mod store;
 mod tree;
 
 pub use error::{Error, Operation, Result, Step};
-pub use hypervisor::{
-    CaptureSignals, DiskTarget, DriverError, DriverResult, Hypervisor, MockHypervisor, StreamedSave,
-};
+#[cfg(any(test, feature = "mock"))]
+pub use hypervisor::MockHypervisor;
+pub use hypervisor::{CaptureSignals, DiskTarget, DriverError, DriverResult, Hypervisor, StreamedSave};
 pub use intent::Intent;
 pub use metadata::{
     Consistency, DiskRecord, DiskSnapshot, DomainState, MemoryState, SnapshotRecord, METADATA_VERSION,
 };
-pub use name::{Name, MAX_NAME_LEN};
+pub use name::{InvalidName, Name, MAX_NAME_LEN};
 pub use orchestrator::{
     CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, MemoryMode, Observer, Orchestrator,
-    Quiet, Recovery, RevertReport, RoundReport, VerifyReport, BACKGROUND_FROM_RAM_BYTES,
+    Quiet, Recovery, RecoveryOutcome, RevertReport, RoundReport, SavedMemory, VerifyReport,
+    BACKGROUND_FROM_RAM_BYTES,
 };
-pub use store::{write_atomic, DomainLock, FsStore, MockSnapshotStore, SnapshotFiles, SnapshotStore};
+pub use state_dir::{DomainDir, DomainLock, StateDir};
+#[cfg(any(test, feature = "mock"))]
+pub use store::MockSnapshotStore;
+pub use store::{FsStore, SnapshotFiles, SnapshotStore};
 pub use tree::SnapshotTree;

@@ -4,7 +4,15 @@ use std::{fmt, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Error;
+/// A name that breaks the naming rules: which name, and which rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid name {name:?}: {reason}")]
+pub struct InvalidName {
+    /// The rejected name.
+    pub name: String,
+    /// Which rule it breaks.
+    pub reason: &'static str,
+}
 
 /// A domain or snapshot name: 1 to 64 of `[A-Za-z0-9_.-]`, not starting with `.`.
 ///
@@ -19,7 +27,7 @@ pub const MAX_NAME_LEN: usize = 64;
 
 impl Name {
     /// Validates `name`.
-    pub fn new(name: impl Into<String>) -> Result<Self, Error> {
+    pub fn new(name: impl Into<String>) -> Result<Self, InvalidName> {
         let name = name.into();
         let reason = if name.is_empty() {
             Some("it is empty")
@@ -36,7 +44,7 @@ impl Name {
             None
         };
         match reason {
-            Some(reason) => Err(Error::InvalidName { name, reason }),
+            Some(reason) => Err(InvalidName { name, reason }),
             None => Ok(Self(name)),
         }
     }
@@ -54,17 +62,17 @@ impl fmt::Display for Name {
 }
 
 impl FromStr for Name {
-    type Err = Error;
+    type Err = InvalidName;
 
-    fn from_str(s: &str) -> Result<Self, Error> {
+    fn from_str(s: &str) -> Result<Self, InvalidName> {
         Self::new(s)
     }
 }
 
 impl TryFrom<String> for Name {
-    type Error = Error;
+    type Error = InvalidName;
 
-    fn try_from(value: String) -> Result<Self, Error> {
+    fn try_from(value: String) -> Result<Self, InvalidName> {
         Self::new(value)
     }
 }

@@ -1,39 +1,30 @@
-//! The snapshot store: metadata and files of every domain's snapshots under a state directory.
+//! The snapshot store: metadata and files of every domain's snapshots under a state directory
+//! (its layout: [`crate::StateDir`]).
 //!
-//! ```text
-//! STATE/domains/DOMAIN/lock                     held (flock) for the duration of a command
-//! STATE/domains/DOMAIN/current                  name of the current snapshot (absent: none)
-//! STATE/domains/DOMAIN/intent.json              the operation in progress, if any (see Intent)
-//! STATE/domains/DOMAIN/overlays.json            overlay images domsnap created for the domain
-//! STATE/domains/DOMAIN/snapshots/SNAP/          one folder per snapshot:
-//!                                    meta.json  the record, written last: its presence marks the
-//!                                               snapshot complete
-//!                                    memory.img, devices.bin   memory and device state, if any
-//! ```
-//!
-//! Every metadata write is atomic: a temporary file in the same folder, fsync, rename over the
-//! target, fsync of the folder. A crash leaves either the old or the new file, never a torn one.
+//! Every metadata write is atomic ([`durable::write_atomic`]): a private temporary file in the
+//! same folder, fsync, rename over the target, fsync of the folder. A crash leaves either the old
+//! or the new file, never a torn one. Every file is 0600 and every folder 0700: memory images
+//! hold the guest's secrets.
 
 use std::{
-    fs::{self, File, OpenOptions},
-    io::{ErrorKind, Read, Write},
-    os::unix::fs::OpenOptionsExt,
+    fs,
+    io::ErrorKind,
+    os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use nix::fcntl::{Flock, FlockArg};
+use async_trait::async_trait;
 
 use crate::{
     error::{io_error, Error, Result},
     intent::Intent,
     metadata::SnapshotRecord,
     name::Name,
+    state_dir::{list_dir, DomainDir, DomainLock, StateDir},
 };
 
 const META_FILE: &str = "meta.json";
-const INTENT_FILE: &str = "intent.json";
-const OVERLAYS_FILE: &str = "overlays.json";
 const MEMORY_FILE: &str = "memory.img";
 const DEVICE_STATE_FILE: &str = "devices.bin";
 
@@ -48,14 +39,12 @@ pub struct SnapshotFiles {
     pub device_state: PathBuf,
 }
 
-/// Held while a command works on a domain; dropping it releases the lock.
-pub type DomainLock = Box<dyn std::any::Any + Send>;
-
 /// Where snapshot records and files live. The orchestrator only talks to this trait.
-#[mockall::automock]
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
+#[async_trait]
 pub trait SnapshotStore: Send + Sync {
     /// Takes the domain's lock, waiting up to `wait` for another command to release it.
-    fn lock(&self, domain: &Name, wait: Duration) -> Result<DomainLock>;
+    async fn lock(&self, domain: &Name, wait: Duration) -> Result<DomainLock>;
     /// Every complete snapshot of the domain, oldest first.
     fn list(&self, domain: &Name) -> Result<Vec<SnapshotRecord>>;
     /// One snapshot.
@@ -86,102 +75,49 @@ pub trait SnapshotStore: Send + Sync {
     fn set_overlays(&self, domain: &Name, overlays: &[PathBuf]) -> Result<()>;
     /// Every domain that has a folder in the store.
     fn domains(&self) -> Result<Vec<Name>>;
+    /// Removes what the store keeps for a domain that is being undefined. Refused while the
+    /// domain has snapshots or an interrupted operation. Call it holding the domain's lock (the
+    /// lock file itself stays).
+    fn forget_domain(&self, domain: &Name) -> Result<()>;
 }
 
 /// The on-disk store under a state directory.
 #[derive(Debug, Clone)]
 pub struct FsStore {
-    root: PathBuf,
+    state: StateDir,
 }
 
 impl FsStore {
     /// A store rooted at `state_dir` (created on first write).
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         Self {
-            root: state_dir.into(),
+            state: StateDir::new(state_dir),
         }
     }
 
-    fn domain_dir(&self, domain: &Name) -> PathBuf {
-        self.root.join("domains").join(domain.as_str())
+    /// The state directory it keeps its files in.
+    pub fn state_dir(&self) -> &StateDir {
+        &self.state
+    }
+
+    fn domain_dir(&self, domain: &Name) -> DomainDir {
+        self.state.domain(domain)
     }
 
     fn snapshots_dir(&self, domain: &Name) -> PathBuf {
-        self.domain_dir(domain).join("snapshots")
-    }
-
-    /// Removes what the store keeps for a domain that is being undefined, and then its folder if
-    /// nothing else is left in it. Refused while the domain has snapshots or an interrupted
-    /// operation. Call it holding the domain's lock (its file goes too).
-    pub fn forget_domain(&self, domain: &Name) -> Result<()> {
-        if !self.list(domain)?.is_empty() || self.intent(domain)?.is_some() {
-            return Err(Error::InvalidRequest(format!(
-                "domain {domain} still has snapshots or an unfinished operation"
-            )));
-        }
-        let dir = self.domain_dir(domain);
-        for file in ["current", OVERLAYS_FILE, "lock"] {
-            write_or_remove(&dir.join(file), None)?;
-        }
-        for folder in [self.snapshots_dir(domain), dir] {
-            match fs::remove_dir(&folder) {
-                Err(e) if e.kind() != ErrorKind::NotFound && e.kind() != ErrorKind::DirectoryNotEmpty => {
-                    return Err(io_error("cannot remove", &folder)(e))
-                }
-                _ => {}
-            }
-        }
-        Ok(())
+        self.domain_dir(domain).snapshots_dir()
     }
 }
 
+#[async_trait]
 impl SnapshotStore for FsStore {
-    fn lock(&self, domain: &Name, wait: Duration) -> Result<DomainLock> {
-        let dir = self.domain_dir(domain);
-        create_dir_all(&dir)?;
-        let path = dir.join("lock");
-        let deadline = Instant::now() + wait;
-        loop {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)
-                .map_err(io_error("cannot open lock file", &path))?;
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(mut locked) => {
-                    // The pid is only for the "busy" message of the next command.
-                    let _ = locked.set_len(0);
-                    let _ = write!(*locked, "{}", std::process::id());
-                    return Ok(Box::new(locked));
-                }
-                Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-                    if Instant::now() >= deadline {
-                        let mut pid = String::new();
-                        let _ = file.read_to_string(&mut pid);
-                        let pid = pid.trim();
-                        let holder = if pid.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" (pid {pid})")
-                        };
-                        return Err(Error::Locked {
-                            domain: domain.clone(),
-                            holder,
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err((_, errno)) => return Err(io_error("cannot lock", &path)(errno.into())),
-            }
-        }
+    async fn lock(&self, domain: &Name, wait: Duration) -> Result<DomainLock> {
+        self.state.lock(domain, wait).await
     }
 
     fn list(&self, domain: &Name) -> Result<Vec<SnapshotRecord>> {
         let mut records = Vec::new();
-        for entry in entries(&self.snapshots_dir(domain))? {
+        for entry in list_dir(&self.snapshots_dir(domain))? {
             let meta = entry.path().join(META_FILE);
             // A folder without its record is an unfinished create, not a snapshot.
             if let Some(record) = read_record(&meta)? {
@@ -204,7 +140,7 @@ impl SnapshotStore for FsStore {
     fn prepare(&self, domain: &Name, snapshot: &Name) -> Result<SnapshotFiles> {
         let files = self.files(domain, snapshot);
         create_dir_all(&self.snapshots_dir(domain))?;
-        match fs::create_dir(&files.dir) {
+        match fs::DirBuilder::new().mode(durable::DIR_MODE).create(&files.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 return Err(Error::SnapshotExists {
@@ -219,7 +155,7 @@ impl SnapshotStore for FsStore {
     }
 
     fn files(&self, domain: &Name, snapshot: &Name) -> SnapshotFiles {
-        let dir = self.snapshots_dir(domain).join(snapshot.as_str());
+        let dir = self.domain_dir(domain).snapshot_dir(snapshot);
         SnapshotFiles {
             memory_image: dir.join(MEMORY_FILE),
             device_state: dir.join(DEVICE_STATE_FILE),
@@ -248,61 +184,63 @@ impl SnapshotStore for FsStore {
     }
 
     fn current(&self, domain: &Name) -> Result<Option<Name>> {
-        let path = self.domain_dir(domain).join("current");
+        let path = self.domain_dir(domain).current_file();
         match fs::read_to_string(&path) {
-            Ok(text) => Name::new(text.trim()).map(Some),
+            Ok(text) => Ok(Some(Name::new(text.trim())?)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_error("cannot read", &path)(e)),
         }
     }
 
     fn set_current(&self, domain: &Name, snapshot: Option<Name>) -> Result<()> {
-        let path = self.domain_dir(domain).join("current");
+        let path = self.domain_dir(domain).current_file();
         write_or_remove(&path, snapshot.map(|name| name.as_str().as_bytes().to_vec()))
     }
 
     fn intent(&self, domain: &Name) -> Result<Option<Intent>> {
-        read_json(&self.domain_dir(domain).join(INTENT_FILE))
+        read_json(&self.domain_dir(domain).intent_file())
     }
 
     fn set_intent(&self, domain: &Name, intent: &Intent) -> Result<()> {
-        write_or_remove(&self.domain_dir(domain).join(INTENT_FILE), Some(to_json(intent)))
+        write_or_remove(&self.domain_dir(domain).intent_file(), Some(to_json(intent)))
     }
 
     fn clear_intent(&self, domain: &Name) -> Result<()> {
-        write_or_remove(&self.domain_dir(domain).join(INTENT_FILE), None)
+        write_or_remove(&self.domain_dir(domain).intent_file(), None)
     }
 
     fn overlays(&self, domain: &Name) -> Result<Vec<PathBuf>> {
-        Ok(read_json(&self.domain_dir(domain).join(OVERLAYS_FILE))?.unwrap_or_default())
+        Ok(read_json(&self.domain_dir(domain).overlays_file())?.unwrap_or_default())
     }
 
     fn set_overlays(&self, domain: &Name, overlays: &[PathBuf]) -> Result<()> {
-        let path = self.domain_dir(domain).join(OVERLAYS_FILE);
+        let path = self.domain_dir(domain).overlays_file();
         write_or_remove(&path, (!overlays.is_empty()).then(|| to_json(&overlays)))
     }
 
     fn domains(&self) -> Result<Vec<Name>> {
-        let mut domains = Vec::new();
-        for entry in entries(&self.root.join("domains"))? {
-            // Foreign files in the folder are not domains.
-            if let Ok(name) = Name::new(entry.file_name().to_string_lossy()) {
-                domains.push(name);
-            }
-        }
-        domains.sort();
-        Ok(domains)
+        self.state.domain_names()
     }
-}
 
-/// The entries of a store folder; a folder not created yet has none.
-fn entries(dir: &Path) -> Result<Vec<fs::DirEntry>> {
-    match fs::read_dir(dir) {
-        Ok(entries) => entries
-            .collect::<Result<_, _>>()
-            .map_err(io_error("cannot list", dir)),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(io_error("cannot list", dir)(e)),
+    fn forget_domain(&self, domain: &Name) -> Result<()> {
+        if !self.list(domain)?.is_empty() || self.intent(domain)?.is_some() {
+            return Err(Error::InvalidRequest(format!(
+                "domain {domain} still has snapshots or an unfinished operation"
+            )));
+        }
+        let dir = self.domain_dir(domain);
+        // The lock file stays while its holder lives: unlinking a held lock would let another
+        // process lock a new file of the same name at the same time.
+        for file in [dir.current_file(), dir.overlays_file()] {
+            write_or_remove(&file, None)?;
+        }
+        let folder = dir.snapshots_dir();
+        match fs::remove_dir(&folder) {
+            Err(e) if e.kind() != ErrorKind::NotFound && e.kind() != ErrorKind::DirectoryNotEmpty => {
+                Err(io_error("cannot remove", &folder)(e))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -346,41 +284,16 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
 }
 
 fn create_dir_all(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).map_err(io_error("cannot create", dir))
+    Ok(durable::create_private_dir_all(dir)?)
 }
 
 /// Makes a rename or unlink in `dir` durable.
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error("cannot sync", dir))
+    Ok(durable::sync_dir(dir)?)
 }
 
-/// Replaces `path` with `bytes` so that a crash leaves the old or the new content, never a mix:
-/// temporary file in the same folder (mode 0600), fsync, rename, fsync of the folder.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let temporary = memory::temporary_name(path);
-    let written = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&temporary, path)
-    })();
-    if let Err(source) = written {
-        let _ = fs::remove_file(&temporary);
-        return Err(Error::Io {
-            operation: "cannot write",
-            path: path.to_owned(),
-            source,
-        });
-    }
-    sync_dir(dir)
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    Ok(durable::write_atomic(path, bytes)?)
 }
 
 #[cfg(test)]
@@ -496,23 +409,5 @@ mod tests {
         assert_eq!(names, ["f.json"]);
         let error = write_atomic(&dir.path().join("missing/f.json"), b"x").unwrap_err();
         assert!(error.to_string().contains("missing/f.json"), "{error}");
-    }
-
-    #[test]
-    fn the_domain_lock_excludes_a_second_holder_until_released() {
-        let state = tempfile::tempdir().unwrap();
-        let store = FsStore::new(state.path());
-        let vm = name("vm");
-        let held = store.lock(&vm, Duration::ZERO).unwrap();
-        // flock locks belong to the open file description: a second open in this process conflicts
-        // just as another process would.
-        let error = store.lock(&vm, Duration::from_millis(120)).unwrap_err();
-        let expected = format!("(pid {})", std::process::id());
-        assert!(
-            matches!(&error, Error::Locked { holder, .. } if holder.contains(&expected)),
-            "{error}"
-        );
-        drop(held);
-        store.lock(&vm, Duration::ZERO).unwrap();
     }
 }

@@ -11,8 +11,8 @@ use std::{
 use disk::MockDiskSnapshots;
 use snapshot_core::{
     CaptureSignals, CreateOptions, DiskKind, DiskRequest, DiskTarget, DomainState, DriverResult, Error,
-    FsStore, Hypervisor, Intent, MemoryMode, MockHypervisor, Name, Orchestrator, Quiet, SnapshotStore, Step,
-    StreamedSave,
+    FsStore, Hypervisor, Intent, MemoryMode, MockHypervisor, Name, Orchestrator, Quiet, RecoveryOutcome,
+    SavedMemory, SnapshotStore, Step, StreamedSave,
 };
 
 const RAM: u64 = 4 << 20;
@@ -112,6 +112,10 @@ fn disk_mock(sim: &Shared) -> MockDiskSnapshots {
         Ok(parent)
     });
     disks.expect_backing_chain().returning(|_| Ok(Vec::new()));
+    // The tidy-up reads backing files through the backend only: these are the real overlays'.
+    disks
+        .expect_backing_file()
+        .returning(|image| disk::offline::backing_file(image));
     disks
 }
 
@@ -181,6 +185,8 @@ fn hypervisor(sim: &Shared) -> MockHypervisor {
     let s = sim.clone();
     h.expect_load_device_state()
         .returning(move |_, _| call(&s, "load_device_state"));
+    let s = sim.clone();
+    h.expect_undefine().returning(move |_| call(&s, "undefine"));
     h
 }
 
@@ -257,6 +263,9 @@ impl Hypervisor for Simulated {
     }
     async fn start_incoming(&self, domain: &Name) -> DriverResult<()> {
         self.mock.start_incoming(domain).await
+    }
+    async fn undefine(&self, domain: &Name) -> DriverResult<()> {
+        self.mock.undefine(domain).await
     }
     async fn load_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()> {
         self.mock.load_device_state(domain, path).await
@@ -770,7 +779,7 @@ async fn recover_undoes_an_unfinished_create_and_resumes_the_domain() {
         sim.state = DomainState::Paused;
     }
     let recovered = f.orchestrator.recover(&f.domain).await.unwrap().unwrap();
-    assert_eq!(recovered.outcome, "undone");
+    assert_eq!(recovered.outcome, RecoveryOutcome::Undone);
     let sim = f.sim();
     assert_eq!(sim.state, DomainState::Running);
     assert!(sim.internal.is_empty());
@@ -799,7 +808,7 @@ async fn recover_finishes_a_committed_create_and_an_interrupted_delete() {
         .unwrap();
     f.sim.lock().unwrap().state = DomainState::Paused;
     let recovered = f.orchestrator.recover(&f.domain).await.unwrap().unwrap();
-    assert_eq!(recovered.outcome, "finished");
+    assert_eq!(recovered.outcome, RecoveryOutcome::Finished);
     assert_eq!(f.sim.lock().unwrap().state, DomainState::Running);
     assert_eq!(f.store.list(&f.domain).unwrap().len(), 1);
 
@@ -814,7 +823,7 @@ async fn recover_finishes_a_committed_create_and_an_interrupted_delete() {
         .unwrap();
     f.store.remove(&f.domain, &name("s1")).unwrap();
     let recovered = f.orchestrator.recover(&f.domain).await.unwrap().unwrap();
-    assert_eq!(recovered.outcome, "finished");
+    assert_eq!(recovered.outcome, RecoveryOutcome::Finished);
     assert!(f.sim.lock().unwrap().internal.is_empty());
     assert!(!f.dir.path().join("vdb.s1.qcow2").exists());
     assert_eq!(f.stray_files(), Vec::<PathBuf>::new());
@@ -864,7 +873,8 @@ async fn a_background_create_pauses_for_disks_and_capture_and_is_consistent_at_t
         .create(&f.domain, &name("bg"), options.clone())
         .await
         .unwrap();
-    assert_eq!(report.memory_mode, "background");
+    assert_eq!(report.memory_mode, SavedMemory::Background);
+    assert_eq!(serde_json::to_value(report.memory_mode).unwrap(), "background");
     let memory = report.record.memory.as_ref().unwrap();
     assert_eq!(memory.consistency, snapshot_core::Consistency::Start);
     assert!(report.streamed.is_some());
@@ -936,4 +946,52 @@ fn the_shortest_live_pause_is_background_for_large_guests() {
         MemoryMode::shortest_live_pause(1 << 30),
         MemoryMode::Background
     ));
+}
+
+#[tokio::test]
+async fn a_domain_with_snapshots_keeps_its_disks_and_its_definition() {
+    let f = fixture(DomainState::ShutOff);
+    let disks = f.sim().disks;
+    // No snapshots: any redefinition goes.
+    let moved = vec![DiskTarget {
+        target: "vda".into(),
+        image: f.dir.path().join("elsewhere.qcow2"),
+    }];
+    f.orchestrator
+        .check_redefinition(&f.domain, &moved)
+        .await
+        .unwrap();
+
+    f.orchestrator
+        .create(
+            &f.domain,
+            &name("s1"),
+            CreateOptions {
+                disks: mixed_disks(),
+                ..CreateOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    let now = f.sim().disks;
+    assert_ne!(now, disks, "the external disk moved to its overlay");
+    f.orchestrator.check_redefinition(&f.domain, &now).await.unwrap();
+    // Back on the original images (the snapshot's read-only history): refused, naming the disk.
+    let error = f
+        .orchestrator
+        .check_redefinition(&f.domain, &disks)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("disk vdb is now"), "{error}");
+    let error = f.orchestrator.undefine(&f.domain).await.unwrap_err();
+    assert!(error.to_string().contains("1 snapshot(s)"), "{error}");
+    assert!(!f.calls().contains(&"undefine"));
+
+    f.orchestrator
+        .delete(&f.domain, &name("s1"), false)
+        .await
+        .unwrap();
+    f.orchestrator.undefine(&f.domain).await.unwrap();
+    assert!(f.calls().contains(&"undefine"));
+    assert!(f.store.overlays(&f.domain).unwrap().is_empty());
 }

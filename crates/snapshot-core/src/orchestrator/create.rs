@@ -1,0 +1,497 @@
+//! Create: a snapshot of a domain's memory, device state and disks (disks only when it is shut
+//! off). A [`CreateJob`] carries a create's state; each step records what it did, and
+//! [`CreateJob::rollback`] undoes exactly that, in reverse.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use memory::{ConvergencePolicy, SaveSummary};
+
+use super::{
+    at,
+    disk_plan::{
+        active_after_create, delete_internal_if_present, new_overlays, plan_disks, take_disk_snapshots,
+    },
+    memory_saver::MemorySaver,
+    millis, now_unix_ms, remove_file, CreateOptions, CreateReport, MemoryMode, Orchestrator, RoundReport,
+    SavedMemory, StepError, StepResult,
+};
+use crate::{
+    error::{Error, Operation, Result, Step},
+    hypervisor::StreamedSave,
+    intent::Intent,
+    metadata::{
+        Consistency, DiskRecord, DiskSnapshot, DomainState, MemoryState, SnapshotRecord, METADATA_VERSION,
+    },
+    name::Name,
+    store::SnapshotFiles,
+};
+
+impl Orchestrator {
+    /// Creates snapshot `snapshot` of `domain`: memory, device state and disks of a running or
+    /// paused domain; disks only of a shut-off one.
+    pub async fn create(
+        &self,
+        domain: &Name,
+        snapshot: &Name,
+        options: CreateOptions,
+    ) -> Result<CreateReport> {
+        let started = Instant::now();
+        let _lock = self.begin(domain).await?;
+        let mut job = self.prepare_create(domain, snapshot, &options).await?;
+        match job.save(&options.memory).await {
+            Ok(saved) => job.commit(saved, &options, started).await,
+            Err(error) => {
+                let rollback = job.rollback().await;
+                Err(self.failed(Operation::Create, domain, snapshot, error, rollback, None))
+            }
+        }
+    }
+
+    /// Everything before the first step that changes the domain: inspect, plan the disks, write
+    /// the intent, make the snapshot's folder.
+    async fn prepare_create(
+        &self,
+        domain: &Name,
+        snapshot: &Name,
+        options: &CreateOptions,
+    ) -> Result<CreateJob<'_>> {
+        self.observer.step(Operation::Create, Step::Inspect);
+        let (was, config, targets) = self
+            .inspect(domain)
+            .await
+            .map_err(|e| self.failed(Operation::Create, domain, snapshot, e, Vec::new(), None))?;
+        if self.store.get(domain, snapshot).is_ok() {
+            return Err(Error::SnapshotExists {
+                domain: domain.clone(),
+                snapshot: snapshot.clone(),
+            });
+        }
+        let disks = plan_disks(snapshot, &targets, &options.disks)?;
+        let parent = self.store.current(domain)?;
+
+        self.observer.step(Operation::Create, Step::Intent);
+        let intent = Intent::Create {
+            snapshot: snapshot.clone(),
+            was,
+            disks: disks.clone(),
+        };
+        self.store.set_intent(domain, &intent)?;
+        let overlays = new_overlays(&disks);
+        let prepared = self
+            .add_overlays(domain, &overlays)
+            .and_then(|()| self.store.prepare(domain, snapshot));
+        let files = match prepared {
+            Ok(files) => files,
+            Err(e) => {
+                // Nothing was made yet: forget the plan.
+                let _ = self.remove_overlays_from_list(domain, &overlays);
+                let _ = self.store.clear_intent(domain);
+                return Err(e);
+            }
+        };
+        let mut job = CreateJob::new(self, domain, snapshot, was, disks, files);
+        job.config = config;
+        job.parent = parent;
+        Ok(job)
+    }
+}
+
+/// What the memory steps of a create produced.
+pub(super) struct Saved {
+    pub(super) memory: Option<MemoryState>,
+    pub(super) summary: Option<SaveSummary>,
+    pub(super) streamed: Option<StreamedSave>,
+    pub(super) guest_pause: Duration,
+}
+
+/// A create in progress: what it is making, and what it has done so far (which is what its
+/// rollback undoes).
+pub(super) struct CreateJob<'o> {
+    pub(super) orchestrator: &'o Orchestrator,
+    pub(super) domain: Name,
+    pub(super) snapshot: Name,
+    /// The domain's state before the create.
+    pub(super) was: DomainState,
+    config: serde_json::Value,
+    parent: Option<Name>,
+    pub(super) disks: Vec<DiskRecord>,
+    pub(super) files: SnapshotFiles,
+    /// When the create paused the domain (undo: resume it).
+    paused_since: Option<Instant>,
+    /// The disk step ran, perhaps partly (undo: remove the disk snapshots).
+    disks_touched: bool,
+    /// The memory save in progress (undo: abandon it, which removes its temporary image).
+    memory: Option<MemorySaver>,
+    /// Rebuilt from an intent after a crash: whether the domain is paused is asked, not known.
+    after_crash: bool,
+}
+
+impl<'o> CreateJob<'o> {
+    fn new(
+        orchestrator: &'o Orchestrator,
+        domain: &Name,
+        snapshot: &Name,
+        was: DomainState,
+        disks: Vec<DiskRecord>,
+        files: SnapshotFiles,
+    ) -> Self {
+        CreateJob {
+            orchestrator,
+            domain: domain.clone(),
+            snapshot: snapshot.clone(),
+            was,
+            config: serde_json::Value::Null,
+            parent: None,
+            disks,
+            files,
+            paused_since: None,
+            disks_touched: false,
+            memory: None,
+            after_crash: false,
+        }
+    }
+
+    /// The create a crash interrupted, as its intent recorded it: any step may have run.
+    pub(super) fn interrupted(
+        orchestrator: &'o Orchestrator,
+        domain: &Name,
+        snapshot: &Name,
+        was: DomainState,
+        disks: Vec<DiskRecord>,
+    ) -> Self {
+        let files = orchestrator.store.files(domain, snapshot);
+        let mut job = CreateJob::new(orchestrator, domain, snapshot, was, disks, files);
+        job.disks_touched = true;
+        job.after_crash = true;
+        job
+    }
+
+    pub(super) fn observe(&self, step: Step) {
+        self.orchestrator.observer.step(Operation::Create, step);
+    }
+
+    /// Saves memory (as `mode` says) and device state, and snapshots the disks.
+    async fn save(&mut self, mode: &MemoryMode) -> StepResult<Saved> {
+        match (self.was, mode) {
+            (DomainState::ShutOff, _) => self.save_disks_only().await,
+            (_, MemoryMode::Background) => self.save_background().await,
+            (DomainState::Running, MemoryMode::Live(policy)) => self.save_by_copy(Some(*policy)).await,
+            _ => self.save_by_copy(None).await,
+        }
+    }
+
+    /// A shut-off domain: its disks, recorded in its definition.
+    async fn save_disks_only(&mut self) -> StepResult<Saved> {
+        self.snapshot_disks().await?;
+        self.orchestrator
+            .define_disks(&self.domain, &active_after_create(&self.disks))
+            .await
+            .map_err(at(Step::SnapshotDisks))?;
+        Ok(Saved {
+            memory: None,
+            summary: None,
+            streamed: None,
+            guest_pause: Duration::ZERO,
+        })
+    }
+
+    /// Memory copied by domsnap: pre-copy rounds with `live`, then the paused copy overlapped
+    /// with the device-state save; the disks; resume; seal the image.
+    async fn save_by_copy(&mut self, live: Option<ConvergencePolicy>) -> StepResult<Saved> {
+        let hypervisor = &self.orchestrator.hypervisor;
+        let mem = hypervisor
+            .guest_memory(&self.domain)
+            .await
+            .map_err(at(Step::SaveMemory))?;
+        let ram_bytes = mem.size();
+        if live.is_some() {
+            self.observe(Step::Precopy);
+        }
+        let observer = self.orchestrator.observer.clone();
+        let saver = self.memory.insert(MemorySaver::start(
+            mem,
+            self.files.memory_image.clone(),
+            live,
+            observer,
+        ));
+        saver.precopied().await.map_err(at(Step::Precopy))?;
+        self.pause().await?;
+        // The final memory round and the device state are independent: overlap them.
+        self.observe(Step::SaveMemory);
+        self.observe(Step::SaveDeviceState);
+        let saver = self
+            .memory
+            .as_mut()
+            .ok_or((Step::SaveMemory, "no memory save".into()))?;
+        let (copied, devices) = tokio::join!(
+            saver.copy_while_paused(),
+            hypervisor.save_device_state(&self.domain, &self.files.device_state)
+        );
+        copied.map_err(at(Step::SaveMemory))?;
+        devices.map_err(at(Step::SaveDeviceState))?;
+        self.snapshot_disks().await?;
+        let guest_pause = self.resume().await?;
+        let mut summary = None;
+        if let Some(saver) = self.memory.take() {
+            self.observe(Step::SealMemory);
+            summary = Some(saver.seal().await.map_err(at(Step::SealMemory))?);
+        }
+        Ok(Saved {
+            memory: Some(self.memory_state(Consistency::End, ram_bytes)),
+            summary,
+            streamed: None,
+            guest_pause,
+        })
+    }
+
+    pub(super) fn memory_state(&self, consistency: Consistency, ram_bytes: u64) -> MemoryState {
+        MemoryState {
+            image: file_name(&self.files.memory_image),
+            device_state: file_name(&self.files.device_state),
+            consistency,
+            ram_bytes,
+        }
+    }
+
+    /// Pauses a running domain. Undo: [`CreateJob::resume`].
+    pub(super) async fn pause(&mut self) -> StepResult<()> {
+        if self.was == DomainState::Running {
+            self.observe(Step::Pause);
+            let hypervisor = &self.orchestrator.hypervisor;
+            hypervisor.pause(&self.domain).await.map_err(at(Step::Pause))?;
+            self.paused_since = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Resumes the domain if the create paused it; returns how long it was paused.
+    pub(super) async fn resume(&mut self) -> StepResult<Duration> {
+        let Some(since) = self.paused_since else {
+            return Ok(Duration::ZERO);
+        };
+        self.observe(Step::Resume);
+        let hypervisor = &self.orchestrator.hypervisor;
+        hypervisor.resume(&self.domain).await.map_err(at(Step::Resume))?;
+        self.paused_since = None;
+        Ok(since.elapsed())
+    }
+
+    /// Takes every disk's snapshot. Undo: [`CreateJob::undo_disks`].
+    pub(super) async fn snapshot_disks(&mut self) -> StepResult<()> {
+        self.observe(Step::SnapshotDisks);
+        let backend = self
+            .orchestrator
+            .hypervisor
+            .disk_backend(&self.domain)
+            .await
+            .map_err(at(Step::SnapshotDisks))?;
+        self.disks_touched = true;
+        take_disk_snapshots(&*backend, &self.snapshot, &self.disks)
+            .await
+            .map_err(at(Step::SnapshotDisks))
+    }
+
+    /// Writes the record: the snapshot exists from then on. A failing commit is rolled back.
+    async fn commit(
+        mut self,
+        saved: Saved,
+        options: &CreateOptions,
+        started: Instant,
+    ) -> Result<CreateReport> {
+        let orchestrator = self.orchestrator;
+        let record = SnapshotRecord {
+            version: METADATA_VERSION,
+            name: self.snapshot.clone(),
+            domain: self.domain.clone(),
+            description: options.description.clone(),
+            created_unix_ms: now_unix_ms(),
+            parent: self.parent.take(),
+            state: self.was,
+            config: std::mem::take(&mut self.config),
+            memory: saved.memory.clone(),
+            disks: self.disks.clone(),
+        };
+        self.observe(Step::Commit);
+        if let Err(e) = orchestrator.store.commit(&record) {
+            let (domain, snapshot) = (self.domain.clone(), self.snapshot.clone());
+            let rollback = self.rollback().await;
+            let error: StepError = (Step::Commit, e.into());
+            return Err(orchestrator.failed(Operation::Create, &domain, &snapshot, error, rollback, None));
+        }
+        // The snapshot exists from here on; what follows only tidies up.
+        self.observe(Step::UpdateTree);
+        orchestrator
+            .store
+            .set_current(&self.domain, Some(self.snapshot.clone()))?;
+        orchestrator.store.clear_intent(&self.domain)?;
+        let memory_mode = match record.memory {
+            Some(_) => options.memory.saved_as(),
+            None => SavedMemory::None,
+        };
+        Ok(report(record, saved, memory_mode, started))
+    }
+
+    /// Undoes what the create did, in reverse: the memory save, the disk snapshots, the pause,
+    /// then the snapshot's folder, overlay list entries and intent. Returns what could not be
+    /// undone.
+    pub(super) async fn rollback(mut self) -> Vec<String> {
+        if let Some(saver) = self.memory.take() {
+            saver.abandon().await;
+        }
+        let mut problems = Vec::new();
+        if self.disks_touched {
+            problems.extend(self.undo_disks().await);
+        }
+        if let Err(e) = self.resume_after_failure().await {
+            problems.push(e);
+        }
+        problems.extend(self.forget());
+        problems
+    }
+
+    /// Resumes a domain the create left paused.
+    async fn resume_after_failure(&mut self) -> std::result::Result<(), String> {
+        let hypervisor = &self.orchestrator.hypervisor;
+        let paused_by_us = if self.after_crash {
+            self.was == DomainState::Running
+                && match hypervisor.state(&self.domain).await {
+                    Ok(state) => state == DomainState::Paused,
+                    Err(e) => return Err(format!("cannot read the domain's state: {e}")),
+                }
+        } else {
+            self.paused_since.is_some()
+        };
+        if paused_by_us {
+            hypervisor
+                .resume(&self.domain)
+                .await
+                .map_err(|e| format!("cannot resume the domain: {e}"))?;
+            self.paused_since = None;
+        }
+        Ok(())
+    }
+
+    /// Undoes the disk snapshots the create may have made: internal snapshots that exist are
+    /// deleted; an overlay the domain writes to is committed back into its image; overlay files
+    /// are removed. Returns what could not be undone.
+    async fn undo_disks(&self) -> Vec<String> {
+        let hypervisor = &self.orchestrator.hypervisor;
+        let backend = match hypervisor.disk_backend(&self.domain).await {
+            Ok(backend) => backend,
+            Err(e) => return vec![format!("cannot reach the disks: {e}")],
+        };
+        let active = match hypervisor.disks(&self.domain).await {
+            Ok(active) => active,
+            Err(e) => return vec![format!("cannot read the domain's disks: {e}")],
+        };
+        let mut problems = Vec::new();
+        let mut active_after = active.clone();
+        for disk in &self.disks {
+            let undone = match &disk.snapshot {
+                DiskSnapshot::Internal { name } => delete_internal_if_present(&*backend, &disk.image, name)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "cannot delete internal snapshot {name} of {}: {e}",
+                            disk.image.display()
+                        )
+                    }),
+                DiskSnapshot::External { overlay, .. } => {
+                    undo_overlay(&*backend, disk, overlay, &active, &mut active_after).await
+                }
+            };
+            problems.extend(undone.err());
+        }
+        if active_after != active {
+            if let Err(e) = self.orchestrator.define_disks(&self.domain, &active_after).await {
+                problems.push(format!("cannot record the domain's disks: {e}"));
+            }
+        }
+        problems
+    }
+
+    /// Removes the create's folder, overlay list entries and intent. Returns what failed.
+    fn forget(&self) -> Vec<String> {
+        let store = &self.orchestrator.store;
+        [
+            store.remove(&self.domain, &self.snapshot),
+            self.orchestrator
+                .remove_overlays_from_list(&self.domain, &new_overlays(&self.disks)),
+            store.clear_intent(&self.domain),
+        ]
+        .into_iter()
+        .filter_map(|result| result.err().map(|e| e.to_string()))
+        .collect()
+    }
+}
+
+/// Undoes one external disk snapshot: an overlay the domain writes to is committed back into
+/// its image (`active_after` follows), then the overlay file goes.
+async fn undo_overlay(
+    backend: &dyn disk::DiskSnapshots,
+    disk: &DiskRecord,
+    overlay: &Path,
+    active: &[crate::hypervisor::DiskTarget],
+    active_after: &mut [crate::hypervisor::DiskTarget],
+) -> std::result::Result<(), String> {
+    let in_use = active
+        .iter()
+        .any(|t| t.target == disk.target && t.image == overlay);
+    if in_use {
+        let parent = backend
+            .delete_external(overlay, overlay, disk::MergeMethod::CommitIntoParent)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot merge overlay {} back into {}: {e}",
+                    overlay.display(),
+                    disk.image.display()
+                )
+            })?;
+        for target in active_after.iter_mut().filter(|t| t.target == disk.target) {
+            target.image = parent.clone();
+        }
+    }
+    remove_file(overlay).map_err(|e| format!("cannot remove overlay {}: {e}", overlay.display()))
+}
+
+/// The report of a committed create.
+fn report(record: SnapshotRecord, saved: Saved, memory_mode: SavedMemory, started: Instant) -> CreateReport {
+    let rounds: Vec<RoundReport> = saved
+        .summary
+        .iter()
+        .flat_map(|s| &s.rounds)
+        .map(RoundReport::from)
+        .collect();
+    let page = memory::PAGE_SIZE as u64;
+    let (memory_bytes, memory_pages) = match (&saved.summary, &saved.streamed) {
+        (Some(summary), _) => (
+            rounds.iter().map(|r| r.bytes_written).sum(),
+            Some((summary.total_pages, summary.present_pages)),
+        ),
+        (None, Some(streamed)) => (
+            streamed.pages * page,
+            Some((streamed.ram_bytes / page, streamed.pages)),
+        ),
+        (None, None) => (0, None),
+    };
+    CreateReport {
+        memory_mode,
+        memory_bytes,
+        memory_rounds: rounds,
+        memory_pages,
+        streamed: saved.streamed,
+        record,
+        total_ms: millis(started.elapsed()),
+        guest_pause_ms: millis(saved.guest_pause),
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}

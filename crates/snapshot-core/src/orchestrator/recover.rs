@@ -1,0 +1,114 @@
+//! Recovery: finishes or undoes an operation a crash interrupted, from its intent record.
+
+use super::{at, create::CreateJob, Orchestrator, Recovery, RecoveryOutcome, StepError, StepResult};
+use crate::{
+    error::{Error, Operation, Result, Step},
+    intent::Intent,
+    metadata::{DiskRecord, DomainState},
+    name::Name,
+};
+
+impl Orchestrator {
+    /// Finishes or undoes an operation on `domain` that a crash interrupted. Every other
+    /// operation runs this first; it is also a command of its own.
+    pub async fn recover(&self, domain: &Name) -> Result<Option<Recovery>> {
+        let (_lock, recovered) = self.begin(domain).await?;
+        Ok(recovered)
+    }
+
+    /// [`Orchestrator::recover`] for every domain in the store.
+    pub async fn recover_all(&self) -> Result<Vec<Recovery>> {
+        let mut recovered = Vec::new();
+        for domain in self.store.domains()? {
+            recovered.extend(self.recover(&domain).await?);
+        }
+        Ok(recovered)
+    }
+
+    /// Recovery, with the domain's lock held.
+    pub(super) async fn recover_locked(&self, domain: &Name) -> Result<Option<Recovery>> {
+        let Some(intent) = self.store.intent(domain)? else {
+            return Ok(None);
+        };
+        let snapshot = intent.snapshot().clone();
+        let fail =
+            |e: StepError, rollback| self.failed(Operation::Recover, domain, &snapshot, e, rollback, None);
+        let (operation, outcome) = match intent {
+            Intent::Create { snapshot, was, disks } => {
+                let outcome = self.recover_create(domain, &snapshot, was, disks).await?;
+                (Operation::Create, outcome)
+            }
+            Intent::Delete { record } => {
+                self.delete_steps(&record)
+                    .await
+                    .map_err(|e| fail(e, Vec::new()))?;
+                self.store.clear_intent(domain)?;
+                (Operation::Delete, RecoveryOutcome::Finished)
+            }
+            Intent::Revert {
+                snapshot,
+                paused,
+                new_overlays,
+            } => {
+                let record = self.store.get(domain, &snapshot)?;
+                let files = self.store.files(domain, &snapshot);
+                self.revert_steps(&record, &files, paused, &new_overlays)
+                    .await
+                    .map_err(|e| fail(e, Vec::new()))?;
+                self.store.clear_intent(domain)?;
+                (Operation::Revert, RecoveryOutcome::Finished)
+            }
+        };
+        tracing::info!(%domain, %snapshot, %operation, %outcome, "recovered an interrupted operation");
+        Ok(Some(Recovery {
+            domain: domain.clone(),
+            operation,
+            snapshot,
+            outcome,
+        }))
+    }
+
+    /// A create is finished if its record was committed (only the tidy-up and a resume may be
+    /// missing), else undone.
+    async fn recover_create(
+        &self,
+        domain: &Name,
+        snapshot: &Name,
+        was: DomainState,
+        disks: Vec<DiskRecord>,
+    ) -> Result<RecoveryOutcome> {
+        let fail =
+            |e: StepError, rollback| self.failed(Operation::Recover, domain, snapshot, e, rollback, None);
+        if self.store.get(domain, snapshot).is_ok() {
+            self.resume_if_paused(domain, was)
+                .await
+                .map_err(|e| fail(e, Vec::new()))?;
+            self.store.set_current(domain, Some(snapshot.clone()))?;
+            self.store.clear_intent(domain)?;
+            return Ok(RecoveryOutcome::Finished);
+        }
+        let rollback = CreateJob::interrupted(self, domain, snapshot, was, disks)
+            .rollback()
+            .await;
+        if rollback.is_empty() {
+            return Ok(RecoveryOutcome::Undone);
+        }
+        let error: Error = fail(
+            (
+                Step::SnapshotDisks,
+                "the interrupted create could not be undone".into(),
+            ),
+            rollback,
+        );
+        Err(error)
+    }
+
+    async fn resume_if_paused(&self, domain: &Name, was: DomainState) -> StepResult<()> {
+        if was == DomainState::Running
+            && self.hypervisor.state(domain).await.map_err(at(Step::Resume))? == DomainState::Paused
+        {
+            self.hypervisor.resume(domain).await.map_err(at(Step::Resume))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,290 @@
+//! Revert: stop the domain, put its disks back to the snapshot's, restore its configuration
+//! and, if the snapshot has memory, start it from the saved memory and device state.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use disk::ExternalSnapshot;
+
+use super::{
+    at, disk_plan::external_overlay, millis, now_unix_ms, remove_file, Orchestrator, RevertReport, StepError,
+    StepResult,
+};
+use crate::{
+    error::{DriverError, Operation, Result, Step},
+    hypervisor::DiskTarget,
+    intent::Intent,
+    metadata::{DiskSnapshot, DomainState, SnapshotRecord},
+    name::Name,
+    store::SnapshotFiles,
+};
+
+/// What a revert replaces, so that a failed one can put it back.
+struct Replaced {
+    state: DomainState,
+    config: serde_json::Value,
+    disks: Vec<DiskTarget>,
+}
+
+impl Orchestrator {
+    /// Reverts the domain to a snapshot: stops it, reverts the disks, restores the configuration
+    /// and, if the snapshot has memory, starts the domain from it (running, or paused with
+    /// `paused`). A disk-only snapshot leaves the domain shut off.
+    ///
+    /// The snapshot is checked (memory image checksums, files present) before the domain is
+    /// touched; a failure after the domain was stopped leaves it shut off with its previous
+    /// configuration and disks where those could be kept (external disks).
+    pub async fn revert(&self, domain: &Name, snapshot: &Name, paused: bool) -> Result<RevertReport> {
+        let started = Instant::now();
+        let _lock = self.begin(domain).await?;
+        let record = self.store.get(domain, snapshot)?;
+        let files = self.store.files(domain, snapshot);
+        let fail = |e: StepError| self.failed(Operation::Revert, domain, snapshot, e, Vec::new(), None);
+
+        self.observer.step(Operation::Revert, Step::Check);
+        self.check_revertible(&record, &files)
+            .await
+            .map_err(at(Step::Check))
+            .map_err(fail)?;
+        let (state, config, disks) = self.inspect(domain).await.map_err(fail)?;
+        let replaced = Replaced { state, config, disks };
+        let stamp = now_unix_ms();
+        let new_overlays: Vec<PathBuf> = record
+            .disks
+            .iter()
+            .filter_map(|d| {
+                external_overlay(d).map(|overlay| disk::names::revert_overlay_path(overlay, stamp))
+            })
+            .collect();
+
+        self.observer.step(Operation::Revert, Step::Intent);
+        self.add_overlays(domain, &new_overlays)?;
+        let intent = Intent::Revert {
+            snapshot: snapshot.clone(),
+            paused,
+            new_overlays: new_overlays.clone(),
+        };
+        self.store.set_intent(domain, &intent)?;
+        match self.revert_steps(&record, &files, paused, &new_overlays).await {
+            Ok((state, memory_ms)) => {
+                self.store.clear_intent(domain)?;
+                Ok(RevertReport {
+                    snapshot: snapshot.clone(),
+                    state,
+                    total_ms: millis(started.elapsed()),
+                    memory_ms,
+                })
+            }
+            Err(error) => {
+                let stopped = error.0 != Step::Stop;
+                let rollback = self.undo_revert(domain, &replaced, stopped, &new_overlays).await;
+                let left = (stopped && replaced.state != DomainState::ShutOff)
+                    .then(|| "the domain is shut off: its previous run was ended by the revert".to_owned());
+                Err(self.failed(Operation::Revert, domain, snapshot, error, rollback, left))
+            }
+        }
+    }
+
+    /// Undoes a failed revert: ends a half-started domain, removes the new overlays, restores
+    /// the previous configuration and forgets the intent. Returns what could not be undone.
+    async fn undo_revert(
+        &self,
+        domain: &Name,
+        replaced: &Replaced,
+        stopped: bool,
+        new_overlays: &[PathBuf],
+    ) -> Vec<String> {
+        let mut rollback = Vec::new();
+        if stopped {
+            if let Err(e) = self.hypervisor.destroy(domain).await {
+                rollback.push(format!("cannot stop the half-started domain: {e}"));
+            }
+        }
+        for overlay in new_overlays {
+            if let Err(e) = remove_file(overlay) {
+                rollback.push(format!("cannot remove overlay {}: {e}", overlay.display()));
+            }
+        }
+        if let Err(e) = self
+            .hypervisor
+            .define(domain, &replaced.config, &replaced.disks)
+            .await
+        {
+            rollback.push(format!("cannot restore the domain configuration: {e}"));
+        }
+        for result in [
+            self.remove_overlays_from_list(domain, new_overlays),
+            self.store.clear_intent(domain),
+        ] {
+            if let Err(e) = result {
+                rollback.push(e.to_string());
+            }
+        }
+        rollback
+    }
+
+    /// Checks what a revert needs before it stops the domain.
+    async fn check_revertible(
+        &self,
+        record: &SnapshotRecord,
+        files: &SnapshotFiles,
+    ) -> std::result::Result<(), DriverError> {
+        if record.memory.is_some() {
+            let image = files.memory_image.clone();
+            tokio::task::spawn_blocking(move || memory::verify(&image)).await??;
+            let devices = std::fs::metadata(&files.device_state)
+                .map_err(|e| format!("device state {}: {e}", files.device_state.display()))?;
+            if devices.len() == 0 {
+                return Err(format!("device state {} is empty", files.device_state.display()).into());
+            }
+        }
+        for disk in &record.disks {
+            if !disk.image.exists() {
+                return Err(format!("disk {} image {} is missing", disk.target, disk.image.display()).into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The steps of a revert from stopping the domain on. They redo cleanly, so recovery runs
+    /// them again after a crash. Returns the domain's state afterwards and the memory load time.
+    pub(super) async fn revert_steps(
+        &self,
+        record: &SnapshotRecord,
+        files: &SnapshotFiles,
+        paused: bool,
+        new_overlays: &[PathBuf],
+    ) -> StepResult<(DomainState, f64)> {
+        let domain = &record.domain;
+        let observe = |step| self.observer.step(Operation::Revert, step);
+        observe(Step::Stop);
+        self.hypervisor.destroy(domain).await.map_err(at(Step::Stop))?;
+
+        observe(Step::RevertDisks);
+        let new_disks = self.revert_disks(record, new_overlays).await?;
+
+        observe(Step::Define);
+        self.hypervisor
+            .define(domain, &record.config, &new_disks)
+            .await
+            .map_err(at(Step::Define))?;
+
+        let (state, memory_ms) = match record.memory {
+            Some(_) => self.restore_state(domain, files, paused).await?,
+            None => (DomainState::ShutOff, 0.0),
+        };
+
+        observe(Step::UpdateTree);
+        self.store
+            .set_current(domain, Some(record.name.clone()))
+            .map_err(at(Step::UpdateTree))?;
+        // The overlays the domain wrote to before are not needed any more (unless a snapshot
+        // reads them).
+        observe(Step::TidyDisks);
+        self.tidy_disks(domain).await.map_err(at(Step::TidyDisks))?;
+        Ok((state, memory_ms))
+    }
+
+    /// Puts every disk back to the snapshot's: a fresh overlay on an external snapshot's image,
+    /// the internal snapshot applied to the others. Returns the disks' new active images.
+    async fn revert_disks(
+        &self,
+        record: &SnapshotRecord,
+        new_overlays: &[PathBuf],
+    ) -> StepResult<Vec<DiskTarget>> {
+        let backend = self
+            .hypervisor
+            .disk_backend(&record.domain)
+            .await
+            .map_err(at(Step::RevertDisks))?;
+        let mut new_disks = Vec::new();
+        let mut internal = Vec::new();
+        let mut overlays = new_overlays.iter();
+        for disk in &record.disks {
+            let image = match &disk.snapshot {
+                DiskSnapshot::Internal { .. } => {
+                    internal.push(disk.image.clone());
+                    disk.image.clone()
+                }
+                DiskSnapshot::External { .. } => {
+                    let overlay = overlays
+                        .next()
+                        .ok_or_else(|| (Step::RevertDisks, "revert overlay list is short".into()))?;
+                    // A crash may have left it from an earlier attempt.
+                    remove_file(overlay).map_err(at(Step::RevertDisks))?;
+                    let revert = ExternalSnapshot {
+                        disk: disk.image.clone(),
+                        overlay: overlay.clone(),
+                        backing_path: disk::BackingPath::Absolute,
+                    };
+                    backend
+                        .revert_external(&revert)
+                        .await
+                        .map_err(at(Step::RevertDisks))?;
+                    overlay.clone()
+                }
+            };
+            new_disks.push(DiskTarget {
+                target: disk.target.clone(),
+                image,
+            });
+        }
+        if !internal.is_empty() {
+            backend
+                .apply_internal(&internal, record.name.as_str())
+                .await
+                .map_err(at(Step::RevertDisks))?;
+        }
+        Ok(new_disks)
+    }
+
+    /// Starts the domain to receive its state, loads memory and device state, and resumes it
+    /// unless `paused`. Returns its state and the memory load time.
+    async fn restore_state(
+        &self,
+        domain: &Name,
+        files: &SnapshotFiles,
+        paused: bool,
+    ) -> StepResult<(DomainState, f64)> {
+        let observe = |step| self.observer.step(Operation::Revert, step);
+        observe(Step::StartIncoming);
+        self.hypervisor
+            .start_incoming(domain)
+            .await
+            .map_err(at(Step::StartIncoming))?;
+        observe(Step::RestoreMemory);
+        let restore_started = Instant::now();
+        self.restore_memory(domain, &files.memory_image)
+            .await
+            .map_err(at(Step::RestoreMemory))?;
+        let memory_ms = millis(restore_started.elapsed());
+        observe(Step::LoadDeviceState);
+        self.hypervisor
+            .load_device_state(domain, &files.device_state)
+            .await
+            .map_err(at(Step::LoadDeviceState))?;
+        if paused {
+            return Ok((DomainState::Paused, memory_ms));
+        }
+        observe(Step::Resume);
+        self.hypervisor.resume(domain).await.map_err(at(Step::Resume))?;
+        Ok((DomainState::Running, memory_ms))
+    }
+
+    /// Writes the memory image into the RAM of the domain just started to receive it.
+    async fn restore_memory(&self, domain: &Name, image: &Path) -> std::result::Result<(), DriverError> {
+        let mem = self.hypervisor.guest_memory(domain).await?;
+        let image = image.to_owned();
+        tokio::task::spawn_blocking(move || {
+            // The new domain's RAM file was just created: all zero.
+            let options = memory::RestoreOptions {
+                zero_pages: memory::ZeroPages::AssumeZeroed,
+            };
+            memory::restore(&image, &mem, &options)
+        })
+        .await??;
+        Ok(())
+    }
+}
