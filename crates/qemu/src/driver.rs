@@ -65,8 +65,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// ```
 ///
 /// Guest RAM is on tmpfs because `share=on` RAM in a file on a disk would be written back to the
-/// disk. The snapshot store owns the rest of the domain folder (`lock`, `current`, `snapshots/`,
-/// ...); the driver never touches it, and `undefine` leaves the folder to it. Unix socket paths
+/// disk. The paths come from [`snapshot_core::StateDir`], the one owner of the layout; the
+/// snapshot store owns the rest of the domain folder (`current`, `snapshots/`, ...); the driver
+/// never touches it, and `undefine` leaves the folder to it. Unix socket paths
 /// are limited to 107 bytes: a state directory that makes them longer is refused when a domain
 /// is defined or started.
 ///
@@ -75,9 +76,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A domain runs iff the process in `run/qemu.pid` is alive and its `/proc/PID/cmdline` names
 /// the domain's QMP socket (a recycled pid or a zombie does not count). When the driver finds
 /// the QEMU dead (the guest powered off, QEMU crashed or was killed), it removes `run/` and the
-/// RAM file and reports the domain shut off. Starting, stopping, defining and undefining take an
-/// exclusive `flock` on the domain folder, so two processes never start the same domain twice,
-/// and the stale-file cleanup of one never removes the files of a QEMU another is starting.
+/// RAM file and reports the domain shut off. Starting, stopping, defining and undefining take the
+/// domain's one lock ([`snapshot_core::StateDir::lock`], the same lock snapshot operations
+/// hold), so two processes never start the same domain twice, and the stale-file cleanup of one
+/// never removes the files of a QEMU another is starting. Its [`snapshot_core::Hypervisor`]
+/// methods run under the caller's lock and never take it again.
 ///
 /// QEMU starts with `-daemonize`: its first process exits only once initialisation has finished
 /// (disks open and locked, QMP listening), with its errors in `run/qemu.log`.

@@ -8,7 +8,9 @@
 //! [`Orchestrator::recover`]s operations a crash interrupted. Snapshot metadata
 //! ([`SnapshotRecord`]), the tree of a domain's snapshots ([`SnapshotTree`]) and the store that keeps
 //! them under a state directory ([`SnapshotStore`], [`FsStore`]: atomic writes, a per-domain lock)
-//! live here too. See `docs/architecture.md` for the data flow.
+//! live here too, and so does [`StateDir`], the one owner of the state directory's layout and of
+//! the per-domain lock that the store and the domain driver share. Enable the `mock` feature for
+//! `MockHypervisor` and `MockSnapshotStore`. See `docs/architecture.md` for the data flow.
 //!
 //! ```no_run
 //! use std::sync::Arc;
