@@ -869,17 +869,7 @@ fn active_image(blocks: &[BlockInfo], id: &str) -> Option<PathBuf> {
             .as_deref()
             .is_some_and(|qdev| qdev.starts_with(&prefix) || qdev == id)
     })?;
-    image_path(&block.inserted.as_ref()?.file)
-}
-
-/// The host file of a format node. Nodes opened with explicit options (the disk backend's
-/// overlays) are named by a `json:{...}` pseudo-filename with the file inside.
-fn image_path(filename: &str) -> Option<PathBuf> {
-    let Some(json) = filename.strip_prefix("json:") else {
-        return Some(filename.into());
-    };
-    let options: serde_json::Value = serde_json::from_str(json).ok()?;
-    options.pointer("/file/filename")?.as_str().map(PathBuf::from)
+    qmp::commands::node_image_file(&block.inserted.as_ref()?.file)
 }
 
 #[cfg(test)]
@@ -915,7 +905,6 @@ mod tests {
         assert_eq!(active_image(&blocks, "vda"), Some("/img/a.qcow2".into()));
         assert_eq!(active_image(&blocks, "vdb"), Some("/img/b-overlay.qcow2".into()));
         assert_eq!(active_image(&blocks, "vd"), None);
-        assert_eq!(image_path("json:{not json"), None);
     }
 
     #[test]
