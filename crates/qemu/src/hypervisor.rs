@@ -30,11 +30,10 @@ use crate::{
     config::DomainConfig,
     driver::{io_error, qmp_error, QemuDriver},
     error::{Error, Result},
+    migration_stream::DEVICE_STATE_HEADER,
     process,
 };
 
-/// The header of a device-state file: `QEVM` and stream version 3.
-const DEVICE_STATE_HEADER: [u8; 8] = *b"QEVM\0\0\0\x03";
 /// Longest wait for QEMU to load a device state (about 80 KB; it takes milliseconds).
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the load is looked at.

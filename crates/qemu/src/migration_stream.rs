@@ -12,11 +12,19 @@ use memory::{PageImport, PAGE_SIZE};
 use crate::error::{Error, Result};
 
 /// `QEVM`.
-const FILE_MAGIC: u32 = 0x5145_564d;
+const FILE_MAGIC: u32 = u32::from_be_bytes(*b"QEVM");
 /// The stream version QEMU has written since 0.13.
 const FILE_VERSION: u32 = 3;
-/// The device-state blob's header: magic and version, as `migrate-incoming` expects them.
-pub const DEVICE_STATE_HEADER: [u8; 8] = *b"QEVM\0\0\0\x03";
+/// The header of a migration stream and so of every device-state file (the blob
+/// [`parse_migration_stream`] writes, and what QMP's `xen-save-devices-state` writes): the magic
+/// `QEVM` and the stream version 3, both big-endian, as `migrate-incoming` expects them.
+pub const DEVICE_STATE_HEADER: [u8; 8] = {
+    let magic = FILE_MAGIC.to_be_bytes();
+    let version = FILE_VERSION.to_be_bytes();
+    [
+        magic[0], magic[1], magic[2], magic[3], version[0], version[1], version[2], version[3],
+    ]
+};
 
 // Section types (QEMU `migration/savevm.c`).
 const SECTION_EOF: u8 = 0x00;
