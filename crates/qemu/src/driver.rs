@@ -427,9 +427,7 @@ impl QemuDriver {
         self.forget(name);
         files.clean()?;
         fs::remove_file(&files.definition).map_err(io_error("cannot remove", &files.definition))?;
-        File::open(&files.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io_error("cannot sync", &files.dir))
+        Ok(durable::sync_dir(&files.dir)?)
     }
 
     /// Starts QEMU for a shut-off domain.

@@ -334,6 +334,22 @@ pub enum Error {
     },
 }
 
+/// A durable write's failure is an [`Error::Io`]: the same operation, file and OS error.
+impl From<durable::Error> for Error {
+    fn from(error: durable::Error) -> Self {
+        let durable::Error {
+            operation,
+            path,
+            source,
+        } = error;
+        Error::Io {
+            operation,
+            path,
+            source,
+        }
+    }
+}
+
 /// Formats the end of QEMU's stderr for an error message (nothing when it is empty).
 fn stderr_tail(stderr: &str) -> String {
     if stderr.trim().is_empty() {

@@ -5,9 +5,8 @@
 //! version 3, holding no RAM section).
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io::Read,
-    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -200,14 +199,14 @@ impl QemuDriver {
         let filename = path
             .to_str()
             .ok_or_else(|| fail("QEMU takes only UTF-8 paths".into(), String::new()))?;
-        // QEMU keeps the mode of a file that exists: the device state stays private.
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_error("cannot create", &path))?;
+        // QEMU keeps the mode of a file that exists: a new private file (mode 0600, never through
+        // a symlink) keeps the device state private. A file already there is replaced.
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(io_error("cannot replace", &path)(source)),
+        }
+        durable::create_new_private(&path)?;
         client
             .execute(&XenSaveDevicesState {
                 filename: filename.to_owned(),
@@ -217,7 +216,8 @@ impl QemuDriver {
             .map_err(|error| fail(error.to_string(), process::log_tail(&files.qemu_log)))?;
         File::open(&path)
             .and_then(|file| file.sync_all())
-            .map_err(io_error("cannot sync", &path))
+            .map_err(io_error("cannot sync", &path))?;
+        Ok(durable::sync_parent(&path)?)
     }
 
     async fn load_devices(&self, domain: &Name, path: &Path) -> Result<()> {
