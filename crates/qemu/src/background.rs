@@ -504,7 +504,7 @@ impl Parser {
                 };
                 // The receiver is gone only if the caller gave up: dropping the outputs then removes
                 // the files.
-                let _ = send.send(parsed.map(|stats| (stats, outputs)));
+                let _ = send.send(parsed.map(|stats| (stats, outputs)).map_err(Error::from));
             })
             .map_err(|source| Error::StreamSocket { source })?;
         Ok(Parser {

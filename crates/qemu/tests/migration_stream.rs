@@ -16,7 +16,9 @@ use memory::{
     restore, save_paused, verify, Durability, GuestMemory, ImageLayout, ImageWriter, PageImport,
     RestoreOptions, ZeroPages, PAGE_SIZE,
 };
-use qemu::{expected_blocks, parse_migration_stream, Error, ExpectedBlocks, RamSink, StreamStats};
+use qemu::{
+    expected_blocks, parse_migration_stream, Error, ExpectedBlocks, RamSink, StreamError, StreamStats,
+};
 use qmp::{commands::*, Client, ClientOptions, MigrationStatus};
 use testkit::{Qemu, SerialLine, Workload};
 
@@ -154,7 +156,7 @@ impl RamSink for Count {
     }
 }
 
-fn parse_bytes(bytes: impl Read, expected: &ExpectedBlocks) -> qemu::Result<StreamStats> {
+fn parse_bytes(bytes: impl Read, expected: &ExpectedBlocks) -> Result<StreamStats, StreamError> {
     parse_migration_stream(bytes, expected, &mut Count::default(), &mut std::io::sink())
 }
 
@@ -331,7 +333,7 @@ async fn recorded_streams_give_the_paused_image_and_restore_the_guest_at_the_sna
     let started = Instant::now();
     for &cut in &cuts {
         match parse_bytes(&bytes[..cut], &expected) {
-            Err(Error::StreamTruncated { offset, .. }) => assert_eq!(offset, cut as u64),
+            Err(StreamError::Truncated { offset, .. }) => assert_eq!(offset, cut as u64),
             other => panic!("cut at {cut} of {}: {other:?}", bytes.len()),
         }
     }
@@ -363,7 +365,7 @@ async fn recorded_streams_give_the_paused_image_and_restore_the_guest_at_the_sna
         let error = parse_bytes(&damaged[..], &expected).unwrap_err();
         let text = error.to_string();
         assert!(text.contains(expected_text), "byte {at}: {text}");
-        if let Error::StreamFormat { offset, .. } = error {
+        if let StreamError::Format { offset, .. } = error {
             assert!(offset == at as u64 || offset == record_at as u64, "{text}");
         }
     }
@@ -404,7 +406,7 @@ async fn streams_of_other_capabilities_are_refused() {
         let ram_start = find(&bytes, b"\x03ram", subsection) - 5;
         let stripped = [&bytes[..subsection], &bytes[ram_start..]].concat();
         let error = parse_bytes(&stripped[..], &expected).unwrap_err();
-        assert!(matches!(error, Error::StreamFormat { .. }), "{name}: {error}");
+        assert!(matches!(error, StreamError::Format { .. }), "{name}: {error}");
         eprintln!("{name}: {error}");
     }
 
