@@ -834,6 +834,10 @@ fn refused_flags(flags: u64) -> String {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test streams are small (names and lengths fit their fields); random bytes are cut on purpose"
+)]
 mod tests {
     use super::*;
 

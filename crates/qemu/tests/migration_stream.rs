@@ -4,6 +4,11 @@
 //! of other capabilities are refused; `background_snapshot` streams through a socket, and leaves no
 //! files when it fails.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, and unwrap says where"
+)]
+
 use std::{
     fs::{self, File},
     io::{Read, Write},
@@ -320,7 +325,7 @@ async fn recorded_streams_give_the_paused_image_and_restore_the_guest_at_the_sna
 
     // The same real stream, cut short anywhere, is refused with the offset where it ends.
     let bytes = fs::read(path("running.stream")).unwrap();
-    let device_at = bytes.len() - (stream.device_state_bytes as usize - 8);
+    let device_at = bytes.len() - (usize::try_from(stream.device_state_bytes).unwrap() - 8);
     let mut cuts: Vec<usize> = (0..300).chain([4100, 9000, 65_536, 1 << 20]).collect();
     cuts.extend((1..=8).map(|i| device_at * i / 9));
     cuts.extend([
