@@ -2,6 +2,11 @@
 //! memory, pause, finish, save the device state, restore everything into a new QEMU through
 //! `-incoming defer`, resume, and check the guest continues from the counter it had when paused.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, and unwrap says where"
+)]
+
 use std::{
     fs::OpenOptions,
     path::Path,

@@ -6,6 +6,11 @@
 //! and its files are in the old state or the new one, and that nothing leaked. The last tests
 //! make steps fail for real (a bad overlay path, QEMU killed, a damaged memory image).
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, and unwrap says where"
+)]
+
 mod common;
 
 use std::{

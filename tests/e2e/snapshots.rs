@@ -2,6 +2,11 @@
 //! counter, its fingerprint (data in tmpfs, so in RAM) and its disk marker prove that memory and
 //! disks came back as they were when the snapshot was taken.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, and unwrap says where"
+)]
+
 mod common;
 
 use std::{path::PathBuf, time::Duration};

@@ -525,7 +525,7 @@ impl Observer for Progress {
                 "memory round {}: {} dirty pages, {:.1} MiB written in {:.0} ms",
                 stats.round,
                 stats.pages_dirty,
-                stats.bytes_written as f64 / (1 << 20) as f64,
+                stats.bytes_written as f64 / f64::from(1 << 20),
                 stats.duration.as_secs_f64() * 1e3
             ));
         }

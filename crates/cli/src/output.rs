@@ -88,6 +88,10 @@ fn disk_text(disk: &snapshot_core::DiskRecord) -> String {
 fn utc(unix_ms: u64) -> String {
     let secs = unix_ms / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
+    #[allow(
+        clippy::cast_possible_wrap,
+        reason = "days since the epoch of a u64 of milliseconds are below 2^38, far inside i64"
+    )]
     let z = days as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;

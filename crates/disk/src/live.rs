@@ -13,8 +13,8 @@ use std::{
 use async_trait::async_trait;
 use qmp::{
     commands::{
-        BlockCommit, BlockDeviceInfo, BlockJobOptions, BlockStream, BlockdevAdd, BlockdevDel,
-        BlockdevSnapshot, BlockdevSnapshotDeleteInternalSync, BlockdevSnapshotInternalSync,
+        node_image_file, BlockCommit, BlockDeviceInfo, BlockJobOptions, BlockStream, BlockdevAdd,
+        BlockdevDel, BlockdevSnapshot, BlockdevSnapshotDeleteInternalSync, BlockdevSnapshotInternalSync,
         QueryNamedBlockNodes, Transaction, TransactionAction,
     },
     Client, JobOptions,
@@ -56,16 +56,6 @@ struct Node {
     info: BlockDeviceInfo,
 }
 
-/// The host file of a format node. Nodes opened with explicit options (our overlays, added
-/// with `backing: null`) are named by a `json:{...}` pseudo-filename; the file is inside it.
-fn image_path(filename: &str) -> Option<PathBuf> {
-    let Some(json) = filename.strip_prefix("json:") else {
-        return Some(filename.into());
-    };
-    let options: Value = serde_json::from_str(json).ok()?;
-    options.pointer("/file/filename")?.as_str().map(PathBuf::from)
-}
-
 impl LiveBackend {
     /// A backend on a connected QMP client; block jobs wait up to 10 minutes.
     pub fn new(qmp: Client) -> Self {
@@ -102,7 +92,7 @@ impl LiveBackend {
             .iter()
             .filter(|n| n.drv != "file")
             .find_map(|n| {
-                let file = image_path(&n.file)?;
+                let file = node_image_file(&n.file)?;
                 let name = n.node_name.clone().filter(|_| names::same_file(&file, path))?;
                 Some(Node {
                     name,
@@ -232,7 +222,7 @@ impl LiveBackend {
         let stale: Vec<(String, bool)> = nodes
             .iter()
             .filter_map(|n| {
-                let file = image_path(&n.file)?;
+                let file = node_image_file(&n.file)?;
                 let name = n.node_name.clone().filter(|_| names::same_file(&file, image))?;
                 Some((name, n.drv == "file"))
             })
@@ -463,18 +453,5 @@ impl DiskSnapshots for LiveBackend {
                 virtual_size: n.info.image.virtual_size,
             })
             .collect())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn image_paths_of_nodes() {
-        assert_eq!(image_path("/a/b.qcow2"), Some(PathBuf::from("/a/b.qcow2")));
-        let json = r#"json:{"backing": {"driver": "qcow2"}, "driver": "qcow2", "file": {"driver": "file", "filename": "/t/o0.qcow2"}}"#;
-        assert_eq!(image_path(json), Some(PathBuf::from("/t/o0.qcow2")));
-        assert_eq!(image_path("json:{not json"), None);
     }
 }

@@ -6,10 +6,9 @@
 use snapshot_core::CaptureSignals;
 use std::{
     collections::BTreeMap,
-    fs::{File, OpenOptions},
     io::BufWriter,
     net::Shutdown,
-    os::unix::{fs::OpenOptionsExt, net::UnixStream},
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -41,6 +40,8 @@ const END_TIMEOUT: Duration = Duration::from_secs(30);
 /// Socket send buffer asked for QEMU's end (the kernel caps it at `net.core.wmem_max`): QEMU can run
 /// ahead of the reader by this much.
 const SOCKET_BUFFER: usize = 4 << 20;
+/// Write buffer of the device-state file (the parser hands it small pieces as well as large ones).
+const DEVICE_STATE_BUFFER: usize = 1 << 16;
 /// Capabilities that may be on: they do not change the stream.
 const HARMLESS_CAPABILITIES: [&str; 2] = ["events", "background-snapshot"];
 
@@ -394,7 +395,10 @@ fn parse_ramblocks(text: &str) -> Result<BTreeMap<String, u64>> {
 /// The files being written: the memory image and the device-state file, both under temporary names.
 struct Outputs {
     import: PageImport<'static>,
-    device_state: TempFile,
+    /// The device state, private (it holds guest secrets: CPU registers, device buffers).
+    device_state: durable::TempFile,
+    /// Whether the device state is fsynced (with its folder) when put in place.
+    sync: durable::Sync,
     /// Where the image appears when sealed.
     image: PathBuf,
 }
@@ -412,7 +416,11 @@ impl Outputs {
         })?;
         Ok(Outputs {
             import: PageImport::new(Box::new(writer)),
-            device_state: TempFile::create(device_state, durability)?,
+            device_state: durable::TempFile::create(device_state)?,
+            sync: match durability {
+                Durability::Sync => durable::Sync::Yes,
+                Durability::NoSync => durable::Sync::No,
+            },
             image: image.to_owned(),
         })
     }
@@ -422,85 +430,18 @@ impl Outputs {
         let Outputs {
             import,
             device_state,
+            sync,
             image,
         } = self;
         let stats = import.seal().map_err(|source| Error::MemoryImage {
             path: image.clone(),
             source,
         })?;
-        if let Err(error) = device_state.persist() {
+        if let Err(error) = device_state.persist(sync) {
             let _ = std::fs::remove_file(&image);
-            return Err(error);
+            return Err(error.into());
         }
         Ok(stats)
-    }
-}
-
-/// A file written under a hidden temporary name beside its destination, renamed into place by
-/// [`TempFile::persist`] and removed if dropped before.
-struct TempFile {
-    file: Option<BufWriter<File>>,
-    tmp: PathBuf,
-    dest: PathBuf,
-    durability: Durability,
-}
-
-impl TempFile {
-    fn create(dest: &Path, durability: Durability) -> Result<Self> {
-        let tmp = memory::temporary_name(dest);
-        // The device state holds guest secrets (CPU registers, device buffers): private.
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_error("cannot create", &tmp))?;
-        Ok(TempFile {
-            file: Some(BufWriter::with_capacity(1 << 16, file)),
-            tmp,
-            dest: dest.to_owned(),
-            durability,
-        })
-    }
-
-    fn writer(&mut self) -> &mut BufWriter<File> {
-        self.file
-            .as_mut()
-            .expect("a temporary file is open until persisted")
-    }
-
-    fn persist(mut self) -> Result<()> {
-        let file = self.file.take().expect("persisted once");
-        let file = file
-            .into_inner()
-            .map_err(|e| io_error("cannot write", &self.tmp)(e.into_error()))?;
-        if self.durability == Durability::Sync {
-            file.sync_all().map_err(io_error("cannot sync", &self.tmp))?;
-        }
-        std::fs::rename(&self.tmp, &self.dest).map_err(io_error("cannot rename into place", &self.tmp))?;
-        self.tmp = PathBuf::new();
-        if self.durability == Durability::Sync {
-            memory::sync_parent(&self.dest).map_err(|(dir, e)| io_error("cannot sync", &dir)(e))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.tmp.as_os_str().is_empty() {
-            // Best effort: a leftover temporary has a hidden name and never looks complete.
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
-    let path = path.to_owned();
-    move |source| Error::Io {
-        operation,
-        path,
-        source,
     }
 }
 
@@ -556,10 +497,14 @@ impl Parser {
                     import,
                     captured: Some(captured),
                 };
-                let parsed = parse_migration_stream(reader, &expected, &mut sink, device_state.writer());
+                let parsed = {
+                    // The parser flushes it at the end of a complete stream.
+                    let mut writer = BufWriter::with_capacity(DEVICE_STATE_BUFFER, device_state.file_mut());
+                    parse_migration_stream(reader, &expected, &mut sink, &mut writer)
+                };
                 // The receiver is gone only if the caller gave up: dropping the outputs then removes
                 // the files.
-                let _ = send.send(parsed.map(|stats| (stats, outputs)));
+                let _ = send.send(parsed.map(|stats| (stats, outputs)).map_err(Error::from));
             })
             .map_err(|source| Error::StreamSocket { source })?;
         Ok(Parser {

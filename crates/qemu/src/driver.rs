@@ -281,7 +281,7 @@ impl QemuDriver {
     pub async fn define(&self, config: &DomainConfig) -> Result<()> {
         config.validate()?;
         let dir = self.inner.state_dir.join("domains").join(config.name.as_str());
-        durable::create_private_dir_all(&dir).map_err(|e| io_error(e.operation, &e.path)(e.source))?;
+        durable::create_private_dir_all(&dir)?;
         let _lock = self.lock(&config.name).await?;
         self.define_locked(config)
     }
@@ -440,7 +440,7 @@ impl QemuDriver {
         self.forget(name);
         files.clean()?;
         fs::remove_file(&files.definition).map_err(io_error("cannot remove", &files.definition))?;
-        durable::sync_dir(&files.dir).map_err(|e| io_error(e.operation, &e.path)(e.source))
+        Ok(durable::sync_dir(&files.dir)?)
     }
 
     /// Starts QEMU for a shut-off domain.
@@ -886,17 +886,7 @@ fn active_image(blocks: &[BlockInfo], id: &str) -> Option<PathBuf> {
             .as_deref()
             .is_some_and(|qdev| qdev.starts_with(&prefix) || qdev == id)
     })?;
-    image_path(&block.inserted.as_ref()?.file)
-}
-
-/// The host file of a format node. Nodes opened with explicit options (the disk backend's
-/// overlays) are named by a `json:{...}` pseudo-filename with the file inside.
-fn image_path(filename: &str) -> Option<PathBuf> {
-    let Some(json) = filename.strip_prefix("json:") else {
-        return Some(filename.into());
-    };
-    let options: serde_json::Value = serde_json::from_str(json).ok()?;
-    options.pointer("/file/filename")?.as_str().map(PathBuf::from)
+    qmp::commands::node_image_file(&block.inserted.as_ref()?.file)
 }
 
 #[cfg(test)]
@@ -932,7 +922,6 @@ mod tests {
         assert_eq!(active_image(&blocks, "vda"), Some("/img/a.qcow2".into()));
         assert_eq!(active_image(&blocks, "vdb"), Some("/img/b-overlay.qcow2".into()));
         assert_eq!(active_image(&blocks, "vd"), None);
-        assert_eq!(image_path("json:{not json"), None);
     }
 
     #[test]

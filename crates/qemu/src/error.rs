@@ -4,6 +4,8 @@ use std::{io, path::PathBuf};
 
 use snapshot_core::Name;
 
+use crate::migration_stream::StreamError;
+
 /// What can go wrong driving a QEMU domain.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -232,48 +234,10 @@ pub enum Error {
         source: memory::Error,
     },
 
-    /// The QEMU migration stream is not one the parser reads, or is damaged.
-    #[error("QEMU migration stream, at byte {offset}: {reason}")]
-    StreamFormat {
-        /// Where the offending item starts in the stream.
-        offset: u64,
-        /// What is wrong.
-        reason: String,
-    },
-
-    /// The QEMU migration stream ended early.
-    #[error(
-        "QEMU migration stream cut short: it ends at byte {offset}, inside {inside} starting at byte \
-         {item_at}"
-    )]
-    StreamTruncated {
-        /// Length of the stream.
-        offset: u64,
-        /// What was being read.
-        inside: &'static str,
-        /// Where that item starts.
-        item_at: u64,
-    },
-
-    /// Reading the QEMU migration stream failed.
-    #[error("cannot read the QEMU migration stream at byte {offset}")]
-    StreamRead {
-        /// Bytes read before the failure.
-        offset: u64,
-        /// What the OS said.
-        #[source]
-        source: io::Error,
-    },
-
-    /// A guest RAM page of the QEMU migration stream cannot be stored.
-    #[error("cannot store the guest RAM page of the record at byte {offset} of the QEMU migration stream")]
-    StreamRam {
-        /// Where the page record starts in the stream.
-        offset: u64,
-        /// The memory image's error.
-        #[source]
-        source: memory::Error,
-    },
+    /// The QEMU migration stream cannot be parsed: refused, cut short, unreadable, or its pages or
+    /// device state cannot be stored (the parser's own error, with its message).
+    #[error(transparent)]
+    MigrationStream(#[from] StreamError),
 
     /// The stream did not carry every page of guest RAM.
     #[error("QEMU's migration stream did not carry {missing} pages of guest RAM")]
@@ -324,14 +288,22 @@ pub enum Error {
         #[source]
         source: memory::Error,
     },
+}
 
-    /// The device state taken from the QEMU migration stream cannot be written.
-    #[error("cannot write the device state taken from the QEMU migration stream")]
-    StreamDeviceState {
-        /// What the OS said.
-        #[source]
-        source: io::Error,
-    },
+/// A durable write's failure is an [`Error::Io`]: the same operation, file and OS error.
+impl From<durable::Error> for Error {
+    fn from(error: durable::Error) -> Self {
+        let durable::Error {
+            operation,
+            path,
+            source,
+        } = error;
+        Error::Io {
+            operation,
+            path,
+            source,
+        }
+    }
 }
 
 /// Formats the end of QEMU's stderr for an error message (nothing when it is empty).

@@ -5,9 +5,8 @@
 //! version 3, holding no RAM section).
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io::Read,
-    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -30,11 +29,10 @@ use crate::{
     config::DomainConfig,
     driver::{io_error, qmp_error, QemuDriver},
     error::{Error, Result},
+    migration_stream::DEVICE_STATE_HEADER,
     process,
 };
 
-/// The header of a device-state file: `QEVM` and stream version 3.
-const DEVICE_STATE_HEADER: [u8; 8] = *b"QEVM\0\0\0\x03";
 /// Longest wait for QEMU to load a device state (about 80 KB; it takes milliseconds).
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the load is looked at.
@@ -205,14 +203,14 @@ impl QemuDriver {
         let filename = path
             .to_str()
             .ok_or_else(|| fail("QEMU takes only UTF-8 paths".into(), String::new()))?;
-        // QEMU keeps the mode of a file that exists: the device state stays private.
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_error("cannot create", &path))?;
+        // QEMU keeps the mode of a file that exists: a new private file (mode 0600, never through
+        // a symlink) keeps the device state private. A file already there is replaced.
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(io_error("cannot replace", &path)(source)),
+        }
+        durable::create_new_private(&path)?;
         client
             .execute(&XenSaveDevicesState {
                 filename: filename.to_owned(),
@@ -222,7 +220,8 @@ impl QemuDriver {
             .map_err(|error| fail(error.to_string(), process::log_tail(&files.qemu_log)))?;
         File::open(&path)
             .and_then(|file| file.sync_all())
-            .map_err(io_error("cannot sync", &path))
+            .map_err(io_error("cannot sync", &path))?;
+        Ok(durable::sync_parent(&path)?)
     }
 
     async fn load_devices(&self, domain: &Name, path: &Path) -> Result<()> {

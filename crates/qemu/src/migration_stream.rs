@@ -9,14 +9,20 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 
 use memory::{PageImport, PAGE_SIZE};
 
-use crate::error::{Error, Result};
-
 /// `QEVM`.
-const FILE_MAGIC: u32 = 0x5145_564d;
+const FILE_MAGIC: u32 = u32::from_be_bytes(*b"QEVM");
 /// The stream version QEMU has written since 0.13.
 const FILE_VERSION: u32 = 3;
-/// The device-state blob's header: magic and version, as `migrate-incoming` expects them.
-pub const DEVICE_STATE_HEADER: [u8; 8] = *b"QEVM\0\0\0\x03";
+/// The header of a migration stream and so of every device-state file (the blob
+/// [`parse_migration_stream`] writes, and what QMP's `xen-save-devices-state` writes): the magic
+/// `QEVM` and the stream version 3, both big-endian, as `migrate-incoming` expects them.
+pub const DEVICE_STATE_HEADER: [u8; 8] = {
+    let magic = FILE_MAGIC.to_be_bytes();
+    let version = FILE_VERSION.to_be_bytes();
+    [
+        magic[0], magic[1], magic[2], magic[3], version[0], version[1], version[2], version[3],
+    ]
+};
 
 // Section types (QEMU `migration/savevm.c`).
 const SECTION_EOF: u8 = 0x00;
@@ -60,6 +66,249 @@ const MAX_BLOCKS: usize = 1024;
 const READ_BUFFER: usize = 1 << 20;
 /// Most bytes of the device state's end kept to check its end-of-file marker and description.
 const MAX_TAIL: usize = 16 << 20;
+
+/// Reading a QEMU migration stream failed: the stream is one this parser does not read or is damaged
+/// ([`StreamError::Format`], [`StreamError::Truncated`]), or reading it, storing a page or writing
+/// the device state failed. Offsets are bytes from the start of the stream.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The stream is not one the parser reads, or is damaged.
+    #[error("QEMU migration stream, at byte {offset}: {problem}")]
+    Format {
+        /// Where the offending item starts in the stream.
+        offset: u64,
+        /// What is wrong.
+        problem: FormatError,
+    },
+
+    /// The stream ended early.
+    #[error(
+        "QEMU migration stream cut short: it ends at byte {offset}, inside {inside} starting at byte \
+         {item_at}"
+    )]
+    Truncated {
+        /// Length of the stream.
+        offset: u64,
+        /// What was being read.
+        inside: &'static str,
+        /// Where that item starts.
+        item_at: u64,
+    },
+
+    /// Reading the stream failed.
+    #[error("cannot read the QEMU migration stream at byte {offset}")]
+    Read {
+        /// Bytes read before the failure.
+        offset: u64,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A guest RAM page of the stream cannot be stored (the [`RamSink`] failed).
+    #[error("cannot store the guest RAM page of the record at byte {offset} of the QEMU migration stream")]
+    Ram {
+        /// Where the page record starts in the stream.
+        offset: u64,
+        /// The sink's error.
+        #[source]
+        source: memory::Error,
+    },
+
+    /// The device state taken from the stream cannot be written.
+    #[error("cannot write the device state taken from the QEMU migration stream")]
+    DeviceStateWrite {
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl StreamError {
+    /// Where in the stream the error was found (`None` for a failed device-state write).
+    pub fn offset(&self) -> Option<u64> {
+        match self {
+            StreamError::Format { offset, .. }
+            | StreamError::Truncated { offset, .. }
+            | StreamError::Read { offset, .. }
+            | StreamError::Ram { offset, .. } => Some(*offset),
+            StreamError::DeviceStateWrite { .. } => None,
+        }
+    }
+}
+
+/// What is wrong with a migration stream the parser refuses ([`StreamError::Format`] says where).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    /// The stream does not start with the magic `QEVM`.
+    #[error("magic {magic:#010x} is not QEVM: not a QEMU migration stream")]
+    NotAStream {
+        /// The first four bytes, big-endian.
+        magic: u32,
+    },
+    /// The stream has another version.
+    #[error("stream version {version}, this parser reads version {supported}")]
+    Version {
+        /// The stream's version.
+        version: u32,
+        /// The version this parser reads.
+        supported: u32,
+    },
+    /// The configuration section is not where it must be, right after the header.
+    #[error("section type {kind:#04x} where the configuration section (0x07) must be")]
+    NoConfiguration {
+        /// The section type found instead.
+        kind: u8,
+    },
+    /// The configuration section names an implausibly long machine type.
+    #[error("machine type name of {len} bytes in the configuration section")]
+    MachineTypeTooLong {
+        /// The announced length.
+        len: u32,
+    },
+    /// A section this parser does not read at this point.
+    #[error("section type {kind:#04x}: {what}")]
+    UnexpectedSection {
+        /// The section type.
+        kind: u8,
+        /// What the section is and why it is refused.
+        what: &'static str,
+    },
+    /// An iterable section continues that was never started as `ram`.
+    #[error("iterable section {id} continues, but only `ram` was started")]
+    UnknownSectionId {
+        /// The section id.
+        id: u32,
+    },
+    /// An iterable section other than `ram` starts.
+    #[error("unknown iterable section `{name}` (only `ram` is read)")]
+    UnknownIterableSection {
+        /// The section's name.
+        name: String,
+    },
+    /// The `ram` section starts a second time.
+    #[error("a second `ram` section starts")]
+    SecondRamSection,
+    /// The `ram` section has another instance or version.
+    #[error(
+        "`ram` section instance {instance} version {version} (this parser reads instance 0 version \
+         {supported})"
+    )]
+    RamSectionVersion {
+        /// The section's instance.
+        instance: u32,
+        /// The section's version.
+        version: u32,
+        /// The version this parser reads.
+        supported: u32,
+    },
+    /// The `ram` section does not start with the RAM block list.
+    #[error("the `ram` section starts with flags {flags:#x}, not the block list")]
+    NoBlockList {
+        /// The flags of its first record.
+        flags: u64,
+    },
+    /// The block list declares too many blocks.
+    #[error("more than {max} RAM blocks")]
+    TooManyBlocks {
+        /// The most blocks accepted.
+        max: usize,
+    },
+    /// The block list declares a block twice.
+    #[error("RAM block `{name}` declared twice")]
+    DuplicateBlock {
+        /// The block.
+        name: String,
+    },
+    /// A block's length is not whole pages or overruns the list's total (the per-block fields of
+    /// capabilities whose configuration subsection was not seen land here).
+    #[error(
+        "RAM block `{name}` of {len:#x} bytes is not whole pages or overruns the {total:#x} bytes the \
+         block list announced"
+    )]
+    BlockLength {
+        /// The block.
+        name: String,
+        /// Its declared length.
+        len: u64,
+        /// The total the list announced.
+        total: u64,
+    },
+    /// The block list declares a block the domain does not have.
+    #[error("RAM block `{name}` is not one of the domain's RAM blocks")]
+    UnknownBlock {
+        /// The block.
+        name: String,
+    },
+    /// A block's length differs from the domain's.
+    #[error("RAM block `{name}` has {len:#x} bytes, the domain's has {expected:#x}")]
+    BlockSize {
+        /// The block.
+        name: String,
+        /// Its length in the stream.
+        len: u64,
+        /// Its length in the domain.
+        expected: u64,
+    },
+    /// The block list lacks the guest-RAM block.
+    #[error("the block list has no guest RAM block `{name}`")]
+    NoGuestRamBlock {
+        /// The guest-RAM block's name.
+        name: String,
+    },
+    /// A RAM record carries flags of capabilities this parser does not read.
+    #[error("{}", refused_flags(*.flags))]
+    RefusedFlags {
+        /// The record's flags.
+        flags: u64,
+    },
+    /// A RAM record of a kind this parser does not expect here.
+    #[error("RAM record with flags {flags:#x} at offset {block_offset:#x}")]
+    UnexpectedRecord {
+        /// The record's flags.
+        flags: u64,
+        /// The offset the record names.
+        block_offset: u64,
+    },
+    /// A page record continues a block, but no block was named before.
+    #[error("a page record continues a block, but none was named")]
+    NoBlockToContinue,
+    /// A page record names a block the list did not declare.
+    #[error("page of RAM block `{name}`, not in the block list")]
+    PageOfUnlistedBlock {
+        /// The block.
+        name: String,
+    },
+    /// A page lies beyond the end of its block.
+    #[error("page at offset {block_offset:#x} is beyond RAM block `{name}` of {block_len:#x} bytes")]
+    PageBeyondBlock {
+        /// The page's offset in the block.
+        block_offset: u64,
+        /// The block.
+        name: String,
+        /// The block's length.
+        block_len: u64,
+    },
+    /// A zero-page record with a fill byte other than zero.
+    #[error("zero-page record with fill byte {fill:#04x}")]
+    ZeroPageFill {
+        /// The fill byte.
+        fill: u8,
+    },
+    /// A section does not end with its footer.
+    #[error("section {id} has no footer (found type {kind:#04x}, id {found_id})")]
+    MissingFooter {
+        /// The section's id.
+        id: u32,
+        /// The type byte found where the footer must be.
+        kind: u8,
+        /// The id found there.
+        found_id: u32,
+    },
+}
+
+/// Shorthand for results of the parser.
+type Result<T, E = StreamError> = std::result::Result<T, E>;
 
 /// Receives the pages of the guest-RAM block, in the stream's order; a page may come several times
 /// (the later copy wins).
@@ -138,7 +387,7 @@ impl<R: Read> Input<R> {
         while done < buf.len() {
             match self.reader.read(&mut buf[done..]) {
                 Ok(0) => {
-                    return Err(Error::StreamTruncated {
+                    return Err(StreamError::Truncated {
                         offset: self.pos + done as u64,
                         inside: what,
                         item_at,
@@ -147,7 +396,7 @@ impl<R: Read> Input<R> {
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(source) => {
-                    return Err(Error::StreamRead {
+                    return Err(StreamError::Read {
                         offset: self.pos + done as u64,
                         source,
                     })
@@ -236,11 +485,8 @@ struct Parser<'a, R, S: ?Sized> {
     stats: StreamStats,
 }
 
-fn format_error(offset: u64, reason: impl Into<String>) -> Error {
-    Error::StreamFormat {
-        offset,
-        reason: reason.into(),
-    }
+fn format_error(offset: u64, problem: FormatError) -> StreamError {
+    StreamError::Format { offset, problem }
 }
 
 impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
@@ -248,15 +494,15 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
         let magic = self.input.be32("the file header", 0)?;
         let version = self.input.be32("the file header", 0)?;
         if magic != FILE_MAGIC {
-            return Err(format_error(
-                0,
-                format!("magic {magic:#010x} is not QEVM: not a QEMU migration stream"),
-            ));
+            return Err(format_error(0, FormatError::NotAStream { magic }));
         }
         if version != FILE_VERSION {
             return Err(format_error(
                 4,
-                format!("stream version {version}, this parser reads version {FILE_VERSION}"),
+                FormatError::Version {
+                    version,
+                    supported: FILE_VERSION,
+                },
             ));
         }
         self.configuration()?;
@@ -270,10 +516,7 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
                 SECTION_PART | SECTION_END => {
                     let id = self.input.be32("a section header", at)?;
                     if self.ram_section != Some(id) {
-                        return Err(format_error(
-                            at,
-                            format!("iterable section {id} continues, but only `ram` was started"),
-                        ));
+                        return Err(format_error(at, FormatError::UnknownSectionId { id }));
                     }
                     if !self.streaming {
                         self.streaming = true;
@@ -283,7 +526,15 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
                     self.footer(id)?;
                 }
                 SECTION_FULL if self.ram_section.is_some() => return self.device_state(at, device_state),
-                other => return Err(format_error(at, unexpected_section(other, self.ram_section))),
+                kind => {
+                    return Err(format_error(
+                        at,
+                        FormatError::UnexpectedSection {
+                            kind,
+                            what: unexpected_section(kind, self.ram_section),
+                        },
+                    ))
+                }
             }
         }
     }
@@ -294,17 +545,11 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
         let at = self.input.pos;
         let kind = self.input.u8("the configuration section", at)?;
         if kind != SECTION_CONFIGURATION {
-            return Err(format_error(
-                at,
-                format!("section type {kind:#04x} where the configuration section (0x07) must be"),
-            ));
+            return Err(format_error(at, FormatError::NoConfiguration { kind }));
         }
         let len = self.input.be32("the configuration section", at)?;
         if len > MAX_MACHINE_NAME {
-            return Err(format_error(
-                at,
-                format!("machine type name of {len} bytes in the configuration section"),
-            ));
+            return Err(format_error(at, FormatError::MachineTypeTooLong { len }));
         }
         let mut name = vec![0u8; len as usize];
         self.input.exact(&mut name, "the configuration section", at)?;
@@ -321,21 +566,19 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
         let instance = self.input.be32(what, at)?;
         let version = self.input.be32(what, at)?;
         if name != RAM_SECTION {
-            return Err(format_error(
-                at,
-                format!("unknown iterable section `{name}` (only `ram` is read)"),
-            ));
+            return Err(format_error(at, FormatError::UnknownIterableSection { name }));
         }
         if self.ram_section.is_some() {
-            return Err(format_error(at, "a second `ram` section starts"));
+            return Err(format_error(at, FormatError::SecondRamSection));
         }
         if instance != 0 || version != RAM_SECTION_VERSION {
             return Err(format_error(
                 at,
-                format!(
-                    "`ram` section instance {instance} version {version} (this parser reads instance 0 \
-                     version {RAM_SECTION_VERSION})"
-                ),
+                FormatError::RamSectionVersion {
+                    instance,
+                    version,
+                    supported: RAM_SECTION_VERSION,
+                },
             ));
         }
         self.ram_section = Some(id);
@@ -344,10 +587,9 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
         if word & FLAG_MASK != FLAG_MEM_SIZE {
             return Err(format_error(
                 list_at,
-                format!(
-                    "the `ram` section starts with flags {:#x}, not the block list",
-                    word & FLAG_MASK
-                ),
+                FormatError::NoBlockList {
+                    flags: word & FLAG_MASK,
+                },
             ));
         }
         self.block_list(word & !FLAG_MASK)?;
@@ -363,41 +605,27 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
             let name = self.input.name("the RAM block list", at)?;
             let len = self.input.be64("the RAM block list", at)?;
             if self.blocks.len() == MAX_BLOCKS {
-                return Err(format_error(at, format!("more than {MAX_BLOCKS} RAM blocks")));
+                return Err(format_error(at, FormatError::TooManyBlocks { max: MAX_BLOCKS }));
             }
             if self.blocks.iter().any(|b| b.name == name) {
-                return Err(format_error(at, format!("RAM block `{name}` declared twice")));
+                return Err(format_error(at, FormatError::DuplicateBlock { name }));
             }
             if len % PAGE_SIZE as u64 != 0 || len > remaining {
                 // x-ignore-shared and mapped-ram add fields per block, which land here when their
                 // configuration subsection was not seen.
-                return Err(format_error(
-                    at,
-                    format!(
-                        "RAM block `{name}` of {len:#x} bytes is not whole pages or overruns the \
-                         {total:#x} bytes the block list announced"
-                    ),
-                ));
+                return Err(format_error(at, FormatError::BlockLength { name, len, total }));
             }
             let guest_ram = name == self.expected.ram_block;
             let expected_len = if guest_ram {
                 Some(self.expected.ram_size)
             } else {
-                *self.expected.other_blocks.get(&name).ok_or_else(|| {
-                    format_error(
-                        at,
-                        format!("RAM block `{name}` is not one of the domain's RAM blocks"),
-                    )
-                })?
+                match self.expected.other_blocks.get(&name) {
+                    Some(expected_len) => *expected_len,
+                    None => return Err(format_error(at, FormatError::UnknownBlock { name })),
+                }
             };
-            if expected_len.is_some_and(|expected| expected != len) {
-                return Err(format_error(
-                    at,
-                    format!(
-                        "RAM block `{name}` has {len:#x} bytes, the domain's has {:#x}",
-                        expected_len.unwrap_or_default()
-                    ),
-                ));
+            if let Some(expected) = expected_len.filter(|&expected| expected != len) {
+                return Err(format_error(at, FormatError::BlockSize { name, len, expected }));
             }
             self.blocks.push(Block { name, len, guest_ram });
             remaining -= len;
@@ -405,10 +633,9 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
         if !self.blocks.iter().any(|b| b.guest_ram) {
             return Err(format_error(
                 self.input.pos,
-                format!(
-                    "the block list has no guest RAM block `{}`",
-                    self.expected.ram_block
-                ),
+                FormatError::NoGuestRamBlock {
+                    name: self.expected.ram_block.clone(),
+                },
             ));
         }
         Ok(())
@@ -421,7 +648,7 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
             let word = self.input.be64("a RAM record header", at)?;
             let (flags, offset) = (word & FLAG_MASK, word & !FLAG_MASK);
             if flags & !KNOWN_FLAGS != 0 {
-                return Err(format_error(at, refused_flags(flags)));
+                return Err(format_error(at, FormatError::RefusedFlags { flags }));
             }
             match flags & !FLAG_CONTINUE {
                 FLAG_EOS if word == FLAG_EOS => return Ok(()),
@@ -429,7 +656,10 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
                 _ => {
                     return Err(format_error(
                         at,
-                        format!("RAM record with flags {flags:#x} at offset {offset:#x}"),
+                        FormatError::UnexpectedRecord {
+                            flags,
+                            block_offset: offset,
+                        },
                     ))
                 }
             }
@@ -439,12 +669,12 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
     fn page_record(&mut self, at: u64, flags: u64, offset: u64) -> Result<()> {
         let index = if flags & FLAG_CONTINUE != 0 {
             self.current
-                .ok_or_else(|| format_error(at, "a page record continues a block, but none was named"))?
+                .ok_or_else(|| format_error(at, FormatError::NoBlockToContinue))?
         } else {
             let name = self.input.name("a RAM record's block name", at)?;
-            let index = self.blocks.iter().position(|b| b.name == name).ok_or_else(|| {
-                format_error(at, format!("page of RAM block `{name}`, not in the block list"))
-            })?;
+            let Some(index) = self.blocks.iter().position(|b| b.name == name) else {
+                return Err(format_error(at, FormatError::PageOfUnlistedBlock { name }));
+            };
             self.current = Some(index);
             index
         };
@@ -455,10 +685,11 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
         {
             return Err(format_error(
                 at,
-                format!(
-                    "page at offset {offset:#x} is beyond RAM block `{}` of {:#x} bytes",
-                    block.name, block.len
-                ),
+                FormatError::PageBeyondBlock {
+                    block_offset: offset,
+                    name: block.name.clone(),
+                    block_len: block.len,
+                },
             ));
         }
         let guest_ram = block.guest_ram;
@@ -467,16 +698,13 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
             let fill = self.input.u8("a zero-page record", at)?;
             if fill != 0 {
                 // QEMU 8.2 and later never write one, and refuse to load one.
-                return Err(format_error(
-                    at,
-                    format!("zero-page record with fill byte {fill:#04x}"),
-                ));
+                return Err(format_error(at, FormatError::ZeroPageFill { fill }));
             }
             if guest_ram {
                 self.stats.ram_zero_pages += 1;
                 self.ram
                     .zero(page)
-                    .map_err(|source| Error::StreamRam { offset: at, source })?;
+                    .map_err(|source| StreamError::Ram { offset: at, source })?;
             } else {
                 self.stats.other_pages_skipped += 1;
             }
@@ -486,7 +714,7 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
                 self.stats.ram_pages += 1;
                 self.ram
                     .page(page, &self.page)
-                    .map_err(|source| Error::StreamRam { offset: at, source })?;
+                    .map_err(|source| StreamError::Ram { offset: at, source })?;
             } else {
                 self.stats.other_pages_skipped += 1;
             }
@@ -501,7 +729,11 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
         if kind != SECTION_FOOTER || footer_id != id {
             return Err(format_error(
                 at,
-                format!("section {id} has no footer (found type {kind:#04x}, id {footer_id})"),
+                FormatError::MissingFooter {
+                    id,
+                    kind,
+                    found_id: footer_id,
+                },
             ));
         }
         Ok(())
@@ -512,7 +744,7 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
     fn device_state(&mut self, at: u64, out: &mut dyn Write) -> Result<()> {
         let write = |out: &mut dyn Write, bytes: &[u8]| {
             out.write_all(bytes)
-                .map_err(|source| Error::StreamDeviceState { source })
+                .map_err(|source| StreamError::DeviceStateWrite { source })
         };
         write(out, &DEVICE_STATE_HEADER)?;
         write(out, &[SECTION_FULL])?;
@@ -524,7 +756,7 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
                 Ok(chunk) => chunk,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => {
-                    return Err(Error::StreamRead {
+                    return Err(StreamError::Read {
                         offset: self.input.pos,
                         source,
                     })
@@ -541,14 +773,14 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
             written += n as u64;
         }
         if !ends_like_qemu(&tail) {
-            return Err(Error::StreamTruncated {
+            return Err(StreamError::Truncated {
                 offset: self.input.pos,
                 inside: "the device state, which lacks QEMU's end-of-file marker and description",
                 item_at: at,
             });
         }
         out.flush()
-            .map_err(|source| Error::StreamDeviceState { source })?;
+            .map_err(|source| StreamError::DeviceStateWrite { source })?;
         self.stats.device_state_bytes = DEVICE_STATE_HEADER.len() as u64 + written;
         Ok(())
     }
@@ -568,8 +800,9 @@ fn ends_like_qemu(tail: &[u8]) -> bool {
     })
 }
 
-fn unexpected_section(kind: u8, ram_started: Option<u32>) -> String {
-    let what = match kind {
+/// What an unexpected section of type `kind` is.
+fn unexpected_section(kind: u8, ram_started: Option<u32>) -> &'static str {
+    match kind {
         SECTION_EOF => "the end of the stream before any device state",
         SECTION_SUBSECTION => {
             "a configuration subsection: capabilities that change the stream (x-ignore-shared, \
@@ -580,8 +813,7 @@ fn unexpected_section(kind: u8, ram_started: Option<u32>) -> String {
         SECTION_CONFIGURATION => "a second configuration section",
         SECTION_COMMAND => "a command section (postcopy, return path or switch-over acknowledgement)",
         _ => "an unknown section type",
-    };
-    format!("section type {kind:#04x}: {what}")
+    }
 }
 
 fn refused_flags(flags: u64) -> String {
@@ -602,6 +834,10 @@ fn refused_flags(flags: u64) -> String {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test streams are small (names and lengths fit their fields); random bytes are cut on purpose"
+)]
 mod tests {
     use super::*;
 
@@ -785,7 +1021,7 @@ mod tests {
         for n in cuts {
             let error = parse(&bytes[..n]).expect_err("a cut stream must be refused");
             match &error {
-                Error::StreamTruncated { offset, .. } => assert_eq!(*offset, n as u64, "{error}"),
+                StreamError::Truncated { offset, .. } => assert_eq!(*offset, n as u64, "{error}"),
                 other => panic!("cut at {n}: {other}"),
             }
         }
@@ -943,6 +1179,43 @@ mod tests {
     }
 
     #[test]
+    fn refusals_carry_their_context_and_the_drivers_error_shows_the_same_text() {
+        let error = parse(b"QEVX\0\0\0\x03").unwrap_err();
+        assert!(
+            matches!(
+                error,
+                StreamError::Format {
+                    offset: 0,
+                    problem: FormatError::NotAStream { magic: 0x5145_5658 }
+                }
+            ),
+            "{error:?}"
+        );
+        let text = error.to_string();
+        assert_eq!(
+            text,
+            "QEMU migration stream, at byte 0: magic 0x51455658 is not QEVM: not a QEMU migration stream"
+        );
+        assert_eq!(crate::Error::from(error).to_string(), text);
+
+        let bytes = Stream::default().header().ram_start(&[("mem", 8 * PAGE)]).0;
+        let error = parse(&bytes).unwrap_err();
+        let StreamError::Format { problem, .. } = &error else {
+            panic!("{error}")
+        };
+        assert_eq!(
+            *problem,
+            FormatError::BlockSize {
+                name: "mem".into(),
+                len: 8 * PAGE,
+                expected: 16 * PAGE
+            }
+        );
+        // Header (8), configuration section (16), `ram` START (17), block list total (8).
+        assert_eq!(error.offset(), Some(49));
+    }
+
+    #[test]
     fn sink_errors_name_the_record() {
         struct Full;
         impl RamSink for Full {
@@ -961,7 +1234,7 @@ mod tests {
             .collect();
         let first_record = names[1] - 8;
         assert!(
-            matches!(error, Error::StreamRam { offset, .. } if offset == first_record as u64),
+            matches!(error, StreamError::Ram { offset, .. } if offset == first_record as u64),
             "{error}"
         );
     }

@@ -2,6 +2,11 @@
 //! [`qemu::qemu_args`]): the test guest boots from it and finds its disk, and the restore form
 //! waits for incoming state.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, and unwrap says where"
+)]
+
 use std::time::Duration;
 
 use qmp::{commands::*, Client, ClientOptions, RunState};

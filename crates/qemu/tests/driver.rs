@@ -3,6 +3,11 @@
 //! mechanism (RAM through the shared file, device state through QEMU), and the disk backend
 //! that follows the domain's state.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, and unwrap says where"
+)]
+
 use std::{
     fs,
     io::Write,

@@ -4,6 +4,11 @@
 //! of other capabilities are refused; `background_snapshot` streams through a socket, and leaves no
 //! files when it fails.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, and unwrap says where"
+)]
+
 use std::{
     fs::{self, File},
     io::{Read, Write},
@@ -16,7 +21,9 @@ use memory::{
     restore, save_paused, verify, Durability, GuestMemory, ImageLayout, ImageWriter, PageImport,
     RestoreOptions, ZeroPages, PAGE_SIZE,
 };
-use qemu::{expected_blocks, parse_migration_stream, Error, ExpectedBlocks, RamSink, StreamStats};
+use qemu::{
+    expected_blocks, parse_migration_stream, Error, ExpectedBlocks, RamSink, StreamError, StreamStats,
+};
 use qmp::{commands::*, Client, ClientOptions, MigrationStatus};
 use testkit::{Qemu, SerialLine, Workload};
 
@@ -154,7 +161,7 @@ impl RamSink for Count {
     }
 }
 
-fn parse_bytes(bytes: impl Read, expected: &ExpectedBlocks) -> qemu::Result<StreamStats> {
+fn parse_bytes(bytes: impl Read, expected: &ExpectedBlocks) -> Result<StreamStats, StreamError> {
     parse_migration_stream(bytes, expected, &mut Count::default(), &mut std::io::sink())
 }
 
@@ -318,7 +325,7 @@ async fn recorded_streams_give_the_paused_image_and_restore_the_guest_at_the_sna
 
     // The same real stream, cut short anywhere, is refused with the offset where it ends.
     let bytes = fs::read(path("running.stream")).unwrap();
-    let device_at = bytes.len() - (stream.device_state_bytes as usize - 8);
+    let device_at = bytes.len() - (usize::try_from(stream.device_state_bytes).unwrap() - 8);
     let mut cuts: Vec<usize> = (0..300).chain([4100, 9000, 65_536, 1 << 20]).collect();
     cuts.extend((1..=8).map(|i| device_at * i / 9));
     cuts.extend([
@@ -331,7 +338,7 @@ async fn recorded_streams_give_the_paused_image_and_restore_the_guest_at_the_sna
     let started = Instant::now();
     for &cut in &cuts {
         match parse_bytes(&bytes[..cut], &expected) {
-            Err(Error::StreamTruncated { offset, .. }) => assert_eq!(offset, cut as u64),
+            Err(StreamError::Truncated { offset, .. }) => assert_eq!(offset, cut as u64),
             other => panic!("cut at {cut} of {}: {other:?}", bytes.len()),
         }
     }
@@ -363,7 +370,7 @@ async fn recorded_streams_give_the_paused_image_and_restore_the_guest_at_the_sna
         let error = parse_bytes(&damaged[..], &expected).unwrap_err();
         let text = error.to_string();
         assert!(text.contains(expected_text), "byte {at}: {text}");
-        if let Error::StreamFormat { offset, .. } = error {
+        if let StreamError::Format { offset, .. } = error {
             assert!(offset == at as u64 || offset == record_at as u64, "{text}");
         }
     }
@@ -404,7 +411,7 @@ async fn streams_of_other_capabilities_are_refused() {
         let ram_start = find(&bytes, b"\x03ram", subsection) - 5;
         let stripped = [&bytes[..subsection], &bytes[ram_start..]].concat();
         let error = parse_bytes(&stripped[..], &expected).unwrap_err();
-        assert!(matches!(error, Error::StreamFormat { .. }), "{name}: {error}");
+        assert!(matches!(error, StreamError::Format { .. }), "{name}: {error}");
         eprintln!("{name}: {error}");
     }
 

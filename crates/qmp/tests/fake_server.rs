@@ -1,6 +1,11 @@
 //! The client against a scripted server: protocol edge cases that a real QEMU will not produce
 //! on demand (malformed input, disconnects, reordered replies, slow replies).
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, and unwrap says where"
+)]
+
 use std::{os::fd::AsFd, sync::Arc, time::Duration};
 
 use qmp::{

@@ -1,6 +1,11 @@
 //! The client against a real QEMU 10 (q35, TCG, started with `-S`: no guest needed).
 //! These tests fail, not skip, when QEMU is missing: run `cargo xtask setup`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, and unwrap says where"
+)]
+
 use std::{
     fs,
     os::fd::AsFd,

@@ -1,5 +1,7 @@
 //! Block-layer commands: node queries, node creation, snapshots, transactions, commit/stream.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -368,6 +370,33 @@ pub struct BlockStream {
 }
 command!(BlockStream => "block-stream", Empty);
 
+/// The host file of an image node, from the file name QEMU reports for it
+/// ([`BlockDeviceInfo::file`], [`ImageInfo::filename`]).
+///
+/// A node opened from a plain file name reports that name. A node opened with explicit options
+/// that cannot be written as one (for example an overlay added by `blockdev-add` with
+/// `backing: null`) reports a `json:{...}` pseudo-filename instead, holding those options; the
+/// host file is then the `filename` of its `file` child:
+///
+/// ```
+/// use std::path::PathBuf;
+/// use qmp::commands::node_image_file;
+///
+/// assert_eq!(node_image_file("/img/a.qcow2"), Some(PathBuf::from("/img/a.qcow2")));
+/// let overlay = r#"json:{"backing": null, "driver": "qcow2",
+///     "file": {"driver": "file", "filename": "/img/o.qcow2"}}"#;
+/// assert_eq!(node_image_file(overlay), Some(PathBuf::from("/img/o.qcow2")));
+/// ```
+///
+/// `None` when the pseudo-filename is not valid JSON or names no `file.filename`.
+pub fn node_image_file(filename: &str) -> Option<PathBuf> {
+    let Some(json) = filename.strip_prefix("json:") else {
+        return Some(filename.into());
+    };
+    let options: Value = serde_json::from_str(json).ok()?;
+    options.pointer("/file/filename")?.as_str().map(PathBuf::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,5 +444,17 @@ mod tests {
             serde_json::to_value(&commit).unwrap(),
             json!({"job-id": "j", "device": "d0", "auto-dismiss": false})
         );
+    }
+
+    #[test]
+    fn node_image_files_plain_and_json() {
+        assert_eq!(node_image_file("/a/b.qcow2"), Some(PathBuf::from("/a/b.qcow2")));
+        let json = r#"json:{"backing": null, "driver": "qcow2", "file": {"driver": "file", "filename": "/t/o0.qcow2"}}"#;
+        assert_eq!(node_image_file(json), Some(PathBuf::from("/t/o0.qcow2")));
+        let json = r#"json:{"backing": {"driver": "qcow2"}, "driver": "qcow2", "file": {"driver": "file", "filename": "/t/o1.qcow2"}}"#;
+        assert_eq!(node_image_file(json), Some(PathBuf::from("/t/o1.qcow2")));
+        assert_eq!(node_image_file("json:{not json"), None);
+        assert_eq!(node_image_file(r#"json:{"driver": "qcow2"}"#), None);
+        assert_eq!(node_image_file(r#"json:{"file": {"filename": 3}}"#), None);
     }
 }
