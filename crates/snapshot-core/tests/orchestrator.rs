@@ -2,6 +2,8 @@
 //! mocks over shared state) and the real on-disk store. A failure is injected at every step;
 //! afterwards the domain must be as it was and nothing of the snapshot may remain.
 
+#![allow(clippy::unwrap_used, reason = "a test that cannot unwrap has failed")]
+
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
@@ -115,7 +117,7 @@ fn disk_mock(sim: &Shared) -> MockDiskSnapshots {
     // The tidy-up reads backing files through the backend only: these are the real overlays'.
     disks
         .expect_backing_file()
-        .returning(|image| disk::offline::backing_file(image));
+        .returning(disk::offline::backing_file);
     disks
 }
 
