@@ -420,7 +420,9 @@ fn child(layers: &mut Chain) -> Result<&mut Image> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OfflineBackend;
 
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(work).await.map_err(Error::Task)?
 }
 
@@ -464,5 +466,38 @@ impl DiskSnapshots for OfflineBackend {
     async fn backing_chain(&self, disk: &Path) -> Result<Vec<ChainImage>> {
         let disk = disk.to_owned();
         blocking(move || backing_chain(&disk)).await
+    }
+
+    async fn backing_file(&self, image: &Path) -> Result<Option<PathBuf>> {
+        let image = image.to_owned();
+        blocking(move || backing_file(&image)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The trait's `backing_file` reads the header alone and resolves a relative name against
+    /// the image's folder; a raw image has none.
+    #[tokio::test]
+    async fn backing_file_through_the_trait() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let relative = dir.path().join("relative.qcow2");
+        qcow2::create_overlay(&relative, "base.raw", "raw", 1 << 20).unwrap();
+        let absolute = dir.path().join("absolute.qcow2");
+        let named = relative.to_str().unwrap();
+        qcow2::create_overlay(&absolute, named, "qcow2", 1 << 20).unwrap();
+
+        let backend: &dyn DiskSnapshots = &OfflineBackend;
+        assert_eq!(backend.backing_file(&relative).await.unwrap(), Some(base.clone()));
+        assert_eq!(
+            backend.backing_file(&absolute).await.unwrap(),
+            Some(relative.clone())
+        );
+        assert_eq!(backend.backing_file(&base).await.unwrap(), None);
+        assert!(backend.backing_file(&dir.path().join("missing")).await.is_err());
     }
 }

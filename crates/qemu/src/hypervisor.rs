@@ -363,6 +363,10 @@ impl DiskSnapshots for LiveDisks {
     async fn backing_chain(&self, disk: &Path) -> disk::Result<Vec<ChainImage>> {
         self.live.backing_chain(disk).await
     }
+
+    async fn backing_file(&self, image: &Path) -> disk::Result<Option<PathBuf>> {
+        self.live.backing_file(image).await
+    }
 }
 
 #[cfg(test)]
