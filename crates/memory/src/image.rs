@@ -1,16 +1,17 @@
 //! The at-rest image file: writer (a [`PageSink`]), reader, verify and restore.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::format::{Footer, ImageLayout, RegionInfo, FOOTER_LEN, IMAGE_MAGIC};
 use crate::guest::{GuestMemory, PAGE, PAGE_SIZE};
+use crate::num::{to_u64, to_usize};
 use crate::par;
 use crate::table::{block_hash, is_zero, page_hash, PageState, PageTable, CHUNK_PAGES};
 
@@ -42,70 +43,51 @@ pub enum Durability {
     NoSync,
 }
 
-/// Writes an image file: to a hidden temporary name in the destination's directory, renamed to the
+/// Writes an image file: to a private, hidden temporary in the destination's directory (a
+/// [`durable::TempFile`], mode 0600: the image holds the guest's secrets), renamed to the
 /// destination only by [`ImageWriter::seal`]. Dropped unsealed, it removes the temporary file.
 ///
 /// Page data lives at fixed offsets, so pages written again in later rounds overwrite in place and the
 /// file never grows past the guest's size plus its metadata (9 bytes per page).
 #[derive(Debug)]
 pub struct ImageWriter {
-    file: File,
-    tmp: PathBuf,
-    dest: PathBuf,
+    temp: durable::TempFile,
     layout: ImageLayout,
     durability: Durability,
-    sealed: bool,
-}
-
-/// A hidden temporary name beside `dest`, unique in this process, for a file renamed to `dest`
-/// only once it is complete.
-pub fn temporary_name(dest: &Path) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    dest.with_file_name(format!(".{name}.partial-{}-{n}", std::process::id()))
 }
 
 impl ImageWriter {
     /// Starts an image for `layout` that will appear at `dest` when sealed.
     pub fn create(dest: &Path, layout: ImageLayout, durability: Durability) -> Result<Self> {
-        let tmp = temporary_name(dest);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| Error::io("create image", &tmp, e))?;
+        let temp = durable::TempFile::create(dest)?;
         let writer = ImageWriter {
-            file,
-            tmp,
-            dest: dest.to_path_buf(),
+            temp,
             layout,
             durability,
-            sealed: false,
         };
         let header = writer.layout.encode_header(IMAGE_MAGIC);
         writer
-            .file
+            .file()
             .write_all_at(&header, 0)
             .map_err(|e| writer.err("write header to", e))?;
         // The data area starts as one hole: zero pages never take space.
         writer
-            .file
+            .file()
             .set_len(writer.layout.table_offset())
             .map_err(|e| writer.err("size", e))?;
         Ok(writer)
     }
 
+    fn file(&self) -> &File {
+        self.temp.file()
+    }
+
     fn err(&self, op: &'static str, e: io::Error) -> Error {
-        Error::io(op, &self.tmp, e)
+        Error::io(op, self.temp.path(), e)
     }
 
     /// Writes the page table and footer, fsyncs (per [`Durability`]) and renames into place.
-    pub fn seal(mut self, table: &PageTable) -> Result<()> {
+    pub fn seal(self, table: &PageTable) -> Result<()> {
         assert_eq!(
             table.pages(),
             self.layout.total_pages(),
@@ -113,35 +95,33 @@ impl ImageWriter {
         );
         let mut at = self.layout.table_offset();
         let table_checksum = table.write_encoded(|piece| {
-            self.file
+            self.file()
                 .write_all_at(piece, at)
                 .map_err(|e| self.err("write page table to", e))?;
-            at += piece.len() as u64;
-            Ok(())
+            at += to_u64(piece.len());
+            Ok::<_, Error>(())
         })?;
         let footer = Footer {
             table_checksum,
             header_checksum: self.layout.header_checksum(IMAGE_MAGIC),
         };
-        self.file
+        self.file()
             .write_all_at(&footer.encode(&self.layout), at)
             .map_err(|e| self.err("write footer to", e))?;
-        if self.durability == Durability::Sync {
-            self.file.sync_all().map_err(|e| self.err("fsync", e))?;
-        }
-        std::fs::rename(&self.tmp, &self.dest).map_err(|e| self.err("rename into place", e))?;
-        self.sealed = true;
-        if self.durability == Durability::Sync {
-            sync_parent(&self.dest).map_err(|(dir, e)| Error::io("fsync directory", &dir, e))?;
-        }
+        let sync = match self.durability {
+            Durability::Sync => durable::Sync::Yes,
+            Durability::NoSync => durable::Sync::No,
+        };
+        self.temp.persist(sync)?;
         Ok(())
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let (off, size) = (offset as libc::off_t, len as libc::off_t);
+        let off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
+        let size = libc::off_t::try_from(len).map_err(io::Error::other)?;
         // SAFETY: fallocate on a file descriptor we own, with integer arguments only; no memory is shared.
-        if unsafe { libc::fallocate(self.file.as_raw_fd(), flags, off, size) } == 0 {
+        if unsafe { libc::fallocate(self.file().as_raw_fd(), flags, off, size) } == 0 {
             return Ok(());
         }
         let e = io::Error::last_os_error();
@@ -149,12 +129,12 @@ impl ImageWriter {
             return Err(e);
         }
         // Filesystems without hole punching: write the zeros instead.
-        let zeros = vec![0u8; (len.min(IO_BATCH_PAGES * PAGE)) as usize];
+        let zeros = vec![0u8; to_usize(len.min(IO_BATCH_PAGES * PAGE))];
         let mut done = 0;
         while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], offset + done)?;
-            done += n as u64;
+            let n = to_usize((len - done).min(to_u64(zeros.len())));
+            self.file().write_all_at(&zeros[..n], offset + done)?;
+            done += to_u64(n);
         }
         Ok(())
     }
@@ -165,7 +145,7 @@ impl PageSink for ImageWriter {
         &self.layout
     }
     fn write_pages(&self, first_page: u64, data: &[u8], _checksums: &[u64]) -> Result<()> {
-        self.file
+        self.file()
             .write_all_at(data, self.layout.page_offset(first_page))
             .map_err(|e| self.err("write page data to", e))
     }
@@ -176,27 +156,6 @@ impl PageSink for ImageWriter {
     fn seal(self: Box<Self>, table: &PageTable) -> Result<()> {
         ImageWriter::seal(*self, table)
     }
-}
-
-impl Drop for ImageWriter {
-    fn drop(&mut self) {
-        if !self.sealed {
-            // Best effort: an unsealed temporary never looks complete anyway (no footer).
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-/// Makes a rename into `path`'s folder durable by fsyncing the folder; on failure, the folder and
-/// the error.
-pub fn sync_parent(path: &Path) -> std::result::Result<(), (PathBuf, io::Error)> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| (dir.to_owned(), e))
 }
 
 /// Positioned reads from an image: a file, or bytes in memory (fuzzing, tests).

@@ -447,7 +447,7 @@ struct TempFile {
 
 impl TempFile {
     fn create(dest: &Path, durability: Durability) -> Result<Self> {
-        let tmp = memory::temporary_name(dest);
+        let tmp = durable::temporary_name(dest);
         // The device state holds guest secrets (CPU registers, device buffers): private.
         let file = OpenOptions::new()
             .write(true)
@@ -480,7 +480,11 @@ impl TempFile {
         std::fs::rename(&self.tmp, &self.dest).map_err(io_error("cannot rename into place", &self.tmp))?;
         self.tmp = PathBuf::new();
         if self.durability == Durability::Sync {
-            memory::sync_parent(&self.dest).map_err(|(dir, e)| io_error("cannot sync", &dir)(e))?;
+            durable::sync_parent(&self.dest).map_err(|e| Error::Io {
+                operation: e.operation,
+                path: e.path,
+                source: e.source,
+            })?;
         }
         Ok(())
     }

@@ -357,30 +357,14 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// Replaces `path` with `bytes` so that a crash leaves the old or the new content, never a mix:
-/// temporary file in the same folder (mode 0600), fsync, rename, fsync of the folder.
+/// temporary file in the same folder (mode 0600), fsync, rename, fsync of the folder
+/// ([`durable::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let temporary = memory::temporary_name(path);
-    let written = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&temporary, path)
-    })();
-    if let Err(source) = written {
-        let _ = fs::remove_file(&temporary);
-        return Err(Error::Io {
-            operation: "cannot write",
-            path: path.to_owned(),
-            source,
-        });
-    }
-    sync_dir(dir)
+    durable::write_atomic(path, bytes).map_err(|e| Error::Io {
+        operation: e.operation,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 #[cfg(test)]
