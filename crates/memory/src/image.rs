@@ -177,7 +177,7 @@ impl ReadAt for File {
 
 impl ReadAt for [u8] {
     fn size(&self) -> io::Result<u64> {
-        Ok(self.len() as u64)
+        Ok(to_u64(self.len()))
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let src = usize::try_from(offset)
@@ -275,7 +275,7 @@ impl<S: ReadAt> ImageReader<S> {
         let mut prefix = [0u8; 16];
         read_at(&src, &mut prefix, 0, "read header of")?;
         let header_len = ImageLayout::header_len_from_prefix(&prefix, IMAGE_MAGIC, kind)?;
-        if size < header_len as u64 {
+        if size < to_u64(header_len) {
             return Err(Error::corrupt(
                 kind,
                 format!("{size} bytes is too short for its {header_len}-byte header"),
@@ -291,18 +291,18 @@ impl<S: ReadAt> ImageReader<S> {
             });
         }
         let mut footer = [0u8; FOOTER_LEN];
-        read_at(&src, &mut footer, size - FOOTER_LEN as u64, "read footer of")?;
+        read_at(&src, &mut footer, size - to_u64(FOOTER_LEN), "read footer of")?;
         let footer = Footer::decode(&footer, &layout, header_sum)?;
         let table_len = layout.table_len();
         let mut table = Vec::new();
         table
-            .try_reserve_exact(table_len as usize)
+            .try_reserve_exact(to_usize(table_len))
             .map_err(|_| Error::TooLarge {
                 what: "image page table",
                 value: table_len,
-                limit: isize::MAX as u64,
+                limit: to_u64(isize::MAX.unsigned_abs()),
             })?;
-        table.resize(table_len as usize, 0);
+        table.resize(to_usize(table_len), 0);
         read_at(&src, &mut table, layout.table_offset(), "read page table of")?;
         if block_hash(&table) != footer.table_checksum {
             return Err(Error::corrupt(kind, "page table checksum mismatch"));
@@ -365,12 +365,12 @@ impl<S: ReadAt> ImageReader<S> {
     /// Reads every page and checks it: stored pages against their checksums, zero pages for zeros.
     pub fn verify(&self) -> Result<ImageInfo> {
         let chunks = (0..self.layout.total_pages()).step_by(CHUNK_PAGES);
-        let init = || vec![0u8; (IO_BATCH_PAGES * PAGE) as usize];
+        let init = || vec![0u8; to_usize(IO_BATCH_PAGES * PAGE)];
         par::for_each(chunks, init, |buf, start| {
-            let range = start..(start + CHUNK_PAGES as u64).min(self.layout.total_pages());
+            let range = start..(start + to_u64(CHUNK_PAGES)).min(self.layout.total_pages());
             for state in [PageState::Present, PageState::Zero] {
                 self.runs(range.clone(), state, |first, count| {
-                    let bytes = &mut buf[..(count * PAGE) as usize];
+                    let bytes = &mut buf[..to_usize(count * PAGE)];
                     read_at(
                         &self.src,
                         bytes,
@@ -378,7 +378,7 @@ impl<S: ReadAt> ImageReader<S> {
                         "read page data of",
                     )?;
                     for (i, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
-                        let p = first + i as u64;
+                        let p = first + to_u64(i);
                         let ok = match state {
                             PageState::Present => {
                                 page_hash(self.layout.seed(), page) == self.table.checksum(p)
@@ -416,16 +416,16 @@ impl<S: ReadAt> ImageReader<S> {
         let chunks = (0..self.layout.total_pages()).step_by(CHUNK_PAGES);
         par::for_each(
             chunks,
-            || vec![0u8; IO_BATCH_PAGES as usize],
+            || vec![0u8; to_usize(IO_BATCH_PAGES)],
             |data_map, start| {
-                let range = start..(start + CHUNK_PAGES as u64).min(self.layout.total_pages());
+                let range = start..(start + to_u64(CHUNK_PAGES)).min(self.layout.total_pages());
                 for (region, pages) in mem.segments(range) {
                     self.runs(pages.clone(), PageState::Present, |first, count| {
                         // SAFETY: the pages are inside `region`'s writable mapping, which outlives this call;
                         // chunks are disjoint between workers and the target is not running (documented
                         // precondition), so nothing else accesses these bytes while the slice lives.
                         let target = unsafe {
-                            std::slice::from_raw_parts_mut(region.host(first), (count * PAGE) as usize)
+                            std::slice::from_raw_parts_mut(region.host(first), to_usize(count * PAGE))
                         };
                         read_at(
                             &self.src,
@@ -434,7 +434,7 @@ impl<S: ReadAt> ImageReader<S> {
                             "read page data of",
                         )?;
                         for (i, page) in target.chunks_exact(PAGE_SIZE).enumerate() {
-                            let p = first + i as u64;
+                            let p = first + to_u64(i);
                             if page_hash(self.layout.seed(), page) != self.table.checksum(p) {
                                 return Err(self.page_error(p, "does not match its checksum"));
                             }
@@ -445,11 +445,11 @@ impl<S: ReadAt> ImageReader<S> {
                     if options.zero_pages == ZeroPages::ClearIfNonZero {
                         self.runs(pages, PageState::Zero, |first, count| {
                             // Holes of a RAM file are zero already; reading them would allocate them.
-                            let data_map = &mut data_map[..count as usize];
+                            let data_map = &mut data_map[..to_usize(count)];
                             region.data_map(first..first + count, data_map);
                             // SAFETY: as above: disjoint pages of a target that is not running.
                             let target = unsafe {
-                                std::slice::from_raw_parts_mut(region.host(first), (count * PAGE) as usize)
+                                std::slice::from_raw_parts_mut(region.host(first), to_usize(count * PAGE))
                             };
                             let with_data = target.chunks_exact_mut(PAGE_SIZE).zip(data_map.iter());
                             for (page, _) in with_data.filter(|(_, &data)| data == 1) {
