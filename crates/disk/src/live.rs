@@ -270,9 +270,10 @@ impl DiskSnapshots for LiveBackend {
             .map(|s| InternalSnapshot {
                 id: s.id.clone(),
                 name: s.name.clone(),
-                date_sec: s.date_sec.max(0) as u64,
-                date_nsec: s.date_nsec.clamp(0, 999_999_999) as u32,
-                vm_clock_nsec: (s.vm_clock_sec.max(0) as u64) * 1_000_000_000 + s.vm_clock_nsec.max(0) as u64,
+                date_sec: u64::try_from(s.date_sec).unwrap_or(0),
+                date_nsec: u32::try_from(s.date_nsec.clamp(0, 999_999_999)).unwrap_or(0),
+                vm_clock_nsec: u64::try_from(s.vm_clock_sec).unwrap_or(0) * 1_000_000_000
+                    + u64::try_from(s.vm_clock_nsec).unwrap_or(0),
                 disk_size: None,
                 vm_state_size: s.vm_state_size,
             })

@@ -80,6 +80,10 @@ pub fn create_internal(disks: &[PathBuf], name: &str) -> Result<()> {
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     // The table stores 32-bit seconds, as QEMU does.
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "QEMU keeps the low 32 bits of the seconds too"
+    )]
     let date = (now.as_secs() as u32, now.subsec_nanos());
     for done in 0..images.len() {
         if let Err(error) = images[done].create_snapshot(name, date) {

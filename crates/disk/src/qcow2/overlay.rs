@@ -42,7 +42,8 @@ pub fn create_overlay(path: &Path, backing: &str, backing_format: &str, size: u6
         cluster_bits: CLUSTER_BITS,
         size,
         crypt_method: 0,
-        l1_size: l1_size as u32,
+        l1_size: u32::try_from(l1_size)
+            .map_err(|_| invalid("the virtual size is too large for a qcow2 image"))?,
         l1_table_offset: 3 * CLUSTER_SIZE,
         refcount_table_offset: CLUSTER_SIZE,
         refcount_table_clusters: 1,
