@@ -360,10 +360,19 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// temporary file in the same folder (mode 0600), fsync, rename, fsync of the folder
 /// ([`durable::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    durable::write_atomic(path, bytes).map_err(|e| Error::Io {
-        operation: e.operation,
-        path: e.path,
-        source: e.source,
+    durable::write_atomic(path, bytes).map_err(|e| {
+        // Name the destination rather than the hidden temporary (gone by now); a failed fsync of
+        // the folder names the folder.
+        let named = if path.parent() == Some(e.path.as_path()) {
+            e.path
+        } else {
+            path.to_owned()
+        };
+        Error::Io {
+            operation: e.operation,
+            path: named,
+            source: e.source,
+        }
     })
 }
 
