@@ -460,9 +460,8 @@ impl DiskSnapshots for LiveBackend {
             .collect())
     }
 
-    /// Read natively from the header, like the offline backend: QEMU never rewrites a header
-    /// behind a reader's back in a way that tears the backing name (it is set once, when the
-    /// overlay is made, or by a completed job).
+    /// Read natively from the header, like the offline backend: reading takes no lock and
+    /// writes nothing, so it is safe while QEMU holds the image.
     async fn backing_file(&self, image: &Path) -> Result<Option<PathBuf>> {
         let image = image.to_owned();
         offline::blocking(move || offline::backing_file(&image)).await
