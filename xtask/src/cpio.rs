@@ -170,7 +170,7 @@ pub(crate) mod tests {
         w.file("odd-name", 0o644, b"12345").unwrap();
         w.symlink("bin/sh", "busybox").unwrap();
         let (bytes, size) = w.finish().unwrap();
-        assert_eq!(size as usize, bytes.len());
+        assert_eq!(usize::try_from(size).unwrap(), bytes.len());
         assert_eq!(bytes.len() % 4, 0);
         let entries = parse(&bytes);
         let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();

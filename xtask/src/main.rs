@@ -28,7 +28,12 @@ enum Task {
         #[arg(long)]
         force: bool,
     },
-    /// Run `setup`, then `cargo test --workspace` with DOMSNAP_GUEST_DIR exported
+    /// Run the checks (fmt, clippy, doc), `setup`, then `cargo test --workspace` with
+    /// DOMSNAP_GUEST_DIR exported
+    ///
+    /// The checks, in order, each stopping the task when it fails: `cargo fmt --all --check`,
+    /// `cargo clippy --workspace --all-targets --all-features -- -D warnings` and
+    /// `cargo doc --workspace --no-deps` with RUSTDOCFLAGS=-D warnings.
     ///
     /// Arguments after `--` go to cargo test (e.g. `cargo xtask test -- -p qmp -- --nocapture`;
     /// `--workspace` is left out when they select packages with -p/--package).
@@ -77,9 +82,70 @@ fn selects_packages(args: &[String]) -> bool {
         .any(|a| a == "--package" || a.starts_with("--package=") || a.starts_with("-p"))
 }
 
+/// One check `cargo xtask test` runs before the tests: its name, cargo's arguments and extra
+/// environment.
+#[derive(Debug)]
+struct Check {
+    name: &'static str,
+    args: &'static [&'static str],
+    env: &'static [(&'static str, &'static str)],
+}
+
+/// The checks, in the order they run. `--all-features` covers the whole workspace: only `disk`
+/// has features (`live`, `mock`), and they build together.
+const CHECKS: &[Check] = &[
+    Check {
+        name: "format",
+        args: &["fmt", "--all", "--check"],
+        env: &[],
+    },
+    Check {
+        name: "clippy",
+        args: &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        env: &[],
+    },
+    Check {
+        name: "doc",
+        args: &["doc", "--workspace", "--no-deps"],
+        env: &[("RUSTDOCFLAGS", "-D warnings")],
+    },
+];
+
+/// Runs every check in [`CHECKS`]; the first that fails stops with an error naming it.
+fn run_checks(cargo: &std::ffi::OsStr) -> Result<()> {
+    for check in CHECKS {
+        let mut command = Command::new(cargo);
+        command
+            .current_dir(workspace_root())
+            .args(check.args)
+            .envs(check.env.iter().copied());
+        let line = cmd::display(&command);
+        eprintln!("$ {line}");
+        let status = command
+            .status()
+            .with_context(|| format!("check `{}`: cannot run `{line}`", check.name))?;
+        if !status.success() {
+            bail!(
+                "check `{}` failed ({status}): `{line}`; its output is above",
+                check.name
+            );
+        }
+    }
+    Ok(())
+}
+
 fn test(cargo_args: &[String]) -> Result<()> {
-    let report = run_setup(false)?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run_checks(&cargo)?;
+    let report = run_setup(false)?;
     let mut test = Command::new(cargo);
     test.current_dir(workspace_root())
         .env(guest::GUEST_DIR_ENV, &report.guest_dir)
@@ -206,6 +272,14 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn checks_run_in_order_with_warnings_denied() {
+        let names: Vec<&str> = CHECKS.iter().map(|c| c.name).collect();
+        assert_eq!(names, ["format", "clippy", "doc"]);
+        assert!(CHECKS[1].args.ends_with(&["-D", "warnings"]));
+        assert_eq!(CHECKS[2].env, [("RUSTDOCFLAGS", "-D warnings")]);
     }
 
     #[test]

@@ -3,6 +3,15 @@
 //!
 //! `cargo bench -p disk --bench snapshots`; compare `native/*` with `qemu-img/*`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "test and benchmark code: a failed unwrap is a failed run, and its sizes and counts are small \
+              constants of the test"
+)]
+
 use std::{
     path::{Path, PathBuf},
     process::Command,

@@ -119,9 +119,9 @@ pub trait DiskSnapshots: Send + Sync {
     /// The backing chain of a disk, from its active image down to the base.
     async fn backing_chain(&self, disk: &Path) -> Result<Vec<ChainImage>>;
 
-    /// The backing file named in `image`'s header (resolved against the image's folder), or
-    /// `None` for an image without one. Reads the header alone, so it also answers for images a
-    /// running QEMU holds and for images that are in no disk's chain any more.
+    /// The backing file named in `image`'s header (absolute, resolved against the image's
+    /// folder), without opening the chain: `None` for a raw image or a qcow2 image without
+    /// one. Reading a header is safe while QEMU runs, so both backends read it natively.
     async fn backing_file(&self, image: &Path) -> Result<Option<PathBuf>>;
 }
 
@@ -148,5 +148,18 @@ mod tests {
             .delete_external(Path::new("/a"), Path::new("/base"), MergeMethod::StreamIntoChild)
             .await;
         assert_eq!(active.unwrap(), PathBuf::from("/a"));
+    }
+
+    #[tokio::test]
+    async fn backing_file_can_be_mocked() {
+        let mut mock = MockDiskSnapshots::new();
+        mock.expect_backing_file()
+            .returning(|image| Ok((image == Path::new("/o1")).then(|| PathBuf::from("/base"))));
+        let backend: Box<dyn DiskSnapshots> = Box::new(mock);
+        assert_eq!(
+            backend.backing_file(Path::new("/o1")).await.unwrap(),
+            Some(PathBuf::from("/base"))
+        );
+        assert_eq!(backend.backing_file(Path::new("/base")).await.unwrap(), None);
     }
 }

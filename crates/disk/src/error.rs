@@ -141,6 +141,16 @@ pub enum Error {
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<durable::Error> for Error {
+    fn from(e: durable::Error) -> Self {
+        Error::Io {
+            action: e.operation,
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 /// Builds an [`Error::Io`] for `map_err`.
 pub(crate) fn io_err<'a>(
     action: &'static str,

@@ -37,6 +37,7 @@ mod error;
 mod live;
 mod lock;
 pub mod names;
+mod num;
 pub mod offline;
 pub mod qcow2;
 

@@ -260,9 +260,10 @@ impl DiskSnapshots for LiveBackend {
             .map(|s| InternalSnapshot {
                 id: s.id.clone(),
                 name: s.name.clone(),
-                date_sec: s.date_sec.max(0) as u64,
-                date_nsec: s.date_nsec.clamp(0, 999_999_999) as u32,
-                vm_clock_nsec: (s.vm_clock_sec.max(0) as u64) * 1_000_000_000 + s.vm_clock_nsec.max(0) as u64,
+                date_sec: u64::try_from(s.date_sec).unwrap_or(0),
+                date_nsec: u32::try_from(s.date_nsec.clamp(0, 999_999_999)).unwrap_or(0),
+                vm_clock_nsec: u64::try_from(s.vm_clock_sec).unwrap_or(0) * 1_000_000_000
+                    + u64::try_from(s.vm_clock_nsec).unwrap_or(0),
                 disk_size: None,
                 vm_state_size: s.vm_state_size,
             })
@@ -436,12 +437,6 @@ impl DiskSnapshots for LiveBackend {
         }
     }
 
-    async fn backing_file(&self, image: &Path) -> Result<Option<PathBuf>> {
-        // The header names it whatever QEMU has open; reading a header takes no lock.
-        let image = image.to_owned();
-        crate::offline::blocking(move || crate::offline::backing_file(&image)).await
-    }
-
     async fn backing_chain(&self, disk: &Path) -> Result<Vec<ChainImage>> {
         Ok(self
             .chain(disk)
@@ -453,5 +448,12 @@ impl DiskSnapshots for LiveBackend {
                 virtual_size: n.info.image.virtual_size,
             })
             .collect())
+    }
+
+    /// Read natively from the header, like the offline backend: reading takes no lock and
+    /// writes nothing, so it is safe while QEMU holds the image.
+    async fn backing_file(&self, image: &Path) -> Result<Option<PathBuf>> {
+        let image = image.to_owned();
+        offline::blocking(move || offline::backing_file(&image)).await
     }
 }

@@ -21,10 +21,19 @@ const LOCK_START: i64 = 100;
 /// Bytes QEMU may lock (permission bytes from 100, shared-permission bytes from 200).
 const LOCK_LEN: i64 = 200;
 
+/// `flock`'s `l_type` and `l_whence` are `short`s; libc names their values as `int`s.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "F_WRLCK, F_UNLCK and SEEK_SET are small constants (0 to 2)"
+)]
+const fn short(value: libc::c_int) -> libc::c_short {
+    value as libc::c_short
+}
+
 fn lock_request(kind: libc::c_short) -> libc::flock {
     libc::flock {
         l_type: kind,
-        l_whence: libc::SEEK_SET as libc::c_short,
+        l_whence: short(libc::SEEK_SET),
         l_start: LOCK_START,
         l_len: LOCK_LEN,
         // Must be 0 for OFD locks.
@@ -56,7 +65,7 @@ fn free_within_transient_hold(mut free: impl FnMut() -> io::Result<bool>) -> io:
 /// Takes an exclusive OFD lock on QEMU's lock bytes; released when `file` (its open file
 /// description) is closed. `Ok(false)` means another process holds a lock there.
 pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
-    let request = lock_request(libc::F_WRLCK as libc::c_short);
+    let request = lock_request(short(libc::F_WRLCK));
     free_within_transient_hold(|| match fcntl(file.as_fd(), FcntlArg::F_OFD_SETLK(&request)) {
         Ok(_) => Ok(true),
         Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => Ok(false),
@@ -68,9 +77,9 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
 /// the file may be open read-only and so cannot take a write lock itself).
 pub fn is_locked_by_other(file: &File) -> io::Result<bool> {
     let free = free_within_transient_hold(|| {
-        let mut probe = lock_request(libc::F_WRLCK as libc::c_short);
+        let mut probe = lock_request(short(libc::F_WRLCK));
         fcntl(file.as_fd(), FcntlArg::F_OFD_GETLK(&mut probe))?;
-        Ok(probe.l_type == libc::F_UNLCK as libc::c_short)
+        Ok(probe.l_type == short(libc::F_UNLCK))
     })?;
     Ok(!free)
 }

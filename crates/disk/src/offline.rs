@@ -80,6 +80,10 @@ pub fn create_internal(disks: &[PathBuf], name: &str) -> Result<()> {
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     // The table stores 32-bit seconds, as QEMU does.
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "QEMU keeps the low 32 bits of the seconds too"
+    )]
     let date = (now.as_secs() as u32, now.subsec_nanos());
     for done in 0..images.len() {
         if let Err(error) = images[done].create_snapshot(name, date) {
@@ -463,13 +467,41 @@ impl DiskSnapshots for OfflineBackend {
         blocking(move || delete_external(&disk, &image, method)).await
     }
 
+    async fn backing_chain(&self, disk: &Path) -> Result<Vec<ChainImage>> {
+        let disk = disk.to_owned();
+        blocking(move || backing_chain(&disk)).await
+    }
+
     async fn backing_file(&self, image: &Path) -> Result<Option<PathBuf>> {
         let image = image.to_owned();
         blocking(move || backing_file(&image)).await
     }
+}
 
-    async fn backing_chain(&self, disk: &Path) -> Result<Vec<ChainImage>> {
-        let disk = disk.to_owned();
-        blocking(move || backing_chain(&disk)).await
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The trait's `backing_file` reads the header alone and resolves a relative name against
+    /// the image's folder; a raw image has none.
+    #[tokio::test]
+    async fn backing_file_through_the_trait() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let relative = dir.path().join("relative.qcow2");
+        qcow2::create_overlay(&relative, "base.raw", "raw", 1 << 20).unwrap();
+        let absolute = dir.path().join("absolute.qcow2");
+        let named = relative.to_str().unwrap();
+        qcow2::create_overlay(&absolute, named, "qcow2", 1 << 20).unwrap();
+
+        let backend: &dyn DiskSnapshots = &OfflineBackend;
+        assert_eq!(backend.backing_file(&relative).await.unwrap(), Some(base.clone()));
+        assert_eq!(
+            backend.backing_file(&absolute).await.unwrap(),
+            Some(relative.clone())
+        );
+        assert_eq!(backend.backing_file(&base).await.unwrap(), None);
+        assert!(backend.backing_file(&dir.path().join("missing")).await.is_err());
     }
 }

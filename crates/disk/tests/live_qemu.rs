@@ -1,5 +1,14 @@
 //! The live backend against a real QEMU 10 running the test guest with two qcow2 disks.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "test and benchmark code: a failed unwrap is a failed run, and its sizes and counts are small \
+              constants of the test"
+)]
+
 mod common;
 
 use std::{path::Path, time::Duration};

@@ -1,6 +1,15 @@
 //! Deleting external snapshots offline (native stream and commit) against qemu-img and qemu-io:
 //! the disk shows the same bytes before and after, and every remaining image checks clean.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "test and benchmark code: a failed unwrap is a failed run, and its sizes and counts are small \
+              constants of the test"
+)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,15 @@
 //! Random sequences of snapshot operations and guest writes, each step checked against
 //! qemu-img (check, snapshot list) and a model of the disk contents.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "test and benchmark code: a failed unwrap is a failed run, and its sizes and counts are small \
+              constants of the test"
+)]
+
 mod common;
 
 use std::path::PathBuf;

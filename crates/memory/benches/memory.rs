@@ -4,6 +4,15 @@
 //! Run: `cargo bench -p memory --bench memory` (about three minutes; needs ~3.5 GiB of RAM and
 //! /dev/shm). Each group prints extra figures (rounds, pages, peak heap) to stderr.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "test and benchmark code: a failed unwrap is a failed run, and its sizes and counts are small \
+              constants of the test"
+)]
+
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -149,6 +149,17 @@ pub enum Error {
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<durable::Error> for Error {
+    /// A durable write's failure, worded like the crate's own I/O errors ("cannot fsync ...").
+    fn from(e: durable::Error) -> Self {
+        Error::Io {
+            op: e.operation.strip_prefix("cannot ").unwrap_or(e.operation),
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 impl Error {
     pub(crate) fn io(op: &'static str, path: &std::path::Path, source: io::Error) -> Self {
         Error::Io {

@@ -8,6 +8,7 @@ use std::hash::BuildHasher;
 
 use crate::error::{Error, Result};
 use crate::guest::{GuestMemory, PAGE, PAGE_SIZE};
+use crate::num::{to_u64, to_usize};
 use crate::table::{block_hash, PageTable};
 
 /// Format version written and read by this build.
@@ -83,7 +84,7 @@ impl ImageLayout {
             return Err(bad(&regions[0], "image too large"));
         }
         let header_len =
-            ((FIXED_HEADER_LEN + regions.len() * REGION_ENTRY_LEN + 8) as u64).next_multiple_of(PAGE);
+            (to_u64(FIXED_HEADER_LEN + regions.len() * REGION_ENTRY_LEN + 8)).next_multiple_of(PAGE);
         if header_len > MAX_HEADER_LEN {
             return Err(bad(&regions[0], "too many regions"));
         }
@@ -129,7 +130,7 @@ impl ImageLayout {
         PageTable::encoded_len(self.total_pages)
     }
     pub(crate) fn file_len(&self) -> u64 {
-        self.table_offset() + self.table_len() + FOOTER_LEN as u64
+        self.table_offset() + self.table_len() + to_u64(FOOTER_LEN)
     }
 
     /// Guest-physical address of page `page` (for error messages).
@@ -171,8 +172,13 @@ impl ImageLayout {
     }
 
     /// The header block: fixed fields, region table, checksum, zero padding to `header_len`.
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "header_len <= MAX_HEADER_LEN, which also bounds the region count (checked when the layout \
+                  was made or decoded); PAGE_SIZE is 4096"
+    )]
     pub(crate) fn encode_header(&self, magic: [u8; 8]) -> Vec<u8> {
-        let mut h = Vec::with_capacity(self.header_len as usize);
+        let mut h = Vec::with_capacity(to_usize(self.header_len));
         h.extend_from_slice(&magic);
         h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         h.extend_from_slice(&(self.header_len as u32).to_le_bytes());
@@ -190,7 +196,7 @@ impl ImageLayout {
         }
         let sum = block_hash(&h);
         h.extend_from_slice(&sum.to_le_bytes());
-        h.resize(self.header_len as usize, 0);
+        h.resize(to_usize(self.header_len), 0);
         h
     }
 
@@ -215,7 +221,7 @@ impl ImageLayout {
                 format!("header length {len} is not a valid header size"),
             ));
         }
-        Ok(len as usize)
+        Ok(to_usize(len))
     }
 
     /// Decodes a whole header block (as sized by [`Self::header_len_from_prefix`]); returns the layout
@@ -225,7 +231,7 @@ impl ImageLayout {
         if h.len() != header_len {
             return Err(Error::corrupt(kind, "header block has the wrong length"));
         }
-        let count = le_u32(h, 24) as usize;
+        let count = to_usize(u64::from(le_u32(h, 24)));
         let sum_at = FIXED_HEADER_LEN + count * REGION_ENTRY_LEN;
         if sum_at + 8 > header_len {
             return Err(Error::corrupt(
@@ -241,7 +247,7 @@ impl ImageLayout {
             return Err(Error::corrupt(kind, "header padding is not zero"));
         }
         let page_size = le_u32(h, 16);
-        if page_size as usize != PAGE_SIZE {
+        if u64::from(page_size) != PAGE {
             return Err(Error::corrupt(
                 kind,
                 format!("page size {page_size} (this build handles {PAGE_SIZE})"),
@@ -262,7 +268,7 @@ impl ImageLayout {
             .collect();
         let layout = Self::new(regions, le_u64(h, 40))
             .map_err(|e| Error::corrupt(kind, format!("header region table: {e}")))?;
-        if layout.header_len as usize != header_len
+        if to_usize(layout.header_len) != header_len
             || layout.total_pages != le_u64(h, 32)
             || layout.header_len != le_u64(h, 48)
             || layout.table_offset() != le_u64(h, 56)

@@ -13,10 +13,11 @@ use std::ptr::NonNull;
 use std::{fmt, io};
 
 use crate::error::{Error, Result};
+use crate::num::{to_u64, to_usize};
 
 /// Size of a guest page, the unit of tracking, checksums and images.
 pub const PAGE_SIZE: usize = 4096;
-pub(crate) const PAGE: u64 = PAGE_SIZE as u64;
+pub(crate) const PAGE: u64 = to_u64(PAGE_SIZE);
 
 /// One mmap'ed host range, unmapped on drop.
 struct Mapping {
@@ -128,7 +129,7 @@ impl Region {
     /// Host pointer to page `page` (global index, inside this region).
     pub(crate) fn host(&self, page: u64) -> *mut u8 {
         debug_assert!(self.page_range().contains(&page));
-        let off = ((page - self.first_page) * PAGE) as usize;
+        let off = to_usize((page - self.first_page) * PAGE);
         // SAFETY: page is inside this region, so the offset is inside the mapping.
         unsafe { self.map.ptr.as_ptr().add(off) }
     }
@@ -140,7 +141,7 @@ impl Region {
     /// hash what they copied. Each byte is read at most once per use, so a concurrent change can only make
     /// a hint stale, which the next round catches.
     pub(crate) fn live(&self, pages: Range<u64>) -> &[u8] {
-        let len = ((pages.end - pages.start) * PAGE) as usize;
+        let len = to_usize((pages.end - pages.start) * PAGE);
         // SAFETY: the range is inside the mapping (checked by the callers' page ranges, asserted in host),
         // which lives as long as &self. The mapping is readable. See above for why concurrent writers are
         // tolerated: the bytes are treated as a hint, exactly as every VMM that scans live guest RAM does.
@@ -157,7 +158,7 @@ impl Region {
     /// (on swap or disk), so each such run is confirmed with SEEK_DATA. Anonymous memory, and any
     /// failure, gives all ones: reading is always correct.
     pub(crate) fn data_map(&self, pages: Range<u64>, map: &mut [u8]) {
-        let n = (pages.end - pages.start) as usize;
+        let n = to_usize(pages.end - pages.start);
         assert_eq!(map.len(), n, "one map byte per page");
         map.fill(1);
         let (Some(file), Backing::File { offset }) = (&self.file, self.backing) else {
@@ -182,12 +183,16 @@ impl Region {
             while i < n && map[i] & 1 == 0 {
                 i += 1;
             }
-            let from = file_offset(pages.start + start as u64) as libc::off_t;
+            let Ok(from) = libc::off_t::try_from(file_offset(pages.start + to_u64(start))) else {
+                // Beyond any file offset lseek takes: count the pages as data.
+                map[start..i].fill(1);
+                continue;
+            };
             // SAFETY: lseek on a descriptor we own, integer arguments only. It moves the shared file
             // offset, which nothing here uses.
             let data = unsafe { libc::lseek(file.as_raw_fd(), from, libc::SEEK_DATA) };
             let hole = if data >= 0 {
-                data as u64 >= file_offset(pages.start + i as u64)
+                u64::try_from(data).is_ok_and(|data| data >= file_offset(pages.start + to_u64(i)))
             } else {
                 // ENXIO: no data up to the end of the file.
                 io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)
@@ -380,14 +385,14 @@ impl GuestMemory {
     }
 
     fn locate(&self, gpa: u64, len: usize) -> Result<*mut u8> {
-        let len64 = len as u64;
+        let len64 = to_u64(len);
         let region = self
             .regions
             .iter()
             .find(|r| gpa >= r.gpa && gpa.checked_add(len64).is_some_and(|end| end <= r.gpa + r.len))
             .ok_or(Error::OutOfBounds { gpa, len: len64 })?;
         // SAFETY: [gpa, gpa+len) lies inside the region, so the offset stays inside its mapping.
-        Ok(unsafe { region.map.ptr.as_ptr().add((gpa - region.gpa) as usize) })
+        Ok(unsafe { region.map.ptr.as_ptr().add(to_usize(gpa - region.gpa)) })
     }
 
     /// Copies guest memory at `gpa` into `buf` (the range must lie inside one region).

@@ -1,16 +1,17 @@
 //! The at-rest image file: writer (a [`PageSink`]), reader, verify and restore.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::format::{Footer, ImageLayout, RegionInfo, FOOTER_LEN, IMAGE_MAGIC};
 use crate::guest::{GuestMemory, PAGE, PAGE_SIZE};
+use crate::num::{to_u64, to_usize};
 use crate::par;
 use crate::table::{block_hash, is_zero, page_hash, PageState, PageTable, CHUNK_PAGES};
 
@@ -42,70 +43,51 @@ pub enum Durability {
     NoSync,
 }
 
-/// Writes an image file: to a hidden temporary name in the destination's directory, renamed to the
+/// Writes an image file: to a private, hidden temporary in the destination's directory (a
+/// [`durable::TempFile`], mode 0600: the image holds the guest's secrets), renamed to the
 /// destination only by [`ImageWriter::seal`]. Dropped unsealed, it removes the temporary file.
 ///
 /// Page data lives at fixed offsets, so pages written again in later rounds overwrite in place and the
 /// file never grows past the guest's size plus its metadata (9 bytes per page).
 #[derive(Debug)]
 pub struct ImageWriter {
-    file: File,
-    tmp: PathBuf,
-    dest: PathBuf,
+    temp: durable::TempFile,
     layout: ImageLayout,
     durability: Durability,
-    sealed: bool,
-}
-
-/// A hidden temporary name beside `dest`, unique in this process, for a file renamed to `dest`
-/// only once it is complete.
-pub fn temporary_name(dest: &Path) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    dest.with_file_name(format!(".{name}.partial-{}-{n}", std::process::id()))
 }
 
 impl ImageWriter {
     /// Starts an image for `layout` that will appear at `dest` when sealed.
     pub fn create(dest: &Path, layout: ImageLayout, durability: Durability) -> Result<Self> {
-        let tmp = temporary_name(dest);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| Error::io("create image", &tmp, e))?;
+        let temp = durable::TempFile::create(dest)?;
         let writer = ImageWriter {
-            file,
-            tmp,
-            dest: dest.to_path_buf(),
+            temp,
             layout,
             durability,
-            sealed: false,
         };
         let header = writer.layout.encode_header(IMAGE_MAGIC);
         writer
-            .file
+            .file()
             .write_all_at(&header, 0)
             .map_err(|e| writer.err("write header to", e))?;
         // The data area starts as one hole: zero pages never take space.
         writer
-            .file
+            .file()
             .set_len(writer.layout.table_offset())
             .map_err(|e| writer.err("size", e))?;
         Ok(writer)
     }
 
+    fn file(&self) -> &File {
+        self.temp.file()
+    }
+
     fn err(&self, op: &'static str, e: io::Error) -> Error {
-        Error::io(op, &self.tmp, e)
+        Error::io(op, self.temp.path(), e)
     }
 
     /// Writes the page table and footer, fsyncs (per [`Durability`]) and renames into place.
-    pub fn seal(mut self, table: &PageTable) -> Result<()> {
+    pub fn seal(self, table: &PageTable) -> Result<()> {
         assert_eq!(
             table.pages(),
             self.layout.total_pages(),
@@ -113,35 +95,33 @@ impl ImageWriter {
         );
         let mut at = self.layout.table_offset();
         let table_checksum = table.write_encoded(|piece| {
-            self.file
+            self.file()
                 .write_all_at(piece, at)
                 .map_err(|e| self.err("write page table to", e))?;
-            at += piece.len() as u64;
-            Ok(())
+            at += to_u64(piece.len());
+            Ok::<_, Error>(())
         })?;
         let footer = Footer {
             table_checksum,
             header_checksum: self.layout.header_checksum(IMAGE_MAGIC),
         };
-        self.file
+        self.file()
             .write_all_at(&footer.encode(&self.layout), at)
             .map_err(|e| self.err("write footer to", e))?;
-        if self.durability == Durability::Sync {
-            self.file.sync_all().map_err(|e| self.err("fsync", e))?;
-        }
-        std::fs::rename(&self.tmp, &self.dest).map_err(|e| self.err("rename into place", e))?;
-        self.sealed = true;
-        if self.durability == Durability::Sync {
-            sync_parent(&self.dest).map_err(|(dir, e)| Error::io("fsync directory", &dir, e))?;
-        }
+        let sync = match self.durability {
+            Durability::Sync => durable::Sync::Yes,
+            Durability::NoSync => durable::Sync::No,
+        };
+        self.temp.persist(sync)?;
         Ok(())
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let (off, size) = (offset as libc::off_t, len as libc::off_t);
+        let off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
+        let size = libc::off_t::try_from(len).map_err(io::Error::other)?;
         // SAFETY: fallocate on a file descriptor we own, with integer arguments only; no memory is shared.
-        if unsafe { libc::fallocate(self.file.as_raw_fd(), flags, off, size) } == 0 {
+        if unsafe { libc::fallocate(self.file().as_raw_fd(), flags, off, size) } == 0 {
             return Ok(());
         }
         let e = io::Error::last_os_error();
@@ -149,12 +129,12 @@ impl ImageWriter {
             return Err(e);
         }
         // Filesystems without hole punching: write the zeros instead.
-        let zeros = vec![0u8; (len.min(IO_BATCH_PAGES * PAGE)) as usize];
+        let zeros = vec![0u8; to_usize(len.min(IO_BATCH_PAGES * PAGE))];
         let mut done = 0;
         while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], offset + done)?;
-            done += n as u64;
+            let n = to_usize((len - done).min(to_u64(zeros.len())));
+            self.file().write_all_at(&zeros[..n], offset + done)?;
+            done += to_u64(n);
         }
         Ok(())
     }
@@ -165,7 +145,7 @@ impl PageSink for ImageWriter {
         &self.layout
     }
     fn write_pages(&self, first_page: u64, data: &[u8], _checksums: &[u64]) -> Result<()> {
-        self.file
+        self.file()
             .write_all_at(data, self.layout.page_offset(first_page))
             .map_err(|e| self.err("write page data to", e))
     }
@@ -176,27 +156,6 @@ impl PageSink for ImageWriter {
     fn seal(self: Box<Self>, table: &PageTable) -> Result<()> {
         ImageWriter::seal(*self, table)
     }
-}
-
-impl Drop for ImageWriter {
-    fn drop(&mut self) {
-        if !self.sealed {
-            // Best effort: an unsealed temporary never looks complete anyway (no footer).
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-/// Makes a rename into `path`'s folder durable by fsyncing the folder; on failure, the folder and
-/// the error.
-pub fn sync_parent(path: &Path) -> std::result::Result<(), (PathBuf, io::Error)> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| (dir.to_owned(), e))
 }
 
 /// Positioned reads from an image: a file, or bytes in memory (fuzzing, tests).
@@ -218,7 +177,7 @@ impl ReadAt for File {
 
 impl ReadAt for [u8] {
     fn size(&self) -> io::Result<u64> {
-        Ok(self.len() as u64)
+        Ok(to_u64(self.len()))
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let src = usize::try_from(offset)
@@ -316,7 +275,7 @@ impl<S: ReadAt> ImageReader<S> {
         let mut prefix = [0u8; 16];
         read_at(&src, &mut prefix, 0, "read header of")?;
         let header_len = ImageLayout::header_len_from_prefix(&prefix, IMAGE_MAGIC, kind)?;
-        if size < header_len as u64 {
+        if size < to_u64(header_len) {
             return Err(Error::corrupt(
                 kind,
                 format!("{size} bytes is too short for its {header_len}-byte header"),
@@ -332,18 +291,18 @@ impl<S: ReadAt> ImageReader<S> {
             });
         }
         let mut footer = [0u8; FOOTER_LEN];
-        read_at(&src, &mut footer, size - FOOTER_LEN as u64, "read footer of")?;
+        read_at(&src, &mut footer, size - to_u64(FOOTER_LEN), "read footer of")?;
         let footer = Footer::decode(&footer, &layout, header_sum)?;
         let table_len = layout.table_len();
         let mut table = Vec::new();
         table
-            .try_reserve_exact(table_len as usize)
+            .try_reserve_exact(to_usize(table_len))
             .map_err(|_| Error::TooLarge {
                 what: "image page table",
                 value: table_len,
-                limit: isize::MAX as u64,
+                limit: to_u64(isize::MAX.unsigned_abs()),
             })?;
-        table.resize(table_len as usize, 0);
+        table.resize(to_usize(table_len), 0);
         read_at(&src, &mut table, layout.table_offset(), "read page table of")?;
         if block_hash(&table) != footer.table_checksum {
             return Err(Error::corrupt(kind, "page table checksum mismatch"));
@@ -406,12 +365,12 @@ impl<S: ReadAt> ImageReader<S> {
     /// Reads every page and checks it: stored pages against their checksums, zero pages for zeros.
     pub fn verify(&self) -> Result<ImageInfo> {
         let chunks = (0..self.layout.total_pages()).step_by(CHUNK_PAGES);
-        let init = || vec![0u8; (IO_BATCH_PAGES * PAGE) as usize];
+        let init = || vec![0u8; to_usize(IO_BATCH_PAGES * PAGE)];
         par::for_each(chunks, init, |buf, start| {
-            let range = start..(start + CHUNK_PAGES as u64).min(self.layout.total_pages());
+            let range = start..(start + to_u64(CHUNK_PAGES)).min(self.layout.total_pages());
             for state in [PageState::Present, PageState::Zero] {
                 self.runs(range.clone(), state, |first, count| {
-                    let bytes = &mut buf[..(count * PAGE) as usize];
+                    let bytes = &mut buf[..to_usize(count * PAGE)];
                     read_at(
                         &self.src,
                         bytes,
@@ -419,7 +378,7 @@ impl<S: ReadAt> ImageReader<S> {
                         "read page data of",
                     )?;
                     for (i, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
-                        let p = first + i as u64;
+                        let p = first + to_u64(i);
                         let ok = match state {
                             PageState::Present => {
                                 page_hash(self.layout.seed(), page) == self.table.checksum(p)
@@ -457,16 +416,16 @@ impl<S: ReadAt> ImageReader<S> {
         let chunks = (0..self.layout.total_pages()).step_by(CHUNK_PAGES);
         par::for_each(
             chunks,
-            || vec![0u8; IO_BATCH_PAGES as usize],
+            || vec![0u8; to_usize(IO_BATCH_PAGES)],
             |data_map, start| {
-                let range = start..(start + CHUNK_PAGES as u64).min(self.layout.total_pages());
+                let range = start..(start + to_u64(CHUNK_PAGES)).min(self.layout.total_pages());
                 for (region, pages) in mem.segments(range) {
                     self.runs(pages.clone(), PageState::Present, |first, count| {
                         // SAFETY: the pages are inside `region`'s writable mapping, which outlives this call;
                         // chunks are disjoint between workers and the target is not running (documented
                         // precondition), so nothing else accesses these bytes while the slice lives.
                         let target = unsafe {
-                            std::slice::from_raw_parts_mut(region.host(first), (count * PAGE) as usize)
+                            std::slice::from_raw_parts_mut(region.host(first), to_usize(count * PAGE))
                         };
                         read_at(
                             &self.src,
@@ -475,7 +434,7 @@ impl<S: ReadAt> ImageReader<S> {
                             "read page data of",
                         )?;
                         for (i, page) in target.chunks_exact(PAGE_SIZE).enumerate() {
-                            let p = first + i as u64;
+                            let p = first + to_u64(i);
                             if page_hash(self.layout.seed(), page) != self.table.checksum(p) {
                                 return Err(self.page_error(p, "does not match its checksum"));
                             }
@@ -486,11 +445,11 @@ impl<S: ReadAt> ImageReader<S> {
                     if options.zero_pages == ZeroPages::ClearIfNonZero {
                         self.runs(pages, PageState::Zero, |first, count| {
                             // Holes of a RAM file are zero already; reading them would allocate them.
-                            let data_map = &mut data_map[..count as usize];
+                            let data_map = &mut data_map[..to_usize(count)];
                             region.data_map(first..first + count, data_map);
                             // SAFETY: as above: disjoint pages of a target that is not running.
                             let target = unsafe {
-                                std::slice::from_raw_parts_mut(region.host(first), (count * PAGE) as usize)
+                                std::slice::from_raw_parts_mut(region.host(first), to_usize(count * PAGE))
                             };
                             let with_data = target.chunks_exact_mut(PAGE_SIZE).zip(data_map.iter());
                             for (page, _) in with_data.filter(|(_, &data)| data == 1) {

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::format::ImageLayout;
 use crate::guest::{PAGE, PAGE_SIZE};
 use crate::image::PageSink;
+use crate::num::{to_u64, to_usize};
 use crate::table::{is_zero, page_hash, DirtySet, PageState, PageTable};
 
 /// Most pages staged before they are written (1 MiB): consecutive pages go to the sink in one call.
@@ -38,12 +39,12 @@ struct Run {
 
 impl Run {
     fn len(&self) -> u64 {
-        self.sums.len() as u64
+        to_u64(self.sums.len())
     }
 
     /// Index of `page` in the run, if staged.
     fn slot(&self, page: u64) -> Option<usize> {
-        (page >= self.first && page - self.first < self.len()).then(|| (page - self.first) as usize)
+        (page >= self.first && page - self.first < self.len()).then(|| to_usize(page - self.first))
     }
 }
 

@@ -76,6 +76,7 @@ mod format;
 mod guest;
 mod image;
 mod import;
+mod num;
 mod par;
 pub mod reference;
 mod save;
@@ -87,8 +88,8 @@ pub use error::{Error, Result};
 pub use format::{ImageLayout, RegionInfo, FORMAT_VERSION};
 pub use guest::{Backing, FileRegion, GuestMemory, GuestMemoryBuilder, Region, PAGE_SIZE};
 pub use image::{
-    restore, sync_parent, temporary_name, verify, Durability, ImageInfo, ImageReader, ImageWriter, PageSink,
-    ReadAt, RestoreOptions, RestoreStats, ZeroPages,
+    restore, verify, Durability, ImageInfo, ImageReader, ImageWriter, PageSink, ReadAt, RestoreOptions,
+    RestoreStats, ZeroPages,
 };
 pub use import::{ImportStats, PageImport};
 pub use save::{

@@ -3,15 +3,16 @@
 
 use crate::error::Result;
 use crate::format::{Footer, ImageLayout, IMAGE_MAGIC};
-use crate::guest::{GuestMemory, PAGE_SIZE};
+use crate::guest::{GuestMemory, PAGE, PAGE_SIZE};
+use crate::num::{to_u64, to_usize};
 use crate::table::{block_hash, page_hash, DirtySet, PageTable};
 
 /// A copy of all of `mem`, regions concatenated in address order (page `i` at `i * PAGE_SIZE`).
 pub fn snapshot(mem: &GuestMemory) -> Result<Vec<u8>> {
-    let mut out = vec![0u8; mem.size() as usize];
+    let mut out = vec![0u8; to_usize(mem.size())];
     let mut at = 0;
     for r in mem.regions() {
-        let len = r.len() as usize;
+        let len = to_usize(r.len());
         mem.read(r.gpa(), &mut out[at..at + len])?;
         at += len;
     }
@@ -22,7 +23,7 @@ pub fn snapshot(mem: &GuestMemory) -> Result<Vec<u8>> {
 pub fn write_all(mem: &GuestMemory, contents: &[u8]) -> Result<()> {
     let mut at = 0;
     for r in mem.regions() {
-        let len = r.len() as usize;
+        let len = to_usize(r.len());
         mem.write(r.gpa(), &contents[at..at + len])?;
         at += len;
     }
@@ -32,10 +33,10 @@ pub fn write_all(mem: &GuestMemory, contents: &[u8]) -> Result<()> {
 /// The pages that differ between two snapshots.
 pub fn dirty_pages(before: &[u8], after: &[u8]) -> DirtySet {
     assert_eq!(before.len(), after.len(), "snapshots of different memories");
-    let mut set = DirtySet::empty((before.len() / PAGE_SIZE) as u64);
+    let mut set = DirtySet::empty(to_u64(before.len() / PAGE_SIZE));
     for (i, (a, b)) in before.chunks(PAGE_SIZE).zip(after.chunks(PAGE_SIZE)).enumerate() {
         if a != b {
-            set.insert(i as u64);
+            set.insert(to_u64(i));
         }
     }
     set
@@ -45,15 +46,15 @@ pub fn dirty_pages(before: &[u8], after: &[u8]) -> DirtySet {
 /// page by page in memory: header, data (zeros where a page is zero), page table, footer.
 pub fn image_bytes(contents: &[u8], layout: &ImageLayout) -> Vec<u8> {
     assert_eq!(
-        contents.len() as u64,
-        layout.total_pages() * PAGE_SIZE as u64,
+        to_u64(contents.len()),
+        layout.total_pages() * PAGE,
         "contents of another layout"
     );
     let mut image = layout.encode_header(IMAGE_MAGIC);
     let mut table = PageTable::new(layout.total_pages(), layout.seed());
     for (i, page) in contents.chunks(PAGE_SIZE).enumerate() {
         let zero = page.iter().all(|&b| b == 0);
-        table.set(i as u64, (!zero).then(|| page_hash(layout.seed(), page)));
+        table.set(to_u64(i), (!zero).then(|| page_hash(layout.seed(), page)));
         image.extend_from_slice(page);
     }
     let encoded = table.encode();
@@ -76,7 +77,7 @@ pub fn read_scan(mem: &GuestMemory) -> u64 {
         chunks,
         || (),
         |(), start| {
-            let end = (start + crate::table::CHUNK_PAGES as u64).min(mem.total_pages());
+            let end = (start + to_u64(crate::table::CHUNK_PAGES)).min(mem.total_pages());
             for (region, pages) in mem.segments(start..end) {
                 let or = region
                     .live(pages)

@@ -9,6 +9,7 @@ use crate::dirty::{DirtySource, Everything};
 use crate::error::Result;
 use crate::guest::{GuestMemory, PAGE, PAGE_SIZE};
 use crate::image::PageSink;
+use crate::num::{to_u64, to_usize};
 use crate::par;
 use crate::table::{is_zero, page_hash, set_bits, DirtySet, PageState, PageTable, CHUNK_PAGES, CHUNK_WORDS};
 
@@ -259,7 +260,8 @@ impl<'a> LiveSave<'a> {
         let interval = self.last_collect.map(|t| started.duration_since(t).as_secs_f64());
         self.last_collect = Some(started);
         let stats = RoundStats {
-            round: self.rounds.len() as u32,
+            // Rounds are bounded by the convergence policy, far below u32::MAX.
+            round: u32::try_from(self.rounds.len()).unwrap_or(u32::MAX),
             final_round,
             pages_scanned: self.mem.total_pages(),
             pages_dirty,
@@ -394,10 +396,10 @@ fn copy_dirty(
         if words.iter().all(|&w| w == 0) {
             return Ok(());
         }
-        let base = (index * CHUNK_PAGES) as u64;
-        let end = base + states.len() as u64;
+        let base = to_u64(index * CHUNK_PAGES);
+        let end = base + to_u64(states.len());
         for (region, pages) in mem.segments(base..end) {
-            let at = (pages.start - base) as usize..(pages.end - base) as usize;
+            let at = to_usize(pages.start - base)..to_usize(pages.end - base);
             region.data_map(pages, &mut stage.data_map[at]);
         }
         let mut chunk = ChunkCopy {
@@ -452,7 +454,7 @@ impl ChunkCopy<'_> {
         let mem = self.mem;
         // A hole of the RAM file is zero, and is not read (that would allocate it). Otherwise test the
         // live page first: most pages of a guest are zero and need no copy at all.
-        let live = (self.stage.data_map[(page - self.base) as usize] == 1)
+        let live = (self.stage.data_map[to_usize(page - self.base)] == 1)
             .then(|| mem.region_of_page(page).live(page..page + 1))
             .filter(|live| !is_zero(live));
         let checksum = if let Some(live) = live {
@@ -472,7 +474,7 @@ impl ChunkCopy<'_> {
                     self.flush_staged(staged == STAGE_PAGES)?;
                 }
             }
-            None if self.states[(page - self.base) as usize] == PageState::Present as u8 => {
+            None if self.states[to_usize(page - self.base)] == PageState::Present.byte() => {
                 if self.zeros > 0 && self.zero_first + self.zeros != page {
                     self.flush_zeros()?;
                 }
@@ -515,11 +517,11 @@ impl ChunkCopy<'_> {
                 &sums[start..end],
             )?;
             for (&page, &sum) in pages[start..end].iter().zip(&sums[start..end]) {
-                let at = (page - self.base) as usize;
-                self.states[at] = PageState::Present as u8;
+                let at = to_usize(page - self.base);
+                self.states[at] = PageState::Present.byte();
                 self.sums[at] = sum;
             }
-            self.written += (end - start) as u64;
+            self.written += to_u64(end - start);
             start = end;
         }
         pages.clear();
@@ -528,17 +530,17 @@ impl ChunkCopy<'_> {
     }
 
     fn flush_zeros(&mut self) -> Result<()> {
-        let n = self.zeros as usize;
+        let n = to_usize(self.zeros);
         if n == 0 {
             return Ok(());
         }
         let _turn = self.io_turn.lock().unwrap_or_else(PoisonError::into_inner);
         self.sink.zero_pages(self.zero_first, self.zeros)?;
-        let at = (self.zero_first - self.base) as usize;
-        self.states[at..at + n].fill(PageState::Zero as u8);
+        let at = to_usize(self.zero_first - self.base);
+        self.states[at..at + n].fill(PageState::Zero.byte());
         self.sums[at..at + n].fill(self.zero_hash);
         self.zeros = 0;
-        self.zeroed += n as u64;
+        self.zeroed += to_u64(n);
         Ok(())
     }
 }

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::format::{ImageLayout, STREAM_MAGIC};
 use crate::guest::{PAGE, PAGE_SIZE};
 use crate::image::{Durability, ImageInfo, ImageWriter, PageSink};
+use crate::num::{to_u64, to_usize};
 use crate::table::{block_hash, is_zero, page_hash, PageTable};
 
 const TAG_PAGES: u32 = 1;
@@ -81,8 +82,9 @@ impl<W: Write + Send> PageSink for StreamWriter<W> {
             .enumerate()
         {
             let meta: Vec<u8> = sums.iter().flat_map(|s| s.to_le_bytes()).collect();
-            let first = first_page + (i * MAX_RECORD_PAGES) as u64;
-            let head = record_header(TAG_PAGES, sums.len() as u32, first, &meta);
+            let first = first_page + to_u64(i * MAX_RECORD_PAGES);
+            let count = u32::try_from(sums.len()).expect("a record holds at most MAX_RECORD_PAGES pages");
+            let head = record_header(TAG_PAGES, count, first, &meta);
             self.record(&head, &[&meta, data])?;
         }
         Ok(())
@@ -91,9 +93,9 @@ impl<W: Write + Send> PageSink for StreamWriter<W> {
     fn zero_pages(&self, first_page: u64, count: u64) -> Result<()> {
         let mut done = 0;
         while done < count {
-            let n = (count - done).min(u64::from(u32::MAX));
-            self.record(&record_header(TAG_ZERO, n as u32, first_page + done, &[]), &[])?;
-            done += n;
+            let n = u32::try_from(count - done).unwrap_or(u32::MAX);
+            self.record(&record_header(TAG_ZERO, n, first_page + done, &[]), &[])?;
+            done += u64::from(n);
         }
         Ok(())
     }
@@ -167,7 +169,9 @@ pub fn receive_stream(mut input: impl Read, dest: &Path, options: &ReceiveOption
         let mut head = [0u8; RECORD_HEADER_LEN];
         read_full(&mut input, &mut head, records)?;
         let tag = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
-        let count = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
+        let count = to_usize(u64::from(u32::from_le_bytes(
+            head[4..8].try_into().expect("4 bytes"),
+        )));
         let first = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
         let sum = u64::from_le_bytes(head[16..].try_into().expect("8 bytes"));
         let bad = |what: &str| Error::corrupt(KIND, format!("record {records}: {what}"));
@@ -198,19 +202,19 @@ pub fn receive_stream(mut input: impl Read, dest: &Path, options: &ReceiveOption
             image.seal(&table)?;
             return Ok(info);
         }
-        if first.checked_add(count as u64).is_none_or(|end| end > total) {
+        if first.checked_add(to_u64(count)).is_none_or(|end| end > total) {
             return Err(bad(&format!(
                 "pages {first}+{count} outside the {total}-page memory"
             )));
         }
         if tag == TAG_ZERO {
-            image.zero_pages(first, count as u64)?;
-            (first..first + count as u64).for_each(|p| table.set(p, None));
+            image.zero_pages(first, to_u64(count))?;
+            (first..first + to_u64(count)).for_each(|p| table.set(p, None));
         } else {
             let data = &mut data[..count * PAGE_SIZE];
             read_full(&mut input, data, records)?;
             for (i, (page, sum)) in data.chunks_exact(PAGE_SIZE).zip(meta.chunks_exact(8)).enumerate() {
-                let p = first + i as u64;
+                let p = first + to_u64(i);
                 let sum = u64::from_le_bytes(sum.try_into().expect("8 bytes"));
                 let page_error = |what| Error::PageCorrupt {
                     kind: KIND,

@@ -4,6 +4,7 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, Xxh3};
 
 use crate::error::{Error, Result};
 use crate::guest::PAGE_SIZE;
+use crate::num::{to_u64, to_usize};
 
 /// Pages handled by one unit of parallel work (16 MiB); a multiple of 64 so that chunks of a dirty
 /// bitmap are whole words.
@@ -38,6 +39,13 @@ pub enum PageState {
     Present = 1,
 }
 
+impl PageState {
+    /// The state's byte in a page table.
+    pub(crate) const fn byte(self) -> u8 {
+        self as u8
+    }
+}
+
 /// The state and checksum of every page as last saved: what the image (or stream) holds.
 ///
 /// For a zero page the checksum is the seeded hash of a zero page, so comparing a live page's hash with
@@ -54,9 +62,9 @@ impl PageTable {
     /// A table for `pages` pages, all zero (what a fresh image holds).
     pub(crate) fn new(pages: u64, seed: u64) -> Self {
         let zero_hash = page_hash(seed, &[0u8; PAGE_SIZE]);
-        let n = pages as usize;
+        let n = to_usize(pages);
         PageTable {
-            states: vec![PageState::Zero as u8; n],
+            states: vec![PageState::Zero.byte(); n],
             checksums: vec![zero_hash; n],
             seed,
             zero_hash,
@@ -65,7 +73,7 @@ impl PageTable {
 
     /// Number of pages.
     pub fn pages(&self) -> u64 {
-        self.states.len() as u64
+        to_u64(self.states.len())
     }
     /// The checksum seed.
     pub fn seed(&self) -> u64 {
@@ -73,7 +81,7 @@ impl PageTable {
     }
     /// State of page `page`.
     pub fn state(&self, page: u64) -> PageState {
-        if self.states[page as usize] == PageState::Present as u8 {
+        if self.states[to_usize(page)] == PageState::Present.byte() {
             PageState::Present
         } else {
             PageState::Zero
@@ -81,21 +89,23 @@ impl PageTable {
     }
     /// Checksum of page `page` (the zero-page hash for a zero page).
     pub fn checksum(&self, page: u64) -> u64 {
-        self.checksums[page as usize]
+        self.checksums[to_usize(page)]
     }
     /// Number of present (stored) pages.
     pub fn present_pages(&self) -> u64 {
-        self.states
-            .iter()
-            .filter(|&&s| s == PageState::Present as u8)
-            .count() as u64
+        to_u64(
+            self.states
+                .iter()
+                .filter(|&&s| s == PageState::Present.byte())
+                .count(),
+        )
     }
     pub(crate) fn zero_hash(&self) -> u64 {
         self.zero_hash
     }
     pub(crate) fn set(&mut self, page: u64, checksum: Option<u64>) {
-        let i = page as usize;
-        self.states[i] = checksum.map_or(PageState::Zero, |_| PageState::Present) as u8;
+        let i = to_usize(page);
+        self.states[i] = checksum.map_or(PageState::Zero, |_| PageState::Present).byte();
         self.checksums[i] = checksum.unwrap_or(self.zero_hash);
     }
     /// Mutable views for parallel updates of disjoint chunks.
@@ -130,7 +140,7 @@ impl PageTable {
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::encoded_len(self.pages()) as usize);
+        let mut out = Vec::with_capacity(to_usize(Self::encoded_len(self.pages())));
         let Ok(_) = self.write_encoded(|piece| {
             out.extend_from_slice(piece);
             Ok::<_, std::convert::Infallible>(())
@@ -146,9 +156,9 @@ impl PageTable {
 
     /// Decodes a table whose block checksum has already been checked, and checks each entry.
     pub(crate) fn decode(bytes: &[u8], pages: u64, seed: u64, kind: &'static str) -> Result<Self> {
-        let n = pages as usize;
+        let n = to_usize(pages);
         let states_len = n.next_multiple_of(8);
-        if bytes.len() as u64 != Self::encoded_len(pages) {
+        if to_u64(bytes.len()) != Self::encoded_len(pages) {
             return Err(Error::corrupt(kind, "page table has the wrong length"));
         }
         let mut table = PageTable::new(pages, seed);
@@ -169,7 +179,7 @@ impl PageTable {
                         format!("page table entry {i}: zero page with a data checksum"),
                     ))
                 }
-                1 => table.set(i as u64, Some(c)),
+                1 => table.set(to_u64(i), Some(c)),
                 other => {
                     return Err(Error::corrupt(
                         kind,
@@ -193,7 +203,7 @@ impl DirtySet {
     /// No pages of `pages`.
     pub fn empty(pages: u64) -> Self {
         DirtySet {
-            words: vec![0; pages.div_ceil(64) as usize],
+            words: vec![0; to_usize(pages.div_ceil(64))],
             pages,
         }
     }
@@ -222,7 +232,7 @@ impl DirtySet {
             "page {page} outside a set of {} pages",
             self.pages
         );
-        self.words[(page / 64) as usize] |= 1 << (page % 64);
+        self.words[to_usize(page / 64)] |= 1 << (page % 64);
     }
 
     /// Adds pages `range` (must lie inside pages()).
@@ -232,7 +242,7 @@ impl DirtySet {
 
     /// Whether page `page` is in the set.
     pub fn contains(&self, page: u64) -> bool {
-        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+        page < self.pages && self.words[to_usize(page / 64)] & (1 << (page % 64)) != 0
     }
 
     /// Number of pages in the set.
@@ -267,7 +277,7 @@ pub(crate) fn set_bits(words: &[u64], base: u64) -> impl Iterator<Item = u64> + 
             (bits != 0).then(|| {
                 let b = bits.trailing_zeros();
                 bits &= bits - 1;
-                base + i as u64 * 64 + u64::from(b)
+                base + to_u64(i) * 64 + u64::from(b)
             })
         })
     })

@@ -1,5 +1,14 @@
 //! Paused save, restore and verify, checked against the reference image builder.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "test and benchmark code: a failed unwrap is a failed run, and its sizes and counts are small \
+              constants of the test"
+)]
+
 mod common;
 
 use std::fs::OpenOptions;

@@ -1,6 +1,15 @@
 //! Images built by `PageImport` from pages in any order, checked against a paused save of the same
 //! memory and against the reference image builder.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "test and benchmark code: a failed unwrap is a failed run, and its sizes and counts are small \
+              constants of the test"
+)]
+
 mod common;
 
 use common::{fill_random, same_shape, snapshot, two_regions, Rng};

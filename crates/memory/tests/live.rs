@@ -1,6 +1,15 @@
 //! Live (pre-copy) saves: the restored memory equals the memory at `finish()`, byte for byte, and the
 //! image equals what the reference builder makes of that memory.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "test and benchmark code: a failed unwrap is a failed run, and its sizes and counts are small \
+              constants of the test"
+)]
+
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

@@ -1,5 +1,14 @@
 //! A save's heap use is bounded: buffers plus at most 16 bytes per guest page, never a copy of RAM.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "test and benchmark code: a failed unwrap is a failed run, and its sizes and counts are small \
+              constants of the test"
+)]
+
 mod common;
 
 #[path = "common/heap.rs"]

@@ -1,6 +1,15 @@
 //! A sparse RAM file (what QEMU's `memory-backend-file` is for a guest that has not touched most of
 //! its memory): saving, content comparison and restore never read its holes, so they never fill it.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "test and benchmark code: a failed unwrap is a failed run, and its sizes and counts are small \
+              constants of the test"
+)]
+
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};

@@ -1,6 +1,15 @@
 //! The stream form: a live save streamed and received equals the at-rest image of the same memory;
 //! damaged or truncated streams leave no image.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "test and benchmark code: a failed unwrap is a failed run, and its sizes and counts are small \
+              constants of the test"
+)]
+
 mod common;
 
 use std::path::Path;

@@ -115,9 +115,7 @@ fn disk_mock(sim: &Shared) -> MockDiskSnapshots {
     });
     disks.expect_backing_chain().returning(|_| Ok(Vec::new()));
     // The tidy-up reads backing files through the backend only: these are the real overlays'.
-    disks
-        .expect_backing_file()
-        .returning(disk::offline::backing_file);
+    disks.expect_backing_file().returning(disk::offline::backing_file);
     disks
 }
 

@@ -15,6 +15,7 @@ use super::{
     image::{data_clusters, read_up_to, Image, COMPRESSED, COPIED, OFFSET_MASK},
 };
 use crate::error::{io_err, Error, Result};
+use crate::num::{to_u64, to_usize};
 
 /// Standard L2 entry flag (version 3): the cluster reads as zeros.
 const ZERO: u64 = 1;
@@ -71,7 +72,7 @@ impl Image {
             )));
         }
         let at = l2_offset + (cluster % per_l2) * entry_size;
-        let raw = self.read_at(at, entry_size as usize, "L2 entry")?;
+        let raw = self.read_at(at, to_usize(entry_size), "L2 entry")?;
         let bitmap = if entry_size == 16 { be_u64(&raw, 8) } else { 0 };
         Ok((be_u64(&raw, 0), bitmap))
     }
@@ -127,7 +128,7 @@ impl Image {
         if self.header().version >= 3 && data.iter().all(|&b| b == 0) {
             return Ok(Staged { cluster, host: None });
         }
-        let host = self.allocate(data.len() as u64);
+        let host = self.allocate(to_u64(data.len()));
         self.write_at(host, data)?;
         Ok(Staged {
             cluster,
@@ -150,23 +151,23 @@ impl Image {
         self.sync()?;
         let header = self.header().clone();
         let cluster_size = self.cluster_size();
-        let entry_size = header.l2_entry_size() as usize;
-        let per_l2 = cluster_size / entry_size as u64;
+        let entry_size = to_usize(header.l2_entry_size());
+        let per_l2 = cluster_size / to_u64(entry_size);
         let l1 = self.read_l1(header.l1_table_offset, header.l1_size)?;
         // L1 index -> (L2 table offset, newly allocated, its contents).
         let mut tables: BTreeMap<u64, (u64, bool, Vec<u8>)> = BTreeMap::new();
         let mut released = Vec::new();
         for s in staged {
             let index = s.cluster / per_l2;
-            let Some(&l1_entry) = l1.get(index as usize) else {
+            let Some(&l1_entry) = l1.get(to_usize(index)) else {
                 return Err(self.invalid(format!("guest cluster {} lies beyond the L1 table", s.cluster)));
             };
             if let Entry::Vacant(slot) = tables.entry(index) {
                 let l2_offset = l1_entry & OFFSET_MASK;
                 let table = if l2_offset == 0 {
-                    (self.allocate(cluster_size), true, vec![0; cluster_size as usize])
+                    (self.allocate(cluster_size), true, vec![0; to_usize(cluster_size)])
                 } else {
-                    let bytes = self.read_at(l2_offset, cluster_size as usize, "L2 table")?;
+                    let bytes = self.read_at(l2_offset, to_usize(cluster_size), "L2 table")?;
                     if self.refcounts().get(l2_offset >> header.cluster_bits) == 1 {
                         (l2_offset, false, bytes)
                     } else {
@@ -181,7 +182,7 @@ impl Image {
                 slot.insert(table);
             }
             let table = &mut tables.get_mut(&index).expect("inserted above").2;
-            let at = (s.cluster % per_l2) as usize * entry_size;
+            let at = to_usize(s.cluster % per_l2) * entry_size;
             let old = be_u64(table, at);
             if let Some((first, count)) = data_clusters(&header, old).map_err(|reason| {
                 self.invalid(format!("L2 entry of guest cluster {}: {reason}", s.cluster))
@@ -224,7 +225,7 @@ impl Image {
     /// The header area naming another backing file, `(name, format)`, or none; also a check,
     /// before anything is written, that it fits in the first cluster.
     pub(crate) fn backing_header(&self, backing: Option<(&str, &str)>) -> Result<Vec<u8>> {
-        let cluster0 = self.read_at(0, self.cluster_size() as usize, "header cluster")?;
+        let cluster0 = self.read_at(0, to_usize(self.cluster_size()), "header cluster")?;
         self.header()
             .with_backing(&cluster0, backing)
             .map_err(|e| match e {
@@ -241,7 +242,9 @@ impl Image {
         self.switch_header(0, &bytes)?;
         let header = self.header_mut();
         header.backing_file_offset = be_u64(&bytes, 8);
-        header.backing_file_size = backing.map_or(0, |(name, _)| name.len() as u32);
+        header.backing_file_size = backing.map_or(0, |(name, _)| {
+            u32::try_from(name.len()).expect("backing_header accepted a name of at most 1023 bytes")
+        });
         header.backing_file = backing.map(|(name, _)| name.to_owned());
         header.backing_format = backing.map(|(_, format)| format.to_owned());
         Ok(())
@@ -316,7 +319,7 @@ impl Chain {
             buf.fill(0);
             return Ok(());
         };
-        let inside = layer.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+        let inside = to_usize(layer.size().saturating_sub(offset).min(to_u64(buf.len())));
         let (buf, beyond) = buf.split_at_mut(inside);
         beyond.fill(0);
         match layer {
@@ -326,26 +329,26 @@ impl Chain {
             }
             Layer::Qcow2(image) => {
                 let mut at = 0usize;
-                for (len, extent) in image.map(offset, buf.len() as u64)? {
-                    let piece = &mut buf[at..at + len as usize];
+                for (len, extent) in image.map(offset, to_u64(buf.len()))? {
+                    let piece = &mut buf[at..at + to_usize(len)];
                     match extent {
                         Extent::Data(host) => {
                             piece.copy_from_slice(&image.read_at(host, piece.len(), "data cluster")?)
                         }
                         Extent::Zero => piece.fill(0),
-                        Extent::Unallocated => self.read(from + 1, offset + at as u64, piece)?,
+                        Extent::Unallocated => self.read(from + 1, offset + to_u64(at), piece)?,
                         Extent::Compressed => {
                             return Err(Error::Unsupported {
                                 path: image.path().to_owned(),
                                 reason: format!(
                                     "guest offset {:#x} is a compressed cluster, which this backend cannot \
                                      decompress; decompress the image with `qemu-img convert` first",
-                                    offset + at as u64
+                                    offset + to_u64(at)
                                 ),
                             })
                         }
                     }
-                    at += len as usize;
+                    at += to_usize(len);
                 }
             }
         }
@@ -389,7 +392,7 @@ impl Chain {
         };
         let cluster_size = image.cluster_size();
         let clusters = image.header().size.div_ceil(cluster_size);
-        let mut buf = vec![0u8; cluster_size as usize];
+        let mut buf = vec![0u8; to_usize(cluster_size)];
         let mut staged = Vec::with_capacity(BATCH);
         for cluster in 0..clusters {
             let offset = cluster * cluster_size;

@@ -1,6 +1,7 @@
 //! The qcow2 header and its extensions (QEMU `docs/interop/qcow2.rst`), parsed from the bytes of
 //! cluster 0 without I/O so that the parser can be fuzzed on its own.
 
+use crate::num::{to_u64, to_usize, u32_to_usize};
 use std::fmt;
 
 /// `QFI\xfb`.
@@ -215,7 +216,7 @@ impl Header {
     /// Parses the header from the start of the image; `cluster0` should hold the whole first
     /// cluster (it may be shorter if the file is). Pure: no I/O, never panics.
     pub fn parse(cluster0: &[u8]) -> Result<Header, HeaderError> {
-        if cluster0.len() < V2_HEADER_LEN as usize {
+        if cluster0.len() < u32_to_usize(V2_HEADER_LEN) {
             return Err(invalid(format!(
                 "file is {} bytes, shorter than a qcow2 header",
                 cluster0.len()
@@ -262,7 +263,7 @@ impl Header {
         }
         let cluster_size = h.cluster_size();
         if version == 3 {
-            if cluster0.len() < V3_MIN_HEADER_LEN as usize {
+            if cluster0.len() < u32_to_usize(V3_MIN_HEADER_LEN) {
                 return Err(invalid("version 3 header is truncated"));
             }
             h.incompatible_features = be_u64(cluster0, 72);
@@ -272,7 +273,7 @@ impl Header {
             h.header_length = be_u32(cluster0, 100);
             if h.header_length < V3_MIN_HEADER_LEN
                 || u64::from(h.header_length) > cluster_size
-                || h.header_length as usize > cluster0.len()
+                || u32_to_usize(h.header_length) > cluster0.len()
             {
                 return Err(invalid(format!("header_length {} out of range", h.header_length)));
             }
@@ -357,7 +358,8 @@ impl Header {
             let end = self
                 .backing_file_offset
                 .checked_add(u64::from(self.backing_file_size));
-            if self.backing_file_size > 1023 || end.is_none_or(|end| end > cluster_size.min(available as u64))
+            if self.backing_file_size > 1023
+                || end.is_none_or(|end| end > cluster_size.min(to_u64(available)))
             {
                 return Err(invalid("backing file name does not fit in the first cluster"));
             }
@@ -370,12 +372,12 @@ impl Header {
     /// there is one, else at the end of cluster 0.
     fn extensions<'a>(&self, cluster0: &'a [u8]) -> Result<Extensions<'a>, HeaderError> {
         let limit = if self.backing_file_offset != 0 {
-            (self.backing_file_offset as usize).min(cluster0.len())
+            (to_usize(self.backing_file_offset)).min(cluster0.len())
         } else {
             cluster0.len()
         };
         let mut found = Vec::new();
-        let mut at = self.header_length as usize;
+        let mut at = u32_to_usize(self.header_length);
         loop {
             if at + 8 > limit {
                 // Version 2 images may end the header without an end marker.
@@ -387,7 +389,7 @@ impl Header {
                 )));
             }
             let kind = be_u32(cluster0, at);
-            let len = be_u32(cluster0, at + 4) as usize;
+            let len = u32_to_usize(be_u32(cluster0, at + 4));
             if kind == extension::END {
                 return Ok((found, at + 8));
             }
@@ -438,19 +440,21 @@ impl Header {
         backing: Option<(&str, &str)>,
     ) -> Result<Vec<u8>, HeaderError> {
         let (extensions, old_end) = self.extensions(cluster0)?;
-        let mut out = cluster0[..self.header_length as usize].to_vec();
+        let mut out = cluster0[..u32_to_usize(self.header_length)].to_vec();
         let push = |out: &mut Vec<u8>, kind: u32, data: &[u8]| {
+            let len = u32::try_from(data.len()).map_err(|_| invalid("header extension too long"))?;
             out.extend_from_slice(&kind.to_be_bytes());
-            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            out.extend_from_slice(&len.to_be_bytes());
             out.extend_from_slice(data);
             out.resize(out.len().next_multiple_of(8), 0);
+            Ok::<_, HeaderError>(())
         };
         if let Some((_, format)) = backing {
-            push(&mut out, extension::BACKING_FORMAT, format.as_bytes());
+            push(&mut out, extension::BACKING_FORMAT, format.as_bytes())?;
         }
         for (kind, data) in extensions {
             if kind != extension::BACKING_FORMAT {
-                push(&mut out, kind, data);
+                push(&mut out, kind, data)?;
             }
         }
         out.extend_from_slice(&[0; 8]); // end of extensions
@@ -459,17 +463,20 @@ impl Header {
                 if name.is_empty() || name.len() > 1023 {
                     return Err(invalid("backing file name must be 1 to 1023 bytes"));
                 }
-                let at = out.len() as u64;
+                let size = u32::try_from(name.len()).map_err(|_| invalid("backing file name too long"))?;
+                let at = to_u64(out.len());
                 out.extend_from_slice(name.as_bytes());
-                (at, name.len() as u32)
+                (at, size)
             }
             None => (0, 0),
         };
         out[8..16].copy_from_slice(&offset.to_be_bytes());
         out[16..20].copy_from_slice(&size.to_be_bytes());
-        let old_end = old_end.max((self.backing_file_offset + u64::from(self.backing_file_size)) as usize);
+        let old_end = old_end.max(to_usize(
+            self.backing_file_offset + u64::from(self.backing_file_size),
+        ));
         out.resize(out.len().max(old_end), 0);
-        if out.len() as u64 > self.cluster_size() {
+        if to_u64(out.len()) > self.cluster_size() {
             return Err(invalid("the new header does not fit in the first cluster"));
         }
         Ok(out)
@@ -479,9 +486,9 @@ impl Header {
         if self.backing_file_offset == 0 || self.backing_file_size == 0 {
             return Ok(());
         }
-        let start = self.backing_file_offset as usize;
+        let start = to_usize(self.backing_file_offset);
         let name = text(
-            &cluster0[start..start + self.backing_file_size as usize],
+            &cluster0[start..start + u32_to_usize(self.backing_file_size)],
             "backing file name",
         )?;
         self.backing_file = Some(name);
@@ -564,6 +571,10 @@ fn feature_names(data: &[u8]) -> Result<Vec<FeatureName>, HeaderError> {
 
 /// Builds cluster 0 of a fresh version 3 image: header, backing format extension, end
 /// marker, backing file name. The caller fills the layout fields.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "create_overlay checks the backing name is at most 1023 bytes; formats are driver names"
+)]
 pub(crate) fn encode_v3(h: &Header) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(&MAGIC.to_be_bytes());
@@ -585,7 +596,7 @@ pub(crate) fn encode_v3(h: &Header) -> Vec<u8> {
     out.extend_from_slice(&h.refcount_order.to_be_bytes());
     out.extend_from_slice(&V3_HEADER_LEN.to_be_bytes());
     out.push(h.compression_type);
-    out.resize(V3_HEADER_LEN as usize, 0);
+    out.resize(u32_to_usize(V3_HEADER_LEN), 0);
     if let Some(format) = &h.backing_format {
         out.extend_from_slice(&extension::BACKING_FORMAT.to_be_bytes());
         out.extend_from_slice(&(format.len() as u32).to_be_bytes());
@@ -594,7 +605,7 @@ pub(crate) fn encode_v3(h: &Header) -> Vec<u8> {
     }
     out.extend_from_slice(&[0; 8]); // end of extensions
     if let Some(backing) = &h.backing_file {
-        let at = out.len() as u64;
+        let at = to_u64(out.len());
         out.extend_from_slice(backing.as_bytes());
         out[8..16].copy_from_slice(&at.to_be_bytes());
         out[16..20].copy_from_slice(&(backing.len() as u32).to_be_bytes());

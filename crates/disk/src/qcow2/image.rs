@@ -12,6 +12,7 @@ use super::{
     refcount::{RefcountError, Refcounts},
     snapshot_table::{self, SnapshotEntry, TableError},
 };
+use crate::num::{to_u64, to_usize, u32_to_usize};
 use crate::{
     error::{io_err, Error, Result},
     lock,
@@ -181,7 +182,7 @@ impl Image {
 
     /// Reads an L1 table of `entries` entries.
     pub(crate) fn read_l1(&self, offset: u64, entries: u32) -> Result<Vec<u64>> {
-        let bytes = self.read_at(offset, entries as usize * 8, "L1 table")?;
+        let bytes = self.read_at(offset, u32_to_usize(entries) * 8, "L1 table")?;
         Ok(bytes.chunks_exact(8).map(|e| be_u64(e, 0)).collect())
     }
 
@@ -203,8 +204,8 @@ impl Image {
                 )));
             }
             refs.push(l2_offset >> cluster_bits);
-            let l2 = self.read_at(l2_offset, cluster_size as usize, "L2 table")?;
-            for (slot, raw) in l2.chunks_exact(self.header.l2_entry_size() as usize).enumerate() {
+            let l2 = self.read_at(l2_offset, to_usize(cluster_size), "L2 table")?;
+            for (slot, raw) in l2.chunks_exact(to_usize(self.header.l2_entry_size())).enumerate() {
                 let clusters = data_clusters(&self.header, be_u64(raw, 0)).map_err(|reason| {
                     self.invalid(format!("L2 table at {l2_offset:#x}, entry {slot}: {reason}"))
                 })?;
@@ -230,7 +231,7 @@ impl Image {
         let entries = u64::from(self.header.refcount_table_clusters) * cluster_size / 8;
         let raw = self.read_at(
             self.header.refcount_table_offset,
-            (entries * 8) as usize,
+            to_usize(entries * 8),
             "refcount table",
         )?;
         let table: Vec<u64> = raw.chunks_exact(8).map(|e| be_u64(e, 0)).collect();
@@ -244,8 +245,8 @@ impl Image {
                     "refcount table entry {index}: block offset {offset:#x} not aligned"
                 )));
             }
-            let block = self.read_at(offset, cluster_size as usize, "refcount block")?;
-            refcounts.load_block(index as u64, &block);
+            let block = self.read_at(offset, to_usize(cluster_size), "refcount block")?;
+            refcounts.load_block(to_u64(index), &block);
         }
         refcounts.take_dirty();
         Ok((refcounts, table))
@@ -345,7 +346,7 @@ impl Image {
                 .copied()
                 .filter(|&b| refcounts.block_in_use(b))
                 .max();
-            let capacity = self.table.len() as u64;
+            let capacity = to_u64(self.table.len());
             if let Some(highest) = needed.filter(|&h| h >= capacity) {
                 // Grow with headroom so that the table's own clusters rarely force another growth.
                 let entries = (highest + 1).max(capacity) * 2;
@@ -369,21 +370,22 @@ impl Image {
                     }
                 }
                 self.header.refcount_table_offset = first << self.header.cluster_bits;
-                self.header.refcount_table_clusters = clusters as u32;
-                self.table.resize((clusters * cluster_size / 8) as usize, 0);
+                self.header.refcount_table_clusters = u32::try_from(clusters)
+                    .map_err(|_| self.invalid("the refcount table would outgrow its 32-bit cluster count"))?;
+                self.table.resize(to_usize(clusters * cluster_size / 8), 0);
                 continue;
             }
             let homeless: Vec<u64> = refcounts
                 .dirty()
                 .iter()
                 .copied()
-                .filter(|&b| self.table[b as usize] == 0 && refcounts.block_in_use(b))
+                .filter(|&b| self.table[to_usize(b)] == 0 && refcounts.block_in_use(b))
                 .collect();
             if homeless.is_empty() {
                 break;
             }
             for block in homeless {
-                self.table[block as usize] = refcounts.allocate(1) << self.header.cluster_bits;
+                self.table[to_usize(block)] = refcounts.allocate(1) << self.header.cluster_bits;
             }
         }
         self.extend_file()?;
@@ -407,7 +409,7 @@ impl Image {
                 let mut wrote = false;
                 for index in 0..self.table.len() {
                     if self.table[index] != self.table_on_disk[index] {
-                        let at = self.header.refcount_table_offset + index as u64 * 8;
+                        let at = self.header.refcount_table_offset + to_u64(index) * 8;
                         self.write_at(at, &self.table[index].to_be_bytes())?;
                         wrote = true;
                     }
@@ -423,13 +425,13 @@ impl Image {
 
     /// Writes every changed refcount block that has a home, then syncs.
     fn write_dirty_blocks(&mut self) -> Result<()> {
-        let cluster_size = self.cluster_size() as usize;
+        let cluster_size = to_usize(self.cluster_size());
         let dirty = self.refcounts_mut().take_dirty();
         if dirty.is_empty() {
             return Ok(());
         }
         for block in dirty {
-            let home = self.table.get(block as usize).copied().unwrap_or(0);
+            let home = self.table.get(to_usize(block)).copied().unwrap_or(0);
             if home == 0 {
                 // Only all-zero blocks stay homeless, and they mean the same as no block.
                 continue;
@@ -473,7 +475,7 @@ impl Image {
     pub(crate) fn sync_copied_flags(&mut self) -> Result<()> {
         let cluster_bits = self.header.cluster_bits;
         let cluster_size = self.cluster_size();
-        let entry_size = self.header.l2_entry_size() as usize;
+        let entry_size = to_usize(self.header.l2_entry_size());
         let mut l1 = self.read_l1(self.header.l1_table_offset, self.header.l1_size)?;
         let mut l1_changed = false;
         for entry in l1.iter_mut() {
@@ -482,7 +484,7 @@ impl Image {
                 continue;
             }
             l1_changed |= set_copied(entry, self.refcounts().get(l2_offset >> cluster_bits) == 1);
-            let mut l2 = self.read_at(l2_offset, cluster_size as usize, "L2 table")?;
+            let mut l2 = self.read_at(l2_offset, to_usize(cluster_size), "L2 table")?;
             let mut l2_changed = false;
             for raw in l2.chunks_exact_mut(entry_size) {
                 let mut e = be_u64(raw, 0);
@@ -554,7 +556,7 @@ fn header_error(path: &Path, e: HeaderError) -> Error {
 pub(super) fn read_up_to(file: &File, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
-        match file.read_at(&mut buf[got..], offset + got as u64) {
+        match file.read_at(&mut buf[got..], offset + to_u64(got)) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

@@ -15,6 +15,7 @@ use super::{
     snapshot_table::{self, SnapshotEntry},
 };
 use crate::error::{Error, Result};
+use crate::num::{to_u64, u32_to_usize};
 
 impl Image {
     /// Creates an internal snapshot of the active state named `name`, timestamped `date`
@@ -39,7 +40,7 @@ impl Image {
         // In memory: the snapshot's references, its L1 copy and the new table.
         let refs = self.references(&l1)?;
         self.add_refs(&refs, 1)?;
-        let l1_offset = self.allocate(l1.len() as u64 * 8);
+        let l1_offset = self.allocate(to_u64(l1.len()) * 8);
         let entry = SnapshotEntry {
             l1_table_offset: l1_offset,
             l1_size: header.l1_size,
@@ -62,7 +63,7 @@ impl Image {
                 reason: "the snapshot table would exceed QEMU's 64 MiB limit".into(),
             });
         }
-        let table_offset = self.allocate(table.len() as u64);
+        let table_offset = self.allocate(to_u64(table.len()));
 
         // 1. Increments. 2. The copy and the table (unreferenced yet), COPIED cleared on the
         // active tables now that their clusters are shared. 3. Switch. 4. Free the old table.
@@ -73,7 +74,7 @@ impl Image {
         self.sync_copied_flags()?;
         self.sync()?;
         let old_offset = header.snapshots_offset;
-        self.switch_snapshot_table(entries.len() as u32, table_offset)?;
+        self.switch_snapshot_table(entries.len(), table_offset)?;
         let old = self.clusters_of(old_offset, old_len);
         self.add_refs(&old, -1)?;
         self.flush_refcounts()?;
@@ -92,11 +93,11 @@ impl Image {
         self.check_refs(&released, -1)?;
 
         let table = snapshot_table::encode(&entries);
-        let table_offset = self.allocate(table.len() as u64);
+        let table_offset = self.allocate(to_u64(table.len()));
         self.flush_refcounts()?;
         self.write_at(table_offset, &table)?;
         self.sync()?;
-        self.switch_snapshot_table(entries.len() as u32, table_offset)?;
+        self.switch_snapshot_table(entries.len(), table_offset)?;
         // The snapshot is gone from the table: its clusters can be released.
         self.add_refs(&released, -1)?;
         self.flush_refcounts()?;
@@ -136,7 +137,7 @@ impl Image {
 
         self.flush_refcounts()?;
         let mut bytes: Vec<u8> = new_l1.iter().flat_map(|e| (e & !COPIED).to_be_bytes()).collect();
-        bytes.resize(l1_size as usize * 8, 0);
+        bytes.resize(u32_to_usize(l1_size) * 8, 0);
         self.write_at(l1_offset, &bytes)?;
         self.sync()?;
         let mut switch = l1_size.to_be_bytes().to_vec();
@@ -162,7 +163,11 @@ impl Image {
     }
 
     /// Points the header at a new snapshot table (count and offset in one write).
-    fn switch_snapshot_table(&mut self, count: u32, offset: u64) -> Result<()> {
+    fn switch_snapshot_table(&mut self, count: usize, offset: u64) -> Result<()> {
+        let count = u32::try_from(count).map_err(|_| Error::Unsupported {
+            path: self.path().to_owned(),
+            reason: "more internal snapshots than a qcow2 header can count".into(),
+        })?;
         let mut fields = count.to_be_bytes().to_vec();
         fields.extend_from_slice(&offset.to_be_bytes());
         self.switch_header(offsets::SNAPSHOTS, &fields)?;

@@ -1,11 +1,6 @@
 //! Writing a fresh qcow2 overlay image on top of a backing file.
 
-use std::{
-    fs::{self, OpenOptions},
-    io::{ErrorKind, Write},
-    os::unix::fs::{FileExt, OpenOptionsExt},
-    path::Path,
-};
+use std::{io::Write, os::unix::fs::FileExt, path::Path};
 
 use super::header::{self, Header};
 use crate::error::{io_err, Error, Result};
@@ -16,7 +11,7 @@ const CLUSTER_SIZE: u64 = 1 << CLUSTER_BITS;
 
 /// Creates a qcow2 v3 image at `path` (which must not exist) of `size` bytes whose backing file
 /// is recorded as `backing` (format `backing_format`). The file is created 0600, written in full
-/// under a temporary name, synced, and linked into place so that `path` appears complete or
+/// under a private temporary name ([`durable::TempFile`]), synced, and linked into place so that `path` appears complete or
 /// not at all (and an existing file is never replaced).
 pub fn create_overlay(path: &Path, backing: &str, backing_format: &str, size: u64) -> Result<()> {
     let invalid = |reason: &str| Error::InvalidArgument {
@@ -29,14 +24,9 @@ pub fn create_overlay(path: &Path, backing: &str, backing_format: &str, size: u6
             "the backing file name must be 1 to 1023 bytes without NUL",
         ));
     }
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+    if path.file_name().is_none() {
         return Err(invalid("not a file path"));
-    };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
+    }
     let l2_span = (CLUSTER_SIZE / 8) * CLUSTER_SIZE;
     let l1_size = size.div_ceil(l2_span);
     if l1_size * 8 > 32 << 20 {
@@ -52,7 +42,8 @@ pub fn create_overlay(path: &Path, backing: &str, backing_format: &str, size: u6
         cluster_bits: CLUSTER_BITS,
         size,
         crypt_method: 0,
-        l1_size: l1_size as u32,
+        l1_size: u32::try_from(l1_size)
+            .map_err(|_| invalid("the virtual size is too large for a qcow2 image"))?,
         l1_table_offset: 3 * CLUSTER_SIZE,
         refcount_table_offset: CLUSTER_SIZE,
         refcount_table_clusters: 1,
@@ -76,37 +67,22 @@ pub fn create_overlay(path: &Path, backing: &str, backing_format: &str, size: u6
     let table = (2 * CLUSTER_SIZE).to_be_bytes();
     let block: Vec<u8> = (0..clusters).flat_map(|_| 1u16.to_be_bytes()).collect();
 
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err("cannot create overlay", &tmp))?;
+    let mut temp = durable::TempFile::create(path)?;
+    let file = temp.file_mut();
     let written = (|| {
         file.write_all(&cluster0)?;
         file.write_all_at(&table, CLUSTER_SIZE)?;
         file.write_all_at(&block, 2 * CLUSTER_SIZE)?;
         // The L1 table is all zeros: leave it sparse.
-        file.set_len(clusters * CLUSTER_SIZE)?;
-        file.flush()?;
-        file.sync_all()
+        file.set_len(clusters * CLUSTER_SIZE)
     })();
-    let linked = written.and_then(|()| fs::hard_link(&tmp, path));
-    let _ = fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => return Err(invalid("the file already exists")),
-        Err(e) => {
-            return Err(Error::Io {
-                action: "cannot write overlay",
-                path: path.to_owned(),
-                source: e,
-            })
+    written.map_err(io_err("cannot write overlay", temp.path()))?;
+    // fsync, link into place (never replacing an existing file), fsync the folder.
+    temp.persist_new(durable::Sync::Yes).map_err(|e| {
+        if e.is_already_exists() {
+            invalid("the file already exists")
+        } else {
+            e.into()
         }
-    }
-    // Make the new name durable.
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("cannot sync directory", dir))
+    })
 }

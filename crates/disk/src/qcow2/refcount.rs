@@ -1,6 +1,7 @@
 //! Reference counts held in memory: decoded refcount blocks, changes tracked per block so
 //! that only changed blocks are written back, and cluster allocation.
 
+use crate::num::{to_u64, to_usize};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Why a refcount change is impossible.
@@ -59,7 +60,7 @@ impl Refcounts {
     /// Loads block `index` from its on-disk encoding.
     pub fn load_block(&mut self, index: u64, bytes: &[u8]) {
         let bits = 1usize << self.order;
-        let counts = (0..self.per_block as usize)
+        let counts = (0..to_usize(self.per_block))
             .map(|i| match bits {
                 // Sub-byte widths pack entries from the least significant bit (as QEMU does).
                 1 | 2 | 4 => u64::from((bytes[i * bits / 8] >> ((i * bits) % 8)) & ((1u8 << bits) - 1)),
@@ -83,6 +84,10 @@ impl Refcounts {
         let bits = 1usize << self.order;
         for (i, &count) in counts.iter().enumerate() {
             match bits {
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    reason = "a count is at most max(), below 16 for these widths"
+                )]
                 1 | 2 | 4 => out[i * bits / 8] |= (count as u8) << ((i * bits) % 8),
                 _ => {
                     let width = bits / 8;
@@ -97,18 +102,18 @@ impl Refcounts {
     pub fn get(&self, cluster: u64) -> u64 {
         self.blocks
             .get(&(cluster / self.per_block))
-            .map_or(0, |block| block[(cluster % self.per_block) as usize])
+            .map_or(0, |block| block[to_usize(cluster % self.per_block)])
     }
 
     /// Adds `delta` to the count of `cluster`.
     pub fn add(&mut self, cluster: u64, delta: i64) -> Result<(), RefcountError> {
         let max = self.max();
         let index = cluster / self.per_block;
-        let per_block = self.per_block as usize;
+        let per_block = to_usize(self.per_block);
         let slot = &mut self.blocks.entry(index).or_insert_with(|| vec![0; per_block])
-            [(cluster % self.per_block) as usize];
+            [to_usize(cluster % self.per_block)];
         let new = if delta >= 0 {
-            slot.checked_add(delta as u64)
+            slot.checked_add(delta.unsigned_abs())
                 .filter(|&n| n <= max)
                 .ok_or(RefcountError::Overflow { cluster, max })?
         } else {
@@ -170,7 +175,7 @@ impl Refcounts {
                 .iter()
                 .enumerate()
                 .filter(|(_, &c)| c != 0)
-                .map(move |(i, &c)| (index * self.per_block + i as u64, c))
+                .map(move |(i, &c)| (index * self.per_block + to_u64(i), c))
         })
     }
 
@@ -181,6 +186,7 @@ impl Refcounts {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_wrap, reason = "test counts are small")]
 mod tests {
     use super::*;
 

@@ -1,6 +1,7 @@
 //! The internal snapshot table: parsing and encoding, without I/O.
 
 use super::header::{be_u16, be_u32, be_u64};
+use crate::num::{to_u64, u32_to_usize};
 
 /// Fixed part of a table entry.
 const ENTRY_HEADER_LEN: usize = 40;
@@ -68,7 +69,7 @@ impl std::fmt::Display for TableError {
 /// Parses `count` entries from `buf`, returning them and the table's length in bytes (padded,
 /// as stored). Pure; never panics. `cluster_size` checks L1 alignment.
 pub fn parse(buf: &[u8], count: u32, cluster_size: u64) -> Result<(Vec<SnapshotEntry>, u64), TableError> {
-    let mut entries = Vec::with_capacity(count.min(1024) as usize);
+    let mut entries = Vec::with_capacity(u32_to_usize(count.min(1024)));
     let mut at = 0usize;
     for index in 0..count {
         let need = |end: usize| {
@@ -89,7 +90,7 @@ pub fn parse(buf: &[u8], count: u32, cluster_size: u64) -> Result<(Vec<SnapshotE
         let date_nsec = be_u32(e, 20);
         let vm_clock_nsec = be_u64(e, 24);
         let vm_state_size32 = be_u32(e, 32);
-        let extra_len = be_u32(e, 36) as usize;
+        let extra_len = u32_to_usize(be_u32(e, 36));
         if extra_len > MAX_EXTRA_LEN {
             return Err(invalid(format!(
                 "{extra_len} bytes of extra data (QEMU allows {MAX_EXTRA_LEN})"
@@ -133,11 +134,16 @@ pub fn parse(buf: &[u8], count: u32, cluster_size: u64) -> Result<(Vec<SnapshotE
         });
         at = end.next_multiple_of(8);
     }
-    Ok((entries, at as u64))
+    Ok((entries, to_u64(at)))
 }
 
 /// Encodes a table. Entries written by this crate always carry the 24 bytes of extra data
 /// QEMU writes (version 3 requires the disk size in it).
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "ids, names and extra data were read with 16- and 32-bit lengths or are checked names (at \
+              most 128 bytes); vm_state_size is truncated on purpose (see below)"
+)]
 pub fn encode(entries: &[SnapshotEntry]) -> Vec<u8> {
     let mut out = Vec::new();
     for e in entries {

@@ -2,6 +2,7 @@
 
 use crate::error::Result;
 use crate::guest::GuestMemory;
+use crate::num::{to_u64, to_usize};
 use crate::par;
 use crate::table::{is_zero, page_hash, DirtySet, PageState, PageTable, CHUNK_PAGES, CHUNK_WORDS};
 
@@ -56,10 +57,10 @@ impl DirtySource for ContentCompare {
             chunks,
             || vec![0u8; CHUNK_PAGES],
             |data_map, (index, words)| {
-                let start = (index * CHUNK_PAGES) as u64;
-                let end = (start + CHUNK_PAGES as u64).min(total);
+                let start = to_u64(index * CHUNK_PAGES);
+                let end = (start + to_u64(CHUNK_PAGES)).min(total);
                 for (region, pages) in mem.segments(start..end) {
-                    let map = &mut data_map[..(pages.end - pages.start) as usize];
+                    let map = &mut data_map[..to_usize(pages.end - pages.start)];
                     region.data_map(pages.clone(), map);
                     for (page, &data) in pages.zip(map.iter()) {
                         // A hole of the RAM file is zero without reading it.
@@ -70,7 +71,7 @@ impl DirtySource for ContentCompare {
                         };
                         if dirty {
                             let bit = page - start;
-                            words[(bit / 64) as usize] |= 1 << (bit % 64);
+                            words[to_usize(bit / 64)] |= 1 << (bit % 64);
                         }
                     }
                 }

@@ -12,6 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::error::{Error, Result};
 use crate::guest::{GuestMemory, Region, PAGE};
+use crate::num::to_u64;
 use crate::table::{DirtySet, PageTable};
 
 use super::DirtySource;
@@ -76,7 +77,7 @@ struct PmScanArg {
 
 /// `_IOC(dir, type, nr, size)` as the kernel's asm-generic ioctl.h builds it.
 const fn ioc(dir: u64, ty: u8, nr: u8, size: usize) -> libc::c_ulong {
-    ((dir << 30) | ((size as u64) << 16) | ((ty as u64) << 8) | nr as u64) as libc::c_ulong
+    ((dir << 30) | (to_u64(size) << 16) | ((ty as u64) << 8) | nr as u64) as libc::c_ulong
 }
 const READ_WRITE: u64 = 3;
 const READ: u64 = 2;
@@ -126,7 +127,10 @@ fn open_uffd(features: u64) -> io::Result<(OwnedFd, u64)> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fd is a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    let fd = libc::c_int::try_from(fd)
+        .map_err(|_| io::Error::other("userfaultfd returned an out-of-range descriptor"))?;
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut api = UffdioApi {
         api: UFFD_API,
         features,
@@ -178,7 +182,7 @@ impl UffdWriteProtect {
         }
         let pagemap = File::open("/proc/self/pagemap").map_err(fail("open /proc/self/pagemap"))?;
         let mut arg = PmScanArg {
-            size: size_of::<PmScanArg>() as u64,
+            size: to_u64(size_of::<PmScanArg>()),
             ..Default::default()
         };
         // SAFETY: PAGEMAP_SCAN takes a struct pm_scan_arg; an empty range with no output vector only
@@ -190,7 +194,7 @@ impl UffdWriteProtect {
 
 fn range(region: &Region) -> UffdioRange {
     UffdioRange {
-        start: region.host(region.first_page()) as u64,
+        start: to_u64(region.host(region.first_page()).addr()),
         len: region.len(),
     }
 }
@@ -200,12 +204,12 @@ impl Tracking {
     fn scan(&self, region: &Region, dirty: &mut DirtySet, out: &mut [PageRegion]) -> Result<()> {
         let UffdioRange { start: base, len } = range(region);
         let mut arg = PmScanArg {
-            size: size_of::<PmScanArg>() as u64,
+            size: to_u64(size_of::<PmScanArg>()),
             flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
             start: base,
             end: base + len,
-            vec: out.as_mut_ptr() as u64,
-            vec_len: out.len() as u64,
+            vec: to_u64(out.as_mut_ptr().expose_provenance()),
+            vec_len: to_u64(out.len()),
             category_mask: PAGE_IS_WRITTEN,
             return_mask: PAGE_IS_WRITTEN,
             ..Default::default()
@@ -216,7 +220,9 @@ impl Tracking {
             // has registered for asynchronous write-protect.
             let filled = unsafe { ioctl(&self.pagemap, PAGEMAP_SCAN, &mut arg) }
                 .map_err(fail("scan written pages"))?;
-            for r in &out[..filled as usize] {
+            // A successful PAGEMAP_SCAN returns the number of entries it filled (never negative).
+            let filled = usize::try_from(filled).unwrap_or_default();
+            for r in &out[..filled] {
                 let first = region.first_page() + (r.start - base) / PAGE;
                 dirty.insert_range(first..first + (r.end - r.start) / PAGE);
             }
