@@ -202,7 +202,8 @@ fn dirty_forever(mut wss: Vec<u64>, rate_pages: u64, counter: &AtomicU64) -> ! {
         let elapsed = (now - last).min(SLOT * 10);
         last = now;
         owed_nano_pages += u128::from(rate_pages) * elapsed.as_nanos();
-        let due = (owed_nano_pages / 1_000_000_000) as u64;
+        // At most 100 ms of the rate: far below u64::MAX.
+        let due = u64::try_from(owed_nano_pages / 1_000_000_000).unwrap_or(u64::MAX);
         owed_nano_pages %= 1_000_000_000;
         for _ in 0..due {
             let value = (pass << 32) ^ (page as u64) ^ 0x5a5a_0000_0000_0000;

@@ -137,7 +137,7 @@ pub struct DiskRequest {
     pub kind: DiskKind,
 }
 
-/// Options of [`Orchestrator::create`].
+/// Options of [`Orchestrator::create`](crate::Orchestrator::create).
 #[derive(Debug, Clone, Default)]
 pub struct CreateOptions {
     /// How memory is saved (ignored for a shut-off domain: disks only).
@@ -227,7 +227,7 @@ pub struct RevertReport {
     pub memory_ms: f64,
 }
 
-/// What [`Orchestrator::recover`] found and did.
+/// What [`Orchestrator::recover`](crate::Orchestrator::recover) found and did.
 #[derive(Debug, Clone, Serialize)]
 pub struct Recovery {
     /// The domain.
@@ -240,7 +240,7 @@ pub struct Recovery {
     pub outcome: RecoveryOutcome,
 }
 
-/// One problem [`Orchestrator::verify`] found.
+/// One problem [`Orchestrator::verify`](crate::Orchestrator::verify) found.
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
     /// The snapshot.
