@@ -3,17 +3,20 @@
 use std::time::Duration;
 
 use crate::{
-    commands::{Command, JobComplete, JobDismiss, QueryJobs},
+    commands::{Command, JobCancel, JobComplete, JobDismiss, QueryJobs},
     error::{Error, Result},
     events::{Event, EventStream},
     types::JobStatus,
     Client,
 };
 
+/// How long a cancelled job may take to conclude.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
 /// How [`Client::run_job`] drives a job.
 #[derive(Debug, Clone)]
 pub struct JobOptions {
-    /// Give up waiting after this long (the job is left running; cancel it with `job-cancel`).
+    /// Give up waiting after this long: the job is then cancelled (`job-cancel`) and dismissed.
     pub timeout: Option<Duration>,
     /// Send `job-complete` when the job becomes ready (active-layer commit, mirror).
     pub complete_when_ready: bool,
@@ -46,14 +49,45 @@ impl Client {
         let mut events = self.subscribe();
         self.execute(command).await?;
         let drive = self.drive_job(&mut events, job_id, options.complete_when_ready);
-        match options.timeout {
-            Some(after) => tokio::time::timeout(after, drive)
-                .await
-                .map_err(|_| Error::JobLost {
+        let Some(after) = options.timeout else {
+            return drive.await;
+        };
+        match tokio::time::timeout(after, drive).await {
+            Ok(result) => result,
+            Err(_) => {
+                // A job left running would hold its nodes (and the image) busy: cancel it.
+                let cancelled = self.cancel_job(job_id).await;
+                Err(Error::JobLost {
                     job_id: job_id.into(),
-                    reason: format!("not finished after {after:?}; it is still running"),
-                })?,
-            None => drive.await,
+                    reason: match cancelled {
+                        Ok(()) => format!("not finished after {after:?}; it was cancelled"),
+                        Err(e) => format!("not finished after {after:?}, and cancelling it failed: {e}"),
+                    },
+                })
+            }
+        }
+    }
+
+    /// Cancels a job and dismisses it once it has concluded (waiting a bounded time).
+    async fn cancel_job(&self, job_id: &str) -> Result<()> {
+        self.execute(&JobCancel { id: job_id.into() }).await?;
+        let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+        loop {
+            match self.job_status(job_id).await? {
+                None => return Ok(()),
+                Some(JobStatus::Concluded) => {
+                    return self.execute(&JobDismiss { id: job_id.into() }).await.map(drop)
+                }
+                Some(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Some(status) => {
+                    return Err(Error::JobLost {
+                        job_id: job_id.into(),
+                        reason: format!("still {status} {CANCEL_WAIT:?} after job-cancel"),
+                    })
+                }
+            }
         }
     }
 

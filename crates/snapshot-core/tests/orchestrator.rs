@@ -432,10 +432,11 @@ async fn a_paused_domain_stays_paused_and_a_shut_off_one_gets_disks_only() {
 #[tokio::test]
 async fn a_failure_at_any_create_step_is_rolled_back() {
     for (call, step) in [
-        ("guest_memory", Step::SaveMemory),
+        // Mapped and reached while inspecting: the free-space and name checks need them.
+        ("guest_memory", Step::Inspect),
         ("pause", Step::Pause),
         ("save_device_state", Step::SaveDeviceState),
-        ("disk_backend", Step::SnapshotDisks),
+        ("disk_backend", Step::Inspect),
         ("create_internal", Step::SnapshotDisks),
         ("create_external", Step::SnapshotDisks),
         ("resume", Step::Resume),
@@ -455,15 +456,22 @@ async fn a_failure_at_any_create_step_is_rolled_back() {
                     source.contains(call)
                 }
             );
-            let sim = f.sim();
-            if call != "resume" {
-                assert_eq!(
-                    sim.state,
-                    DomainState::Running,
-                    "{call}: domain left {:?}",
-                    sim.state
-                );
+            if call == "resume" {
+                // The undo could not resume the domain either: the intent stays, and the next
+                // recover (once resuming works again) finishes the undo.
+                assert!(err.to_string().contains("intent record stays"), "{err}");
+                assert!(f.store.intent(&f.domain).unwrap().is_some());
+                f.sim.lock().unwrap().fail = None;
+                let recovered = f.orchestrator.recover(&f.domain).await.unwrap().unwrap();
+                assert_eq!(recovered.outcome, RecoveryOutcome::Undone);
             }
+            let sim = f.sim();
+            assert_eq!(
+                sim.state,
+                DomainState::Running,
+                "{call}: domain left {:?}",
+                sim.state
+            );
             assert!(
                 sim.internal.is_empty(),
                 "{call}: internal snapshots left: {:?}",
@@ -716,6 +724,18 @@ async fn a_failure_during_revert_removes_new_overlays_and_restores_the_configura
         } else {
             assert_eq!(sim.state, DomainState::ShutOff, "{call}");
             assert!(err.to_string().contains("shut off"), "{call}: {err}");
+        }
+        if call == "define" {
+            // The undo could not restore the configuration either: the intent stays, and the next
+            // recover runs the revert again, to its end.
+            assert!(err.to_string().contains("intent record stays"), "{err}");
+            assert!(f.store.intent(&f.domain).unwrap().is_some());
+            f.sim.lock().unwrap().fail = None;
+            let recovered = f.orchestrator.recover(&f.domain).await.unwrap().unwrap();
+            assert_eq!(recovered.outcome, RecoveryOutcome::Finished);
+            assert_eq!(f.sim().state, DomainState::Running);
+            assert!(f.store.intent(&f.domain).unwrap().is_none());
+            continue;
         }
         assert!(f.store.intent(&f.domain).unwrap().is_none());
         let overlays = f.store.overlays(&f.domain).unwrap();
@@ -994,4 +1014,66 @@ async fn a_domain_with_snapshots_keeps_its_disks_and_its_definition() {
     f.orchestrator.undefine(&f.domain).await.unwrap();
     assert!(f.calls().contains(&"undefine"));
     assert!(f.store.overlays(&f.domain).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_name_a_disk_already_holds_is_refused_and_the_users_snapshot_is_never_touched() {
+    let f = fixture(DomainState::Running);
+    let vda = f.sim().disks[0].image.clone();
+    // Made outside domsnap (e.g. `qemu-img snapshot -c s1`).
+    f.sim.lock().unwrap().internal.insert((vda.clone(), "s1".into()));
+    f.sim.lock().unwrap().calls.clear();
+    let error = f.create("s1", true).await.unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("already holds an internal snapshot named s1"),
+        "{error}"
+    );
+    assert!(f.sim().internal.contains(&(vda.clone(), "s1".to_owned())));
+    assert!(!f.calls().contains(&"pause"), "{:?}", f.calls());
+    assert!(f.store.intent(&f.domain).unwrap().is_none());
+    assert!(f.store.list(&f.domain).unwrap().is_empty());
+
+    // Names the disk layer refuses are refused before the domain is touched, too.
+    for bad in ["123", "-x", "_x"] {
+        let error = f.create(bad, true).await.unwrap_err();
+        assert!(
+            error.to_string().contains("internal snapshot cannot be named"),
+            "{bad}: {error}"
+        );
+    }
+    assert!(!f.calls().contains(&"pause"), "{:?}", f.calls());
+    assert!(f.stray_files().is_empty());
+}
+
+#[tokio::test]
+async fn a_revert_whose_internal_snapshot_is_gone_is_refused_before_the_domain_stops() {
+    let f = fixture(DomainState::Running);
+    f.create("s1", false).await.unwrap();
+    // Deleted behind domsnap's back.
+    f.sim.lock().unwrap().internal.clear();
+    f.sim.lock().unwrap().calls.clear();
+    let error = f
+        .orchestrator
+        .revert(&f.domain, &name("s1"), false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            Error::Failed {
+                step: Step::Check,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let source = std::error::Error::source(&error).unwrap().to_string();
+    assert!(
+        source.contains("no longer holds internal snapshot s1"),
+        "{source}"
+    );
+    assert!(!f.calls().contains(&"destroy"), "{:?}", f.calls());
+    assert_eq!(f.sim().state, DomainState::Running);
 }

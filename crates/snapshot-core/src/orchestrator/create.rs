@@ -12,7 +12,8 @@ use memory::{ConvergencePolicy, SaveSummary};
 use super::{
     at,
     disk_plan::{
-        active_after_create, delete_internal_if_present, new_overlays, plan_disks, take_disk_snapshots,
+        active_after_create, check_names_free, delete_internal_if_present, external_snapshots,
+        internal_images, new_overlays, plan_disks,
     },
     memory_saver::MemorySaver,
     millis, now_unix_ms, remove_file, CreateOptions, CreateReport, MemoryMode, Orchestrator, RoundReport,
@@ -59,10 +60,8 @@ impl Orchestrator {
         options: &CreateOptions,
     ) -> Result<CreateJob<'_>> {
         self.observer.step(Operation::Create, Step::Inspect);
-        let (was, config, targets) = self
-            .inspect(domain)
-            .await
-            .map_err(|e| self.failed(Operation::Create, domain, snapshot, e, Vec::new(), None))?;
+        let fail = |e: StepError| self.failed(Operation::Create, domain, snapshot, e, Vec::new(), None);
+        let (was, config, targets) = self.inspect(domain).await.map_err(fail)?;
         if self.store.get(domain, snapshot).is_ok() {
             return Err(Error::SnapshotExists {
                 domain: domain.clone(),
@@ -70,6 +69,18 @@ impl Orchestrator {
             });
         }
         let disks = plan_disks(snapshot, &targets, &options.disks)?;
+        let backend = self
+            .hypervisor
+            .disk_backend(domain)
+            .await
+            .map_err(at(Step::Inspect))
+            .map_err(fail)?;
+        check_names_free(&*backend, &disks).await?;
+        if was != DomainState::ShutOff {
+            let memory = self.hypervisor.guest_memory(domain).await;
+            let ram_bytes = memory.map_err(at(Step::Inspect)).map_err(fail)?.size();
+            check_free_space(domain, &self.store.files(domain, snapshot).dir, ram_bytes)?;
+        }
         let parent = self.store.current(domain)?;
 
         self.observer.step(Operation::Create, Step::Intent);
@@ -99,6 +110,35 @@ impl Orchestrator {
     }
 }
 
+/// Refuses a create whose memory image may not fit: the free space of the snapshot's folder
+/// must hold the guest's RAM (the image's upper bound: zero pages take no space, so most images
+/// are far smaller). Checked before the guest is paused.
+fn check_free_space(domain: &Name, folder: &Path, ram_bytes: u64) -> Result<()> {
+    let free = free_bytes(folder)?;
+    if free < ram_bytes {
+        return Err(Error::InvalidRequest(format!(
+            "not enough free space for the memory image of domain {domain}: {} MiB free under {}, \
+             the guest has {} MiB of RAM",
+            free >> 20,
+            folder.display(),
+            ram_bytes >> 20
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem holding `path` (or its nearest
+/// existing ancestor).
+fn free_bytes(path: &Path) -> Result<u64> {
+    let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let stats = nix::sys::statvfs::statvfs(existing).map_err(|errno| Error::Io {
+        operation: "cannot read the free space of",
+        path: existing.to_owned(),
+        source: errno.into(),
+    })?;
+    Ok(stats.blocks_available().saturating_mul(stats.fragment_size()))
+}
+
 /// What the memory steps of a create produced.
 pub(super) struct Saved {
     pub(super) memory: Option<MemoryState>,
@@ -121,8 +161,11 @@ pub(super) struct CreateJob<'o> {
     pub(super) files: SnapshotFiles,
     /// When the create paused the domain (undo: resume it).
     paused_since: Option<Instant>,
-    /// The disk step ran, perhaps partly (undo: remove the disk snapshots).
-    disks_touched: bool,
+    /// The internal snapshots were made (undo: delete them). Only what this create made is
+    /// ever undone: a name or overlay that existed before it was refused before the intent.
+    made_internal: bool,
+    /// The overlays were made (undo: merge the active ones back, remove the files).
+    made_overlays: bool,
     /// The memory save in progress (undo: abandon it, which removes its temporary image).
     memory: Option<MemorySaver>,
     /// Rebuilt from an intent after a crash: whether the domain is paused is asked, not known.
@@ -148,13 +191,16 @@ impl<'o> CreateJob<'o> {
             disks,
             files,
             paused_since: None,
-            disks_touched: false,
+            made_internal: false,
+            made_overlays: false,
             memory: None,
             after_crash: false,
         }
     }
 
-    /// The create a crash interrupted, as its intent recorded it: any step may have run.
+    /// The create a crash interrupted, as its intent recorded it: any step may have run. The
+    /// intent is written only after the checks that no disk held the snapshot's name and no
+    /// overlay file existed, so what exists now was made by this create.
     pub(super) fn interrupted(
         orchestrator: &'o Orchestrator,
         domain: &Name,
@@ -164,7 +210,8 @@ impl<'o> CreateJob<'o> {
     ) -> Self {
         let files = orchestrator.store.files(domain, snapshot);
         let mut job = CreateJob::new(orchestrator, domain, snapshot, was, disks, files);
-        job.disks_touched = true;
+        job.made_internal = true;
+        job.made_overlays = true;
         job.after_crash = true;
         job
     }
@@ -279,7 +326,8 @@ impl<'o> CreateJob<'o> {
         Ok(since.elapsed())
     }
 
-    /// Takes every disk's snapshot. Undo: [`CreateJob::undo_disks`].
+    /// Takes every disk's snapshot: the internal ones in one atomic call, then the overlays in
+    /// another. Undo: [`CreateJob::undo_disks`], of what was made.
     pub(super) async fn snapshot_disks(&mut self) -> StepResult<()> {
         self.observe(Step::SnapshotDisks);
         let backend = self
@@ -288,10 +336,23 @@ impl<'o> CreateJob<'o> {
             .disk_backend(&self.domain)
             .await
             .map_err(at(Step::SnapshotDisks))?;
-        self.disks_touched = true;
-        take_disk_snapshots(&*backend, &self.snapshot, &self.disks)
-            .await
-            .map_err(at(Step::SnapshotDisks))
+        let internal = internal_images(&self.disks);
+        if !internal.is_empty() {
+            backend
+                .create_internal(&internal, self.snapshot.as_str())
+                .await
+                .map_err(at(Step::SnapshotDisks))?;
+            self.made_internal = true;
+        }
+        let external = external_snapshots(&self.disks);
+        if !external.is_empty() {
+            backend
+                .create_external(&external)
+                .await
+                .map_err(at(Step::SnapshotDisks))?;
+            self.made_overlays = true;
+        }
+        Ok(())
     }
 
     /// Writes the record: the snapshot exists from then on. A failing commit is rolled back.
@@ -336,20 +397,23 @@ impl<'o> CreateJob<'o> {
 
     /// Undoes what the create did, in reverse: the memory save, the disk snapshots, the pause,
     /// then the snapshot's folder, overlay list entries and intent. Returns what could not be
-    /// undone.
+    /// undone; then the intent stays, so that the next `recover` tries the undo again.
     pub(super) async fn rollback(mut self) -> Vec<String> {
         if let Some(saver) = self.memory.take() {
             saver.abandon().await;
         }
-        let mut problems = Vec::new();
-        if self.disks_touched {
-            problems.extend(self.undo_disks().await);
-        }
+        let mut problems = self.undo_disks().await;
         if let Err(e) = self.resume_after_failure().await {
             problems.push(e);
         }
-        problems.extend(self.forget());
-        problems
+        if !problems.is_empty() {
+            problems.push(format!(
+                "the intent record stays: `recover {0}` tries the undo again, `recover {0} --abandon` gives it up",
+                self.domain
+            ));
+            return problems;
+        }
+        self.forget()
     }
 
     /// Resumes a domain the create left paused.
@@ -378,6 +442,9 @@ impl<'o> CreateJob<'o> {
     /// deleted; an overlay the domain writes to is committed back into its image; overlay files
     /// are removed. Returns what could not be undone.
     async fn undo_disks(&self) -> Vec<String> {
+        if !self.made_internal && !self.made_overlays {
+            return Vec::new();
+        }
         let hypervisor = &self.orchestrator.hypervisor;
         let backend = match hypervisor.disk_backend(&self.domain).await {
             Ok(backend) => backend,
@@ -391,6 +458,8 @@ impl<'o> CreateJob<'o> {
         let mut active_after = active.clone();
         for disk in &self.disks {
             let undone = match &disk.snapshot {
+                DiskSnapshot::Internal { .. } if !self.made_internal => Ok(()),
+                DiskSnapshot::External { .. } if !self.made_overlays => Ok(()),
                 DiskSnapshot::Internal { name } => delete_internal_if_present(&*backend, &disk.image, name)
                     .await
                     .map_err(|e| {

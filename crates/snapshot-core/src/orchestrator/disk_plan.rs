@@ -6,7 +6,7 @@ use disk::{DiskSnapshots, ExternalSnapshot};
 
 use super::{DiskKind, DiskRequest};
 use crate::{
-    error::{DriverError, Error, Result},
+    error::{Error, Result},
     hypervisor::DiskTarget,
     metadata::{DiskRecord, DiskSnapshot},
     name::Name,
@@ -26,9 +26,17 @@ pub(super) fn plan_disks(
             .find(|r| r.target == target.target)
             .map_or(&DiskKind::Internal, |r| &r.kind);
         let snapshot_kind = match kind {
-            DiskKind::Internal => DiskSnapshot::Internal {
-                name: snapshot.as_str().to_owned(),
-            },
+            DiskKind::Internal => {
+                disk::names::validate_snapshot_name(snapshot.as_str()).map_err(|e| {
+                    Error::InvalidRequest(format!(
+                        "disk {}: an internal snapshot cannot be named so: {e}",
+                        target.target
+                    ))
+                })?;
+                DiskSnapshot::Internal {
+                    name: snapshot.as_str().to_owned(),
+                }
+            }
             DiskKind::External { path, format } => {
                 plan_external(snapshot, target, path.as_deref(), format.as_deref(), &planned)?
             }
@@ -82,13 +90,8 @@ fn plan_external(
         || disk::names::snapshot_overlay_path(&target.image, snapshot.as_str()),
         Path::to_path_buf,
     );
-    if !overlay.is_absolute() {
-        return Err(Error::InvalidRequest(format!(
-            "disk {}: overlay path {} is not absolute",
-            target.target,
-            overlay.display()
-        )));
-    }
+    disk::names::validate_image_path(&overlay, "overlay path")
+        .map_err(|e| Error::InvalidRequest(format!("disk {}: {e}", target.target)))?;
     if overlay.exists() || planned.iter().any(|d| external_overlay(d) == Some(&overlay)) {
         return Err(Error::InvalidRequest(format!(
             "disk {}: overlay {} exists already",
@@ -123,19 +126,18 @@ pub(super) fn active_after_create(disks: &[DiskRecord]) -> Vec<DiskTarget> {
         .collect()
 }
 
-/// Internal snapshots of all disks that take one (one atomic call), then the external ones
-/// (another); if the second fails the first is undone.
-pub(super) async fn take_disk_snapshots(
-    backend: &dyn DiskSnapshots,
-    snapshot: &Name,
-    disks: &[DiskRecord],
-) -> std::result::Result<(), DriverError> {
-    let internal: Vec<PathBuf> = disks
+/// The images that take an internal snapshot.
+pub(super) fn internal_images(disks: &[DiskRecord]) -> Vec<PathBuf> {
+    disks
         .iter()
         .filter(|d| matches!(d.snapshot, DiskSnapshot::Internal { .. }))
         .map(|d| d.image.clone())
-        .collect();
-    let external: Vec<ExternalSnapshot> = disks
+        .collect()
+}
+
+/// The overlays that external snapshots make.
+pub(super) fn external_snapshots(disks: &[DiskRecord]) -> Vec<ExternalSnapshot> {
+    disks
         .iter()
         .filter_map(|d| {
             external_overlay(d).map(|overlay| ExternalSnapshot {
@@ -144,16 +146,29 @@ pub(super) async fn take_disk_snapshots(
                 backing_path: disk::BackingPath::Absolute,
             })
         })
-        .collect();
-    if !internal.is_empty() {
-        backend.create_internal(&internal, snapshot.as_str()).await?;
-    }
-    if !external.is_empty() {
-        if let Err(e) = backend.create_external(&external).await {
-            if !internal.is_empty() {
-                let _ = backend.delete_internal(&internal, snapshot.as_str()).await;
-            }
-            return Err(e.into());
+        .collect()
+}
+
+/// Refuses a plan whose internal snapshot name a disk already holds (made outside domsnap, or
+/// by a snapshot of the same name deleted from the store only): its undo could not tell the two
+/// apart, and the user's snapshot must never be touched.
+pub(super) async fn check_names_free(backend: &dyn DiskSnapshots, disks: &[DiskRecord]) -> Result<()> {
+    for disk in disks {
+        let DiskSnapshot::Internal { name } = &disk.snapshot else {
+            continue;
+        };
+        let held = backend.list_internal(&disk.image).await.map_err(|e| {
+            Error::InvalidRequest(format!(
+                "disk {}: cannot list its internal snapshots: {e}",
+                disk.target
+            ))
+        })?;
+        if held.iter().any(|s| &s.name == name) {
+            return Err(Error::InvalidRequest(format!(
+                "disk {} ({}) already holds an internal snapshot named {name}: choose another snapshot name",
+                disk.target,
+                disk.image.display()
+            )));
         }
     }
     Ok(())

@@ -88,7 +88,8 @@ impl Orchestrator {
     }
 
     /// Undoes a failed revert: ends a half-started domain, removes the new overlays, restores
-    /// the previous configuration and forgets the intent. Returns what could not be undone.
+    /// the previous configuration and forgets the intent. Returns what could not be undone; then
+    /// the intent stays.
     async fn undo_revert(
         &self,
         domain: &Name,
@@ -113,6 +114,14 @@ impl Orchestrator {
             .await
         {
             rollback.push(format!("cannot restore the domain configuration: {e}"));
+        }
+        if !rollback.is_empty() {
+            // `recover` runs the revert again from the start, which ends in a consistent state.
+            rollback.push(format!(
+                "the intent record stays: `recover {domain}` runs the revert again, \
+                 `recover {domain} --abandon` gives it up"
+            ));
+            return rollback;
         }
         for result in [
             self.remove_overlays_from_list(domain, new_overlays),
@@ -140,9 +149,21 @@ impl Orchestrator {
                 return Err(format!("device state {} is empty", files.device_state.display()).into());
             }
         }
+        let backend = self.hypervisor.disk_backend(&record.domain).await?;
         for disk in &record.disks {
             if !disk.image.exists() {
                 return Err(format!("disk {} image {} is missing", disk.target, disk.image.display()).into());
+            }
+            if let DiskSnapshot::Internal { name } = &disk.snapshot {
+                let held = backend.list_internal(&disk.image).await?;
+                if !held.iter().any(|s| &s.name == name) {
+                    return Err(format!(
+                        "disk {} image {} no longer holds internal snapshot {name}",
+                        disk.target,
+                        disk.image.display()
+                    )
+                    .into());
+                }
             }
         }
         Ok(())
