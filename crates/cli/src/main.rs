@@ -18,8 +18,8 @@ use clap::{Parser, Subcommand};
 use memory::RoundStats;
 use qemu::{DomainConfig, QemuDriver, StopMode};
 use snapshot_core::{
-    CreateOptions, DiskKind, DiskRequest, FsStore, MemoryMode, Name, Observer, Operation, Orchestrator,
-    SnapshotStore, Step,
+    Activity, CreateOptions, DiskKind, DiskRequest, FsStore, MemoryMode, Name, Observer, Operation,
+    Orchestrator, SnapshotStore, Step,
 };
 
 /// Whole-domain snapshots for QEMU domains: memory, device state and disks.
@@ -45,8 +45,17 @@ enum Command {
     /// Create, list, delete and revert snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
-    /// Finish or undo operations interrupted by a crash, on every domain.
-    Recover,
+    /// Finish or undo operations interrupted by a crash (on every domain, or on NAME)
+    ///
+    /// With --abandon, give up NAME's interrupted operation instead (when its recovery can never
+    /// succeed): the intent record is dropped, and what the operation left behind is listed.
+    Recover {
+        /// The domain (default: every domain).
+        name: Option<String>,
+        /// Drop NAME's interrupted operation after listing what it leaves behind.
+        #[arg(long, requires = "name")]
+        abandon: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -243,10 +252,14 @@ async fn run(cli: Cli) -> Result<()> {
     let result = match cli.command {
         Command::Domain(command) => app.domain(command).await,
         Command::Snapshot(command) => app.snapshot(command).await,
-        Command::Recover => {
+        Command::Recover { name: None, .. } => {
             let recovered = app.orchestrator.recover_all().await?;
             app.print(&recovered, || output::recoveries(&recovered))
         }
+        Command::Recover {
+            name: Some(domain),
+            abandon,
+        } => app.recover(&domain, abandon).await,
     };
     progress.finish();
     result
@@ -270,9 +283,12 @@ impl App {
     async fn domain(&self, command: DomainCommand) -> Result<()> {
         match command {
             DomainCommand::List => {
-                self.orchestrator.recover_all().await?;
+                // Read-only: never waits for a busy domain's lock, never runs recovery.
                 let domains = self.driver.list().await?;
-                let rows: Vec<output::DomainRow> = domains.iter().map(output::DomainRow::from).collect();
+                let rows = domains
+                    .iter()
+                    .map(|status| self.row(status))
+                    .collect::<Result<Vec<output::DomainRow>>>()?;
                 self.print(&rows, || output::domains(&rows))
             }
             DomainCommand::Start { domain, paused } => {
@@ -322,7 +338,6 @@ impl App {
             }
             DomainCommand::Status { name: domain } => {
                 let domain = self.defined_domain(&domain)?;
-                self.orchestrator.recover(&domain).await?;
                 self.status(&domain).await
             }
             DomainCommand::Undefine { name: domain } => {
@@ -345,8 +360,33 @@ impl App {
 
     async fn status(&self, domain: &Name) -> Result<()> {
         let status = self.driver.status(domain).await?;
-        let row = output::DomainRow::from(&status);
+        let row = self.row(&status)?;
         self.print(&row, || output::domains(std::slice::from_ref(&row)))
+    }
+
+    /// A domain's row: the driver's status and what domsnap is doing on it (never waiting).
+    fn row(&self, status: &qemu::DomainStatus) -> Result<output::DomainRow> {
+        let activity = self.orchestrator.activity(&status.name)?;
+        Ok(output::DomainRow::new(status, activity))
+    }
+
+    /// Tells read-only commands' users when the snapshots they see are being changed.
+    fn note_activity(&self, domain: &Name) -> Result<()> {
+        let activity = self.orchestrator.activity(domain)?;
+        if activity != Activity::Idle {
+            eprintln!("note: domain {domain}: {}", output::activity_text(&activity));
+        }
+        Ok(())
+    }
+
+    async fn recover(&self, domain: &str, abandon: bool) -> Result<()> {
+        let domain = self.defined_domain(domain)?;
+        if abandon {
+            let abandoned = self.orchestrator.abandon(&domain).await?;
+            return self.print(&abandoned, || output::abandoned(&domain, abandoned.as_ref()));
+        }
+        let recovered: Vec<_> = self.orchestrator.recover(&domain).await?.into_iter().collect();
+        self.print(&recovered, || output::recoveries(&recovered))
     }
 
     async fn snapshot(&self, command: SnapshotCommand) -> Result<()> {
@@ -379,7 +419,7 @@ impl App {
             }
             SnapshotCommand::List { name: domain, tree } => {
                 let domain = self.defined_domain(&domain)?;
-                self.orchestrator.recover(&domain).await?;
+                self.note_activity(&domain)?;
                 // An unknown domain is an error, not an empty list.
                 self.driver.status(&domain).await?;
                 let records = self.store.list(&domain)?;
@@ -399,7 +439,7 @@ impl App {
             }
             SnapshotCommand::Show { name: domain, snap } => {
                 let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
-                self.orchestrator.recover(&domain).await?;
+                self.note_activity(&domain)?;
                 let record = self.store.get(&domain, &snap)?;
                 let current = self.store.current(&domain)?;
                 let files = self.store.files(&domain, &snap);

@@ -4,8 +4,8 @@ use std::fmt::Write;
 
 use serde::Serialize;
 use snapshot_core::{
-    CreateReport, DeleteReport, DiskSnapshot, DomainState, Name, Recovery, RevertReport, SnapshotFiles,
-    SnapshotRecord, VerifyReport,
+    Abandoned, Activity, CreateReport, DeleteReport, DiskSnapshot, DomainState, Name, Recovery, RevertReport,
+    SnapshotFiles, SnapshotRecord, VerifyReport,
 };
 
 /// One line of `domain list`.
@@ -14,16 +14,60 @@ pub struct DomainRow {
     name: Name,
     state: DomainState,
     pid: Option<u32>,
+    /// What domsnap is doing on it: idle, busy (another command holds its lock) or interrupted.
+    activity: Activity,
 }
 
-impl From<&qemu::DomainStatus> for DomainRow {
-    fn from(status: &qemu::DomainStatus) -> Self {
+impl DomainRow {
+    pub fn new(status: &qemu::DomainStatus, activity: Activity) -> Self {
         DomainRow {
             name: status.name.clone(),
             state: status.state,
             pid: status.pid,
+            activity,
         }
     }
+}
+
+/// An activity in words.
+pub fn activity_text(activity: &Activity) -> String {
+    match activity {
+        Activity::Idle => "idle".to_owned(),
+        Activity::Busy {
+            pid,
+            operation,
+            snapshot,
+        } => {
+            let what = match (operation, snapshot) {
+                (Some(operation), Some(snapshot)) => {
+                    format!("{operation} of snapshot {snapshot} in progress")
+                }
+                _ => "another command holds its lock".to_owned(),
+            };
+            match pid {
+                Some(pid) => format!("busy: {what} (pid {pid})"),
+                None => format!("busy: {what}"),
+            }
+        }
+        Activity::Interrupted { operation, snapshot } => {
+            format!("interrupted {operation} of snapshot {snapshot}: run `domsnap recover`")
+        }
+    }
+}
+
+/// What `recover NAME --abandon` gave up.
+pub fn abandoned(domain: &Name, abandoned: Option<&Abandoned>) -> String {
+    let Some(abandoned) = abandoned else {
+        return format!("domain {domain}: nothing to abandon\n");
+    };
+    let mut out = format!(
+        "domain {domain}: abandoned the interrupted {} of snapshot {}; left behind:\n",
+        abandoned.operation, abandoned.snapshot
+    );
+    for item in &abandoned.left_behind {
+        let _ = writeln!(out, "  {item}");
+    }
+    out
 }
 
 fn state_text(state: DomainState) -> &'static str {
@@ -35,14 +79,15 @@ fn state_text(state: DomainState) -> &'static str {
 }
 
 pub fn domains(rows: &[DomainRow]) -> String {
-    let mut out = format!("{:<24} {:<9} {}\n", "NAME", "STATE", "PID");
+    let mut out = format!("{:<24} {:<9} {:<8} {}\n", "NAME", "STATE", "PID", "ACTIVITY");
     for row in rows {
         let pid = row.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
         let _ = writeln!(
             out,
-            "{:<24} {:<9} {pid}",
+            "{:<24} {:<9} {pid:<8} {}",
             row.name.as_str(),
-            state_text(row.state)
+            state_text(row.state),
+            activity_text(&row.activity)
         );
     }
     out

@@ -476,11 +476,10 @@ impl QemuDriver {
             .mode(0o600)
             .open(&files.ram_file)
             .map_err(io_error("cannot create the RAM file", &files.ram_file))?;
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&files.qemu_log)
-            .map_err(io_error("cannot create", &files.qemu_log))?;
+        let log = open_private_log(&files.qemu_log)?;
+        // QEMU appends the guest's console to the serial log; it may hold the guest's secrets.
+        let runtime = files.runtime(&config);
+        open_private_log(&runtime.serial_log)?;
         let log_too = log
             .try_clone()
             .map_err(io_error("cannot open", &files.qemu_log))?;
@@ -860,6 +859,22 @@ impl QemuDriver {
 }
 
 /// Opens the domain folder (to lock it).
+/// Opens (creating if needed) a log file for appending, private to its owner: mode 0600, and a
+/// symlink in its place is refused rather than followed.
+fn open_private_log(path: &Path) -> Result<fs::File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(durable::FILE_MODE)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_error("cannot open", path))?;
+    // A log made by an older version may be world-readable.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(durable::FILE_MODE))
+        .map_err(io_error("cannot make private", path))?;
+    Ok(file)
+}
+
 /// `config` with absolute paths.
 fn absolute_paths(config: &DomainConfig) -> Result<DomainConfig> {
     let absolute = |path: &Path| std::path::absolute(path).map_err(io_error("cannot resolve", path));

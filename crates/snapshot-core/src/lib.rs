@@ -68,9 +68,9 @@ pub use metadata::{
 };
 pub use name::{InvalidName, Name, MAX_NAME_LEN};
 pub use orchestrator::{
-    CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, MemoryMode, Observer, Orchestrator,
-    Quiet, Recovery, RecoveryOutcome, RevertReport, RoundReport, SavedMemory, VerifyReport,
-    BACKGROUND_FROM_RAM_BYTES,
+    Abandoned, Activity, CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, MemoryMode,
+    Observer, Orchestrator, Quiet, Recovery, RecoveryOutcome, RevertReport, RoundReport, SavedMemory,
+    VerifyReport, BACKGROUND_FROM_RAM_BYTES,
 };
 pub use state_dir::{DomainDir, DomainLock, StateDir};
 #[cfg(any(test, feature = "mock"))]

@@ -45,6 +45,8 @@ pub struct SnapshotFiles {
 pub trait SnapshotStore: Send + Sync {
     /// Takes the domain's lock, waiting up to `wait` for another command to release it.
     async fn lock(&self, domain: &Name, wait: Duration) -> Result<DomainLock>;
+    /// Takes the domain's lock if it is free; else the holder's pid, when known. Never waits.
+    fn try_lock(&self, domain: &Name) -> Result<std::result::Result<DomainLock, Option<u32>>>;
     /// Every complete snapshot of the domain, oldest first.
     fn list(&self, domain: &Name) -> Result<Vec<SnapshotRecord>>;
     /// One snapshot.
@@ -113,6 +115,10 @@ impl FsStore {
 impl SnapshotStore for FsStore {
     async fn lock(&self, domain: &Name, wait: Duration) -> Result<DomainLock> {
         self.state.lock(domain, wait).await
+    }
+
+    fn try_lock(&self, domain: &Name) -> Result<std::result::Result<DomainLock, Option<u32>>> {
+        self.state.try_lock(domain)
     }
 
     fn list(&self, domain: &Name) -> Result<Vec<SnapshotRecord>> {

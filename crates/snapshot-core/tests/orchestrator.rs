@@ -8,13 +8,14 @@ use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use disk::MockDiskSnapshots;
 use snapshot_core::{
-    CaptureSignals, CreateOptions, DiskKind, DiskRequest, DiskTarget, DomainState, DriverResult, Error,
-    FsStore, Hypervisor, Intent, MemoryMode, MockHypervisor, Name, Orchestrator, Quiet, RecoveryOutcome,
-    SavedMemory, SnapshotStore, Step, StreamedSave,
+    Activity, CaptureSignals, CreateOptions, DiskKind, DiskRequest, DiskTarget, DomainState, DriverResult,
+    Error, FsStore, Hypervisor, Intent, MemoryMode, MockHypervisor, Name, Operation, Orchestrator, Quiet,
+    RecoveryOutcome, SavedMemory, SnapshotStore, Step, StreamedSave,
 };
 
 const RAM: u64 = 4 << 20;
@@ -1076,4 +1077,42 @@ async fn a_revert_whose_internal_snapshot_is_gone_is_refused_before_the_domain_s
     );
     assert!(!f.calls().contains(&"destroy"), "{:?}", f.calls());
     assert_eq!(f.sim().state, DomainState::Running);
+}
+
+#[tokio::test]
+async fn activity_is_read_without_waiting_and_an_impossible_undo_can_be_abandoned() {
+    let f = fixture(DomainState::Running);
+    assert_eq!(f.orchestrator.activity(&f.domain).unwrap(), Activity::Idle);
+    let held = f.store.lock(&f.domain, Duration::ZERO).await.unwrap();
+    assert_eq!(
+        f.orchestrator.activity(&f.domain).unwrap(),
+        Activity::Busy {
+            pid: Some(std::process::id()),
+            operation: None,
+            snapshot: None
+        }
+    );
+    drop(held);
+
+    // A create whose undo cannot resume the domain, ever: recovery keeps failing.
+    f.fail_at("resume");
+    f.create("s1", true).await.unwrap_err();
+    assert_eq!(
+        f.orchestrator.activity(&f.domain).unwrap(),
+        Activity::Interrupted {
+            operation: Operation::Create,
+            snapshot: name("s1")
+        }
+    );
+    f.orchestrator.recover(&f.domain).await.unwrap_err();
+    let abandoned = f.orchestrator.abandon(&f.domain).await.unwrap().unwrap();
+    assert_eq!(abandoned.snapshot, name("s1"));
+    assert!(
+        abandoned.left_behind.iter().any(|l| l.contains("Paused")),
+        "{:?}",
+        abandoned.left_behind
+    );
+    assert!(f.store.intent(&f.domain).unwrap().is_none());
+    assert_eq!(f.orchestrator.activity(&f.domain).unwrap(), Activity::Idle);
+    assert!(f.orchestrator.abandon(&f.domain).await.unwrap().is_none());
 }

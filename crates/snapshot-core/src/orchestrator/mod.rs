@@ -12,6 +12,7 @@
 //! `recover`, `verify`; `disk_plan` decides and takes each disk's snapshot, `memory_saver`
 //! runs a memory save on its own thread, and `types` holds the public options and reports.
 
+mod activity;
 mod background;
 mod create;
 mod delete;
@@ -30,6 +31,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+pub use activity::{Abandoned, Activity};
 pub use types::{
     CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, MemoryMode, Observer, Quiet, Recovery,
     RecoveryOutcome, RevertReport, RoundReport, SavedMemory, VerifyReport, BACKGROUND_FROM_RAM_BYTES,
