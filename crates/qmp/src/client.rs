@@ -465,11 +465,10 @@ where
             .await?
             .ok_or_else(|| handshake_error("the server closed the connection during negotiation".into()))?;
         match parse_server_message(&message)? {
-            ServerMessage::Return { id: reply, value } => {
+            ServerMessage::Return { id: reply, .. } => {
                 if ids.decode(reply.as_ref()) == Some(id) {
                     return Ok((greeting, oob_enabled));
                 }
-                drop(value);
                 drop_stale_reply(reply.as_ref(), None);
             }
             ServerMessage::Error {
