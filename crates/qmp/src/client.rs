@@ -10,6 +10,14 @@
 //! Writes happen only in the writer task, so a caller that is cancelled (dropped or timed out)
 //! can never leave half a message on the wire. Replies are routed by id; the reply to a call
 //! that was abandoned is recognised and dropped.
+//!
+//! Ids are JSON strings `"<tag>-<n>"`: `tag` is 16 hex digits of OS randomness drawn per
+//! connection, `n` counts from 0 (the handshake's `qmp_capabilities`). QEMU has one QMP
+//! connection per socket and sends the reply to a command whose client went away to whoever is
+//! connected when the command finishes, so a new connection can receive replies meant for an
+//! earlier one. With a fresh tag they cannot be mistaken for ours: a reply whose id matches no
+//! pending call (another tag, a number, no id at all) is logged and dropped, and the connection
+//! stays open.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -95,7 +103,7 @@ struct Shared {
     greeting: Greeting,
     oob_enabled: bool,
     fd_passing: bool,
-    next_id: AtomicU64,
+    ids: RequestIds,
     routes: Mutex<Routes>,
     outbox: mpsc::UnboundedSender<Outgoing>,
     events: broadcast::Sender<Arc<EventMessage>>,
@@ -149,17 +157,22 @@ impl Shared {
         self.closed.send_replace(Some(reason));
     }
 
-    fn deliver(&self, id: RequestId, reply: Result<Value>) -> Result<(), Arc<str>> {
+    /// Hands a reply to its caller. A reply nobody waits for is dropped: the late reply to an
+    /// abandoned call quietly, any other with a warning.
+    fn deliver(&self, id: RequestId, reply: Result<Value>) {
         let mut routes = self.routes();
         if let Some((_, sender)) = routes.pending.remove(&id) {
             drop(routes);
             let _ = sender.send(reply);
-            Ok(())
         } else if routes.abandoned.remove(&id) {
             tracing::debug!(id, "dropping the late reply to an abandoned call");
-            Ok(())
         } else {
-            Err(format!("reply with id {id}, which matches no request").into())
+            drop(routes);
+            let id = Value::String(self.ids.encode(id));
+            match reply {
+                Err(Error::Command { class, desc, .. }) => drop_stale_reply(Some(&id), Some((&class, &desc))),
+                _ => drop_stale_reply(Some(&id), None),
+            }
         }
     }
 }
@@ -214,9 +227,10 @@ impl Client {
         W: MessageSink,
     {
         let mut reader = MessageReader::new(BufReader::new(read), options.max_message_len);
+        let ids = RequestIds::new();
         let (greeting, oob_enabled) = tokio::time::timeout(
             options.handshake_timeout,
-            handshake(&mut reader, &mut sink, &options),
+            handshake(&mut reader, &mut sink, &ids, &options),
         )
         .await
         .map_err(|_| Error::Handshake {
@@ -230,7 +244,7 @@ impl Client {
             greeting,
             oob_enabled,
             fd_passing,
-            next_id: AtomicU64::new(1),
+            ids,
             routes: Mutex::new(Routes::default()),
             outbox,
             events,
@@ -353,8 +367,8 @@ impl Client {
                 command: command.into(),
                 source,
             })?;
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut message = json!({ verb: command, "id": id });
+        let id = shared.ids.next();
+        let mut message = json!({ verb: command, "id": shared.ids.encode(id) });
         match arguments {
             Value::Null => {}
             Value::Object(ref map) if map.is_empty() => {}
@@ -416,6 +430,7 @@ impl Client {
 async fn handshake<R, W>(
     reader: &mut MessageReader<BufReader<R>>,
     sink: &mut W,
+    ids: &RequestIds,
     options: &ClientOptions,
 ) -> Result<(Greeting, bool)>
 where
@@ -433,10 +448,11 @@ where
     };
     let oob_enabled = options.enable_oob && greeting.capabilities.iter().any(|c| c == "oob");
     let enable: Vec<&str> = if oob_enabled { vec!["oob"] } else { vec![] };
+    let id = ids.next();
     let mut request = serde_json::to_vec(&json!({
         "execute": "qmp_capabilities",
         "arguments": { "enable": enable },
-        "id": 0,
+        "id": ids.encode(id),
     }))
     .map_err(|e| handshake_error(e.to_string()))?;
     request.push(b'\n');
@@ -449,11 +465,23 @@ where
             .await?
             .ok_or_else(|| handshake_error("the server closed the connection during negotiation".into()))?;
         match parse_server_message(&message)? {
-            ServerMessage::Return { .. } => return Ok((greeting, oob_enabled)),
-            ServerMessage::Error { class, desc, .. } => {
-                return Err(handshake_error(format!(
-                    "qmp_capabilities refused: {class}: {desc}"
-                )))
+            ServerMessage::Return { id: reply, .. } => {
+                if ids.decode(reply.as_ref()) == Some(id) {
+                    return Ok((greeting, oob_enabled));
+                }
+                drop_stale_reply(reply.as_ref(), None);
+            }
+            ServerMessage::Error {
+                id: reply,
+                class,
+                desc,
+            } => {
+                if ids.decode(reply.as_ref()) == Some(id) {
+                    return Err(handshake_error(format!(
+                        "qmp_capabilities refused: {class}: {desc}"
+                    )));
+                }
+                drop_stale_reply(reply.as_ref(), Some((&class, &desc)));
             }
             // Events cannot arrive before negotiation ends, but tolerate them.
             ServerMessage::Event(_) => continue,
@@ -475,8 +503,28 @@ async fn read_loop<R: AsyncRead + Unpin>(mut reader: MessageReader<BufReader<R>>
             Err(error) => break error.to_string().into(),
         };
         let outcome = match parse_server_message(&message) {
-            Ok(ServerMessage::Return { id, value }) => route(&shared, id, Ok(value)),
-            Ok(ServerMessage::Error { id, class, desc }) => route_error(&shared, id, class, desc),
+            Ok(ServerMessage::Return { id, value }) => {
+                match shared.ids.decode(id.as_ref()) {
+                    Some(id) => shared.deliver(id, Ok(value)),
+                    None => drop_stale_reply(id.as_ref(), None),
+                }
+                Ok(())
+            }
+            Ok(ServerMessage::Error { id, class, desc }) => {
+                match shared.ids.decode(id.as_ref()) {
+                    Some(id) => {
+                        let command = shared
+                            .routes()
+                            .pending
+                            .get(&id)
+                            .map(|(command, _)| command.clone())
+                            .unwrap_or_default();
+                        shared.deliver(id, Err(Error::Command { command, class, desc }));
+                    }
+                    None => drop_stale_reply(id.as_ref(), Some((&class, &desc))),
+                }
+                Ok(())
+            }
             Ok(ServerMessage::Event(event)) => {
                 // No subscribers is fine: nobody asked for events.
                 let _ = shared.events.send(Arc::new(event));
@@ -492,33 +540,84 @@ async fn read_loop<R: AsyncRead + Unpin>(mut reader: MessageReader<BufReader<R>>
     shared.shut_down(reason);
 }
 
-fn reply_id(id: Option<Value>) -> Result<RequestId, Arc<str>> {
-    match id {
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .ok_or_else(|| format!("reply id {n} is not ours").into()),
-        Some(other) => Err(format!("reply id {other} is not ours").into()),
-        None => Err("reply without an id".into()),
+/// Logs and drops a reply nobody waits for (`error` is its class and description): most likely
+/// the answer to a command of an earlier connection, which QEMU sends to whoever is connected
+/// when the command finishes. A reply without id is one too: QEMU answers without an id only a
+/// request it could not parse or that carried no id, and this client sends neither.
+fn drop_stale_reply(id: Option<&Value>, error: Option<(&str, &str)>) {
+    let id = id.map_or_else(|| "none".to_owned(), Value::to_string);
+    match error {
+        None => tracing::warn!(%id, "dropping a QMP reply that matches no request of this connection"),
+        Some((class, desc)) => tracing::warn!(
+            %id,
+            class,
+            desc,
+            "dropping a QMP error reply that matches no request of this connection"
+        ),
     }
 }
 
-fn route(shared: &Shared, id: Option<Value>, reply: Result<Value>) -> Result<(), Arc<str>> {
-    shared.deliver(reply_id(id)?, reply)
+/// The ids of one connection: `"<tag>-<n>"`, with a random tag per connection so that replies
+/// meant for an earlier connection (even of another process) never match.
+#[derive(Debug)]
+struct RequestIds {
+    /// `"<16 hex digits>-"`.
+    prefix: String,
+    next: AtomicU64,
 }
 
-fn route_error(shared: &Shared, id: Option<Value>, class: String, desc: String) -> Result<(), Arc<str>> {
-    let Some(id) = id else {
-        // QEMU answers without an id only when it could not parse the request at all.
-        return Err(format!("server rejected a request it could not parse: {class}: {desc}").into());
+impl RequestIds {
+    fn new() -> Self {
+        Self {
+            prefix: format!("{:016x}-", random_tag()),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> RequestId {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn encode(&self, id: RequestId) -> String {
+        format!("{}{id}", self.prefix)
+    }
+
+    /// The counter of one of our ids; `None` for anything else.
+    fn decode(&self, id: Option<&Value>) -> Option<RequestId> {
+        let Some(Value::String(id)) = id else {
+            return None;
+        };
+        let counter = id.strip_prefix(&self.prefix)?;
+        // `parse` accepts a leading `+`; an id we sent never has one.
+        if !counter.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        counter.parse().ok()
+    }
+}
+
+/// 64 random bits for a connection's id tag: from the OS (`/dev/urandom`), or if that cannot be
+/// read, from std's randomly keyed hasher over the time, the pid and a process-wide counter.
+fn random_tag() -> u64 {
+    use std::{
+        hash::{BuildHasher, Hasher},
+        io::Read,
     };
-    let id = reply_id(Some(id))?;
-    let command = shared
-        .routes()
-        .pending
-        .get(&id)
-        .map(|(command, _)| command.clone())
-        .unwrap_or_default();
-    shared.deliver(id, Err(Error::Command { command, class, desc }))
+    let mut bytes = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut urandom| urandom.read_exact(&mut bytes))
+        .is_ok()
+    {
+        return u64::from_ne_bytes(bytes);
+    }
+    static FALLBACK: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(FALLBACK.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u32(std::process::id());
+    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(now.as_nanos());
+    }
+    hasher.finish()
 }
 
 async fn write_loop<W: MessageSink>(
@@ -544,7 +643,7 @@ async fn write_loop<W: MessageSink>(
         };
         if let Err(source) = sink.send(&bytes, &fds).await {
             let reason: Arc<str> = format!("write of `{command}` failed: {source}").into();
-            let _ = shared.deliver(id, Err(Error::Send { command, source }));
+            shared.deliver(id, Err(Error::Send { command, source }));
             shared.shut_down(reason);
             return;
         }
@@ -617,5 +716,32 @@ async fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> io
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_carry_a_per_connection_tag_and_decode_only_our_own() {
+        let (ours, theirs) = (RequestIds::new(), RequestIds::new());
+        assert_ne!(ours.prefix, theirs.prefix);
+        assert_eq!(ours.next(), 0);
+        let id = ours.next();
+        let wire = json!(ours.encode(id));
+        assert_eq!(ours.decode(Some(&wire)), Some(id));
+        assert_eq!(theirs.decode(Some(&wire)), None);
+        let plus = json!(format!("{}+1", ours.prefix));
+        for foreign in [
+            json!(1),
+            json!("1"),
+            plus,
+            json!(format!("{}x", ours.prefix)),
+            Value::Null,
+        ] {
+            assert_eq!(ours.decode(Some(&foreign)), None, "{foreign}");
+        }
+        assert_eq!(ours.decode(None), None);
     }
 }

@@ -10,6 +10,10 @@
 //! - File descriptors passed with SCM_RIGHTS ([`Client::getfd`], [`Client::add_fd`]).
 //! - Per-call timeouts ([`Client::with_timeout`]); a dead connection fails every pending call at
 //!   once; malformed or over-long input closes the connection with a clear error.
+//! - Request ids are unique across connections and processes (`"<random tag>-<n>"`, the
+//!   handshake included). QEMU hands the reply to a command whose client went away to whoever is
+//!   connected when it finishes; a reply that matches no pending call (another connection's id,
+//!   or no id) is logged with `tracing::warn!` and dropped, and the connection stays open.
 //!
 //! ```no_run
 //! use std::time::Duration;

@@ -14,7 +14,9 @@ use crate::{
     types::Greeting,
 };
 
-/// A message id. The client numbers its requests; QEMU echoes the id in the reply.
+/// A request's number within its connection. On the wire the client sends the id as the JSON
+/// string `"<tag>-<n>"` (`tag`: 16 random hex digits per connection), and QEMU echoes it in the
+/// reply, so a reply meant for an earlier connection never matches a request of this one.
 pub type RequestId = u64;
 
 /// One message from the server, classified.

@@ -326,22 +326,112 @@ async fn malformed_json_closes_the_connection_with_a_clear_error() {
     expect_all_disconnected(calls, "invalid JSON").await;
 }
 
+/// Replies addressed to nobody: an earlier connection's (QEMU sends the reply to a command whose
+/// client went away to whoever is connected when the command finishes), a foreign tool's, and
+/// QEMU's id-less parse errors. Each is tagged with the id it carries.
+const STALE_REPLIES: [&str; 6] = [
+    r#"{"return": {"stale": "id 0"}, "id": 0}"#,
+    r#"{"return": {"stale": "id 1"}, "id": 1}"#,
+    r#"{"return": {"stale": "foreign string"}, "id": "0123456789abcdef-1"}"#,
+    r#"{"return": {"stale": "object id"}, "id": {"n": 1}}"#,
+    r#"{"error": {"class": "GenericError", "desc": "stale error"}, "id": 7}"#,
+    r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stale"}}"#,
+];
+
 #[tokio::test]
-async fn a_reply_to_an_unknown_id_is_a_protocol_violation() {
-    let (client, mut server) = connect().await;
+async fn stale_replies_before_the_handshake_reply_and_a_command_reply_are_dropped() {
+    let (client_end, server_end) = tokio::io::duplex(1 << 16);
+    let (read, writer) = tokio::io::split(server_end);
+    let mut server = Server {
+        lines: BufReader::new(read).lines(),
+        writer,
+    };
+    let handshake = tokio::spawn(async move {
+        server.send(GREETING).await;
+        let negotiate = server.request().await;
+        assert_eq!(negotiate["execute"], "qmp_capabilities");
+        for stale in STALE_REPLIES {
+            server.send(stale).await;
+        }
+        server.reply(&negotiate, json!({})).await;
+        server
+    });
+    let options = ClientOptions {
+        command_timeout: Some(Duration::from_secs(5)),
+        ..Default::default()
+    };
+    let client = Client::from_stream(client_end, options).await.unwrap();
+    let mut server = handshake.await.unwrap();
+
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.execute_raw("fresh", Value::Null).await }
+    });
+    let request = server.request().await;
+    for stale in STALE_REPLIES {
+        server.send(stale).await;
+    }
+    // Our own prefix with a counter we never used is stale too.
+    let own = request["id"].as_str().unwrap();
+    let (prefix, _) = own.rsplit_once('-').unwrap();
+    server
+        .send(&json!({"return": "unused counter", "id": format!("{prefix}-999")}).to_string())
+        .await;
+    server.reply(&request, json!("fresh")).await;
+    assert_eq!(call.await.unwrap().unwrap(), json!("fresh"));
+    assert!(client.closed_reason().is_none(), "{:?}", client.closed_reason());
+
+    // Malformed input still closes the connection.
     let calls = pending_calls(&client, &mut server, 1).await;
-    server.send(r#"{"return": {}, "id": 999999}"#).await;
-    expect_all_disconnected(calls, "matches no request").await;
+    server.send("{").await;
+    expect_all_disconnected(calls, "invalid JSON").await;
 }
 
 #[tokio::test]
-async fn an_error_without_id_is_reported() {
-    let (client, mut server) = connect().await;
-    let calls = pending_calls(&client, &mut server, 1).await;
-    server
-        .send(r#"{"error": {"class": "GenericError", "desc": "JSON parse error"}}"#)
-        .await;
-    expect_all_disconnected(calls, "could not parse").await;
+async fn request_ids_never_repeat_across_connections() {
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (client_end, server_end) = tokio::io::duplex(1 << 16);
+        let (read, writer) = tokio::io::split(server_end);
+        let mut server = Server {
+            lines: BufReader::new(read).lines(),
+            writer,
+        };
+        let handshake = tokio::spawn(async move {
+            server.send(GREETING).await;
+            let negotiate = server.request().await;
+            server.reply(&negotiate, json!({})).await;
+            (server, negotiate)
+        });
+        let client = Client::from_stream(client_end, ClientOptions::default())
+            .await
+            .unwrap();
+        let (mut server, negotiate) = handshake.await.unwrap();
+        let call = tokio::spawn({
+            let client = client.clone();
+            async move { client.execute_raw("x", Value::Null).await }
+        });
+        let request = server.request().await;
+        server.reply(&request, json!(null)).await;
+        call.await.unwrap().unwrap();
+        ids.push(negotiate["id"].clone());
+        ids.push(request["id"].clone());
+    }
+    for id in &ids {
+        let id = id.as_str().unwrap_or_else(|| panic!("id {id} is not a string"));
+        let (prefix, counter) = id.rsplit_once('-').unwrap();
+        assert_eq!(prefix.len(), 16, "{id}");
+        assert!(prefix.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        counter.parse::<u64>().unwrap();
+    }
+    let prefix = |n: usize| ids[n].as_str().unwrap().rsplit_once('-').unwrap().0.to_owned();
+    assert_eq!(
+        prefix(0),
+        prefix(1),
+        "one prefix per connection, handshake included"
+    );
+    assert_eq!(prefix(2), prefix(3));
+    assert_ne!(prefix(0), prefix(2), "each connection has its own prefix");
 }
 
 #[tokio::test]

@@ -710,3 +710,87 @@ async fn out_of_band_execution_is_negotiated_and_used() {
         .unwrap_err();
     assert!(refused.qmp_class().is_some(), "{refused}");
 }
+
+/// QEMU serves one QMP connection per socket and sends the reply to a command whose client went
+/// away to whoever is connected when the command finishes. A client killed in the middle of a
+/// slow command must not break the next client: its handshake and first command work at once.
+#[tokio::test]
+async fn a_new_client_works_at_once_after_one_was_killed_mid_command() {
+    use std::io::Read;
+
+    let qemu = Qemu::builder("qmp-stale").memory_mib(64).paused().spawn();
+    // The slow command: `dump-guest-memory` into a FIFO. QEMU's main loop opens it and writes
+    // the dump synchronously, so it blocks once the pipe is full, until the test drains it.
+    let fifo = qemu.dir().join("dump.fifo");
+    nix::unistd::mkfifo(
+        &fifo,
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+    )
+    .unwrap();
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let (drain, drain_rx) = std::sync::mpsc::channel::<()>();
+    let reader = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || {
+            let mut file = fs::File::open(&fifo).unwrap();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = file.read(&mut buf).unwrap();
+            started_tx.send(()).unwrap();
+            drain_rx.recv().unwrap();
+            loop {
+                match file.read(&mut buf).unwrap() {
+                    0 => break total,
+                    n => total += n,
+                }
+            }
+        }
+    });
+
+    let doomed = connect(&qemu).await;
+    let dump = tokio::spawn({
+        let doomed = doomed.clone();
+        let protocol = format!("file:{}", path_str(&fifo));
+        async move {
+            doomed
+                .execute_raw(
+                    "dump-guest-memory",
+                    json!({"paging": false, "protocol": protocol}),
+                )
+                .await
+        }
+    });
+    tokio::time::timeout(EVENT_WAIT, started)
+        .await
+        .expect("QEMU started the dump")
+        .unwrap();
+    // The client dies mid-command: its socket closes, as the kernel closes a killed process's.
+    doomed.close();
+    drop(doomed);
+    let error = dump.await.unwrap().unwrap_err();
+    assert!(matches!(error, Error::Disconnected { .. }), "{error:?}");
+
+    // The next client connects while the dump still runs. Once QEMU greets it, the dump may
+    // finish: its reply then reaches the new connection, before the handshake's own reply.
+    let stream = tokio::net::UnixStream::connect(qemu.qmp_socket()).await.unwrap();
+    tokio::time::timeout(EVENT_WAIT, stream.readable())
+        .await
+        .expect("QEMU greets a new client while a command runs (its monitor I/O thread accepts)")
+        .unwrap();
+    drain.send(()).unwrap();
+    let options = ClientOptions {
+        command_timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    };
+    let client = Client::from_unix_stream(stream, options)
+        .await
+        .expect("the handshake after a killed client");
+    assert_eq!(
+        client.execute(&QueryStatus).await.unwrap().status,
+        RunState::Prelaunch
+    );
+    assert!(client.closed_reason().is_none(), "{:?}", client.closed_reason());
+    let dumped = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
+    assert!(dumped > 64 << 20, "the dump completed: {dumped} bytes");
+}
