@@ -794,3 +794,52 @@ async fn a_new_client_works_at_once_after_one_was_killed_mid_command() {
         .unwrap();
     assert!(dumped > 64 << 20, "the dump completed: {dumped} bytes");
 }
+
+/// A job that outlives its timeout is cancelled and dismissed, not left running (it would keep
+/// its nodes busy: the next snapshot or commit on the disk would fail).
+#[tokio::test]
+async fn a_job_past_its_timeout_is_cancelled_not_left_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    testkit::create_qcow2(&base, "16M");
+    testkit::run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x22 0 16M", &path_str(&base)],
+    );
+    let qemu = Qemu::builder("qmp-job-timeout")
+        .memory_mib(64)
+        .paused()
+        .disk(&base)
+        .spawn();
+    let client = connect(&qemu).await;
+    let top = dir.path().join("top.qcow2");
+    create_and_add_qcow2(&client, &top, "top", Some(&path_str(&base))).await;
+    client
+        .execute(&BlockdevSnapshot {
+            node: "disk-vda".into(),
+            overlay: "top".into(),
+        })
+        .await
+        .unwrap();
+    // 16 MiB at 64 KiB/s: minutes, far past the timeout.
+    let stream = BlockStream {
+        job_id: "slow".into(),
+        device: "top".into(),
+        base_node: None,
+        backing_file: None,
+        job: BlockJobOptions {
+            speed: Some(64 << 10),
+            ..BlockJobOptions::default()
+        },
+    };
+    let options = JobOptions {
+        timeout: Some(Duration::from_millis(300)),
+        ..JobOptions::default()
+    };
+    let error = client.run_job(&stream, "slow", &options).await.unwrap_err();
+    assert!(error.to_string().contains("it was cancelled"), "{error}");
+    assert!(
+        client.execute(&QueryJobs).await.unwrap().is_empty(),
+        "the job is gone"
+    );
+}
