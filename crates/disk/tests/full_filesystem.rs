@@ -46,7 +46,12 @@ impl SmallFs {
     /// Writes a filler file until the filesystem is full.
     fn fill(&self) -> PathBuf {
         let filler = self.path().join("filler");
-        let mut file = OpenOptions::new().create(true).write(true).open(&filler).unwrap();
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&filler)
+            .unwrap();
         let block = vec![0xa5u8; 64 << 10];
         while file.write_all(&block).is_ok() {}
         // Finish with the last partial block.
