@@ -145,7 +145,7 @@ fn killed_at(cli: &Cli, args: &[&str], step: &str) {
 
 // --------------------------------------------------------------------------------- tmpfs mounts
 
-/// A tmpfs mounted for one test; unmounted (and its mount point removed) when dropped.
+/// A tmpfs mounted in a test's folder; unmounted when dropped, and the test's folder removed.
 struct Tmpfs {
     path: PathBuf,
 }
@@ -186,9 +186,9 @@ impl Drop for Tmpfs {
         if !unmounted {
             let _ = Command::new("umount").arg("-l").arg(&self.path).status();
         }
-        let _ = std::fs::remove_dir(&self.path);
+        // The test's folder: its temporary folder could not remove the mount point.
         if let Some(parent) = self.path.parent() {
-            let _ = std::fs::remove_dir(parent);
+            let _ = std::fs::remove_dir_all(parent);
         }
     }
 }
@@ -424,6 +424,36 @@ fn a_full_image_filesystem_fails_the_create_cleanly_and_it_works_once_freed() {
     assert_eq!(snapshot_names(cli, "df"), Vec::<String>::new());
     assert_eq!(snapshot_folder_entries(cli, "df"), Vec::<String>::new());
     assert_eq!(internal_snapshots(&vda), Vec::<String>::new());
+
+    // Only overlays to make: their creation is what fails.
+    let external = [
+        "snapshot",
+        "create",
+        "df",
+        "e",
+        "--disk",
+        "vda=external",
+        "--disk",
+        "vdb=external",
+    ];
+    let error = cli.fails(&external);
+    println!("all-external create on a full filesystem: {error}");
+    assert!(
+        error.contains("create of snapshot e of domain df failed while")
+            && !error.contains("rollback incomplete"),
+        "{error}"
+    );
+    assert_eq!(state(cli, "df"), "running");
+    assert_ticking(&domain);
+    for id in ["vda", "vdb"] {
+        let overlay = domain.dir.join(format!("{id}.e.qcow2"));
+        assert!(!overlay.exists(), "overlay left: {}", overlay.display());
+    }
+    assert!(!has_intent(cli, "df"));
+    assert_eq!(activity_of(cli, "df"), "idle");
+    assert_eq!(recover_all(cli), Vec::<serde_json::Value>::new());
+    assert_eq!(snapshot_names(cli, "df"), Vec::<String>::new());
+    assert_eq!(snapshot_folder_entries(cli, "df"), Vec::<String>::new());
 
     std::fs::remove_file(&filler).unwrap();
     let report = cli.json(&["snapshot", "create", "df", "s", "--disk", "vdb=external"]);
