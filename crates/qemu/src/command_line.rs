@@ -2,8 +2,10 @@
 //!
 //! Guest RAM is a `memory-backend-file` with `share=on`, so the toolstack can map the same file to
 //! save and restore memory; disks are `-blockdev` file + qcow2 nodes on virtio-blk; QMP listens on
-//! a Unix socket. A restore starts the same machine with `-incoming defer` and
-//! `migration.send-configuration=off` (the device-state stream carries no configuration section).
+//! a Unix socket. A restore starts the same machine with `-incoming defer` and QEMU's default
+//! `migration.send-configuration=on`: every device-state file the driver loads carries QEMU's
+//! configuration section (files of older domsnap versions get it inserted when loaded), and only
+//! a QEMU that loaded one with it can migrate, so be snapshotted, again.
 
 use std::{ffi::OsString, path::PathBuf};
 
@@ -107,7 +109,6 @@ pub fn qemu_args(config: &DomainConfig, paths: &RuntimePaths, mode: StartMode) -
         StartMode::Boot { paused: true } => args.flag("-S"),
         StartMode::Incoming => {
             args.pair("-incoming", "defer");
-            args.pair("-global", "migration.send-configuration=off");
             args.flag("-S");
         }
     }
@@ -186,10 +187,9 @@ mod tests {
     #[test]
     fn restore_line_waits_for_incoming_state_paused() {
         let line = joined(StartMode::Incoming);
-        assert!(
-            line.ends_with("-incoming defer -global migration.send-configuration=off -S"),
-            "{line}"
-        );
+        assert!(line.ends_with("-incoming defer -S"), "{line}");
+        // A QEMU restored without the configuration section aborts on its next migration.
+        assert!(!line.contains("send-configuration"), "{line}");
         assert!(joined(StartMode::Boot { paused: true }).ends_with(" -S"));
     }
 }

@@ -66,8 +66,8 @@ pub use config::{DiskConfig, DomainConfig, MAX_VCPUS, MEMORY_MIB_RANGE};
 pub use driver::{DomainStatus, QemuDriver, StopMode};
 pub use error::{Error, Result};
 pub use migration_stream::{
-    parse_migration_stream, ExpectedBlocks, FormatError, RamSink, StreamError, StreamStats,
-    DEVICE_STATE_HEADER,
+    configuration_section, device_state_format, device_state_prefix, parse_migration_stream,
+    DeviceStateFormat, ExpectedBlocks, FormatError, RamSink, StreamError, StreamStats, DEVICE_STATE_HEADER,
 };
 pub use process::QEMU_ENV;
 pub use ram_layout::{parse_ram_layout, ram_layout};

@@ -439,6 +439,106 @@ async fn revert_through_the_driver_continues_the_guest_where_it_was_saved() {
     Hypervisor::destroy(&driver, &name).await.unwrap();
 }
 
+/// Issue 10, item 1: a QEMU restored from a device-state file must be able to migrate again (a
+/// QEMU started with `migration.send-configuration=off` aborted on its next outgoing migration).
+/// The saved file carries QEMU's configuration section; a file without it (older domsnap
+/// versions) still loads, and that QEMU too can be snapshotted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_domain_snapshots_again_from_new_and_old_device_state_files() {
+    let mut state = State::new();
+    let config = state.config("again", Some(Workload::Idle), &[]);
+    let name = config.name.clone();
+    let driver = state.driver();
+    driver.define(&config).await.unwrap();
+    driver.start(&name, false).await.unwrap();
+    let log = driver.runtime_paths(&name).unwrap().serial_log;
+    wait_tick_after(&log, 1, BOOT).await;
+
+    let image = state.path().join("memory.img");
+    let devices = state.path().join("devices.bin");
+    driver.pause(&name).await.unwrap();
+    let ram = driver.guest_memory(&name).await.unwrap();
+    let writer = ImageWriter::create(&image, ImageLayout::of(&ram), Durability::Sync).unwrap();
+    save_paused(&ram, Box::new(writer)).unwrap();
+    drop(ram);
+    driver.save_device_state(&name, &devices).await.unwrap();
+    let tick_at_save = last_tick(&log).unwrap();
+    let saved = fs::read(&devices).unwrap();
+    let qemu::DeviceStateFormat::Configured {
+        machine_type,
+        devices_at,
+    } = qemu::device_state_format(&saved).unwrap()
+    else {
+        panic!(
+            "the device state has no configuration section: {:?}",
+            &saved[..32]
+        );
+    };
+    assert!(machine_type.starts_with("pc-q35-"), "{machine_type}");
+    // As older domsnap versions wrote it: the header, then the devices.
+    let legacy = state.path().join("legacy.bin");
+    let mut old = qemu::DEVICE_STATE_HEADER.to_vec();
+    old.extend_from_slice(&saved[devices_at..]);
+    fs::write(&legacy, &old).unwrap();
+    assert_eq!(
+        qemu::device_state_format(&old),
+        Ok(qemu::DeviceStateFormat::Legacy)
+    );
+
+    for (round, file) in [&devices, &legacy].into_iter().enumerate() {
+        Hypervisor::destroy(&driver, &name).await.unwrap();
+        driver.start_incoming(&name).await.unwrap();
+        let ram = driver.guest_memory(&name).await.unwrap();
+        let options = RestoreOptions {
+            zero_pages: ZeroPages::AssumeZeroed,
+        };
+        restore(&image, &ram, &options).unwrap();
+        drop(ram);
+        let position = serial_lines(&log).len();
+        driver.load_device_state(&name, file).await.unwrap();
+        driver.resume(&name).await.unwrap();
+        let resumed = wait_serial(&log, WAIT, |lines| {
+            lines.iter().skip(position).find_map(|line| match line {
+                SerialLine::Tick { n, .. } => Some(*n),
+                _ => None,
+            })
+        })
+        .await;
+        assert!(
+            resumed <= tick_at_save + 2,
+            "{}: saved at {tick_at_save}, resumed at {resumed}",
+            file.display()
+        );
+
+        // The restored QEMU migrates again: a background snapshot, then a paused save.
+        let (captured, _) = tokio::sync::oneshot::channel();
+        let again = state.path().join(format!("again-{round}.img"));
+        let again_devices = state.path().join(format!("again-{round}.bin"));
+        let streamed = driver
+            .background_save(
+                &name,
+                &again,
+                &again_devices,
+                snapshot_core::CaptureSignals::at_once(captured),
+            )
+            .await
+            .unwrap();
+        assert!(streamed.pages > 0);
+        assert!(matches!(
+            qemu::device_state_format(&fs::read(&again_devices).unwrap()),
+            Ok(qemu::DeviceStateFormat::Configured { .. })
+        ));
+        assert_eq!(driver.state(&name).await.unwrap(), DomainState::Running);
+        let now = last_tick(&log).unwrap();
+        wait_tick_after(&log, now, WAIT).await;
+        driver.pause(&name).await.unwrap();
+        driver.save_device_state(&name, &again_devices).await.unwrap();
+        driver.resume(&name).await.unwrap();
+        assert_eq!(driver.state(&name).await.unwrap(), DomainState::Running);
+    }
+    Hypervisor::destroy(&driver, &name).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_disk_backend_follows_the_domain_and_the_definition_follows_the_active_image() {
     let mut state = State::new();

@@ -349,7 +349,7 @@ impl QemuBuilder {
         self
     }
 
-    /// Wait for incoming state (`-incoming defer`, `send-configuration=off`, vCPUs stopped) as
+    /// Wait for incoming state (`-incoming defer`, vCPUs stopped) as
     /// for a restore.
     pub fn incoming_defer(mut self) -> Self {
         self.incoming_defer = true;
