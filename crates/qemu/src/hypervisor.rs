@@ -383,10 +383,14 @@ impl QemuDriver {
         }
     }
 
-    /// Records the active images in the definition after the disk backend changed them.
-    async fn record_active_images(&self, domain: &Name) -> Result<()> {
+    /// Records the active images in the definition after the disk backend changed them;
+    /// `expected` are images the change made active that are not backed by the defined ones (the
+    /// parent an active overlay was committed into).
+    async fn record_active_images(&self, domain: &Name, expected: &[PathBuf]) -> Result<()> {
         let (files, _, client) = self.running(domain).await?;
-        self.sync_disks(domain, &files, &client).await.map(drop)
+        self.sync_disks_expecting(domain, &files, &client, expected)
+            .await
+            .map(drop)
     }
 }
 
@@ -422,9 +426,14 @@ struct LiveDisks {
 }
 
 impl LiveDisks {
-    async fn record<T>(&self, result: disk::Result<T>) -> disk::Result<T> {
+    async fn record<T>(
+        &self,
+        result: disk::Result<T>,
+        expected: impl FnOnce(&T) -> Vec<PathBuf>,
+    ) -> disk::Result<T> {
         let value = result?;
-        if let Err(error) = self.driver.record_active_images(&self.domain).await {
+        let expected = expected(&value);
+        if let Err(error) = self.driver.record_active_images(&self.domain, &expected).await {
             let definition = self
                 .driver
                 .files(&self.domain)
@@ -458,7 +467,8 @@ impl DiskSnapshots for LiveDisks {
     }
 
     async fn create_external(&self, snapshots: &[ExternalSnapshot]) -> disk::Result<()> {
-        self.record(self.live.create_external(snapshots).await).await
+        self.record(self.live.create_external(snapshots).await, |()| Vec::new())
+            .await
     }
 
     async fn revert_external(&self, revert: &ExternalSnapshot) -> disk::Result<()> {
@@ -466,8 +476,11 @@ impl DiskSnapshots for LiveDisks {
     }
 
     async fn delete_external(&self, disk: &Path, image: &Path, method: MergeMethod) -> disk::Result<PathBuf> {
-        self.record(self.live.delete_external(disk, image, method).await)
-            .await
+        // Committing the active image into its parent makes the parent active.
+        self.record(self.live.delete_external(disk, image, method).await, |active| {
+            vec![active.clone()]
+        })
+        .await
     }
 
     async fn backing_chain(&self, disk: &Path) -> disk::Result<Vec<ChainImage>> {

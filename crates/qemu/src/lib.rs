@@ -61,7 +61,7 @@ mod process;
 mod ram_layout;
 
 pub use background::{background_snapshot, expected_blocks, BackgroundStats};
-pub use command_line::{disk_nodes, qemu_args, RuntimePaths, StartMode, RAM_BACKEND_ID};
+pub use command_line::{disk_nodes, qemu_args, RuntimePaths, StartMode, RAM_BACKEND_ID, SANDBOX};
 pub use config::{DiskConfig, DomainConfig, MAX_VCPUS, MEMORY_MIB_RANGE};
 pub use driver::{DomainStatus, QemuDriver, StopMode};
 pub use error::{Error, Result};

@@ -402,6 +402,7 @@ impl QemuBuilder {
                 .as_ref()
                 .map(|(_, words)| format!("console=ttyS0 quiet {words}")),
             serial_log: None,
+            run_as: None,
             disks: self
                 .disks
                 .iter()
