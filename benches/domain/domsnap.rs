@@ -199,6 +199,7 @@ fn config(name: &Name, workload: &Workload, disk: &Path) -> DomainConfig {
         initrd: Some(guest.initrd),
         cmdline: Some(format!("console=ttyS0 quiet {}", workload.cmdline())),
         serial_log: None,
+        run_as: None,
         disks: vec![DiskConfig {
             id: DISK.to_owned(),
             path: disk.to_owned(),

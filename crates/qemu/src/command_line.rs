@@ -2,12 +2,22 @@
 //!
 //! Guest RAM is a `memory-backend-file` with `share=on`, so the toolstack can map the same file to
 //! save and restore memory; disks are `-blockdev` file + qcow2 nodes on virtio-blk; QMP listens on
-//! a Unix socket. A restore starts the same machine with `-incoming defer` and
-//! `migration.send-configuration=off` (the device-state stream carries no configuration section).
+//! a Unix socket. A restore starts the same machine with `-incoming defer` and QEMU's default
+//! `migration.send-configuration=on`: every device-state file the driver loads carries QEMU's
+//! configuration section (files of older domsnap versions get it inserted when loaded), and only
+//! a QEMU that loaded one with it can migrate, so be snapshotted, again.
 
 use std::{ffi::OsString, path::PathBuf};
 
 use crate::config::DomainConfig;
+
+/// QEMU's seccomp sandbox, always on: no obsolete system calls, no changes of scheduling or CPU
+/// affinity (`resourcecontrol`). `elevateprivileges=deny` and `spawn=deny` are left out because
+/// QEMU 10 installs the filter before it daemonizes, and `-daemonize` needs both: it forks (a
+/// `clone` without `CLONE_THREAD`, refused by `spawn=deny`, QEMU exits with status 1 and no
+/// message) and calls `setsid` (killed by SIGSYS under `elevateprivileges=deny`, the audit log
+/// shows syscall 112). A QEMU started without `-daemonize` runs with all four.
+pub const SANDBOX: &str = "on,obsolete=deny,resourcecontrol=deny";
 
 /// The memory backend's id (the RAM block QEMU names in its migration stream).
 pub const RAM_BACKEND_ID: &str = "mem";
@@ -52,6 +62,11 @@ pub fn qemu_args(config: &DomainConfig, paths: &RuntimePaths, mode: StartMode) -
     args.pair("-machine", format!("q35,memory-backend={RAM_BACKEND_ID}"));
     args.pair("-m", format!("{mib}M"));
     args.pair("-smp", config.vcpus.to_string());
+    args.pair("-sandbox", SANDBOX);
+    if let Some(user) = &config.run_as {
+        // QEMU opens its files (RAM, sockets, disks, logs) as root, then drops to the user.
+        args.pair("-run-with", format!("user={user}"));
+    }
     args.pair(
         "-object",
         format!(
@@ -107,7 +122,6 @@ pub fn qemu_args(config: &DomainConfig, paths: &RuntimePaths, mode: StartMode) -
         StartMode::Boot { paused: true } => args.flag("-S"),
         StartMode::Incoming => {
             args.pair("-incoming", "defer");
-            args.pair("-global", "migration.send-configuration=off");
             args.flag("-S");
         }
     }
@@ -181,15 +195,31 @@ mod tests {
             assert!(line.contains(expected), "missing {expected:?} in {line}");
         }
         assert!(!line.contains("-S") && !line.contains("-incoming"));
+        assert!(
+            line.contains("-sandbox on,obsolete=deny,resourcecontrol=deny "),
+            "{line}"
+        );
+        assert!(!line.contains("-run-with"), "{line}");
+    }
+
+    #[test]
+    fn run_as_makes_qemu_drop_to_the_user() {
+        let mut config = config();
+        config.run_as = Some("qemu".into());
+        let line = qemu_args(&config, &paths(), StartMode::Boot { paused: false })
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(line.contains(" -run-with user=qemu "), "{line}");
     }
 
     #[test]
     fn restore_line_waits_for_incoming_state_paused() {
         let line = joined(StartMode::Incoming);
-        assert!(
-            line.ends_with("-incoming defer -global migration.send-configuration=off -S"),
-            "{line}"
-        );
+        assert!(line.ends_with("-incoming defer -S"), "{line}");
+        // A QEMU restored without the configuration section aborts on its next migration.
+        assert!(!line.contains("send-configuration"), "{line}");
         assert!(joined(StartMode::Boot { paused: true }).ends_with(" -S"));
     }
 }

@@ -8,6 +8,7 @@
 //! initrd = "/path/initrd.gz"       # optional
 //! cmdline = "console=ttyS0 quiet"  # optional
 //! serial_log = "/path/serial.log"  # optional; default in the domain's state folder
+//! run_as = "qemu"                  # optional; QEMU drops to this user (domsnap runs as root)
 //! [[disks]]
 //! id = "vda"                       # the target name used by --disk
 //! path = "/path/disk.qcow2"
@@ -54,6 +55,11 @@ pub struct DomainConfig {
     /// Where the serial console goes (default: in the domain's state folder).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_log: Option<PathBuf>,
+    /// The user QEMU runs as once it has opened its files (`-run-with user=USER`): QEMU starts as
+    /// root (domsnap must run as root) and drops to this user before the guest runs. Checked to
+    /// exist when the domain is defined and started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<String>,
     /// Disks, in the order the guest sees them.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
@@ -134,6 +140,14 @@ impl DomainConfig {
         if self.kernel.is_none() && (self.initrd.is_some() || self.cmdline.is_some()) {
             return invalid("initrd and cmdline need a kernel".into());
         }
+        if let Some(user) = &self.run_as {
+            if !valid_user_name(user) {
+                return invalid(format!(
+                    "run_as = {user:?}: a user name is 1 to 32 letters, digits, '_', '-' or '.', \
+                     not starting with '-'"
+                ));
+            }
+        }
         let mut seen = HashSet::new();
         for disk in &self.disks {
             if !valid_disk_id(&disk.id) {
@@ -145,6 +159,27 @@ impl DomainConfig {
             if !seen.insert(disk.id.as_str()) {
                 return invalid(format!("disk id {:?} is used twice", disk.id));
             }
+        }
+        Ok(())
+    }
+
+    /// Checks what depends on the host rather than on the text: that the `run_as` user exists,
+    /// and that this process can make QEMU switch to it (only root can).
+    pub fn check_host(&self) -> Result<()> {
+        let Some(user) = &self.run_as else {
+            return Ok(());
+        };
+        let invalid = |reason: String| Err(Error::InvalidConfig { path: None, reason });
+        match nix::unistd::User::from_name(user) {
+            Ok(Some(_)) => {}
+            Ok(None) => return invalid(format!("run_as = {user:?}: there is no such user on this host")),
+            Err(errno) => return invalid(format!("run_as = {user:?}: cannot look the user up: {errno}")),
+        }
+        if !nix::unistd::geteuid().is_root() {
+            return invalid(format!(
+                "run_as = {user:?}: only root can start QEMU as another user; run domsnap as root \
+                 or remove run_as"
+            ));
         }
         Ok(())
     }
@@ -164,6 +199,17 @@ impl DomainConfig {
             })
             .collect()
     }
+}
+
+/// A portable user name (POSIX portable file name characters, as `useradd` accepts them); it
+/// goes into QEMU's `-run-with user=`, so no comma.
+fn valid_user_name(user: &str) -> bool {
+    !user.is_empty()
+        && user.len() <= 32
+        && !user.starts_with('-')
+        && user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 /// Disk ids become QEMU ids and node names (`disk-ID`, at most 31 characters, starting with a letter).
@@ -221,11 +267,45 @@ mod tests {
             ("name = \"a\"\nmemory_mib = 64\n[[disks]]\nid = \"vda\"\npath = \"/d\"\n[[disks]]\nid = \"vda\"\npath = \"/e\"", "used twice"),
             ("name = \"a\"\nmemory_mib = 64\n[[disks]]\nid = \"9x\"\npath = \"/d\"", "disk id \"9x\""),
             ("name = \"a\"\nmemory_mib = \"lots\"\nkernel = \"/k\"", "invalid type"),
+            ("name = \"a\"\nmemory_mib = 64\nkernel = \"/k\"\nrun_as = \"a,b\"", "run_as = \"a,b\""),
+            ("name = \"a\"\nmemory_mib = 64\nkernel = \"/k\"\nrun_as = \"\"", "run_as = \"\""),
+            ("name = \"a\"\nmemory_mib = 64\nkernel = \"/k\"\nrun_as = \"-x\"", "run_as = \"-x\""),
         ];
         for (text, expected) in cases {
             let error = DomainConfig::parse(text, Path::new("/")).unwrap_err().to_string();
             assert!(error.contains(expected), "{text:?}: {error}");
         }
+    }
+
+    #[test]
+    fn run_as_names_an_existing_user() {
+        let parse = |user: &str| {
+            DomainConfig::parse(
+                &format!("name = \"a\"\nmemory_mib = 64\nkernel = \"/k\"\nrun_as = \"{user}\""),
+                Path::new("/"),
+            )
+            .unwrap()
+        };
+        let nobody = parse("nobody");
+        assert_eq!(nobody.run_as.as_deref(), Some("nobody"));
+        let again = DomainConfig::parse(&toml::to_string(&nobody).unwrap(), Path::new("/")).unwrap();
+        assert_eq!(again, nobody);
+        let error = parse("no-such-user-here").check_host().unwrap_err().to_string();
+        assert!(
+            error.contains("run_as = \"no-such-user-here\": there is no such user on this host"),
+            "{error}"
+        );
+        let root_only = nobody.check_host();
+        if nix::unistd::geteuid().is_root() {
+            root_only.unwrap();
+        } else {
+            assert!(root_only.unwrap_err().to_string().contains("only root"));
+        }
+        // Without run_as there is nothing to check.
+        let plain =
+            DomainConfig::parse("name = \"a\"\nmemory_mib = 64\nkernel = \"/k\"", Path::new("/")).unwrap();
+        assert_eq!(plain.run_as, None);
+        plain.check_host().unwrap();
     }
 
     #[test]

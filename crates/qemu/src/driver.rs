@@ -289,6 +289,7 @@ impl QemuDriver {
     /// [`QemuDriver::define`] with the domain's lock held by the caller.
     pub(crate) fn define_locked(&self, config: &DomainConfig) -> Result<()> {
         config.validate()?;
+        config.check_host()?;
         let config = absolute_paths(config)?;
         let files = self.files(&config.name)?;
         files.check_socket_paths()?;
@@ -453,6 +454,8 @@ impl QemuDriver {
     pub(crate) async fn launch_locked(&self, name: &Name, mode: StartMode) -> Result<()> {
         let files = self.files(name)?;
         let config = self.load_definition(name, &files)?;
+        // The run_as user may have gone since the definition.
+        config.check_host()?;
         if let Some(pid) = files.pid() {
             return Err(Error::Running {
                 domain: name.clone(),
@@ -765,6 +768,23 @@ impl QemuDriver {
         files: &DomainFiles,
         client: &Client,
     ) -> Result<DomainConfig> {
+        self.sync_disks_expecting(name, files, client, &[]).await
+    }
+
+    /// [`QemuDriver::sync_disks`], also accepting the images in `expected` as active images.
+    ///
+    /// An image QEMU reports is recorded only when it is in the chain domsnap expects: the
+    /// defined image, an image whose backing chain (as QEMU has it open) contains the defined
+    /// image (an overlay of a live external snapshot), or one the caller expects. Anything else
+    /// (an image swapped in by another QMP client, or a path a compromised QEMU made up) is an
+    /// error and the definition is left as it was.
+    pub(crate) async fn sync_disks_expecting(
+        &self,
+        name: &Name,
+        files: &DomainFiles,
+        client: &Client,
+        expected: &[PathBuf],
+    ) -> Result<DomainConfig> {
         let mut config = self.load_definition(name, files)?;
         let blocks = client
             .execute(&QueryBlock)
@@ -773,7 +793,15 @@ impl QemuDriver {
         let mut changed = false;
         for disk in &mut config.disks {
             match active_image(&blocks, &disk.id) {
-                Some(image) if image != disk.path => {
+                Some((image, chain)) if image != disk.path => {
+                    if !chain_expected(&disk.path, &image, &chain, expected) {
+                        return Err(Error::UnexpectedImage {
+                            domain: name.clone(),
+                            disk: disk.id.clone(),
+                            image,
+                            defined: disk.path.clone(),
+                        });
+                    }
                     let shown = image.display();
                     tracing::info!(domain = %name, disk = disk.id, image = %shown, "active image changed");
                     disk.path = image;
@@ -892,8 +920,9 @@ fn absolute_paths(config: &DomainConfig) -> Result<DomainConfig> {
 }
 
 /// The active image of the disk whose device id is `id`: the image of the root node inserted in
-/// the device (`-device virtio-blk-pci,id=ID` has the QOM path `/machine/peripheral/ID/...`).
-fn active_image(blocks: &[BlockInfo], id: &str) -> Option<PathBuf> {
+/// the device (`-device virtio-blk-pci,id=ID` has the QOM path `/machine/peripheral/ID/...`),
+/// and the images of its backing chain as QEMU has them open, nearest first.
+fn active_image(blocks: &[BlockInfo], id: &str) -> Option<(PathBuf, Vec<PathBuf>)> {
     let prefix = format!("/machine/peripheral/{id}/");
     let block = blocks.iter().find(|block| {
         block
@@ -901,7 +930,28 @@ fn active_image(blocks: &[BlockInfo], id: &str) -> Option<PathBuf> {
             .as_deref()
             .is_some_and(|qdev| qdev.starts_with(&prefix) || qdev == id)
     })?;
-    qmp::commands::node_image_file(&block.inserted.as_ref()?.file)
+    let inserted = block.inserted.as_ref()?;
+    let image = qmp::commands::node_image_file(&inserted.file)?;
+    let mut chain = Vec::new();
+    let mut next = inserted.image.backing_image.as_deref();
+    while let Some(info) = next {
+        chain.extend(qmp::commands::node_image_file(&info.filename));
+        next = info.backing_image.as_deref();
+    }
+    Some((image, chain))
+}
+
+/// Whether QEMU's active image `image` (backed by `chain`) is one domsnap expects for a disk
+/// defined on `defined`: `defined` is in its backing chain, or the caller expects `image`.
+fn chain_expected(defined: &Path, image: &Path, chain: &[PathBuf], expected: &[PathBuf]) -> bool {
+    let same = |a: &Path, b: &Path| {
+        a == b
+            || matches!(
+                (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                (Ok(a), Ok(b)) if a == b
+            )
+    };
+    chain.iter().any(|backing| same(backing, defined)) || expected.iter().any(|wanted| same(wanted, image))
 }
 
 #[cfg(test)]
@@ -934,9 +984,47 @@ mod tests {
                 ),
             ),
         ];
-        assert_eq!(active_image(&blocks, "vda"), Some("/img/a.qcow2".into()));
-        assert_eq!(active_image(&blocks, "vdb"), Some("/img/b-overlay.qcow2".into()));
+        assert_eq!(
+            active_image(&blocks, "vda"),
+            Some(("/img/a.qcow2".into(), Vec::new()))
+        );
+        assert_eq!(
+            active_image(&blocks, "vdb"),
+            Some(("/img/b-overlay.qcow2".into(), Vec::new()))
+        );
         assert_eq!(active_image(&blocks, "vd"), None);
+    }
+
+    #[test]
+    fn only_images_in_the_expected_chain_are_accepted() {
+        let mut overlay = block("/machine/peripheral/vda/virtio-backend", "/img/a.s1.qcow2");
+        let backing = |filename: &str, below: Option<serde_json::Value>| {
+            let mut info = serde_json::json!({"filename": filename, "format": "qcow2", "virtual-size": 1});
+            if let Some(below) = below {
+                info["backing-image"] = below;
+            }
+            info
+        };
+        let chain = backing("/img/a.qcow2", Some(backing("/img/base.qcow2", None)));
+        overlay.inserted.as_mut().unwrap().image.backing_image =
+            Some(Box::new(serde_json::from_value(chain).unwrap()));
+        let (image, chain) = active_image(&[overlay], "vda").unwrap();
+        assert_eq!(image, Path::new("/img/a.s1.qcow2"));
+        assert_eq!(chain, [Path::new("/img/a.qcow2"), Path::new("/img/base.qcow2")]);
+        let defined = Path::new("/img/a.qcow2");
+        // An overlay on the defined image (or deeper in its chain) is accepted.
+        assert!(chain_expected(defined, &image, &chain, &[]));
+        assert!(chain_expected(Path::new("/img/base.qcow2"), &image, &chain, &[]));
+        // An image not backed by the defined one only when the caller expects it.
+        let elsewhere = Path::new("/etc/shadow");
+        assert!(!chain_expected(defined, elsewhere, &[], &[]));
+        assert!(!chain_expected(
+            defined,
+            elsewhere,
+            &[PathBuf::from("/img/other.qcow2")],
+            &[]
+        ));
+        assert!(chain_expected(defined, elsewhere, &[], &[elsewhere.to_owned()]));
     }
 
     #[test]

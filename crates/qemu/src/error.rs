@@ -279,6 +279,25 @@ pub enum Error {
         reason: String,
     },
 
+    /// QEMU reports a disk on an image outside the chain domsnap expects for it.
+    #[error(
+        "domain {domain}: QEMU reports disk {disk} on {}, which is neither its defined image {} nor \
+         an image backed by it; the definition keeps {}",
+        image.display(),
+        defined.display(),
+        defined.display()
+    )]
+    UnexpectedImage {
+        /// The domain.
+        domain: Name,
+        /// The disk id.
+        disk: String,
+        /// The image QEMU reports.
+        image: PathBuf,
+        /// The image in the definition.
+        defined: PathBuf,
+    },
+
     /// The memory image cannot be written.
     #[error("cannot write the memory image {path}")]
     MemoryImage {

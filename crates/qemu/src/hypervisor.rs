@@ -1,12 +1,17 @@
 //! [`snapshot_core::Hypervisor`] for [`QemuDriver`]: the Xen split on QEMU 10. The toolstack
 //! reads and writes guest RAM in the shared RAM file; QEMU saves the device state without RAM
 //! (`xen-save-devices-state`) and loads it into a QEMU started with `-incoming defer`
-//! (`migrate-incoming` from a `file:` URI: the saved file is itself a migration stream, `QEVM`
-//! version 3, holding no RAM section).
+//! (`migrate-incoming` from an `fd:` socket domsnap feeds the file into: the saved file is itself
+//! a migration stream, `QEVM` version 3, then QEMU's configuration section, holding no RAM
+//! section). The configuration section matters: a QEMU that loaded a stream without one (which
+//! needs `-global migration.send-configuration=off`) aborts on its next outgoing migration, so the
+//! driver writes it into every file it saves and inserts it when it loads a file of an older
+//! domsnap version that lacks it.
 
 use std::{
     fs::File,
-    io::Read,
+    io::{Read, Seek, SeekFrom, Write},
+    os::{fd::AsFd, unix::fs::OpenOptionsExt, unix::net::UnixStream},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -29,7 +34,7 @@ use crate::{
     config::DomainConfig,
     driver::{io_error, qmp_error, QemuDriver},
     error::{Error, Result},
-    migration_stream::DEVICE_STATE_HEADER,
+    migration_stream::{device_state_format, device_state_prefix, DeviceStateFormat, DEVICE_STATE_HEADER},
     process,
 };
 
@@ -37,6 +42,11 @@ use crate::{
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the load is looked at.
 const POLL: Duration = Duration::from_millis(20);
+/// The name the device-state stream's socket is filed under in QEMU (`getfd`, `fd:NAME`).
+const LOAD_FD_NAME: &str = "domsnap-device-state";
+/// Bytes read to tell a device-state file's layout: the header and the longest configuration
+/// section.
+const FORMAT_PROBE: usize = DEVICE_STATE_HEADER.len() + 5 + 256;
 
 #[async_trait]
 impl Hypervisor for QemuDriver {
@@ -200,28 +210,58 @@ impl QemuDriver {
             reason,
             stderr,
         };
-        let filename = path
-            .to_str()
-            .ok_or_else(|| fail("QEMU takes only UTF-8 paths".into(), String::new()))?;
-        // QEMU keeps the mode of a file that exists: a new private file (mode 0600, never through
-        // a symlink) keeps the device state private. A file already there is replaced.
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(io_error("cannot replace", &path)(source)),
-        }
-        durable::create_new_private(&path)?;
-        client
+        // QEMU writes through a descriptor it is handed (an fd set), so it needs no access to the
+        // snapshot folder, into a private temporary; domsnap then writes the final file: the
+        // header, the configuration section (which `xen-save-devices-state` leaves out) naming
+        // this QEMU's machine type, and QEMU's device sections.
+        let machine_type = machine_type(&client)
+            .await
+            .map_err(|reason| fail(reason, String::new()))?;
+        let prefix =
+            device_state_prefix(&machine_type).map_err(|error| fail(error.to_string(), String::new()))?;
+        let raw = durable::TempFile::create(&path)?;
+        let for_qemu = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(raw.path())
+            .map_err(io_error("cannot open", raw.path()))?;
+        let fdset = client
+            .add_fd(None, for_qemu.as_fd(), Some("domsnap device state"))
+            .await
+            .map_err(|error| fail(error.to_string(), String::new()))?
+            .fdset_id;
+        let saved = client
             .execute(&XenSaveDevicesState {
-                filename: filename.to_owned(),
+                filename: format!("/dev/fdset/{fdset}"),
                 live: false,
             })
-            .await
-            .map_err(|error| fail(error.to_string(), process::log_tail(&files.qemu_log)))?;
-        File::open(&path)
-            .and_then(|file| file.sync_all())
-            .map_err(io_error("cannot sync", &path))?;
-        Ok(durable::sync_parent(&path)?)
+            .await;
+        let removed = client.remove_fd(fdset, None).await;
+        drop(for_qemu);
+        saved.map_err(|error| fail(error.to_string(), process::log_tail(&files.qemu_log)))?;
+        if let Err(error) = removed {
+            tracing::warn!(%error, fdset, "cannot remove the device state's fd set from QEMU");
+        }
+        let mut saved = Vec::new();
+        File::open(raw.path())
+            .and_then(|mut file| file.read_to_end(&mut saved))
+            .map_err(io_error("cannot read", raw.path()))?;
+        let devices = match device_state_format(&saved) {
+            Ok(DeviceStateFormat::Legacy) => &saved[DEVICE_STATE_HEADER.len()..],
+            Ok(DeviceStateFormat::Configured { .. }) => {
+                return Err(fail(
+                    "QEMU wrote a configuration section into the device state: unexpected".into(),
+                    String::new(),
+                ))
+            }
+            Err(reason) => return Err(fail(format!("QEMU wrote {reason}"), String::new())),
+        };
+        let mut file = durable::TempFile::create(&path)?;
+        file.file_mut()
+            .write_all(&prefix)
+            .and_then(|()| file.file_mut().write_all(devices))
+            .map_err(io_error("cannot write", &path))?;
+        Ok(file.persist(durable::Sync::Yes)?)
     }
 
     async fn load_devices(&self, domain: &Name, path: &Path) -> Result<()> {
@@ -242,13 +282,81 @@ impl QemuDriver {
             reason,
             stderr,
         };
-        let uri = device_state_uri(&path).map_err(|reason| fail(reason, String::new()))?;
-        check_header(&path).map_err(|reason| fail(reason, String::new()))?;
+        let mut file =
+            File::open(&path).map_err(|error| fail(format!("cannot read it: {error}"), String::new()))?;
+        let mut start = Vec::with_capacity(FORMAT_PROBE);
+        (&mut file)
+            .take(FORMAT_PROBE as u64)
+            .read_to_end(&mut start)
+            .map_err(|error| fail(format!("cannot read it: {error}"), String::new()))?;
+        // What QEMU reads: the file as it is, or for a file without configuration section (older
+        // domsnap versions) the header, the section naming this QEMU's machine type, then the
+        // file's device sections. So the restored QEMU always runs with the default
+        // `send-configuration=on` and can migrate (snapshot) again.
+        let (prefix, skip) =
+            match device_state_format(&start).map_err(|reason| fail(reason, String::new()))? {
+                DeviceStateFormat::Configured { .. } => (Vec::new(), 0),
+                DeviceStateFormat::Legacy => {
+                    let machine_type = machine_type(&client)
+                        .await
+                        .map_err(|reason| fail(reason, String::new()))?;
+                    let prefix = device_state_prefix(&machine_type)
+                        .map_err(|error| fail(error.to_string(), String::new()))?;
+                    (prefix, DEVICE_STATE_HEADER.len())
+                }
+            };
+        file.seek(SeekFrom::Start(skip as u64))
+            .map_err(|error| fail(format!("cannot read it: {error}"), String::new()))?;
+        // The stream goes through a socket QEMU is handed, so QEMU needs no access to the file.
+        let (ours, theirs) =
+            UnixStream::pair().map_err(io_error("cannot create a socket pair for", &path))?;
+        let passed = client.getfd(LOAD_FD_NAME, theirs.as_fd()).await;
+        drop(theirs);
+        passed.map_err(|error| fail(error.to_string(), String::new()))?;
+        let stopper = ours
+            .try_clone()
+            .map_err(io_error("cannot duplicate the socket for", &path))?;
+        let feeder = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut ours = ours;
+            ours.write_all(&prefix)?;
+            std::io::copy(&mut file, &mut ours)?;
+            // EOF for QEMU.
+            ours.shutdown(std::net::Shutdown::Write)
+        });
+        let loaded = self.follow_load(domain, &files, &client, &fail).await;
+        if let Err(error) = loaded {
+            // A QEMU that stopped reading must not keep the feeder waiting. `migrate-incoming`
+            // takes the descriptor out of QEMU's table once it parsed the URI; a failure before
+            // that leaves it filed.
+            let _ = stopper.shutdown(std::net::Shutdown::Both);
+            let _ = feeder.await;
+            let _ = client.closefd(LOAD_FD_NAME).await;
+            return Err(error);
+        }
+        // QEMU read what it needed and closed its end: the feeder is done (a write after QEMU's
+        // last read may have failed; the state is loaded all the same).
+        match feeder.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::debug!(%error, "QEMU closed the device-state stream early"),
+            Err(error) => tracing::warn!(%error, "the device-state feeder did not finish"),
+        }
+        Ok(())
+    }
+
+    /// Starts `migrate-incoming` from the descriptor filed as [`LOAD_FD_NAME`] and waits until QEMU
+    /// loaded it.
+    async fn follow_load(
+        &self,
+        domain: &Name,
+        files: &crate::driver::DomainFiles,
+        client: &qmp::Client,
+        fail: &impl Fn(String, String) -> Error,
+    ) -> Result<()> {
         client
             .execute_raw(
                 "migrate-incoming",
                 // Keep QEMU alive on a bad stream, to report QEMU's error.
-                serde_json::json!({ "uri": uri, "exit-on-error": false }),
+                serde_json::json!({ "uri": format!("fd:{LOAD_FD_NAME}"), "exit-on-error": false }),
             )
             .await
             .map_err(|error| fail(error.to_string(), process::log_tail(&files.qemu_log)))?;
@@ -275,34 +383,37 @@ impl QemuDriver {
         }
     }
 
-    /// Records the active images in the definition after the disk backend changed them.
-    async fn record_active_images(&self, domain: &Name) -> Result<()> {
+    /// Records the active images in the definition after the disk backend changed them;
+    /// `expected` are images the change made active that are not backed by the defined ones (the
+    /// parent an active overlay was committed into).
+    async fn record_active_images(&self, domain: &Name, expected: &[PathBuf]) -> Result<()> {
         let (files, _, client) = self.running(domain).await?;
-        self.sync_disks(domain, &files, &client).await.map(drop)
+        self.sync_disks_expecting(domain, &files, &client, expected)
+            .await
+            .map(drop)
     }
 }
 
-/// The `file:` URI of a device-state file; QEMU's URI syntax has no escape for a comma.
-fn device_state_uri(path: &Path) -> std::result::Result<String, String> {
-    match path.to_str() {
-        Some(text) if !text.contains(',') => Ok(format!("file:{text}")),
-        Some(_) => Err("QEMU cannot load from a path with a comma".into()),
-        None => Err("QEMU takes only UTF-8 paths".into()),
-    }
+/// The machine type of the QEMU behind `client` as its migration stream names it: QOM type
+/// `pc-q35-10.0-machine` is machine `pc-q35-10.0` (QEMU's `MachineClass::name`).
+async fn machine_type(client: &qmp::Client) -> std::result::Result<String, String> {
+    let value = client
+        .execute_raw(
+            "qom-get",
+            serde_json::json!({ "path": "/machine", "property": "type" }),
+        )
+        .await
+        .map_err(|error| format!("cannot read QEMU's machine type: {error}"))?;
+    machine_from_qom_type(&value)
 }
 
-/// Checks that `path` starts like a device-state file, so a wrong file fails with a clear
-/// reason rather than QEMU's.
-fn check_header(path: &Path) -> std::result::Result<(), String> {
-    let mut header = [0; DEVICE_STATE_HEADER.len()];
-    File::open(path)
-        .and_then(|mut file| file.read_exact(&mut header))
-        .map_err(|error| format!("cannot read it: {error}"))?;
-    if header == DEVICE_STATE_HEADER {
-        Ok(())
-    } else {
-        Err("not a QEMU device-state file (it does not start with QEVM, version 3)".into())
-    }
+fn machine_from_qom_type(value: &serde_json::Value) -> std::result::Result<String, String> {
+    value
+        .as_str()
+        .and_then(|qom_type| qom_type.strip_suffix("-machine"))
+        .filter(|machine| !machine.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| format!("QEMU's machine has an unexpected QOM type {value}"))
 }
 
 /// The live disk backend of a running domain that records every change of a disk's active image
@@ -315,9 +426,14 @@ struct LiveDisks {
 }
 
 impl LiveDisks {
-    async fn record<T>(&self, result: disk::Result<T>) -> disk::Result<T> {
+    async fn record<T>(
+        &self,
+        result: disk::Result<T>,
+        expected: impl FnOnce(&T) -> Vec<PathBuf>,
+    ) -> disk::Result<T> {
         let value = result?;
-        if let Err(error) = self.driver.record_active_images(&self.domain).await {
+        let expected = expected(&value);
+        if let Err(error) = self.driver.record_active_images(&self.domain, &expected).await {
             let definition = self
                 .driver
                 .files(&self.domain)
@@ -351,7 +467,8 @@ impl DiskSnapshots for LiveDisks {
     }
 
     async fn create_external(&self, snapshots: &[ExternalSnapshot]) -> disk::Result<()> {
-        self.record(self.live.create_external(snapshots).await).await
+        self.record(self.live.create_external(snapshots).await, |()| Vec::new())
+            .await
     }
 
     async fn revert_external(&self, revert: &ExternalSnapshot) -> disk::Result<()> {
@@ -359,8 +476,11 @@ impl DiskSnapshots for LiveDisks {
     }
 
     async fn delete_external(&self, disk: &Path, image: &Path, method: MergeMethod) -> disk::Result<PathBuf> {
-        self.record(self.live.delete_external(disk, image, method).await)
-            .await
+        // Committing the active image into its parent makes the parent active.
+        self.record(self.live.delete_external(disk, image, method).await, |active| {
+            vec![active.clone()]
+        })
+        .await
     }
 
     async fn backing_chain(&self, disk: &Path) -> disk::Result<Vec<ChainImage>> {
@@ -376,23 +496,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn device_state_files_are_checked_before_qemu_sees_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let good = dir.path().join("devices.bin");
-        std::fs::write(&good, b"QEVM\0\0\0\x03\x07rest").unwrap();
-        assert_eq!(check_header(&good), Ok(()));
-        let bad = dir.path().join("other.bin");
-        std::fs::write(&bad, b"hello, world").unwrap();
-        assert!(check_header(&bad)
-            .unwrap_err()
-            .contains("not a QEMU device-state file"));
-        assert!(check_header(&dir.path().join("absent"))
-            .unwrap_err()
-            .contains("cannot read"));
+    fn the_machine_type_is_the_qom_type_without_its_suffix() {
         assert_eq!(
-            device_state_uri(Path::new("/s/devices.bin")).unwrap(),
-            "file:/s/devices.bin"
+            machine_from_qom_type(&serde_json::json!("pc-q35-10.0-machine")).as_deref(),
+            Ok("pc-q35-10.0")
         );
-        assert!(device_state_uri(Path::new("/a,b")).is_err());
+        for bad in [
+            serde_json::json!("-machine"),
+            serde_json::json!("q35"),
+            serde_json::json!(3),
+        ] {
+            assert!(machine_from_qom_type(&bad)
+                .unwrap_err()
+                .contains("unexpected QOM type"));
+        }
     }
 }

@@ -61,13 +61,13 @@ mod process;
 mod ram_layout;
 
 pub use background::{background_snapshot, expected_blocks, BackgroundStats};
-pub use command_line::{disk_nodes, qemu_args, RuntimePaths, StartMode, RAM_BACKEND_ID};
+pub use command_line::{disk_nodes, qemu_args, RuntimePaths, StartMode, RAM_BACKEND_ID, SANDBOX};
 pub use config::{DiskConfig, DomainConfig, MAX_VCPUS, MEMORY_MIB_RANGE};
 pub use driver::{DomainStatus, QemuDriver, StopMode};
 pub use error::{Error, Result};
 pub use migration_stream::{
-    parse_migration_stream, ExpectedBlocks, FormatError, RamSink, StreamError, StreamStats,
-    DEVICE_STATE_HEADER,
+    configuration_section, device_state_format, device_state_prefix, parse_migration_stream,
+    DeviceStateFormat, ExpectedBlocks, FormatError, RamSink, StreamError, StreamStats, DEVICE_STATE_HEADER,
 };
 pub use process::QEMU_ENV;
 pub use ram_layout::{parse_ram_layout, ram_layout};

@@ -24,6 +24,99 @@ pub const DEVICE_STATE_HEADER: [u8; 8] = {
     ]
 };
 
+/// The configuration section QEMU writes right after the header of a migration stream (`0x07`,
+/// `be32` length, the machine type, e.g. `pc-q35-10.0`). A QEMU started to receive a stream with
+/// the default `migration.send-configuration=on` requires it (and checks that the machine type
+/// is its own); a QEMU that loaded a stream without it (started with
+/// `-global migration.send-configuration=off`) aborts on its next outgoing migration, so every
+/// device-state file domsnap writes carries it: [`device_state_prefix`].
+///
+/// # Errors
+///
+/// A machine type longer than QEMU's stream allows here (256 bytes).
+pub fn configuration_section(machine_type: &str) -> std::result::Result<Vec<u8>, FormatError> {
+    let len = u32::try_from(machine_type.len())
+        .ok()
+        .filter(|len| *len <= MAX_MACHINE_NAME)
+        .ok_or(FormatError::MachineTypeTooLong {
+            len: u32::try_from(machine_type.len()).unwrap_or(u32::MAX),
+        })?;
+    let mut section = Vec::with_capacity(5 + machine_type.len());
+    section.push(SECTION_CONFIGURATION);
+    section.extend_from_slice(&len.to_be_bytes());
+    section.extend_from_slice(machine_type.as_bytes());
+    Ok(section)
+}
+
+/// What a device-state file starts with: [`DEVICE_STATE_HEADER`], then the
+/// [`configuration_section`] of `machine_type`; the device sections follow.
+///
+/// # Errors
+///
+/// As [`configuration_section`].
+pub fn device_state_prefix(machine_type: &str) -> std::result::Result<Vec<u8>, FormatError> {
+    let mut prefix = DEVICE_STATE_HEADER.to_vec();
+    prefix.extend(configuration_section(machine_type)?);
+    Ok(prefix)
+}
+
+/// The layout of a device-state file, read from its first bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceStateFormat {
+    /// The header, then the configuration section naming this machine type, then the devices:
+    /// what domsnap writes since issue 10.
+    Configured {
+        /// The machine type the configuration section names.
+        machine_type: String,
+        /// Bytes of header and configuration section; the device sections start here.
+        devices_at: usize,
+    },
+    /// The header, then directly the devices (`xen-save-devices-state`'s own output, and what
+    /// older domsnap versions stored). QEMU loads it only with `migration.send-configuration=off`,
+    /// after which it cannot migrate again: the driver inserts the configuration section when it
+    /// loads such a file.
+    Legacy,
+}
+
+/// Reads the layout of a device-state file from its first bytes (at least the header; the
+/// configuration section when there is one).
+///
+/// # Errors
+///
+/// A reason when `start` is not the start of a device-state file.
+pub fn device_state_format(start: &[u8]) -> std::result::Result<DeviceStateFormat, String> {
+    let not_ours = || "not a QEMU device-state file (it does not start with QEVM, version 3)".to_owned();
+    let rest = start
+        .strip_prefix(&DEVICE_STATE_HEADER[..])
+        .ok_or_else(not_ours)?;
+    match rest.first() {
+        Some(&SECTION_CONFIGURATION) => {
+            let len = rest
+                .get(1..5)
+                .and_then(|bytes| <[u8; 4]>::try_from(bytes).ok())
+                .map(u32::from_be_bytes)
+                .ok_or("the configuration section is cut short")?;
+            if len > MAX_MACHINE_NAME {
+                return Err(FormatError::MachineTypeTooLong { len }.to_string());
+            }
+            let end = 5 + len as usize;
+            let name = rest.get(5..end).ok_or("the configuration section is cut short")?;
+            let machine_type = std::str::from_utf8(name)
+                .map_err(|_| "the configuration section's machine type is not UTF-8")?
+                .to_owned();
+            Ok(DeviceStateFormat::Configured {
+                machine_type,
+                devices_at: DEVICE_STATE_HEADER.len() + end,
+            })
+        }
+        Some(&SECTION_FULL | &SECTION_EOF) => Ok(DeviceStateFormat::Legacy),
+        Some(kind) => Err(format!(
+            "section type {kind:#04x} after the header: neither a configuration nor a device section"
+        )),
+        None => Err("it holds nothing after the header".into()),
+    }
+}
+
 // Section types (QEMU `migration/savevm.c`).
 const SECTION_EOF: u8 = 0x00;
 const SECTION_START: u8 = 0x01;
@@ -362,7 +455,7 @@ pub struct StreamStats {
     pub ram_zero_pages: u64,
     /// Page records of other blocks (ROMs), skipped.
     pub other_pages_skipped: u64,
-    /// Bytes written as the device state, its 8-byte header included.
+    /// Bytes written as the device state, its header and configuration section included.
     pub device_state_bytes: u64,
 }
 
@@ -438,7 +531,8 @@ impl<R: Read> Input<R> {
 /// buffered pieces, so it keeps up with QEMU writing into a pipe or socket): checks its header, configuration
 /// section and RAM block list against `expected`, hands every page of the guest-RAM block to `ram`
 /// as it arrives, skips the pages of the other blocks, and writes the device state (everything from
-/// the first device section to the end, behind [`DEVICE_STATE_HEADER`]) to `device_state`. Reads to
+/// the first device section to the end, behind [`DEVICE_STATE_HEADER`] and the stream's own
+/// configuration section) to `device_state`. Reads to
 /// the end of the stream.
 ///
 /// Anything this parser does not know (other capabilities' records, sections or blocks) is an
@@ -464,6 +558,7 @@ pub fn parse_migration_stream<S: RamSink + ?Sized>(
         streaming: false,
         page: Box::new([0u8; PAGE_SIZE]),
         stats: StreamStats::default(),
+        configuration: Vec::new(),
     };
     parser.run(device_state)?;
     parser.stats.bytes_read = parser.input.pos;
@@ -483,6 +578,8 @@ struct Parser<'a, R, S: ?Sized> {
     streaming: bool,
     page: Box<[u8; PAGE_SIZE]>,
     stats: StreamStats,
+    /// The configuration section as read (type byte, length, machine type).
+    configuration: Vec<u8>,
 }
 
 fn format_error(offset: u64, problem: FormatError) -> StreamError {
@@ -554,6 +651,11 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
         let mut name = vec![0u8; len as usize];
         self.input.exact(&mut name, "the configuration section", at)?;
         self.stats.machine_type = String::from_utf8_lossy(&name).into_owned();
+        self.configuration = [SECTION_CONFIGURATION]
+            .into_iter()
+            .chain(len.to_be_bytes())
+            .chain(name)
+            .collect();
         Ok(())
     }
 
@@ -746,7 +848,11 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
             out.write_all(bytes)
                 .map_err(|source| StreamError::DeviceStateWrite { source })
         };
-        write(out, &DEVICE_STATE_HEADER)?;
+        // The header and the stream's own configuration section: the QEMU that loads it then
+        // runs with its default `send-configuration=on` and can migrate again.
+        let mut prefix = DEVICE_STATE_HEADER.to_vec();
+        prefix.extend_from_slice(&self.configuration);
+        write(out, &prefix)?;
         write(out, &[SECTION_FULL])?;
         let mut tail = vec![SECTION_FULL];
         let mut written = 1u64;
@@ -781,7 +887,7 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
         }
         out.flush()
             .map_err(|source| StreamError::DeviceStateWrite { source })?;
-        self.stats.device_state_bytes = DEVICE_STATE_HEADER.len() as u64 + written;
+        self.stats.device_state_bytes = prefix.len() as u64 + written;
         Ok(())
     }
 }
@@ -998,8 +1104,16 @@ mod tests {
             .windows(DEVICE_BLOB.len())
             .position(|w| w == DEVICE_BLOB)
             .unwrap();
-        assert_eq!(&device[..8], b"QEVM\0\0\0\x03");
-        assert_eq!(&device[8..], &bytes[blob_at..]);
+        // The header and the stream's configuration section, then the devices.
+        assert_eq!(&device[..24], b"QEVM\0\0\0\x03\x07\0\0\0\x0bpc-q35-10.0");
+        assert_eq!(&device[24..], &bytes[blob_at..]);
+        assert_eq!(
+            device_state_format(&device),
+            Ok(DeviceStateFormat::Configured {
+                machine_type: "pc-q35-10.0".into(),
+                devices_at: 24
+            })
+        );
         assert_eq!(
             stats,
             StreamStats {
@@ -1011,6 +1125,41 @@ mod tests {
                 device_state_bytes: device.len() as u64,
             }
         );
+    }
+
+    #[test]
+    fn device_state_files_are_recognised_with_and_without_configuration() {
+        let prefix = device_state_prefix("pc-q35-10.0").unwrap();
+        assert_eq!(prefix, b"QEVM\0\0\0\x03\x07\0\0\0\x0bpc-q35-10.0");
+        let mut configured = prefix.clone();
+        configured.extend_from_slice(DEVICE_BLOB);
+        assert_eq!(
+            device_state_format(&configured),
+            Ok(DeviceStateFormat::Configured {
+                machine_type: "pc-q35-10.0".into(),
+                devices_at: prefix.len()
+            })
+        );
+        // What `xen-save-devices-state` writes and older domsnap versions stored.
+        let mut legacy = DEVICE_STATE_HEADER.to_vec();
+        legacy.extend_from_slice(DEVICE_BLOB);
+        assert_eq!(device_state_format(&legacy), Ok(DeviceStateFormat::Legacy));
+        for (bytes, reason) in [
+            (&b"hello, world"[..], "not a QEMU device-state file"),
+            (&b"QEVM\0\0\0\x03"[..], "nothing after the header"),
+            (&b"QEVM\0\0\0\x03\x07\0\0"[..], "cut short"),
+            (&b"QEVM\0\0\0\x03\x07\0\0\0\x0bpc-q35"[..], "cut short"),
+            (
+                &b"QEVM\0\0\0\x03\x07\0\0\x10\0"[..],
+                "machine type name of 4096 bytes",
+            ),
+            (&b"QEVM\0\0\0\x03\x02"[..], "section type 0x02"),
+        ] {
+            let error = device_state_format(bytes).unwrap_err();
+            assert!(error.contains(reason), "{bytes:?}: {error}");
+        }
+        assert!(configuration_section(&"x".repeat(257)).is_err());
+        assert_eq!(configuration_section("").unwrap(), b"\x07\0\0\0\0");
     }
 
     #[test]

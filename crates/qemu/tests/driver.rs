@@ -64,6 +64,7 @@ impl State {
             initrd: Some(guest.initrd),
             cmdline: workload.map(|w| format!("console=ttyS0 quiet {}", w.cmdline())),
             serial_log: None,
+            run_as: None,
             disks: disks
                 .iter()
                 .enumerate()
@@ -437,6 +438,209 @@ async fn revert_through_the_driver_continues_the_guest_where_it_was_saved() {
         .count();
     assert_eq!(boots, 1, "the guest rebooted");
     Hypervisor::destroy(&driver, &name).await.unwrap();
+}
+
+/// Issue 10, item 1: a QEMU restored from a device-state file must be able to migrate again (a
+/// QEMU started with `migration.send-configuration=off` aborted on its next outgoing migration).
+/// The saved file carries QEMU's configuration section; a file without it (older domsnap
+/// versions) still loads, and that QEMU too can be snapshotted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_domain_snapshots_again_from_new_and_old_device_state_files() {
+    let mut state = State::new();
+    let config = state.config("again", Some(Workload::Idle), &[]);
+    let name = config.name.clone();
+    let driver = state.driver();
+    driver.define(&config).await.unwrap();
+    driver.start(&name, false).await.unwrap();
+    let log = driver.runtime_paths(&name).unwrap().serial_log;
+    wait_tick_after(&log, 1, BOOT).await;
+
+    let image = state.path().join("memory.img");
+    let devices = state.path().join("devices.bin");
+    driver.pause(&name).await.unwrap();
+    let ram = driver.guest_memory(&name).await.unwrap();
+    let writer = ImageWriter::create(&image, ImageLayout::of(&ram), Durability::Sync).unwrap();
+    save_paused(&ram, Box::new(writer)).unwrap();
+    drop(ram);
+    driver.save_device_state(&name, &devices).await.unwrap();
+    let tick_at_save = last_tick(&log).unwrap();
+    let saved = fs::read(&devices).unwrap();
+    let qemu::DeviceStateFormat::Configured {
+        machine_type,
+        devices_at,
+    } = qemu::device_state_format(&saved).unwrap()
+    else {
+        panic!(
+            "the device state has no configuration section: {:?}",
+            &saved[..32]
+        );
+    };
+    assert!(machine_type.starts_with("pc-q35-"), "{machine_type}");
+    // As older domsnap versions wrote it: the header, then the devices.
+    let legacy = state.path().join("legacy.bin");
+    let mut old = qemu::DEVICE_STATE_HEADER.to_vec();
+    old.extend_from_slice(&saved[devices_at..]);
+    fs::write(&legacy, &old).unwrap();
+    assert_eq!(
+        qemu::device_state_format(&old),
+        Ok(qemu::DeviceStateFormat::Legacy)
+    );
+
+    for (round, file) in [&devices, &legacy].into_iter().enumerate() {
+        Hypervisor::destroy(&driver, &name).await.unwrap();
+        driver.start_incoming(&name).await.unwrap();
+        let ram = driver.guest_memory(&name).await.unwrap();
+        let options = RestoreOptions {
+            zero_pages: ZeroPages::AssumeZeroed,
+        };
+        restore(&image, &ram, &options).unwrap();
+        drop(ram);
+        let position = serial_lines(&log).len();
+        driver.load_device_state(&name, file).await.unwrap();
+        driver.resume(&name).await.unwrap();
+        let resumed = wait_serial(&log, WAIT, |lines| {
+            lines.iter().skip(position).find_map(|line| match line {
+                SerialLine::Tick { n, .. } => Some(*n),
+                _ => None,
+            })
+        })
+        .await;
+        assert!(
+            resumed <= tick_at_save + 2,
+            "{}: saved at {tick_at_save}, resumed at {resumed}",
+            file.display()
+        );
+
+        // The restored QEMU migrates again: a background snapshot, then a paused save.
+        let (captured, _) = tokio::sync::oneshot::channel();
+        let again = state.path().join(format!("again-{round}.img"));
+        let again_devices = state.path().join(format!("again-{round}.bin"));
+        let streamed = driver
+            .background_save(
+                &name,
+                &again,
+                &again_devices,
+                snapshot_core::CaptureSignals::at_once(captured),
+            )
+            .await
+            .unwrap();
+        assert!(streamed.pages > 0);
+        assert!(matches!(
+            qemu::device_state_format(&fs::read(&again_devices).unwrap()),
+            Ok(qemu::DeviceStateFormat::Configured { .. })
+        ));
+        assert_eq!(driver.state(&name).await.unwrap(), DomainState::Running);
+        let now = last_tick(&log).unwrap();
+        wait_tick_after(&log, now, WAIT).await;
+        driver.pause(&name).await.unwrap();
+        driver.save_device_state(&name, &again_devices).await.unwrap();
+        driver.resume(&name).await.unwrap();
+        assert_eq!(driver.state(&name).await.unwrap(), DomainState::Running);
+    }
+    Hypervisor::destroy(&driver, &name).await.unwrap();
+}
+
+/// Issue 10, item 8: `run_as` makes QEMU drop to that user once it has opened its files, under
+/// the seccomp sandbox; the driver still saves and loads its device state (QEMU gets descriptors,
+/// not paths) and stops it. Needs root; the user is `nobody`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_as_runs_qemu_as_that_user_in_the_sandbox() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: only root can start QEMU as another user");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let mut state = State::new();
+    let base = state.path().join("vda.qcow2");
+    testkit::create_qcow2(&base, "16M");
+    let mut config = state.config("confined", Some(Workload::Idle), std::slice::from_ref(&base));
+    config.run_as = Some("nobody".into());
+    let name = config.name.clone();
+    let driver = state.driver();
+    driver.define(&config).await.unwrap();
+    driver.start(&name, false).await.unwrap();
+    let pid = state.pid(&name).unwrap();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .map(|id| id.parse::<u32>().unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(uid, [nobody.uid.as_raw(); 4], "{status}");
+    let seccomp = status.lines().find(|line| line.starts_with("Seccomp:")).unwrap();
+    assert_eq!(seccomp.split_whitespace().nth(1), Some("2"), "{status}");
+    let log = driver.runtime_paths(&name).unwrap().serial_log;
+    wait_tick_after(&log, 1, BOOT).await;
+
+    // Device state out and back in, through descriptors.
+    let image = state.path().join("memory.img");
+    let devices = state.path().join("devices.bin");
+    driver.pause(&name).await.unwrap();
+    let ram = driver.guest_memory(&name).await.unwrap();
+    let writer = ImageWriter::create(&image, ImageLayout::of(&ram), Durability::Sync).unwrap();
+    save_paused(&ram, Box::new(writer)).unwrap();
+    drop(ram);
+    driver.save_device_state(&name, &devices).await.unwrap();
+    let tick_at_save = last_tick(&log).unwrap();
+    // Live internal disk snapshots work on the images QEMU opened as root.
+    let live = driver.disk_backend(&name).await.unwrap();
+    live.create_internal(std::slice::from_ref(&base), "s1")
+        .await
+        .unwrap();
+    drop(live);
+    Hypervisor::destroy(&driver, &name).await.unwrap();
+    driver.start_incoming(&name).await.unwrap();
+    let ram = driver.guest_memory(&name).await.unwrap();
+    let options = RestoreOptions {
+        zero_pages: ZeroPages::AssumeZeroed,
+    };
+    restore(&image, &ram, &options).unwrap();
+    drop(ram);
+    driver.load_device_state(&name, &devices).await.unwrap();
+    driver.resume(&name).await.unwrap();
+    let resumed = wait_tick_after(&log, tick_at_save, WAIT).await;
+    assert!(
+        resumed <= tick_at_save + 2,
+        "saved at {tick_at_save}, resumed at {resumed}"
+    );
+    // A background snapshot: QEMU writes the stream into a socket it is handed.
+    let (captured, _) = tokio::sync::oneshot::channel();
+    let streamed = driver
+        .background_save(
+            &name,
+            &state.path().join("bg.img"),
+            &state.path().join("bg.bin"),
+            snapshot_core::CaptureSignals::at_once(captured),
+        )
+        .await;
+    // QEMU's write-protect tracking needs userfaultfd, which an unprivileged process gets only
+    // with vm.unprivileged_userfaultfd = 1.
+    let unprivileged_uffd =
+        fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").is_ok_and(|value| value.trim() == "1");
+    match streamed {
+        Ok(saved) => assert!(unprivileged_uffd && saved.pages > 0),
+        Err(error) => {
+            assert!(!unprivileged_uffd, "{error}");
+            assert!(
+                format!("{error:?}").contains("Background-snapshot is not supported by host kernel"),
+                "{error:?}"
+            );
+        }
+    }
+    assert_eq!(driver.state(&name).await.unwrap(), DomainState::Running);
+    driver.stop(&name, StopMode::Force).await.unwrap();
+    assert_eq!(driver.status(&name).await.unwrap().state, DomainState::ShutOff);
+
+    // An unknown user is refused when the domain is defined.
+    let mut config = state.config("ghost", None, &[]);
+    config.run_as = Some("no-such-user-here".into());
+    let error = driver.define(&config).await.unwrap_err().to_string();
+    assert!(
+        error.contains("run_as = \"no-such-user-here\": there is no such user on this host"),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

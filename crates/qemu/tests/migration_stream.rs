@@ -325,7 +325,9 @@ async fn recorded_streams_give_the_paused_image_and_restore_the_guest_at_the_sna
 
     // The same real stream, cut short anywhere, is refused with the offset where it ends.
     let bytes = fs::read(path("running.stream")).unwrap();
-    let device_at = bytes.len() - (usize::try_from(stream.device_state_bytes).unwrap() - 8);
+    // The device-state file is the header and the configuration section, then the stream's tail.
+    let prefix = qemu::device_state_prefix(&stream.machine_type).unwrap().len();
+    let device_at = bytes.len() - (usize::try_from(stream.device_state_bytes).unwrap() - prefix);
     let mut cuts: Vec<usize> = (0..300).chain([4100, 9000, 65_536, 1 << 20]).collect();
     cuts.extend((1..=8).map(|i| device_at * i / 9));
     cuts.extend([

@@ -349,7 +349,7 @@ impl QemuBuilder {
         self
     }
 
-    /// Wait for incoming state (`-incoming defer`, `send-configuration=off`, vCPUs stopped) as
+    /// Wait for incoming state (`-incoming defer`, vCPUs stopped) as
     /// for a restore.
     pub fn incoming_defer(mut self) -> Self {
         self.incoming_defer = true;
@@ -402,6 +402,7 @@ impl QemuBuilder {
                 .as_ref()
                 .map(|(_, words)| format!("console=ttyS0 quiet {words}")),
             serial_log: None,
+            run_as: None,
             disks: self
                 .disks
                 .iter()

@@ -1,0 +1,171 @@
+//! Issue 10, item 1: a domain restored by a revert must stay fully usable. Its QEMU was started
+//! to receive the saved device state (`-incoming defer`); every create mode (paused, live
+//! pre-copy, live background) and a second revert must work on it, the domain must stay running
+//! and the guest must go on counting. A QEMU restored with `migration.send-configuration=off`
+//! aborted on its next outgoing migration (a background create) and the guest was lost.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, and unwrap says where"
+)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Cli, Domain, Workload};
+
+const BOOT: Duration = Duration::from_secs(120);
+const TICKS: Duration = Duration::from_secs(60);
+
+/// The last tick before a create and after it: the snapshot holds a value in between (for a
+/// background create, the value at its start).
+struct TicksAround {
+    before: u64,
+    after: u64,
+    position: usize,
+}
+
+fn create(cli: &Cli, domain: &Domain, snapshot: &str, flags: &[&str]) -> (TicksAround, serde_json::Value) {
+    let before = domain.last_tick_since(0).unwrap_or(0);
+    let mut args = vec!["snapshot", "create", &domain.name, snapshot];
+    args.extend_from_slice(flags);
+    let report = cli.json(&args);
+    let after = domain.last_tick_since(0).unwrap_or(0);
+    (
+        TicksAround {
+            before,
+            after,
+            position: domain.serial_position(),
+        },
+        report,
+    )
+}
+
+fn state(cli: &Cli, domain: &Domain) -> String {
+    cli.json(&["domain", "status", &domain.name])["state"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The domain runs and its guest goes on counting past `ticks.after`.
+fn assert_runs_on(cli: &Cli, domain: &Domain, ticks: &TicksAround, what: &str) {
+    assert_eq!(state(cli, domain), "running", "{what}: the domain is not running");
+    let position = ticks.position;
+    let deadline = Instant::now() + TICKS;
+    while domain
+        .serial_since(position)
+        .iter()
+        .filter_map(common::tick)
+        .all(|t| t <= ticks.after + 1)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the guest stopped counting at {}; QEMU log:\n{}",
+            ticks.after,
+            qemu_log(cli, domain)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(state(cli, domain), "running", "{what}: the domain is not running");
+}
+
+fn qemu_log(cli: &Cli, domain: &Domain) -> String {
+    let path = cli
+        .state_dir()
+        .join("domains")
+        .join(&domain.name)
+        .join("run/qemu.log");
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Reverts to `snapshot` and checks that the guest goes on from the snapshot's tick: its first
+/// tick after the old guest's last one breaks the old sequence and lies within `ticks`.
+fn revert_and_check(cli: &Cli, domain: &Domain, snapshot: &str, ticks: &TicksAround) {
+    let position = domain.serial_position();
+    let last_tick = domain.last_tick_since(0).unwrap_or(0);
+    let report = cli.json(&["snapshot", "revert", &domain.name, snapshot]);
+    assert_eq!(report["state"], "running", "{report}");
+    let deadline = Instant::now() + TICKS;
+    let first = loop {
+        let mut previous = last_tick;
+        let found = domain
+            .serial_since(position)
+            .iter()
+            .filter_map(common::tick)
+            .find(|t| {
+                let jump = *t != previous + 1;
+                previous = *t;
+                jump
+            });
+        if let Some(first) = found {
+            break first;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "revert to {snapshot}: no tick of the reverted guest; QEMU log:\n{}",
+            qemu_log(cli, domain)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        ticks.before < first && first <= ticks.after + 2,
+        "revert to {snapshot}: the counter went on at {first}; the snapshot was taken between \
+         ticks {} and {}",
+        ticks.before,
+        ticks.after
+    );
+    assert_eq!(state(cli, domain), "running");
+}
+
+#[test]
+fn every_create_mode_and_a_second_revert_work_after_a_revert() {
+    let cli = Cli::new();
+    let domain = cli.start_domain("again", 128, Workload::Idle, 1);
+    domain.wait_tick_above(0, 1, BOOT);
+    let (base, _) = create(&cli, &domain, "base", &[]);
+    domain.wait_tick_above(base.position, base.after + 2, TICKS);
+
+    let modes: [(&str, &[&str], &str); 3] = [
+        ("paused", &[], "paused"),
+        ("precopy", &["--live", "--live-mode", "precopy"], "precopy"),
+        (
+            "background",
+            &["--live", "--live-mode", "background"],
+            "background",
+        ),
+    ];
+    for (snapshot, flags, memory_mode) in modes {
+        // Each create runs on a QEMU that a revert has just restored.
+        revert_and_check(&cli, &domain, "base", &base);
+        let (ticks, report) = create(&cli, &domain, snapshot, flags);
+        assert_eq!(report["memory_mode"], memory_mode, "{report}");
+        assert_runs_on(
+            &cli,
+            &domain,
+            &ticks,
+            &format!("{snapshot} create after a revert"),
+        );
+        // The snapshot taken on a restored QEMU restores in turn.
+        let ticks = if memory_mode == "background" {
+            // Consistent at its start.
+            TicksAround {
+                after: ticks.before,
+                ..ticks
+            }
+        } else {
+            ticks
+        };
+        revert_and_check(&cli, &domain, snapshot, &ticks);
+        cli.ok(&["snapshot", "verify", &domain.name, snapshot]);
+    }
+
+    // A revert right after a revert, then a background create on that QEMU.
+    revert_and_check(&cli, &domain, "base", &base);
+    revert_and_check(&cli, &domain, "base", &base);
+    let (ticks, report) = create(&cli, &domain, "last", &["--live", "--live-mode", "background"]);
+    assert_eq!(report["memory_mode"], "background", "{report}");
+    assert_runs_on(&cli, &domain, &ticks, "background create after two reverts");
+    cli.ok(&["domain", "stop", &domain.name, "--force"]);
+}
