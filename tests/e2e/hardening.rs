@@ -49,9 +49,8 @@ fn state(cli: &Cli, name: &str) -> String {
 /// The activity of a `domain list` / `domain status` row: (kind, the whole value).
 fn activity(row: &serde_json::Value) -> (String, serde_json::Value) {
     let value = row["activity"].clone();
-    let kind = value
+    let kind = value["kind"]
         .as_str()
-        .or_else(|| value["activity"].as_str())
         .unwrap_or_else(|| panic!("no activity in {row}"))
         .to_owned();
     (kind, value)

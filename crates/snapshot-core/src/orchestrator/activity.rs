@@ -14,7 +14,7 @@ use crate::{
 /// A domain's activity, as read-only commands report it (they never wait for the lock and never
 /// run recovery).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "activity", rename_all = "kebab-case")]
+#[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Activity {
     /// No command works on the domain and none was interrupted.
     Idle,
