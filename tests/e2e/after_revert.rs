@@ -13,41 +13,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Cli, Domain, Workload};
+use common::{create, state, Cli, Domain, TicksAround, Workload};
 
 const BOOT: Duration = Duration::from_secs(120);
 const TICKS: Duration = Duration::from_secs(60);
-
-/// The last tick before a create and after it: the snapshot holds a value in between (for a
-/// background create, the value at its start).
-struct TicksAround {
-    before: u64,
-    after: u64,
-    position: usize,
-}
-
-fn create(cli: &Cli, domain: &Domain, snapshot: &str, flags: &[&str]) -> (TicksAround, serde_json::Value) {
-    let before = domain.last_tick_since(0).unwrap_or(0);
-    let mut args = vec!["snapshot", "create", &domain.name, snapshot];
-    args.extend_from_slice(flags);
-    let report = cli.json(&args);
-    let after = domain.last_tick_since(0).unwrap_or(0);
-    (
-        TicksAround {
-            before,
-            after,
-            position: domain.serial_position(),
-        },
-        report,
-    )
-}
-
-fn state(cli: &Cli, domain: &Domain) -> String {
-    cli.json(&["domain", "status", &domain.name])["state"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
 
 /// The domain runs and its guest goes on counting past `ticks.after`.
 fn assert_runs_on(cli: &Cli, domain: &Domain, ticks: &TicksAround, what: &str) {

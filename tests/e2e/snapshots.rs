@@ -11,36 +11,10 @@ mod common;
 
 use std::{path::PathBuf, time::Duration};
 
-use common::{internal_snapshots, Cli, Domain, Workload};
+use common::{create, internal_snapshots, state, Cli, Domain, TicksAround, Workload};
 
 const BOOT: Duration = Duration::from_secs(120);
 const TICKS: Duration = Duration::from_secs(60);
-
-/// The guest's tick counter around a create: the last tick before it and after it. The snapshot
-/// holds a value in between.
-struct TicksAround {
-    before: u64,
-    after: u64,
-    /// The serial log's length when the create returned.
-    position: usize,
-}
-
-fn create(cli: &Cli, domain: &Domain, snapshot: &str, extra: &[&str]) -> (TicksAround, serde_json::Value) {
-    let before = domain.last_tick_since(0).unwrap_or(0);
-    let mut args = vec!["snapshot", "create", &domain.name, snapshot];
-    args.extend_from_slice(extra);
-    let report = cli.json(&args);
-    let after = domain.last_tick_since(0).unwrap_or(0);
-    let position = domain.serial_position();
-    (
-        TicksAround {
-            before,
-            after,
-            position,
-        },
-        report,
-    )
-}
 
 /// Lets the guest run on so that a revert visibly goes back.
 fn run_on(domain: &Domain, ticks: &TicksAround) {
@@ -126,13 +100,6 @@ fn assert_marker_within(image: &std::path::Path, ticks: &TicksAround) {
         ticks.before,
         ticks.after
     );
-}
-
-fn state(cli: &Cli, domain: &Domain) -> String {
-    cli.json(&["domain", "status", &domain.name])["state"]
-        .as_str()
-        .unwrap()
-        .to_owned()
 }
 
 /// Reverts paused, checks the disk marker while nothing writes it, resumes, and checks the

@@ -371,3 +371,43 @@ pub fn internal_snapshots(image: &Path) -> Vec<String> {
         .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
         .collect()
 }
+
+/// The guest's tick counter around a create: the last tick before it and after it. The snapshot
+/// holds a value in between (for a background create, the value at its start).
+pub struct TicksAround {
+    pub before: u64,
+    pub after: u64,
+    /// The serial log's length when the create returned.
+    pub position: usize,
+}
+
+/// `snapshot create DOMAIN SNAPSHOT EXTRA...` with `--json`, timed by the guest's ticks.
+pub fn create(
+    cli: &Cli,
+    domain: &Domain,
+    snapshot: &str,
+    extra: &[&str],
+) -> (TicksAround, serde_json::Value) {
+    let before = domain.last_tick_since(0).unwrap_or(0);
+    let mut args = vec!["snapshot", "create", &domain.name, snapshot];
+    args.extend_from_slice(extra);
+    let report = cli.json(&args);
+    let after = domain.last_tick_since(0).unwrap_or(0);
+    let position = domain.serial_position();
+    (
+        TicksAround {
+            before,
+            after,
+            position,
+        },
+        report,
+    )
+}
+
+/// The domain's state as `domain status` reports it.
+pub fn state(cli: &Cli, domain: &Domain) -> String {
+    cli.json(&["domain", "status", &domain.name])["state"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
