@@ -18,6 +18,7 @@ use memory::{
     LiveSave, RestoreOptions, SaveOptions,
 };
 use qmp::{commands::*, Client, ClientOptions, Event, MigrationStatus, RunState};
+use serde_json::json;
 use testkit::{Qemu, Workload};
 
 const RAM_MIB: u64 = 256;
@@ -95,6 +96,16 @@ fn live_save_then_restore_into_a_new_qemu_continues_the_guest() {
         }))
         .unwrap();
     let pause = paused_at.elapsed();
+    // `xen-save-devices-state` writes no configuration section; a QEMU restoring with default
+    // migration settings needs one (the driver adds it the same way).
+    let machine = runtime
+        .block_on(qmp.execute_raw("qom-get", json!({ "path": "/machine", "property": "type" })))
+        .unwrap();
+    let machine = machine.as_str().unwrap().strip_suffix("-machine").unwrap();
+    let saved = std::fs::read(&devstate).unwrap();
+    let mut configured = qemu::device_state_prefix(machine).unwrap();
+    configured.extend_from_slice(&saved[qemu::DEVICE_STATE_HEADER.len()..]);
+    std::fs::write(&devstate, configured).unwrap();
     let tick_at_pause = source.last_tick().expect("the source ticked");
     let summary = finished.seal().unwrap();
     assert!(summary.present_pages > 0);

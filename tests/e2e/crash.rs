@@ -255,10 +255,13 @@ fn create_killed_at_every_step_is_undone_before_its_record_and_finished_after() 
 
         let position = domain.serial_position();
         let recovered = if *step == "resume" {
-            // Any command recovers first; `snapshot list` here (the domain is paused at this
-            // point, so a missing recovery would show).
+            // Read-only commands never recover: `snapshot list` shows no snapshot and leaves the
+            // intent. Any command that changes the domain recovers first: `domain resume` here
+            // (the domain is paused at this point, so a missing recovery would show).
             assert_eq!(snapshots(&cli, "ck").0, Vec::<String>::new(), "{step}");
-            assert!(!has_intent(&cli, "ck"), "{step}: snapshot list did not recover");
+            assert!(has_intent(&cli, "ck"), "{step}: snapshot list recovered");
+            cli.ok(&["domain", "resume", "ck"]);
+            assert!(!has_intent(&cli, "ck"), "{step}: domain resume did not recover");
             assert!(recover(&cli).is_empty(), "{step}: recovered twice");
             None
         } else {
@@ -489,7 +492,9 @@ fn a_failing_disk_step_and_a_damaged_memory_image_leave_the_domain_running() {
     let disks_before = defined_disks(&cli, "fl");
 
     // The disks step fails after memory and device state were saved (the overlay's folder
-    // does not exist): both are undone and the domain resumed.
+    // is read-only): both are undone and the domain resumed.
+    let read_only = common::ReadOnlyDir::new(cli.dir.path());
+    let overlay = read_only.path.join("x.qcow2");
     let last = last_tick(&domain);
     let position = domain.serial_position();
     let error = cli.fails(&[
@@ -498,10 +503,11 @@ fn a_failing_disk_step_and_a_damaged_memory_image_leave_the_domain_running() {
         "fl",
         "bad",
         "--disk",
-        "vdb=external:/nonexistent-dir/x.qcow2",
+        &format!("vdb=external:{}", overlay.display()),
     ]);
     assert_step_error(&error, "create", &["snapshotting the disks"]);
-    assert!(error.contains("/nonexistent-dir/x.qcow2"), "{error}");
+    assert!(error.contains("x.qcow2"), "{error}");
+    drop(read_only);
     assert_eq!(domain_state(&cli, "fl"), "running");
     assert_ticking(&domain, position, last);
     assert!(!has_intent(&cli, "fl"));

@@ -364,6 +364,8 @@ fn background_snapshots_are_consistent_at_their_start() {
 
     // A disk step that fails rolls back: no snapshot, no files, the guest runs on.
     let files = cli.snapshot_files();
+    let read_only = common::ReadOnlyDir::new(cli.dir.path());
+    let overlay = format!("vdb=external:{}", read_only.path.join("x.qcow2").display());
     let error = cli.fails(&[
         "snapshot",
         "create",
@@ -372,9 +374,10 @@ fn background_snapshots_are_consistent_at_their_start() {
         "--live-mode",
         "background",
         "--disk",
-        "vdb=external:/nonexistent-dir/x.qcow2",
+        &overlay,
     ]);
     assert!(error.contains("snapshotting the disks"), "{error}");
+    drop(read_only);
     assert_eq!(cli.snapshot_files(), files);
     assert_eq!(state(&cli, &fp), "running");
 }

@@ -411,3 +411,30 @@ pub fn state(cli: &Cli, domain: &Domain) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// A folder that exists but cannot be written (a read-only bind mount of itself: even root
+/// gets EROFS), so that a disk step fails after every check before the pause passed.
+pub struct ReadOnlyDir {
+    pub path: PathBuf,
+}
+
+impl ReadOnlyDir {
+    pub fn new(parent: &Path) -> Self {
+        let path = parent.join("read-only");
+        std::fs::create_dir(&path).unwrap();
+        let mount = |args: &[&str]| {
+            let status = Command::new("mount").args(args).status().unwrap();
+            assert!(status.success(), "mount {args:?} (needs root)");
+        };
+        let text = path.to_str().unwrap();
+        mount(&["--bind", text, text]);
+        mount(&["-o", "remount,bind,ro", text, text]);
+        ReadOnlyDir { path }
+    }
+}
+
+impl Drop for ReadOnlyDir {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
