@@ -18,8 +18,9 @@ use async_trait::async_trait;
 use crate::{
     api::{BackingPath, ChainImage, DiskSnapshots, ExternalSnapshot, InternalSnapshot, MergeMethod},
     error::{io_err, Error, Result},
-    lock, names, regular,
+    lock, names,
     qcow2::{self, header::MAGIC, snapshot_table::SnapshotEntry, Access, Chain, Image, Layer},
+    regular,
 };
 
 /// Longest backing chain followed (a longer one is most likely a loop).

@@ -434,16 +434,30 @@ fn refused_as_corrupt(img: &std::path::Path, reason: &str) {
     let before = fs::read(img).unwrap();
     let started = std::time::Instant::now();
     let err = offline::create_internal(&one(img), "s").unwrap_err();
-    assert!(started.elapsed().as_secs() < 10, "refusing took {:?}", started.elapsed());
+    assert!(
+        started.elapsed().as_secs() < 10,
+        "refusing took {:?}",
+        started.elapsed()
+    );
     let text = err.to_string();
     assert!(matches!(err, Error::Invalid { .. }), "{text}");
-    assert!(text.contains(&img.display().to_string()) && text.contains(reason), "{text}");
-    assert!(fs::read(img).unwrap() == before, "a refused snapshot must not change the image");
+    assert!(
+        text.contains(&img.display().to_string()) && text.contains(reason),
+        "{text}"
+    );
+    assert!(
+        fs::read(img).unwrap() == before,
+        "a refused snapshot must not change the image"
+    );
     let check = std::process::Command::new("qemu-img")
         .args(["check", &s(img)])
         .output()
         .unwrap();
-    assert!(!check.status.success(), "qemu-img check accepts {}", img.display());
+    assert!(
+        !check.status.success(),
+        "qemu-img check accepts {}",
+        img.display()
+    );
 }
 
 #[test]

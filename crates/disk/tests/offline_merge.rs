@@ -445,17 +445,33 @@ fn hostile_sparse_huge_disk_merges_fast() {
     // cluster (16 G of them) would run for hours; it must follow the allocated ones.
     let dir = tempfile::tempdir().unwrap();
     let base = create(dir.path(), "base.qcow2", "1P", "");
-    let mid = create(dir.path(), "mid.qcow2", "1P", "backing_file=base.qcow2,backing_fmt=qcow2");
-    let top = create(dir.path(), "top.qcow2", "1P", "backing_file=mid.qcow2,backing_fmt=qcow2");
+    let mid = create(
+        dir.path(),
+        "mid.qcow2",
+        "1P",
+        "backing_file=base.qcow2,backing_fmt=qcow2",
+    );
+    let top = create(
+        dir.path(),
+        "top.qcow2",
+        "1P",
+        "backing_file=mid.qcow2,backing_fmt=qcow2",
+    );
     let far = (1u64 << 50) - (1 << 20);
     write(&base, 1, 0, 65536);
     write(&mid, 2, far, 65536);
     write(&top, 3, 65536, 4096);
     let (t, m) = (top.clone(), mid.clone());
-    let active = within(60, move || offline::delete_external(&t, &m, MergeMethod::CommitIntoParent)).unwrap();
+    let active = within(60, move || {
+        offline::delete_external(&t, &m, MergeMethod::CommitIntoParent)
+    })
+    .unwrap();
     assert_eq!(active, top);
     let (t, b) = (top.clone(), base.clone());
-    within(60, move || offline::delete_external(&t, &b, MergeMethod::StreamIntoChild)).unwrap();
+    within(60, move || {
+        offline::delete_external(&t, &b, MergeMethod::StreamIntoChild)
+    })
+    .unwrap();
     assert_eq!(paths(&top), vec![top.clone()]);
     io(&top, "read -P 1 0 64k");
     io(&top, "read -P 3 64k 4k");
@@ -477,7 +493,10 @@ fn hostile_backing_file_that_is_a_fifo_fails_fast() {
     let err = within(10, move || offline::backing_chain(&t)).unwrap_err();
     assert!(err.to_string().contains("is a FIFO"), "{err}");
     let (t, f) = (top.clone(), fifo.clone());
-    let err = within(10, move || offline::delete_external(&t, &f, MergeMethod::StreamIntoChild)).unwrap_err();
+    let err = within(10, move || {
+        offline::delete_external(&t, &f, MergeMethod::StreamIntoChild)
+    })
+    .unwrap_err();
     assert!(err.to_string().contains("is a FIFO"), "{err}");
     // Also as a qcow2 backing, and a directory or device.
     for (name, format) in [("base.raw", "qcow2"), (".", "raw"), ("/dev/zero", "raw")] {
@@ -497,7 +516,12 @@ fn hostile_raw_backing_with_a_qcow2_header_stays_raw() {
     let secret = dir.path().join("secret.raw");
     std::fs::write(&secret, vec![7u8; SIZE as usize]).unwrap();
     let raw = dir.path().join("base.raw");
-    create(dir.path(), "fake.qcow2", &SIZE.to_string(), "backing_file=secret.raw,backing_fmt=raw");
+    create(
+        dir.path(),
+        "fake.qcow2",
+        &SIZE.to_string(),
+        "backing_file=secret.raw,backing_fmt=raw",
+    );
     std::fs::copy(dir.path().join("fake.qcow2"), &raw).unwrap();
     let top = dir.path().join("top.qcow2");
     disk::qcow2::create_overlay(&top, "base.raw", "raw", SIZE).unwrap();

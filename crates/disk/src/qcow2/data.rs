@@ -299,7 +299,10 @@ impl Image {
 /// The data ranges of a raw file of `size` bytes, from `SEEK_DATA`/`SEEK_HOLE` (the whole
 /// file if the file system cannot tell).
 fn raw_data_ranges(path: &std::path::Path, file: &File, size: u64) -> Result<Vec<(u64, u64)>> {
-    use nix::{errno::Errno, unistd::{lseek, Whence}};
+    use nix::{
+        errno::Errno,
+        unistd::{lseek, Whence},
+    };
     let to_off = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     let mut ranges = Vec::new();
     let mut at = 0u64;

@@ -213,13 +213,22 @@ impl Image {
     /// clusters they map (all clusters a compressed cluster spans). This is what a refcount
     /// counts: a cluster reached from two L1 tables through one shared L2 table counts twice.
     pub(crate) fn references(&self, l1: &[u64]) -> Result<Vec<u64>> {
-        let cluster_bits = self.header.cluster_bits;
-        let cluster_size = self.cluster_size();
         let mut refs = Vec::new();
+        for l2_offset in self.l2_tables(l1)? {
+            refs.push(l2_offset >> self.header.cluster_bits);
+            refs.extend(self.l2_references(l2_offset)?);
+        }
+        Ok(refs)
+    }
+
+    /// The L2 tables an L1 table names, checked: aligned, and each named once.
+    pub(crate) fn l2_tables(&self, l1: &[u64]) -> Result<Vec<u64>> {
+        let cluster_size = self.cluster_size();
         // One L1 table reaching one L2 table twice is corruption (`qemu-img check` counts the
         // table twice against its refcount); refusing it also bounds the work by the file's
         // size, since the distinct L2 tables fit in the file.
         let mut seen: HashMap<u64, usize> = HashMap::new();
+        let mut tables = Vec::new();
         for (index, &entry) in l1.iter().enumerate() {
             let l2_offset = entry & OFFSET_MASK;
             if l2_offset == 0 {
@@ -236,17 +245,23 @@ impl Image {
                      (corrupt image; run `qemu-img check`)"
                 )));
             }
-            refs.push(l2_offset >> cluster_bits);
-            let l2 = self.read_at(l2_offset, to_usize(cluster_size), "L2 table")?;
-            for (slot, raw) in l2.chunks_exact(to_usize(self.header.l2_entry_size())).enumerate() {
-                let clusters = data_clusters(&self.header, be_u64(raw, 0))
-                    .and_then(|c| self.within_file(c))
-                    .map_err(|reason| {
-                        self.invalid(format!("L2 table at {l2_offset:#x}, entry {slot}: {reason}"))
-                    })?;
-                if let Some((first, count)) = clusters {
-                    refs.extend(first..first + count);
-                }
+            tables.push(l2_offset);
+        }
+        Ok(tables)
+    }
+
+    /// The data clusters the L2 table at `l2_offset` maps, once per entry.
+    pub(crate) fn l2_references(&self, l2_offset: u64) -> Result<Vec<u64>> {
+        let mut refs = Vec::new();
+        let l2 = self.read_at(l2_offset, to_usize(self.cluster_size()), "L2 table")?;
+        for (slot, raw) in l2.chunks_exact(to_usize(self.header.l2_entry_size())).enumerate() {
+            let clusters = data_clusters(&self.header, be_u64(raw, 0))
+                .and_then(|c| self.within_file(c))
+                .map_err(|reason| {
+                    self.invalid(format!("L2 table at {l2_offset:#x}, entry {slot}: {reason}"))
+                })?;
+            if let Some((first, count)) = clusters {
+                refs.extend(first..first + count);
             }
         }
         Ok(refs)

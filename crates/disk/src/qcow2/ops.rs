@@ -222,35 +222,52 @@ impl Image {
         let cluster_size = self.cluster_size();
         let header = self.header();
         let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
-        let mut count = |clusters: Vec<u64>| {
-            for c in clusters {
-                *expected.entry(c).or_default() += 1;
+        let mut count_times = |clusters: &[u64], times: u64| {
+            for &c in clusters {
+                *expected.entry(c).or_default() += times;
             }
         };
-        count(vec![0]);
-        count(self.clusters_of(
-            header.refcount_table_offset,
-            u64::from(header.refcount_table_clusters) * cluster_size,
-        ));
-        count(
-            table
-                .iter()
-                .filter(|&&e| e != 0)
-                .map(|e| e >> header.cluster_bits)
-                .collect(),
+        count_times(&[0], 1);
+        count_times(
+            &self.clusters_of(
+                header.refcount_table_offset,
+                u64::from(header.refcount_table_clusters) * cluster_size,
+            ),
+            1,
         );
+        let blocks: Vec<u64> = table
+            .iter()
+            .filter(|&&e| e != 0)
+            .map(|e| e >> header.cluster_bits)
+            .collect();
+        count_times(&blocks, 1);
         if let Some((offset, len)) = header.encryption_header {
-            count(self.clusters_of(offset, len));
+            count_times(&self.clusters_of(offset, len), 1);
+        }
+        let (entries, table_len) = self.snapshots()?;
+        count_times(&self.clusters_of(header.snapshots_offset, table_len), 1);
+        // Each distinct L1 table (the active one, the snapshots') is read once and each distinct
+        // L2 table parsed once, counted as many times as they are reached: the work stays
+        // bounded by the file's size even when many snapshots share tables.
+        let mut l1_uses: BTreeMap<(u64, u32), u64> = BTreeMap::new();
+        *l1_uses
+            .entry((header.l1_table_offset, header.l1_size))
+            .or_default() += 1;
+        for e in &entries {
+            *l1_uses.entry((e.l1_table_offset, e.l1_size)).or_default() += 1;
+        }
+        let mut l2_uses: BTreeMap<u64, u64> = BTreeMap::new();
+        for (&(offset, size), &times) in &l1_uses {
+            count_times(&self.clusters_of(offset, u64::from(size) * 8), times);
+            for l2 in self.l2_tables(&self.read_l1(offset, size)?)? {
+                *l2_uses.entry(l2).or_default() += times;
+            }
+        }
+        for (&l2, &times) in &l2_uses {
+            count_times(&[l2 >> header.cluster_bits], times);
+            count_times(&self.l2_references(l2)?, times);
         }
         let active = self.read_l1(header.l1_table_offset, header.l1_size)?;
-        count(self.clusters_of(header.l1_table_offset, u64::from(header.l1_size) * 8));
-        count(self.references(&active)?);
-        let (entries, table_len) = self.snapshots()?;
-        count(self.clusters_of(header.snapshots_offset, table_len));
-        for e in &entries {
-            count(self.clusters_of(e.l1_table_offset, u64::from(e.l1_size) * 8));
-            count(self.references(&self.read_l1(e.l1_table_offset, e.l1_size)?)?);
-        }
         let mut report = CheckReport::default();
         let clusters: std::collections::BTreeSet<u64> = expected
             .keys()

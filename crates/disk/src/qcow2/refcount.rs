@@ -144,10 +144,7 @@ impl Refcounts {
         };
         let index = cluster / self.per_block;
         let (order, block_bytes) = (self.order, self.block_bytes);
-        let block = self
-            .blocks
-            .entry(index)
-            .or_insert_with(|| vec![0; block_bytes]);
+        let block = self.blocks.entry(index).or_insert_with(|| vec![0; block_bytes]);
         Self::encode(order, block, to_usize(cluster % self.per_block), new);
         self.dirty.insert(index);
         if new == 0 {
