@@ -556,3 +556,55 @@ fn hostile_image_names_that_are_not_regular_files() {
         assert!(err.contains("images must be regular files"), "{err}");
     }
 }
+
+#[test]
+fn hostile_encryption_header_past_the_end_of_the_file() {
+    // The LUKS header extension claims 2^60 bytes: counting its clusters listed each one.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("luks.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            "secret,id=s0,data=domsnap",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+            &s(&img),
+            "1M",
+        ],
+    );
+    let bytes = fs::read(&img).unwrap();
+    let mut at = u64::from(u32::from_be_bytes(bytes[100..104].try_into().unwrap()));
+    loop {
+        let kind = u32::from_be_bytes(bytes[at as usize..at as usize + 4].try_into().unwrap());
+        let len = u64::from(u32::from_be_bytes(
+            bytes[at as usize + 4..at as usize + 8].try_into().unwrap(),
+        ));
+        assert_ne!(kind, 0, "no encryption header extension");
+        if kind == 0x0537_be77 {
+            patch(&img, at + 16, &(1u64 << 60).to_be_bytes());
+            break;
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+    refused_as_corrupt(&img, "the encryption header");
+}
+
+#[test]
+fn hostile_l1_table_at_the_end_of_the_address_space() {
+    // Found by the qcow2_image fuzz target: an L1 table offset near 2^64 made the check add
+    // past u64::MAX while listing the table's clusters (a panic).
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "l1-end.qcow2", "64M", "");
+    patch(&img, 36, &10_000u32.to_be_bytes());
+    patch(&img, 40, &0xffff_ffff_ffff_0000u64.to_be_bytes());
+    let image = qcow2::Image::open(&img, qcow2::Access::Read).unwrap();
+    let err = image.check().unwrap_err();
+    assert!(err.to_string().contains("beyond the end of the file"), "{err}");
+    drop(image);
+    refused_as_corrupt(&img, "beyond the end of the file");
+}

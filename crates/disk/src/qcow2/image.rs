@@ -401,7 +401,8 @@ impl Image {
             return Vec::new();
         }
         let bits = self.header.cluster_bits;
-        ((offset >> bits)..=((offset + len - 1) >> bits)).collect()
+        // Saturating: callers pass ranges already checked to lie inside the file.
+        ((offset >> bits)..=(offset.saturating_add(len - 1) >> bits)).collect()
     }
 
     /// Writes the changed refcounts.

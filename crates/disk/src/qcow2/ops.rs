@@ -242,6 +242,13 @@ impl Image {
             .collect();
         count_times(&blocks, 1);
         if let Some((offset, len)) = header.encryption_header {
+            if offset % cluster_size != 0 || offset.checked_add(len).is_none_or(|end| end > self.file_len()) {
+                return Err(self.invalid(format!(
+                    "the encryption header ({len} bytes at {offset:#x}) is not aligned or lies beyond \
+                     the end of the file ({} bytes)",
+                    self.file_len()
+                )));
+            }
             count_times(&self.clusters_of(offset, len), 1);
         }
         let (entries, table_len) = self.snapshots()?;
@@ -258,8 +265,10 @@ impl Image {
         }
         let mut l2_uses: BTreeMap<u64, u64> = BTreeMap::new();
         for (&(offset, size), &times) in &l1_uses {
+            // Read first: that checks the table lies inside the file.
+            let l1 = self.read_l1(offset, size)?;
             count_times(&self.clusters_of(offset, u64::from(size) * 8), times);
-            for l2 in self.l2_tables(&self.read_l1(offset, size)?)? {
+            for l2 in self.l2_tables(&l1)? {
                 *l2_uses.entry(l2).or_default() += times;
             }
         }
