@@ -4,6 +4,7 @@
 pub mod cmd;
 pub mod cpio;
 pub mod demo;
+pub mod fuzz;
 pub mod guest;
 pub mod guest_image;
 pub mod setup;

@@ -58,6 +58,18 @@ enum Task {
     },
     /// Boot the test guest and drive it over QMP: status, pause/resume, device-state save, quit
     Demo,
+    /// Run every cargo-fuzz target in fuzz/ for a while each (installs cargo-fuzz if needed)
+    ///
+    /// Uses the nightly toolchain if rustup has one (else stable with RUSTC_BOOTSTRAP=1). Crashing
+    /// inputs are kept in fuzz/artifacts/<target>/; the task fails if any target found one.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Run only these targets (repeatable).
+        #[arg(long)]
+        only: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +78,7 @@ fn main() -> ExitCode {
         Task::Setup { force } => run_setup(force).map(|_| ExitCode::SUCCESS),
         Task::Test { cargo_args } => test(&cargo_args).map(|()| ExitCode::SUCCESS),
         Task::Bench { only, bench_args } => bench(&only, &bench_args).map(|()| ExitCode::SUCCESS),
+        Task::Fuzz { time, only } => xtask::fuzz::run(time, &only).map(|()| ExitCode::SUCCESS),
         Task::Demo => run_setup(false)
             .and_then(|_| demo::run())
             .map(|()| ExitCode::SUCCESS),

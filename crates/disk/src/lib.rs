@@ -40,6 +40,7 @@ pub mod names;
 mod num;
 pub mod offline;
 pub mod qcow2;
+mod regular;
 
 #[cfg(any(test, feature = "mock"))]
 pub use api::MockDiskSnapshots;

@@ -8,7 +8,6 @@
 //! cannot open it.
 
 use std::{
-    fs::File,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
@@ -21,6 +20,7 @@ use crate::{
     error::{io_err, Error, Result},
     lock, names,
     qcow2::{self, header::MAGIC, snapshot_table::SnapshotEntry, Access, Chain, Image, Layer},
+    regular,
 };
 
 /// Longest backing chain followed (a longer one is most likely a loop).
@@ -114,22 +114,35 @@ pub fn apply_internal(disks: &[PathBuf], name: &str) -> Result<()> {
     images.iter_mut().try_for_each(|image| image.apply_snapshot(name))
 }
 
-/// The format and virtual size of an image: qcow2 if it has the magic, else raw.
+/// Whether an image (a regular file) has the qcow2 magic.
 fn probe_is_qcow2(path: &Path) -> Result<bool> {
-    let file = File::open(path).map_err(io_err("cannot open image", path))?;
+    let file = regular::open(path, false)?;
     let mut magic = [0u8; 4];
     Ok(file.read_exact_at(&mut magic, 0).is_ok() && u32::from_be_bytes(magic) == MAGIC)
 }
 
+/// The format and virtual size of an image: qcow2 if it has the magic, else raw.
 fn probe(path: &Path) -> Result<(String, u64)> {
     if probe_is_qcow2(path)? {
-        let image = Image::open(path, Access::Read)?;
-        Ok(("qcow2".into(), image.header().size))
+        open_as(path, "qcow2")
     } else {
-        let len = std::fs::metadata(path)
-            .map_err(io_err("cannot stat", path))?
-            .len();
-        Ok(("raw".into(), len))
+        open_as(path, "raw")
+    }
+}
+
+/// The virtual size of an image read as `format` (a backing image is read as the format its
+/// child records, never probed: a raw image whose guest wrote a qcow2 header stays raw).
+fn open_as(path: &Path, format: &str) -> Result<(String, u64)> {
+    match format {
+        "qcow2" => {
+            let image = Image::open(path, Access::Read)?;
+            Ok(("qcow2".into(), image.header().size))
+        }
+        "raw" => Ok(("raw".into(), regular::len(path)?)),
+        other => Err(Error::Unsupported {
+            path: path.to_owned(),
+            reason: format!("backing format {other:?} is not supported (only qcow2 and raw)"),
+        }),
     }
 }
 
@@ -200,8 +213,8 @@ fn resolve_backing(image: &Path, backing: &str) -> PathBuf {
 /// The backing chain of `disk`, active image first.
 pub fn backing_chain(disk: &Path) -> Result<Vec<ChainImage>> {
     let mut chain = Vec::new();
-    let mut next = Some(disk.to_owned());
-    while let Some(path) = next.take() {
+    let mut next: Option<(PathBuf, Option<String>)> = Some((disk.to_owned(), None));
+    while let Some((path, recorded)) = next.take() {
         if chain.len() == MAX_CHAIN {
             return Err(Error::Chain {
                 disk: disk.to_owned(),
@@ -209,14 +222,19 @@ pub fn backing_chain(disk: &Path) -> Result<Vec<ChainImage>> {
                 reason: format!("backing chain longer than {MAX_CHAIN} images (a loop?)"),
             });
         }
-        let (format, virtual_size) = probe(&path)?;
+        // The disk itself is probed; a backing image is opened as the format its child
+        // records (probed, as QEMU does, only when none is recorded).
+        let (format, virtual_size) = match &recorded {
+            Some(format) => open_as(&path, format)?,
+            None => probe(&path)?,
+        };
         if format == "qcow2" {
             let image = Image::open(&path, Access::Read)?;
-            next = image
-                .header()
+            let header = image.header();
+            next = header
                 .backing_file
                 .as_ref()
-                .map(|backing| resolve_backing(&path, backing));
+                .map(|backing| (resolve_backing(&path, backing), header.backing_format.clone()));
         }
         chain.push(ChainImage {
             path,
@@ -350,7 +368,7 @@ fn open_layer(image: &ChainImage, write: bool) -> Result<Layer> {
         }
         return Ok(Layer::Qcow2(Box::new(opened)));
     }
-    let file = File::open(path).map_err(io_err("cannot open image", path))?;
+    let file = regular::open(path, false)?;
     if lock::is_locked_by_other(&file).map_err(io_err("cannot query the locks of", path))? {
         return Err(Error::Locked { path: path.clone() });
     }

@@ -401,3 +401,210 @@ async fn offline_backend_through_the_trait() {
     assert_eq!(&contents(&again.overlay, None)[..65536], &[4u8; 65536][..]);
     check_clean(&top);
 }
+
+// Hostile or broken images, crafted by patching images qemu-img made (64 KiB clusters, 16-bit
+// refcounts). Each must be refused with `Error::Invalid` naming the image and the problem,
+// before anything is written, and quickly; `qemu-img check` must agree that it is broken.
+
+fn header(img: &std::path::Path) -> qcow2::header::Header {
+    qcow2::Image::open(img, qcow2::Access::Header)
+        .unwrap()
+        .header()
+        .clone()
+}
+
+fn read_u64(img: &std::path::Path, at: u64) -> u64 {
+    let mut b = [0u8; 8];
+    fs::File::open(img).unwrap().read_exact_at(&mut b, at).unwrap();
+    u64::from_be_bytes(b)
+}
+
+fn patch(img: &std::path::Path, at: u64, bytes: &[u8]) {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(img)
+        .unwrap()
+        .write_all_at(bytes, at)
+        .unwrap();
+}
+
+/// Asserts that creating a snapshot is refused as invalid with `reason` in the message, that
+/// the image is unchanged, and that `qemu-img check` reports the image as broken.
+fn refused_as_corrupt(img: &std::path::Path, reason: &str) {
+    let before = fs::read(img).unwrap();
+    let started = std::time::Instant::now();
+    let err = offline::create_internal(&one(img), "s").unwrap_err();
+    assert!(
+        started.elapsed().as_secs() < 10,
+        "refusing took {:?}",
+        started.elapsed()
+    );
+    let text = err.to_string();
+    assert!(matches!(err, Error::Invalid { .. }), "{text}");
+    assert!(
+        text.contains(&img.display().to_string()) && text.contains(reason),
+        "{text}"
+    );
+    assert!(
+        fs::read(img).unwrap() == before,
+        "a refused snapshot must not change the image"
+    );
+    let check = std::process::Command::new("qemu-img")
+        .args(["check", &s(img)])
+        .output()
+        .unwrap();
+    assert!(
+        !check.status.success(),
+        "qemu-img check accepts {}",
+        img.display()
+    );
+}
+
+#[test]
+fn hostile_refcount_table_entries_sharing_one_block() {
+    // Every refcount table entry names the same block: loading each as its own block made
+    // the old code hold one decoded block per entry (with a 128-cluster table, 1 M entries of
+    // 256 KiB each).
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "shared-rb.qcow2", "64M", "");
+    write(&img, 1, 0, 65536);
+    let h = header(&img);
+    let block = read_u64(&img, h.refcount_table_offset);
+    let entries = u64::from(h.refcount_table_clusters) * h.cluster_size() / 8;
+    let table: Vec<u8> = (0..entries).flat_map(|_| block.to_be_bytes()).collect();
+    patch(&img, h.refcount_table_offset, &table);
+    refused_as_corrupt(&img, "both point at the refcount block");
+}
+
+#[test]
+fn hostile_l1_entries_sharing_one_l2_table() {
+    // Shared L2 tables within one L1 table are corruption (qemu-img check counts them twice);
+    // the old code read the shared table and listed its references once per entry.
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "shared-l2.qcow2", "64G", "");
+    write(&img, 1, 0, 65536);
+    let h = header(&img);
+    let l2 = read_u64(&img, h.l1_table_offset);
+    let l1: Vec<u8> = (0..h.l1_size).flat_map(|_| l2.to_be_bytes()).collect();
+    patch(&img, h.l1_table_offset, &l1);
+    refused_as_corrupt(&img, "share the L2 table");
+}
+
+#[test]
+fn hostile_l2_entry_past_the_end_of_the_file() {
+    // A data cluster at 60 PiB: the old code counted it, grew its refcount table and the file.
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "past-eof.qcow2", "64M", "");
+    write(&img, 1, 0, 65536);
+    let h = header(&img);
+    let l2 = read_u64(&img, h.l1_table_offset) & 0x00ff_ffff_ffff_fe00;
+    patch(&img, l2 + 8, &((0xf0u64 << 48) | (1 << 63)).to_be_bytes());
+    refused_as_corrupt(&img, "beyond the end of the file");
+}
+
+#[test]
+fn hostile_referenced_cluster_with_refcount_zero() {
+    // The data cluster of guest offset 0 counts zero references: an allocation could hand it
+    // out again and overwrite live data.
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "rc0.qcow2", "64M", "");
+    write(&img, 1, 0, 65536);
+    let h = header(&img);
+    let l2 = read_u64(&img, h.l1_table_offset) & 0x00ff_ffff_ffff_fe00;
+    let data = read_u64(&img, l2) & 0x00ff_ffff_ffff_fe00;
+    let block = read_u64(&img, h.refcount_table_offset);
+    patch(&img, block + (data >> h.cluster_bits) * 2, &[0, 0]);
+    refused_as_corrupt(&img, "inconsistent image");
+}
+
+#[test]
+fn hostile_refcounts_far_past_the_end_of_the_file() {
+    // A refcount block for clusters at 200 GiB counts them all used: the old code grew the
+    // file to cover every counted cluster.
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "far.qcow2", "64M", "");
+    write(&img, 1, 0, 65536);
+    let h = header(&img);
+    let len = fs::metadata(&img).unwrap().len();
+    let block = len.next_multiple_of(h.cluster_size());
+    patch(&img, block, &vec![0xff; h.cluster_size() as usize]);
+    patch(&img, h.refcount_table_offset + 100 * 8, &block.to_be_bytes());
+    // The new block counts itself too (entry 0 of block 0 does not cover it): count it there.
+    let first = read_u64(&img, h.refcount_table_offset);
+    patch(&img, first + (block >> h.cluster_bits) * 2, &[0, 1]);
+    let before_len = fs::metadata(&img).unwrap().len();
+    let err = offline::create_internal(&one(&img), "s").unwrap_err();
+    assert!(err.to_string().contains("far past the end of the file"), "{err}");
+    assert_eq!(fs::metadata(&img).unwrap().len(), before_len);
+}
+
+#[test]
+fn hostile_image_names_that_are_not_regular_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.qcow2");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    for path in [fifo, dir.path().to_owned(), PathBuf::from("/dev/null")] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(offline::list_internal(&p).map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("opening {} hangs", path.display()));
+        let err = result.unwrap_err();
+        assert!(err.contains("images must be regular files"), "{err}");
+    }
+}
+
+#[test]
+fn hostile_encryption_header_past_the_end_of_the_file() {
+    // The LUKS header extension claims 2^60 bytes: counting its clusters listed each one.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("luks.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            "secret,id=s0,data=domsnap",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+            &s(&img),
+            "1M",
+        ],
+    );
+    let bytes = fs::read(&img).unwrap();
+    let mut at = u64::from(u32::from_be_bytes(bytes[100..104].try_into().unwrap()));
+    loop {
+        let kind = u32::from_be_bytes(bytes[at as usize..at as usize + 4].try_into().unwrap());
+        let len = u64::from(u32::from_be_bytes(
+            bytes[at as usize + 4..at as usize + 8].try_into().unwrap(),
+        ));
+        assert_ne!(kind, 0, "no encryption header extension");
+        if kind == 0x0537_be77 {
+            patch(&img, at + 16, &(1u64 << 60).to_be_bytes());
+            break;
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+    refused_as_corrupt(&img, "the encryption header");
+}
+
+#[test]
+fn hostile_l1_table_at_the_end_of_the_address_space() {
+    // Found by the qcow2_image fuzz target: an L1 table offset near 2^64 made the check add
+    // past u64::MAX while listing the table's clusters (a panic).
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "l1-end.qcow2", "64M", "");
+    patch(&img, 36, &10_000u32.to_be_bytes());
+    patch(&img, 40, &0xffff_ffff_ffff_0000u64.to_be_bytes());
+    let image = qcow2::Image::open(&img, qcow2::Access::Read).unwrap();
+    let err = image.check().unwrap_err();
+    assert!(err.to_string().contains("beyond the end of the file"), "{err}");
+    drop(image);
+    refused_as_corrupt(&img, "beyond the end of the file");
+}

@@ -428,3 +428,104 @@ proptest! {
         }
     }
 }
+
+/// Runs `work` on a thread, failing the test if it takes longer than `secs` seconds.
+fn within<T: Send + 'static>(secs: u64, work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(work());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("took longer than {secs} s"))
+}
+
+#[test]
+fn hostile_sparse_huge_disk_merges_fast() {
+    // 1 PiB of virtual size with two allocated clusters: a merge that walked every guest
+    // cluster (16 G of them) would run for hours; it must follow the allocated ones.
+    let dir = tempfile::tempdir().unwrap();
+    let base = create(dir.path(), "base.qcow2", "1P", "");
+    let mid = create(
+        dir.path(),
+        "mid.qcow2",
+        "1P",
+        "backing_file=base.qcow2,backing_fmt=qcow2",
+    );
+    let top = create(
+        dir.path(),
+        "top.qcow2",
+        "1P",
+        "backing_file=mid.qcow2,backing_fmt=qcow2",
+    );
+    let far = (1u64 << 50) - (1 << 20);
+    write(&base, 1, 0, 65536);
+    write(&mid, 2, far, 65536);
+    write(&top, 3, 65536, 4096);
+    let (t, m) = (top.clone(), mid.clone());
+    let active = within(60, move || {
+        offline::delete_external(&t, &m, MergeMethod::CommitIntoParent)
+    })
+    .unwrap();
+    assert_eq!(active, top);
+    let (t, b) = (top.clone(), base.clone());
+    within(60, move || {
+        offline::delete_external(&t, &b, MergeMethod::StreamIntoChild)
+    })
+    .unwrap();
+    assert_eq!(paths(&top), vec![top.clone()]);
+    io(&top, "read -P 1 0 64k");
+    io(&top, "read -P 3 64k 4k");
+    io(&top, &format!("read -P 2 {far} 64k"));
+    io(&top, &format!("read -P 0 {} 64k", far + 65536));
+    check_clean(&top);
+}
+
+#[test]
+fn hostile_backing_file_that_is_a_fifo_fails_fast() {
+    // A backing name naming a FIFO: opening it for reading would block until a writer comes,
+    // with the domain's lock held. It must be refused without being opened.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("base.raw");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let top = dir.path().join("top.qcow2");
+    disk::qcow2::create_overlay(&top, "base.raw", "raw", SIZE).unwrap();
+    let t = top.clone();
+    let err = within(10, move || offline::backing_chain(&t)).unwrap_err();
+    assert!(err.to_string().contains("is a FIFO"), "{err}");
+    let (t, f) = (top.clone(), fifo.clone());
+    let err = within(10, move || {
+        offline::delete_external(&t, &f, MergeMethod::StreamIntoChild)
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("is a FIFO"), "{err}");
+    // Also as a qcow2 backing, and a directory or device.
+    for (name, format) in [("base.raw", "qcow2"), (".", "raw"), ("/dev/zero", "raw")] {
+        let other = dir.path().join("other.qcow2");
+        let _ = std::fs::remove_file(&other);
+        disk::qcow2::create_overlay(&other, name, format, SIZE).unwrap();
+        let err = within(10, move || offline::backing_chain(&other)).unwrap_err();
+        assert!(err.to_string().contains("images must be regular files"), "{err}");
+    }
+}
+
+#[test]
+fn hostile_raw_backing_with_a_qcow2_header_stays_raw() {
+    // A guest can write a qcow2 header (naming any host file as its backing) into its raw disk:
+    // the backing image is opened as the format its child records, never probed.
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret.raw");
+    std::fs::write(&secret, vec![7u8; SIZE as usize]).unwrap();
+    let raw = dir.path().join("base.raw");
+    create(
+        dir.path(),
+        "fake.qcow2",
+        &SIZE.to_string(),
+        "backing_file=secret.raw,backing_fmt=raw",
+    );
+    std::fs::copy(dir.path().join("fake.qcow2"), &raw).unwrap();
+    let top = dir.path().join("top.qcow2");
+    disk::qcow2::create_overlay(&top, "base.raw", "raw", SIZE).unwrap();
+    let chain = offline::backing_chain(&top).unwrap();
+    assert_eq!(chain.len(), 2, "{chain:?}");
+    assert_eq!((chain[1].path.clone(), chain[1].format.as_str()), (raw, "raw"));
+}

@@ -5,7 +5,7 @@
 //! is refused with [`Error::Unsupported`].
 
 use std::{
-    collections::{btree_map::Entry, BTreeMap},
+    collections::{btree_map::Entry, BTreeMap, HashSet},
     fs::File,
     path::PathBuf,
 };
@@ -75,6 +75,51 @@ impl Image {
         let raw = self.read_at(at, to_usize(entry_size), "L2 entry")?;
         let bitmap = if entry_size == 16 { be_u64(&raw, 8) } else { 0 };
         Ok((be_u64(&raw, 0), bitmap))
+    }
+
+    /// The guest byte ranges the active state maps something of (data, zeros or compressed
+    /// clusters), in order and merged: what a merge must visit. The work is one read per L2
+    /// table (each distinct, inside the file), whatever the virtual size.
+    pub(crate) fn mapped_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        let header = self.header();
+        let cluster_size = self.cluster_size();
+        let entry_size = header.l2_entry_size();
+        let per_l2 = cluster_size / entry_size;
+        let l1 = self.read_l1(header.l1_table_offset, header.l1_size)?;
+        let mut seen = HashSet::new();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for (index, &entry) in l1.iter().enumerate() {
+            let l2_offset = entry & OFFSET_MASK;
+            if l2_offset == 0 {
+                continue;
+            }
+            if l2_offset % cluster_size != 0 || !seen.insert(l2_offset) {
+                return Err(self.invalid(format!(
+                    "L1 entry {index}: L2 table offset {l2_offset:#x} is not aligned or shared"
+                )));
+            }
+            let l2 = self.read_at(l2_offset, to_usize(cluster_size), "L2 table")?;
+            for (slot, raw) in l2.chunks_exact(to_usize(entry_size)).enumerate() {
+                let descriptor = be_u64(raw, 0);
+                let mapped = if descriptor & COMPRESSED != 0 {
+                    true
+                } else if header.extended_l2() {
+                    be_u64(raw, 8) != 0
+                } else {
+                    descriptor & OFFSET_MASK != 0 || (header.version >= 3 && descriptor & ZERO != 0)
+                };
+                let start = (to_u64(index) * per_l2 + to_u64(slot)) * cluster_size;
+                if !mapped || start >= header.size {
+                    continue;
+                }
+                let len = cluster_size.min(header.size - start);
+                match ranges.last_mut() {
+                    Some(last) if last.0 + last.1 == start => last.1 += len,
+                    _ => ranges.push((start, len)),
+                }
+            }
+        }
+        Ok(ranges)
     }
 
     /// What the guest range `offset..offset + len` maps to, as consecutive (length, extent)
@@ -251,6 +296,37 @@ impl Image {
     }
 }
 
+/// The data ranges of a raw file of `size` bytes, from `SEEK_DATA`/`SEEK_HOLE` (the whole
+/// file if the file system cannot tell).
+fn raw_data_ranges(path: &std::path::Path, file: &File, size: u64) -> Result<Vec<(u64, u64)>> {
+    use nix::{
+        errno::Errno,
+        unistd::{lseek, Whence},
+    };
+    let to_off = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let mut ranges = Vec::new();
+    let mut at = 0u64;
+    while at < size {
+        let data = match lseek(file, to_off(at), Whence::SeekData) {
+            Ok(data) => u64::try_from(data).unwrap_or(size),
+            Err(Errno::ENXIO) => break,
+            Err(Errno::EINVAL) if at == 0 => return Ok(vec![(0, size)]),
+            Err(e) => return Err(io_err("cannot find the data of", path)(e.into())),
+        };
+        let hole = match lseek(file, to_off(data), Whence::SeekHole) {
+            Ok(hole) => u64::try_from(hole).unwrap_or(size),
+            Err(e) => return Err(io_err("cannot find the data of", path)(e.into())),
+        };
+        let end = hole.min(size);
+        if data >= end {
+            break;
+        }
+        ranges.push((data, end - data));
+        at = end;
+    }
+    Ok(ranges)
+}
+
 /// One image of a chain opened for merging.
 #[derive(Debug)]
 pub(crate) enum Layer {
@@ -268,6 +344,15 @@ pub(crate) enum Layer {
 }
 
 impl Layer {
+    /// The guest byte ranges the layer maps something of, in order: a qcow2 image's allocated
+    /// entries, a raw file's data (its holes skipped with `SEEK_DATA`/`SEEK_HOLE`).
+    fn mapped_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        match self {
+            Layer::Qcow2(image) => image.mapped_ranges(),
+            Layer::Raw { path, file, size } => raw_data_ranges(path, file, *size),
+        }
+    }
+
     fn size(&self) -> u64 {
         match self {
             Layer::Qcow2(image) => image.header().size,
@@ -360,7 +445,8 @@ impl Chain {
     /// `into` shows. Afterwards `into` shows the same through any backing that shows what
     /// `into + 1`'s own backing shows; at every point in between it shows the same as before.
     pub(crate) fn stream(&mut self, into: usize) -> Result<()> {
-        self.copy(into, into, |chain, offset, len| {
+        let candidates = self.layers[into + 1].mapped_ranges()?;
+        self.copy(into, into, &candidates, |chain, offset, len| {
             Ok(!chain.layers[into].maps(offset, len, true)?
                 && chain.layers[into + 1].maps(offset, len, false)?)
         })
@@ -370,17 +456,21 @@ impl Chain {
     /// `into - 1` maps something of is written with the contents `into - 1` shows. Afterwards
     /// `into` shows what `into - 1` showed; `into - 1` shows the same at every point.
     pub(crate) fn commit(&mut self, into: usize) -> Result<()> {
-        self.copy(into, into - 1, |chain, offset, len| {
+        let candidates = self.layers[into - 1].mapped_ranges()?;
+        self.copy(into, into - 1, &candidates, |chain, offset, len| {
             chain.layers[into - 1].maps(offset, len, false)
         })
     }
 
-    /// Writes each cluster of the qcow2 image `into` that `wanted` selects with the contents
-    /// of layer `view`, in batches.
+    /// Writes each cluster of the qcow2 image `into` that overlaps `candidates` (guest byte
+    /// ranges, in order) and that `wanted` selects with the contents of layer `view`, in
+    /// batches. Only the candidates are visited: the work follows the allocated data, not the
+    /// virtual size.
     fn copy(
         &mut self,
         into: usize,
         view: usize,
+        candidates: &[(u64, u64)],
         wanted: impl Fn(&Self, u64, u64) -> Result<bool>,
     ) -> Result<()> {
         let Some(Layer::Qcow2(image)) = self.layers.get(into) else {
@@ -394,7 +484,18 @@ impl Chain {
         let clusters = image.header().size.div_ceil(cluster_size);
         let mut buf = vec![0u8; to_usize(cluster_size)];
         let mut staged = Vec::with_capacity(BATCH);
-        for cluster in 0..clusters {
+        let mut next = 0u64;
+        let selected = candidates.iter().flat_map(|&(start, len)| {
+            let first = start / cluster_size;
+            let end = (start + len).div_ceil(cluster_size).min(clusters);
+            first..end
+        });
+        for cluster in selected {
+            // Ranges of images with larger clusters may round to the same cluster here.
+            if cluster < next {
+                continue;
+            }
+            next = cluster + 1;
             let offset = cluster * cluster_size;
             if !wanted(self, offset, cluster_size)? {
                 continue;

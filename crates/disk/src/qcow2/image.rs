@@ -2,7 +2,8 @@
 //! crash-safe order.
 
 use std::{
-    fs::{File, OpenOptions},
+    collections::HashMap,
+    fs::File,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
 };
@@ -15,8 +16,11 @@ use super::{
 use crate::num::{to_u64, to_usize, u32_to_usize};
 use crate::{
     error::{io_err, Error, Result},
-    lock,
+    lock, regular,
 };
+
+/// QEMU's largest refcount table (`QCOW_MAX_REFTABLE_SIZE`); a table is never grown past it.
+pub const MAX_REFCOUNT_TABLE: u64 = 8 << 20;
 
 /// Host offset bits of L1 and standard L2 entries.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -48,8 +52,10 @@ pub struct Image {
     refcounts: Option<Refcounts>,
     /// The refcount table as in memory (capacity entries); compared with `table_on_disk` to find
     /// entries to write.
-    table: Vec<u64>,
+    pub(super) table: Vec<u64>,
     table_on_disk: Vec<u64>,
+    /// The file's length: no metadata is read, and no cluster referenced, past it.
+    file_len: u64,
 }
 
 impl Image {
@@ -58,11 +64,7 @@ impl Image {
     /// it cannot edit safely, and loads the refcounts. [`Access::Read`] also refuses a locked
     /// image: its metadata may change under us.
     pub fn open(path: &Path, access: Access) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(access == Access::Write)
-            .open(path)
-            .map_err(io_err("cannot open image", path))?;
+        let file = regular::open(path, access == Access::Write)?;
         let free = match access {
             Access::Write => lock::try_lock_exclusive(&file),
             Access::Read => lock::is_locked_by_other(&file).map(|locked| !locked),
@@ -92,6 +94,7 @@ impl Image {
             Access::Write => header.check_writable(),
         }
         .map_err(|e| header_error(path, e))?;
+        let file_len = file.metadata().map_err(io_err("cannot stat", path))?.len();
         let mut image = Image {
             path: path.to_owned(),
             file,
@@ -99,9 +102,11 @@ impl Image {
             refcounts: None,
             table: Vec::new(),
             table_on_disk: Vec::new(),
+            file_len,
         };
         if access == Access::Write {
             image.load_refcounts()?;
+            image.refuse_inconsistent()?;
             image.clear_autoclear()?;
         }
         Ok(image)
@@ -128,7 +133,22 @@ impl Image {
         }
     }
 
+    /// The file's length when opened (or last extended).
+    pub(crate) fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
     pub(crate) fn read_at(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
+        // Checked before allocating: a hostile length never costs more memory than the file.
+        if offset
+            .checked_add(to_u64(len))
+            .is_none_or(|end| end > self.file_len)
+        {
+            return Err(self.invalid(format!(
+                "{what} at {offset:#x} ({len} bytes) lies beyond the end of the file ({} bytes)",
+                self.file_len
+            )));
+        }
         let mut buf = vec![0u8; len];
         self.file.read_exact_at(&mut buf, offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -164,7 +184,8 @@ impl Image {
             return Ok((Vec::new(), 0));
         }
         // The table's length is only known once parsed: read more until it fits.
-        let mut want = 64 << 10;
+        let available = to_usize(self.file_len.saturating_sub(self.header.snapshots_offset));
+        let mut want = (64 << 10).min(available);
         loop {
             let mut buf = vec![0u8; want];
             let got = read_up_to(&self.file, self.header.snapshots_offset, &mut buf)
@@ -172,8 +193,10 @@ impl Image {
             buf.truncate(got);
             match snapshot_table::parse(&buf, count, self.cluster_size()) {
                 Ok(parsed) => return Ok(parsed),
-                Err(TableError::Truncated { .. }) if got == want && want < snapshot_table::MAX_TABLE_LEN => {
-                    want *= 4
+                Err(TableError::Truncated { .. })
+                    if got == want && want < snapshot_table::MAX_TABLE_LEN && want < available =>
+                {
+                    want = (want * 4).min(available);
                 }
                 Err(e) => return Err(self.invalid(e.to_string())),
             }
@@ -190,9 +213,22 @@ impl Image {
     /// clusters they map (all clusters a compressed cluster spans). This is what a refcount
     /// counts: a cluster reached from two L1 tables through one shared L2 table counts twice.
     pub(crate) fn references(&self, l1: &[u64]) -> Result<Vec<u64>> {
-        let cluster_bits = self.header.cluster_bits;
-        let cluster_size = self.cluster_size();
         let mut refs = Vec::new();
+        for l2_offset in self.l2_tables(l1)? {
+            refs.push(l2_offset >> self.header.cluster_bits);
+            refs.extend(self.l2_references(l2_offset)?);
+        }
+        Ok(refs)
+    }
+
+    /// The L2 tables an L1 table names, checked: aligned, and each named once.
+    pub(crate) fn l2_tables(&self, l1: &[u64]) -> Result<Vec<u64>> {
+        let cluster_size = self.cluster_size();
+        // One L1 table reaching one L2 table twice is corruption (`qemu-img check` counts the
+        // table twice against its refcount); refusing it also bounds the work by the file's
+        // size, since the distinct L2 tables fit in the file.
+        let mut seen: HashMap<u64, usize> = HashMap::new();
+        let mut tables = Vec::new();
         for (index, &entry) in l1.iter().enumerate() {
             let l2_offset = entry & OFFSET_MASK;
             if l2_offset == 0 {
@@ -203,18 +239,50 @@ impl Image {
                     "L1 entry {index}: L2 table offset {l2_offset:#x} is not aligned"
                 )));
             }
-            refs.push(l2_offset >> cluster_bits);
-            let l2 = self.read_at(l2_offset, to_usize(cluster_size), "L2 table")?;
-            for (slot, raw) in l2.chunks_exact(to_usize(self.header.l2_entry_size())).enumerate() {
-                let clusters = data_clusters(&self.header, be_u64(raw, 0)).map_err(|reason| {
+            if let Some(first) = seen.insert(l2_offset, index) {
+                return Err(self.invalid(format!(
+                    "L1 entries {first} and {index} share the L2 table at {l2_offset:#x} \
+                     (corrupt image; run `qemu-img check`)"
+                )));
+            }
+            tables.push(l2_offset);
+        }
+        Ok(tables)
+    }
+
+    /// The data clusters the L2 table at `l2_offset` maps, once per entry.
+    pub(crate) fn l2_references(&self, l2_offset: u64) -> Result<Vec<u64>> {
+        let mut refs = Vec::new();
+        let l2 = self.read_at(l2_offset, to_usize(self.cluster_size()), "L2 table")?;
+        for (slot, raw) in l2.chunks_exact(to_usize(self.header.l2_entry_size())).enumerate() {
+            let clusters = data_clusters(&self.header, be_u64(raw, 0))
+                .and_then(|c| self.within_file(c))
+                .map_err(|reason| {
                     self.invalid(format!("L2 table at {l2_offset:#x}, entry {slot}: {reason}"))
                 })?;
-                if let Some((first, count)) = clusters {
-                    refs.extend(first..first + count);
-                }
+            if let Some((first, count)) = clusters {
+                refs.extend(first..first + count);
             }
         }
         Ok(refs)
+    }
+
+    /// Refuses clusters that start at or past the end of the file (QEMU's check refuses a
+    /// reference that exceeds the file by a cluster or more).
+    pub(crate) fn within_file(
+        &self,
+        clusters: Option<(u64, u64)>,
+    ) -> std::result::Result<Option<(u64, u64)>, String> {
+        match clusters {
+            Some((first, count)) if (first + count - 1) << self.header.cluster_bits >= self.file_len => {
+                Err(format!(
+                    "cluster at {:#x} lies beyond the end of the file ({} bytes)",
+                    (first + count - 1) << self.header.cluster_bits,
+                    self.file_len
+                ))
+            }
+            other => Ok(other),
+        }
     }
 
     fn load_refcounts(&mut self) -> Result<()> {
@@ -236,6 +304,9 @@ impl Image {
         )?;
         let table: Vec<u64> = raw.chunks_exact(8).map(|e| be_u64(e, 0)).collect();
         let mut refcounts = Refcounts::new(self.header.cluster_bits, self.header.refcount_order);
+        // Each block is held in memory once: distinct blocks inside the file bound the memory
+        // by the file's size. Two entries sharing a block are corruption.
+        let mut seen: HashMap<u64, usize> = HashMap::new();
         for (index, &offset) in table.iter().enumerate() {
             if offset == 0 {
                 continue;
@@ -243,6 +314,12 @@ impl Image {
             if offset % cluster_size != 0 {
                 return Err(self.invalid(format!(
                     "refcount table entry {index}: block offset {offset:#x} not aligned"
+                )));
+            }
+            if let Some(first) = seen.insert(offset, index) {
+                return Err(self.invalid(format!(
+                    "refcount table entries {first} and {index} both point at the refcount block at \
+                     {offset:#x} (corrupt image; run `qemu-img check`)"
                 )));
             }
             let block = self.read_at(offset, to_usize(cluster_size), "refcount block")?;
@@ -324,7 +401,8 @@ impl Image {
             return Vec::new();
         }
         let bits = self.header.cluster_bits;
-        ((offset >> bits)..=((offset + len - 1) >> bits)).collect()
+        // Saturating: callers pass ranges already checked to lie inside the file.
+        ((offset >> bits)..=(offset.saturating_add(len - 1) >> bits)).collect()
     }
 
     /// Writes the changed refcounts.
@@ -339,7 +417,7 @@ impl Image {
         let cluster_size = self.cluster_size();
         let mut old_table: Option<(u64, u32)> = None;
         loop {
-            let refcounts = self.refcounts.as_mut().expect("loaded");
+            let refcounts = self.refcounts.as_ref().expect("loaded");
             let needed = refcounts
                 .dirty()
                 .iter()
@@ -348,8 +426,16 @@ impl Image {
                 .max();
             let capacity = to_u64(self.table.len());
             if let Some(highest) = needed.filter(|&h| h >= capacity) {
+                let refcounts = self.refcounts.as_mut().expect("loaded");
                 // Grow with headroom so that the table's own clusters rarely force another growth.
-                let entries = (highest + 1).max(capacity) * 2;
+                let needed_bytes = (highest + 1) * 8;
+                if needed_bytes > MAX_REFCOUNT_TABLE {
+                    return Err(self.invalid(format!(
+                        "the refcount table would need {needed_bytes} bytes, more than QEMU's \
+                         {MAX_REFCOUNT_TABLE}-byte limit"
+                    )));
+                }
+                let entries = ((highest + 1).max(capacity) * 2).min(MAX_REFCOUNT_TABLE / 8);
                 let clusters = (entries * 8).div_ceil(cluster_size);
                 let first = refcounts.allocate(clusters);
                 match old_table {
@@ -375,6 +461,7 @@ impl Image {
                 self.table.resize(to_usize(clusters * cluster_size / 8), 0);
                 continue;
             }
+            let refcounts = self.refcounts.as_mut().expect("loaded");
             let homeless: Vec<u64> = refcounts
                 .dirty()
                 .iter()
@@ -442,18 +529,15 @@ impl Image {
         self.sync()
     }
 
-    /// Makes the file cover every allocated cluster, so that reading any of them works.
+    /// Makes the file cover every cluster allocated so far, so that reading any of them works.
+    /// (Only allocated clusters: a stored refcount past the end of the file never grows it.)
     fn extend_file(&mut self) -> Result<()> {
-        let end = self.refcounts().end() << self.header.cluster_bits;
-        let len = self
-            .file
-            .metadata()
-            .map_err(io_err("cannot stat", &self.path))?
-            .len();
-        if end > len {
+        let end = self.refcounts().allocated_end() << self.header.cluster_bits;
+        if end > self.file_len {
             self.file
                 .set_len(end)
                 .map_err(io_err("cannot extend", &self.path))?;
+            self.file_len = end;
         }
         Ok(())
     }

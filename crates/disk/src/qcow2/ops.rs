@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use super::{
     header::offsets,
     image::{Image, COPIED, OFFSET_MASK},
+    refcount::Refcounts,
     snapshot_table::{self, SnapshotEntry},
 };
 use crate::error::{Error, Result};
@@ -181,39 +182,101 @@ impl Image {
     /// `qemu-img check` (the reference the operations above are tested against, and a cheap
     /// self-check for callers).
     pub fn check(&self) -> Result<CheckReport> {
+        let (stored, table) = self.read_refcounts()?;
+        self.check_against(&stored, &table)
+    }
+
+    /// Refuses to modify an image whose refcounts are lower than its references (a cluster in
+    /// use that an allocation could hand out again and overwrite: corruption), or whose stored
+    /// refcounts claim clusters far past the end of the file (allocating after them would grow
+    /// the file without bound). Leaks and COPIED flags are harmless here: the operations fix
+    /// the flags they touch. Run before the first write of every modification.
+    pub(crate) fn refuse_inconsistent(&self) -> Result<()> {
+        let stored = self.refcounts();
+        let report = self.check_against(stored, &self.table)?;
+        if let Some(first) = report.errors.first() {
+            return Err(self.invalid(format!(
+                "refusing to modify an inconsistent image: {} refcount error(s), first: {first}; \
+                 run `qemu-img check -r all`",
+                report.errors.len()
+            )));
+        }
+        let cluster_size = self.cluster_size();
+        let file_clusters = self.file_len().div_ceil(cluster_size);
+        // Slack for clusters a crashed writer counted but never wrote (QEMU counts first).
+        let slack = file_clusters.max((64 << 20) / cluster_size);
+        let end = stored.end();
+        if end > file_clusters + slack {
+            return Err(self.invalid(format!(
+                "refcounts claim clusters up to {:#x}, far past the end of the file ({} bytes); \
+                 run `qemu-img check -r leaks`",
+                end * cluster_size,
+                self.file_len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`Image::check`] against given refcounts and refcount table.
+    pub(crate) fn check_against(&self, stored: &Refcounts, table: &[u64]) -> Result<CheckReport> {
         let cluster_size = self.cluster_size();
         let header = self.header();
-        let (stored, table) = self.read_refcounts()?;
         let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
-        let mut count = |clusters: Vec<u64>| {
-            for c in clusters {
-                *expected.entry(c).or_default() += 1;
+        let mut count_times = |clusters: &[u64], times: u64| {
+            for &c in clusters {
+                *expected.entry(c).or_default() += times;
             }
         };
-        count(vec![0]);
-        count(self.clusters_of(
-            header.refcount_table_offset,
-            u64::from(header.refcount_table_clusters) * cluster_size,
-        ));
-        count(
-            table
-                .iter()
-                .filter(|&&e| e != 0)
-                .map(|e| e >> header.cluster_bits)
-                .collect(),
+        count_times(&[0], 1);
+        count_times(
+            &self.clusters_of(
+                header.refcount_table_offset,
+                u64::from(header.refcount_table_clusters) * cluster_size,
+            ),
+            1,
         );
+        let blocks: Vec<u64> = table
+            .iter()
+            .filter(|&&e| e != 0)
+            .map(|e| e >> header.cluster_bits)
+            .collect();
+        count_times(&blocks, 1);
         if let Some((offset, len)) = header.encryption_header {
-            count(self.clusters_of(offset, len));
+            if offset % cluster_size != 0 || offset.checked_add(len).is_none_or(|end| end > self.file_len()) {
+                return Err(self.invalid(format!(
+                    "the encryption header ({len} bytes at {offset:#x}) is not aligned or lies beyond \
+                     the end of the file ({} bytes)",
+                    self.file_len()
+                )));
+            }
+            count_times(&self.clusters_of(offset, len), 1);
+        }
+        let (entries, table_len) = self.snapshots()?;
+        count_times(&self.clusters_of(header.snapshots_offset, table_len), 1);
+        // Each distinct L1 table (the active one, the snapshots') is read once and each distinct
+        // L2 table parsed once, counted as many times as they are reached: the work stays
+        // bounded by the file's size even when many snapshots share tables.
+        let mut l1_uses: BTreeMap<(u64, u32), u64> = BTreeMap::new();
+        *l1_uses
+            .entry((header.l1_table_offset, header.l1_size))
+            .or_default() += 1;
+        for e in &entries {
+            *l1_uses.entry((e.l1_table_offset, e.l1_size)).or_default() += 1;
+        }
+        let mut l2_uses: BTreeMap<u64, u64> = BTreeMap::new();
+        for (&(offset, size), &times) in &l1_uses {
+            // Read first: that checks the table lies inside the file.
+            let l1 = self.read_l1(offset, size)?;
+            count_times(&self.clusters_of(offset, u64::from(size) * 8), times);
+            for l2 in self.l2_tables(&l1)? {
+                *l2_uses.entry(l2).or_default() += times;
+            }
+        }
+        for (&l2, &times) in &l2_uses {
+            count_times(&[l2 >> header.cluster_bits], times);
+            count_times(&self.l2_references(l2)?, times);
         }
         let active = self.read_l1(header.l1_table_offset, header.l1_size)?;
-        count(self.clusters_of(header.l1_table_offset, u64::from(header.l1_size) * 8));
-        count(self.references(&active)?);
-        let (entries, table_len) = self.snapshots()?;
-        count(self.clusters_of(header.snapshots_offset, table_len));
-        for e in &entries {
-            count(self.clusters_of(e.l1_table_offset, u64::from(e.l1_size) * 8));
-            count(self.references(&self.read_l1(e.l1_table_offset, e.l1_size)?)?);
-        }
         let mut report = CheckReport::default();
         let clusters: std::collections::BTreeSet<u64> = expected
             .keys()
@@ -239,7 +302,7 @@ impl Image {
                 continue;
             }
             if (entry & COPIED != 0) != (stored.get(l2_offset >> header.cluster_bits) == 1) {
-                report.errors.push(format!(
+                report.flag_errors.push(format!(
                     "L1 entry {index}: COPIED flag does not match the refcount"
                 ));
             }
@@ -274,14 +337,17 @@ fn cancel_common(mut gained: Vec<u64>, mut released: Vec<u64>) -> (Vec<u64>, Vec
 pub struct CheckReport {
     /// Clusters whose refcount is higher than their references (harmless, space only).
     pub leaked_clusters: u64,
-    /// Refcounts lower than the references, or wrong COPIED flags (corruption).
+    /// Refcounts lower than the references (corruption: a cluster in use may be reused).
     pub errors: Vec<String>,
+    /// Active L1 entries whose COPIED flag does not match the refcount (QEMU would write a
+    /// shared table in place, or copy an unshared one; the operations fix them).
+    pub flag_errors: Vec<String>,
 }
 
 impl CheckReport {
     /// Neither leaks nor errors.
     pub fn is_clean(&self) -> bool {
-        self.leaked_clusters == 0 && self.errors.is_empty()
+        self.leaked_clusters == 0 && self.errors.is_empty() && self.flag_errors.is_empty()
     }
 }
 

@@ -22,17 +22,24 @@ pub enum RefcountError {
 }
 
 /// The refcounts of an image, per cluster index.
+///
+/// Blocks are kept in their on-disk encoding (one cluster each), so that the memory held is
+/// the size of the refcount blocks themselves, whatever the refcount width.
 #[derive(Debug, Clone)]
 pub struct Refcounts {
     order: u32,
     /// Entries per refcount block.
     per_block: u64,
-    /// Decoded blocks by block index. A missing block means all zero.
-    blocks: BTreeMap<u64, Vec<u64>>,
+    /// Bytes per refcount block (one cluster).
+    block_bytes: usize,
+    /// Blocks by block index, as stored. A missing block means all zero.
+    blocks: BTreeMap<u64, Vec<u8>>,
     /// Blocks changed since the last [`Refcounts::take_dirty`].
     dirty: BTreeSet<u64>,
     /// No free cluster below this index (allocation starts searching here).
     free_hint: u64,
+    /// One past the highest cluster [`Refcounts::allocate`] returned.
+    allocated_end: u64,
 }
 
 impl Refcounts {
@@ -42,9 +49,11 @@ impl Refcounts {
         Self {
             order,
             per_block,
+            block_bytes: 1usize << cluster_bits,
             blocks: BTreeMap::new(),
             dirty: BTreeSet::new(),
             free_hint: 0,
+            allocated_end: 0,
         }
     }
 
@@ -57,44 +66,60 @@ impl Refcounts {
         }
     }
 
-    /// Loads block `index` from its on-disk encoding.
-    pub fn load_block(&mut self, index: u64, bytes: &[u8]) {
+    /// Entry `i` of an encoded block.
+    fn decode(&self, bytes: &[u8], i: usize) -> u64 {
         let bits = 1usize << self.order;
-        let counts = (0..to_usize(self.per_block))
-            .map(|i| match bits {
-                // Sub-byte widths pack entries from the least significant bit (as QEMU does).
-                1 | 2 | 4 => u64::from((bytes[i * bits / 8] >> ((i * bits) % 8)) & ((1u8 << bits) - 1)),
-                _ => {
-                    let width = bits / 8;
-                    bytes[i * width..(i + 1) * width]
-                        .iter()
-                        .fold(0u64, |acc, &b| acc << 8 | u64::from(b))
-                }
-            })
-            .collect();
-        self.blocks.insert(index, counts);
+        match bits {
+            // Sub-byte widths pack entries from the least significant bit (as QEMU does).
+            1 | 2 | 4 => u64::from((bytes[i * bits / 8] >> ((i * bits) % 8)) & ((1u8 << bits) - 1)),
+            _ => {
+                let width = bits / 8;
+                bytes[i * width..(i + 1) * width]
+                    .iter()
+                    .fold(0u64, |acc, &b| acc << 8 | u64::from(b))
+            }
+        }
     }
 
-    /// The on-disk encoding of block `index` (`per_block` entries, one cluster).
-    pub fn encode_block(&self, index: u64, cluster_size: usize) -> Vec<u8> {
-        let mut out = vec![0u8; cluster_size];
-        let Some(counts) = self.blocks.get(&index) else {
-            return out;
-        };
-        let bits = 1usize << self.order;
-        for (i, &count) in counts.iter().enumerate() {
-            match bits {
+    /// Stores `count` (at most [`Refcounts::max`]) as entry `i` of an encoded block.
+    fn encode(order: u32, bytes: &mut [u8], i: usize, count: u64) {
+        let bits = 1usize << order;
+        match bits {
+            1 | 2 | 4 => {
+                let shift = (i * bits) % 8;
+                let mask = ((1u8 << bits) - 1) << shift;
                 #[allow(
                     clippy::cast_possible_truncation,
                     reason = "a count is at most max(), below 16 for these widths"
                 )]
-                1 | 2 | 4 => out[i * bits / 8] |= (count as u8) << ((i * bits) % 8),
-                _ => {
-                    let width = bits / 8;
-                    out[i * width..(i + 1) * width].copy_from_slice(&count.to_be_bytes()[8 - width..]);
-                }
+                let value = (count as u8) << shift;
+                let byte = &mut bytes[i * bits / 8];
+                *byte = (*byte & !mask) | (value & mask);
+            }
+            _ => {
+                let width = bits / 8;
+                bytes[i * width..(i + 1) * width].copy_from_slice(&count.to_be_bytes()[8 - width..]);
             }
         }
+    }
+
+    /// Loads block `index` from its on-disk encoding (one cluster; shorter input reads as
+    /// zeros past its end).
+    pub fn load_block(&mut self, index: u64, bytes: &[u8]) {
+        let mut block = vec![0u8; self.block_bytes];
+        let len = bytes.len().min(self.block_bytes);
+        block[..len].copy_from_slice(&bytes[..len]);
+        self.blocks.insert(index, block);
+    }
+
+    /// The on-disk encoding of block `index` (`per_block` entries, one cluster).
+    pub fn encode_block(&self, index: u64, cluster_size: usize) -> Vec<u8> {
+        let mut out = self
+            .blocks
+            .get(&index)
+            .cloned()
+            .unwrap_or_else(|| vec![0u8; cluster_size]);
+        out.resize(cluster_size, 0);
         out
     }
 
@@ -102,16 +127,13 @@ impl Refcounts {
     pub fn get(&self, cluster: u64) -> u64 {
         self.blocks
             .get(&(cluster / self.per_block))
-            .map_or(0, |block| block[to_usize(cluster % self.per_block)])
+            .map_or(0, |block| self.decode(block, to_usize(cluster % self.per_block)))
     }
 
     /// Adds `delta` to the count of `cluster`.
     pub fn add(&mut self, cluster: u64, delta: i64) -> Result<(), RefcountError> {
         let max = self.max();
-        let index = cluster / self.per_block;
-        let per_block = to_usize(self.per_block);
-        let slot = &mut self.blocks.entry(index).or_insert_with(|| vec![0; per_block])
-            [to_usize(cluster % self.per_block)];
+        let slot = self.get(cluster);
         let new = if delta >= 0 {
             slot.checked_add(delta.unsigned_abs())
                 .filter(|&n| n <= max)
@@ -120,7 +142,10 @@ impl Refcounts {
             slot.checked_sub(delta.unsigned_abs())
                 .ok_or(RefcountError::Underflow { cluster })?
         };
-        *slot = new;
+        let index = cluster / self.per_block;
+        let (order, block_bytes) = (self.order, self.block_bytes);
+        let block = self.blocks.entry(index).or_insert_with(|| vec![0; block_bytes]);
+        Self::encode(order, block, to_usize(cluster % self.per_block), new);
         self.dirty.insert(index);
         if new == 0 {
             self.free_hint = self.free_hint.min(cluster);
@@ -148,6 +173,7 @@ impl Refcounts {
         if start == self.free_hint {
             self.free_hint = start + count;
         }
+        self.allocated_end = self.allocated_end.max(start + count);
         start
     }
 
@@ -165,23 +191,34 @@ impl Refcounts {
     pub fn block_in_use(&self, index: u64) -> bool {
         self.blocks
             .get(&index)
-            .is_some_and(|block| block.iter().any(|&c| c != 0))
+            .is_some_and(|block| block.iter().any(|&b| b != 0))
     }
 
     /// Every (cluster, count) with a nonzero count, in order.
     pub fn nonzero(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.blocks.iter().flat_map(move |(&index, block)| {
-            block
-                .iter()
-                .enumerate()
-                .filter(|(_, &c)| c != 0)
-                .map(move |(i, &c)| (index * self.per_block + to_u64(i), c))
+            (0..to_usize(self.per_block))
+                .map(move |i| (index * self.per_block + to_u64(i), self.decode(block, i)))
+                .filter(|&(_, c)| c != 0)
         })
+    }
+
+    /// One past the highest cluster allocated so far (0 if none).
+    pub fn allocated_end(&self) -> u64 {
+        self.allocated_end
     }
 
     /// One past the highest cluster with a nonzero count.
     pub fn end(&self) -> u64 {
-        self.nonzero().last().map_or(0, |(cluster, _)| cluster + 1)
+        for (&index, block) in self.blocks.iter().rev() {
+            if let Some(i) = (0..to_usize(self.per_block))
+                .rev()
+                .find(|&i| self.decode(block, i) != 0)
+            {
+                return index * self.per_block + to_u64(i) + 1;
+            }
+        }
+        0
     }
 }
 
