@@ -99,6 +99,7 @@ pub async fn background_snapshot(
     check_capabilities(client).await?;
     check_layout(client, &layout).await?;
     let expected = expected_blocks(client, layout.total_pages() * PAGE_SIZE as u64).await?;
+    populate_ram(client).await;
     let outputs = Outputs::create(image, device_state, layout, durability)?;
     let (reader, writer) = UnixStream::pair().map_err(|source| Error::StreamSocket { source })?;
     // Best effort: a larger buffer lets QEMU run further ahead of the reader.
@@ -127,6 +128,26 @@ pub async fn background_snapshot(
         stream,
         image: image_stats,
     })
+}
+
+/// Makes QEMU populate all guest RAM now, while the guest runs. A background snapshot
+/// write-protects every page, and QEMU first populates the ones never touched; the first snapshot
+/// of a QEMU process would do that inside the caller's pause (≈ 1.2 s for 1 GiB here). Setting the
+/// memory backend's `prealloc` does it ahead, once per process (later calls see it set). It costs
+/// no memory the snapshot would not take anyway. Best effort: a QEMU that refuses only pays the
+/// longer first pause.
+async fn populate_ram(client: &Client) {
+    let path = format!("/objects/{RAM_BACKEND_ID}");
+    let get = serde_json::json!({ "path": path, "property": "prealloc" });
+    if let Ok(serde_json::Value::Bool(true)) = client.execute_raw("qom-get", get).await {
+        return;
+    }
+    let started = Instant::now();
+    let set = serde_json::json!({ "path": path, "property": "prealloc", "value": true });
+    match client.execute_raw("qom-set", set).await {
+        Ok(_) => tracing::debug!(elapsed = ?started.elapsed(), "guest RAM populated before the pause"),
+        Err(error) => tracing::warn!(%error, "cannot populate guest RAM ahead; the first pause is longer"),
+    }
 }
 
 /// Switches the capability on, runs the migration, and switches it off again whatever happened.

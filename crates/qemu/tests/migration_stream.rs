@@ -581,6 +581,15 @@ async fn background_snapshots_of_a_dirtying_guest_restore_to_their_start() {
         .iter()
         .all(|c| c["state"] == false));
     assert!(qmp.execute(&QueryStatus).await.unwrap().running);
+    // Guest RAM was populated before the capture (not inside the caller's pause), once per process.
+    let prealloc = qmp
+        .execute_raw(
+            "qom-get",
+            serde_json::json!({ "path": format!("/objects/{}", qemu::RAM_BACKEND_ID), "property": "prealloc" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(prealloc, true, "the memory backend was populated ahead");
 
     // A consumer slower than QEMU: the guest runs on for seconds, the image still holds the start.
     let (slow_start, slow_end) = slow_snapshot(&source, &qmp, &path("b.img"), &path("b.dev")).await;
