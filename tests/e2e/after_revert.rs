@@ -58,17 +58,7 @@ fn revert_and_check(cli: &Cli, domain: &Domain, snapshot: &str, ticks: &TicksAro
     assert_eq!(report["state"], "running", "{report}");
     let deadline = Instant::now() + TICKS;
     let first = loop {
-        let mut previous = last_tick;
-        let found = domain
-            .serial_since(position)
-            .iter()
-            .filter_map(common::tick)
-            .find(|t| {
-                let jump = *t != previous + 1;
-                previous = *t;
-                jump
-            });
-        if let Some(first) = found {
+        if let Some(first) = domain.first_jump_since(position, last_tick) {
             break first;
         }
         assert!(

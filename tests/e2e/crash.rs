@@ -15,13 +15,12 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    os::unix::process::ExitStatusExt,
     path::{Path, PathBuf},
     process::Stdio,
     time::{Duration, Instant},
 };
 
-use common::{internal_snapshots, Cli, Domain, Workload};
+use common::{internal_snapshots, killed_at, Cli, Domain, Workload};
 use nix::{sys::signal::Signal, unistd::Pid};
 
 /// Guest RAM of every test domain: small, so that memory steps are quick in debug builds.
@@ -64,24 +63,6 @@ const REVERT_STEPS: [&str; 11] = [
 
 fn domain_dir(cli: &Cli, name: &str) -> PathBuf {
     cli.state_dir().join("domains").join(name)
-}
-
-/// Runs `domsnap ARGS` with the kill hook at `step` and checks that it died by SIGKILL, i.e.
-/// that it reached the step (a command that failed or finished before it exits normally).
-fn killed_at(cli: &Cli, args: &[&str], step: &str) {
-    let output = cli
-        .command(args)
-        .env("DOMSNAP_TEST_KILL_AT", step)
-        .output()
-        .expect("run domsnap");
-    assert_eq!(
-        output.status.signal(),
-        Some(Signal::SIGKILL as i32),
-        "domsnap {args:?} with the kill hook at {step}: not killed ({}):\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 /// What `recover --json` reports: (operation, snapshot, outcome) per recovered operation.

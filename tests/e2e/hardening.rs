@@ -12,13 +12,13 @@ mod common;
 use std::{
     collections::BTreeSet,
     io::Write,
-    os::unix::{fs::FileTypeExt, fs::PermissionsExt, process::ExitStatusExt},
+    os::unix::{fs::FileTypeExt, fs::PermissionsExt},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{internal_snapshots, Cli, Domain, Workload};
+use common::{internal_snapshots, killed_at, Cli, Domain, Workload};
 use nix::{sys::signal::Signal, unistd::Pid};
 
 /// Longest wait for the guest to boot and tick (TCG on a busy machine is slow).
@@ -123,23 +123,6 @@ fn one_line_error(args: &str, output: &Output) -> String {
         "{args}: unexpected stderr:\n{stderr}"
     );
     stderr
-}
-
-/// Runs `domsnap ARGS` with the kill hook at `step`; it must die by SIGKILL there.
-fn killed_at(cli: &Cli, args: &[&str], step: &str) {
-    let output = cli
-        .command(args)
-        .env("DOMSNAP_TEST_KILL_AT", step)
-        .output()
-        .expect("run domsnap");
-    assert_eq!(
-        output.status.signal(),
-        Some(Signal::SIGKILL as i32),
-        "domsnap {args:?} with the kill hook at {step}: not killed ({}):\n{}{}",
-        output.status,
-        text(&output.stdout),
-        text(&output.stderr)
-    );
 }
 
 // --------------------------------------------------------------------------------- tmpfs mounts

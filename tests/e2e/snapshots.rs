@@ -41,17 +41,7 @@ fn mark(domain: &Domain) -> Mark {
 fn assert_continues(domain: &Domain, mark: &Mark, ticks: &TicksAround) {
     let deadline = std::time::Instant::now() + TICKS;
     let first = loop {
-        let mut previous = mark.last_tick;
-        let found = domain
-            .serial_since(mark.position)
-            .iter()
-            .filter_map(common::tick)
-            .find(|t| {
-                let jump = *t != previous + 1;
-                previous = *t;
-                jump
-            });
-        if let Some(first) = found {
+        if let Some(first) = domain.first_jump_since(mark.position, mark.last_tick) {
             break first;
         }
         assert!(

@@ -219,6 +219,18 @@ pub struct Domain {
 }
 
 impl Domain {
+    /// The first tick logged since `position` that does not follow `last_tick` one by one: after
+    /// a revert, the reverted guest's first tick (the old guest's late ticks continue the
+    /// sequence). `None` while there is none yet.
+    pub fn first_jump_since(&self, position: usize, last_tick: u64) -> Option<u64> {
+        let mut previous = last_tick;
+        self.serial_since(position).iter().filter_map(tick).find(|t| {
+            let jump = *t != previous + 1;
+            previous = *t;
+            jump
+        })
+    }
+
     fn raw_serial_lines(&self) -> Vec<String> {
         std::fs::read_to_string(&self.serial_log)
             .unwrap_or_default()
@@ -437,4 +449,23 @@ impl Drop for ReadOnlyDir {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.path).status();
     }
+}
+
+/// Runs `domsnap ARGS` with the kill hook at `step` and checks that it died by SIGKILL, i.e.
+/// that it reached the step (a command that failed or finished before it exits normally).
+pub fn killed_at(cli: &Cli, args: &[&str], step: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    let output = cli
+        .command(args)
+        .env("DOMSNAP_TEST_KILL_AT", step)
+        .output()
+        .expect("run domsnap");
+    assert_eq!(
+        output.status.signal(),
+        Some(nix::sys::signal::Signal::SIGKILL as i32),
+        "domsnap {args:?} with the kill hook at {step}: not killed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
