@@ -3,7 +3,10 @@
 
 use serde::Serialize;
 
-use super::{disk_plan::external_overlay, Orchestrator};
+use super::{
+    disk_plan::{holds_internal, new_overlays},
+    Orchestrator,
+};
 use crate::{
     error::{Operation, Result},
     intent::Intent,
@@ -108,20 +111,15 @@ impl Orchestrator {
             ));
         }
         let (disks, overlays) = match intent {
-            Intent::Create { disks, .. } => (
-                disks.clone(),
-                disks.iter().filter_map(external_overlay).cloned().collect(),
-            ),
+            Intent::Create { disks, .. } => (disks.clone(), new_overlays(disks)),
             Intent::Delete { record } => (record.disks.clone(), Vec::new()),
             Intent::Revert { new_overlays, .. } => (Vec::new(), new_overlays.clone()),
         };
         if let Ok(backend) = self.hypervisor.disk_backend(domain).await {
             for disk in &disks {
                 if let DiskSnapshot::Internal { name } = &disk.snapshot {
-                    if let Ok(held) = backend.list_internal(&disk.image).await {
-                        if held.iter().any(|s| &s.name == name) {
-                            left.push(format!("internal snapshot {name} of {}", disk.image.display()));
-                        }
+                    if let Ok(true) = holds_internal(&*backend, &disk.image, name).await {
+                        left.push(format!("internal snapshot {name} of {}", disk.image.display()));
                     }
                 }
             }

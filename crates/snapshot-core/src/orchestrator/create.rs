@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use memory::{ConvergencePolicy, SaveSummary};
+use memory::{ConvergencePolicy, GuestMemory, SaveSummary};
 
 use super::{
     at,
@@ -76,10 +76,12 @@ impl Orchestrator {
             .map_err(at(Step::Inspect))
             .map_err(fail)?;
         check_names_free(&*backend, &disks).await?;
+        let mut guest_memory = None;
         if was != DomainState::ShutOff {
             let memory = self.hypervisor.guest_memory(domain).await;
-            let ram_bytes = memory.map_err(at(Step::Inspect)).map_err(fail)?.size();
-            check_free_space(domain, &self.store.files(domain, snapshot).dir, ram_bytes)?;
+            let memory = memory.map_err(at(Step::Inspect)).map_err(fail)?;
+            check_free_space(domain, &self.store.files(domain, snapshot).dir, memory.size())?;
+            guest_memory = Some(memory);
         }
         let parent = self.store.current(domain)?;
 
@@ -106,6 +108,7 @@ impl Orchestrator {
         let mut job = CreateJob::new(self, domain, snapshot, was, disks, files);
         job.config = config;
         job.parent = parent;
+        job.guest_memory = guest_memory;
         Ok(job)
     }
 }
@@ -170,6 +173,9 @@ pub(super) struct CreateJob<'o> {
     memory: Option<MemorySaver>,
     /// Rebuilt from an intent after a crash: whether the domain is paused is asked, not known.
     after_crash: bool,
+    /// The guest's RAM, mapped while inspecting (for the free-space check) and kept for the
+    /// memory save, so it is mapped once.
+    guest_memory: Option<GuestMemory>,
 }
 
 impl<'o> CreateJob<'o> {
@@ -195,6 +201,7 @@ impl<'o> CreateJob<'o> {
             made_overlays: false,
             memory: None,
             after_crash: false,
+            guest_memory: None,
         }
     }
 
@@ -249,10 +256,10 @@ impl<'o> CreateJob<'o> {
     /// with the device-state save; the disks; resume; seal the image.
     async fn save_by_copy(&mut self, live: Option<ConvergencePolicy>) -> StepResult<Saved> {
         let hypervisor = &self.orchestrator.hypervisor;
-        let mem = hypervisor
-            .guest_memory(&self.domain)
-            .await
-            .map_err(at(Step::SaveMemory))?;
+        let mem = self
+            .guest_memory
+            .take()
+            .ok_or((Step::SaveMemory, "the guest's memory was not mapped".into()))?;
         let ram_bytes = mem.size();
         if live.is_some() {
             self.observe(Step::Precopy);

@@ -157,13 +157,13 @@ pub(super) async fn check_names_free(backend: &dyn DiskSnapshots, disks: &[DiskR
         let DiskSnapshot::Internal { name } = &disk.snapshot else {
             continue;
         };
-        let held = backend.list_internal(&disk.image).await.map_err(|e| {
+        let held = holds_internal(backend, &disk.image, name).await.map_err(|e| {
             Error::InvalidRequest(format!(
                 "disk {}: cannot list its internal snapshots: {e}",
                 disk.target
             ))
         })?;
-        if held.iter().any(|s| &s.name == name) {
+        if held {
             return Err(Error::InvalidRequest(format!(
                 "disk {} ({}) already holds an internal snapshot named {name}: choose another snapshot name",
                 disk.target,
@@ -174,6 +174,15 @@ pub(super) async fn check_names_free(backend: &dyn DiskSnapshots, disks: &[DiskR
     Ok(())
 }
 
+/// Whether `image` holds an internal snapshot named `name`.
+pub(super) async fn holds_internal(
+    backend: &dyn DiskSnapshots,
+    image: &Path,
+    name: &str,
+) -> std::result::Result<bool, disk::Error> {
+    Ok(backend.list_internal(image).await?.iter().any(|s| s.name == name))
+}
+
 /// Deletes the internal snapshot `name` of `image` if the image still holds it: undo and recovery
 /// may run after a crash that happened either side of the delete.
 pub(super) async fn delete_internal_if_present(
@@ -181,7 +190,7 @@ pub(super) async fn delete_internal_if_present(
     image: &Path,
     name: &str,
 ) -> std::result::Result<(), disk::Error> {
-    if backend.list_internal(image).await?.iter().any(|s| s.name == name) {
+    if holds_internal(backend, image, name).await? {
         backend.delete_internal(&[image.to_owned()], name).await?;
     }
     Ok(())

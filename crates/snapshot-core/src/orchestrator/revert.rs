@@ -9,8 +9,9 @@ use std::{
 use disk::ExternalSnapshot;
 
 use super::{
-    at, disk_plan::external_overlay, millis, now_unix_ms, remove_file, Orchestrator, RevertReport, StepError,
-    StepResult,
+    at,
+    disk_plan::{external_overlay, holds_internal},
+    millis, now_unix_ms, remove_file, Orchestrator, RevertReport, StepError, StepResult,
 };
 use crate::{
     error::{DriverError, Operation, Result, Step},
@@ -155,8 +156,7 @@ impl Orchestrator {
                 return Err(format!("disk {} image {} is missing", disk.target, disk.image.display()).into());
             }
             if let DiskSnapshot::Internal { name } = &disk.snapshot {
-                let held = backend.list_internal(&disk.image).await?;
-                if !held.iter().any(|s| &s.name == name) {
+                if !holds_internal(&*backend, &disk.image, name).await? {
                     return Err(format!(
                         "disk {} image {} no longer holds internal snapshot {name}",
                         disk.target,

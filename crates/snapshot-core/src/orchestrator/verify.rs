@@ -2,7 +2,7 @@
 
 use disk::DiskSnapshots;
 
-use super::{Orchestrator, VerifyReport};
+use super::{disk_plan::holds_internal, Orchestrator, VerifyReport};
 use crate::{
     error::Result,
     metadata::{DiskRecord, DiskSnapshot},
@@ -66,9 +66,9 @@ async fn verify_memory(files: &SnapshotFiles, problems: &mut Vec<String>) -> Opt
 /// Checks one disk's part of the snapshot.
 async fn verify_disk(backend: &dyn DiskSnapshots, disk: &DiskRecord) -> std::result::Result<(), String> {
     match &disk.snapshot {
-        DiskSnapshot::Internal { name } => match backend.list_internal(&disk.image).await {
-            Ok(list) if list.iter().any(|s| &s.name == name) => Ok(()),
-            Ok(_) => Err(format!("has no internal snapshot {name}")),
+        DiskSnapshot::Internal { name } => match holds_internal(backend, &disk.image, name).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!("has no internal snapshot {name}")),
             Err(e) => Err(e.to_string()),
         },
         DiskSnapshot::External { .. } => backend
