@@ -93,15 +93,24 @@ pub fn temporary_name(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".{name}.partial-{:016x}", hasher.finish()))
 }
 
+/// Options for every file domsnap opens to write: created 0600, a symlink in its place refused
+/// rather than followed (`O_NOFOLLOW`), not inherited by child processes (`O_CLOEXEC`). The
+/// caller adds the access mode (read, write, append, create).
+pub fn private_options() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    options
+}
+
 /// Opens a new private file at `path`: it must not exist (`O_EXCL`), and a symlink there is
 /// refused rather than followed (`O_NOFOLLOW`).
 pub fn create_new_private(path: &Path) -> Result<File> {
-    OpenOptions::new()
+    private_options()
         .read(true)
         .write(true)
         .create_new(true)
-        .mode(FILE_MODE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| Error::new("cannot create", path, e))
 }

@@ -886,15 +886,12 @@ impl QemuDriver {
     }
 }
 
-/// Opens the domain folder (to lock it).
 /// Opens (creating if needed) a log file for appending, private to its owner: mode 0600, and a
 /// symlink in its place is refused rather than followed.
 fn open_private_log(path: &Path) -> Result<fs::File> {
-    let file = OpenOptions::new()
+    let file = durable::private_options()
         .create(true)
         .append(true)
-        .mode(durable::FILE_MODE)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
         .open(path)
         .map_err(io_error("cannot open", path))?;
     // A log made by an older version may be world-readable.

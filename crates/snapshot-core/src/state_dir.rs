@@ -19,9 +19,8 @@
 //! removed while a process may hold it, and a symlink in its place is refused.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, File},
     io::{ErrorKind, Read, Seek, Write},
-    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -118,13 +117,11 @@ impl StateDir {
         let dir = self.domain(domain);
         durable::create_private_dir_all(dir.path()).map_err(Error::from)?;
         let path = dir.lock_file();
-        let file = OpenOptions::new()
+        let file = durable::private_options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(durable::FILE_MODE)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(io_error("cannot open lock file", &path))?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
