@@ -301,10 +301,11 @@ impl App {
                     self.driver.define(&config).await?;
                     config.name
                 } else {
-                    self.defined_domain(&domain)?
+                    let domain = self.defined_domain(&domain)?;
+                    self.orchestrator.recover(&domain).await?;
+                    domain
                 };
                 // The driver takes the domain's lock for the start itself.
-                self.orchestrator.recover(&domain).await?;
                 self.driver.start(&domain, paused).await?;
                 self.status(&domain).await
             }
