@@ -15,7 +15,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use qemu::{DiskConfig, DomainConfig, QemuDriver, RuntimePaths};
 use snapshot_core::{
-    CreateOptions, FsStore, MemoryMode, Name, Observer, Operation, Orchestrator, SnapshotStore, Step,
+    CreateOptions, FsStore, LiveMethod, LiveOptions, MemoryMode, Name, Observer, Operation, Orchestrator,
+    SnapshotStore, Step,
 };
 use testkit::{SerialLine, Workload};
 
@@ -317,7 +318,10 @@ impl Domain {
         let files = self.store.files(&self.name, &snapshot);
         let (image_len, image_allocated) = file_size(&files.memory_image)?;
         let (memory, copy_starts) = match mode {
-            MemoryMode::Background => {
+            MemoryMode::Live(LiveOptions {
+                method: LiveMethod::Background,
+                ..
+            }) => {
                 let streamed = report
                     .streamed
                     .as_ref()

@@ -31,7 +31,7 @@ use domsnap::{Domain, MemorySteps};
 use qmp::{commands::*, Client, ClientOptions, MigrationStatus};
 use report::{GridRow, Pick, Results, Row, Target};
 use serde_json::json;
-use snapshot_core::MemoryMode;
+use snapshot_core::{LiveMethod, LiveOptions, MemoryMode};
 use tempfile::TempDir;
 use testkit::{Qemu, Workload};
 
@@ -69,10 +69,17 @@ fn dirty_workload() -> Workload {
     }
 }
 
-/// The live create's memory mode: the default convergence policy, as `domsnap snapshot create
-/// --live` uses.
+/// The live create's memory mode, as `domsnap snapshot create --live` uses: pre-copy.
 fn live() -> MemoryMode {
-    MemoryMode::Live(memory::ConvergencePolicy::default())
+    MemoryMode::Live(LiveOptions::default())
+}
+
+/// The background create's memory mode (`--live-mode background`).
+fn background() -> MemoryMode {
+    MemoryMode::Live(LiveOptions {
+        method: LiveMethod::Background,
+        ..LiveOptions::default()
+    })
 }
 
 fn main() -> ExitCode {
@@ -760,7 +767,7 @@ fn create_and_delete(
 /// protection in its first background snapshot, inside domsnap's pause.
 fn first_background(bench: &Bench, domain: &Domain, prefix: &str, results: &mut Results) -> Result<()> {
     domain.settle();
-    let first = create_and_delete(bench, domain, "background-first", MemoryMode::Background)?;
+    let first = create_and_delete(bench, domain, "background-first", background())?;
     record_create(results, prefix, &first);
     Ok(())
 }
@@ -810,7 +817,7 @@ fn creates(bench: &Bench, source: &Domain, reps: usize, results: &mut Results) -
     let migrate_file = bench.file("migrate-paused.bin");
     let live_file = bench.file("migrate-live.bin");
     let background_file = bench.file("background-snapshot.bin");
-    create_and_delete(bench, source, "warm-up", MemoryMode::Background)?;
+    create_and_delete(bench, source, "warm-up", background())?;
     for rep in 0..reps {
         eprintln!("domain bench: creates, repetition {}/{reps}", rep + 1);
         source.settle();
@@ -856,7 +863,7 @@ fn creates(bench: &Bench, source: &Domain, reps: usize, results: &mut Results) -
         record_create(results, "domsnap.create_live", &live);
 
         source.settle();
-        let background = create_and_delete(bench, source, "background", MemoryMode::Background)?;
+        let background = create_and_delete(bench, source, "background", background())?;
         record_create(results, "domsnap.create_background", &background);
 
         source.settle();
@@ -960,7 +967,7 @@ fn idle_creates(bench: &Bench, idle: &Domain, reps: usize, results: &mut Results
         baseline::migrate_paused(bench, qemu, &bench.file("warm-up.bin"))
     })?;
     let live_file = bench.file("migrate-live-idle.bin");
-    create_and_delete(bench, idle, "warm-up", MemoryMode::Background)?;
+    create_and_delete(bench, idle, "warm-up", background())?;
     for rep in 0..reps {
         eprintln!("domain bench: idle guest, repetition {}/{reps}", rep + 1);
         idle.settle();
@@ -968,7 +975,7 @@ fn idle_creates(bench: &Bench, idle: &Domain, reps: usize, results: &mut Results
         record_create(results, "domsnap.idle.create_live", &live);
 
         idle.settle();
-        let background = create_and_delete(bench, idle, "background", MemoryMode::Background)?;
+        let background = create_and_delete(bench, idle, "background", background())?;
         record_create(results, "domsnap.idle.create_background", &background);
 
         idle.settle();

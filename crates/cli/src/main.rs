@@ -18,8 +18,8 @@ use clap::{Parser, Subcommand};
 use memory::RoundStats;
 use qemu::{DomainConfig, QemuDriver, StopMode};
 use snapshot_core::{
-    Activity, CreateOptions, DiskKind, DiskRequest, FsStore, MemoryMode, Name, Observer, Operation,
-    Orchestrator, SnapshotStore, Step,
+    Activity, CreateOptions, DiskKind, DiskRequest, FsStore, LiveMethod, LiveOptions, MemoryMode, Name,
+    Observer, Operation, Orchestrator, SnapshotStore, Step,
 };
 
 /// Whole-domain snapshots for QEMU domains: memory, device state and disks.
@@ -118,16 +118,23 @@ enum SnapshotCommand {
         name: String,
         /// The new snapshot's name ([A-Za-z0-9_.-], up to 64).
         snap: String,
-        /// Save memory while the guest runs, with a short pause (the mode with the shorter pause
-        /// for the domain's RAM size unless --live-mode says).
+        /// Save memory while the guest runs, with a short pause (pre-copy unless --live-mode
+        /// says).
         #[arg(long)]
         live: bool,
-        /// precopy: copy memory in rounds while the guest runs, pause for the last dirty pages
-        /// (about one read of RAM; consistent at the end). background: QEMU's write-protect
-        /// snapshot streamed into the image (pause about 20 ms whatever the RAM size; consistent
-        /// at the start). Implies --live.
+        /// precopy: QEMU copies memory in passes while the guest runs and stops it for the rest
+        /// (the pause stays within --max-downtime whatever the RAM size; consistent at the end).
+        /// background: QEMU's write-protect snapshot streamed into the image (pause about 30 ms;
+        /// consistent at the start). Implies --live.
         #[arg(long, value_enum, value_name = "MODE")]
         live_mode: Option<LiveMode>,
+        /// The longest final pause pre-copy aims at, in milliseconds (QEMU's downtime limit).
+        #[arg(long, value_name = "MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+        max_downtime: u64,
+        /// How long pre-copy may run before the create gives up (rolled back; the guest runs
+        /// on), in seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        converge_within: u64,
         /// Per-disk snapshot kind (default: internal for every disk). PATH defaults to
         /// IMAGE-STEM.SNAP.qcow2 beside the image; FORMAT to qcow2.
         #[arg(long = "disk", value_name = "ID=internal|external[:PATH[:FORMAT]]")]
@@ -397,18 +404,25 @@ impl App {
                 snap,
                 live,
                 live_mode,
+                max_downtime,
+                converge_within,
                 disks,
                 description,
             } => {
                 let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
-                let memory = match (live, live_mode) {
-                    (_, Some(LiveMode::Precopy)) => MemoryMode::Live(memory::ConvergencePolicy::default()),
-                    (_, Some(LiveMode::Background)) => MemoryMode::Background,
-                    (true, None) => {
-                        let ram_bytes = self.driver.definition(&domain)?.memory_mib << 20;
-                        MemoryMode::shortest_live_pause(ram_bytes)
-                    }
-                    (false, None) => MemoryMode::Paused,
+                let method = match (live, live_mode) {
+                    (_, Some(LiveMode::Precopy)) => Some(LiveMethod::Precopy),
+                    (_, Some(LiveMode::Background)) => Some(LiveMethod::Background),
+                    (true, None) => Some(LiveMethod::Auto),
+                    (false, None) => None,
+                };
+                let memory = match method {
+                    Some(method) => MemoryMode::Live(LiveOptions {
+                        method,
+                        max_downtime: Duration::from_millis(max_downtime),
+                        converge_within: Duration::from_secs(converge_within),
+                    }),
+                    None => MemoryMode::Paused,
                 };
                 let options = CreateOptions {
                     memory,

@@ -4,8 +4,8 @@ use std::fmt::Write;
 
 use serde::Serialize;
 use snapshot_core::{
-    Abandoned, Activity, CreateReport, DeleteReport, DiskSnapshot, DomainState, Name, Recovery, RevertReport,
-    SnapshotFiles, SnapshotRecord, VerifyReport,
+    Abandoned, Activity, CreateReport, DeleteReport, DiskSnapshot, DomainState, MemoryRead, Name, Recovery,
+    RevertReport, SnapshotFiles, SnapshotRecord, VerifyReport,
 };
 
 /// One line of `domain list`.
@@ -247,11 +247,21 @@ pub fn created(report: &CreateReport) -> String {
         record.name, record.domain, report.memory_mode, report.total_ms, report.guest_pause_ms
     );
     if let Some((total, stored)) = report.memory_pages {
+        let passes = match &report.streamed {
+            Some(streamed) => streamed.passes,
+            None => u64::try_from(report.memory_rounds.len()).unwrap_or(u64::MAX),
+        };
+        let read = match report.memory_read {
+            Some(MemoryRead::Stream) => "QEMU's stream",
+            _ => "the shared RAM",
+        };
         let _ = write!(
             out,
-            ", {} memory round(s), {stored} of {total} pages stored",
-            report.memory_rounds.len()
+            ", {passes} memory pass(es) read from {read}, {stored} of {total} pages stored"
         );
+        if let Some(downtime) = report.streamed.as_ref().and_then(|s| s.hypervisor_downtime_ms) {
+            let _ = write!(out, ", QEMU's downtime {downtime:.0} ms");
+        }
     } else {
         out.push_str(", disks only");
     }

@@ -99,7 +99,13 @@ impl ImageLayout {
     /// Layout matching `mem`, with a fresh random checksum seed (a guest cannot aim hash collisions at a
     /// seed it does not know).
     pub fn of(mem: &GuestMemory) -> Self {
-        Self::with_seed(mem, RandomState::new().hash_one(std::process::id()))
+        Self::with_seed(mem, random_seed())
+    }
+
+    /// Layout for `regions` (as [`ImageLayout::new`]) with a fresh random checksum seed, for RAM
+    /// this process does not map (e.g. a hypervisor's migration stream).
+    pub fn for_regions(regions: Vec<RegionInfo>) -> Result<Self> {
+        Self::new(regions, random_seed())
     }
 
     /// Layout matching `mem` with a given seed (for reproducible images in tests).
@@ -343,6 +349,11 @@ fn region_infos(mem: &GuestMemory) -> Vec<RegionInfo> {
             len: r.len(),
         })
         .collect()
+}
+
+/// A checksum seed no guest can predict.
+fn random_seed() -> u64 {
+    RandomState::new().hash_one(std::process::id())
 }
 
 #[cfg(test)]

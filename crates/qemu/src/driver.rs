@@ -12,12 +12,12 @@ use std::{
     path::{Path, PathBuf},
     process::Stdio,
     sync::{Arc, Mutex, OnceLock, PoisonError},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use qmp::{
-    commands::{BlockInfo, Cont, QueryBlock, QueryStatus, Quit, Stop},
-    Client, ClientOptions, RunState,
+    commands::{BlockInfo, Cont, MigrateCancel, QueryBlock, QueryMigrate, QueryStatus, Quit, Stop},
+    Client, ClientOptions, MigrationStatus, RunState,
 };
 use snapshot_core::{DomainLock, DomainState, Name, StateDir};
 
@@ -361,11 +361,45 @@ impl QemuDriver {
         Ok(())
     }
 
-    /// Resumes the vCPUs.
+    /// Resumes the vCPUs. A migration left waiting before its switch-over (by a toolstack that
+    /// died while it snapshotted the disks of a pre-copy save) is cancelled first: QEMU keeps the
+    /// guest stopped until it ends.
     pub async fn resume(&self, name: &Name) -> Result<()> {
         let (_, _, client) = self.running(name).await?;
+        let migration = client
+            .execute(&QueryMigrate)
+            .await
+            .map_err(qmp_error(name, "querying the migration state"))?;
+        if migration.status == Some(MigrationStatus::PreSwitchover) {
+            tracing::warn!(domain = %name, "cancelling a migration left before its switch-over");
+            client.execute(&MigrateCancel).await.map_err(qmp_error(
+                name,
+                "cancelling a migration left before its switch-over",
+            ))?;
+            self.wait_migration_ended(name, &client).await?;
+        }
         client.execute(&Cont).await.map_err(qmp_error(name, "resuming"))?;
         Ok(())
+    }
+
+    async fn wait_migration_ended(&self, name: &Name, client: &Client) -> Result<()> {
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        loop {
+            let info = client
+                .execute(&QueryMigrate)
+                .await
+                .map_err(qmp_error(name, "following a cancelled migration"))?;
+            match info.status {
+                Some(status) if crate::stream_save::migration_running(&status) => {}
+                _ => return Ok(()),
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::MigrationFailed {
+                    reason: format!("QEMU did not end a cancelled migration within {KILL_TIMEOUT:?}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// The domain's state. Finding its QEMU dead cleans its stale files up.

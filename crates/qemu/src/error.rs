@@ -255,8 +255,26 @@ pub enum Error {
     },
 
     /// The caller of a background snapshot gave up before it started.
-    #[error("the background snapshot was abandoned before QEMU started it")]
+    #[error("the memory snapshot was abandoned before QEMU captured the state")]
     CaptureAbandoned,
+
+    /// Pre-copy did not reach its switch-over in time; it was cancelled, the guest runs on.
+    #[error(
+        "QEMU's pre-copy did not converge within {} s ({passes} passes; {remaining_mib} MiB still to \
+         send, the guest dirties {dirty_pages_per_second} pages/s): allow a longer pause \
+         (--max-downtime), more time (--converge-within), or use --live-mode background",
+        after.as_secs_f64()
+    )]
+    NotConverged {
+        /// The time allowed.
+        after: std::time::Duration,
+        /// What was left to send, MiB.
+        remaining_mib: u64,
+        /// QEMU's measured dirty rate.
+        dirty_pages_per_second: u64,
+        /// Passes over RAM so far.
+        passes: u64,
+    },
 
     /// Another migration runs on the QEMU.
     #[error("QEMU is busy with another migration (status {status}); it runs one at a time")]
@@ -266,14 +284,14 @@ pub enum Error {
     },
 
     /// QEMU's migration settings would change the stream into one the parser does not read.
-    #[error("QEMU's migration settings do not allow a background snapshot: {reason}")]
+    #[error("QEMU's migration settings do not allow a memory snapshot: {reason}")]
     MigrationSettings {
         /// Which settings.
         reason: String,
     },
 
-    /// QEMU's background snapshot failed.
-    #[error("QEMU's background snapshot failed: {reason}")]
+    /// QEMU's migration into the memory snapshot failed.
+    #[error("QEMU's migration into the memory snapshot failed: {reason}")]
     MigrationFailed {
         /// QEMU's `error-desc`, or what went wrong.
         reason: String,

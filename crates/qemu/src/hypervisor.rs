@@ -27,7 +27,10 @@ use qmp::{
     MigrationStatus, RunState,
 };
 use serde::Deserialize as _;
-use snapshot_core::{CaptureSignals, DiskTarget, DomainState, DriverResult, Hypervisor, Name, StreamedSave};
+use snapshot_core::{
+    CaptureSignals, DiskTarget, DomainState, DriverResult, Hypervisor, MemoryAccess, Name, StreamMode,
+    StreamedSave,
+};
 
 use crate::{
     command_line::StartMode,
@@ -144,32 +147,75 @@ impl Hypervisor for QemuDriver {
         Ok(self.launch_locked(domain, StartMode::Incoming).await?)
     }
 
-    async fn background_save(
+    async fn memory_access(&self, domain: &Name) -> DriverResult<MemoryAccess> {
+        let (_, _, client) = self.running(domain).await?;
+        let regions = crate::ram_layout(&client).await?;
+        let ram_bytes = regions.iter().map(|r| r.len).sum();
+        let shared = match self.guest_memory(domain).await {
+            Ok(mem) => Some(mem),
+            Err(error) => {
+                tracing::debug!(%domain, %error, "guest RAM is not shared; memory goes through QEMU's stream");
+                None
+            }
+        };
+        // QEMU write-protects RAM with userfaultfd, which needs a shared file on tmpfs or
+        // hugetlbfs: the RAM this driver gives every domain it starts fresh.
+        let no_background = shared.is_none().then(|| {
+            "QEMU cannot write-protect its RAM, which is not the shared RAM file (it is mapped \
+             from a snapshot's image by a lazy revert)"
+                .to_owned()
+        });
+        Ok(MemoryAccess {
+            ram_bytes,
+            shared,
+            streams: true,
+            no_background,
+        })
+    }
+
+    async fn streamed_save(
         &self,
         domain: &Name,
         image: &Path,
         device_state: &Path,
+        mode: StreamMode,
         signals: CaptureSignals,
     ) -> DriverResult<StreamedSave> {
-        let mem = self.guest_memory(domain).await?;
         let (_, _, client) = self.running(domain).await?;
-        let layout = memory::ImageLayout::of(&mem);
-        let stats = crate::background_snapshot(
+        let regions = crate::ram_layout(&client).await?;
+        let layout = memory::ImageLayout::for_regions(
+            regions
+                .iter()
+                .map(|r| memory::RegionInfo {
+                    gpa: r.gpa,
+                    len: r.len,
+                })
+                .collect(),
+        )
+        .map_err(|source| Error::Memory {
+            domain: domain.clone(),
+            source,
+        })?;
+        let ram_bytes = regions.iter().map(|r| r.len).sum();
+        let stats = crate::stream_snapshot(
             &client,
             layout,
             image,
             device_state,
             memory::Durability::Sync,
+            mode,
             signals,
         )
         .await?;
         Ok(StreamedSave {
-            ram_bytes: mem.size(),
+            ram_bytes,
             stream_bytes: stats.stream.bytes_read,
             pages: stats.stream.ram_pages,
             zero_pages: stats.stream.ram_zero_pages,
+            stored_pages: stats.image.present_pages,
             device_state_bytes: stats.stream.device_state_bytes,
             hypervisor_downtime_ms: Some(stats.downtime.as_secs_f64() * 1e3),
+            passes: stats.passes,
         })
     }
 

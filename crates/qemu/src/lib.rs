@@ -8,9 +8,10 @@
 //! state). The driver module's documentation describes the state layout, supervision and the
 //! mapping of QEMU's run states.
 //!
-//! A live memory snapshot consistent at its start: [`background_snapshot`] runs QEMU's
-//! `background-snapshot` migration into a socket and [`parse_migration_stream`] turns the stream,
-//! as it arrives, into the toolstack's memory image and a device-state file
+//! Memory through QEMU's own migration stream: [`stream_snapshot`] runs a migration into a socket
+//! (paused, pre-copy stopping before the switch-over so the disks are snapshotted at the same
+//! instant, or QEMU's write-protect `background-snapshot`) and [`parse_migration_stream`] turns
+//! the stream, as it arrives, into the toolstack's memory image and a device-state file
 //! (`docs/qemu-migration-stream.md`).
 //!
 //! ```no_run
@@ -50,7 +51,6 @@
 //! assert!(args.iter().any(|a| a == "-qmp"));
 //! ```
 
-mod background;
 mod command_line;
 mod config;
 mod driver;
@@ -59,8 +59,8 @@ mod hypervisor;
 mod migration_stream;
 mod process;
 mod ram_layout;
+mod stream_save;
 
-pub use background::{background_snapshot, expected_blocks, BackgroundStats};
 pub use command_line::{disk_nodes, qemu_args, RuntimePaths, StartMode, RAM_BACKEND_ID, SANDBOX};
 pub use config::{DiskConfig, DomainConfig, MAX_VCPUS, MEMORY_MIB_RANGE};
 pub use driver::{DomainStatus, QemuDriver, StopMode};
@@ -71,3 +71,4 @@ pub use migration_stream::{
 };
 pub use process::QEMU_ENV;
 pub use ram_layout::{parse_ram_layout, ram_layout};
+pub use stream_save::{expected_blocks, stream_snapshot, SnapshotStats};

@@ -127,6 +127,9 @@ const SECTION_SUBSECTION: u8 = 0x05;
 const SECTION_VMDESCRIPTION: u8 = 0x06;
 const SECTION_CONFIGURATION: u8 = 0x07;
 const SECTION_COMMAND: u8 = 0x08;
+/// `MIG_CMD_SWITCHOVER_START`: QEMU 10 tells the destination that the switch-over begins (for
+/// devices that load state ahead of it); it carries no data.
+const CMD_SWITCHOVER_START: u16 = 11;
 const SECTION_FOOTER: u8 = 0x7e;
 
 // RAM record flags, in the low bits of a record's be64 (QEMU `migration/ram.c`). The offset of a
@@ -266,6 +269,17 @@ pub enum FormatError {
         kind: u8,
         /// What the section is and why it is refused.
         what: &'static str,
+    },
+    /// A command section other than the switch-over notice.
+    #[error(
+        "command {command} ({len} bytes): a command of post-copy, a return path or COLO, which \
+         change the stream"
+    )]
+    UnsupportedCommand {
+        /// QEMU's `MIG_CMD_*` number.
+        command: u16,
+        /// Its length.
+        len: u16,
     },
     /// An iterable section continues that was never started as `ram`.
     #[error("iterable section {id} continues, but only `ram` was started")]
@@ -500,6 +514,12 @@ impl<R: Read> Input<R> {
         Ok(())
     }
 
+    fn be16(&mut self, what: &'static str, item_at: u64) -> Result<u16> {
+        let mut b = [0u8; 2];
+        self.exact(&mut b, what, item_at)?;
+        Ok(u16::from_be_bytes(b))
+    }
+
     fn u8(&mut self, what: &'static str, item_at: u64) -> Result<u8> {
         let mut b = [0u8; 1];
         self.exact(&mut b, what, item_at)?;
@@ -623,6 +643,7 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
                     self.footer(id)?;
                 }
                 SECTION_FULL if self.ram_section.is_some() => return self.device_state(at, device_state),
+                SECTION_COMMAND => self.command(at)?,
                 kind => {
                     return Err(format_error(
                         at,
@@ -634,6 +655,17 @@ impl<R: Read, S: RamSink + ?Sized> Parser<'_, R, S> {
                 }
             }
         }
+    }
+
+    /// A command section: only QEMU 10's switch-over notice, which a file holding the state has
+    /// no use for; the others belong to post-copy, return paths or COLO, which change the stream.
+    fn command(&mut self, at: u64) -> Result<()> {
+        let command = self.input.be16("a command section", at)?;
+        let len = self.input.be16("a command section", at)?;
+        if command == CMD_SWITCHOVER_START && len == 0 {
+            return Ok(());
+        }
+        Err(format_error(at, FormatError::UnsupportedCommand { command, len }))
     }
 
     /// The configuration section: the machine type, and no subsection (QEMU adds one for
@@ -917,7 +949,6 @@ fn unexpected_section(kind: u8, ram_started: Option<u32>) -> &'static str {
         SECTION_FULL if ram_started.is_none() => "device state before the `ram` section",
         SECTION_VMDESCRIPTION => "a VM description before any device state",
         SECTION_CONFIGURATION => "a second configuration section",
-        SECTION_COMMAND => "a command section (postcopy, return path or switch-over acknowledgement)",
         _ => "an unknown section type",
     }
 }
@@ -991,6 +1022,11 @@ mod tests {
             self.0.push(b);
             self
         }
+        fn be16(mut self, v: u16) -> Self {
+            self.0.extend(v.to_be_bytes());
+            self
+        }
+
         fn be32(mut self, v: u32) -> Self {
             self.0.extend_from_slice(&v.to_be_bytes());
             self
@@ -1128,6 +1164,26 @@ mod tests {
     }
 
     #[test]
+    fn qemu_10s_switch_over_notice_between_ram_sections_is_skipped() {
+        let mut bytes = valid();
+        let plain = parse(&bytes).unwrap();
+        // Before the device state, as a pre-copy migration sends it.
+        let blob_at = bytes
+            .windows(DEVICE_BLOB.len())
+            .position(|w| w == DEVICE_BLOB)
+            .unwrap();
+        let notice = Stream::default()
+            .u8(SECTION_COMMAND)
+            .be16(CMD_SWITCHOVER_START)
+            .be16(0)
+            .0;
+        bytes.splice(blob_at..blob_at, notice.iter().copied());
+        let (stats, pages, device) = parse(&bytes).unwrap();
+        assert_eq!((pages, device), (plain.1, plain.2));
+        assert_eq!(stats.bytes_read, plain.0.bytes_read + 5);
+    }
+
+    #[test]
     fn device_state_files_are_recognised_with_and_without_configuration() {
         let prefix = device_state_prefix("pc-q35-10.0").unwrap();
         assert_eq!(prefix, b"QEVM\0\0\0\x03\x07\0\0\0\x0bpc-q35-10.0");
@@ -1236,6 +1292,11 @@ mod tests {
                 "device state before",
             ),
             (start().u8(SECTION_COMMAND).0, "command section"),
+            // MIG_CMD_POSTCOPY_ADVISE, 16 bytes.
+            (
+                start().u8(SECTION_COMMAND).be16(3).be16(16).0,
+                "command 3 (16 bytes)",
+            ),
             (start().u8(0x42).0, "unknown section type"),
             (start().u8(SECTION_EOF).0, "before any device state"),
             (start().u8(SECTION_PART).be32(7).0, "section 7 continues"),

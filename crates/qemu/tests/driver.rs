@@ -516,10 +516,11 @@ async fn a_restored_domain_snapshots_again_from_new_and_old_device_state_files()
         let again = state.path().join(format!("again-{round}.img"));
         let again_devices = state.path().join(format!("again-{round}.bin"));
         let streamed = driver
-            .background_save(
+            .streamed_save(
                 &name,
                 &again,
                 &again_devices,
+                snapshot_core::StreamMode::Background,
                 snapshot_core::CaptureSignals::at_once(captured),
             )
             .await
@@ -608,10 +609,11 @@ async fn run_as_runs_qemu_as_that_user_in_the_sandbox() {
     // A background snapshot: QEMU writes the stream into a socket it is handed.
     let (captured, _) = tokio::sync::oneshot::channel();
     let streamed = driver
-        .background_save(
+        .streamed_save(
             &name,
             &state.path().join("bg.img"),
             &state.path().join("bg.bin"),
+            snapshot_core::StreamMode::Background,
             snapshot_core::CaptureSignals::at_once(captured),
         )
         .await;

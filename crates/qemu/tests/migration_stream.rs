@@ -1,8 +1,8 @@
 //! The background-snapshot stream parser and driver on real QEMU 10 streams: streams recorded in the
 //! test (`migrate` to `file:`) parse into an image identical to a paused save, and restore into a
 //! fresh QEMU whose guest continues from the snapshot's start; cut and damaged streams and streams
-//! of other capabilities are refused; `background_snapshot` streams through a socket, and leaves no
-//! files when it fails.
+//! of other capabilities are refused; `stream_snapshot` (background and pre-copy) streams through a
+//! socket, and leaves no files when it fails.
 
 #![allow(
     clippy::unwrap_used,
@@ -25,6 +25,7 @@ use qemu::{
     expected_blocks, parse_migration_stream, Error, ExpectedBlocks, RamSink, StreamError, StreamStats,
 };
 use qmp::{commands::*, Client, ClientOptions, MigrationStatus};
+use snapshot_core::StreamMode;
 use testkit::{Qemu, SerialLine, Workload};
 
 const RAM_MIB: u64 = 128;
@@ -540,12 +541,13 @@ async fn background_snapshots_of_a_dirtying_guest_restore_to_their_start() {
     let tick_at_start = last_tick(&source);
     let (image_a, devices_a) = (path("a.img"), path("a.dev"));
     let (captured, on_capture) = tokio::sync::oneshot::channel();
-    let snapshot = qemu::background_snapshot(
+    let snapshot = qemu::stream_snapshot(
         &qmp,
         layout.clone(),
         &image_a,
         &devices_a,
         Durability::Sync,
+        StreamMode::Background,
         snapshot_core::CaptureSignals::at_once(captured),
     );
     let resume = async {
@@ -601,12 +603,13 @@ async fn background_snapshots_of_a_dirtying_guest_restore_to_their_start() {
     // QEMU killed mid-stream: an error, and no files.
     let (image_c, devices_c) = (path("c.img"), path("c.dev"));
     let (captured, _) = tokio::sync::oneshot::channel();
-    let snapshot = qemu::background_snapshot(
+    let snapshot = qemu::stream_snapshot(
         &qmp,
         layout,
         &image_c,
         &devices_c,
         Durability::Sync,
+        StreamMode::Background,
         snapshot_core::CaptureSignals::at_once(captured),
     );
     let kill = async {
@@ -638,6 +641,114 @@ async fn background_snapshots_of_a_dirtying_guest_restore_to_their_start() {
     check_restore_continues(workload, &path("b.img"), &path("b.dev"), slow_start).await;
 }
 
+/// Pre-copy with the stop before the switch-over, as the orchestrator drives it.
+fn precopy(max_downtime_ms: u64, converge_within: Duration) -> StreamMode {
+    StreamMode::Precopy {
+        max_downtime: Duration::from_millis(max_downtime_ms),
+        converge_within,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn precopy_stops_the_guest_for_the_disks_and_restores_to_that_stop() {
+    let workload = Workload::Dirty {
+        rate_mib: 16,
+        wss_mib: 32,
+    };
+    let src_dir = shm_dir("pc-src");
+    let source = spawn("pc-src", src_dir.path(), Some(workload.clone()), false);
+    source.wait_for_serial("DOMSNAP READY", BOOT);
+    source.try_wait_for_tick_after(1, WAIT).unwrap();
+    let qmp = connect(&source).await;
+    let layout = ImageLayout::of(&map_ram(&source, &qmp).await);
+    let files = tempfile::tempdir().unwrap();
+    let path = |name: &str| files.path().join(name);
+
+    // Too little time to converge: cancelled, the guest runs on, no files, settings back.
+    let (prepared, on_prepared) = tokio::sync::oneshot::channel();
+    let (_capture, capture) = tokio::sync::oneshot::channel();
+    let (captured, _) = tokio::sync::oneshot::channel();
+    let signals = snapshot_core::CaptureSignals {
+        prepared,
+        capture,
+        captured,
+    };
+    let error = qemu::stream_snapshot(
+        &qmp,
+        layout.clone(),
+        &path("x.img"),
+        &path("x.dev"),
+        Durability::NoSync,
+        precopy(1, Duration::from_millis(30)),
+        signals,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(error, Error::NotConverged { .. }), "{error}");
+    assert!(on_prepared.await.is_err(), "never prepared");
+    assert!(entries(files.path()).is_empty());
+    assert!(qmp.execute(&QueryStatus).await.unwrap().running);
+    let info = qmp.execute(&QueryMigrate).await.unwrap();
+    assert_eq!(info.status, Some(MigrationStatus::Cancelled), "{info:?}");
+
+    // Converging: QEMU stops the guest, waits for the disks, completes; the caller resumes.
+    let (prepared, on_prepared) = tokio::sync::oneshot::channel();
+    let (go, capture) = tokio::sync::oneshot::channel();
+    let (captured, on_captured) = tokio::sync::oneshot::channel();
+    let signals = snapshot_core::CaptureSignals {
+        prepared,
+        capture,
+        captured,
+    };
+    let (image_a, devices_a) = (path("a.img"), path("a.dev"));
+    let snapshot = qemu::stream_snapshot(
+        &qmp,
+        layout,
+        &image_a,
+        &devices_a,
+        Durability::Sync,
+        precopy(20, WAIT),
+        signals,
+    );
+    let switch_over = async {
+        on_prepared.await.expect("pre-copy converged");
+        let status = qmp.execute(&QueryStatus).await.unwrap();
+        assert!(!status.running, "QEMU stopped the guest before the switch-over");
+        let info = qmp.execute(&QueryMigrate).await.unwrap();
+        assert_eq!(info.status, Some(MigrationStatus::PreSwitchover));
+        // The disks would be snapshotted here.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let tick = last_tick(&source);
+        go.send(()).unwrap();
+        on_captured.await.expect("the capture is announced");
+        qmp.execute(&Cont).await.unwrap();
+        tick
+    };
+    let (stats, tick_at_stop) = tokio::join!(snapshot, switch_over);
+    let stats = stats.unwrap();
+    eprintln!("pre-copy stopped at tick {tick_at_stop}: {stats:?}");
+    assert!(stats.passes >= 2, "{stats:?}");
+    assert!(stats.downtime < Duration::from_secs(1), "{stats:?}");
+    assert_eq!(stats.image.pages_missing, 0);
+    // A page sent again replaced its earlier copy: the image holds RAM once.
+    let image_len = std::fs::metadata(path("a.img")).unwrap().len();
+    assert!(image_len < RAM_SIZE + (1 << 20), "{image_len}");
+    assert!(stats.stream.ram_pages + stats.stream.ram_zero_pages > RAM_SIZE / PAGE_SIZE as u64);
+    let capabilities = qmp
+        .execute_raw("query-migrate-capabilities", serde_json::Value::Null)
+        .await
+        .unwrap();
+    assert!(capabilities
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["state"] == false));
+    assert!(qmp.execute(&QueryStatus).await.unwrap().running);
+    drop(source);
+
+    check_restore_continues(workload, &path("a.img"), &path("a.dev"), tick_at_stop).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_snapshots_refused_before_they_start_leave_no_files() {
     let dir = shm_dir("bg-refused");
@@ -650,12 +761,13 @@ async fn background_snapshots_refused_before_they_start_leave_no_files() {
     // A capability that changes the stream; the capture is never announced.
     set_capabilities(&qmp, &[(MigrationCapability::XIgnoreShared, true)]).await;
     let (captured, on_capture) = tokio::sync::oneshot::channel();
-    let error = qemu::background_snapshot(
+    let error = qemu::stream_snapshot(
         &qmp,
         layout.clone(),
         &image,
         &devices,
         Durability::Sync,
+        StreamMode::Background,
         snapshot_core::CaptureSignals::at_once(captured),
     )
     .await
@@ -676,12 +788,13 @@ async fn background_snapshots_refused_before_they_start_leave_no_files() {
     )
     .unwrap();
     let (captured, _) = tokio::sync::oneshot::channel();
-    let error = qemu::background_snapshot(
+    let error = qemu::stream_snapshot(
         &qmp,
         half,
         &image,
         &devices,
         Durability::Sync,
+        StreamMode::Background,
         snapshot_core::CaptureSignals::at_once(captured),
     )
     .await
@@ -691,12 +804,13 @@ async fn background_snapshots_refused_before_they_start_leave_no_files() {
 
     // The same QEMU then snapshots fine.
     let (captured, on_capture) = tokio::sync::oneshot::channel();
-    let stats = qemu::background_snapshot(
+    let stats = qemu::stream_snapshot(
         &qmp,
         layout,
         &image,
         &devices,
         Durability::NoSync,
+        StreamMode::Background,
         snapshot_core::CaptureSignals::at_once(captured),
     )
     .await

@@ -145,6 +145,8 @@ pub enum Step {
     SaveDeviceState,
     /// Snapshotting the disks.
     SnapshotDisks,
+    /// Letting the hypervisor capture the state of a streamed save (the guest is paused).
+    Capture,
     /// Resuming the domain.
     Resume,
     /// Sealing the memory image (fsync, rename).
@@ -185,6 +187,7 @@ impl std::fmt::Display for Step {
             Step::SaveMemory => "saving memory",
             Step::SaveDeviceState => "saving device state",
             Step::SnapshotDisks => "snapshotting the disks",
+            Step::Capture => "capturing the domain's state",
             Step::Resume => "resuming the domain",
             Step::SealMemory => "sealing the memory image",
             Step::Commit => "writing the snapshot record",

@@ -26,30 +26,82 @@ pub struct DiskTarget {
     pub image: PathBuf,
 }
 
-/// What a streamed save ([`Hypervisor::background_save`]) did.
+/// What a streamed save ([`Hypervisor::streamed_save`]) did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StreamedSave {
     /// Guest RAM size in bytes.
     pub ram_bytes: u64,
     /// Bytes of the stream the hypervisor wrote.
     pub stream_bytes: u64,
-    /// Guest pages received with data.
+    /// Guest pages received with data (a page sent again in a later pre-copy pass counts again).
     pub pages: u64,
     /// Guest pages received as zero.
     pub zero_pages: u64,
+    /// Guest pages the memory image stores (the others are zero).
+    pub stored_pages: u64,
     /// Bytes of device state.
     pub device_state_bytes: u64,
     /// How long the hypervisor itself stopped the guest, if it says.
     pub hypervisor_downtime_ms: Option<f64>,
+    /// Pre-copy passes over guest RAM (1 for a paused or background save).
+    pub passes: u64,
 }
 
-/// The handshake of a background save between the orchestrator and the driver: the driver
-/// prepares (checks, files) while the guest runs, the orchestrator then pauses the domain and
+/// How a streamed save runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamMode {
+    /// The caller pauses the domain before the capture and resumes it once the stream is
+    /// complete.
+    Paused,
+    /// The hypervisor copies memory while the guest runs, in passes, until what is left fits
+    /// `max_downtime`; then it stops the guest itself and says so (`prepared`), the caller
+    /// snapshots the disks and sends `capture`, and the hypervisor sends the rest (`captured`:
+    /// the caller resumes). Memory is as of that stop. Fails, leaving the guest running, when
+    /// that point is not reached within `converge_within`.
+    Precopy {
+        /// The longest final stop the hypervisor aims at.
+        max_downtime: std::time::Duration,
+        /// How long the passes may take before the save gives up.
+        converge_within: std::time::Duration,
+    },
+    /// The hypervisor's write-protect snapshot: the caller pauses the domain, snapshots the
+    /// disks and sends `capture`; `captured` fires once the state is fixed (the caller resumes),
+    /// and memory streams while the guest runs. Memory is as of the capture.
+    Background,
+}
+
+impl StreamMode {
+    /// Whether the hypervisor stops the guest itself (the caller must not pause it).
+    pub fn hypervisor_pauses(&self) -> bool {
+        matches!(self, StreamMode::Precopy { .. })
+    }
+}
+
+/// How the toolstack can reach a domain's memory ([`Hypervisor::memory_access`]).
+#[derive(Debug)]
+pub struct MemoryAccess {
+    /// Guest RAM size in bytes.
+    pub ram_bytes: u64,
+    /// The guest's RAM mapped here, if the hypervisor shares it: the fastest paused save is a
+    /// direct copy of it, and the memory crate's own pre-copy engine works on it.
+    pub shared: Option<GuestMemory>,
+    /// Whether [`Hypervisor::streamed_save`] can run in [`StreamMode::Paused`] and
+    /// [`StreamMode::Precopy`] (the hypervisor tracks dirty pages itself).
+    pub streams: bool,
+    /// Why [`StreamMode::Background`] is impossible, if it is.
+    pub no_background: Option<String>,
+}
+
+/// The handshake of a streamed save between the orchestrator and the driver: the driver
+/// prepares (checks, files; for pre-copy also the passes, ending with the guest stopped) while
+/// the guest runs, the orchestrator then pauses the domain (unless the hypervisor did) and
 /// snapshots its disks, and the driver captures the state at once, so that the pause holds only
 /// the disks and the capture.
 #[derive(Debug)]
 pub struct CaptureSignals {
-    /// Sent by the driver when it is ready to capture at once.
+    /// Sent by the driver when it is ready to capture at once (for [`StreamMode::Precopy`]: the
+    /// hypervisor has stopped the guest).
     pub prepared: tokio::sync::oneshot::Sender<()>,
     /// Received by the driver: capture now. Dropped unsent: give up, leaving nothing behind.
     pub capture: tokio::sync::oneshot::Receiver<()>,
@@ -95,21 +147,22 @@ pub trait Hypervisor: Send + Sync {
     async fn resume(&self, domain: &Name) -> DriverResult<()>;
     /// Maps the guest RAM of a domain that has a process (running, paused, or started with
     /// [`Hypervisor::start_incoming`]). The hypervisor writes the same memory: dirty pages are
-    /// found by content comparison.
+    /// found by content comparison. Fails for RAM the hypervisor does not share.
     async fn guest_memory(&self, domain: &Name) -> DriverResult<GuestMemory>;
+    /// How the memory of a domain that has a process can be saved.
+    async fn memory_access(&self, domain: &Name) -> DriverResult<MemoryAccess>;
     /// Saves the device (and vCPU) state of a paused domain to `path`, written and fsynced.
     async fn save_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()>;
-    /// Saves memory and device state with the hypervisor's own write-protect snapshot, into the
-    /// memory image `image` and the device-state file `device_state` (both complete and synced
-    /// when this returns), following the handshake of `signals`: the state is the domain's at the
-    /// moment the caller sends `capture` (the caller pauses the domain before, so that its disks
-    /// can be snapshotted at the same instant, and may resume it once `captured` fires; memory
-    /// then streams while the guest runs).
-    async fn background_save(
+    /// Saves memory and device state through the hypervisor's own stream, into the memory image
+    /// `image` and the device-state file `device_state` (both complete and synced when this
+    /// returns), following the handshake of `signals` as `mode` describes. On failure neither
+    /// file exists and the guest runs as before (a caller that paused it resumes it).
+    async fn streamed_save(
         &self,
         domain: &Name,
         image: &Path,
         device_state: &Path,
+        mode: StreamMode,
         signals: CaptureSignals,
     ) -> DriverResult<StreamedSave>;
     /// The disk-snapshot backend fit for the domain's state: live while it has a process,

@@ -61,16 +61,18 @@ mod tree;
 pub use error::{Error, Operation, Result, Step};
 #[cfg(any(test, feature = "mock"))]
 pub use hypervisor::MockHypervisor;
-pub use hypervisor::{CaptureSignals, DiskTarget, DriverError, DriverResult, Hypervisor, StreamedSave};
+pub use hypervisor::{
+    CaptureSignals, DiskTarget, DriverError, DriverResult, Hypervisor, MemoryAccess, StreamMode, StreamedSave,
+};
 pub use intent::Intent;
 pub use metadata::{
     Consistency, DiskRecord, DiskSnapshot, DomainState, MemoryState, SnapshotRecord, METADATA_VERSION,
 };
 pub use name::{InvalidName, Name, MAX_NAME_LEN};
 pub use orchestrator::{
-    Abandoned, Activity, CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, MemoryMode,
-    Observer, Orchestrator, Quiet, Recovery, RecoveryOutcome, RevertReport, RoundReport, SavedMemory,
-    VerifyReport, BACKGROUND_FROM_RAM_BYTES,
+    Abandoned, Activity, CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, LiveMethod,
+    LiveOptions, MemoryMode, MemoryRead, Observer, Orchestrator, Quiet, Recovery, RecoveryOutcome,
+    RevertReport, RoundReport, SavedMemory, VerifyReport, DEFAULT_CONVERGE_WITHIN, DEFAULT_MAX_DOWNTIME,
 };
 pub use state_dir::{DomainDir, DomainLock, StateDir};
 #[cfg(any(test, feature = "mock"))]

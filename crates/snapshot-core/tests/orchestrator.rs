@@ -14,8 +14,9 @@ use std::{
 use disk::MockDiskSnapshots;
 use snapshot_core::{
     Activity, CaptureSignals, CreateOptions, DiskKind, DiskRequest, DiskTarget, DomainState, DriverResult,
-    Error, FsStore, Hypervisor, Intent, MemoryMode, MockHypervisor, Name, Operation, Orchestrator, Quiet,
-    RecoveryOutcome, SavedMemory, SnapshotStore, Step, StreamedSave,
+    Error, FsStore, Hypervisor, Intent, LiveMethod, LiveOptions, MemoryAccess, MemoryMode, MemoryRead,
+    MockHypervisor, Name, Operation, Orchestrator, Quiet, RecoveryOutcome, SavedMemory, SnapshotStore, Step,
+    StreamMode, StreamedSave,
 };
 
 const RAM: u64 = 4 << 20;
@@ -29,6 +30,10 @@ struct Sim {
     internal: BTreeSet<(PathBuf, String)>,
     /// The call that fails, e.g. "pause".
     fail: Option<&'static str>,
+    /// Whether the hypervisor shares guest RAM (the toolstack can copy it).
+    shared_ram: bool,
+    /// Whether the hypervisor streams memory with its own dirty tracking.
+    streams: bool,
     calls: Vec<&'static str>,
 }
 
@@ -221,18 +226,46 @@ impl Hypervisor for Simulated {
     async fn save_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()> {
         self.mock.save_device_state(domain, path).await
     }
-    async fn background_save(
+    async fn memory_access(&self, domain: &Name) -> DriverResult<MemoryAccess> {
+        let (shared_ram, streams) = {
+            let sim = self.sim.lock().unwrap();
+            (sim.shared_ram, sim.streams)
+        };
+        let shared = match shared_ram {
+            true => Some(self.mock.guest_memory(domain).await?),
+            false => None,
+        };
+        Ok(MemoryAccess {
+            ram_bytes: RAM,
+            shared,
+            streams,
+            no_background: (!shared_ram).then(|| "its RAM is not shared".to_owned()),
+        })
+    }
+    async fn streamed_save(
         &self,
         _domain: &Name,
         image: &Path,
         device_state: &Path,
+        mode: StreamMode,
         signals: CaptureSignals,
     ) -> DriverResult<StreamedSave> {
+        if mode.hypervisor_pauses() {
+            call(&self.sim, "precopy")?;
+            // Converged: the hypervisor stops the guest itself.
+            self.sim.lock().unwrap().state = DomainState::Paused;
+        }
         let _ = signals.prepared.send(());
-        signals.capture.await.map_err(|_| "abandoned")?;
-        call(&self.sim, "background_save_before_capture")?;
+        if signals.capture.await.is_err() {
+            if mode.hypervisor_pauses() {
+                // Cancelled before the switch-over: the hypervisor lets the guest run again.
+                self.sim.lock().unwrap().state = DomainState::Running;
+            }
+            return Err("abandoned".into());
+        }
+        call(&self.sim, "stream_before_capture")?;
         let _ = signals.captured.send(());
-        call(&self.sim, "background_save")?;
+        call(&self.sim, "stream")?;
         // "Streams": a real image of the memory.
         let mem = memory::GuestMemory::anonymous(RAM)?;
         let sink =
@@ -244,8 +277,10 @@ impl Hypervisor for Simulated {
             stream_bytes: RAM,
             pages: summary.present_pages,
             zero_pages: summary.total_pages - summary.present_pages,
+            stored_pages: summary.present_pages,
             device_state_bytes: 12,
             hypervisor_downtime_ms: Some(1.0),
+            passes: 1,
         })
     }
     async fn disk_backend(&self, domain: &Name) -> DriverResult<Arc<dyn disk::DiskSnapshots>> {
@@ -300,6 +335,8 @@ fn fixture(state: DomainState) -> Fixture {
         disks,
         internal: BTreeSet::new(),
         fail: None,
+        shared_ram: true,
+        streams: false,
         calls: Vec::new(),
     }));
     let store = Arc::new(FsStore::new(dir.path().join("state")));
@@ -370,7 +407,7 @@ impl Fixture {
     async fn create(&self, snapshot: &str, live: bool) -> snapshot_core::Result<snapshot_core::CreateReport> {
         let options = CreateOptions {
             memory: if live {
-                MemoryMode::Live(memory::ConvergencePolicy::default())
+                MemoryMode::Live(LiveOptions::default())
             } else {
                 MemoryMode::Paused
             },
@@ -885,7 +922,10 @@ async fn branches_keep_what_they_read_and_deleting_everything_leaves_no_overlay(
 async fn a_background_create_pauses_for_disks_and_capture_and_is_consistent_at_the_start() {
     let f = fixture(DomainState::Running);
     let options = CreateOptions {
-        memory: MemoryMode::Background,
+        memory: MemoryMode::Live(LiveOptions {
+            method: LiveMethod::Background,
+            ..LiveOptions::default()
+        }),
         disks: mixed_disks(),
         description: None,
     };
@@ -903,26 +943,11 @@ async fn a_background_create_pauses_for_disks_and_capture_and_is_consistent_at_t
     let calls: Vec<&str> = f
         .calls()
         .into_iter()
-        .filter(|c| {
-            [
-                "pause",
-                "create_internal",
-                "create_external",
-                "background_save",
-                "resume",
-            ]
-            .contains(c)
-        })
+        .filter(|c| ["pause", "create_internal", "create_external", "stream", "resume"].contains(c))
         .collect();
     assert_eq!(
         calls,
-        [
-            "pause",
-            "create_internal",
-            "create_external",
-            "background_save",
-            "resume"
-        ]
+        ["pause", "create_internal", "create_external", "stream", "resume"]
     );
     assert_eq!(f.sim().state, DomainState::Running);
     f.orchestrator
@@ -931,7 +956,7 @@ async fn a_background_create_pauses_for_disks_and_capture_and_is_consistent_at_t
         .unwrap();
 
     // A save failing before or after the capture is rolled back; the domain runs on.
-    for failure in ["background_save_before_capture", "background_save"] {
+    for failure in ["stream_before_capture", "stream"] {
         let f = fixture(DomainState::Running);
         f.fail_at(failure);
         let err = f
@@ -957,16 +982,123 @@ async fn a_background_create_pauses_for_disks_and_capture_and_is_consistent_at_t
     }
 }
 
-#[test]
-fn the_shortest_live_pause_is_background_for_large_guests() {
-    assert!(matches!(
-        MemoryMode::shortest_live_pause(256 << 20),
-        MemoryMode::Live(_)
-    ));
-    assert!(matches!(
-        MemoryMode::shortest_live_pause(1 << 30),
-        MemoryMode::Background
-    ));
+fn live(method: LiveMethod) -> CreateOptions {
+    CreateOptions {
+        memory: MemoryMode::Live(LiveOptions {
+            method,
+            ..LiveOptions::default()
+        }),
+        disks: mixed_disks(),
+        description: None,
+    }
+}
+
+/// The calls of a create that change the domain, in order.
+fn domain_calls(f: &Fixture) -> Vec<&'static str> {
+    let steps = [
+        "precopy",
+        "pause",
+        "create_internal",
+        "create_external",
+        "stream",
+        "resume",
+    ];
+    f.calls().into_iter().filter(|c| steps.contains(c)).collect()
+}
+
+#[tokio::test]
+async fn a_streaming_hypervisor_precopies_and_stops_the_guest_itself_for_the_disks() {
+    let f = fixture(DomainState::Running);
+    f.sim.lock().unwrap().streams = true;
+    let report = f
+        .orchestrator
+        .create(&f.domain, &name("pc"), live(LiveMethod::Auto))
+        .await
+        .unwrap();
+    assert_eq!(report.memory_mode, SavedMemory::Precopy);
+    assert_eq!(report.memory_read, Some(MemoryRead::Stream));
+    let memory = report.record.memory.as_ref().unwrap();
+    assert_eq!(memory.consistency, snapshot_core::Consistency::End);
+    // No pause of ours: the hypervisor stopped the guest; the disks, the capture, our resume.
+    assert_eq!(
+        domain_calls(&f),
+        [
+            "precopy",
+            "create_internal",
+            "create_external",
+            "stream",
+            "resume"
+        ]
+    );
+    assert_eq!(f.sim().state, DomainState::Running);
+
+    // A disk snapshot failing at the switch-over: the stream is cancelled, nothing stays, the
+    // guest runs.
+    for failure in ["create_external", "precopy", "stream"] {
+        let f = fixture(DomainState::Running);
+        f.sim.lock().unwrap().streams = true;
+        f.fail_at(failure);
+        let err = f
+            .orchestrator
+            .create(&f.domain, &name("pc"), live(LiveMethod::Precopy))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Failed { .. }), "{failure}: {err}");
+        let sim = f.sim();
+        assert_eq!(sim.state, DomainState::Running, "{failure}");
+        assert!(sim.internal.is_empty(), "{failure}");
+        assert_eq!(sim.disks[1].image, f.dir.path().join("vdb.qcow2"), "{failure}");
+        assert_eq!(f.stray_files(), Vec::<PathBuf>::new(), "{failure}");
+    }
+}
+
+#[tokio::test]
+async fn ram_the_hypervisor_does_not_share_is_saved_through_its_stream() {
+    let f = fixture(DomainState::Running);
+    {
+        let mut sim = f.sim.lock().unwrap();
+        sim.shared_ram = false;
+        sim.streams = true;
+    }
+    let paused = CreateOptions {
+        disks: mixed_disks(),
+        ..CreateOptions::default()
+    };
+    let report = f
+        .orchestrator
+        .create(&f.domain, &name("p"), paused)
+        .await
+        .unwrap();
+    assert_eq!(report.memory_mode, SavedMemory::Paused);
+    assert_eq!(report.memory_read, Some(MemoryRead::Stream));
+    assert_eq!(
+        domain_calls(&f),
+        ["pause", "create_internal", "create_external", "stream", "resume"]
+    );
+
+    // A background snapshot cannot be made there: refused before anything happens.
+    f.sim.lock().unwrap().calls.clear();
+    let err = f
+        .orchestrator
+        .create(&f.domain, &name("bg"), live(LiveMethod::Background))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidRequest(m) if m.contains("its RAM is not shared")),
+        "{err}"
+    );
+    assert_eq!(domain_calls(&f), Vec::<&str>::new());
+    assert!(f.store.get(&f.domain, &name("bg")).is_err());
+
+    // Neither shared nor streamed: a clear refusal.
+    f.sim.lock().unwrap().streams = false;
+    let err = f
+        .orchestrator
+        .create(&f.domain, &name("none"), CreateOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("neither shares"), "{err}");
+    assert_eq!(domain_calls(&f), Vec::<&str>::new());
 }
 
 #[tokio::test]

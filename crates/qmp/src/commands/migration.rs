@@ -24,6 +24,15 @@ pub struct MigrateIncoming {
 }
 command!(MigrateIncoming => "migrate-incoming", Empty);
 
+/// `migrate-continue`: let a migration paused in `state` (with the `pause-before-switchover`
+/// capability: [`MigrationStatus::PreSwitchover`]) go on.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateContinue {
+    /// The state the migration waits in.
+    pub state: MigrationStatus,
+}
+command!(MigrateContinue => "migrate-continue", Empty);
+
 /// `migrate_cancel`: cancel the outgoing migration.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MigrateCancel;

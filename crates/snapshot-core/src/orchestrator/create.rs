@@ -16,12 +16,12 @@ use super::{
         internal_images, new_overlays, plan_disks,
     },
     memory_saver::MemorySaver,
-    millis, now_unix_ms, remove_file, CreateOptions, CreateReport, MemoryMode, Orchestrator, RoundReport,
-    SavedMemory, StepError, StepResult,
+    millis, now_unix_ms, remove_file, CreateOptions, CreateReport, LiveMethod, LiveOptions, MemoryMode,
+    MemoryRead, Orchestrator, RoundReport, SavedMemory, StepError, StepResult,
 };
 use crate::{
     error::{Error, Operation, Result, Step},
-    hypervisor::StreamedSave,
+    hypervisor::{MemoryAccess, StreamMode, StreamedSave},
     intent::Intent,
     metadata::{
         Consistency, DiskRecord, DiskSnapshot, DomainState, MemoryState, SnapshotRecord, METADATA_VERSION,
@@ -42,7 +42,7 @@ impl Orchestrator {
         let started = Instant::now();
         let _lock = self.begin(domain).await?;
         let mut job = self.prepare_create(domain, snapshot, &options).await?;
-        match job.save(&options.memory).await {
+        match job.save().await {
             Ok(saved) => job.commit(saved, &options, started).await,
             Err(error) => {
                 let rollback = job.rollback().await;
@@ -76,12 +76,16 @@ impl Orchestrator {
             .map_err(at(Step::Inspect))
             .map_err(fail)?;
         check_names_free(&*backend, &disks).await?;
-        let mut guest_memory = None;
+        let mut plan = MemoryPlan::DisksOnly;
         if was != DomainState::ShutOff {
-            let memory = self.hypervisor.guest_memory(domain).await;
-            let memory = memory.map_err(at(Step::Inspect)).map_err(fail)?;
-            check_free_space(domain, &self.store.files(domain, snapshot).dir, memory.size())?;
-            guest_memory = Some(memory);
+            let access = self.hypervisor.memory_access(domain).await;
+            let access = access.map_err(at(Step::Inspect)).map_err(fail)?;
+            check_free_space(domain, &self.store.files(domain, snapshot).dir, access.ram_bytes)?;
+            let live = match &options.memory {
+                MemoryMode::Live(live) if was == DomainState::Running => Some(*live),
+                _ => None,
+            };
+            plan = MemoryPlan::choose(domain, live, access)?;
         }
         let parent = self.store.current(domain)?;
 
@@ -108,7 +112,7 @@ impl Orchestrator {
         let mut job = CreateJob::new(self, domain, snapshot, was, disks, files);
         job.config = config;
         job.parent = parent;
-        job.guest_memory = guest_memory;
+        job.plan = Some(plan);
         Ok(job)
     }
 }
@@ -142,8 +146,63 @@ fn free_bytes(path: &Path) -> Result<u64> {
     Ok(stats.blocks_available().saturating_mul(stats.fragment_size()))
 }
 
+/// How a create saves memory, chosen before anything changes.
+pub(super) enum MemoryPlan {
+    /// The domain is shut off.
+    DisksOnly,
+    /// domsnap copies the shared RAM (with pre-copy rounds, or paused).
+    Copy {
+        mem: GuestMemory,
+        precopy: Option<ConvergencePolicy>,
+    },
+    /// The hypervisor's stream.
+    Stream { mode: StreamMode, ram_bytes: u64 },
+}
+
+impl MemoryPlan {
+    /// The plan for a domain with a process: `live` options if it runs and the user asked for
+    /// a live create. A paused save reads shared RAM directly (faster than a stream); pre-copy
+    /// uses the hypervisor's stream where it has one (its dirty log is exact, so the pause does
+    /// not grow with RAM size), else domsnap's engine on the shared RAM.
+    fn choose(domain: &Name, live: Option<LiveOptions>, access: MemoryAccess) -> Result<Self> {
+        let MemoryAccess {
+            ram_bytes,
+            shared,
+            streams,
+            no_background,
+        } = access;
+        let stream = |mode| MemoryPlan::Stream { mode, ram_bytes };
+        let plan = match (live, shared) {
+            (Some(live), _) if live.method == LiveMethod::Background => match no_background {
+                None => stream(StreamMode::Background),
+                Some(why) => {
+                    return Err(Error::InvalidRequest(format!(
+                        "a background snapshot of domain {domain} is impossible: {why}; \
+                         use pre-copy (--live-mode precopy) instead"
+                    )))
+                }
+            },
+            (Some(live), _) if streams => stream(live.precopy_stream()),
+            (Some(live), Some(mem)) => MemoryPlan::Copy {
+                mem,
+                precopy: Some(live.engine_policy()),
+            },
+            (None, Some(mem)) => MemoryPlan::Copy { mem, precopy: None },
+            (None, None) if streams => stream(StreamMode::Paused),
+            _ => {
+                return Err(Error::InvalidRequest(format!(
+                    "the memory of domain {domain} cannot be saved: its hypervisor neither shares \
+                     its RAM nor streams it"
+                )))
+            }
+        };
+        Ok(plan)
+    }
+}
+
 /// What the memory steps of a create produced.
 pub(super) struct Saved {
+    pub(super) mode: SavedMemory,
     pub(super) memory: Option<MemoryState>,
     pub(super) summary: Option<SaveSummary>,
     pub(super) streamed: Option<StreamedSave>,
@@ -173,9 +232,8 @@ pub(super) struct CreateJob<'o> {
     memory: Option<MemorySaver>,
     /// Rebuilt from an intent after a crash: whether the domain is paused is asked, not known.
     after_crash: bool,
-    /// The guest's RAM, mapped while inspecting (for the free-space check) and kept for the
-    /// memory save, so it is mapped once.
-    guest_memory: Option<GuestMemory>,
+    /// How memory is saved, chosen while inspecting (the shared RAM it may hold is mapped once).
+    plan: Option<MemoryPlan>,
 }
 
 impl<'o> CreateJob<'o> {
@@ -201,7 +259,7 @@ impl<'o> CreateJob<'o> {
             made_overlays: false,
             memory: None,
             after_crash: false,
-            guest_memory: None,
+            plan: None,
         }
     }
 
@@ -227,13 +285,12 @@ impl<'o> CreateJob<'o> {
         self.orchestrator.observer.step(Operation::Create, step);
     }
 
-    /// Saves memory (as `mode` says) and device state, and snapshots the disks.
-    async fn save(&mut self, mode: &MemoryMode) -> StepResult<Saved> {
-        match (self.was, mode) {
-            (DomainState::ShutOff, _) => self.save_disks_only().await,
-            (_, MemoryMode::Background) => self.save_background().await,
-            (DomainState::Running, MemoryMode::Live(policy)) => self.save_by_copy(Some(*policy)).await,
-            _ => self.save_by_copy(None).await,
+    /// Saves memory (as planned) and device state, and snapshots the disks.
+    async fn save(&mut self) -> StepResult<Saved> {
+        match self.plan.take() {
+            None | Some(MemoryPlan::DisksOnly) => self.save_disks_only().await,
+            Some(MemoryPlan::Copy { mem, precopy }) => self.save_by_copy(mem, precopy).await,
+            Some(MemoryPlan::Stream { mode, ram_bytes }) => self.save_streamed(mode, ram_bytes).await,
         }
     }
 
@@ -245,6 +302,7 @@ impl<'o> CreateJob<'o> {
             .await
             .map_err(at(Step::SnapshotDisks))?;
         Ok(Saved {
+            mode: SavedMemory::None,
             memory: None,
             summary: None,
             streamed: None,
@@ -254,12 +312,12 @@ impl<'o> CreateJob<'o> {
 
     /// Memory copied by domsnap: pre-copy rounds with `live`, then the paused copy overlapped
     /// with the device-state save; the disks; resume; seal the image.
-    async fn save_by_copy(&mut self, live: Option<ConvergencePolicy>) -> StepResult<Saved> {
+    async fn save_by_copy(&mut self, mem: GuestMemory, live: Option<ConvergencePolicy>) -> StepResult<Saved> {
         let hypervisor = &self.orchestrator.hypervisor;
-        let mem = self
-            .guest_memory
-            .take()
-            .ok_or((Step::SaveMemory, "the guest's memory was not mapped".into()))?;
+        let mode = match live {
+            Some(_) => SavedMemory::Precopy,
+            None => SavedMemory::Paused,
+        };
         let ram_bytes = mem.size();
         if live.is_some() {
             self.observe(Step::Precopy);
@@ -294,6 +352,7 @@ impl<'o> CreateJob<'o> {
             summary = Some(saver.seal().await.map_err(at(Step::SealMemory))?);
         }
         Ok(Saved {
+            mode,
             memory: Some(self.memory_state(Consistency::End, ram_bytes)),
             summary,
             streamed: None,
@@ -319,6 +378,15 @@ impl<'o> CreateJob<'o> {
             self.paused_since = Some(Instant::now());
         }
         Ok(())
+    }
+
+    /// Records that the hypervisor paused a running domain for the create (a pre-copy stream
+    /// at its switch-over) at `since`. Undo: [`CreateJob::resume`].
+    pub(super) fn paused_by_hypervisor(&mut self, since: Instant) {
+        if self.was == DomainState::Running {
+            self.observe(Step::Pause);
+            self.paused_since = Some(since);
+        }
     }
 
     /// Resumes the domain if the create paused it; returns how long it was paused.
@@ -395,11 +463,7 @@ impl<'o> CreateJob<'o> {
             .store
             .set_current(&self.domain, Some(self.snapshot.clone()))?;
         orchestrator.store.clear_intent(&self.domain)?;
-        let memory_mode = match record.memory {
-            Some(_) => options.memory.saved_as(),
-            None => SavedMemory::None,
-        };
-        Ok(report(record, saved, memory_mode, started))
+        Ok(report(record, saved, started))
     }
 
     /// Undoes what the create did, in reverse: the memory save, the disk snapshots, the pause,
@@ -535,7 +599,7 @@ async fn undo_overlay(
 }
 
 /// The report of a committed create.
-fn report(record: SnapshotRecord, saved: Saved, memory_mode: SavedMemory, started: Instant) -> CreateReport {
+fn report(record: SnapshotRecord, saved: Saved, started: Instant) -> CreateReport {
     let rounds: Vec<RoundReport> = saved
         .summary
         .iter()
@@ -550,12 +614,18 @@ fn report(record: SnapshotRecord, saved: Saved, memory_mode: SavedMemory, starte
         ),
         (None, Some(streamed)) => (
             streamed.pages * page,
-            Some((streamed.ram_bytes / page, streamed.pages)),
+            Some((streamed.ram_bytes / page, streamed.stored_pages)),
         ),
         (None, None) => (0, None),
     };
+    let memory_read = match saved.mode {
+        SavedMemory::None => None,
+        _ if saved.streamed.is_some() => Some(MemoryRead::Stream),
+        _ => Some(MemoryRead::Direct),
+    };
     CreateReport {
-        memory_mode,
+        memory_mode: saved.mode,
+        memory_read,
         memory_bytes,
         memory_rounds: rounds,
         memory_pages,

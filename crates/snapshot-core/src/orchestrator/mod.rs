@@ -13,7 +13,6 @@
 //! runs a memory save on its own thread, and `types` holds the public options and reports.
 
 mod activity;
-mod background;
 mod create;
 mod delete;
 mod disk_plan;
@@ -21,6 +20,7 @@ mod domain;
 mod memory_saver;
 mod recover;
 mod revert;
+mod streamed;
 mod tidy;
 mod types;
 mod verify;
@@ -33,8 +33,9 @@ use std::{
 
 pub use activity::{Abandoned, Activity};
 pub use types::{
-    CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, MemoryMode, Observer, Quiet, Recovery,
-    RecoveryOutcome, RevertReport, RoundReport, SavedMemory, VerifyReport, BACKGROUND_FROM_RAM_BYTES,
+    CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, LiveMethod, LiveOptions, MemoryMode,
+    MemoryRead, Observer, Quiet, Recovery, RecoveryOutcome, RevertReport, RoundReport, SavedMemory,
+    VerifyReport, DEFAULT_CONVERGE_WITHIN, DEFAULT_MAX_DOWNTIME,
 };
 
 use crate::{

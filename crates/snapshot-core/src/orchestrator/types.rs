@@ -1,6 +1,6 @@
 //! The orchestrator's public options and reports, and its [`Observer`].
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use memory::{ConvergencePolicy, RoundStats};
 use serde::Serialize;
@@ -35,37 +35,71 @@ pub enum MemoryMode {
     /// Pause the domain, save all memory, resume.
     #[default]
     Paused,
-    /// Copy memory while the domain runs (pre-copy rounds), then pause for the last dirty pages.
-    /// The pause is about one read of guest RAM; memory is consistent at the end of the create.
-    Live(ConvergencePolicy),
-    /// The hypervisor's own write-protect snapshot, streamed into the memory image: the guest is
-    /// paused only while its state is captured and the disks are snapshotted, whatever its RAM
-    /// size, then runs (slowed while pages are still protected) as memory streams. Memory is
-    /// consistent at the start of the create.
+    /// Save memory while the domain runs, with a short pause (see [`LiveOptions`]).
+    Live(LiveOptions),
+}
+
+/// How a live create saves memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LiveMethod {
+    /// Pre-copy, the shortest pause this hypervisor offers.
+    #[default]
+    Auto,
+    /// Pre-copy: memory is copied in passes while the guest runs, then the guest pauses for
+    /// what is left. Through the hypervisor's own stream where it tracks dirty pages (its pause
+    /// does not grow with RAM size); else domsnap's own engine on the shared RAM (its pause is
+    /// about one read of RAM). Memory is consistent at the end of the create.
+    Precopy,
+    /// The hypervisor's write-protect snapshot, streamed into the memory image: the guest is
+    /// paused only while its state is captured and the disks are snapshotted, then runs (slowed
+    /// while pages are still protected) as memory streams. Memory is consistent at the start of
+    /// the create. Refused where the hypervisor cannot (e.g. RAM mapped from a snapshot image).
     Background,
 }
 
-/// Guest RAM from which [`MemoryMode::shortest_live_pause`] picks the background mode. Pre-copy
-/// pauses for one read of RAM (about 50–60 ms per GiB here, so about 25–30 ms at 512 MiB) plus
-/// the device state; the background snapshot for QEMU's capture (about 20 ms) whatever the size.
-pub const BACKGROUND_FROM_RAM_BYTES: u64 = 512 << 20;
+/// Options of a live create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveOptions {
+    /// The method.
+    pub method: LiveMethod,
+    /// The longest final pause pre-copy aims at (the hypervisor's downtime limit; the memory
+    /// crate's `max_pause`).
+    pub max_downtime: Duration,
+    /// How long pre-copy may run before the create gives up, rolled back, with the guest
+    /// running.
+    pub converge_within: Duration,
+}
 
-impl MemoryMode {
-    /// The live mode with the shorter guest pause for a domain with `ram_bytes` of RAM.
-    pub fn shortest_live_pause(ram_bytes: u64) -> Self {
-        if ram_bytes >= BACKGROUND_FROM_RAM_BYTES {
-            MemoryMode::Background
-        } else {
-            MemoryMode::Live(ConvergencePolicy::default())
+/// [`LiveOptions::max_downtime`] by default: QEMU paused 11–16 ms at this limit here (1 GiB
+/// guest rewriting 48 MiB/s, unlimited bandwidth).
+pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(20);
+/// [`LiveOptions::converge_within`] by default.
+pub const DEFAULT_CONVERGE_WITHIN: Duration = Duration::from_secs(120);
+
+impl Default for LiveOptions {
+    fn default() -> Self {
+        LiveOptions {
+            method: LiveMethod::Auto,
+            max_downtime: DEFAULT_MAX_DOWNTIME,
+            converge_within: DEFAULT_CONVERGE_WITHIN,
+        }
+    }
+}
+
+impl LiveOptions {
+    /// The hypervisor's pre-copy with these limits.
+    pub(crate) fn precopy_stream(&self) -> crate::hypervisor::StreamMode {
+        crate::hypervisor::StreamMode::Precopy {
+            max_downtime: self.max_downtime,
+            converge_within: self.converge_within,
         }
     }
 
-    /// How a create in this mode reports its memory.
-    pub(crate) fn saved_as(&self) -> SavedMemory {
-        match self {
-            MemoryMode::Paused => SavedMemory::Paused,
-            MemoryMode::Live(_) => SavedMemory::Precopy,
-            MemoryMode::Background => SavedMemory::Background,
+    /// The memory crate's pre-copy with these limits.
+    pub(crate) fn engine_policy(&self) -> ConvergencePolicy {
+        ConvergencePolicy {
+            max_pause: self.max_downtime,
+            ..ConvergencePolicy::default()
         }
     }
 }
@@ -199,8 +233,21 @@ pub struct CreateReport {
     pub memory_rounds: Vec<RoundReport>,
     /// Guest pages, and how many were stored (the rest were zero).
     pub memory_pages: Option<(u64, u64)>,
-    /// What the hypervisor's stream held, for a background save.
+    /// Where memory was read: `direct` (the shared RAM, by domsnap) or `stream` (the
+    /// hypervisor's migration stream).
+    pub memory_read: Option<MemoryRead>,
+    /// What the hypervisor's stream held, for a streamed save.
     pub streamed: Option<StreamedSave>,
+}
+
+/// Where a create read memory (serialised in lower case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryRead {
+    /// domsnap read the RAM the hypervisor shares.
+    Direct,
+    /// The hypervisor's own stream (its dirty tracking), parsed into the image.
+    Stream,
 }
 
 /// What a delete did.

@@ -1,17 +1,23 @@
-//! The background save of a create: the hypervisor's own write-protect snapshot, streamed into
-//! the memory image while the guest runs. The driver prepares while the guest runs; the job then
-//! pauses the guest, snapshots its disks, lets the hypervisor capture, resumes as soon as it has,
-//! and waits while memory streams. Memory, devices and disks are all as of the pause.
+//! The streamed save of a create: memory and device state through the hypervisor's own stream,
+//! parsed by the driver into the memory image. The driver prepares while the guest runs (for
+//! pre-copy: it copies memory in passes until the hypervisor stops the guest for the rest); the
+//! job then pauses the guest (unless the hypervisor did), snapshots its disks, lets the
+//! hypervisor capture, resumes as soon as it has, and waits for the stream to end. Memory,
+//! devices and disks are all as of the pause.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::{at, create::CreateJob, create::Saved, StepResult};
-use crate::{error::Step, hypervisor::CaptureSignals, metadata::Consistency};
+use super::{at, create::CreateJob, create::Saved, SavedMemory, StepResult};
+use crate::{
+    error::Step,
+    hypervisor::{CaptureSignals, StreamMode},
+    metadata::Consistency,
+};
 
 impl CreateJob<'_> {
-    pub(super) async fn save_background(&mut self) -> StepResult<Saved> {
+    pub(super) async fn save_streamed(&mut self, mode: StreamMode, ram_bytes: u64) -> StepResult<Saved> {
         let (prepared, on_prepared) = oneshot::channel();
         let (capture, on_capture) = oneshot::channel();
         let (captured, mut on_captured) = oneshot::channel();
@@ -20,7 +26,11 @@ impl CreateJob<'_> {
             capture: on_capture,
             captured,
         };
-        self.observe(Step::SaveMemory);
+        let first_step = match mode {
+            StreamMode::Precopy { .. } => Step::Precopy,
+            StreamMode::Paused | StreamMode::Background => Step::SaveMemory,
+        };
+        self.observe(first_step);
         // The save runs beside the job's own steps (pause, disks), so it gets its own copies.
         let hypervisor = self.orchestrator.hypervisor.clone();
         let (domain, image, device_state) = (
@@ -28,20 +38,25 @@ impl CreateJob<'_> {
             self.files.memory_image.clone(),
             self.files.device_state.clone(),
         );
-        let save = hypervisor.background_save(&domain, &image, &device_state, signals);
+        let save = hypervisor.streamed_save(&domain, &image, &device_state, mode, signals);
         tokio::pin!(save);
         // A save that ends before it is prepared failed.
         tokio::select! {
             biased;
             Ok(()) = on_prepared => {}
             result = &mut save => {
-                let failure = result.err().unwrap_or_else(|| "the background save ended before it started".into());
-                return Err((Step::SaveMemory, failure));
+                let failure = result.err().unwrap_or_else(|| "the streamed save ended before it started".into());
+                return Err((first_step, failure));
             }
         }
 
         let paused_and_disks = async {
-            self.pause().await?;
+            if mode.hypervisor_pauses() {
+                // The hypervisor stopped the guest; undo and resume are ours from here.
+                self.paused_by_hypervisor(Instant::now());
+            } else {
+                self.pause().await?;
+            }
             self.snapshot_disks().await
         };
         if let Err(error) = paused_and_disks.await {
@@ -51,7 +66,7 @@ impl CreateJob<'_> {
             return Err(error);
         }
 
-        tracing::debug!(domain = %self.domain, "disks snapshotted; capturing");
+        self.observe(Step::Capture);
         let _ = capture.send(());
         // Until the state is captured the guest stays paused. A save that ends first either
         // failed (the rollback resumes the guest) or is complete, capture included.
@@ -70,8 +85,14 @@ impl CreateJob<'_> {
             None => save.await,
         }
         .map_err(at(Step::SaveMemory))?;
+        let (saved_as, consistency) = match mode {
+            StreamMode::Paused => (SavedMemory::Paused, Consistency::End),
+            StreamMode::Precopy { .. } => (SavedMemory::Precopy, Consistency::End),
+            StreamMode::Background => (SavedMemory::Background, Consistency::Start),
+        };
         Ok(Saved {
-            memory: Some(self.memory_state(Consistency::Start, streamed.ram_bytes)),
+            mode: saved_as,
+            memory: Some(self.memory_state(consistency, ram_bytes)),
             summary: None,
             streamed: Some(streamed),
             guest_pause,

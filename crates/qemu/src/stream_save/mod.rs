@@ -1,0 +1,359 @@
+//! Memory snapshots through QEMU's own migration stream, written into a socket this process reads
+//! and parsed as it arrives into the toolstack's memory image and a device-state file. Three
+//! modes ([`StreamMode`]):
+//! - **paused**: the caller stops the guest, QEMU streams, the caller resumes it at the end;
+//! - **pre-copy**: QEMU copies RAM in passes while the guest runs, tracking dirty pages exactly,
+//!   and with `pause-before-switchover` stops the guest for the rest and waits (`pre-switchover`)
+//!   so that the caller snapshots the disks at that instant; `migrate-continue` sends the rest.
+//!   The pause holds QEMU's last pass (bounded by its `downtime-limit`), the disks and the
+//!   device state, whatever the RAM size;
+//! - **background**: QEMU's `background-snapshot` write-protects RAM, saves the device state and
+//!   streams RAM while the guest runs on (consistent at its start).
+
+mod outputs;
+mod settings;
+
+use std::{
+    os::unix::net::UnixStream,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use memory::{Durability, ImageLayout, ImportStats, PAGE_SIZE};
+use qmp::{
+    commands::{MigrateCancel, MigrateContinue, MigrationInfo, QueryMigrate},
+    Client, EventStream, MigrationStatus,
+};
+use snapshot_core::{CaptureSignals, StreamMode};
+use tokio::sync::oneshot;
+
+pub use settings::expected_blocks;
+
+use crate::{
+    error::{Error, Result},
+    migration_stream::StreamStats,
+};
+use outputs::{Outputs, Parser};
+use settings::{check_layout, check_migration_idle, check_settings, populate_ram};
+
+/// The name the stream's socket is filed under in QEMU (`getfd`, `migrate fd:NAME`).
+const FD_NAME: &str = "domsnap-stream";
+/// How often QEMU's migration state is looked at when no `MIGRATION` event came (events wake the
+/// wait at once).
+const POLL: Duration = Duration::from_millis(50);
+/// Longest wait for the end of the stream once QEMU reports the migration completed (it closes the
+/// socket right after), or for QEMU to end a cancelled migration.
+const END_TIMEOUT: Duration = Duration::from_secs(30);
+/// Socket send buffer asked for QEMU's end (the kernel caps it at `net.core.wmem_max`): QEMU can run
+/// ahead of the reader by this much.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// What a streamed snapshot did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotStats {
+    /// How long QEMU stopped the guest, as it reports (its `downtime`). For a background snapshot:
+    /// to save the device state and write-protect RAM at the start; for pre-copy: from its stop
+    /// to the completion, the caller's disk snapshots at `pre-switchover` included.
+    pub downtime: Duration,
+    /// Wall time of the whole call, from the first check to both files in place.
+    pub total_time: Duration,
+    /// QEMU's own `total-time` of the migration.
+    pub qemu_total_time: Duration,
+    /// Passes over guest RAM (QEMU's dirty-bitmap syncs).
+    pub passes: u64,
+    /// What the stream held.
+    pub stream: StreamStats,
+    /// What the memory image holds.
+    pub image: ImportStats,
+}
+
+/// Takes a memory snapshot of the QEMU behind `client` in `mode`: guest RAM goes into a memory
+/// image at `image` (its `layout` must be that of the domain's RAM, e.g. [`ImageLayout::of`] the
+/// mapped RAM file) and the device state into `device_state`, a file `migrate-incoming` loads on
+/// a QEMU started with `-incoming defer` once its RAM holds the image.
+///
+/// `signals` places the snapshot's instant. `prepared` fires once the checks are done and the
+/// files exist (pre-copy: once QEMU has also copied RAM and stopped the guest before the
+/// switch-over); QEMU captures when `capture` arrives (dropped instead, the snapshot gives up,
+/// leaving nothing behind, and a pre-copy's guest runs again); `captured` fires once the state is
+/// fixed and the caller may resume the guest: at the first RAM page of a background snapshot,
+/// when QEMU completes otherwise. It is dropped unsent if the snapshot fails before.
+///
+/// A pre-copy that does not reach its switch-over within its `converge_within` is cancelled
+/// ([`Error::NotConverged`]). A background snapshot needs RAM QEMU can write-protect (a shared file
+/// on tmpfs or hugetlbfs). No other migration may run, and no capability that changes the stream
+/// may be on; the settings a snapshot changes (its capabilities, events, bandwidth and downtime
+/// limits) are put back afterwards. Both files are written under temporary names and appear
+/// (fsynced per `durability`) only when everything succeeded; on any error neither exists and the
+/// migration is cancelled. Do not drop the returned future before it completes: the settings
+/// would stay changed.
+pub async fn stream_snapshot(
+    client: &Client,
+    layout: ImageLayout,
+    image: &Path,
+    device_state: &Path,
+    durability: Durability,
+    mode: StreamMode,
+    signals: CaptureSignals,
+) -> Result<SnapshotStats> {
+    let started = Instant::now();
+    check_migration_idle(client).await?;
+    let settings = check_settings(client).await?;
+    check_layout(client, &layout).await?;
+    let expected = expected_blocks(client, layout.total_pages() * PAGE_SIZE as u64).await?;
+    if mode == StreamMode::Background {
+        populate_ram(client).await;
+    }
+    let outputs = Outputs::create(image, device_state, layout, durability)?;
+    let (reader, writer) = UnixStream::pair().map_err(|source| Error::StreamSocket { source })?;
+    // Best effort: a larger buffer lets QEMU run further ahead of the reader.
+    let _ = nix::sys::socket::setsockopt(&writer, nix::sys::socket::sockopt::SndBuf, &SOCKET_BUFFER);
+    let CaptureSignals {
+        prepared,
+        capture,
+        captured,
+    } = signals;
+    // A background snapshot's state is fixed when QEMU sends RAM; the others' when QEMU is done.
+    let (at_first_page, at_completion) = match mode {
+        StreamMode::Background => (Some(captured), None),
+        StreamMode::Paused | StreamMode::Precopy { .. } => (None, Some(captured)),
+    };
+    let mut parser = Parser::spawn(reader, expected, outputs, at_first_page)?;
+    let mut migration = Migration {
+        client,
+        events: client.subscribe(),
+        parser: &mut parser,
+        parsed: None,
+    };
+    let handshake = Handshake {
+        prepared,
+        capture,
+        captured: at_completion,
+    };
+    let outcome = match settings.apply(client, mode).await {
+        Ok(()) => migration.run(writer, mode, handshake).await,
+        Err(error) => Err(error),
+    };
+    let restored = settings.restore(client, mode).await;
+    let (info, stream, outputs) = match outcome.and_then(|done| restored.map(|()| done)) {
+        Ok(done) => done,
+        Err(error) => {
+            parser.abort().await;
+            return Err(error);
+        }
+    };
+    let image_stats = outputs.import.stats();
+    if image_stats.pages_missing > 0 {
+        return Err(Error::StreamIncomplete {
+            missing: image_stats.pages_missing,
+        });
+    }
+    let image_stats = tokio::task::spawn_blocking(move || outputs.seal())
+        .await
+        .map_err(|e| Error::MigrationFailed {
+            reason: format!("sealing the memory image failed: {e}"),
+        })??;
+    Ok(SnapshotStats {
+        downtime: Duration::from_millis(info.downtime.unwrap_or_default()),
+        total_time: started.elapsed(),
+        qemu_total_time: Duration::from_millis(info.total_time.unwrap_or_default()),
+        passes: info.ram.as_ref().map_or(1, |ram| ram.dirty_sync_count.max(1)),
+        stream,
+        image: image_stats,
+    })
+}
+
+/// The caller's side of the capture (see [`stream_snapshot`]).
+struct Handshake {
+    prepared: oneshot::Sender<()>,
+    capture: oneshot::Receiver<()>,
+    /// Fired at completion; `None` when the parser fires it.
+    captured: Option<oneshot::Sender<()>>,
+}
+
+/// A migration in progress: QEMU's side through `client` and its events, ours in the parser.
+struct Migration<'a> {
+    client: &'a Client,
+    events: EventStream,
+    parser: &'a mut Parser,
+    /// The parser's outcome, once the stream ended.
+    parsed: Option<(StreamStats, Outputs)>,
+}
+
+impl Migration<'_> {
+    /// Passes `writer` to QEMU and runs the migration into it; returns QEMU's final report and
+    /// the parser's outputs once both QEMU and the parser are done. On error the migration is
+    /// cancelled.
+    async fn run(
+        &mut self,
+        writer: UnixStream,
+        mode: StreamMode,
+        handshake: Handshake,
+    ) -> Result<(MigrationInfo, StreamStats, Outputs)> {
+        let passed = self
+            .client
+            .getfd(FD_NAME, std::os::fd::AsFd::as_fd(&writer))
+            .await
+            .map_err(qmp("passing the stream socket to QEMU"));
+        // QEMU has its own copy: the stream ends (EOF) when QEMU closes it.
+        drop(writer);
+        passed?;
+        match self.steps(mode, handshake).await {
+            Ok(done) => Ok(done),
+            Err(error) => {
+                self.cancel().await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn steps(
+        &mut self,
+        mode: StreamMode,
+        handshake: Handshake,
+    ) -> Result<(MigrationInfo, StreamStats, Outputs)> {
+        let Handshake {
+            prepared,
+            capture,
+            captured,
+        } = handshake;
+        if let StreamMode::Precopy { converge_within, .. } = mode {
+            // Everything up to QEMU's stop happens while the guest runs.
+            self.start().await?;
+            let deadline = Instant::now() + converge_within;
+            self.wait_for(MigrationStatus::PreSwitchover, Some((deadline, converge_within)))
+                .await?;
+        }
+        let _ = prepared.send(());
+        if capture.await.is_err() {
+            return Err(Error::CaptureAbandoned);
+        }
+        match mode {
+            StreamMode::Precopy { .. } => {
+                let go_on = MigrateContinue {
+                    state: MigrationStatus::PreSwitchover,
+                };
+                self.client
+                    .execute(&go_on)
+                    .await
+                    .map_err(qmp("continuing the migration after the disk snapshots"))?;
+            }
+            StreamMode::Paused | StreamMode::Background => self.start().await?,
+        }
+        let info = self.wait_for(MigrationStatus::Completed, None).await?;
+        if let Some(captured) = captured {
+            // The caller may not be waiting for it.
+            let _ = captured.send(());
+        }
+        let (stream, outputs) = match self.parsed.take() {
+            Some(done) => done,
+            None => tokio::time::timeout(END_TIMEOUT, self.parser.result())
+                .await
+                .map_err(|_| Error::MigrationFailed {
+                    reason: format!(
+                        "QEMU reported the migration complete, but its stream did not end within {} s",
+                        END_TIMEOUT.as_secs()
+                    ),
+                })??,
+        };
+        Ok((info, stream, outputs))
+    }
+
+    async fn start(&self) -> Result<()> {
+        let migrate = qmp::commands::Migrate {
+            uri: format!("fd:{FD_NAME}"),
+        };
+        self.client
+            .execute(&migrate)
+            .await
+            .map(drop)
+            .map_err(qmp("starting the migration into the stream"))
+    }
+
+    /// Waits until QEMU's migration reaches `target`, woken by QEMU's `MIGRATION` events (with a
+    /// slow poll beside them); takes the parser's outcome if the stream ends meanwhile. With a
+    /// `deadline` (and the limit it came from), gives up when it passes.
+    async fn wait_for(
+        &mut self,
+        target: MigrationStatus,
+        deadline: Option<(Instant, Duration)>,
+    ) -> Result<MigrationInfo> {
+        loop {
+            let info = self
+                .client
+                .execute(&QueryMigrate)
+                .await
+                .map_err(qmp("following the migration"))?;
+            match &info.status {
+                Some(status) if *status == target => return Ok(info),
+                Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {
+                    return Err(Error::MigrationFailed {
+                        reason: info.error_desc.unwrap_or_else(|| "QEMU gave no reason".into()),
+                    })
+                }
+                Some(MigrationStatus::Completed) => {
+                    return Err(Error::MigrationFailed {
+                        reason: "QEMU completed the migration without stopping before the switch-over".into(),
+                    })
+                }
+                _ => {}
+            }
+            if let Some((deadline, limit)) = deadline {
+                if Instant::now() >= deadline {
+                    return Err(not_converged(&info, limit));
+                }
+            }
+            let parsing = self.parsed.is_none() && !self.parser.finished();
+            tokio::select! {
+                // Any event may be the one; the query above tells. A closed connection fails
+                // the next query.
+                _ = self.events.next() => {}
+                outcome = self.parser.result(), if parsing => self.parsed = Some(outcome?),
+                () = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+
+    /// Cancels the migration and waits for QEMU to let go of the domain (a pre-copy's guest runs
+    /// again); the descriptor is taken out of QEMU's table if the migration never took it.
+    async fn cancel(&mut self) {
+        // Stop reading first: QEMU's next write then fails at once (broken pipe) instead of waiting
+        // on a full socket. QEMU may be gone already; a cancel covers the rest.
+        self.parser.stop();
+        let _ = self.client.execute(&MigrateCancel).await;
+        let deadline = Instant::now() + END_TIMEOUT;
+        while Instant::now() < deadline {
+            match self.client.execute(&QueryMigrate).await.map(|info| info.status) {
+                Ok(Some(status)) if migration_running(&status) => tokio::time::sleep(POLL / 10).await,
+                _ => break,
+            }
+        }
+        let _ = self.client.closefd(FD_NAME).await;
+    }
+}
+
+/// Whether a migration in `status` still holds the domain.
+pub(crate) fn migration_running(status: &MigrationStatus) -> bool {
+    matches!(
+        status,
+        MigrationStatus::Setup
+            | MigrationStatus::Active
+            | MigrationStatus::Cancelling
+            | MigrationStatus::PreSwitchover
+            | MigrationStatus::Device
+    )
+}
+
+fn not_converged(info: &MigrationInfo, limit: Duration) -> Error {
+    let ram = info.ram.as_ref();
+    Error::NotConverged {
+        after: limit,
+        remaining_mib: ram.map_or(0, |r| r.remaining >> 20),
+        dirty_pages_per_second: ram.map_or(0, |r| r.dirty_pages_rate),
+        passes: ram.map_or(0, |r| r.dirty_sync_count),
+    }
+}
+
+fn qmp(operation: &'static str) -> impl FnOnce(qmp::Error) -> Error {
+    move |source| Error::Qmp { operation, source }
+}
