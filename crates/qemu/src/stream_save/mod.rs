@@ -241,6 +241,14 @@ impl Migration<'_> {
             StreamMode::Paused | StreamMode::Background => self.start().await?,
         }
         let info = self.wait_for(MigrationStatus::Completed, None).await?;
+        if mode == StreamMode::Paused {
+            // A completed migration leaves the disks inactive (for a destination to take them
+            // over) until the next `cont`; a domain that stays paused must keep them usable.
+            self.client
+                .execute_raw("blockdev-set-active", serde_json::json!({ "active": true }))
+                .await
+                .map_err(qmp("reactivating the disks after the migration"))?;
+        }
         if let Some(captured) = captured {
             // The caller may not be waiting for it.
             let _ = captured.send(());

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use super::{at, create::CreateJob, create::Saved, SavedMemory, StepResult};
 use crate::{
     error::Step,
-    hypervisor::{CaptureSignals, StreamMode},
+    hypervisor::{CaptureSignals, DriverResult, StreamMode, StreamedSave},
     metadata::Consistency,
 };
 
@@ -50,32 +50,11 @@ impl CreateJob<'_> {
             }
         }
 
-        let paused_and_disks = async {
-            if mode.hypervisor_pauses() {
-                // The hypervisor stopped the guest; undo and resume are ours from here.
-                self.paused_by_hypervisor(Instant::now());
-            } else {
-                self.pause().await?;
-            }
-            self.snapshot_disks().await
-        };
-        if let Err(error) = paused_and_disks.await {
-            // Dropping `capture` makes the driver give up; let it clean up before the rollback.
-            drop(capture);
-            let _ = save.await;
-            return Err(error);
-        }
-
-        self.observe(Step::Capture);
-        let _ = capture.send(());
         // Until the state is captured the guest stays paused. A save that ends first either
         // failed (the rollback resumes the guest) or is complete, capture included.
-        let ended_early = tokio::select! {
-            biased;
-            // A dropped sender (no capture) disables this branch.
-            Ok(()) = &mut on_captured => None,
-            result = &mut save => Some(result),
-        };
+        let ended_early = self
+            .stop_disks_capture(mode, capture, &mut on_captured, &mut save)
+            .await?;
         let mut guest_pause = Duration::ZERO;
         if ended_early.as_ref().is_none_or(Result::is_ok) {
             guest_pause = self.resume().await?;
@@ -97,5 +76,82 @@ impl CreateJob<'_> {
             streamed: Some(streamed),
             guest_pause,
         })
+    }
+}
+
+impl CreateJob<'_> {
+    /// Stops the guest (or finds it stopped by the hypervisor), snapshots the disks, lets the
+    /// hypervisor capture and waits until it has. Returns the save's result if it ended first.
+    async fn stop_disks_capture<F>(
+        &mut self,
+        mode: StreamMode,
+        capture: oneshot::Sender<()>,
+        on_captured: &mut oneshot::Receiver<()>,
+        save: &mut F,
+    ) -> StepResult<Option<DriverResult<StreamedSave>>>
+    where
+        F: std::future::Future<Output = DriverResult<StreamedSave>> + Unpin,
+    {
+        let captured = match mode {
+            StreamMode::Background => {
+                // The guest is paused, so its state is the snapshot's whichever runs first: the
+                // hypervisor captures while the disks are snapshotted (a background snapshot
+                // leaves the disks alone).
+                if let Err(error) = self.pause().await {
+                    // Dropping `capture` makes the driver give up; let it clean up first.
+                    drop(capture);
+                    let _ = save.await;
+                    return Err(error);
+                }
+                self.observe(Step::Capture);
+                let _ = capture.send(());
+                let (disks, captured) = tokio::join!(self.snapshot_disks(), wait_captured(on_captured, save));
+                if let Err(error) = disks {
+                    // The capture is under way: let the save end (the rollback removes its files).
+                    if captured.is_none() {
+                        let _ = save.await;
+                    }
+                    return Err(error);
+                }
+                captured
+            }
+            StreamMode::Paused | StreamMode::Precopy { .. } => {
+                // A migration deactivates the disks when it completes: they are snapshotted
+                // first (pre-copy: while the hypervisor holds the guest before the switch-over).
+                if let Err(error) = self.stop_for_disks(mode).await {
+                    drop(capture);
+                    let _ = save.await;
+                    return Err(error);
+                }
+                self.observe(Step::Capture);
+                let _ = capture.send(());
+                wait_captured(on_captured, save).await
+            }
+        };
+        Ok(captured)
+    }
+
+    /// Pauses the guest (unless the hypervisor did, which makes undo and resume ours from here)
+    /// and snapshots the disks.
+    async fn stop_for_disks(&mut self, mode: StreamMode) -> StepResult<()> {
+        if mode.hypervisor_pauses() {
+            self.paused_by_hypervisor(Instant::now());
+        } else {
+            self.pause().await?;
+        }
+        self.snapshot_disks().await
+    }
+}
+
+/// Waits until the driver announces the capture (`None`) or the save ends first (its result).
+async fn wait_captured<F: std::future::Future<Output = DriverResult<StreamedSave>> + Unpin>(
+    on_captured: &mut oneshot::Receiver<()>,
+    save: &mut F,
+) -> Option<DriverResult<StreamedSave>> {
+    tokio::select! {
+        biased;
+        // A dropped sender (no capture) disables this branch.
+        Ok(()) = on_captured => None,
+        result = save => Some(result),
     }
 }
