@@ -534,7 +534,8 @@ fn parse_disk(text: &str) -> Result<DiskRequest> {
 
 /// Progress on a terminal, and the crash-test hook: with `DOMSNAP_TEST_KILL_AT=STEP` (a step's
 /// kebab-case name, e.g. `snapshot-disks`) the process kills itself with SIGKILL as that step
-/// starts, so tests can check `recover` after a crash at every step.
+/// starts, so tests can check `recover` after a crash at every step; `STEP+MS` kills it MS
+/// milliseconds later (e.g. while QEMU streams).
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
     kill_at: Option<String>,
@@ -564,9 +565,20 @@ impl Observer for Progress {
     fn step(&self, operation: Operation, step: Step) {
         tracing::debug!(%operation, %step, "step");
         if let Some(kill_at) = &self.kill_at {
+            let (wanted, delay_ms) = match kill_at.split_once('+') {
+                Some((wanted, ms)) => (wanted, ms.parse().unwrap_or(0)),
+                None => (kill_at.as_str(), 0),
+            };
             let name = serde_json::to_value(step).ok();
-            if name.as_ref().and_then(|n| n.as_str()) == Some(kill_at.as_str()) {
-                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            if name.as_ref().and_then(|n| n.as_str()) == Some(wanted) {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(delay_ms));
+                    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+                });
+                if delay_ms == 0 {
+                    // Not a step further.
+                    std::thread::park();
+                }
             }
         }
         if let Some(bar) = &self.bar {

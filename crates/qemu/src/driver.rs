@@ -363,20 +363,24 @@ impl QemuDriver {
 
     /// Resumes the vCPUs. A migration left waiting before its switch-over (by a toolstack that
     /// died while it snapshotted the disks of a pre-copy save) is cancelled first: QEMU keeps the
-    /// guest stopped until it ends.
+    /// guest stopped until it ends; one that completed is let settle first.
     pub async fn resume(&self, name: &Name) -> Result<()> {
         let (_, _, client) = self.running(name).await?;
         let migration = client
             .execute(&QueryMigrate)
             .await
             .map_err(qmp_error(name, "querying the migration state"))?;
-        if migration.status == Some(MigrationStatus::PreSwitchover) {
-            tracing::warn!(domain = %name, "cancelling a migration left before its switch-over");
-            client.execute(&MigrateCancel).await.map_err(qmp_error(
-                name,
-                "cancelling a migration left before its switch-over",
-            ))?;
-            self.wait_migration_ended(name, &client).await?;
+        match migration.status {
+            Some(MigrationStatus::PreSwitchover) => {
+                tracing::warn!(domain = %name, "cancelling a migration left before its switch-over");
+                client.execute(&MigrateCancel).await.map_err(qmp_error(
+                    name,
+                    "cancelling a migration left before its switch-over",
+                ))?;
+                self.wait_migration_ended(name, &client).await?;
+            }
+            Some(MigrationStatus::Completed) => drop(crate::stream_save::wait_until_settled(&client).await?),
+            _ => {}
         }
         client.execute(&Cont).await.map_err(qmp_error(name, "resuming"))?;
         Ok(())

@@ -100,11 +100,17 @@ impl Hypervisor for QemuDriver {
         let files = self.files(domain)?;
         self.load_definition(domain, &files)?;
         Ok(match files.pid() {
-            Some(pid) => Arc::new(LiveDisks {
-                live: LiveBackend::new(self.client(domain, &files, pid).await?),
-                driver: self.clone(),
-                domain: domain.clone(),
-            }),
+            Some(pid) => {
+                let client = self.client(domain, &files, pid).await?;
+                // After a completed outgoing migration (a toolstack that died before its
+                // `cont`), QEMU's disks are inactive and a write to them aborts QEMU.
+                crate::stream_save::settle_after_migration(&client).await?;
+                Arc::new(LiveDisks {
+                    live: LiveBackend::new(client),
+                    driver: self.clone(),
+                    domain: domain.clone(),
+                })
+            }
             None => Arc::new(OfflineBackend),
         })
     }

@@ -21,8 +21,8 @@ use std::{
 
 use memory::{Durability, ImageLayout, ImportStats, PAGE_SIZE};
 use qmp::{
-    commands::{MigrateCancel, MigrateContinue, MigrationInfo, QueryMigrate},
-    Client, EventStream, MigrationStatus,
+    commands::{MigrateCancel, MigrateContinue, MigrationInfo, QueryMigrate, QueryStatus},
+    Client, EventStream, MigrationStatus, RunState,
 };
 use snapshot_core::{CaptureSignals, StreamMode};
 use tokio::sync::oneshot;
@@ -241,13 +241,12 @@ impl Migration<'_> {
             StreamMode::Paused | StreamMode::Background => self.start().await?,
         }
         let info = self.wait_for(MigrationStatus::Completed, None).await?;
-        if mode == StreamMode::Paused {
-            // A completed migration leaves the disks inactive (for a destination to take them
-            // over) until the next `cont`; a domain that stays paused must keep them usable.
-            self.client
-                .execute_raw("blockdev-set-active", serde_json::json!({ "active": true }))
-                .await
-                .map_err(qmp("reactivating the disks after the migration"))?;
+        match mode {
+            // The domain may stay paused: its disks must be usable.
+            StreamMode::Paused => settle_after_migration(self.client).await?,
+            // The caller's `cont` follows at once, and reactivates the disks.
+            StreamMode::Precopy { .. } => drop(wait_until_settled(self.client).await?),
+            StreamMode::Background => {}
         }
         if let Some(captured) = captured {
             // The caller may not be waiting for it.
@@ -337,6 +336,49 @@ impl Migration<'_> {
             }
         }
         let _ = self.client.closefd(FD_NAME).await;
+    }
+}
+
+/// Makes a QEMU whose last outgoing migration completed usable again: waits for it to leave
+/// `finish-migrate` ([`wait_until_settled`]), and reactivates the disks a completed migration
+/// leaves inactive for a destination (QEMU aborts on a write to an inactive image, e.g. a disk
+/// snapshot before the next `cont`, which reactivates them too). Does nothing otherwise.
+pub(crate) async fn settle_after_migration(client: &Client) -> Result<()> {
+    let migration = client
+        .execute(&QueryMigrate)
+        .await
+        .map_err(qmp("querying the migration state"))?;
+    if migration.status != Some(MigrationStatus::Completed) {
+        // Before the switch-over of a pre-copy, `finish-migrate` holds the guest for the disks.
+        return Ok(());
+    }
+    if wait_until_settled(client).await? == RunState::PostMigrate {
+        client
+            .execute_raw("blockdev-set-active", serde_json::json!({ "active": true }))
+            .await
+            .map_err(qmp("reactivating the disks after the migration"))?;
+    }
+    Ok(())
+}
+
+/// Waits for a QEMU whose outgoing migration completed to leave `finish-migrate` (`cont` is
+/// refused until then); returns its run state.
+pub(crate) async fn wait_until_settled(client: &Client) -> Result<RunState> {
+    let deadline = Instant::now() + END_TIMEOUT;
+    loop {
+        let status = client
+            .execute(&QueryStatus)
+            .await
+            .map_err(qmp("reading the run state after the migration"))?;
+        if status.status != RunState::FinishMigrate {
+            return Ok(status.status);
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::MigrationFailed {
+                reason: format!("QEMU stayed in finish-migrate for {} s", END_TIMEOUT.as_secs()),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
