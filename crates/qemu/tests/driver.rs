@@ -19,7 +19,7 @@ use std::{
 use disk::ExternalSnapshot;
 use memory::{restore, save_paused, Durability, ImageLayout, ImageWriter, RestoreOptions, ZeroPages};
 use qemu::{DiskConfig, DomainConfig, DomainStatus, QemuDriver, StopMode};
-use snapshot_core::{DiskTarget, DomainState, Hypervisor, Name};
+use snapshot_core::{DiskTarget, DomainState, Hypervisor, IncomingRam, Name};
 use testkit::{SerialLine, Workload};
 
 const BOOT: Duration = Duration::from_secs(90);
@@ -148,6 +148,7 @@ fn status(name: &Name, state: DomainState, pid: Option<u32>) -> DomainStatus {
         name: name.clone(),
         state,
         pid,
+        mapped_image: None,
     }
 }
 
@@ -327,7 +328,7 @@ async fn device_state_that_qemu_cannot_load_fails_with_qemus_reason() {
     let name = config.name.clone();
     let driver = state.driver();
     driver.define(&config).await.unwrap();
-    driver.start_incoming(&name).await.unwrap();
+    driver.start_incoming(&name, IncomingRam::Fresh).await.unwrap();
     assert_eq!(driver.status(&name).await.unwrap().state, DomainState::Paused);
 
     let garbage = state.path().join("garbage.bin");
@@ -399,7 +400,7 @@ async fn revert_through_the_driver_continues_the_guest_where_it_was_saved() {
 
     // Revert: a new QEMU waiting for state, RAM written into its fresh file, devices loaded.
     Hypervisor::destroy(&driver, &name).await.unwrap();
-    driver.start_incoming(&name).await.unwrap();
+    driver.start_incoming(&name, IncomingRam::Fresh).await.unwrap();
     assert_eq!(driver.state(&name).await.unwrap(), DomainState::Paused);
     let ram = driver.guest_memory(&name).await.unwrap();
     let options = RestoreOptions {
@@ -488,7 +489,7 @@ async fn a_restored_domain_snapshots_again_from_new_and_old_device_state_files()
 
     for (round, file) in [&devices, &legacy].into_iter().enumerate() {
         Hypervisor::destroy(&driver, &name).await.unwrap();
-        driver.start_incoming(&name).await.unwrap();
+        driver.start_incoming(&name, IncomingRam::Fresh).await.unwrap();
         let ram = driver.guest_memory(&name).await.unwrap();
         let options = RestoreOptions {
             zero_pages: ZeroPages::AssumeZeroed,
@@ -591,7 +592,7 @@ async fn run_as_runs_qemu_as_that_user_in_the_sandbox() {
         .unwrap();
     drop(live);
     Hypervisor::destroy(&driver, &name).await.unwrap();
-    driver.start_incoming(&name).await.unwrap();
+    driver.start_incoming(&name, IncomingRam::Fresh).await.unwrap();
     let ram = driver.guest_memory(&name).await.unwrap();
     let options = RestoreOptions {
         zero_pages: ZeroPages::AssumeZeroed,

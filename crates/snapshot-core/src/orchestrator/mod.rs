@@ -33,8 +33,9 @@ use std::{
 
 pub use activity::{Abandoned, Activity};
 pub use types::{
-    CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, MemoryMode, Observer, Quiet, Recovery,
-    RecoveryOutcome, RevertReport, RoundReport, SavedMemory, VerifyReport, BACKGROUND_FROM_RAM_BYTES,
+    CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, MemoryLoad, MemoryMode, Observer,
+    Quiet, Recovery, RecoveryOutcome, RevertOptions, RevertReport, RoundReport, SavedMemory, VerifyReport,
+    BACKGROUND_FROM_RAM_BYTES,
 };
 
 use crate::{
