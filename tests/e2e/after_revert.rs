@@ -3,6 +3,10 @@
 //! pre-copy, live background) and a second revert must work on it, the domain must stay running
 //! and the guest must go on counting. A QEMU restored with `migration.send-configuration=off`
 //! aborted on its next outgoing migration (a background create) and the guest was lost.
+//!
+//! The reverts here are eager (`--eager`: RAM copied into fresh shared RAM): a lazy revert maps
+//! the snapshot's image privately to QEMU, and a create that reads guest RAM directly refuses
+//! such a domain (`lazy_revert.rs` covers that).
 
 #![allow(
     clippy::unwrap_used,
@@ -54,8 +58,9 @@ fn qemu_log(cli: &Cli, domain: &Domain) -> String {
 fn revert_and_check(cli: &Cli, domain: &Domain, snapshot: &str, ticks: &TicksAround) {
     let position = domain.serial_position();
     let last_tick = domain.last_tick_since(0).unwrap_or(0);
-    let report = cli.json(&["snapshot", "revert", &domain.name, snapshot]);
+    let report = cli.json(&["snapshot", "revert", &domain.name, snapshot, "--eager"]);
     assert_eq!(report["state"], "running", "{report}");
+    assert_eq!(report["memory_load"], "copied", "{report}");
     let deadline = Instant::now() + TICKS;
     let first = loop {
         if let Some(first) = domain.first_jump_since(position, last_tick) {
