@@ -33,6 +33,9 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for another process that is starting or stopping the domain.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(120);
+/// The file in the state directory that remembers the QEMU binary that passed its version
+/// check (so that starts need not run `qemu --version` again).
+const QEMU_RECORD: &str = "qemu-binary.json";
 /// Longest wait for QMP's greeting: QEMU answers at once unless another client is connected.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -43,6 +46,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// # State layout
 ///
 /// ```text
+/// STATE/qemu-binary.json             the QEMU binary that passed the version check (its path,
+///                                    inode, size and change time): not run again while it stays
 /// STATE/domains/NAME/domain.toml     the definition: DomainConfig as TOML with absolute paths,
 ///                                    replaced atomically (temporary file, fsync, rename, fsync)
 /// STATE/domains/NAME/serial.log      the serial console, appended across runs and restores
@@ -521,7 +526,9 @@ impl QemuDriver {
 
     /// The QEMU binary, checked once per driver.
     pub(crate) async fn qemu(&self) -> Result<PathBuf> {
-        self.inner.qemu.get_or_try_init(process::find_qemu).await.cloned()
+        let record = self.inner.state_dir.join(QEMU_RECORD);
+        let find = || process::find_qemu_remembered(&record);
+        self.inner.qemu.get_or_try_init(find).await.cloned()
     }
 
     /// The state directory, by its canonical path.

@@ -14,9 +14,9 @@
 //! filesystems (EXDEV) and some filesystems have none: the driver then starts the domain on
 //! fresh shared RAM instead and says why, and the orchestrator copies the image into it.
 //!
-//! Before QEMU starts, the image's metadata is checked through the memory crate's reader
-//! (header, page table and footer checksums; not the pages) and its size against the domain's
-//! RAM. Once QEMU runs, the RAM layout QEMU reports is compared with the image's regions: the
+//! Before QEMU starts, the image's metadata is checked ([`memory::check_metadata`]: header,
+//! length, footer, and the page table against its checksum; not the pages) and its size against
+//! the domain's RAM. Once QEMU runs, the RAM layout QEMU reports is compared with the image's regions: the
 //! image numbers its pages across its regions in guest-physical order, QEMU's file offsets must
 //! follow the same order (they do for q35, also above 4 GiB).
 
@@ -26,7 +26,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use memory::{FileRegion, ImageReader, RegionInfo};
+use memory::{FileRegion, RegionInfo};
 use snapshot_core::{IncomingStart, Name};
 
 use crate::{
@@ -62,7 +62,9 @@ impl QemuDriver {
     /// Starts a shut-off domain to receive its state with its RAM mapped from `image` (see the
     /// module documentation), falling back to fresh shared RAM when the image cannot be linked.
     pub(crate) async fn start_mapped(&self, name: &Name, image: &Path) -> Result<IncomingStart> {
+        let started = std::time::Instant::now();
         let launch = self.prepare_launch(name).await?;
+        let prepared = started.elapsed();
         let image = std::path::absolute(image).map_err(io_error("cannot resolve", image))?;
         let linked = {
             let (image, link, origin) = (
@@ -78,6 +80,7 @@ impl QemuDriver {
             image: image.clone(),
             reason,
         };
+        let checked = started.elapsed();
         let (offset, regions) = match linked {
             Ok(Ok(Linked::Yes { offset, regions })) => (offset, regions),
             Ok(Ok(Linked::No(reason))) => {
@@ -101,12 +104,17 @@ impl QemuDriver {
             offset,
         };
         self.spawn_qemu(name, &launch, mode).await?;
+        let spawned = started.elapsed();
         if let Err(reason) = self.check_mapped_layout(name, &launch, &regions).await {
             if let Err(error) = self.destroy_locked(name).await {
                 tracing::warn!(domain = %name, %error, "cannot end the QEMU that maps a mismatched image");
             }
             return Err(fail(reason));
         }
+        tracing::debug!(
+            domain = %name, ?prepared, ?checked, ?spawned, done = ?started.elapsed(),
+            "started on the mapped image"
+        );
         Ok(IncomingStart::Mapped)
     }
 
@@ -162,8 +170,7 @@ fn link_image(
         .open(origin)
         .and_then(|mut file| io::Write::write_all(&mut file, image.as_os_str().as_encoded_bytes()))
         .map_err(|error| format!("cannot write {}: {error}", origin.display()))?;
-    let reader = ImageReader::open(link).map_err(|error| error.to_string())?;
-    let layout = reader.layout();
+    let layout = memory::check_metadata(link).map_err(|error| error.to_string())?;
     if layout.ram_bytes() != ram_bytes {
         return Err(format!(
             "it holds {} MiB of RAM, the domain has {} MiB",

@@ -360,10 +360,10 @@ impl Orchestrator {
 /// that the device state is there.
 async fn check_memory(memory: &MemoryState, files: &SnapshotFiles) -> std::result::Result<(), DriverError> {
     let image = files.memory_image.clone();
-    let opened = tokio::task::spawn_blocking(move || memory::ImageReader::open(&image)).await?;
+    let checked = tokio::task::spawn_blocking(move || memory::check_metadata(&image)).await?;
     let shown = files.memory_image.display();
-    let reader = opened.map_err(|e| format!("memory image {shown}: {e}"))?;
-    let ram_bytes = reader.layout().ram_bytes();
+    let layout = checked.map_err(|e| format!("memory image {shown}: {e}"))?;
+    let ram_bytes = layout.ram_bytes();
     if ram_bytes != memory.ram_bytes {
         return Err(format!(
             "memory image {shown} holds {ram_bytes} bytes of RAM, but the snapshot's domain had {}",
