@@ -384,7 +384,13 @@ impl Domain {
         let snapshot = Name::new(snapshot)?;
         self.clock.take();
         let started = Instant::now();
-        let report = bench.block_on(self.orchestrator.revert(&self.name, &snapshot, true))?;
+        // Eager: the figures break the copy down into steps (start, restore, load), as the
+        // baselines that copy memory do.
+        let options = snapshot_core::RevertOptions {
+            paused: true,
+            eager: true,
+        };
+        let report = bench.block_on(self.orchestrator.revert(&self.name, &snapshot, options))?;
         let wall = started.elapsed();
         let steps = self.clock.take();
         Ok(Reverted {

@@ -46,15 +46,15 @@ const CREATE_STEPS: [&str; 11] = [
 /// Every step a delete reports, in order.
 const DELETE_STEPS: [&str; 4] = ["delete-disks", "remove-files", "update-tree", "tidy-disks"];
 
-/// Every step a revert reports, in order.
-const REVERT_STEPS: [&str; 11] = [
+/// Every step a (lazy) revert reports, in order. An eager one restores memory between
+/// `start-incoming` and `load-device-state`.
+const REVERT_STEPS: [&str; 10] = [
     "check",
     "intent",
     "stop",
     "revert-disks",
     "define",
     "start-incoming",
-    "restore-memory",
     "load-device-state",
     "resume",
     "update-tree",
@@ -446,7 +446,28 @@ fn revert_killed_at_every_step_leaves_the_domain_untouched_or_reverted() {
             "{step}"
         );
         assert_eq!(internal_snapshots(&vda), ["r"], "{step}: vda");
+        // A lazy revert, interrupted or not, leaves the domain on the mapped image.
+        let status = cli.json(&["domain", "status", "rv"]);
+        assert!(status["mapped_image"].is_string(), "{step}: {status}");
     }
+
+    // An eager revert killed while it copies memory: recovery runs it again, eagerly.
+    wait_last_tick_above(&domain, at_snapshot + 3);
+    let position = domain.serial_position();
+    killed_at(
+        &cli,
+        &["snapshot", "revert", "rv", "r", "--eager"],
+        "restore-memory",
+    );
+    assert!(has_intent(&cli, "rv"));
+    assert_eq!(
+        recover(&cli),
+        [("revert".to_owned(), "r".to_owned(), "finished".to_owned())]
+    );
+    wait_restored_and_running(&domain, position, at_snapshot + 2);
+    let status = cli.json(&["domain", "status", "rv"]);
+    assert!(status["mapped_image"].is_null(), "{status}");
+    assert_eq!(without_stamps(&lasting_files(&cli)), reverted_files);
     cli.ok(&["snapshot", "verify", "rv", "r"]);
 }
 
@@ -497,11 +518,11 @@ fn a_failing_disk_step_and_a_damaged_memory_image_leave_the_domain_running() {
     assert_eq!(defined_disks(&cli, "fl"), disks_before);
     assert_eq!(lasting_files(&cli), files_before);
 
-    // A memory image damaged after the create: the revert's check refuses it before the
-    // domain is touched.
+    // A memory image whose page table was damaged after the create: the revert's check (of the
+    // image's metadata) refuses it before the domain is touched.
     cli.ok(&["snapshot", "create", "fl", "good"]);
     let image = domain_dir(&cli, "fl").join("snapshots/good/memory.img");
-    flip_byte(&image);
+    flip_byte(&image, std::fs::metadata(&image).unwrap().len() - 64);
     let files_before = lasting_files(&cli);
     let last = last_tick(&domain);
     let position = domain.serial_position();
@@ -527,11 +548,11 @@ fn a_failing_disk_step_and_a_damaged_memory_image_leave_the_domain_running() {
     );
 }
 
-/// Inverts one byte in the middle of a file (inside the memory image's page data).
-fn flip_byte(path: &Path) {
+/// Inverts the byte at `offset` of a file (64 bytes before the end of a memory image: in its
+/// page table).
+fn flip_byte(path: &Path, offset: u64) {
     let mut bytes = std::fs::read(path).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0xff;
+    bytes[usize::try_from(offset).unwrap()] ^= 0xff;
     std::fs::write(path, bytes).unwrap();
 }
 

@@ -19,7 +19,7 @@ use memory::RoundStats;
 use qemu::{DomainConfig, QemuDriver, StopMode};
 use snapshot_core::{
     Activity, CreateOptions, DiskKind, DiskRequest, FsStore, LiveMethod, LiveOptions, MemoryMode, Name,
-    Observer, Operation, Orchestrator, SnapshotStore, Step,
+    Observer, Operation, Orchestrator, RevertOptions, SnapshotStore, Step,
 };
 
 /// Whole-domain snapshots for QEMU domains: memory, device state and disks.
@@ -169,6 +169,11 @@ enum SnapshotCommand {
         children: bool,
     },
     /// Revert a domain to a snapshot (running afterwards unless --paused).
+    ///
+    /// By default QEMU maps the snapshot's memory image copy-on-write: the guest runs at once and
+    /// pages are read as it touches them; the image's pages are not checked (`snapshot verify`
+    /// does that), only its header, page table and footer. Such a domain's RAM is private to
+    /// QEMU. --eager copies the image into fresh shared RAM first, checking every page.
     Revert {
         /// The domain.
         name: String,
@@ -177,6 +182,9 @@ enum SnapshotCommand {
         /// Leave the domain paused.
         #[arg(long)]
         paused: bool,
+        /// Copy memory into fresh shared RAM (checking every page) instead of mapping the image.
+        #[arg(long)]
+        eager: bool,
     },
     /// Check that a snapshot's memory image and disk snapshots exist and are intact.
     Verify {
@@ -473,9 +481,11 @@ impl App {
                 name: domain,
                 snap,
                 paused,
+                eager,
             } => {
                 let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
-                let report = self.orchestrator.revert(&domain, &snap, paused).await?;
+                let options = RevertOptions { paused, eager };
+                let report = self.orchestrator.revert(&domain, &snap, options).await?;
                 self.print(&report, || output::reverted(&domain, &report))
             }
             SnapshotCommand::Verify { name: domain, snap } => {
@@ -647,6 +657,15 @@ mod tests {
         assert!(
             Cli::try_parse_from(["domsnap", "snapshot", "create", "d", "s", "--live-mode", "x"]).is_err()
         );
+        let cli = Cli::try_parse_from(["domsnap", "snapshot", "revert", "d", "s", "--eager"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Snapshot(SnapshotCommand::Revert {
+                eager: true,
+                paused: false,
+                ..
+            })
+        ));
     }
 
     #[test]

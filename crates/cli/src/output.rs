@@ -4,8 +4,8 @@ use std::fmt::Write;
 
 use serde::Serialize;
 use snapshot_core::{
-    Abandoned, Activity, CreateReport, DeleteReport, DiskSnapshot, DomainState, MemoryRead, Name, Recovery,
-    RevertReport, SnapshotFiles, SnapshotRecord, VerifyReport,
+    Abandoned, Activity, CreateReport, DeleteReport, DiskSnapshot, DomainState, MemoryLoad, MemoryRead, Name,
+    Recovery, RevertReport, SnapshotFiles, SnapshotRecord, VerifyReport,
 };
 
 /// One line of `domain list`.
@@ -14,6 +14,9 @@ pub struct DomainRow {
     name: Name,
     state: DomainState,
     pid: Option<u32>,
+    /// The snapshot memory image its RAM is mapped from (after a lazy revert), while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mapped_image: Option<std::path::PathBuf>,
     /// What domsnap is doing on it: idle, busy (another command holds its lock) or interrupted.
     activity: Activity,
 }
@@ -24,6 +27,7 @@ impl DomainRow {
             name: status.name.clone(),
             state: status.state,
             pid: status.pid,
+            mapped_image: status.mapped_image.clone(),
             activity,
         }
     }
@@ -89,6 +93,9 @@ pub fn domains(rows: &[DomainRow]) -> String {
             state_text(row.state),
             activity_text(&row.activity)
         );
+        if let Some(image) = &row.mapped_image {
+            let _ = writeln!(out, "  RAM mapped copy-on-write from {}", image.display());
+        }
     }
     out
 }
@@ -275,17 +282,32 @@ pub fn deleted(report: &DeleteReport) -> String {
     for image in &report.removed_images {
         let _ = writeln!(out, "removed overlay {} (no snapshot needs it)", image.display());
     }
+    for snapshot in &report.memory_in_use {
+        let _ = writeln!(
+            out,
+            "the memory image of {snapshot} is still mapped by the running domain: its data stays \
+             on disk until the domain stops"
+        );
+    }
     out
 }
 
 pub fn reverted(domain: &Name, report: &RevertReport) -> String {
-    format!(
-        "reverted {domain} to {}: now {}, total {:.0} ms (memory {:.0} ms)\n",
+    let memory = match report.memory_load {
+        MemoryLoad::Mapped => "memory mapped from the snapshot's image".to_owned(),
+        MemoryLoad::Copied => format!("memory copied in {:.0} ms", report.memory_ms),
+        MemoryLoad::None => "no memory".to_owned(),
+    };
+    let mut out = format!(
+        "reverted {domain} to {}: now {}, total {:.0} ms ({memory})\n",
         report.snapshot,
         state_text(report.state),
         report.total_ms,
-        report.memory_ms
-    )
+    );
+    if let Some(reason) = &report.memory_fallback {
+        let _ = writeln!(out, "note: {reason}");
+    }
+    out
 }
 
 pub fn verified(report: &VerifyReport) -> String {

@@ -125,6 +125,16 @@ impl ImageLayout {
     pub fn total_pages(&self) -> u64 {
         self.total_pages
     }
+    /// File offset of page 0's data (the header block's length, a multiple of the page size): page
+    /// `i` lies at `data_offset() + i * 4096`, so the data area is guest RAM in page order, which a
+    /// hypervisor can map straight from the file.
+    pub fn data_offset(&self) -> u64 {
+        self.header_len
+    }
+    /// Guest RAM the image covers, in bytes (the sum of its regions' lengths).
+    pub fn ram_bytes(&self) -> u64 {
+        self.total_pages * PAGE
+    }
     /// File offset of page `page`'s data.
     pub(crate) fn page_offset(&self, page: u64) -> u64 {
         self.header_len + page * PAGE

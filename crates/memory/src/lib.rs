@@ -14,7 +14,8 @@
 //!   [`ConvergencePolicy`], [`LiveSave::finish`] after the caller paused the domain, then
 //!   [`Finished::seal`]. [`save_paused`] does it in one pass.
 //! - The image format v1 (`docs/memory-image-format.md`): [`ImageWriter`] writes it,
-//!   [`verify`] checks it, [`restore`] loads it back. Its stream form, for pipes and sockets:
+//!   [`verify`] checks it, [`restore`] loads it back, [`check_metadata`] checks all but its pages
+//!   (for a hypervisor that maps the image). Its stream form, for pipes and sockets:
 //!   [`StreamWriter`] and [`receive_stream`]. [`PageImport`] builds an image from pages pushed in any
 //!   order by a producer it does not drive (a parser of a hypervisor's own save stream).
 //!
@@ -88,8 +89,8 @@ pub use error::{Error, Result};
 pub use format::{ImageLayout, RegionInfo, FORMAT_VERSION};
 pub use guest::{Backing, FileRegion, GuestMemory, GuestMemoryBuilder, Region, PAGE_SIZE};
 pub use image::{
-    restore, verify, Durability, ImageInfo, ImageReader, ImageWriter, PageSink, ReadAt, RestoreOptions,
-    RestoreStats, ZeroPages,
+    check_metadata, restore, verify, Durability, ImageInfo, ImageReader, ImageWriter, PageSink, ReadAt,
+    RestoreOptions, RestoreStats, ZeroPages,
 };
 pub use import::{ImportStats, PageImport};
 pub use save::{

@@ -130,3 +130,40 @@ fn damaged_page_is_named() {
         other => panic!("expected PageCorrupt, got {other:?}"),
     }
 }
+
+#[test]
+fn check_metadata_finds_every_flip_outside_the_pages_and_none_inside() {
+    let (_, image) = sample();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("memory.img");
+    std::fs::write(&path, &image).unwrap();
+    let layout = memory::check_metadata(&path).unwrap();
+    assert_eq!(
+        (layout.data_offset(), layout.ram_bytes()),
+        (4096, 16 * PAGE_SIZE as u64)
+    );
+    let data = 4096..4096 + 16 * PAGE_SIZE;
+    let mut rng = Rng(13);
+    let offsets = (0..128)
+        .chain((128..4096).step_by(97))
+        .chain(data.end..image.len())
+        .chain((0..50).map(|i| data.start + (i * 1303) % data.len()))
+        .collect::<Vec<_>>();
+    for offset in offsets {
+        let mut damaged = image.clone();
+        damaged[offset] ^= 1 << rng.below(8);
+        std::fs::write(&path, &damaged).unwrap();
+        let checked = memory::check_metadata(&path);
+        if data.contains(&offset) {
+            // The pages are `verify`'s.
+            assert!(checked.is_ok(), "a flip in page data at {offset}: {checked:?}");
+        } else {
+            assert!(checked.is_err(), "a flip at {offset} went unnoticed");
+        }
+    }
+    std::fs::write(&path, &image[..image.len() - 1]).unwrap();
+    assert!(matches!(
+        memory::check_metadata(&path),
+        Err(Error::Truncated { .. })
+    ));
+}

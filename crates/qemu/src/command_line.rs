@@ -6,6 +6,12 @@
 //! `migration.send-configuration=on`: every device-state file the driver loads carries QEMU's
 //! configuration section (files of older domsnap versions get it inserted when loaded), and only
 //! a QEMU that loaded one with it can migrate, so be snapshotted, again.
+//!
+//! A lazy revert starts the restoring QEMU on the snapshot's memory image instead
+//! ([`StartMode::IncomingMapped`]): `memory-backend-file` with `mem-path` the image,
+//! `offset` its header length (the image's data area is guest RAM in page order), `share=off`
+//! (a private copy-on-write mapping: the guest's writes never reach the file), `readonly=on`
+//! (QEMU opens the file read-only) and `rom=off` (the RAM stays writable for the guest).
 
 use std::{ffi::OsString, path::PathBuf};
 
@@ -36,7 +42,7 @@ pub struct RuntimePaths {
 }
 
 /// How the domain starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartMode {
     /// Boot normally; with `paused`, the vCPUs wait for `cont`.
     Boot {
@@ -46,6 +52,16 @@ pub enum StartMode {
     /// Wait for `migrate-incoming` with the saved device state (RAM is written into the RAM file
     /// by the toolstack first); the vCPUs stay stopped afterwards until `cont`.
     Incoming,
+    /// As [`StartMode::Incoming`], with guest RAM mapped copy-on-write from a memory image
+    /// instead of the shared RAM file: `image`'s bytes from `offset` on are guest RAM in page
+    /// order (for q35 that is also the order of the RAM file's offsets). The image is never
+    /// written, and the toolstack cannot see the guest's RAM.
+    IncomingMapped {
+        /// The memory image (or a link to it).
+        image: PathBuf,
+        /// Where its page data starts: the image's header length, a multiple of 4096.
+        offset: u64,
+    },
 }
 
 /// The block node names of a disk.
@@ -67,13 +83,18 @@ pub fn qemu_args(config: &DomainConfig, paths: &RuntimePaths, mode: StartMode) -
         // QEMU opens its files (RAM, sockets, disks, logs) as root, then drops to the user.
         args.pair("-run-with", format!("user={user}"));
     }
-    args.pair(
-        "-object",
-        format!(
+    let ram = match &mode {
+        StartMode::IncomingMapped { image, offset } => format!(
+            "memory-backend-file,id={RAM_BACKEND_ID},size={mib}M,mem-path={},offset={offset},\
+             share=off,readonly=on,rom=off",
+            escape(image)
+        ),
+        StartMode::Boot { .. } | StartMode::Incoming => format!(
             "memory-backend-file,id={RAM_BACKEND_ID},size={mib}M,mem-path={},share=on",
             escape(&paths.ram_file)
         ),
-    );
+    };
+    args.pair("-object", ram);
     args.flag("-nodefaults");
     args.flag("-no-user-config");
     args.pair("-display", "none");
@@ -120,7 +141,7 @@ pub fn qemu_args(config: &DomainConfig, paths: &RuntimePaths, mode: StartMode) -
     match mode {
         StartMode::Boot { paused: false } => {}
         StartMode::Boot { paused: true } => args.flag("-S"),
-        StartMode::Incoming => {
+        StartMode::Incoming | StartMode::IncomingMapped { .. } => {
             args.pair("-incoming", "defer");
             args.flag("-S");
         }
@@ -221,5 +242,28 @@ mod tests {
         // A QEMU restored without the configuration section aborts on its next migration.
         assert!(!line.contains("send-configuration"), "{line}");
         assert!(joined(StartMode::Boot { paused: true }).ends_with(" -S"));
+    }
+
+    #[test]
+    fn a_mapped_image_is_private_read_only_on_disk_and_writable_in_memory() {
+        let line = joined(StartMode::IncomingMapped {
+            image: "/state/vm1/run/ram,base.img".into(),
+            offset: 4096,
+        });
+        assert!(
+            line.contains(
+                "-object memory-backend-file,id=mem,size=256M,mem-path=/state/vm1/run/ram,,base.img,\
+                 offset=4096,share=off,readonly=on,rom=off "
+            ),
+            "{line}"
+        );
+        // Not the shared RAM file, and never shared.
+        assert!(
+            !line.contains("/dev/shm/vm1/ram") && !line.contains("share=on"),
+            "{line}"
+        );
+        assert!(line.contains("-machine q35,memory-backend=mem -m 256M"), "{line}");
+        assert!(line.ends_with("-incoming defer -S"), "{line}");
+        assert!(!line.contains("send-configuration"), "{line}");
     }
 }

@@ -3,14 +3,9 @@
 
 use std::{
     collections::HashMap,
-    fs::{self, DirBuilder, OpenOptions},
-    io,
-    os::unix::{
-        ffi::OsStrExt,
-        fs::{DirBuilderExt, OpenOptionsExt},
-    },
+    fs, io,
+    os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
-    process::Stdio,
     sync::{Arc, Mutex, OnceLock, PoisonError},
     time::{Duration, Instant},
 };
@@ -22,7 +17,7 @@ use qmp::{
 use snapshot_core::{DomainLock, DomainState, Name, StateDir};
 
 use crate::{
-    command_line::{escape, qemu_args, RuntimePaths, StartMode},
+    command_line::{escape, RuntimePaths, StartMode},
     config::DomainConfig,
     error::{Error, Result},
     process,
@@ -32,14 +27,15 @@ use crate::{
 const MAX_SOCKET_PATH: usize = 107;
 /// Where guest RAM files go (tmpfs).
 const RAM_DIR: &str = "/dev/shm";
-/// Longest wait for QEMU's initialisation.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for QEMU to answer `quit` and exit before it is killed.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for the process to vanish after SIGKILL.
-const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for another process that is starting or stopping the domain.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(120);
+/// The file in the state directory that remembers the QEMU binary that passed its version
+/// check (so that starts need not run `qemu --version` again).
+const QEMU_RECORD: &str = "qemu-binary.json";
 /// Longest wait for QMP's greeting: QEMU answers at once unless another client is connected.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -50,6 +46,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// # State layout
 ///
 /// ```text
+/// STATE/qemu-binary.json             the QEMU binary that passed the version check (its path,
+///                                    inode, size and change time): not run again while it stays
 /// STATE/domains/NAME/domain.toml     the definition: DomainConfig as TOML with absolute paths,
 ///                                    replaced atomically (temporary file, fsync, rename, fsync)
 /// STATE/domains/NAME/serial.log      the serial console, appended across runs and restores
@@ -60,6 +58,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 ///                    console.sock    the serial console, to type into the guest
 ///                    qemu.pid        QEMU's pid (written by QEMU: -daemonize -pidfile)
 ///                    qemu.log        QEMU's stderr (-D keeps it after daemonizing)
+///                    ram-base.img    after a lazy revert: a hard link (mode 0400) of the snapshot's
+///                                    memory image that QEMU maps as guest RAM, copy-on-write, so
+///                                    the data outlives a delete of the snapshot while QEMU runs
+///                    ram-base.origin the path of the image it links to (for messages)
 /// /dev/shm/domsnap-UID-HASH-NAME.ram guest RAM (mode 0600), HASH = first 8 hex digits of the
 ///                                    xxh3-64 of the canonical state directory
 /// ```
@@ -147,6 +149,10 @@ pub struct DomainStatus {
     pub state: DomainState,
     /// QEMU's pid while it has a process.
     pub pid: Option<u32>,
+    /// The snapshot memory image the guest's RAM is mapped from, copy-on-write (after a lazy
+    /// revert), while the domain has a process. Such RAM is private to QEMU: domsnap cannot read
+    /// it.
+    pub mapped_image: Option<PathBuf>,
 }
 
 /// How [`QemuDriver::stop`] ends a domain.
@@ -166,18 +172,22 @@ pub enum StopMode {
 pub(crate) struct DomainFiles {
     dir: PathBuf,
     pub(crate) definition: PathBuf,
-    run: PathBuf,
-    pid_file: PathBuf,
+    pub(crate) run: PathBuf,
+    pub(crate) pid_file: PathBuf,
     pub(crate) qemu_log: PathBuf,
     qmp_socket: PathBuf,
-    status_socket: PathBuf,
+    pub(crate) status_socket: PathBuf,
     console_socket: PathBuf,
     default_serial_log: PathBuf,
     pub(crate) ram_file: PathBuf,
+    /// The hard link of the memory image the running QEMU maps as its RAM (a lazy revert).
+    pub(crate) ram_base: PathBuf,
+    /// The path of the image `ram_base` links to, for messages.
+    pub(crate) ram_base_origin: PathBuf,
 }
 
 impl DomainFiles {
-    fn runtime(&self, config: &DomainConfig) -> RuntimePaths {
+    pub(crate) fn runtime(&self, config: &DomainConfig) -> RuntimePaths {
         RuntimePaths {
             ram_file: self.ram_file.clone(),
             qmp_socket: self.qmp_socket.clone(),
@@ -199,7 +209,7 @@ impl DomainFiles {
         process::read_pid(&self.pid_file).filter(|&pid| process::is_our_qemu(pid, &self.marker()))
     }
 
-    fn check_socket_paths(&self) -> Result<()> {
+    pub(crate) fn check_socket_paths(&self) -> Result<()> {
         for socket in [&self.qmp_socket, &self.status_socket, &self.console_socket] {
             let len = socket.as_os_str().len();
             if len > MAX_SOCKET_PATH {
@@ -217,8 +227,9 @@ impl DomainFiles {
         self.run.exists() || self.ram_file.exists()
     }
 
-    /// Removes the runtime files and the RAM file (of a QEMU that has ended).
-    fn clean(&self) -> Result<()> {
+    /// Removes the runtime files (with a mapped memory image's link) and the RAM file (of a QEMU
+    /// that has ended).
+    pub(crate) fn clean(&self) -> Result<()> {
         match fs::remove_dir_all(&self.run) {
             Err(source) if source.kind() != io::ErrorKind::NotFound => {
                 return Err(io_error("cannot remove", &self.run)(source))
@@ -417,6 +428,7 @@ impl QemuDriver {
                         name: name.clone(),
                         state: domain_state(&state),
                         pid: Some(pid),
+                        mapped_image: crate::mapped_ram::mapped_image(&files),
                     })
                 }
                 // QEMU may have exited since the check.
@@ -429,6 +441,7 @@ impl QemuDriver {
             name: name.clone(),
             state: DomainState::ShutOff,
             pid: None,
+            mapped_image: None,
         })
     }
 
@@ -482,112 +495,6 @@ impl QemuDriver {
         Ok(durable::sync_dir(&files.dir)?)
     }
 
-    /// Starts QEMU for a shut-off domain.
-    pub(crate) async fn launch(&self, name: &Name, mode: StartMode) -> Result<()> {
-        let _lock = self.lock(name).await?;
-        self.launch_locked(name, mode).await
-    }
-
-    /// Starts QEMU, with the domain's lock held by the caller.
-    pub(crate) async fn launch_locked(&self, name: &Name, mode: StartMode) -> Result<()> {
-        let files = self.files(name)?;
-        let config = self.load_definition(name, &files)?;
-        // The run_as user may have gone since the definition.
-        config.check_host()?;
-        if let Some(pid) = files.pid() {
-            return Err(Error::Running {
-                domain: name.clone(),
-                action: "start",
-                pid,
-            });
-        }
-        files.check_socket_paths()?;
-        self.forget(name);
-        files.clean()?;
-        let binary = self.qemu().await?;
-
-        DirBuilder::new()
-            .mode(0o700)
-            .create(&files.run)
-            .map_err(io_error("cannot create", &files.run))?;
-        // A fresh, private RAM file: a restore writes only the non-zero pages into it.
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&files.ram_file)
-            .map_err(io_error("cannot create the RAM file", &files.ram_file))?;
-        let log = open_private_log(&files.qemu_log)?;
-        // QEMU appends the guest's console to the serial log; it may hold the guest's secrets.
-        let runtime = files.runtime(&config);
-        open_private_log(&runtime.serial_log)?;
-        let log_too = log
-            .try_clone()
-            .map_err(io_error("cannot open", &files.qemu_log))?;
-
-        let mut args = qemu_args(&config, &files.runtime(&config), mode);
-        args.extend([
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", escape(&files.status_socket)).into(),
-            "-daemonize".into(),
-            "-pidfile".into(),
-            files.pid_file.clone().into(),
-            "-D".into(),
-            files.qemu_log.clone().into(),
-        ]);
-        let spawned = tokio::process::Command::new(&binary)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_too)
-            // Not in the caller's process group: a Ctrl-C at the terminal must not reach QEMU
-            // before it has detached.
-            .process_group(0)
-            .spawn();
-        let mut child = match spawned {
-            Ok(child) => child,
-            Err(source) => {
-                files.clean()?;
-                return Err(Error::QemuNotFound { binary, source });
-            }
-        };
-        let failure = match tokio::time::timeout(START_TIMEOUT, child.wait()).await {
-            Ok(Ok(status)) if status.success() => None,
-            Ok(Ok(status)) => Some(format!("QEMU {status}")),
-            Ok(Err(error)) => Some(format!("cannot wait for QEMU: {error}")),
-            Err(_) => {
-                let _ = child.start_kill();
-                Some(format!(
-                    "it did not finish initialising within {} s",
-                    START_TIMEOUT.as_secs()
-                ))
-            }
-        };
-        let failure = failure.or_else(|| {
-            files
-                .pid()
-                .is_none()
-                .then(|| "QEMU exited right after initialising".to_owned())
-        });
-        if let Some(reason) = failure {
-            // The daemon may have been forked before the failure.
-            if let Some(pid) = files.pid() {
-                let _ = process::kill(pid, &files.marker());
-                process::wait_exit(pid, &files.marker(), KILL_TIMEOUT).await;
-            }
-            let stderr = process::log_tail(&files.qemu_log);
-            if let Err(error) = files.clean() {
-                tracing::warn!(%error, "cannot clean up after a failed start");
-            }
-            return Err(Error::StartFailed {
-                domain: name.clone(),
-                reason,
-                stderr,
-            });
-        }
-        Ok(())
-    }
-
     /// The files, pid and a QMP connection of a domain that has a process.
     pub(crate) async fn running(&self, name: &Name) -> Result<(DomainFiles, u32, Client)> {
         let files = self.files(name)?;
@@ -618,6 +525,8 @@ impl QemuDriver {
             qmp_socket: run.join("qmp.sock"),
             status_socket: run.join("status.sock"),
             console_socket: run.join("console.sock"),
+            ram_base: run.join(crate::mapped_ram::RAM_BASE),
+            ram_base_origin: run.join(crate::mapped_ram::RAM_BASE_ORIGIN),
             default_serial_log: domain.serial_log(),
             ram_file,
             dir: domain.path().to_owned(),
@@ -654,8 +563,10 @@ impl QemuDriver {
     }
 
     /// The QEMU binary, checked once per driver.
-    async fn qemu(&self) -> Result<PathBuf> {
-        self.inner.qemu.get_or_try_init(process::find_qemu).await.cloned()
+    pub(crate) async fn qemu(&self) -> Result<PathBuf> {
+        let record = self.inner.state_dir.join(QEMU_RECORD);
+        let find = || process::find_qemu_remembered(&record);
+        self.inner.qemu.get_or_try_init(find).await.cloned()
     }
 
     /// The state directory, by its canonical path.
@@ -673,7 +584,7 @@ impl QemuDriver {
 
     /// Waits for the domain's lock (the one lock of the state directory that every command on
     /// the domain holds). A domain without a folder is unknown, and none is made for it.
-    async fn lock(&self, name: &Name) -> Result<DomainLock> {
+    pub(crate) async fn lock(&self, name: &Name) -> Result<DomainLock> {
         let state = self.state(name)?;
         if !state.domain(name).path().is_dir() {
             return Err(Error::UnknownDomain { domain: name.clone() });
@@ -749,7 +660,7 @@ impl QemuDriver {
     }
 
     /// Drops the domain's QMP connection (its QEMU ended).
-    fn forget(&self, name: &Name) {
+    pub(crate) fn forget(&self, name: &Name) {
         self.inner
             .connections
             .lock()
@@ -924,20 +835,6 @@ impl QemuDriver {
     }
 }
 
-/// Opens (creating if needed) a log file for appending, private to its owner: mode 0600, and a
-/// symlink in its place is refused rather than followed.
-fn open_private_log(path: &Path) -> Result<fs::File> {
-    let file = durable::private_options()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(io_error("cannot open", path))?;
-    // A log made by an older version may be world-readable.
-    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(durable::FILE_MODE))
-        .map_err(io_error("cannot make private", path))?;
-    Ok(file)
-}
-
 /// `config` with absolute paths.
 fn absolute_paths(config: &DomainConfig) -> Result<DomainConfig> {
     let absolute = |path: &Path| std::path::absolute(path).map_err(io_error("cannot resolve", path));
@@ -1100,7 +997,8 @@ mod tests {
             [DomainStatus {
                 name: name.clone(),
                 state: DomainState::ShutOff,
-                pid: None
+                pid: None,
+                mapped_image: None,
             }]
         );
         let paths = other.runtime_paths(&name).unwrap();

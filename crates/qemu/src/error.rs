@@ -186,6 +186,31 @@ pub enum Error {
         source: qmp::Error,
     },
 
+    /// A memory image cannot be mapped as a domain's RAM (damaged metadata, another size, a
+    /// layout QEMU does not share).
+    #[error("cannot map memory image {image} as the RAM of domain {domain}: {reason}")]
+    MappedImage {
+        /// The domain.
+        domain: Name,
+        /// The snapshot's memory image.
+        image: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// The domain's RAM is mapped from a snapshot's memory image, privately to QEMU.
+    #[error(
+        "the RAM of domain {domain} is mapped from snapshot memory image {image} (copy-on-write, \
+         since a lazy revert) and cannot be shared with domsnap; a revert with --eager gives the \
+         domain shared RAM"
+    )]
+    RamNotShared {
+        /// The domain.
+        domain: Name,
+        /// The image (or its link, if the image's path was not recorded).
+        image: PathBuf,
+    },
+
     /// The guest ignored the ACPI power button.
     #[error("domain {domain}: the guest did not power off within {seconds} s; use --force")]
     PowerOffTimeout {

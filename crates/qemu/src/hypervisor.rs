@@ -28,8 +28,8 @@ use qmp::{
 };
 use serde::Deserialize as _;
 use snapshot_core::{
-    CaptureSignals, DiskTarget, DomainState, DriverResult, Hypervisor, MemoryAccess, Name, StreamMode,
-    StreamedSave,
+    CaptureSignals, DiskTarget, DomainState, DriverResult, Hypervisor, IncomingRam, IncomingStart,
+    MemoryAccess, Name, StreamMode, StreamedSave,
 };
 
 use crate::{
@@ -83,6 +83,13 @@ impl Hypervisor for QemuDriver {
 
     async fn guest_memory(&self, domain: &Name) -> DriverResult<GuestMemory> {
         let (files, _, client) = self.running(domain).await?;
+        if let Some(image) = crate::mapped_ram::mapped_image(&files) {
+            return Err(Error::RamNotShared {
+                domain: domain.clone(),
+                image,
+            }
+            .into());
+        }
         let regions = crate::ram_layout(&client).await?;
         Ok(
             GuestMemory::from_ram_file(&files.ram_file, &regions).map_err(|source| Error::Memory {
@@ -149,8 +156,14 @@ impl Hypervisor for QemuDriver {
         Ok(self.undefine_locked(domain)?)
     }
 
-    async fn start_incoming(&self, domain: &Name) -> DriverResult<()> {
-        Ok(self.launch_locked(domain, StartMode::Incoming).await?)
+    async fn start_incoming<'a>(&self, domain: &Name, ram: IncomingRam<'a>) -> DriverResult<IncomingStart> {
+        match ram {
+            IncomingRam::Fresh => {
+                self.launch_locked(domain, StartMode::Incoming).await?;
+                Ok(IncomingStart::Fresh { fallback: None })
+            }
+            IncomingRam::Image(image) => Ok(self.start_mapped(domain, image).await?),
+        }
     }
 
     async fn memory_access(&self, domain: &Name) -> DriverResult<MemoryAccess> {

@@ -56,6 +56,8 @@ mod config;
 mod driver;
 mod error;
 mod hypervisor;
+mod launch;
+mod mapped_ram;
 mod migration_stream;
 mod process;
 mod ram_layout;

@@ -3,6 +3,7 @@
 
 use std::{
     fs,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -15,17 +16,82 @@ pub const QEMU_ENV: &str = "DOMSNAP_QEMU";
 /// The QEMU major version the driver is built for (its command line and QMP use).
 const QEMU_MAJOR: u32 = 10;
 
-/// How often a waiting loop looks again.
-const POLL: Duration = Duration::from_millis(20);
+/// How often [`wait_exit`] looks again: a revert waits for the old QEMU to exit before it
+/// starts the new one, and a look is one read of `/proc/PID/cmdline`.
+const EXIT_POLL: Duration = Duration::from_millis(5);
 
 /// The bytes of QEMU's stderr quoted in errors.
 const STDERR_TAIL: usize = 2048;
 
+/// `$DOMSNAP_QEMU`, else `qemu-system-x86_64` (from `PATH`).
+fn configured_binary() -> PathBuf {
+    std::env::var_os(QEMU_ENV)
+        .filter(|value| !value.is_empty())
+        .map_or_else(|| PathBuf::from("qemu-system-x86_64"), PathBuf::from)
+}
+
+/// A binary as it was when it passed the version check: its path and the identity of its file
+/// (a replaced or changed file has another inode or change time).
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Checked {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    size: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl Checked {
+    /// The file `binary` names (a bare name is looked up in `PATH`, as the start does).
+    fn of(binary: &Path) -> Option<Checked> {
+        let path = if binary.components().count() > 1 {
+            binary.to_owned()
+        } else {
+            let paths = std::env::var_os("PATH")?;
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(binary))
+                .find(|candidate| candidate.is_file())?
+        };
+        let path = fs::canonicalize(path).ok()?;
+        let meta = fs::metadata(&path).ok()?;
+        Some(Checked {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            ctime: meta.ctime(),
+            ctime_nsec: meta.ctime_nsec(),
+            path,
+        })
+    }
+}
+
+/// [`find_qemu`], remembered in the file `record`: while the binary's file is the one that
+/// passed last time, it is not run again (`qemu --version` costs tens of milliseconds, in the
+/// path of every start and so of every revert). Any doubt runs the check.
+pub(crate) async fn find_qemu_remembered(record: &Path) -> Result<PathBuf> {
+    let binary = configured_binary();
+    let identity = Checked::of(&binary);
+    if let (Some(identity), Ok(text)) = (&identity, fs::read(record)) {
+        if serde_json::from_slice::<Checked>(&text).is_ok_and(|recorded| recorded == *identity) {
+            return Ok(binary);
+        }
+    }
+    let found = find_qemu().await?;
+    if let Some(identity) = identity {
+        let written = serde_json::to_vec(&identity)
+            .map_err(|error| error.to_string())
+            .and_then(|text| durable::write_atomic(record, &text).map_err(|error| error.to_string()));
+        if let Err(error) = written {
+            tracing::debug!(%error, "cannot remember the checked QEMU binary");
+        }
+    }
+    Ok(found)
+}
+
 /// `$DOMSNAP_QEMU`, else `qemu-system-x86_64` from `PATH`, checked to be QEMU 10.
 pub(crate) async fn find_qemu() -> Result<PathBuf> {
-    let binary = std::env::var_os(QEMU_ENV)
-        .filter(|value| !value.is_empty())
-        .map_or_else(|| PathBuf::from("qemu-system-x86_64"), PathBuf::from);
+    let binary = configured_binary();
     let output = tokio::process::Command::new(&binary)
         .arg("--version")
         .output()
@@ -79,7 +145,7 @@ pub(crate) async fn wait_exit(pid: u32, marker: &[u8], timeout: Duration) -> boo
         if Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(EXIT_POLL).await;
     }
 }
 
@@ -121,6 +187,29 @@ mod tests {
         );
         assert_eq!(parse_major("QEMU emulator version 7.2.15"), Some(7));
         assert_eq!(parse_major("something else"), None);
+    }
+
+    #[tokio::test]
+    async fn a_checked_binary_is_remembered_until_its_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = dir.path().join("qemu-binary.json");
+        let binary = configured_binary();
+        let checked = find_qemu_remembered(&record).await.unwrap();
+        assert_eq!(checked, binary);
+        let recorded: Checked = serde_json::from_slice(&fs::read(&record).unwrap()).unwrap();
+        assert_eq!(Some(&recorded), Checked::of(&binary).as_ref());
+        // Another file (here: another inode) is checked again, and the record follows it.
+        let other = Checked {
+            ino: recorded.ino + 1,
+            ..recorded
+        };
+        fs::write(&record, serde_json::to_vec(&other).unwrap()).unwrap();
+        find_qemu_remembered(&record).await.unwrap();
+        let again: Checked = serde_json::from_slice(&fs::read(&record).unwrap()).unwrap();
+        assert_eq!(Some(&again), Checked::of(&binary).as_ref());
+        // A damaged record is a reason to check, not an error.
+        fs::write(&record, b"{").unwrap();
+        find_qemu_remembered(&record).await.unwrap();
     }
 
     #[test]

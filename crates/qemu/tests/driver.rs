@@ -12,142 +12,26 @@ use std::{
     fs,
     io::Write,
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use disk::ExternalSnapshot;
 use memory::{restore, save_paused, Durability, ImageLayout, ImageWriter, RestoreOptions, ZeroPages};
-use qemu::{DiskConfig, DomainConfig, DomainStatus, QemuDriver, StopMode};
-use snapshot_core::{DiskTarget, DomainState, Hypervisor, Name};
+use qemu::{DomainStatus, StopMode};
+use snapshot_core::{DiskTarget, DomainState, Hypervisor, IncomingRam, Name};
 use testkit::{SerialLine, Workload};
 
-const BOOT: Duration = Duration::from_secs(90);
-const WAIT: Duration = Duration::from_secs(20);
+mod common;
 
-/// A state directory whose domains' QEMUs are killed and RAM files removed when the test ends,
-/// whatever happened (the driver's QEMUs outlive the test process otherwise).
-struct State {
-    dir: tempfile::TempDir,
-    names: Vec<Name>,
-}
-
-impl State {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::Builder::new()
-                .prefix("domsnap-driver-")
-                .tempdir()
-                .unwrap(),
-            names: Vec::new(),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn driver(&self) -> QemuDriver {
-        QemuDriver::new(self.path())
-    }
-
-    /// A domain of the test guest running `workload` (or nothing to run, when `None`).
-    fn config(&mut self, name: &str, workload: Option<Workload>, disks: &[PathBuf]) -> DomainConfig {
-        let name = Name::new(name).unwrap();
-        self.names.push(name.clone());
-        let guest = testkit::guest();
-        DomainConfig {
-            name,
-            memory_mib: 128,
-            vcpus: 1,
-            kernel: Some(guest.kernel),
-            initrd: Some(guest.initrd),
-            cmdline: workload.map(|w| format!("console=ttyS0 quiet {}", w.cmdline())),
-            serial_log: None,
-            run_as: None,
-            disks: disks
-                .iter()
-                .enumerate()
-                .map(|(index, path)| DiskConfig {
-                    id: testkit::disk_id(index),
-                    path: path.clone(),
-                })
-                .collect(),
-        }
-    }
-
-    fn pid(&self, name: &Name) -> Option<i32> {
-        let pid_file = self
-            .path()
-            .join("domains")
-            .join(name.as_str())
-            .join("run/qemu.pid");
-        fs::read_to_string(pid_file).ok()?.trim().parse().ok()
-    }
-}
-
-impl Drop for State {
-    fn drop(&mut self) {
-        let driver = self.driver();
-        for name in &self.names {
-            if let Some(pid) = self.pid(name) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            if let Ok(paths) = driver.runtime_paths(name) {
-                let _ = fs::remove_file(paths.ram_file);
-            }
-        }
-    }
-}
-
-/// The parsed `DOMSNAP` lines of a serial log.
-fn serial_lines(log: &Path) -> Vec<SerialLine> {
-    fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(testkit::parse_serial_line)
-        .collect()
-}
-
-fn last_tick(log: &Path) -> Option<u64> {
-    serial_lines(log).into_iter().rev().find_map(|line| match line {
-        SerialLine::Tick { n, .. } => Some(n),
-        _ => None,
-    })
-}
-
-/// Waits for a serial line that `check` accepts; panics with the log if none comes in time.
-async fn wait_serial<T>(
-    log: &Path,
-    timeout: Duration,
-    mut check: impl FnMut(&[SerialLine]) -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(found) = check(&serial_lines(log)) {
-            return found;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest did not print what the test waits for within {timeout:?}; serial log:\n{}",
-            fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_tick_after(log: &Path, after: u64, timeout: Duration) -> u64 {
-    wait_serial(log, timeout, |_| last_tick(log).filter(|&n| n > after)).await
-}
+use common::{last_tick, serial_lines, wait_serial, wait_tick_after, State, BOOT, WAIT};
 
 fn status(name: &Name, state: DomainState, pid: Option<u32>) -> DomainStatus {
     DomainStatus {
         name: name.clone(),
         state,
         pid,
+        mapped_image: None,
     }
 }
 
@@ -327,7 +211,7 @@ async fn device_state_that_qemu_cannot_load_fails_with_qemus_reason() {
     let name = config.name.clone();
     let driver = state.driver();
     driver.define(&config).await.unwrap();
-    driver.start_incoming(&name).await.unwrap();
+    driver.start_incoming(&name, IncomingRam::Fresh).await.unwrap();
     assert_eq!(driver.status(&name).await.unwrap().state, DomainState::Paused);
 
     let garbage = state.path().join("garbage.bin");
@@ -399,7 +283,7 @@ async fn revert_through_the_driver_continues_the_guest_where_it_was_saved() {
 
     // Revert: a new QEMU waiting for state, RAM written into its fresh file, devices loaded.
     Hypervisor::destroy(&driver, &name).await.unwrap();
-    driver.start_incoming(&name).await.unwrap();
+    driver.start_incoming(&name, IncomingRam::Fresh).await.unwrap();
     assert_eq!(driver.state(&name).await.unwrap(), DomainState::Paused);
     let ram = driver.guest_memory(&name).await.unwrap();
     let options = RestoreOptions {
@@ -488,7 +372,7 @@ async fn a_restored_domain_snapshots_again_from_new_and_old_device_state_files()
 
     for (round, file) in [&devices, &legacy].into_iter().enumerate() {
         Hypervisor::destroy(&driver, &name).await.unwrap();
-        driver.start_incoming(&name).await.unwrap();
+        driver.start_incoming(&name, IncomingRam::Fresh).await.unwrap();
         let ram = driver.guest_memory(&name).await.unwrap();
         let options = RestoreOptions {
             zero_pages: ZeroPages::AssumeZeroed,
@@ -592,7 +476,7 @@ async fn run_as_runs_qemu_as_that_user_in_the_sandbox() {
         .unwrap();
     drop(live);
     Hypervisor::destroy(&driver, &name).await.unwrap();
-    driver.start_incoming(&name).await.unwrap();
+    driver.start_incoming(&name, IncomingRam::Fresh).await.unwrap();
     let ram = driver.guest_memory(&name).await.unwrap();
     let options = RestoreOptions {
         zero_pages: ZeroPages::AssumeZeroed,

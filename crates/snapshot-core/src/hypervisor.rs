@@ -124,6 +124,36 @@ impl CaptureSignals {
     }
 }
 
+/// Where a domain started by [`Hypervisor::start_incoming`] gets its RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IncomingRam<'a> {
+    /// Fresh, zeroed RAM shared with the toolstack: the caller writes the memory image into it
+    /// through [`Hypervisor::guest_memory`].
+    Fresh,
+    /// The sealed memory image at this path (format v1, whose data area is guest RAM in page
+    /// order), mapped copy-on-write: the guest starts on the image's pages, its writes stay
+    /// private to its process and the image is never written. The driver checks the image's
+    /// metadata (not every page) and its size against the domain's RAM before it starts
+    /// anything. It keeps the image's data for as long as the domain's process lives, with a
+    /// hard link of its own, so the snapshot may be deleted meanwhile (the image's link count
+    /// then tells that its data is still in use). The domain's RAM cannot be shared with the
+    /// toolstack afterwards: [`Hypervisor::guest_memory`] fails on it.
+    Image(&'a Path),
+}
+
+/// The RAM a domain started by [`Hypervisor::start_incoming`] got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IncomingStart {
+    /// The memory image is mapped: the RAM holds the saved memory already.
+    Mapped,
+    /// Fresh, zeroed RAM: the caller writes the memory image into it.
+    Fresh {
+        /// Why an image that was asked for could not be mapped (e.g. it lies on another
+        /// filesystem than the driver's files); `None` if fresh RAM was asked for.
+        fallback: Option<String>,
+    },
+}
+
 /// A hypervisor managing named domains.
 ///
 /// Every call names the domain; the driver keeps the processes and connections. Calls that need
@@ -147,7 +177,9 @@ pub trait Hypervisor: Send + Sync {
     async fn resume(&self, domain: &Name) -> DriverResult<()>;
     /// Maps the guest RAM of a domain that has a process (running, paused, or started with
     /// [`Hypervisor::start_incoming`]). The hypervisor writes the same memory: dirty pages are
-    /// found by content comparison. Fails for RAM the hypervisor does not share.
+    /// found by content comparison. Fails for RAM the hypervisor does not share, e.g. a domain
+    /// whose RAM is mapped from a memory image ([`IncomingRam::Image`]): that RAM is private to
+    /// the hypervisor's process.
     async fn guest_memory(&self, domain: &Name) -> DriverResult<GuestMemory>;
     /// How the memory of a domain that has a process can be saved.
     async fn memory_access(&self, domain: &Name) -> DriverResult<MemoryAccess>;
@@ -180,9 +212,12 @@ pub trait Hypervisor: Send + Sync {
         disks: &[DiskTarget],
     ) -> DriverResult<()>;
     /// Starts a shut-off domain from its configuration, paused, waiting for its state to be
-    /// loaded: its RAM is written through [`Hypervisor::guest_memory`], then
-    /// [`Hypervisor::load_device_state`] completes it.
-    async fn start_incoming(&self, domain: &Name) -> DriverResult<()>;
+    /// loaded, with RAM as `ram` asks. It says what the RAM got: an image that cannot be mapped
+    /// falls back to fresh RAM ([`IncomingStart::Fresh`] with the reason), which the caller then
+    /// writes through [`Hypervisor::guest_memory`]; an image that does not fit the domain (its
+    /// size is not the domain's RAM size) is an error, raised before anything is started.
+    /// [`Hypervisor::load_device_state`] completes the start.
+    async fn start_incoming<'a>(&self, domain: &Name, ram: IncomingRam<'a>) -> DriverResult<IncomingStart>;
     /// Forgets a shut-off domain: its definition and the driver's files. (The orchestrator's
     /// [`crate::Orchestrator::undefine`] checks first that no snapshot needs it.)
     async fn undefine(&self, domain: &Name) -> DriverResult<()>;

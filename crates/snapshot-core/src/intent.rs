@@ -36,6 +36,10 @@ pub enum Intent {
         snapshot: Name,
         /// Leave the domain paused afterwards.
         paused: bool,
+        /// Copy memory into fresh RAM instead of mapping the image (absent in records of older
+        /// versions: recovery then maps it, as a revert does by default).
+        #[serde(default)]
+        eager: bool,
         /// Overlays this revert creates.
         new_overlays: Vec<PathBuf>,
     },
@@ -48,5 +52,19 @@ impl Intent {
             Intent::Create { snapshot, .. } | Intent::Revert { snapshot, .. } => snapshot,
             Intent::Delete { record } => &record.name,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revert_intent_of_an_older_version_recovers_as_a_lazy_one() {
+        let old = r#"{"operation": "revert", "snapshot": "s1", "paused": false, "new_overlays": []}"#;
+        let Intent::Revert { eager, paused, .. } = serde_json::from_str(old).unwrap() else {
+            panic!("not a revert");
+        };
+        assert!(!eager && !paused);
     }
 }

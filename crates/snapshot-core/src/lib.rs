@@ -14,7 +14,9 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use snapshot_core::{CreateOptions, FsStore, Hypervisor, MemoryMode, Name, Orchestrator, Quiet};
+//! use snapshot_core::{
+//!     CreateOptions, FsStore, Hypervisor, MemoryMode, Name, Orchestrator, Quiet, RevertOptions,
+//! };
 //!
 //! # async fn demo(driver: Arc<dyn Hypervisor>) -> snapshot_core::Result<()> {
 //! // `driver` is e.g. `qemu::QemuDriver::new("/var/lib/domsnap")`.
@@ -23,7 +25,7 @@
 //! let options = CreateOptions { memory: MemoryMode::Background, ..CreateOptions::default() };
 //! let report = orchestrator.create(&domain, &snapshot, options).await?;
 //! println!("guest paused {:.1} ms", report.guest_pause_ms);
-//! orchestrator.revert(&domain, &snapshot, false).await?;
+//! orchestrator.revert(&domain, &snapshot, RevertOptions::default()).await?;
 //! orchestrator.delete(&domain, &snapshot, false).await?;
 //! # Ok(())
 //! # }
@@ -62,7 +64,8 @@ pub use error::{Error, Operation, Result, Step};
 #[cfg(any(test, feature = "mock"))]
 pub use hypervisor::MockHypervisor;
 pub use hypervisor::{
-    CaptureSignals, DiskTarget, DriverError, DriverResult, Hypervisor, MemoryAccess, StreamMode, StreamedSave,
+    CaptureSignals, DiskTarget, DriverError, DriverResult, Hypervisor, IncomingRam, IncomingStart,
+    MemoryAccess, StreamMode, StreamedSave,
 };
 pub use intent::Intent;
 pub use metadata::{
@@ -71,8 +74,9 @@ pub use metadata::{
 pub use name::{InvalidName, Name, MAX_NAME_LEN};
 pub use orchestrator::{
     Abandoned, Activity, CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, LiveMethod,
-    LiveOptions, MemoryMode, MemoryRead, Observer, Orchestrator, Quiet, Recovery, RecoveryOutcome,
-    RevertReport, RoundReport, SavedMemory, VerifyReport, DEFAULT_CONVERGE_WITHIN, DEFAULT_MAX_DOWNTIME,
+    LiveOptions, MemoryLoad, MemoryMode, MemoryRead, Observer, Orchestrator, Quiet, Recovery,
+    RecoveryOutcome, RevertOptions, RevertReport, RoundReport, SavedMemory, VerifyReport,
+    DEFAULT_CONVERGE_WITHIN, DEFAULT_MAX_DOWNTIME,
 };
 pub use state_dir::{DomainDir, DomainLock, StateDir};
 #[cfg(any(test, feature = "mock"))]

@@ -2,6 +2,7 @@
 //! snapshot store and the domain driver.
 //!
 //! ```text
+//! STATE/qemu-binary.json                the driver: the hypervisor binary it checked last
 //! STATE/domains/DOMAIN/                 one folder per domain (mode 0700)
 //!                      lock             flock'ed for the duration of a command; holds its pid
 //!                      current          the store: name of the current snapshot

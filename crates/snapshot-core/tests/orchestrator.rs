@@ -14,12 +14,23 @@ use std::{
 use disk::MockDiskSnapshots;
 use snapshot_core::{
     Activity, CaptureSignals, CreateOptions, DiskKind, DiskRequest, DiskTarget, DomainState, DriverResult,
-    Error, FsStore, Hypervisor, Intent, LiveMethod, LiveOptions, MemoryAccess, MemoryMode, MemoryRead,
-    MockHypervisor, Name, Operation, Orchestrator, Quiet, RecoveryOutcome, SavedMemory, SnapshotStore, Step,
-    StreamMode, StreamedSave,
+    Error, FsStore, Hypervisor, IncomingRam, IncomingStart, Intent, LiveMethod, LiveOptions, MemoryAccess,
+    MemoryLoad, MemoryMode, MemoryRead, MockHypervisor, Name, Operation, Orchestrator, Quiet,
+    RecoveryOutcome, RevertOptions, SavedMemory, SnapshotStore, Step, StreamMode, StreamedSave,
 };
 
 const RAM: u64 = 4 << 20;
+
+/// A lazy revert that leaves the domain paused.
+const PAUSED: RevertOptions = RevertOptions {
+    paused: true,
+    eager: false,
+};
+/// An eager revert (memory copied into fresh RAM).
+const EAGER: RevertOptions = RevertOptions {
+    paused: false,
+    eager: true,
+};
 
 /// The simulated domain and its disks.
 #[derive(Debug, Clone)]
@@ -34,6 +45,8 @@ struct Sim {
     shared_ram: bool,
     /// Whether the hypervisor streams memory with its own dirty tracking.
     streams: bool,
+    /// The hypervisor cannot map memory images: it falls back to fresh RAM.
+    cannot_map: bool,
     calls: Vec<&'static str>,
 }
 
@@ -183,10 +196,21 @@ fn hypervisor(sim: &Shared) -> MockHypervisor {
         Ok(())
     });
     let s = sim.clone();
-    h.expect_start_incoming().returning(move |_| {
+    h.expect_start_incoming().returning(move |_, ram| {
         call(&s, "start_incoming")?;
-        s.lock().unwrap().state = DomainState::Paused;
-        Ok(())
+        let mut sim = s.lock().unwrap();
+        sim.state = DomainState::Paused;
+        Ok(match ram {
+            IncomingRam::Image(image) if !sim.cannot_map => {
+                assert!(image.ends_with("memory.img"), "{}", image.display());
+                sim.calls.push("mapped");
+                IncomingStart::Mapped
+            }
+            IncomingRam::Image(_) => IncomingStart::Fresh {
+                fallback: Some("simulated: the image is on another filesystem".into()),
+            },
+            IncomingRam::Fresh => IncomingStart::Fresh { fallback: None },
+        })
     });
     let s = sim.clone();
     h.expect_load_device_state()
@@ -297,8 +321,8 @@ impl Hypervisor for Simulated {
     ) -> DriverResult<()> {
         self.mock.define(domain, config, disks).await
     }
-    async fn start_incoming(&self, domain: &Name) -> DriverResult<()> {
-        self.mock.start_incoming(domain).await
+    async fn start_incoming<'a>(&self, domain: &Name, ram: IncomingRam<'a>) -> DriverResult<IncomingStart> {
+        self.mock.start_incoming(domain, ram).await
     }
     async fn undefine(&self, domain: &Name) -> DriverResult<()> {
         self.mock.undefine(domain).await
@@ -337,6 +361,7 @@ fn fixture(state: DomainState) -> Fixture {
         fail: None,
         shared_ram: true,
         streams: false,
+        cannot_map: false,
         calls: Vec::new(),
     }));
     let store = Arc::new(FsStore::new(dir.path().join("state")));
@@ -571,7 +596,9 @@ async fn bad_requests_change_nothing() {
     assert!(err.to_string().contains("not supported"), "{err}");
     assert_eq!(f.store.list(&f.domain).unwrap().len(), 1);
     assert!(matches!(
-        f.orchestrator.revert(&f.domain, &name("nope"), false).await,
+        f.orchestrator
+            .revert(&f.domain, &name("nope"), RevertOptions::default())
+            .await,
         Err(Error::SnapshotNotFound { .. })
     ));
 }
@@ -644,18 +671,11 @@ async fn delete_with_children_removes_the_subtree() {
     assert!(f.sim.lock().unwrap().internal.is_empty());
 }
 
-#[tokio::test]
-async fn revert_restores_memory_disks_and_configuration() {
-    let f = fixture(DomainState::Running);
-    f.create("s1", false).await.unwrap();
-    let report = f
-        .orchestrator
-        .revert(&f.domain, &name("s1"), false)
-        .await
-        .unwrap();
-    assert_eq!(report.state, DomainState::Running);
+/// The calls of a revert that matter for its order, from the last `destroy` on.
+fn revert_calls(f: &Fixture) -> Vec<&'static str> {
     let calls = f.calls();
-    let order: Vec<&str> = calls
+    let from = calls.iter().rposition(|c| *c == "destroy").unwrap();
+    calls[from..]
         .iter()
         .copied()
         .filter(|c| {
@@ -665,26 +685,44 @@ async fn revert_restores_memory_disks_and_configuration() {
                 "apply_internal",
                 "define",
                 "start_incoming",
+                "mapped",
                 "guest_memory",
                 "load_device_state",
                 "resume",
             ]
             .contains(c)
         })
-        .collect();
+        .collect()
+}
+
+#[tokio::test]
+async fn revert_restores_memory_disks_and_configuration() {
+    let f = fixture(DomainState::Running);
+    f.create("s1", false).await.unwrap();
+    let report = f
+        .orchestrator
+        .revert(&f.domain, &name("s1"), RevertOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(report.state, DomainState::Running);
+    // Lazy by default: the hypervisor maps the image, nothing is copied.
+    assert_eq!(report.memory_load, MemoryLoad::Mapped);
+    assert_eq!((report.memory_fallback.as_deref(), report.memory_ms), (None, 0.0));
     assert_eq!(
-        order[order.len() - 8..],
+        revert_calls(&f),
         [
             "destroy",
             "revert_external",
             "apply_internal",
             "define",
             "start_incoming",
-            "guest_memory",
+            "mapped",
             "load_device_state",
             "resume"
         ]
     );
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["memory_load"], "mapped", "{json}");
     // vdb now writes to a fresh overlay on the snapshot's image; the replaced overlay went.
     let sim = f.sim();
     let revert_overlay = &sim.disks[1].image;
@@ -696,43 +734,211 @@ async fn revert_restores_memory_disks_and_configuration() {
     assert_eq!(f.store.current(&f.domain).unwrap(), Some(name("s1")));
 
     // Paused revert.
-    let report = f.orchestrator.revert(&f.domain, &name("s1"), true).await.unwrap();
+    let report = f
+        .orchestrator
+        .revert(&f.domain, &name("s1"), PAUSED)
+        .await
+        .unwrap();
     assert_eq!(report.state, DomainState::Paused);
+
+    // Eager: fresh RAM, the image copied into it.
+    let report = f
+        .orchestrator
+        .revert(&f.domain, &name("s1"), EAGER)
+        .await
+        .unwrap();
+    assert_eq!(report.state, DomainState::Running);
+    assert_eq!(report.memory_load, MemoryLoad::Copied);
+    assert_eq!(report.memory_fallback, None);
+    assert_eq!(
+        revert_calls(&f),
+        [
+            "destroy",
+            "revert_external",
+            "apply_internal",
+            "define",
+            "start_incoming",
+            "guest_memory",
+            "load_device_state",
+            "resume"
+        ]
+    );
+    assert_eq!(serde_json::to_value(&report).unwrap()["memory_load"], "copied");
 }
 
 #[tokio::test]
-async fn a_corrupt_memory_image_is_refused_before_the_domain_is_touched() {
+async fn an_image_the_hypervisor_cannot_map_is_copied_and_the_report_says_why() {
     let f = fixture(DomainState::Running);
     f.create("s1", false).await.unwrap();
-    let image = f.store.files(&f.domain, &name("s1")).memory_image;
-    let mut bytes = std::fs::read(&image).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x55;
-    std::fs::write(&image, bytes).unwrap();
+    f.sim.lock().unwrap().cannot_map = true;
+    let report = f
+        .orchestrator
+        .revert(&f.domain, &name("s1"), RevertOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(report.memory_load, MemoryLoad::Copied);
+    let fallback = report.memory_fallback.as_deref().unwrap();
+    assert!(fallback.contains("another filesystem"), "{fallback}");
+    assert!(revert_calls(&f).contains(&"guest_memory"));
+    assert_eq!(f.sim().state, DomainState::Running);
+}
+
+/// Damages byte `offset` of a file (a negative offset counts from its end).
+fn damage(path: &Path, offset: i64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = if offset < 0 {
+        bytes.len() - usize::try_from(-offset).unwrap()
+    } else {
+        usize::try_from(offset).unwrap()
+    };
+    bytes[at] ^= 0x55;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn a_memory_image_with_damaged_metadata_is_refused_before_the_domain_is_touched() {
+    // Page table entry, page table checksum in the footer, header: each is refused by both
+    // kinds of revert without touching the domain.
+    for (offset, options) in [
+        (-60, RevertOptions::default()),
+        (-30, EAGER),
+        (20, RevertOptions::default()),
+    ] {
+        let f = fixture(DomainState::Running);
+        f.create("s1", false).await.unwrap();
+        let image = f.store.files(&f.domain, &name("s1")).memory_image;
+        damage(&image, offset);
+        f.fail_at("nothing");
+        let err = f
+            .orchestrator
+            .revert(&f.domain, &name("s1"), options)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Failed {
+                    step: Step::Check,
+                    ..
+                }
+            ),
+            "{offset}: {err}"
+        );
+        let source = std::error::Error::source(&err).unwrap().to_string();
+        assert!(source.contains("memory image"), "{offset}: {source}");
+        assert!(!f.calls().contains(&"destroy"), "{offset}");
+        assert_eq!(f.sim.lock().unwrap().state, DomainState::Running);
+        let report = f.orchestrator.verify(&f.domain, &name("s1")).await.unwrap();
+        assert!(
+            report.problems.iter().any(|p| p.contains("memory image")),
+            "{:?}",
+            report.problems
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_image_of_another_size_is_refused_before_the_domain_is_touched() {
+    let f = fixture(DomainState::Running);
+    let mut record = f.create("s1", false).await.unwrap().record;
+    record.memory.as_mut().unwrap().ram_bytes = 2 * RAM;
+    f.store.commit(&record).unwrap();
     f.fail_at("nothing");
     let err = f
         .orchestrator
-        .revert(&f.domain, &name("s1"), false)
+        .revert(&f.domain, &name("s1"), RevertOptions::default())
+        .await
+        .unwrap_err();
+    let source = std::error::Error::source(&err).unwrap().to_string();
+    assert!(
+        source.contains(&format!(
+            "holds {RAM} bytes of RAM, but the snapshot's domain had {}",
+            2 * RAM
+        )),
+        "{source}"
+    );
+    assert!(!f.calls().contains(&"destroy"));
+}
+
+#[tokio::test]
+async fn damaged_pages_are_left_to_verify_by_a_lazy_revert_and_fail_an_eager_one() {
+    let f = fixture(DomainState::Running);
+    f.create("s1", false).await.unwrap();
+    // An image with data: page 1 holds bytes, and its first byte gets damaged.
+    let image = f.store.files(&f.domain, &name("s1")).memory_image;
+    std::fs::remove_file(&image).unwrap();
+    let mem = memory::GuestMemory::anonymous(RAM).unwrap();
+    mem.write(4096, b"guest data").unwrap();
+    let sink = memory::ImageWriter::create(&image, memory::ImageLayout::of(&mem), memory::Durability::NoSync)
+        .unwrap();
+    memory::save_paused(&mem, Box::new(sink)).unwrap();
+    damage(&image, 2 * 4096);
+
+    // Lazy: only the metadata is read before the start; `verify` finds the page.
+    let report = f
+        .orchestrator
+        .revert(&f.domain, &name("s1"), RevertOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(report.memory_load, MemoryLoad::Mapped);
+    let verified = f.orchestrator.verify(&f.domain, &name("s1")).await.unwrap();
+    assert!(
+        verified.problems.iter().any(|p| p.contains("page 1")),
+        "{:?}",
+        verified.problems
+    );
+
+    // Eager: the copy checks each page and fails on it, after the domain was stopped.
+    let err = f
+        .orchestrator
+        .revert(&f.domain, &name("s1"), EAGER)
         .await
         .unwrap_err();
     assert!(
         matches!(
             err,
             Error::Failed {
-                step: Step::Check,
+                step: Step::RestoreMemory,
                 ..
             }
         ),
         "{err}"
     );
-    assert!(!f.calls().contains(&"destroy"));
-    assert_eq!(f.sim.lock().unwrap().state, DomainState::Running);
-    let report = f.orchestrator.verify(&f.domain, &name("s1")).await.unwrap();
-    assert!(
-        report.problems.iter().any(|p| p.contains("memory image")),
-        "{:?}",
-        report.problems
-    );
+    assert!(err.to_string().contains("shut off"), "{err}");
+    assert_eq!(f.sim().state, DomainState::ShutOff);
+    assert!(f.store.intent(&f.domain).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn deleting_a_snapshot_whose_image_a_domain_maps_says_the_data_stays() {
+    let f = fixture(DomainState::Running);
+    f.create("s1", false).await.unwrap();
+    f.create("s2", false).await.unwrap();
+    // What a driver's lazy revert leaves: its own link of the image.
+    let image = f.store.files(&f.domain, &name("s1")).memory_image;
+    let link = f.dir.path().join("ram-base.img");
+    std::fs::hard_link(&image, &link).unwrap();
+    let before = std::fs::read(&image).unwrap();
+
+    let report = f
+        .orchestrator
+        .delete(&f.domain, &name("s1"), false)
+        .await
+        .unwrap();
+    assert_eq!(report.memory_in_use, [name("s1")]);
+    assert!(!image.exists());
+    assert_eq!(std::fs::read(&link).unwrap(), before);
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["memory_in_use"], serde_json::json!(["s1"]), "{json}");
+
+    // Once the link is gone (the domain stopped), nothing is reported.
+    std::fs::remove_file(&link).unwrap();
+    let report = f
+        .orchestrator
+        .delete(&f.domain, &name("s2"), false)
+        .await
+        .unwrap();
+    assert!(report.memory_in_use.is_empty());
 }
 
 #[tokio::test]
@@ -751,7 +957,7 @@ async fn a_failure_during_revert_removes_new_overlays_and_restores_the_configura
         f.fail_at(call);
         let err = f
             .orchestrator
-            .revert(&f.domain, &name("s1"), false)
+            .revert(&f.domain, &name("s1"), RevertOptions::default())
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Failed { .. }), "{call}: {err}");
@@ -892,7 +1098,7 @@ async fn branches_keep_what_they_read_and_deleting_everything_leaves_no_overlay(
     let f = fixture(DomainState::Running);
     f.create("s1", false).await.unwrap();
     f.orchestrator
-        .revert(&f.domain, &name("s1"), false)
+        .revert(&f.domain, &name("s1"), RevertOptions::default())
         .await
         .unwrap();
     let branch = f.sim().disks[1].image.clone();
@@ -951,7 +1157,7 @@ async fn a_background_create_pauses_for_disks_and_capture_and_is_consistent_at_t
     );
     assert_eq!(f.sim().state, DomainState::Running);
     f.orchestrator
-        .revert(&f.domain, &name("bg"), false)
+        .revert(&f.domain, &name("bg"), RevertOptions::default())
         .await
         .unwrap();
 
@@ -1189,7 +1395,7 @@ async fn a_revert_whose_internal_snapshot_is_gone_is_refused_before_the_domain_s
     f.sim.lock().unwrap().calls.clear();
     let error = f
         .orchestrator
-        .revert(&f.domain, &name("s1"), false)
+        .revert(&f.domain, &name("s1"), RevertOptions::default())
         .await
         .unwrap_err();
     assert!(

@@ -1,7 +1,11 @@
 //! Delete: a snapshot's disk snapshots, its memory and device-state files and its record; its
 //! children are re-parented, and overlays no snapshot reads any more are folded away.
+//!
+//! A domain reverted lazily maps its snapshot's memory image through a hard link of the driver's
+//! own ([`crate::IncomingRam::Image`]): deleting that snapshot removes the snapshot's name of the
+//! image only, and the report says that its data stays until the domain stops.
 
-use std::{path::PathBuf, time::Instant};
+use std::{os::unix::fs::MetadataExt, path::Path, path::PathBuf, time::Instant};
 
 use super::{at, disk_plan::delete_internal_if_present, millis, DeleteReport, Orchestrator, StepResult};
 use crate::{
@@ -35,12 +39,21 @@ impl Orchestrator {
                     record: victim.clone(),
                 },
             )?;
+            let in_use = victim.memory.is_some()
+                && has_other_links(&self.store.files(domain, &victim.name).memory_image);
             let removed = self
                 .delete_steps(&victim)
                 .await
                 .map_err(|e| self.failed(Operation::Delete, domain, &victim.name, e, Vec::new(), None))?;
             self.store.clear_intent(domain)?;
             report.removed_images.extend(removed);
+            if in_use {
+                tracing::info!(
+                    %domain, snapshot = %victim.name,
+                    "the domain maps the deleted snapshot's memory image: its data stays until the domain stops"
+                );
+                report.memory_in_use.push(victim.name.clone());
+            }
             report.deleted.push(victim.name);
         }
         report.total_ms = millis(started.elapsed());
@@ -94,4 +107,10 @@ impl Orchestrator {
         }
         Ok(())
     }
+}
+
+/// Whether the file at `path` has names other than this one (a hard link the hypervisor driver
+/// made to map it). A missing file has none.
+fn has_other_links(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|meta| meta.nlink() > 1)
 }

@@ -33,9 +33,9 @@ use std::{
 
 pub use activity::{Abandoned, Activity};
 pub use types::{
-    CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, LiveMethod, LiveOptions, MemoryMode,
-    MemoryRead, Observer, Quiet, Recovery, RecoveryOutcome, RevertReport, RoundReport, SavedMemory,
-    VerifyReport, DEFAULT_CONVERGE_WITHIN, DEFAULT_MAX_DOWNTIME,
+    CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, LiveMethod, LiveOptions, MemoryLoad,
+    MemoryMode, MemoryRead, Observer, Quiet, Recovery, RecoveryOutcome, RevertOptions, RevertReport,
+    RoundReport, SavedMemory, VerifyReport, DEFAULT_CONVERGE_WITHIN, DEFAULT_MAX_DOWNTIME,
 };
 
 use crate::{

@@ -1,6 +1,8 @@
 //! Recovery: finishes or undoes an operation a crash interrupted, from its intent record.
 
-use super::{at, create::CreateJob, Orchestrator, Recovery, RecoveryOutcome, StepError, StepResult};
+use super::{
+    at, create::CreateJob, Orchestrator, Recovery, RecoveryOutcome, RevertOptions, StepError, StepResult,
+};
 use crate::{
     error::{Error, Operation, Result, Step},
     intent::Intent,
@@ -48,11 +50,13 @@ impl Orchestrator {
             Intent::Revert {
                 snapshot,
                 paused,
+                eager,
                 new_overlays,
             } => {
                 let record = self.store.get(domain, &snapshot)?;
                 let files = self.store.files(domain, &snapshot);
-                self.revert_steps(&record, &files, paused, &new_overlays)
+                let options = RevertOptions { paused, eager };
+                self.revert_steps(&record, &files, options, &new_overlays)
                     .await
                     .map_err(|e| fail(e, Vec::new()))?;
                 self.store.clear_intent(domain)?;

@@ -1,5 +1,12 @@
 //! Revert: stop the domain, put its disks back to the snapshot's, restore its configuration
 //! and, if the snapshot has memory, start it from the saved memory and device state.
+//!
+//! Memory is loaded lazily by default: the hypervisor maps the sealed memory image copy-on-write
+//! ([`IncomingRam::Image`]) and reads only what the guest touches. With
+//! [`RevertOptions::eager`] (or when the image cannot be mapped) it is copied into fresh RAM.
+//! Either way the check before the domain is touched reads only the image's metadata (header,
+//! page table and footer checksums) and its size: a lazy revert leaves the pages to `snapshot
+//! verify`, an eager one checks each page's checksum as it copies it.
 
 use std::{
     path::{Path, PathBuf},
@@ -11,13 +18,14 @@ use disk::ExternalSnapshot;
 use super::{
     at,
     disk_plan::{external_overlay, holds_internal},
-    millis, now_unix_ms, remove_file, Orchestrator, RevertReport, StepError, StepResult,
+    millis, now_unix_ms, remove_file, MemoryLoad, Orchestrator, RevertOptions, RevertReport, StepError,
+    StepResult,
 };
 use crate::{
     error::{DriverError, Operation, Result, Step},
-    hypervisor::DiskTarget,
+    hypervisor::{DiskTarget, IncomingRam, IncomingStart},
     intent::Intent,
-    metadata::{DiskSnapshot, DomainState, SnapshotRecord},
+    metadata::{DiskSnapshot, DomainState, MemoryState, SnapshotRecord},
     name::Name,
     store::SnapshotFiles,
 };
@@ -29,15 +37,29 @@ struct Replaced {
     disks: Vec<DiskTarget>,
 }
 
+/// The domain's state after the revert's steps, and how its memory was loaded.
+pub(super) struct Reverted {
+    state: DomainState,
+    memory: MemoryLoad,
+    fallback: Option<String>,
+    memory_ms: f64,
+}
+
 impl Orchestrator {
     /// Reverts the domain to a snapshot: stops it, reverts the disks, restores the configuration
     /// and, if the snapshot has memory, starts the domain from it (running, or paused with
-    /// `paused`). A disk-only snapshot leaves the domain shut off.
+    /// [`RevertOptions::paused`]; memory mapped, or copied with [`RevertOptions::eager`]). A
+    /// disk-only snapshot leaves the domain shut off.
     ///
-    /// The snapshot is checked (memory image checksums, files present) before the domain is
-    /// touched; a failure after the domain was stopped leaves it shut off with its previous
+    /// The snapshot is checked (memory image metadata and size, files present) before the domain
+    /// is touched; a failure after the domain was stopped leaves it shut off with its previous
     /// configuration and disks where those could be kept (external disks).
-    pub async fn revert(&self, domain: &Name, snapshot: &Name, paused: bool) -> Result<RevertReport> {
+    pub async fn revert(
+        &self,
+        domain: &Name,
+        snapshot: &Name,
+        options: RevertOptions,
+    ) -> Result<RevertReport> {
         let started = Instant::now();
         let _lock = self.begin(domain).await?;
         let record = self.store.get(domain, snapshot)?;
@@ -64,18 +86,21 @@ impl Orchestrator {
         self.add_overlays(domain, &new_overlays)?;
         let intent = Intent::Revert {
             snapshot: snapshot.clone(),
-            paused,
+            paused: options.paused,
+            eager: options.eager,
             new_overlays: new_overlays.clone(),
         };
         self.store.set_intent(domain, &intent)?;
-        match self.revert_steps(&record, &files, paused, &new_overlays).await {
-            Ok((state, memory_ms)) => {
+        match self.revert_steps(&record, &files, options, &new_overlays).await {
+            Ok(reverted) => {
                 self.store.clear_intent(domain)?;
                 Ok(RevertReport {
                     snapshot: snapshot.clone(),
-                    state,
+                    state: reverted.state,
                     total_ms: millis(started.elapsed()),
-                    memory_ms,
+                    memory_load: reverted.memory,
+                    memory_fallback: reverted.fallback,
+                    memory_ms: reverted.memory_ms,
                 })
             }
             Err(error) => {
@@ -141,14 +166,8 @@ impl Orchestrator {
         record: &SnapshotRecord,
         files: &SnapshotFiles,
     ) -> std::result::Result<(), DriverError> {
-        if record.memory.is_some() {
-            let image = files.memory_image.clone();
-            tokio::task::spawn_blocking(move || memory::verify(&image)).await??;
-            let devices = std::fs::metadata(&files.device_state)
-                .map_err(|e| format!("device state {}: {e}", files.device_state.display()))?;
-            if devices.len() == 0 {
-                return Err(format!("device state {} is empty", files.device_state.display()).into());
-            }
+        if let Some(memory) = &record.memory {
+            check_memory(memory, files).await?;
         }
         let backend = self.hypervisor.disk_backend(&record.domain).await?;
         for disk in &record.disks {
@@ -170,14 +189,14 @@ impl Orchestrator {
     }
 
     /// The steps of a revert from stopping the domain on. They redo cleanly, so recovery runs
-    /// them again after a crash. Returns the domain's state afterwards and the memory load time.
+    /// them again after a crash. Returns the domain's state afterwards and how memory was loaded.
     pub(super) async fn revert_steps(
         &self,
         record: &SnapshotRecord,
         files: &SnapshotFiles,
-        paused: bool,
+        options: RevertOptions,
         new_overlays: &[PathBuf],
-    ) -> StepResult<(DomainState, f64)> {
+    ) -> StepResult<Reverted> {
         let domain = &record.domain;
         let observe = |step| self.observer.step(Operation::Revert, step);
         observe(Step::Stop);
@@ -192,9 +211,14 @@ impl Orchestrator {
             .await
             .map_err(at(Step::Define))?;
 
-        let (state, memory_ms) = match record.memory {
-            Some(_) => self.restore_state(domain, files, paused).await?,
-            None => (DomainState::ShutOff, 0.0),
+        let reverted = match record.memory {
+            Some(_) => self.restore_state(domain, files, options).await?,
+            None => Reverted {
+                state: DomainState::ShutOff,
+                memory: MemoryLoad::None,
+                fallback: None,
+                memory_ms: 0.0,
+            },
         };
 
         observe(Step::UpdateTree);
@@ -205,7 +229,7 @@ impl Orchestrator {
         // reads them).
         observe(Step::TidyDisks);
         self.tidy_disks(domain).await.map_err(at(Step::TidyDisks))?;
-        Ok((state, memory_ms))
+        Ok(reverted)
     }
 
     /// Puts every disk back to the snapshot's: a fresh overlay on an external snapshot's image,
@@ -261,40 +285,60 @@ impl Orchestrator {
         Ok(new_disks)
     }
 
-    /// Starts the domain to receive its state, loads memory and device state, and resumes it
-    /// unless `paused`. Returns its state and the memory load time.
+    /// Starts the domain to receive its state (its RAM mapped from the memory image, or fresh
+    /// and written from it), loads the device state, and resumes it unless `paused`.
     async fn restore_state(
         &self,
         domain: &Name,
         files: &SnapshotFiles,
-        paused: bool,
-    ) -> StepResult<(DomainState, f64)> {
+        options: RevertOptions,
+    ) -> StepResult<Reverted> {
         let observe = |step| self.observer.step(Operation::Revert, step);
         observe(Step::StartIncoming);
-        self.hypervisor
-            .start_incoming(domain)
+        let ram = if options.eager {
+            IncomingRam::Fresh
+        } else {
+            IncomingRam::Image(&files.memory_image)
+        };
+        let started = self
+            .hypervisor
+            .start_incoming(domain, ram)
             .await
             .map_err(at(Step::StartIncoming))?;
-        observe(Step::RestoreMemory);
-        let restore_started = Instant::now();
-        self.restore_memory(domain, &files.memory_image)
-            .await
-            .map_err(at(Step::RestoreMemory))?;
-        let memory_ms = millis(restore_started.elapsed());
+        let mut reverted = Reverted {
+            state: DomainState::Paused,
+            memory: MemoryLoad::Mapped,
+            fallback: None,
+            memory_ms: 0.0,
+        };
+        if let IncomingStart::Fresh { fallback } = started {
+            if let Some(reason) = &fallback {
+                tracing::warn!(%domain, %reason, "the memory image cannot be mapped; copying it");
+            }
+            observe(Step::RestoreMemory);
+            let restore_started = Instant::now();
+            self.restore_memory(domain, &files.memory_image)
+                .await
+                .map_err(at(Step::RestoreMemory))?;
+            reverted.memory_ms = millis(restore_started.elapsed());
+            reverted.memory = MemoryLoad::Copied;
+            reverted.fallback = fallback;
+        }
         observe(Step::LoadDeviceState);
         self.hypervisor
             .load_device_state(domain, &files.device_state)
             .await
             .map_err(at(Step::LoadDeviceState))?;
-        if paused {
-            return Ok((DomainState::Paused, memory_ms));
+        if !options.paused {
+            observe(Step::Resume);
+            self.hypervisor.resume(domain).await.map_err(at(Step::Resume))?;
+            reverted.state = DomainState::Running;
         }
-        observe(Step::Resume);
-        self.hypervisor.resume(domain).await.map_err(at(Step::Resume))?;
-        Ok((DomainState::Running, memory_ms))
+        Ok(reverted)
     }
 
-    /// Writes the memory image into the RAM of the domain just started to receive it.
+    /// Writes the memory image into the RAM of the domain just started to receive it, checking
+    /// each stored page's checksum as it is copied (so no separate full check runs before).
     async fn restore_memory(&self, domain: &Name, image: &Path) -> std::result::Result<(), DriverError> {
         let mem = self.hypervisor.guest_memory(domain).await?;
         let image = image.to_owned();
@@ -308,4 +352,29 @@ impl Orchestrator {
         .await??;
         Ok(())
     }
+}
+
+/// Checks a snapshot's memory before a revert touches the domain: the memory image's metadata
+/// (header, page table and footer checksums; the pages are left to `snapshot verify`, and to the
+/// copy of an eager revert, which checks each one), that it holds the snapshot's RAM size, and
+/// that the device state is there.
+async fn check_memory(memory: &MemoryState, files: &SnapshotFiles) -> std::result::Result<(), DriverError> {
+    let image = files.memory_image.clone();
+    let checked = tokio::task::spawn_blocking(move || memory::check_metadata(&image)).await?;
+    let shown = files.memory_image.display();
+    let layout = checked.map_err(|e| format!("memory image {shown}: {e}"))?;
+    let ram_bytes = layout.ram_bytes();
+    if ram_bytes != memory.ram_bytes {
+        return Err(format!(
+            "memory image {shown} holds {ram_bytes} bytes of RAM, but the snapshot's domain had {}",
+            memory.ram_bytes
+        )
+        .into());
+    }
+    let devices = std::fs::metadata(&files.device_state)
+        .map_err(|e| format!("device state {}: {e}", files.device_state.display()))?;
+    if devices.len() == 0 {
+        return Err(format!("device state {} is empty", files.device_state.display()).into());
+    }
+    Ok(())
 }

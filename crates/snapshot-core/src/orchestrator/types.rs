@@ -257,8 +257,44 @@ pub struct DeleteReport {
     pub deleted: Vec<Name>,
     /// Overlay images merged into their parents or removed because no snapshot needs them.
     pub removed_images: Vec<PathBuf>,
+    /// Deleted snapshots whose memory image the domain's running process still maps (it was
+    /// reverted to them lazily): the image's data stays on disk until the domain stops.
+    pub memory_in_use: Vec<Name>,
     /// Wall time, milliseconds.
     pub total_ms: f64,
+}
+
+/// Options of [`Orchestrator::revert`](crate::Orchestrator::revert).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RevertOptions {
+    /// Leave the domain paused afterwards.
+    pub paused: bool,
+    /// Copy the memory image into fresh RAM shared with domsnap, checking every page's checksum
+    /// as it is copied, instead of letting the hypervisor map the image copy-on-write (the
+    /// default, which reads only what the guest touches, and whose RAM domsnap cannot read).
+    pub eager: bool,
+}
+
+/// How a revert loaded the snapshot's memory (serialised in lower case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryLoad {
+    /// The hypervisor maps the memory image copy-on-write: nothing was copied.
+    Mapped,
+    /// The image was copied into fresh RAM (eager, or the image could not be mapped).
+    Copied,
+    /// The snapshot has no memory: the domain is shut off.
+    None,
+}
+
+impl std::fmt::Display for MemoryLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemoryLoad::Mapped => "mapped",
+            MemoryLoad::Copied => "copied",
+            MemoryLoad::None => "none",
+        })
+    }
 }
 
 /// What a revert did.
@@ -270,7 +306,11 @@ pub struct RevertReport {
     pub state: DomainState,
     /// Wall time, milliseconds.
     pub total_ms: f64,
-    /// Time spent loading memory into the new domain, milliseconds.
+    /// How memory was loaded.
+    pub memory_load: MemoryLoad,
+    /// Why the image was copied although mapping it was asked for (`None` otherwise).
+    pub memory_fallback: Option<String>,
+    /// Time spent copying memory into the new domain, milliseconds (0 when mapped).
     pub memory_ms: f64,
 }
 

@@ -1,0 +1,180 @@
+//! Issue 11, part 4: a revert lets QEMU map the snapshot's memory image copy-on-write (the
+//! default), or copies it into fresh RAM with `--eager`. The guest goes on exactly where the
+//! snapshot was, the image never changes while the guest writes its memory, the snapshot can be
+//! deleted while the reverted domain runs (its image's data stays until the domain stops), and
+//! reverts follow each other in both modes.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, and unwrap says where"
+)]
+
+mod common;
+
+use std::{
+    hash::Hasher,
+    io::Read,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use common::{create, state, Cli, Domain, TicksAround, Workload};
+
+const BOOT: Duration = Duration::from_secs(120);
+const TICKS: Duration = Duration::from_secs(60);
+
+/// A hash of a whole file.
+fn file_hash(path: &Path) -> u64 {
+    let mut file = std::fs::File::open(path).unwrap();
+    let mut hasher = std::hash::DefaultHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).unwrap();
+        if n == 0 {
+            return hasher.finish();
+        }
+        hasher.write(&buf[..n]);
+    }
+}
+
+/// `snapshot revert DOMAIN SNAPSHOT EXTRA...`: checks that the guest goes on from the
+/// snapshot's tick (its first tick after the old guest's last one breaks the old sequence and
+/// lies within `ticks`) and that memory was loaded as `memory_load` says. The report.
+fn revert(
+    cli: &Cli,
+    domain: &Domain,
+    snapshot: &str,
+    ticks: &TicksAround,
+    extra: &[&str],
+) -> serde_json::Value {
+    let position = domain.serial_position();
+    let last_tick = domain.last_tick_since(0).unwrap_or(0);
+    let mut args = vec!["snapshot", "revert", &domain.name, snapshot];
+    args.extend_from_slice(extra);
+    let report = cli.json(&args);
+    assert_eq!(report["state"], "running", "{report}");
+    let expected = if extra.contains(&"--eager") {
+        "copied"
+    } else {
+        "mapped"
+    };
+    assert_eq!(report["memory_load"], expected, "{report}");
+    assert!(report["memory_fallback"].is_null(), "{report}");
+    let deadline = Instant::now() + TICKS;
+    let first = loop {
+        if let Some(first) = domain.first_jump_since(position, last_tick) {
+            break first;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "revert to {snapshot}: no tick of the reverted guest"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        ticks.before < first && first <= ticks.after + 2,
+        "revert to {snapshot} {extra:?}: the counter went on at {first}; the snapshot was taken \
+         between ticks {} and {}",
+        ticks.before,
+        ticks.after
+    );
+    report
+}
+
+/// What `domain status` says the domain's RAM is mapped from.
+fn mapped_image(cli: &Cli, domain: &Domain) -> Option<PathBuf> {
+    let status = cli.json(&["domain", "status", &domain.name]);
+    status["mapped_image"].as_str().map(PathBuf::from)
+}
+
+#[test]
+fn a_lazy_revert_goes_on_exactly_and_keeps_the_image_as_it_was() {
+    let cli = Cli::new();
+    let domain = cli.start_domain("lazy", 256, Workload::Fingerprint { seed: 5, mib: 16 }, 1);
+    let fingerprint = domain.fingerprint();
+    domain.wait_tick_above(0, 1, BOOT);
+    let (ticks, _) = create(&cli, &domain, "s1", &[]);
+    let folder = cli.state_dir().join("domains/lazy");
+    let image = folder.join("snapshots/s1/memory.img");
+    let link = folder.join("run/ram-base.img");
+    let hash = file_hash(&image);
+    domain.wait_tick_above(ticks.position, ticks.after + 2, TICKS);
+
+    // The default: mapped. The guest's memory is the snapshot's.
+    let report = revert(&cli, &domain, "s1", &ticks, &[]);
+    assert_eq!(report["memory_ms"], 0.0, "{report}");
+    assert_eq!(mapped_image(&cli, &domain), Some(image.clone()));
+    assert!(link.exists());
+    assert_eq!(domain.fingerprint_check(), fingerprint);
+    // The guest runs and writes its memory; the image stays as it was.
+    let position = domain.serial_position();
+    domain.wait_tick_above(position, domain.last_tick_since(0).unwrap() + 3, TICKS);
+    assert_eq!(file_hash(&image), hash, "the mapped image changed");
+    let text = cli.ok(&["domain", "status", "lazy"]);
+    assert!(text.contains("RAM mapped copy-on-write from"), "{text}");
+
+    // A paused create cannot read mapped RAM directly: QEMU streams it, and the image it maps
+    // stays as it was.
+    let report = cli.json(&["snapshot", "create", "lazy", "after"]);
+    assert_eq!(report["memory_read"], "stream", "{report}");
+    assert_eq!(report["memory_mode"], "paused", "{report}");
+    assert_eq!(state(&cli, &domain), "running");
+    assert_eq!(file_hash(&image), hash, "the mapped image changed");
+
+    // A lazy revert after a lazy revert, then an eager one: shared RAM again.
+    revert(&cli, &domain, "s1", &ticks, &[]);
+    assert_eq!(domain.fingerprint_check(), fingerprint);
+    let report = revert(&cli, &domain, "s1", &ticks, &["--eager"]);
+    assert!(report["memory_ms"].as_f64().unwrap() > 0.0, "{report}");
+    assert_eq!(mapped_image(&cli, &domain), None);
+    assert!(!link.exists());
+    assert_eq!(domain.fingerprint_check(), fingerprint);
+    // And a lazy one after the eager one.
+    revert(&cli, &domain, "s1", &ticks, &[]);
+    assert_eq!(file_hash(&image), hash, "the mapped image changed");
+    cli.ok(&["snapshot", "verify", "lazy", "s1"]);
+    cli.ok(&["domain", "stop", "lazy", "--force"]);
+    assert!(!link.exists() && !folder.join("run").exists());
+}
+
+#[test]
+fn a_snapshot_deleted_while_its_image_is_mapped_keeps_the_data_until_the_domain_stops() {
+    let cli = Cli::new();
+    let domain = cli.start_domain("keep", 256, Workload::Fingerprint { seed: 9, mib: 16 }, 1);
+    let fingerprint = domain.fingerprint();
+    domain.wait_tick_above(0, 1, BOOT);
+    let (ticks, _) = create(&cli, &domain, "s1", &[]);
+    domain.wait_tick_above(ticks.position, ticks.after + 2, TICKS);
+    revert(&cli, &domain, "s1", &ticks, &[]);
+    let link = cli.state_dir().join("domains/keep/run/ram-base.img");
+    let hash = file_hash(&link);
+
+    let text = cli.ok(&["snapshot", "delete", "keep", "s1"]);
+    assert!(
+        text.contains("the memory image of s1 is still mapped by the running domain")
+            && text.contains("until the domain stops"),
+        "{text}"
+    );
+    assert_eq!(cli.snapshot_files(), Vec::<String>::new());
+    // The domain runs on, on the image's data.
+    assert_eq!(state(&cli, &domain), "running");
+    let position = domain.serial_position();
+    domain.wait_tick_above(position, domain.last_tick_since(0).unwrap() + 2, TICKS);
+    assert_eq!(domain.fingerprint_check(), fingerprint);
+    assert_eq!(file_hash(&link), hash);
+
+    // Once the domain stops, the data is gone.
+    cli.ok(&["domain", "stop", "keep", "--force"]);
+    assert!(!link.exists());
+    assert_eq!(state(&cli, &domain), "shut-off");
+
+    // The JSON report says it too.
+    cli.ok(&["domain", "start", "keep"]);
+    domain.wait_tick_above(domain.serial_position(), 1, BOOT);
+    let (ticks, _) = create(&cli, &domain, "s2", &[]);
+    domain.wait_tick_above(ticks.position, ticks.after + 2, TICKS);
+    revert(&cli, &domain, "s2", &ticks, &[]);
+    let report = cli.json(&["snapshot", "delete", "keep", "s2"]);
+    assert_eq!(report["memory_in_use"], serde_json::json!(["s2"]), "{report}");
+    cli.ok(&["domain", "stop", "keep", "--force"]);
+}
