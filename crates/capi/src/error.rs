@@ -4,8 +4,10 @@ use std::{
     cell::RefCell,
     collections::HashMap,
     ffi::{c_char, c_int, CStr, CString},
-    sync::{Mutex, PoisonError},
-    thread::ThreadId,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, PoisonError,
+    },
 };
 
 use snapshot_core::ErrorClass;
@@ -190,13 +192,29 @@ pub(crate) fn c_string_lossy(text: String) -> CString {
 /// does not move when the map does.
 #[derive(Debug, Default)]
 pub(crate) struct ErrorSlots {
-    slots: Mutex<HashMap<ThreadId, LastError>>,
+    slots: Mutex<HashMap<u64, LastError>>,
+}
+
+/// The calling thread's number: unique in the process and never reused (unlike a thread's
+/// `pthread_t`). Not `std::thread::current().id()`: on a thread Rust did not start (the C
+/// caller's main thread) that allocates a handle std never frees, which valgrind reports.
+fn thread_number() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static NUMBER: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+    NUMBER.with(|number| {
+        if number.get() == 0 {
+            number.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        number.get()
+    })
 }
 
 impl ErrorSlots {
     pub(crate) fn set(&self, error: Option<LastError>) {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        let thread = std::thread::current().id();
+        let thread = thread_number();
         match error {
             Some(error) => slots.insert(thread, error),
             None => slots.remove(&thread),
@@ -207,7 +225,7 @@ impl ErrorSlots {
     pub(crate) fn get(&self) -> (domsnap_code, *const c_char) {
         let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         slots
-            .get(&std::thread::current().id())
+            .get(&thread_number())
             .map_or((domsnap_code::DOMSNAP_OK, c"".as_ptr()), LastError::get)
     }
 }

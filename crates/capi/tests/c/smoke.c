@@ -18,6 +18,14 @@
 #include "domsnap.h"
 
 static int passed, failed;
+static struct timespec started;
+
+/* Seconds since the program started. */
+static double elapsed(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)(now.tv_sec - started.tv_sec) + (double)(now.tv_nsec - started.tv_nsec) / 1e9;
+}
 
 #define CHECK(cond)                                                                  \
     do {                                                                             \
@@ -35,7 +43,7 @@ static void expect_ok(domsnap_ctx *ctx, int rc, const char *what) {
     const char *message = domsnap_last_error(ctx, &code);
     if (rc == 0 && code == DOMSNAP_OK && message[0] == '\0') {
         passed++;
-        printf("ok: %s\n", what);
+        printf("ok: %s (at %.1f s)\n", what, elapsed());
     } else {
         failed++;
         fprintf(stderr, "FAIL: %s: rc %d, %s: %s\n", what, rc, domsnap_code_name(code), message);
@@ -194,6 +202,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s STATE_DIR CONFIG.toml DOMAIN SERIAL_LOG OVERLAY_PATH\n", argv[0]);
         return 2;
     }
+    clock_gettime(CLOCK_MONOTONIC, &started);
     const char *state_dir = argv[1], *config = argv[2], *domain = argv[3], *serial = argv[4];
     check_without_context();
 
