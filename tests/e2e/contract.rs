@@ -3,6 +3,11 @@
 //! document, so the two cannot drift), carries `"version": 1`; errors are JSON documents with
 //! their class; exit statuses follow the class; completions and the man page are generated.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, and unwrap says where"
+)]
+
 mod common;
 
 use std::collections::BTreeMap;

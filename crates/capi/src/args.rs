@@ -149,10 +149,14 @@ fn absolute(path: String, what: &str) -> Result<PathBuf, CapiError> {
 pub unsafe fn read_snapshot_args(args: *const domsnap_snapshot_args) -> Result<SnapshotArgs, CapiError> {
     // SAFETY: NULL or a valid structure, by the caller's contract.
     let args = unsafe { args.as_ref() }.ok_or_else(|| CapiError::InvalidArgument("args is NULL".into()))?;
-    // SAFETY: (all three) the strings are NULL or valid, by the caller's contract.
-    let name = unsafe { required(args.name, "args->name") }?;
-    let description = unsafe { optional(args.description, "args->description") }?;
-    let memory_path = unsafe { optional(args.memory_path, "args->memory_path") }?;
+    // SAFETY: the strings are NULL or valid, by the caller's contract.
+    let (name, description, memory_path) = unsafe {
+        (
+            required(args.name, "args->name")?,
+            optional(args.description, "args->description")?,
+            optional(args.memory_path, "args->memory_path")?,
+        )
+    };
     let entries: &[domsnap_disk_args] = match (args.num_disks, args.disks.is_null()) {
         (0, _) => &[],
         (_, true) => {
@@ -192,11 +196,15 @@ pub unsafe fn read_snapshot_args(args: *const domsnap_snapshot_args) -> Result<S
 /// The entry's strings are NULL or NUL-terminated, alive and unchanged during the call.
 unsafe fn read_disk(disk: &domsnap_disk_args, index: usize) -> Result<DiskArgs, CapiError> {
     let what = |field: &str| format!("args->disks[{index}].{field}");
-    // SAFETY: (all four) the strings are NULL or valid, by the caller's contract.
-    let device = unsafe { required(disk.device, &what("device")) }?;
-    let name = unsafe { optional(disk.name, &what("name")) }?;
-    let format = unsafe { optional(disk.external_format, &what("external_format")) }?;
-    let path = unsafe { optional(disk.external_path, &what("external_path")) }?;
+    // SAFETY: the strings are NULL or valid, by the caller's contract.
+    let (device, name, format, path) = unsafe {
+        (
+            required(disk.device, &what("device"))?,
+            optional(disk.name, &what("name"))?,
+            optional(disk.external_format, &what("external_format"))?,
+            optional(disk.external_path, &what("external_path"))?,
+        )
+    };
     let kind = if disk.external {
         if name.is_some() {
             return Err(CapiError::InvalidArgument(format!(

@@ -137,3 +137,56 @@ pub unsafe fn enter(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CStr;
+
+    use super::*;
+    use crate::error::domsnap_code;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn a_context_is_shared_between_threads_with_an_error_each() {
+        assert_send_sync::<domsnap_ctx>();
+        let state = tempfile::tempdir().unwrap();
+        let ctx = domsnap_ctx::open(state.path().to_str().unwrap()).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: the context is alive for the call.
+                let rc = unsafe { enter(&ctx, |ctx| ctx.read(|api| api.list("nosuch")).map(drop)) };
+                assert_eq!(rc, -1);
+                assert_eq!(ctx.last_error().0, domsnap_code::DOMSNAP_NOT_FOUND);
+            })
+            .join()
+            .unwrap();
+        });
+        assert_eq!(ctx.last_error().0, domsnap_code::DOMSNAP_OK);
+        ctx.close();
+    }
+
+    #[test]
+    fn a_panic_is_caught_and_reported_as_internal() {
+        let state = tempfile::tempdir().unwrap();
+        let ctx = domsnap_ctx::open(state.path().to_str().unwrap()).unwrap();
+        // SAFETY: the context is alive for the call.
+        let rc = unsafe { enter(&ctx, |_| panic!("boom")) };
+        assert_eq!(rc, -1);
+        let (code, message) = ctx.last_error();
+        assert_eq!(code, domsnap_code::DOMSNAP_INTERNAL);
+        // SAFETY: the message lives until this thread's next call on the context.
+        let message = unsafe { CStr::from_ptr(message) }.to_str().unwrap();
+        assert_eq!(message, "internal error (a bug in domsnap): boom");
+        // The context still works.
+        // SAFETY: as above.
+        assert_eq!(unsafe { enter(&ctx, |_| Ok(())) }, 0);
+        // SAFETY: a NULL context is allowed.
+        assert_eq!(unsafe { enter(std::ptr::null(), |_| Ok(())) }, -1);
+        assert_eq!(
+            error::get_without_context().0,
+            domsnap_code::DOMSNAP_INVALID_ARGUMENT
+        );
+        ctx.close();
+    }
+}
