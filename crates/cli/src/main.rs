@@ -512,14 +512,7 @@ impl App {
             }
             SnapshotCommand::Show { name: domain, snap } => {
                 let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
-                self.note_activity(&domain)?;
-                let record = self.store.get(&domain, &snap)?;
-                let current = self.store.current(&domain)?;
-                let files = self.store.files(&domain, &snap);
-                let document = output::ShowDocument::new(&record, current.as_ref());
-                self.print(&Flat::new(&document), || {
-                    output::show(&record, current.as_ref(), &files)
-                })
+                self.show(&domain, &snap)
             }
             SnapshotCommand::Delete {
                 name: domain,
@@ -541,20 +534,37 @@ impl App {
             }
             SnapshotCommand::Verify { name: domain, snap } => {
                 let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
-                let report = self.orchestrator.verify(&domain, &snap).await?;
-                if report.problems.is_empty() {
-                    return self.print(&Flat::new(&report), || output::verified(&report));
-                }
-                // One document: with --json the failure's, which lists the problems.
-                if !self.json {
-                    print!("{}", output::verified(&report));
-                }
-                bail!(
-                    "snapshot {snap} of domain {domain} is damaged: {}",
-                    report.problems.join("; ")
-                )
+                self.verify(&domain, &snap).await
             }
         }
+    }
+
+    /// `snapshot show`: the record, and whether it is the current snapshot.
+    fn show(&self, domain: &Name, snap: &Name) -> Result<()> {
+        self.note_activity(domain)?;
+        let record = self.store.get(domain, snap)?;
+        let current = self.store.current(domain)?;
+        let files = self.store.files(domain, snap);
+        let document = output::ShowDocument::new(&record, current.as_ref());
+        self.print(&Flat::new(&document), || {
+            output::show(&record, current.as_ref(), &files)
+        })
+    }
+
+    /// `snapshot verify`: a damaged snapshot is a failure listing its problems (with `--json`
+    /// only the failure's document is printed: one document per command).
+    async fn verify(&self, domain: &Name, snap: &Name) -> Result<()> {
+        let report = self.orchestrator.verify(domain, snap).await?;
+        if report.problems.is_empty() {
+            return self.print(&Flat::new(&report), || output::verified(&report));
+        }
+        if !self.json {
+            print!("{}", output::verified(&report));
+        }
+        bail!(
+            "snapshot {snap} of domain {domain} is damaged: {}",
+            report.problems.join("; ")
+        )
     }
 }
 
