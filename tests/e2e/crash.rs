@@ -67,7 +67,7 @@ fn domain_dir(cli: &Cli, name: &str) -> PathBuf {
 
 /// What `recover --json` reports: (operation, snapshot, outcome) per recovered operation.
 fn recover(cli: &Cli) -> Vec<(String, String, String)> {
-    let report = cli.json(&["recover"]);
+    let report = cli.json(&["recover"])["recovered"].clone();
     report
         .as_array()
         .unwrap_or_else(|| panic!("recover: not a list: {report}"))
@@ -97,7 +97,7 @@ fn domain_pid(cli: &Cli, name: &str) -> i32 {
 
 /// The snapshot names `snapshot list` shows, with the current one.
 fn snapshots(cli: &Cli, name: &str) -> (Vec<String>, Option<String>) {
-    let rows = cli.json(&["snapshot", "list", name]);
+    let rows = cli.json(&["snapshot", "list", name])["snapshots"].clone();
     let rows = rows.as_array().expect("snapshot list is a list").clone();
     let names = rows
         .iter()

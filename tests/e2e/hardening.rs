@@ -62,7 +62,7 @@ fn activity_of(cli: &Cli, name: &str) -> String {
 
 /// The snapshot names `snapshot list` shows.
 fn snapshot_names(cli: &Cli, name: &str) -> Vec<String> {
-    let rows = cli.json(&["snapshot", "list", name]);
+    let rows = cli.json(&["snapshot", "list", name])["snapshots"].clone();
     rows.as_array()
         .unwrap_or_else(|| panic!("snapshot list: not a list: {rows}"))
         .iter()
@@ -72,7 +72,7 @@ fn snapshot_names(cli: &Cli, name: &str) -> Vec<String> {
 
 /// What `recover --json` (every domain) recovered.
 fn recover_all(cli: &Cli) -> Vec<serde_json::Value> {
-    let report = cli.json(&["recover"]);
+    let report = cli.json(&["recover"])["recovered"].clone();
     report
         .as_array()
         .unwrap_or_else(|| panic!("recover: not a list: {report}"))
@@ -563,7 +563,7 @@ fn read_only_commands_answer_at_once_while_another_command_holds_a_domain() {
 
     for _ in 0..3 {
         let started = Instant::now();
-        let rows = cli.json(&["domain", "list"]);
+        let rows = cli.json(&["domain", "list"])["domains"].clone();
         let took = started.elapsed();
         assert!(took < READ_ONLY, "domain list took {took:?}");
         let rows = rows.as_array().unwrap();
@@ -626,7 +626,7 @@ fn an_interrupted_create_is_shown_and_can_be_abandoned() {
         cli.ok(&["recover", "ab", "--abandon"]),
         "domain ab: nothing to abandon\n"
     );
-    assert!(cli.json(&["recover", "ab", "--abandon"]).is_null());
+    assert!(cli.json(&["recover", "ab", "--abandon"])["abandoned"].is_null());
     assert_eq!(activity_of(&cli, "ab"), "idle");
 
     // Killed after the disks were snapshotted, before the guest is resumed.

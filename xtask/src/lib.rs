@@ -1,4 +1,5 @@
-//! domsnap developer tasks, run as `cargo xtask <task>`: `setup` (QEMU 10 and the test guest), `test`,
+//! domsnap developer tasks, run as `cargo xtask <task>`: `setup` (QEMU 10, the C API test's cc and
+//! valgrind, and the test guest), `test`,
 //! `demo`. The modules are a library so other tasks (the demo) can reuse them.
 
 pub mod cmd;
@@ -33,6 +34,7 @@ pub struct SetupReport {
 /// `cargo xtask setup`: QEMU 10, then the test guest (rebuilt when its inputs changed or `force`).
 pub fn run_setup(force: bool) -> Result<SetupReport> {
     let qemu = setup::ensure_qemu()?;
+    setup::ensure_c_test_tools()?;
     let guest_dir = guest::guest_dir();
     let guest = guest_image::ensure_guest(&workspace_root(), &guest_dir, force)?;
     println!("setup: summary");

@@ -21,8 +21,9 @@ struct Cli {
 enum Task {
     /// Install QEMU 10 if needed and build the test guest (idempotent)
     ///
-    /// QEMU comes from bookworm-backports; the guest is built into $DOMSNAP_GUEST_DIR
-    /// (default ~/.cache/domsnap/guest) and rebuilt only when its inputs changed.
+    /// QEMU comes from bookworm-backports, cc and valgrind (the C API test) from Debian; the guest
+    /// is built into $DOMSNAP_GUEST_DIR (default ~/.cache/domsnap/guest) and rebuilt only when
+    /// its inputs changed.
     Setup {
         /// Rebuild the guest even if it is up to date.
         #[arg(long)]

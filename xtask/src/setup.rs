@@ -119,6 +119,38 @@ pub fn ensure_qemu() -> Result<QemuVersions> {
     Ok(after)
 }
 
+/// The tools the C API's test needs (`crates/capi/tests/c_smoke.rs`): a C compiler to build the
+/// C program against `domsnap.h`, and valgrind to check it for leaks and invalid accesses.
+/// (program, Debian package).
+pub const C_TEST_TOOLS: &[(&str, &str)] = &[("cc", "gcc"), ("valgrind", "valgrind")];
+
+/// Installs the [`C_TEST_TOOLS`] that are missing (from Debian's own suite: any version will do).
+pub fn ensure_c_test_tools() -> Result<()> {
+    let missing: Vec<&str> = C_TEST_TOOLS
+        .iter()
+        .filter(|(program, _)| cmd::probe(Command::new(program).arg("--version")).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        println!("setup: cc and valgrind present: nothing to install");
+        return Ok(());
+    }
+    println!("setup: installing {} (the C API's test)", missing.join(" "));
+    cmd::run(cmd::as_root("apt-get", cmd::APT_ENV).arg("update"), false)?;
+    cmd::run(
+        cmd::as_root("apt-get", cmd::APT_ENV)
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+        false,
+    )?;
+    for (program, package) in C_TEST_TOOLS {
+        if cmd::probe(Command::new(program).arg("--version")).is_none() {
+            bail!("{program} is still missing after installing {package}");
+        }
+    }
+    Ok(())
+}
+
 /// `VERSION_CODENAME` from /etc/os-release.
 pub fn os_codename() -> Option<String> {
     let text = fs::read_to_string("/etc/os-release").ok()?;

@@ -1,9 +1,12 @@
 //! `domsnap`: whole-domain snapshots of QEMU domains from the command line.
 //!
 //! Every command first finishes or undoes an operation a crash interrupted (`recover`), under
-//! the domain's lock. `--json` prints one JSON document per command; otherwise a short report,
-//! with progress on a terminal. Failures exit non-zero with a one-line error.
+//! the domain's lock. `--json` prints one JSON document per command (with `"version"`, errors
+//! too: `contract`); otherwise a short report, with progress on a terminal. Failures print a
+//! one-line error and exit with their class's status.
 
+mod contract;
+mod generate;
 mod output;
 
 use std::{
@@ -14,7 +17,8 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use contract::{BadArgument, Flat, Keyed};
 use memory::RoundStats;
 use qemu::{DomainConfig, QemuDriver, StopMode};
 use snapshot_core::{
@@ -56,6 +60,14 @@ enum Command {
         #[arg(long, requires = "name")]
         abandon: bool,
     },
+    /// Print a shell completion script to stdout.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: generate::Shell,
+    },
+    /// Print the man page (roff) to stdout, e.g. `domsnap man > /usr/local/share/man/man1/domsnap.1`.
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,7 +208,14 @@ enum SnapshotCommand {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse_args();
+    let json = cli.json;
+    if let Some(result) = print_generated(&cli.command) {
+        if let Err(error) = result {
+            fail(json, &error);
+        }
+        return;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("DOMSNAP_LOG"))
         .with_writer(std::io::stderr)
@@ -207,10 +226,52 @@ fn main() {
         .build()
         .expect("tokio runtime");
     if let Err(error) = runtime.block_on(run(cli)) {
-        let chain: Vec<String> = error.chain().map(ToString::to_string).collect();
-        eprintln!("domsnap: error: {}", dedup_chain(&chain).join(": "));
-        std::process::exit(1);
+        fail(json, &error);
     }
+}
+
+/// The command line; a usage error is also a JSON document on stdout with `--json` (clap prints
+/// its message and exits with status 2).
+fn parse_args() -> Cli {
+    Cli::try_parse().unwrap_or_else(|error| {
+        if !error.use_stderr() {
+            // --help, --version: not errors.
+            error.exit()
+        }
+        if std::env::args_os().any(|arg| arg == "--json") {
+            let rendered = error.to_string();
+            let message = rendered.lines().next().unwrap_or_default();
+            let message = message.strip_prefix("error: ").unwrap_or(message);
+            println!("{}", contract::usage_document(message));
+        }
+        let _ = error.print();
+        std::process::exit(contract::EXIT_USAGE)
+    })
+}
+
+/// Prints the completions or the man page, for the commands that ask for them.
+fn print_generated(command: &Command) -> Option<Result<()>> {
+    let mut stdout = std::io::stdout().lock();
+    match command {
+        Command::Completions { shell } => {
+            generate::completions(*shell, &mut Cli::command(), &mut stdout);
+            Some(Ok(()))
+        }
+        Command::Man => Some(generate::man(Cli::command(), &mut stdout)),
+        _ => None,
+    }
+}
+
+/// Reports a failure (one line on stderr; with `--json` its document on stdout) and exits with
+/// its class's status.
+fn fail(json: bool, error: &anyhow::Error) -> ! {
+    let chain: Vec<String> = error.chain().map(ToString::to_string).collect();
+    let message = dedup_chain(&chain).join(": ");
+    eprintln!("domsnap: error: {message}");
+    if json {
+        println!("{}", contract::error_document(error, message));
+    }
+    std::process::exit(contract::exit_code(contract::classify(error)));
 }
 
 /// Drops messages that repeat the one before them (wrappers that print their source).
@@ -269,12 +330,16 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Snapshot(command) => app.snapshot(command).await,
         Command::Recover { name: None, .. } => {
             let recovered = app.orchestrator.recover_all().await?;
-            app.print(&recovered, || output::recoveries(&recovered))
+            app.print(&Keyed::new("recovered", &recovered), || {
+                output::recoveries(&recovered)
+            })
         }
         Command::Recover {
             name: Some(domain),
             abandon,
         } => app.recover(&domain, abandon).await,
+        // Printed by `main`, before the runtime starts.
+        Command::Completions { .. } | Command::Man => Ok(()),
     };
     progress.finish();
     result
@@ -285,10 +350,11 @@ fn name(text: &str, what: &str) -> Result<Name> {
 }
 
 impl App {
-    /// Prints `value` as JSON, or the human text.
-    fn print<T: serde::Serialize>(&self, value: &T, human: impl FnOnce() -> String) -> Result<()> {
+    /// Prints `document` as JSON (a [`Flat`] or [`Keyed`] document: `"version"` and the
+    /// command's keys), or the human text.
+    fn print<T: serde::Serialize>(&self, document: &T, human: impl FnOnce() -> String) -> Result<()> {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(value)?);
+            println!("{}", serde_json::to_string_pretty(document)?);
         } else {
             print!("{}", human());
         }
@@ -304,7 +370,7 @@ impl App {
                     .iter()
                     .map(|status| self.row(status))
                     .collect::<Result<Vec<output::DomainRow>>>()?;
-                self.print(&rows, || output::domains(&rows))
+                self.print(&Keyed::new("domains", &rows), || output::domains(&rows))
             }
             DomainCommand::Start { domain, paused } => {
                 let domain = if looks_like_file(&domain) {
@@ -344,12 +410,14 @@ impl App {
             DomainCommand::Pause { name: ref domain } | DomainCommand::Resume { name: ref domain } => {
                 let pause = matches!(command, DomainCommand::Pause { .. });
                 let domain = self.defined_domain(domain)?;
-                let _lock = self.orchestrator.begin(&domain).await?;
+                let lock = self.orchestrator.begin(&domain).await?;
                 if pause {
                     self.driver.pause(&domain).await?;
                 } else {
                     self.driver.resume(&domain).await?;
                 }
+                // Released first: the status would show this command holding the lock (busy).
+                drop(lock);
                 self.status(&domain).await
             }
             DomainCommand::Status { name: domain } => {
@@ -359,7 +427,7 @@ impl App {
             DomainCommand::Undefine { name: domain } => {
                 let domain = self.defined_domain(&domain)?;
                 self.orchestrator.undefine(&domain).await?;
-                self.print(&serde_json::json!({ "undefined": domain }), || {
+                self.print(&Flat::new(&serde_json::json!({ "undefined": domain })), || {
                     format!("domain {domain} undefined\n")
                 })
             }
@@ -377,7 +445,7 @@ impl App {
     async fn status(&self, domain: &Name) -> Result<()> {
         let status = self.driver.status(domain).await?;
         let row = self.row(&status)?;
-        self.print(&row, || output::domains(std::slice::from_ref(&row)))
+        self.print(&Flat::new(&row), || output::domains(std::slice::from_ref(&row)))
     }
 
     /// A domain's row: the driver's status and what domsnap is doing on it (never waiting).
@@ -399,10 +467,14 @@ impl App {
         let domain = self.defined_domain(domain)?;
         if abandon {
             let abandoned = self.orchestrator.abandon(&domain).await?;
-            return self.print(&abandoned, || output::abandoned(&domain, abandoned.as_ref()));
+            return self.print(&Keyed::new("abandoned", &abandoned), || {
+                output::abandoned(&domain, abandoned.as_ref())
+            });
         }
         let recovered: Vec<_> = self.orchestrator.recover(&domain).await?.into_iter().collect();
-        self.print(&recovered, || output::recoveries(&recovered))
+        self.print(&Keyed::new("recovered", &recovered), || {
+            output::recoveries(&recovered)
+        })
     }
 
     async fn snapshot(&self, command: SnapshotCommand) -> Result<()> {
@@ -438,7 +510,7 @@ impl App {
                     description,
                 };
                 let report = self.orchestrator.create(&domain, &snap, options).await?;
-                self.print(&report, || output::created(&report))
+                self.print(&Flat::new(&report), || output::created(&report))
             }
             SnapshotCommand::List { name: domain, tree } => {
                 let domain = self.defined_domain(&domain)?;
@@ -458,15 +530,11 @@ impl App {
                     .iter()
                     .map(|r| output::SnapshotRow::new(r, current.as_ref()))
                     .collect();
-                self.print(&rows, || output::snapshots(&rows))
+                self.print(&Keyed::new("snapshots", &rows), || output::snapshots(&rows))
             }
             SnapshotCommand::Show { name: domain, snap } => {
                 let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
-                self.note_activity(&domain)?;
-                let record = self.store.get(&domain, &snap)?;
-                let current = self.store.current(&domain)?;
-                let files = self.store.files(&domain, &snap);
-                self.print(&record, || output::show(&record, current.as_ref(), &files))
+                self.show(&domain, &snap)
             }
             SnapshotCommand::Delete {
                 name: domain,
@@ -475,7 +543,7 @@ impl App {
             } => {
                 let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
                 let report = self.orchestrator.delete(&domain, &snap, children).await?;
-                self.print(&report, || output::deleted(&report))
+                self.print(&Flat::new(&report), || output::deleted(&report))
             }
             SnapshotCommand::Revert {
                 name: domain,
@@ -486,21 +554,41 @@ impl App {
                 let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
                 let options = RevertOptions { paused, eager };
                 let report = self.orchestrator.revert(&domain, &snap, options).await?;
-                self.print(&report, || output::reverted(&domain, &report))
+                self.print(&Flat::new(&report), || output::reverted(&domain, &report))
             }
             SnapshotCommand::Verify { name: domain, snap } => {
                 let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
-                let report = self.orchestrator.verify(&domain, &snap).await?;
-                self.print(&report, || output::verified(&report))?;
-                if !report.problems.is_empty() {
-                    bail!(
-                        "snapshot {snap} of domain {domain} is damaged: {}",
-                        report.problems.join("; ")
-                    );
-                }
-                Ok(())
+                self.verify(&domain, &snap).await
             }
         }
+    }
+
+    /// `snapshot show`: the record, and whether it is the current snapshot.
+    fn show(&self, domain: &Name, snap: &Name) -> Result<()> {
+        self.note_activity(domain)?;
+        let record = self.store.get(domain, snap)?;
+        let current = self.store.current(domain)?;
+        let files = self.store.files(domain, snap);
+        let document = output::ShowDocument::new(&record, current.as_ref());
+        self.print(&Flat::new(&document), || {
+            output::show(&record, current.as_ref(), &files)
+        })
+    }
+
+    /// `snapshot verify`: a damaged snapshot is a failure listing its problems (with `--json`
+    /// only the failure's document is printed: one document per command).
+    async fn verify(&self, domain: &Name, snap: &Name) -> Result<()> {
+        let report = self.orchestrator.verify(domain, snap).await?;
+        if report.problems.is_empty() {
+            return self.print(&Flat::new(&report), || output::verified(&report));
+        }
+        if !self.json {
+            print!("{}", output::verified(&report));
+        }
+        bail!(
+            "snapshot {snap} of domain {domain} is damaged: {}",
+            report.problems.join("; ")
+        )
     }
 }
 
@@ -511,9 +599,11 @@ fn looks_like_file(argument: &str) -> bool {
 
 /// Parses `ID=internal|external[:PATH[:FORMAT]]`.
 fn parse_disk(text: &str) -> Result<DiskRequest> {
-    let (target, kind) = text
-        .split_once('=')
-        .with_context(|| format!("--disk {text:?}: expected ID=internal|external[:PATH[:FORMAT]]"))?;
+    let (target, kind) = text.split_once('=').ok_or_else(|| {
+        BadArgument(format!(
+            "--disk {text:?}: expected ID=internal|external[:PATH[:FORMAT]]"
+        ))
+    })?;
     let mut parts = kind.splitn(3, ':');
     let kind = match (parts.next(), parts.next(), parts.next()) {
         (Some("internal"), None, None) => DiskKind::Internal,
@@ -531,10 +621,15 @@ fn parse_disk(text: &str) -> Result<DiskRequest> {
                 format: format.filter(|f| !f.is_empty()).map(str::to_owned),
             }
         }
-        _ => bail!("--disk {text:?}: the kind must be internal or external[:PATH[:FORMAT]]"),
+        _ => {
+            return Err(BadArgument(format!(
+                "--disk {text:?}: the kind must be internal or external[:PATH[:FORMAT]]"
+            ))
+            .into())
+        }
     };
     if target.is_empty() {
-        bail!("--disk {text:?}: the disk id is empty");
+        return Err(BadArgument(format!("--disk {text:?}: the disk id is empty")).into());
     }
     Ok(DiskRequest {
         target: target.to_owned(),

@@ -100,6 +100,23 @@ pub fn domains(rows: &[DomainRow]) -> String {
     out
 }
 
+/// `snapshot show`'s JSON document (after `"version"`): whether it is the domain's current
+/// snapshot, and its record (which has its own `"version"`, the metadata layout's).
+#[derive(Debug, Serialize)]
+pub struct ShowDocument<'a> {
+    current: bool,
+    record: &'a SnapshotRecord,
+}
+
+impl<'a> ShowDocument<'a> {
+    pub fn new(record: &'a SnapshotRecord, current: Option<&Name>) -> Self {
+        ShowDocument {
+            current: current == Some(&record.name),
+            record,
+        }
+    }
+}
+
 /// One line of `snapshot list`.
 #[derive(Debug, Serialize)]
 pub struct SnapshotRow {

@@ -2,7 +2,7 @@
 
 use std::{io, path::PathBuf};
 
-use snapshot_core::Name;
+use snapshot_core::{ErrorClass, Name};
 
 use crate::migration_stream::StreamError;
 
@@ -352,6 +352,41 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// The error's class (shared with the CLI and the C API, see [`snapshot_core::ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::ReadConfig { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                ErrorClass::NotFound
+            }
+            Error::UnknownDomain { .. } => ErrorClass::NotFound,
+            Error::InvalidConfig { .. }
+            | Error::SocketPathTooLong { .. }
+            | Error::Running { .. }
+            | Error::NotRunning { .. }
+            | Error::WrongState { .. }
+            | Error::UnexpectedImage { .. } => ErrorClass::InvalidArgument,
+            Error::Busy { .. } | Error::MigrationBusy { .. } => ErrorClass::Busy,
+            Error::MigrationSettings { .. } => ErrorClass::Unsupported,
+            Error::SaveDefinition { source, .. } => source.class(),
+            _ => ErrorClass::Failed,
+        }
+    }
+}
+
+/// The class of an error a snapshot operation or a domain call reports: the orchestrator's
+/// classes, with this driver's own errors (a domain call's source) classified by
+/// [`Error::class`]. Errors of neither crate are [`ErrorClass::Failed`].
+pub fn error_class(error: &(dyn std::error::Error + 'static)) -> ErrorClass {
+    if let Some(error) = error.downcast_ref::<Error>() {
+        return error.class();
+    }
+    match error.downcast_ref::<snapshot_core::Error>() {
+        Some(error) => error.class_with(|source| source.downcast_ref::<Error>().map(Error::class)),
+        None => ErrorClass::Failed,
+    }
+}
+
 /// A durable write's failure is an [`Error::Io`]: the same operation, file and OS error.
 impl From<durable::Error> for Error {
     fn from(error: durable::Error) -> Self {
@@ -379,3 +414,30 @@ fn stderr_tail(stderr: &str) -> String {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_errors_have_classes_through_the_orchestrator_too() {
+        let domain = Name::new("d").unwrap();
+        let unknown = Error::UnknownDomain {
+            domain: domain.clone(),
+        };
+        assert_eq!(error_class(&unknown), ErrorClass::NotFound);
+        let wrapped = snapshot_core::Error::Driver {
+            domain,
+            action: "undefine",
+            source: Box::new(unknown),
+        };
+        assert_eq!(wrapped.class(), ErrorClass::Failed);
+        assert_eq!(error_class(&wrapped), ErrorClass::NotFound);
+        assert_eq!(error_class(&std::fmt::Error), ErrorClass::Failed);
+        let missing = Error::ReadConfig {
+            path: "/none.toml".into(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        };
+        assert_eq!(missing.class(), ErrorClass::NotFound);
+    }
+}

@@ -66,7 +66,7 @@ mod stream_save;
 pub use command_line::{disk_nodes, qemu_args, RuntimePaths, StartMode, RAM_BACKEND_ID, SANDBOX};
 pub use config::{DiskConfig, DomainConfig, MAX_VCPUS, MEMORY_MIB_RANGE};
 pub use driver::{DomainStatus, QemuDriver, StopMode};
-pub use error::{Error, Result};
+pub use error::{error_class, Error, Result};
 pub use migration_stream::{
     configuration_section, device_state_format, device_state_prefix, parse_migration_stream,
     DeviceStateFormat, ExpectedBlocks, FormatError, RamSink, StreamError, StreamStats, DEVICE_STATE_HEADER,

@@ -92,6 +92,11 @@ pub enum Error {
     #[error("{0}")]
     InvalidRequest(String),
 
+    /// The request is well formed but asks for something domsnap cannot do (yet), e.g. an
+    /// overlay format other than qcow2 (nothing was changed).
+    #[error("{0}")]
+    Unsupported(String),
+
     /// Another process holds the domain's lock.
     #[error("domain {domain} is busy: another domsnap command{holder} holds its lock")]
     Locked {
@@ -100,6 +105,124 @@ pub enum Error {
         /// " (pid N)" when the holder's pid is known, else empty.
         holder: String,
     },
+}
+
+/// The class of an error: what a caller (a script, a C toolstack) may do about it. The CLI's
+/// JSON errors and exit codes and the C API's codes are these classes; the serialised names
+/// (snake case) are stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// A domain, snapshot, file or disk named in the request does not exist.
+    NotFound,
+    /// A snapshot of that name exists already.
+    AlreadyExists,
+    /// Another command holds the domain (its lock, or a start or stop in progress); try again.
+    Busy,
+    /// The request is invalid as given or in the domain's current state: a bad name, an unknown
+    /// disk, an overlay path that exists, a start of a running domain. Nothing was changed.
+    InvalidArgument,
+    /// The request asks for something domsnap cannot do (yet). Nothing was changed.
+    Unsupported,
+    /// A snapshot operation failed at a step and everything it had done was undone.
+    FailedRolledBack,
+    /// A snapshot operation failed and its undo failed too: the error lists what is left, and
+    /// the intent record stays for `recover`.
+    FailedIncompleteRollback,
+    /// Any other failure outside a snapshot operation's steps: an I/O error in the state
+    /// directory, the hypervisor failing a domain call (a start, a stop), corrupt metadata.
+    Failed,
+    /// A bug: a panic caught at the API boundary, or an impossible state.
+    Internal,
+}
+
+impl ErrorClass {
+    /// Every class, in the order of their C codes (1, 2, ...).
+    pub const ALL: [ErrorClass; 9] = [
+        ErrorClass::NotFound,
+        ErrorClass::AlreadyExists,
+        ErrorClass::Busy,
+        ErrorClass::InvalidArgument,
+        ErrorClass::Unsupported,
+        ErrorClass::FailedRolledBack,
+        ErrorClass::FailedIncompleteRollback,
+        ErrorClass::Failed,
+        ErrorClass::Internal,
+    ];
+
+    /// The serialised name, e.g. `not_found`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::NotFound => "not_found",
+            ErrorClass::AlreadyExists => "already_exists",
+            ErrorClass::Busy => "busy",
+            ErrorClass::InvalidArgument => "invalid_argument",
+            ErrorClass::Unsupported => "unsupported",
+            ErrorClass::FailedRolledBack => "failed_rolled_back",
+            ErrorClass::FailedIncompleteRollback => "failed_incomplete_rollback",
+            ErrorClass::Failed => "failed",
+            ErrorClass::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The step of a snapshot operation that failed, and what its undo could not undo.
+#[derive(Debug, Clone, Copy)]
+pub struct FailedStep<'e> {
+    /// The operation.
+    pub operation: Operation,
+    /// The step that failed.
+    pub step: Step,
+    /// Undo steps that failed in turn (empty: everything was undone).
+    pub rollback: &'e [String],
+}
+
+impl Error {
+    /// This error's class; a driver's errors ([`Error::Driver`]) are [`ErrorClass::Failed`]
+    /// (see [`Error::class_with`]).
+    pub fn class(&self) -> ErrorClass {
+        self.class_with(|_| None)
+    }
+
+    /// This error's class, asking `driver` to classify a driver's error ([`Error::Driver`]'s
+    /// source: the driver knows its own errors, e.g. a domain that is not defined); `None`
+    /// from it means [`ErrorClass::Failed`].
+    pub fn class_with(&self, driver: impl Fn(&DriverError) -> Option<ErrorClass>) -> ErrorClass {
+        match self {
+            Error::InvalidName(_) | Error::InvalidRequest(_) => ErrorClass::InvalidArgument,
+            Error::Unsupported(_) => ErrorClass::Unsupported,
+            Error::SnapshotNotFound { .. } => ErrorClass::NotFound,
+            Error::SnapshotExists { .. } => ErrorClass::AlreadyExists,
+            Error::Locked { .. } => ErrorClass::Busy,
+            Error::Failed { rollback, .. } if rollback.is_empty() => ErrorClass::FailedRolledBack,
+            Error::Failed { .. } => ErrorClass::FailedIncompleteRollback,
+            Error::Driver { source, .. } => driver(source).unwrap_or(ErrorClass::Failed),
+            Error::Io { .. } | Error::CorruptMetadata { .. } => ErrorClass::Failed,
+        }
+    }
+
+    /// The failed step of a snapshot operation ([`Error::Failed`]), if this is one.
+    pub fn failed_step(&self) -> Option<FailedStep<'_>> {
+        match self {
+            Error::Failed {
+                operation,
+                step,
+                rollback,
+                ..
+            } => Some(FailedStep {
+                operation: *operation,
+                step: *step,
+                rollback,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// The operations of the orchestrator.
@@ -237,5 +360,69 @@ pub(crate) fn io_error(operation: &'static str, path: impl Into<PathBuf>) -> imp
         operation,
         path,
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(text: &str) -> Name {
+        Name::new(text).unwrap()
+    }
+
+    fn failed(rollback: Vec<String>) -> Error {
+        Error::Failed {
+            operation: Operation::Create,
+            domain: name("d"),
+            snapshot: name("s"),
+            step: Step::SnapshotDisks,
+            source: "no".into(),
+            rollback,
+            domain_left: None,
+        }
+    }
+
+    #[test]
+    fn errors_have_classes_and_failed_steps() {
+        assert_eq!(
+            Name::new("../x").map_err(Error::from).unwrap_err().class(),
+            ErrorClass::InvalidArgument
+        );
+        let missing = Error::SnapshotNotFound {
+            domain: name("d"),
+            snapshot: name("s"),
+        };
+        assert_eq!(missing.class(), ErrorClass::NotFound);
+        assert!(missing.failed_step().is_none());
+        assert_eq!(failed(Vec::new()).class(), ErrorClass::FailedRolledBack);
+        let incomplete = failed(vec!["cannot resume".into()]);
+        assert_eq!(incomplete.class(), ErrorClass::FailedIncompleteRollback);
+        let step = incomplete.failed_step().unwrap();
+        assert_eq!(
+            (step.operation, step.step, step.rollback.len()),
+            (Operation::Create, Step::SnapshotDisks, 1)
+        );
+        let driver = Error::Driver {
+            domain: name("d"),
+            action: "undefine",
+            source: "gone".into(),
+        };
+        assert_eq!(driver.class(), ErrorClass::Failed);
+        assert_eq!(
+            driver.class_with(|_| Some(ErrorClass::NotFound)),
+            ErrorClass::NotFound
+        );
+    }
+
+    #[test]
+    fn classes_serialise_to_their_stable_names() {
+        for class in ErrorClass::ALL {
+            assert_eq!(serde_json::to_value(class).unwrap(), class.as_str());
+        }
+        assert_eq!(
+            ErrorClass::FailedIncompleteRollback.to_string(),
+            "failed_incomplete_rollback"
+        );
     }
 }

@@ -60,7 +60,7 @@ mod state_dir;
 mod store;
 mod tree;
 
-pub use error::{Error, Operation, Result, Step};
+pub use error::{Error, ErrorClass, FailedStep, Operation, Result, Step};
 #[cfg(any(test, feature = "mock"))]
 pub use hypervisor::MockHypervisor;
 pub use hypervisor::{

@@ -81,7 +81,7 @@ fn plan_external(
 ) -> Result<DiskSnapshot> {
     let format = format.unwrap_or("qcow2").to_owned();
     if format != "qcow2" {
-        return Err(Error::InvalidRequest(format!(
+        return Err(Error::Unsupported(format!(
             "disk {}: overlay format {format:?} is not supported (qcow2 only)",
             target.target
         )));
