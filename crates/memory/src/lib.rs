@@ -89,8 +89,8 @@ pub use error::{Error, Result};
 pub use format::{ImageLayout, RegionInfo, FORMAT_VERSION};
 pub use guest::{Backing, FileRegion, GuestMemory, GuestMemoryBuilder, Region, PAGE_SIZE};
 pub use image::{
-    check_metadata, restore, verify, Durability, ImageInfo, ImageReader, ImageWriter, PageSink, ReadAt, RestoreOptions,
-    RestoreStats, ZeroPages,
+    check_metadata, restore, verify, Durability, ImageInfo, ImageReader, ImageWriter, PageSink, ReadAt,
+    RestoreOptions, RestoreStats, ZeroPages,
 };
 pub use import::{ImportStats, PageImport};
 pub use save::{
