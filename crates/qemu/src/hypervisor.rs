@@ -7,6 +7,10 @@
 //! needs `-global migration.send-configuration=off`) aborts on its next outgoing migration, so the
 //! driver writes it into every file it saves and inserts it when it loads a file of an older
 //! domsnap version that lacks it.
+//!
+//! A lazy revert starts the domain on the snapshot's memory image instead of the shared RAM file
+//! ([`snapshot_core::IncomingRam::Image`], see `mapped_ram`): QEMU maps it copy-on-write, and
+//! [`Hypervisor::guest_memory`] refuses such a domain, whose RAM is QEMU's own.
 
 use std::{
     fs::File,
