@@ -101,8 +101,9 @@ pub fn run() -> Result<()> {
     let old = demo.last_tick();
     let report = demo.json(&["snapshot", "revert", "demo", "before"])?;
     println!(
-        "reverted in {:.0} ms (loading memory: {:.0} ms); the domain is {}",
+        "reverted in {:.0} ms (memory {}, {:.0} ms copying); the domain is {}",
         report["total_ms"].as_f64().unwrap_or_default(),
+        report["memory_load"].as_str().unwrap_or("?"),
         report["memory_ms"].as_f64().unwrap_or_default(),
         report["state"].as_str().unwrap_or("?")
     );

@@ -7,6 +7,10 @@
 //! needs `-global migration.send-configuration=off`) aborts on its next outgoing migration, so the
 //! driver writes it into every file it saves and inserts it when it loads a file of an older
 //! domsnap version that lacks it.
+//!
+//! A lazy revert starts the domain on the snapshot's memory image instead of the shared RAM file
+//! ([`snapshot_core::IncomingRam::Image`], see `mapped_ram`): QEMU maps it copy-on-write, and
+//! [`Hypervisor::guest_memory`] refuses such a domain, whose RAM is QEMU's own.
 
 use std::{
     fs::File,
@@ -43,8 +47,9 @@ use crate::{
 
 /// Longest wait for QEMU to load a device state (about 80 KB; it takes milliseconds).
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often the load is looked at.
-const POLL: Duration = Duration::from_millis(20);
+/// How often the load is looked at, at first and at most: the wait doubles from the first to
+/// the last (a device state loads in about 10 ms, in a revert's critical path).
+const POLL: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(20));
 /// The name the device-state stream's socket is filed under in QEMU (`getfd`, `fd:NAME`).
 const LOAD_FD_NAME: &str = "domsnap-device-state";
 /// Bytes read to tell a device-state file's layout: the header and the longest configuration
@@ -426,6 +431,7 @@ impl QemuDriver {
             .await
             .map_err(|error| fail(error.to_string(), process::log_tail(&files.qemu_log)))?;
         let started = Instant::now();
+        let mut poll = POLL.0;
         loop {
             let info = client
                 .execute(&QueryMigrate)
@@ -443,7 +449,10 @@ impl QemuDriver {
                         process::log_tail(&files.qemu_log),
                     ))
                 }
-                _ => tokio::time::sleep(POLL).await,
+                _ => {
+                    tokio::time::sleep(poll).await;
+                    poll = (poll * 2).min(POLL.1);
+                }
             }
         }
     }

@@ -4,9 +4,10 @@
 //! read from QEMU); and [`QemuDriver`], which keeps named domains under a state directory, runs
 //! each in a daemonized QEMU that outlives the process that started it, supervises it, and
 //! implements [`snapshot_core::Hypervisor`] (device state through `xen-save-devices-state` and
-//! `migrate-incoming`, RAM through the shared file, a disk backend that follows the domain's
-//! state). The driver module's documentation describes the state layout, supervision and the
-//! mapping of QEMU's run states.
+//! `migrate-incoming`, RAM through the shared file or, for a lazy revert, mapped copy-on-write
+//! from a snapshot's memory image, a disk backend that follows the domain's state). The driver
+//! module's documentation describes the state layout, supervision and the mapping of QEMU's run
+//! states.
 //!
 //! Memory through QEMU's own migration stream: [`stream_snapshot`] runs a migration into a socket
 //! (paused, pre-copy stopping before the switch-over so the disks are snapshotted at the same
