@@ -861,7 +861,7 @@ async fn an_image_of_another_size_is_refused_before_the_domain_is_touched() {
 }
 
 #[tokio::test]
-async fn damaged_pages_are_left_to_verify_by_a_lazy_revert_and_fail_an_eager_one() {
+async fn damaged_pages_are_left_to_verify_by_a_lazy_revert_and_refused_by_an_eager_one() {
     let f = fixture(DomainState::Running);
     f.create("s1", false).await.unwrap();
     // An image with data: page 1 holds bytes, and its first byte gets damaged.
@@ -888,7 +888,10 @@ async fn damaged_pages_are_left_to_verify_by_a_lazy_revert_and_fail_an_eager_one
         verified.problems
     );
 
-    // Eager: the copy checks each page and fails on it, after the domain was stopped.
+    // Eager: every page is checked before the domain is touched; the damaged one is refused and
+    // the domain runs on as it was.
+    let state_before = f.sim().state;
+    f.fail_at("nothing");
     let err = f
         .orchestrator
         .revert(&f.domain, &name("s1"), EAGER)
@@ -898,14 +901,18 @@ async fn damaged_pages_are_left_to_verify_by_a_lazy_revert_and_fail_an_eager_one
         matches!(
             err,
             Error::Failed {
-                step: Step::RestoreMemory,
+                step: Step::Check,
                 ..
             }
         ),
         "{err}"
     );
-    assert!(err.to_string().contains("shut off"), "{err}");
-    assert_eq!(f.sim().state, DomainState::ShutOff);
+    let cause = std::error::Error::source(&err)
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(cause.contains("page 1"), "{err}: {cause}");
+    assert!(!f.calls().contains(&"destroy"));
+    assert_eq!(f.sim().state, state_before);
     assert!(f.store.intent(&f.domain).unwrap().is_none());
 }
 

@@ -67,7 +67,7 @@ impl Orchestrator {
         let fail = |e: StepError| self.failed(Operation::Revert, domain, snapshot, e, Vec::new(), None);
 
         self.observer.step(Operation::Revert, Step::Check);
-        self.check_revertible(&record, &files)
+        self.check_revertible(&record, &files, options.eager)
             .await
             .map_err(at(Step::Check))
             .map_err(fail)?;
@@ -165,9 +165,10 @@ impl Orchestrator {
         &self,
         record: &SnapshotRecord,
         files: &SnapshotFiles,
+        eager: bool,
     ) -> std::result::Result<(), DriverError> {
         if let Some(memory) = &record.memory {
-            check_memory(memory, files).await?;
+            check_memory(memory, files, eager).await?;
         }
         let backend = self.hypervisor.disk_backend(&record.domain).await?;
         for disk in &record.disks {
@@ -355,12 +356,24 @@ impl Orchestrator {
 }
 
 /// Checks a snapshot's memory before a revert touches the domain: the memory image's metadata
-/// (header, page table and footer checksums; the pages are left to `snapshot verify`, and to the
-/// copy of an eager revert, which checks each one), that it holds the snapshot's RAM size, and
-/// that the device state is there.
-async fn check_memory(memory: &MemoryState, files: &SnapshotFiles) -> std::result::Result<(), DriverError> {
+/// (header, page table and footer checksums), that it holds the snapshot's RAM size, and that the
+/// device state is there. A lazy revert leaves the pages to `snapshot verify` (reading them all
+/// would cost more than the revert); an eager one, which reads every page anyway, checks them
+/// all first, so that a damaged page is found while the domain still runs as it was.
+async fn check_memory(
+    memory: &MemoryState,
+    files: &SnapshotFiles,
+    eager: bool,
+) -> std::result::Result<(), DriverError> {
     let image = files.memory_image.clone();
-    let checked = tokio::task::spawn_blocking(move || memory::check_metadata(&image)).await?;
+    let checked = tokio::task::spawn_blocking(move || {
+        let layout = memory::check_metadata(&image)?;
+        if eager {
+            memory::verify(&image)?;
+        }
+        Ok::<_, memory::Error>(layout)
+    })
+    .await?;
     let shown = files.memory_image.display();
     let layout = checked.map_err(|e| format!("memory image {shown}: {e}"))?;
     let ram_bytes = layout.ram_bytes();
