@@ -433,7 +433,7 @@ pub trait RamSink {
 
 /// The image's page numbering must follow the RAM block's: page `n` is bytes `n * 4096..` of the RAM
 /// file. That holds for a layout made of the RAM file's regions when they sit in the file in
-/// guest-address order, as on q35 (checked by [`crate::background_snapshot`]).
+/// guest-address order, as on q35 (checked by [`crate::stream_snapshot`]).
 impl RamSink for PageImport<'_> {
     fn page(&mut self, page: u64, data: &[u8; PAGE_SIZE]) -> memory::Result<()> {
         PageImport::page(self, page, data)
