@@ -340,5 +340,17 @@ mod tests {
             message.starts_with("args->disks[0].name is set for an external"),
             "{message}"
         );
+        let mut excluded_with_name = disk(c"vdb", false);
+        excluded_with_name.exclude = true;
+        excluded_with_name.name = c"n".as_ptr();
+        let message = class(read(&args(c"s".as_ptr(), &[excluded_with_name]))).1;
+        assert_eq!(
+            message,
+            "args->disks[0].name is set but disk vdb is left out (exclude = true)"
+        );
+        let mut excluded = disk(c"vdb", false);
+        excluded.exclude = true;
+        let read_back = read(&args(c"s".as_ptr(), &[excluded])).unwrap();
+        assert_eq!(read_back.disks[0].kind, DiskArgsKind::Excluded);
     }
 }
