@@ -318,6 +318,9 @@ impl Domain {
         let files = self.store.files(&self.name, &snapshot);
         let (image_len, image_allocated) = file_size(&files.memory_image)?;
         let (memory, copy_starts) = match mode {
+            MemoryMode::DisksOnly => {
+                anyhow::bail!("this benchmark measures memory saves, not disk-only creates")
+            }
             MemoryMode::Live(LiveOptions {
                 method: LiveMethod::Background,
                 ..

@@ -106,8 +106,9 @@ typedef struct domsnap_disk_args {
    */
   const char *device;
   /**
-   * The internal snapshot's name in the image; NULL: the snapshot's name (the only name
-   * supported so far: another one is `DOMSNAP_UNSUPPORTED`). Internal snapshots only.
+   * The internal snapshot's name in the image; NULL: the snapshot's name. Internal snapshots
+   * only (qcow2's rules: 1 to 128 of `[A-Za-z0-9._:+@-]`, starting with a letter or digit,
+   * not all digits).
    */
   const char *name;
   /**
@@ -126,6 +127,12 @@ typedef struct domsnap_disk_args {
    * snapshots only.
    */
   const char *external_path;
+  /**
+   * true: leave this disk out of the snapshot (no snapshot of it; the record says so, and a
+   * revert leaves the disk as it is then). Every other field but `device` must then be
+   * NULL/false.
+   */
+  bool exclude;
 } domsnap_disk_args;
 
 /**
@@ -144,13 +151,15 @@ typedef struct domsnap_snapshot_args {
   const char *description;
   /**
    * true: memory and device state too (a running or paused domain). false: a disk-only
-   * snapshot, which a shut-off domain always gets (of a running domain: not supported yet,
-   * `DOMSNAP_UNSUPPORTED`).
+   * snapshot (of a running domain: its disks in one atomic step, the guest is not paused; a
+   * revert leaves the domain shut off). A shut-off domain always gets a disk-only snapshot.
    */
   bool memory;
   /**
-   * Where the memory image goes; NULL: the snapshot's folder in the state directory (the
-   * only place supported so far: a path is `DOMSNAP_UNSUPPORTED`).
+   * Where the memory image goes (relative: from the working directory; its folder must
+   * exist, the file must not, and it must not be inside a snapshot's folder); NULL: the
+   * snapshot's folder in the state directory. The device state stays in the snapshot's
+   * folder. Set with `memory = false` it is `DOMSNAP_INVALID_ARGUMENT`.
    */
   const char *memory_path;
   /**

@@ -16,8 +16,9 @@ use crate::error::CapiError;
 pub struct domsnap_disk_args {
     /// The disk's id in the domain configuration (`vda`, ...). Required.
     pub device: *const c_char,
-    /// The internal snapshot's name in the image; NULL: the snapshot's name (the only name
-    /// supported so far: another one is `DOMSNAP_UNSUPPORTED`). Internal snapshots only.
+    /// The internal snapshot's name in the image; NULL: the snapshot's name. Internal snapshots
+    /// only (qcow2's rules: 1 to 128 of `[A-Za-z0-9._:+@-]`, starting with a letter or digit,
+    /// not all digits).
     pub name: *const c_char,
     /// false: an internal qcow2 snapshot in the image. true: a new overlay (the domain writes to
     /// it from then on; the image below is the snapshot).
@@ -29,6 +30,10 @@ pub struct domsnap_disk_args {
     /// working directory); NULL: `IMAGESTEM.SNAPSHOT.qcow2` beside the image. External
     /// snapshots only.
     pub external_path: *const c_char,
+    /// true: leave this disk out of the snapshot (no snapshot of it; the record says so, and a
+    /// revert leaves the disk as it is then). Every other field but `device` must then be
+    /// NULL/false.
+    pub exclude: bool,
 }
 
 /// A snapshot's arguments, `libxl_domain_snapshot_args`'s counterpart. Zero-initialise it
@@ -43,11 +48,13 @@ pub struct domsnap_snapshot_args {
     /// Free text stored with the snapshot; NULL: none.
     pub description: *const c_char,
     /// true: memory and device state too (a running or paused domain). false: a disk-only
-    /// snapshot, which a shut-off domain always gets (of a running domain: not supported yet,
-    /// `DOMSNAP_UNSUPPORTED`).
+    /// snapshot (of a running domain: its disks in one atomic step, the guest is not paused; a
+    /// revert leaves the domain shut off). A shut-off domain always gets a disk-only snapshot.
     pub memory: bool,
-    /// Where the memory image goes; NULL: the snapshot's folder in the state directory (the
-    /// only place supported so far: a path is `DOMSNAP_UNSUPPORTED`).
+    /// Where the memory image goes (relative: from the working directory; its folder must
+    /// exist, the file must not, and it must not be inside a snapshot's folder); NULL: the
+    /// snapshot's folder in the state directory. The device state stays in the snapshot's
+    /// folder. Set with `memory = false` it is `DOMSNAP_INVALID_ARGUMENT`.
     pub memory_path: *const c_char,
     /// How many entries `disks` has (0: every disk gets an internal snapshot).
     pub num_disks: usize,
@@ -70,11 +77,13 @@ pub struct DiskArgs {
     pub kind: DiskArgsKind,
 }
 
-/// Internal or external.
+/// Internal, external or left out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiskArgsKind {
     /// An internal snapshot.
     Internal,
+    /// No snapshot of the disk.
+    Excluded,
     /// An overlay.
     External {
         /// Its path (absolute).
@@ -205,7 +214,23 @@ unsafe fn read_disk(disk: &domsnap_disk_args, index: usize) -> Result<DiskArgs, 
             optional(disk.external_path, &what("external_path"))?,
         )
     };
-    let kind = if disk.external {
+    let kind = if disk.exclude {
+        if let Some(field) = [
+            ("name", &name),
+            ("external_format", &format),
+            ("external_path", &path),
+        ]
+        .iter()
+        .find_map(|(field, value)| value.is_some().then_some(*field))
+        .or(disk.external.then_some("external"))
+        {
+            return Err(CapiError::InvalidArgument(format!(
+                "{} is set but disk {device} is left out (exclude = true)",
+                what(field)
+            )));
+        }
+        DiskArgsKind::Excluded
+    } else if disk.external {
         if name.is_some() {
             return Err(CapiError::InvalidArgument(format!(
                 "{} is set for an external snapshot of disk {device}: only internal snapshots have \
@@ -257,6 +282,7 @@ mod tests {
             external,
             external_format: null(),
             external_path: null(),
+            exclude: false,
         }
     }
 
@@ -314,5 +340,17 @@ mod tests {
             message.starts_with("args->disks[0].name is set for an external"),
             "{message}"
         );
+        let mut excluded_with_name = disk(c"vdb", false);
+        excluded_with_name.exclude = true;
+        excluded_with_name.name = c"n".as_ptr();
+        let message = class(read(&args(c"s".as_ptr(), &[excluded_with_name]))).1;
+        assert_eq!(
+            message,
+            "args->disks[0].name is set but disk vdb is left out (exclude = true)"
+        );
+        let mut excluded = disk(c"vdb", false);
+        excluded.exclude = true;
+        let read_back = read(&args(c"s".as_ptr(), &[excluded])).unwrap();
+        assert_eq!(read_back.disks[0].kind, DiskArgsKind::Excluded);
     }
 }

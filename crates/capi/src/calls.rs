@@ -8,8 +8,8 @@ use std::{path::Path, sync::Arc, time::Duration};
 use qemu::{DomainConfig, QemuDriver, StopMode};
 use serde::Serialize;
 use snapshot_core::{
-    CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, DomainState, FsStore, LiveOptions,
-    MemoryMode, Name, Observer, Orchestrator, RevertOptions, RevertReport, SnapshotRecord, SnapshotStore,
+    CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, FsStore, LiveOptions, MemoryMode, Name,
+    Observer, Orchestrator, RevertOptions, RevertReport, SnapshotRecord, SnapshotStore,
 };
 
 use crate::{
@@ -80,53 +80,25 @@ impl Api {
     ) -> Result<CreateReport, CapiError> {
         let domain = self.defined(domain)?;
         let snapshot = Name::new(&args.name)?;
-        let options = self.create_options(&domain, &snapshot, args, live).await?;
+        let options = Self::create_options(args, live);
         Ok(self.orchestrator.create(&domain, &snapshot, options).await?)
     }
 
-    /// The orchestrator's options for `args`; what it cannot do yet is `Unsupported`.
-    async fn create_options(
-        &self,
-        domain: &Name,
-        snapshot: &Name,
-        args: SnapshotArgs,
-        live: bool,
-    ) -> Result<CreateOptions, CapiError> {
-        if let Some(path) = &args.memory_path {
-            return Err(CapiError::Unsupported(format!(
-                "memory_path {}: the memory image can only go to the snapshot's folder in the state \
-                 directory so far (give NULL)",
-                path.display()
-            )));
-        }
-        if !args.memory && self.driver.status(domain).await?.state != DomainState::ShutOff {
-            return Err(CapiError::Unsupported(format!(
-                "a disk-only snapshot (memory = false) of domain {domain}, which is not shut off, is \
-                 not supported yet: give memory = true, or stop the domain first"
-            )));
-        }
-        let memory = if live {
+    /// The orchestrator's options for `args`: `memory = false` is a disk-only snapshot (of a
+    /// running domain too).
+    fn create_options(args: SnapshotArgs, live: bool) -> CreateOptions {
+        let memory = match (args.memory, live) {
+            (false, _) => MemoryMode::DisksOnly,
             // Pre-copy through the hypervisor's stream: the shortest pause, as `--live`.
-            MemoryMode::Live(LiveOptions::default())
-        } else {
-            MemoryMode::Paused
+            (true, true) => MemoryMode::Live(LiveOptions::default()),
+            (true, false) => MemoryMode::Paused,
         };
-        let disks = args
-            .disks
-            .into_iter()
-            .map(|disk| disk_request(snapshot, disk))
-            .collect::<Result<_, _>>()?;
-        #[allow(
-            clippy::needless_update,
-            reason = "CreateOptions gains fields (issue 13 part 2); new ones keep their defaults"
-        )]
-        let options = CreateOptions {
+        CreateOptions {
             memory,
-            disks,
+            disks: args.disks.into_iter().map(disk_request).collect(),
             description: args.description,
-            ..CreateOptions::default()
-        };
-        Ok(options)
+            memory_path: args.memory_path,
+        }
     }
 
     /// Deletes snapshot `snapshot` of `domain` (its children are re-parented).
@@ -207,23 +179,17 @@ impl Api {
     }
 }
 
-/// One disk's request; a per-disk internal name other than the snapshot's is not supported yet.
-fn disk_request(snapshot: &Name, disk: DiskArgs) -> Result<DiskRequest, CapiError> {
-    if let Some(name) = disk.name.filter(|name| name != snapshot.as_str()) {
-        return Err(CapiError::Unsupported(format!(
-            "disk {}: an internal snapshot named {name:?}, unlike the snapshot ({snapshot}), is not \
-             supported yet (give NULL)",
-            disk.device
-        )));
-    }
+/// One disk's request.
+fn disk_request(disk: DiskArgs) -> DiskRequest {
     let kind = match disk.kind {
-        DiskArgsKind::Internal => DiskKind::Internal,
+        DiskArgsKind::Internal => DiskKind::Internal { name: disk.name },
         DiskArgsKind::External { path, format } => DiskKind::External { path, format },
+        DiskArgsKind::Excluded => DiskKind::Excluded,
     };
-    Ok(DiskRequest {
+    DiskRequest {
         target: disk.device,
         kind,
-    })
+    }
 }
 
 fn to_json<T: Serialize>(document: &T, what: &'static str) -> Result<String, CapiError> {
@@ -235,27 +201,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn disks_map_onto_requests_and_other_internal_names_are_unsupported() {
-        let snapshot = Name::new("s1").unwrap();
+    fn disks_map_onto_requests() {
         let disk = |name: Option<&str>, kind| DiskArgs {
             device: "vda".into(),
             name: name.map(str::to_owned),
             kind,
         };
-        let same = disk_request(&snapshot, disk(Some("s1"), DiskArgsKind::Internal)).unwrap();
-        assert_eq!((same.target.as_str(), same.kind), ("vda", DiskKind::Internal));
+        let same = disk_request(disk(None, DiskArgsKind::Internal));
+        assert_eq!(
+            (same.target.as_str(), same.kind),
+            ("vda", DiskKind::Internal { name: None })
+        );
+        let named = disk_request(disk(Some("other"), DiskArgsKind::Internal));
+        assert_eq!(
+            named.kind,
+            DiskKind::Internal {
+                name: Some("other".into())
+            }
+        );
+        assert_eq!(
+            disk_request(disk(None, DiskArgsKind::Excluded)).kind,
+            DiskKind::Excluded
+        );
         let external = DiskArgsKind::External {
             path: Some("/o.qcow2".into()),
             format: None,
         };
         assert_eq!(
-            disk_request(&snapshot, disk(None, external)).unwrap().kind,
+            disk_request(disk(None, external)).kind,
             DiskKind::External {
                 path: Some("/o.qcow2".into()),
                 format: None
             }
         );
-        let other = disk_request(&snapshot, disk(Some("other"), DiskArgsKind::Internal)).unwrap_err();
-        assert_eq!(other.class(), snapshot_core::ErrorClass::Unsupported);
     }
 }

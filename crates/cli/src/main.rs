@@ -6,6 +6,7 @@
 //! one-line error and exit with their class's status.
 
 mod contract;
+mod disk_option;
 mod generate;
 mod output;
 
@@ -18,12 +19,13 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
-use contract::{BadArgument, Flat, Keyed};
+use contract::{Flat, Keyed};
+use disk_option::parse_disk;
 use memory::RoundStats;
 use qemu::{DomainConfig, QemuDriver, StopMode};
 use snapshot_core::{
-    Activity, CreateOptions, DiskKind, DiskRequest, FsStore, LiveMethod, LiveOptions, MemoryMode, Name,
-    Observer, Operation, Orchestrator, RevertOptions, SnapshotStore, Step,
+    Activity, CreateOptions, FsStore, LiveMethod, LiveOptions, MemoryMode, Name, Observer, Operation,
+    Orchestrator, RevertOptions, SnapshotStore, Step,
 };
 
 /// Whole-domain snapshots for QEMU domains: memory, device state and disks.
@@ -147,10 +149,19 @@ enum SnapshotCommand {
         /// on), in seconds.
         #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
         converge_within: u64,
-        /// Per-disk snapshot kind (default: internal for every disk). PATH defaults to
-        /// IMAGE-STEM.SNAP.qcow2 beside the image; FORMAT to qcow2.
-        #[arg(long = "disk", value_name = "ID=internal|external[:PATH[:FORMAT]]")]
+        /// Per-disk snapshot kind (default: internal, named like the snapshot, for every disk).
+        /// internal:NAME names the disk's internal snapshot; external's PATH defaults to
+        /// IMAGE-STEM.SNAP.qcow2 beside the image, FORMAT to qcow2; no leaves the disk out.
+        #[arg(long = "disk", value_name = disk_option::FORMS)]
         disks: Vec<String>,
+        /// Disks only, even of a running domain: no memory, no pause (one atomic step for all
+        /// disks); a revert leaves the domain shut off.
+        #[arg(long, conflicts_with_all = ["live", "live_mode", "memory_path"])]
+        disk_only: bool,
+        /// Where the memory image goes (its folder must exist, the file must not); default: the
+        /// snapshot's folder. The device state stays there.
+        #[arg(long, value_name = "PATH")]
+        memory_path: Option<PathBuf>,
         /// Free text stored with the snapshot.
         #[arg(long)]
         description: Option<String>,
@@ -487,6 +498,8 @@ impl App {
                 max_downtime,
                 converge_within,
                 disks,
+                disk_only,
+                memory_path,
                 description,
             } => {
                 let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
@@ -497,6 +510,7 @@ impl App {
                     (false, None) => None,
                 };
                 let memory = match method {
+                    _ if disk_only => MemoryMode::DisksOnly,
                     Some(method) => MemoryMode::Live(LiveOptions {
                         method,
                         max_downtime: Duration::from_millis(max_downtime),
@@ -508,6 +522,7 @@ impl App {
                     memory,
                     disks: disks.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?,
                     description,
+                    memory_path: memory_path.map(std::path::absolute).transpose()?,
                 };
                 let report = self.orchestrator.create(&domain, &snap, options).await?;
                 self.print(&Flat::new(&report), || output::created(&report))
@@ -568,7 +583,7 @@ impl App {
         self.note_activity(domain)?;
         let record = self.store.get(domain, snap)?;
         let current = self.store.current(domain)?;
-        let files = self.store.files(domain, snap);
+        let files = self.store.files(domain, snap).of_record(&record);
         let document = output::ShowDocument::new(&record, current.as_ref());
         self.print(&Flat::new(&document), || {
             output::show(&record, current.as_ref(), &files)
@@ -595,46 +610,6 @@ impl App {
 /// A `domain start` argument naming a file rather than a domain.
 fn looks_like_file(argument: &str) -> bool {
     argument.ends_with(".toml") || argument.contains('/') || Path::new(argument).is_file()
-}
-
-/// Parses `ID=internal|external[:PATH[:FORMAT]]`.
-fn parse_disk(text: &str) -> Result<DiskRequest> {
-    let (target, kind) = text.split_once('=').ok_or_else(|| {
-        BadArgument(format!(
-            "--disk {text:?}: expected ID=internal|external[:PATH[:FORMAT]]"
-        ))
-    })?;
-    let mut parts = kind.splitn(3, ':');
-    let kind = match (parts.next(), parts.next(), parts.next()) {
-        (Some("internal"), None, None) => DiskKind::Internal,
-        (Some("external"), path, format) => {
-            let path = path.filter(|p| !p.is_empty()).map(|p| {
-                let path = PathBuf::from(p);
-                if path.is_absolute() {
-                    Ok(path)
-                } else {
-                    std::env::current_dir().map(|cwd| cwd.join(path))
-                }
-            });
-            DiskKind::External {
-                path: path.transpose()?,
-                format: format.filter(|f| !f.is_empty()).map(str::to_owned),
-            }
-        }
-        _ => {
-            return Err(BadArgument(format!(
-                "--disk {text:?}: the kind must be internal or external[:PATH[:FORMAT]]"
-            ))
-            .into())
-        }
-    };
-    if target.is_empty() {
-        return Err(BadArgument(format!("--disk {text:?}: the disk id is empty")).into());
-    }
-    Ok(DiskRequest {
-        target: target.to_owned(),
-        kind,
-    })
 }
 
 /// Progress on a terminal, and the crash-test hook: with `DOMSNAP_TEST_KILL_AT=STEP` (a step's
@@ -761,29 +736,6 @@ mod tests {
                 ..
             })
         ));
-    }
-
-    #[test]
-    fn disk_options_parse_and_bad_ones_are_explained() {
-        assert_eq!(parse_disk("vda=internal").unwrap().kind, DiskKind::Internal);
-        let external = parse_disk("vdb=external:/a/b.qcow2:qcow2").unwrap();
-        assert_eq!(
-            external.kind,
-            DiskKind::External {
-                path: Some("/a/b.qcow2".into()),
-                format: Some("qcow2".into())
-            }
-        );
-        assert_eq!(
-            parse_disk("vdb=external").unwrap().kind,
-            DiskKind::External {
-                path: None,
-                format: None
-            }
-        );
-        for bad in ["vda", "vda=copy", "=internal", "vda=internal:x"] {
-            assert!(parse_disk(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

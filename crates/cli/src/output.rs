@@ -149,6 +149,7 @@ fn disk_text(disk: &snapshot_core::DiskRecord) -> String {
     match &disk.snapshot {
         DiskSnapshot::Internal { .. } => format!("{}:internal", disk.target),
         DiskSnapshot::External { .. } => format!("{}:external", disk.target),
+        DiskSnapshot::Excluded => format!("{}:excluded", disk.target),
     }
 }
 
@@ -257,6 +258,14 @@ pub fn show(record: &SnapshotRecord, current: Option<&Name>, files: &SnapshotFil
                     disk.target,
                     disk.image.display(),
                     overlay.display()
+                );
+            }
+            DiskSnapshot::Excluded => {
+                let _ = writeln!(
+                    out,
+                    "disk {}:    left out ({} is not part of the snapshot; a revert leaves it as it is)",
+                    disk.target,
+                    disk.image.display()
                 );
             }
         }

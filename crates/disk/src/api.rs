@@ -25,6 +25,29 @@ pub struct InternalSnapshot {
     pub vm_state_size: u64,
 }
 
+/// A new internal snapshot of one disk: its name in the image (disks of one snapshot may name
+/// theirs differently).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewInternal {
+    /// The disk's active image.
+    pub disk: PathBuf,
+    /// The internal snapshot's name.
+    pub name: String,
+}
+
+/// The images of `internal` grouped by snapshot name, in the order the names first appear (for
+/// the calls that take one name for several images).
+pub fn internal_by_name(internal: &[NewInternal]) -> Vec<(&str, Vec<PathBuf>)> {
+    let mut groups: Vec<(&str, Vec<PathBuf>)> = Vec::new();
+    for snapshot in internal {
+        match groups.iter_mut().find(|(name, _)| *name == snapshot.name) {
+            Some((_, disks)) => disks.push(snapshot.disk.clone()),
+            None => groups.push((&snapshot.name, vec![snapshot.disk.clone()])),
+        }
+    }
+    groups
+}
+
 /// How a new overlay records its backing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackingPath {
@@ -98,6 +121,13 @@ pub trait DiskSnapshots: Send + Sync {
     /// Creates an overlay for every disk, atomically; each overlay becomes its disk's active
     /// image and the old active image becomes the snapshot.
     async fn create_external(&self, snapshots: &[ExternalSnapshot]) -> Result<()>;
+
+    /// Takes internal snapshots (each disk's under its own name) and creates overlays, all in
+    /// one step: the live backend runs one `transaction` for all of them, so the disks are
+    /// consistent with each other without pausing the guest; the offline backend (a shut-off
+    /// domain, whose disks do not change) takes them one after the other and undoes what it
+    /// made if one fails.
+    async fn create_snapshots(&self, internal: &[NewInternal], external: &[ExternalSnapshot]) -> Result<()>;
 
     /// Reverts a disk to an external snapshot: a fresh overlay on top of the snapshot's image
     /// (`revert.disk`), which is never written to (later snapshots may depend on it).

@@ -42,9 +42,12 @@ pub mod offline;
 pub mod qcow2;
 mod regular;
 
+pub use api::internal_by_name;
 #[cfg(any(test, feature = "mock"))]
 pub use api::MockDiskSnapshots;
-pub use api::{BackingPath, ChainImage, DiskSnapshots, ExternalSnapshot, InternalSnapshot, MergeMethod};
+pub use api::{
+    BackingPath, ChainImage, DiskSnapshots, ExternalSnapshot, InternalSnapshot, MergeMethod, NewInternal,
+};
 pub use error::{Error, Result};
 #[cfg(feature = "live")]
 pub use live::LiveBackend;

@@ -1,7 +1,7 @@
 //! The live backend: disk snapshots of a running QEMU through QMP.
 //!
 //! Disks are found by their active image's path among QEMU's named block nodes. Snapshots of
-//! several disks run in one `transaction` (all or none). Overlays are written natively (0600,
+//! several disks, internal and external together, run in one `transaction` (all or none). Overlays are written natively (0600,
 //! backing file recorded), opened with `blockdev-add` and switched to with `blockdev-snapshot`
 //! inside the transaction. Merges run `block-commit` / `block-stream` jobs to completion.
 
@@ -22,7 +22,7 @@ use qmp::{
 use serde_json::Value;
 
 use crate::{
-    api::{ChainImage, DiskSnapshots, ExternalSnapshot, InternalSnapshot, MergeMethod},
+    api::{ChainImage, DiskSnapshots, ExternalSnapshot, InternalSnapshot, MergeMethod, NewInternal},
     error::{Error, Result},
     names, offline, qcow2,
 };
@@ -193,6 +193,38 @@ impl LiveBackend {
         Ok(actions)
     }
 
+    /// Writes every overlay's file (backing file recorded, the disk's format and size); returns
+    /// them. If one fails, those already written are removed.
+    async fn write_overlays(&self, snapshots: &[ExternalSnapshot]) -> Result<Vec<PathBuf>> {
+        let mut plans = Vec::with_capacity(snapshots.len());
+        for snapshot in snapshots {
+            let backing = offline::backing_name(snapshot)?;
+            let node = self.node(&snapshot.disk).await?;
+            plans.push((
+                snapshot.overlay.clone(),
+                backing,
+                node.info.drv.clone(),
+                node.info.image.virtual_size,
+            ));
+        }
+        let mut files = Vec::new();
+        for (overlay, backing, format, size) in plans {
+            let created = tokio::task::spawn_blocking({
+                let overlay = overlay.clone();
+                move || qcow2::create_overlay(&overlay, &backing, &format, size)
+            })
+            .await
+            .map_err(Error::Task)
+            .and_then(|r| r);
+            if let Err(e) = created {
+                self.discard_overlays(&[], &files).await;
+                return Err(e);
+            }
+            files.push(overlay);
+        }
+        Ok(files)
+    }
+
     async fn run_job<C: qmp::commands::Command>(
         &self,
         command: &C,
@@ -271,22 +303,14 @@ impl DiskSnapshots for LiveBackend {
     }
 
     async fn create_internal(&self, disks: &[PathBuf], name: &str) -> Result<()> {
-        names::validate_snapshot_name(name)?;
-        let Some(first) = disks.first() else { return Ok(()) };
-        let nodes = self.nodes(first).await?;
-        let actions = disks
+        let internal: Vec<NewInternal> = disks
             .iter()
-            .map(|disk| {
-                let node = Self::find(&nodes, disk)?;
-                Ok(TransactionAction::BlockdevSnapshotInternalSync(
-                    BlockdevSnapshotInternalSync {
-                        device: node.name,
-                        name: name.into(),
-                    },
-                ))
+            .map(|disk| NewInternal {
+                disk: disk.clone(),
+                name: name.to_owned(),
             })
-            .collect::<Result<Vec<_>>>()?;
-        self.transaction(actions, first).await
+            .collect();
+        self.create_snapshots(&internal, &[]).await
     }
 
     async fn delete_internal(&self, disks: &[PathBuf], name: &str) -> Result<()> {
@@ -331,38 +355,37 @@ impl DiskSnapshots for LiveBackend {
     }
 
     async fn create_external(&self, snapshots: &[ExternalSnapshot]) -> Result<()> {
-        let Some(first) = snapshots.first() else {
+        self.create_snapshots(&[], snapshots).await
+    }
+
+    /// One `transaction`: the internal snapshots' actions and the overlays' `blockdev-snapshot`s
+    /// (the overlays are written and opened first, and removed again if it fails).
+    async fn create_snapshots(&self, internal: &[NewInternal], external: &[ExternalSnapshot]) -> Result<()> {
+        let Some(first) = internal
+            .first()
+            .map(|i| &i.disk)
+            .or(external.first().map(|e| &e.disk))
+        else {
             return Ok(());
         };
-        let mut plans = Vec::with_capacity(snapshots.len());
-        for snapshot in snapshots {
-            let backing = offline::backing_name(snapshot)?;
-            let node = self.node(&snapshot.disk).await?;
-            plans.push((
-                snapshot.overlay.clone(),
-                backing,
-                node.info.drv.clone(),
-                node.info.image.virtual_size,
+        let mut actions = Vec::with_capacity(internal.len() + external.len());
+        let nodes = self.nodes(first).await?;
+        for snapshot in internal {
+            names::validate_snapshot_name(&snapshot.name)?;
+            actions.push(TransactionAction::BlockdevSnapshotInternalSync(
+                BlockdevSnapshotInternalSync {
+                    device: Self::find(&nodes, &snapshot.disk)?.name,
+                    name: snapshot.name.clone(),
+                },
             ));
         }
-        let mut files = Vec::new();
-        for (overlay, backing, format, size) in plans {
-            let created = tokio::task::spawn_blocking({
-                let overlay = overlay.clone();
-                move || qcow2::create_overlay(&overlay, &backing, &format, size)
-            })
-            .await
-            .map_err(Error::Task)
-            .and_then(|r| r);
-            if let Err(e) = created {
-                self.discard_overlays(&[], &files).await;
-                return Err(e);
-            }
-            files.push(overlay);
-        }
+        let files = self.write_overlays(external).await?;
         let mut added = Vec::new();
-        let result = match self.add_overlays(snapshots, &mut added).await {
-            Ok(actions) => self.transaction(actions, &first.disk).await,
+        let result = match self.add_overlays(external, &mut added).await {
+            Ok(more) => {
+                actions.extend(more);
+                self.transaction(actions, first).await
+            }
             Err(e) => Err(e),
         };
         if result.is_err() {

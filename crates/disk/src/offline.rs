@@ -16,7 +16,9 @@ use std::{
 use async_trait::async_trait;
 
 use crate::{
-    api::{BackingPath, ChainImage, DiskSnapshots, ExternalSnapshot, InternalSnapshot, MergeMethod},
+    api::{
+        BackingPath, ChainImage, DiskSnapshots, ExternalSnapshot, InternalSnapshot, MergeMethod, NewInternal,
+    },
     error::{io_err, Error, Result},
     lock, names,
     qcow2::{self, header::MAGIC, snapshot_table::SnapshotEntry, Access, Chain, Image, Layer},
@@ -94,6 +96,30 @@ pub fn create_internal(disks: &[PathBuf], name: &str) -> Result<()> {
             }
             return Err(error);
         }
+    }
+    Ok(())
+}
+
+/// Takes every internal snapshot (each disk's under its name), then creates every overlay; if a
+/// step fails, what the earlier ones made is deleted again.
+pub fn create_snapshots(internal: &[NewInternal], external: &[ExternalSnapshot]) -> Result<()> {
+    let groups = crate::api::internal_by_name(internal);
+    let undo = |done: &[(&str, Vec<PathBuf>)]| {
+        for (name, disks) in done {
+            if let Err(undo) = delete_internal(disks, name) {
+                tracing::error!(%name, %undo, "cannot roll back a partial snapshot");
+            }
+        }
+    };
+    for (done, (name, disks)) in groups.iter().enumerate() {
+        if let Err(error) = create_internal(disks, name) {
+            undo(&groups[..done]);
+            return Err(error);
+        }
+    }
+    if let Err(error) = create_external(external) {
+        undo(&groups);
+        return Err(error);
     }
     Ok(())
 }
@@ -473,6 +499,11 @@ impl DiskSnapshots for OfflineBackend {
     async fn create_external(&self, snapshots: &[ExternalSnapshot]) -> Result<()> {
         let snapshots = snapshots.to_vec();
         blocking(move || create_external(&snapshots)).await
+    }
+
+    async fn create_snapshots(&self, internal: &[NewInternal], external: &[ExternalSnapshot]) -> Result<()> {
+        let (internal, external) = (internal.to_vec(), external.to_vec());
+        blocking(move || create_snapshots(&internal, &external)).await
     }
 
     async fn revert_external(&self, revert: &ExternalSnapshot) -> Result<()> {

@@ -23,7 +23,8 @@ use std::{
 
 use async_trait::async_trait;
 use disk::{
-    ChainImage, DiskSnapshots, ExternalSnapshot, InternalSnapshot, LiveBackend, MergeMethod, OfflineBackend,
+    ChainImage, DiskSnapshots, ExternalSnapshot, InternalSnapshot, LiveBackend, MergeMethod, NewInternal,
+    OfflineBackend,
 };
 use memory::GuestMemory;
 use qmp::{
@@ -543,6 +544,15 @@ impl DiskSnapshots for LiveDisks {
     async fn create_external(&self, snapshots: &[ExternalSnapshot]) -> disk::Result<()> {
         self.record(self.live.create_external(snapshots).await, |()| Vec::new())
             .await
+    }
+
+    async fn create_snapshots(
+        &self,
+        internal: &[NewInternal],
+        external: &[ExternalSnapshot],
+    ) -> disk::Result<()> {
+        let created = self.live.create_snapshots(internal, external).await;
+        self.record(created, |()| Vec::new()).await
     }
 
     async fn revert_external(&self, revert: &ExternalSnapshot) -> disk::Result<()> {

@@ -23,6 +23,10 @@ pub enum Intent {
         was: DomainState,
         /// The disk snapshots it makes (internal names, overlays).
         disks: Vec<DiskRecord>,
+        /// The memory image's path when the caller chose it (outside the snapshot's folder);
+        /// absent in records of older versions, which had none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        memory_path: Option<PathBuf>,
     },
     /// A snapshot is being deleted. Recovery finishes the delete (every step is idempotent).
     Delete {

@@ -15,14 +15,16 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use snapshot_core::{
-//!     CreateOptions, FsStore, Hypervisor, MemoryMode, Name, Orchestrator, Quiet, RevertOptions,
+//!     CreateOptions, FsStore, Hypervisor, LiveOptions, MemoryMode, Name, Orchestrator, Quiet,
+//!     RevertOptions,
 //! };
 //!
 //! # async fn demo(driver: Arc<dyn Hypervisor>) -> snapshot_core::Result<()> {
 //! // `driver` is e.g. `qemu::QemuDriver::new("/var/lib/domsnap")`.
 //! let orchestrator = Orchestrator::new(driver, Arc::new(FsStore::new("/var/lib/domsnap")), Arc::new(Quiet));
 //! let (domain, snapshot) = (Name::new("demo")?, Name::new("before-upgrade")?);
-//! let options = CreateOptions { memory: MemoryMode::Background, ..CreateOptions::default() };
+//! // Live: pre-copy through the hypervisor's stream (QEMU's dirty log), a pause of a few ms.
+//! let options = CreateOptions { memory: MemoryMode::Live(LiveOptions::default()), ..CreateOptions::default() };
 //! let report = orchestrator.create(&domain, &snapshot, options).await?;
 //! println!("guest paused {:.1} ms", report.guest_pause_ms);
 //! orchestrator.revert(&domain, &snapshot, RevertOptions::default()).await?;

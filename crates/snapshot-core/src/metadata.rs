@@ -42,6 +42,10 @@ pub struct MemoryState {
     pub consistency: Consistency,
     /// Guest RAM size in bytes.
     pub ram_bytes: u64,
+    /// The memory image's absolute path when the caller chose where it goes; absent: `image`
+    /// in the snapshot's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_path: Option<PathBuf>,
 }
 
 /// How one disk was snapshotted.
@@ -60,6 +64,8 @@ pub enum DiskSnapshot {
         /// The overlay's format (qcow2 by default).
         format: String,
     },
+    /// Left out of the snapshot: a revert leaves the disk as it is.
+    Excluded,
 }
 
 /// One disk of a snapshot.

@@ -39,6 +39,17 @@ pub struct SnapshotFiles {
     pub device_state: PathBuf,
 }
 
+impl SnapshotFiles {
+    /// These files with the memory image where `record` says it is (a path the caller chose at
+    /// create; else it stays in the snapshot's folder).
+    pub fn of_record(mut self, record: &SnapshotRecord) -> Self {
+        if let Some(path) = record.memory.as_ref().and_then(|m| m.image_path.as_ref()) {
+            self.memory_image = path.clone();
+        }
+        self
+    }
+}
+
 /// Where snapshot records and files live. The orchestrator only talks to this trait.
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]

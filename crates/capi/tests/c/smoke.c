@@ -150,23 +150,31 @@ static void check_bad_input(domsnap_ctx *ctx, const char *domain, const char *co
     expect_code(ctx, domsnap_snapshot_create(ctx, domain, &args, false), DOMSNAP_INVALID_ARGUMENT,
                 "create: unknown disk device");
     disk.device = "vda";
-    disk.name = "other";
-    expect_code(ctx, domsnap_snapshot_create(ctx, domain, &args, false), DOMSNAP_UNSUPPORTED,
-                "create: per-disk internal name");
+    disk.name = "123";
+    expect_code(ctx, domsnap_snapshot_create(ctx, domain, &args, false), DOMSNAP_INVALID_ARGUMENT,
+                "create: per-disk internal name all digits");
     disk.name = NULL;
+    disk.exclude = true;
+    disk.external = true;
+    expect_code(ctx, domsnap_snapshot_create(ctx, domain, &args, false), DOMSNAP_INVALID_ARGUMENT,
+                "create: a disk both left out and external");
+    disk.exclude = false;
     disk.external = true;
     disk.external_format = "raw";
     expect_code(ctx, domsnap_snapshot_create(ctx, domain, &args, false), DOMSNAP_UNSUPPORTED,
                 "create: raw overlay");
     args.num_disks = 0;
     args.disks = NULL;
-    args.memory_path = "/tmp/memory.img";
-    expect_code(ctx, domsnap_snapshot_create(ctx, domain, &args, false), DOMSNAP_UNSUPPORTED,
-                "create: memory_path");
-    args.memory_path = NULL;
+    args.memory_path = config; /* exists */
+    expect_code(ctx, domsnap_snapshot_create(ctx, domain, &args, false), DOMSNAP_INVALID_ARGUMENT,
+                "create: memory_path exists");
+    args.memory_path = "/nonexistent/memory.img";
+    expect_code(ctx, domsnap_snapshot_create(ctx, domain, &args, false), DOMSNAP_INVALID_ARGUMENT,
+                "create: memory_path in a missing folder");
     args.memory = false;
-    expect_code(ctx, domsnap_snapshot_create(ctx, domain, &args, false), DOMSNAP_UNSUPPORTED,
-                "create: disk-only of a running domain");
+    expect_code(ctx, domsnap_snapshot_create(ctx, domain, &args, false), DOMSNAP_INVALID_ARGUMENT,
+                "create: memory_path of a disk-only snapshot");
+    args.memory_path = NULL;
 
     expect_code(ctx, domsnap_snapshot_show(ctx, domain, "s2", &json), DOMSNAP_NOT_FOUND,
                 "show: unknown snapshot");
@@ -217,9 +225,12 @@ int main(int argc, char **argv) {
     expect_ok(ctx, domsnap_domain_start(ctx, domain, false), "start");
     CHECK(wait_for_text(serial, "DOMSNAP READY", 120));
 
+    /* The memory image beside the overlay, outside the state directory. */
+    char memory_path[4096];
+    snprintf(memory_path, sizeof memory_path, "%s.memory", argv[5]);
     domsnap_disk_args disks[2] = {{0}, {0}};
     disks[0].device = "vda";
-    disks[0].name = "s1"; /* the snapshot's own name: allowed */
+    disks[0].name = "vda-s1"; /* its own internal snapshot name */
     disks[1].device = "vdb";
     disks[1].external = true;
     disks[1].external_format = "qcow2";
@@ -228,9 +239,11 @@ int main(int argc, char **argv) {
     args.name = "s1";
     args.description = "from C";
     args.memory = true;
+    args.memory_path = memory_path;
     args.num_disks = 2;
     args.disks = disks;
     expect_ok(ctx, domsnap_snapshot_create(ctx, domain, &args, true), "create s1 (live)");
+    CHECK(access(memory_path, F_OK) == 0);
     CHECK(atomic_load(&progress.steps) > 3);
     CHECK(atomic_load(&progress.saw_disks) == 1);
     CHECK(access(argv[5], F_OK) == 0);
@@ -242,6 +255,22 @@ int main(int argc, char **argv) {
     CHECK(json_has(json, "\"version\":1"));
     expect_ok(ctx, domsnap_snapshot_show(ctx, domain, "s1", &json), "show");
     CHECK(json_has(json, "\"kind\":\"external\""));
+    expect_ok(ctx, domsnap_snapshot_show(ctx, domain, "s1", &json), "show the internal name");
+    CHECK(json_has(json, "\"name\":\"vda-s1\""));
+
+    /* Disk-only of the running domain, vdb left out. */
+    domsnap_disk_args only_vda[1] = {{0}};
+    only_vda[0].device = "vdb";
+    only_vda[0].exclude = true;
+    domsnap_snapshot_args disk_only = {0};
+    disk_only.name = "d1";
+    disk_only.memory = false;
+    disk_only.num_disks = 1;
+    disk_only.disks = only_vda;
+    expect_ok(ctx, domsnap_snapshot_create(ctx, domain, &disk_only, false), "create d1 (disk-only)");
+    expect_ok(ctx, domsnap_snapshot_show(ctx, domain, "d1", &json), "show d1");
+    CHECK(json_has(json, "\"kind\":\"excluded\""));
+    expect_ok(ctx, domsnap_snapshot_delete(ctx, domain, &disk_only), "delete d1");
 
     check_bad_input(ctx, domain, config);
 
@@ -249,6 +278,7 @@ int main(int argc, char **argv) {
     expect_ok(ctx, domsnap_snapshot_show(ctx, domain, "s1", &json), "show after revert");
     CHECK(json_has(json, "\"current\":true"));
     expect_ok(ctx, domsnap_snapshot_delete(ctx, domain, &args), "delete s1");
+    CHECK(access(memory_path, F_OK) != 0);
     expect_ok(ctx, domsnap_snapshot_list(ctx, domain, &json), "list after delete");
     CHECK(json_has(json, "\"snapshots\":[]"));
     expect_ok(ctx, domsnap_domain_stop(ctx, domain, true), "stop");

@@ -110,6 +110,15 @@ impl Orchestrator {
                 files.dir.display()
             ));
         }
+        if let Intent::Create {
+            memory_path: Some(image),
+            ..
+        } = intent
+        {
+            if image.exists() {
+                left.push(format!("memory image {}", image.display()));
+            }
+        }
         let (disks, overlays) = match intent {
             Intent::Create { disks, .. } => (disks.clone(), new_overlays(disks)),
             Intent::Delete { record } => (record.disks.clone(), Vec::new()),

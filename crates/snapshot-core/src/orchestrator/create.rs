@@ -3,7 +3,7 @@
 //! [`CreateJob::rollback`] undoes exactly that, in reverse.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -13,7 +13,7 @@ use super::{
     at,
     disk_plan::{
         active_after_create, check_names_free, delete_internal_if_present, external_snapshots,
-        internal_images, new_overlays, plan_disks,
+        internal_snapshots, new_overlays, plan_disks,
     },
     memory_saver::MemorySaver,
     millis, now_unix_ms, remove_file, CreateOptions, CreateReport, LiveMethod, LiveOptions, MemoryMode,
@@ -68,7 +68,17 @@ impl Orchestrator {
                 snapshot: snapshot.clone(),
             });
         }
-        let disks = plan_disks(snapshot, &targets, &options.disks)?;
+        let disks_only = was == DomainState::ShutOff || matches!(options.memory, MemoryMode::DisksOnly);
+        let disks = plan_disks(snapshot, &targets, &options.disks, disks_only)?;
+        let memory_path = match &options.memory_path {
+            Some(_) if disks_only => {
+                return Err(Error::InvalidRequest(format!(
+                    "snapshot {snapshot} of domain {domain} has no memory: a memory path makes no sense"
+                )))
+            }
+            Some(path) => Some(self.check_memory_path(domain, snapshot, path)?),
+            None => None,
+        };
         let backend = self
             .hypervisor
             .disk_backend(domain)
@@ -76,17 +86,14 @@ impl Orchestrator {
             .map_err(at(Step::Inspect))
             .map_err(fail)?;
         check_names_free(&*backend, &disks).await?;
-        let mut plan = MemoryPlan::DisksOnly;
-        if was != DomainState::ShutOff {
-            let access = self.hypervisor.memory_access(domain).await;
-            let access = access.map_err(at(Step::Inspect)).map_err(fail)?;
-            check_free_space(domain, &self.store.files(domain, snapshot).dir, access.ram_bytes)?;
-            let live = match &options.memory {
-                MemoryMode::Live(live) if was == DomainState::Running => Some(*live),
-                _ => None,
-            };
-            plan = MemoryPlan::choose(domain, live, access)?;
-        }
+        let plan = match disks_only {
+            true => MemoryPlan::DisksOnly,
+            false => {
+                let image_dir = memory_path.as_deref().and_then(Path::parent);
+                self.plan_memory(domain, snapshot, was, &options.memory, image_dir)
+                    .await?
+            }
+        };
         let parent = self.store.current(domain)?;
 
         self.observer.step(Operation::Create, Step::Intent);
@@ -94,6 +101,7 @@ impl Orchestrator {
             snapshot: snapshot.clone(),
             was,
             disks: disks.clone(),
+            memory_path: memory_path.clone(),
         };
         self.store.set_intent(domain, &intent)?;
         let overlays = new_overlays(&disks);
@@ -101,7 +109,10 @@ impl Orchestrator {
             .add_overlays(domain, &overlays)
             .and_then(|()| self.store.prepare(domain, snapshot));
         let files = match prepared {
-            Ok(files) => files,
+            Ok(files) => SnapshotFiles {
+                memory_image: memory_path.clone().unwrap_or(files.memory_image),
+                ..files
+            },
             Err(e) => {
                 // Nothing was made yet: forget the plan.
                 let _ = self.remove_overlays_from_list(domain, &overlays);
@@ -113,7 +124,64 @@ impl Orchestrator {
         job.config = config;
         job.parent = parent;
         job.plan = Some(plan);
+        job.memory_path = memory_path;
         Ok(job)
+    }
+
+    /// How a running or paused domain's memory is saved; its image's folder (the snapshot's, or
+    /// `image_dir`) must have room for the guest's RAM.
+    async fn plan_memory(
+        &self,
+        domain: &Name,
+        snapshot: &Name,
+        was: DomainState,
+        memory: &MemoryMode,
+        image_dir: Option<&Path>,
+    ) -> Result<MemoryPlan> {
+        let fail = |e: StepError| self.failed(Operation::Create, domain, snapshot, e, Vec::new(), None);
+        let access = self.hypervisor.memory_access(domain).await;
+        let access = access.map_err(at(Step::Inspect)).map_err(fail)?;
+        let folder = match image_dir {
+            Some(dir) => dir.to_owned(),
+            None => self.store.files(domain, snapshot).dir,
+        };
+        check_free_space(domain, &folder, access.ram_bytes)?;
+        let live = match memory {
+            MemoryMode::Live(live) if was == DomainState::Running => Some(*live),
+            _ => None,
+        };
+        MemoryPlan::choose(domain, live, access)
+    }
+
+    /// Checks a memory image path the caller chose and makes it absolute (a relative one is
+    /// taken from the working directory): its folder must exist, the file must not, and it must
+    /// not be inside a snapshot's folder of any domain (deleting that snapshot would take it).
+    fn check_memory_path(&self, domain: &Name, snapshot: &Name, path: &Path) -> Result<PathBuf> {
+        let invalid = |why: String| Error::InvalidRequest(format!("memory path {}: {why}", path.display()));
+        let path = std::path::absolute(path).map_err(|e| invalid(e.to_string()))?;
+        disk::names::validate_image_path(&path, "memory path").map_err(|e| invalid(e.to_string()))?;
+        if path.symlink_metadata().is_ok() {
+            return Err(invalid("a file of that name exists already".into()));
+        }
+        let (Some(parent), Some(file)) = (path.parent(), path.file_name()) else {
+            return Err(invalid("it names no file".into()));
+        };
+        let parent = parent.canonicalize().map_err(|e| invalid(e.to_string()))?;
+        // STATE/domains/DOMAIN/snapshots/SNAP: refuse STATE/domains/*/snapshots/...
+        let own = self.store.files(domain, snapshot).dir;
+        if let Some(domains) = own.ancestors().nth(3) {
+            let domains = domains.canonicalize().unwrap_or_else(|_| domains.to_owned());
+            if let Ok(inside) = parent.strip_prefix(&domains) {
+                if inside
+                    .components()
+                    .nth(1)
+                    .is_some_and(|c| c.as_os_str() == "snapshots")
+                {
+                    return Err(invalid("it is inside a snapshot's folder".into()));
+                }
+            }
+        }
+        Ok(parent.join(file))
     }
 }
 
@@ -234,6 +302,9 @@ pub(super) struct CreateJob<'o> {
     after_crash: bool,
     /// How memory is saved, chosen while inspecting (the shared RAM it may hold is mapped once).
     plan: Option<MemoryPlan>,
+    /// The memory image's path when the caller chose it (outside the snapshot's folder: the
+    /// rollback removes it itself).
+    memory_path: Option<PathBuf>,
 }
 
 impl<'o> CreateJob<'o> {
@@ -260,6 +331,7 @@ impl<'o> CreateJob<'o> {
             memory: None,
             after_crash: false,
             plan: None,
+            memory_path: None,
         }
     }
 
@@ -272,9 +344,14 @@ impl<'o> CreateJob<'o> {
         snapshot: &Name,
         was: DomainState,
         disks: Vec<DiskRecord>,
+        memory_path: Option<PathBuf>,
     ) -> Self {
-        let files = orchestrator.store.files(domain, snapshot);
+        let mut files = orchestrator.store.files(domain, snapshot);
+        if let Some(path) = &memory_path {
+            files.memory_image = path.clone();
+        }
         let mut job = CreateJob::new(orchestrator, domain, snapshot, was, disks, files);
+        job.memory_path = memory_path;
         job.made_internal = true;
         job.made_overlays = true;
         job.after_crash = true;
@@ -366,6 +443,7 @@ impl<'o> CreateJob<'o> {
             device_state: file_name(&self.files.device_state),
             consistency,
             ram_bytes,
+            image_path: self.memory_path.clone(),
         }
     }
 
@@ -401,8 +479,9 @@ impl<'o> CreateJob<'o> {
         Ok(since.elapsed())
     }
 
-    /// Takes every disk's snapshot: the internal ones in one atomic call, then the overlays in
-    /// another. Undo: [`CreateJob::undo_disks`], of what was made.
+    /// Takes every disk's snapshot, internal and external, in one call (atomic across the
+    /// disks of a running domain). Undo: [`CreateJob::undo_disks`]: what exists of it was made
+    /// by this create (names and overlays were checked free before the intent).
     pub(super) async fn snapshot_disks(&mut self) -> StepResult<()> {
         self.observe(Step::SnapshotDisks);
         let backend = self
@@ -411,23 +490,17 @@ impl<'o> CreateJob<'o> {
             .disk_backend(&self.domain)
             .await
             .map_err(at(Step::SnapshotDisks))?;
-        let internal = internal_images(&self.disks);
-        if !internal.is_empty() {
-            backend
-                .create_internal(&internal, self.snapshot.as_str())
-                .await
-                .map_err(at(Step::SnapshotDisks))?;
-            self.made_internal = true;
-        }
+        let internal = internal_snapshots(&self.disks);
         let external = external_snapshots(&self.disks);
-        if !external.is_empty() {
-            backend
-                .create_external(&external)
-                .await
-                .map_err(at(Step::SnapshotDisks))?;
-            self.made_overlays = true;
+        if internal.is_empty() && external.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        self.made_internal = !internal.is_empty();
+        self.made_overlays = !external.is_empty();
+        backend
+            .create_snapshots(&internal, &external)
+            .await
+            .map_err(at(Step::SnapshotDisks))
     }
 
     /// Writes the record: the snapshot exists from then on. A failing commit is rolled back.
@@ -531,6 +604,7 @@ impl<'o> CreateJob<'o> {
             let undone = match &disk.snapshot {
                 DiskSnapshot::Internal { .. } if !self.made_internal => Ok(()),
                 DiskSnapshot::External { .. } if !self.made_overlays => Ok(()),
+                DiskSnapshot::Excluded => Ok(()),
                 DiskSnapshot::Internal { name } => delete_internal_if_present(&*backend, &disk.image, name)
                     .await
                     .map_err(|e| {
@@ -556,7 +630,16 @@ impl<'o> CreateJob<'o> {
     /// Removes the create's folder, overlay list entries and intent. Returns what failed.
     fn forget(&self) -> Vec<String> {
         let store = &self.orchestrator.store;
+        let image_outside = match &self.memory_path {
+            Some(path) => remove_file(path).map_err(|e| Error::Io {
+                operation: "cannot remove the memory image",
+                path: path.clone(),
+                source: e,
+            }),
+            None => Ok(()),
+        };
         [
+            image_outside,
             store.remove(&self.domain, &self.snapshot),
             self.orchestrator
                 .remove_overlays_from_list(&self.domain, &new_overlays(&self.disks)),

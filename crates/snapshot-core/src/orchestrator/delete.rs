@@ -7,7 +7,9 @@
 
 use std::{os::unix::fs::MetadataExt, path::Path, path::PathBuf, time::Instant};
 
-use super::{at, disk_plan::delete_internal_if_present, millis, DeleteReport, Orchestrator, StepResult};
+use super::{
+    at, disk_plan::delete_internal_if_present, millis, remove_file, DeleteReport, Orchestrator, StepResult,
+};
 use crate::{
     error::{DriverError, Operation, Result, Step},
     intent::Intent,
@@ -39,8 +41,8 @@ impl Orchestrator {
                     record: victim.clone(),
                 },
             )?;
-            let in_use = victim.memory.is_some()
-                && has_other_links(&self.store.files(domain, &victim.name).memory_image);
+            let files = self.store.files(domain, &victim.name).of_record(&victim);
+            let in_use = victim.memory.is_some() && has_other_links(&files.memory_image);
             let removed = self
                 .delete_steps(&victim)
                 .await
@@ -68,6 +70,11 @@ impl Orchestrator {
         self.delete_disks(record).await.map_err(at(Step::DeleteDisks))?;
 
         self.observer.step(Operation::Delete, Step::RemoveFiles);
+        // A memory image the caller placed outside the snapshot's folder goes first: once the
+        // folder (and the record) is gone, nothing names it any more.
+        if let Some(image) = record.memory.as_ref().and_then(|m| m.image_path.as_ref()) {
+            remove_file(image).map_err(at(Step::RemoveFiles))?;
+        }
         self.store
             .remove(domain, &record.name)
             .map_err(at(Step::RemoveFiles))?;

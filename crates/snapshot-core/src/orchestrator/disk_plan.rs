@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use disk::{DiskSnapshots, ExternalSnapshot};
+use disk::{DiskSnapshots, ExternalSnapshot, NewInternal};
 
 use super::{DiskKind, DiskRequest};
 use crate::{
@@ -12,34 +12,28 @@ use crate::{
     name::Name,
 };
 
-/// Decides each disk's snapshot from the requests (disks not named: internal).
+/// Decides each disk's snapshot from the requests (disks not named: internal, named like the
+/// snapshot). A disk-only snapshot (`disks_only`) must snapshot at least one disk.
 pub(super) fn plan_disks(
     snapshot: &Name,
     targets: &[DiskTarget],
     requests: &[DiskRequest],
+    disks_only: bool,
 ) -> Result<Vec<DiskRecord>> {
     check_requests(targets, requests)?;
+    let default = DiskKind::Internal { name: None };
     let mut planned: Vec<DiskRecord> = Vec::new();
     for target in targets {
         let kind = requests
             .iter()
             .find(|r| r.target == target.target)
-            .map_or(&DiskKind::Internal, |r| &r.kind);
+            .map_or(&default, |r| &r.kind);
         let snapshot_kind = match kind {
-            DiskKind::Internal => {
-                disk::names::validate_snapshot_name(snapshot.as_str()).map_err(|e| {
-                    Error::InvalidRequest(format!(
-                        "disk {}: an internal snapshot cannot be named so: {e}",
-                        target.target
-                    ))
-                })?;
-                DiskSnapshot::Internal {
-                    name: snapshot.as_str().to_owned(),
-                }
-            }
+            DiskKind::Internal { name } => plan_internal(snapshot, target, name.as_deref())?,
             DiskKind::External { path, format } => {
                 plan_external(snapshot, target, path.as_deref(), format.as_deref(), &planned)?
             }
+            DiskKind::Excluded => DiskSnapshot::Excluded,
         };
         planned.push(DiskRecord {
             target: target.target.clone(),
@@ -47,7 +41,29 @@ pub(super) fn plan_disks(
             snapshot: snapshot_kind,
         });
     }
+    if disks_only && planned.iter().all(|d| d.snapshot == DiskSnapshot::Excluded) {
+        return Err(Error::InvalidRequest(format!(
+            "snapshot {snapshot} would hold nothing: it has no memory and every disk is left out"
+        )));
+    }
     Ok(planned)
+}
+
+/// An internal snapshot of `target`, named `name` (default: the snapshot's name).
+fn plan_internal(snapshot: &Name, target: &DiskTarget, name: Option<&str>) -> Result<DiskSnapshot> {
+    let (name, whose) = match name {
+        Some(name) => (name, "the name given for it"),
+        None => (snapshot.as_str(), "the snapshot's name"),
+    };
+    disk::names::validate_snapshot_name(name).map_err(|e| {
+        Error::InvalidRequest(format!(
+            "disk {}: an internal snapshot cannot be named {name:?} ({whose}): {e}",
+            target.target
+        ))
+    })?;
+    Ok(DiskSnapshot::Internal {
+        name: name.to_owned(),
+    })
 }
 
 /// Every request names a disk of the domain, once.
@@ -106,7 +122,7 @@ fn plan_external(
 pub(super) fn external_overlay(disk: &DiskRecord) -> Option<&PathBuf> {
     match &disk.snapshot {
         DiskSnapshot::External { overlay, .. } => Some(overlay),
-        DiskSnapshot::Internal { .. } => None,
+        DiskSnapshot::Internal { .. } | DiskSnapshot::Excluded => None,
     }
 }
 
@@ -126,13 +142,27 @@ pub(super) fn active_after_create(disks: &[DiskRecord]) -> Vec<DiskTarget> {
         .collect()
 }
 
-/// The images that take an internal snapshot.
-pub(super) fn internal_images(disks: &[DiskRecord]) -> Vec<PathBuf> {
+/// The internal snapshots to take: each disk's image and its snapshot's name.
+pub(super) fn internal_snapshots(disks: &[DiskRecord]) -> Vec<NewInternal> {
     disks
         .iter()
-        .filter(|d| matches!(d.snapshot, DiskSnapshot::Internal { .. }))
-        .map(|d| d.image.clone())
+        .filter_map(|d| match &d.snapshot {
+            DiskSnapshot::Internal { name } => Some(NewInternal {
+                disk: d.image.clone(),
+                name: name.clone(),
+            }),
+            DiskSnapshot::External { .. } | DiskSnapshot::Excluded => None,
+        })
         .collect()
+}
+
+/// The images of the disks a snapshot covers (those left out are not its).
+pub(super) fn snapshot_images(record: &crate::metadata::SnapshotRecord) -> impl Iterator<Item = &PathBuf> {
+    record
+        .disks
+        .iter()
+        .filter(|d| d.snapshot != DiskSnapshot::Excluded)
+        .map(|d| &d.image)
 }
 
 /// The overlays that external snapshots make.
@@ -165,7 +195,7 @@ pub(super) async fn check_names_free(backend: &dyn DiskSnapshots, disks: &[DiskR
         })?;
         if held {
             return Err(Error::InvalidRequest(format!(
-                "disk {} ({}) already holds an internal snapshot named {name}: choose another snapshot name",
+                "disk {} ({}) already holds an internal snapshot named {name}: choose another name",
                 disk.target,
                 disk.image.display()
             )));

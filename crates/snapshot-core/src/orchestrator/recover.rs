@@ -1,5 +1,7 @@
 //! Recovery: finishes or undoes an operation a crash interrupted, from its intent record.
 
+use std::path::PathBuf;
+
 use super::{
     at, create::CreateJob, Orchestrator, Recovery, RecoveryOutcome, RevertOptions, StepError, StepResult,
 };
@@ -36,8 +38,15 @@ impl Orchestrator {
         let fail =
             |e: StepError, rollback| self.failed(Operation::Recover, domain, &snapshot, e, rollback, None);
         let (operation, outcome) = match intent {
-            Intent::Create { snapshot, was, disks } => {
-                let outcome = self.recover_create(domain, &snapshot, was, disks).await?;
+            Intent::Create {
+                snapshot,
+                was,
+                disks,
+                memory_path,
+            } => {
+                let outcome = self
+                    .recover_create(domain, &snapshot, was, disks, memory_path)
+                    .await?;
                 (Operation::Create, outcome)
             }
             Intent::Delete { record } => {
@@ -54,7 +63,7 @@ impl Orchestrator {
                 new_overlays,
             } => {
                 let record = self.store.get(domain, &snapshot)?;
-                let files = self.store.files(domain, &snapshot);
+                let files = self.store.files(domain, &snapshot).of_record(&record);
                 let options = RevertOptions { paused, eager };
                 self.revert_steps(&record, &files, options, &new_overlays)
                     .await
@@ -80,6 +89,7 @@ impl Orchestrator {
         snapshot: &Name,
         was: DomainState,
         disks: Vec<DiskRecord>,
+        memory_path: Option<PathBuf>,
     ) -> Result<RecoveryOutcome> {
         let fail =
             |e: StepError, rollback| self.failed(Operation::Recover, domain, snapshot, e, rollback, None);
@@ -91,7 +101,7 @@ impl Orchestrator {
             self.store.clear_intent(domain)?;
             return Ok(RecoveryOutcome::Finished);
         }
-        let rollback = CreateJob::interrupted(self, domain, snapshot, was, disks)
+        let rollback = CreateJob::interrupted(self, domain, snapshot, was, disks, memory_path)
             .rollback()
             .await;
         if rollback.is_empty() {

@@ -17,7 +17,7 @@ use disk::ExternalSnapshot;
 
 use super::{
     at,
-    disk_plan::{external_overlay, holds_internal},
+    disk_plan::{external_overlay, holds_internal, internal_snapshots},
     millis, now_unix_ms, remove_file, MemoryLoad, Orchestrator, RevertOptions, RevertReport, StepError,
     StepResult,
 };
@@ -63,7 +63,7 @@ impl Orchestrator {
         let started = Instant::now();
         let _lock = self.begin(domain).await?;
         let record = self.store.get(domain, snapshot)?;
-        let files = self.store.files(domain, snapshot);
+        let files = self.store.files(domain, snapshot).of_record(&record);
         let fail = |e: StepError| self.failed(Operation::Revert, domain, snapshot, e, Vec::new(), None);
 
         self.observer.step(Operation::Revert, Step::Check);
@@ -172,6 +172,9 @@ impl Orchestrator {
         }
         let backend = self.hypervisor.disk_backend(&record.domain).await?;
         for disk in &record.disks {
+            if disk.snapshot == DiskSnapshot::Excluded {
+                continue;
+            }
             if !disk.image.exists() {
                 return Err(format!("disk {} image {} is missing", disk.target, disk.image.display()).into());
             }
@@ -234,26 +237,34 @@ impl Orchestrator {
     }
 
     /// Puts every disk back to the snapshot's: a fresh overlay on an external snapshot's image,
-    /// the internal snapshot applied to the others. Returns the disks' new active images.
+    /// the internal snapshot applied to the others (each under its own name); a disk left out
+    /// of the snapshot stays as it is. Returns the disks' new active images.
     async fn revert_disks(
         &self,
         record: &SnapshotRecord,
         new_overlays: &[PathBuf],
     ) -> StepResult<Vec<DiskTarget>> {
+        let domain = &record.domain;
         let backend = self
             .hypervisor
-            .disk_backend(&record.domain)
+            .disk_backend(domain)
+            .await
+            .map_err(at(Step::RevertDisks))?;
+        // The domain is stopped: these are the images its definition names now.
+        let current = self
+            .hypervisor
+            .disks(domain)
             .await
             .map_err(at(Step::RevertDisks))?;
         let mut new_disks = Vec::new();
-        let mut internal = Vec::new();
         let mut overlays = new_overlays.iter();
         for disk in &record.disks {
             let image = match &disk.snapshot {
-                DiskSnapshot::Internal { .. } => {
-                    internal.push(disk.image.clone());
-                    disk.image.clone()
-                }
+                DiskSnapshot::Internal { .. } => disk.image.clone(),
+                DiskSnapshot::Excluded => current
+                    .iter()
+                    .find(|t| t.target == disk.target)
+                    .map_or_else(|| disk.image.clone(), |t| t.image.clone()),
                 DiskSnapshot::External { .. } => {
                     let overlay = overlays
                         .next()
@@ -277,9 +288,10 @@ impl Orchestrator {
                 image,
             });
         }
-        if !internal.is_empty() {
+        let internal = internal_snapshots(&record.disks);
+        for (name, images) in disk::internal_by_name(&internal) {
             backend
-                .apply_internal(&internal, record.name.as_str())
+                .apply_internal(&images, name)
                 .await
                 .map_err(at(Step::RevertDisks))?;
         }

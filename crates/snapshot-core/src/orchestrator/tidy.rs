@@ -6,7 +6,7 @@ use std::{collections::HashSet, path::PathBuf};
 
 use disk::{DiskSnapshots, MergeMethod};
 
-use super::{remove_file, Orchestrator};
+use super::{disk_plan::snapshot_images, remove_file, Orchestrator};
 use crate::{error::DriverError, hypervisor::DiskTarget, name::Name};
 
 /// What the tidy-up works from: the images snapshots read, and the overlays domsnap made.
@@ -31,7 +31,7 @@ impl Orchestrator {
                 .store
                 .list(domain)?
                 .iter()
-                .flat_map(|r| r.disks.iter().map(|d| d.image.clone()))
+                .flat_map(|r| snapshot_images(r).cloned().collect::<Vec<_>>())
                 .collect(),
             owned: self.store.overlays(domain)?,
         };

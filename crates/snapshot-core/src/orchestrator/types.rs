@@ -37,6 +37,10 @@ pub enum MemoryMode {
     Paused,
     /// Save memory while the domain runs, with a short pause (see [`LiveOptions`]).
     Live(LiveOptions),
+    /// No memory: a disk-only snapshot even of a running domain. The disks are snapshotted in
+    /// one atomic step (the hypervisor's disk backend makes them consistent with each other)
+    /// and the guest is not paused; a revert leaves the domain shut off.
+    DisksOnly,
 }
 
 /// How a live create saves memory.
@@ -151,8 +155,14 @@ impl std::fmt::Display for RecoveryOutcome {
 /// How one disk is snapshotted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiskKind {
-    /// A named snapshot inside the image (the default).
-    Internal,
+    /// A named snapshot inside the image (the default, named like the snapshot).
+    Internal {
+        /// The internal snapshot's name in this image; `None`: the snapshot's name.
+        name: Option<String>,
+    },
+    /// No snapshot of this disk: the record says it was left out, and a revert leaves the disk
+    /// as it is then.
+    Excluded,
     /// A new overlay; the current image becomes the snapshot.
     External {
         /// Where the overlay goes (absolute); default: beside the image, `STEM.SNAPSHOT.qcow2`.
@@ -180,6 +190,10 @@ pub struct CreateOptions {
     pub disks: Vec<DiskRequest>,
     /// Free text stored with the snapshot.
     pub description: Option<String>,
+    /// Where the memory image goes (absolute; its folder must exist, the file must not, and it
+    /// must not be inside a snapshot's folder); `None`: the snapshot's folder. The device state
+    /// stays in the snapshot's folder.
+    pub memory_path: Option<PathBuf>,
 }
 
 /// Statistics of one memory round, for reports.

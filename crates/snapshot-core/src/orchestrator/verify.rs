@@ -17,7 +17,7 @@ impl Orchestrator {
     pub async fn verify(&self, domain: &Name, snapshot: &Name) -> Result<VerifyReport> {
         let _lock = self.begin(domain).await?;
         let record = self.store.get(domain, snapshot)?;
-        let files = self.store.files(domain, snapshot);
+        let files = self.store.files(domain, snapshot).of_record(&record);
         let mut problems = Vec::new();
         let mut memory_pages = None;
         if record.memory.is_some() {
@@ -71,6 +71,7 @@ async fn verify_disk(backend: &dyn DiskSnapshots, disk: &DiskRecord) -> std::res
             Ok(false) => Err(format!("has no internal snapshot {name}")),
             Err(e) => Err(e.to_string()),
         },
+        DiskSnapshot::Excluded => Ok(()),
         DiskSnapshot::External { .. } => backend
             .backing_chain(&disk.image)
             .await
