@@ -272,8 +272,8 @@ pub enum FormatError {
     },
     /// A command section other than the switch-over notice.
     #[error(
-        "command {command} ({len} bytes): a command of post-copy, a return path or COLO, which \
-         change the stream"
+        "command section: command {command} ({len} bytes), one of post-copy, a return path or \
+         COLO, which change the stream"
     )]
     UnsupportedCommand {
         /// QEMU's `MIG_CMD_*` number.
