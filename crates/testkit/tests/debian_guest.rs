@@ -71,9 +71,11 @@ fn boots_from_disk(boot: DebianBoot, what: &str) {
         .boot(boot)
         .spawn();
     let first = booted(&vm, started, what);
-    vm.wait_for_counter_after(first, SHORT).unwrap();
-    vm.agent_ping(Duration::from_secs(120)).unwrap();
-    let log = std::fs::read_to_string(vm.qemu().serial_log()).unwrap();
+    vm.wait_for_counter_after(first, SHORT)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    vm.agent_ping(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let log = std::fs::read_to_string(vm.qemu().serial_log()).unwrap_or_default();
     assert!(
         log.contains("root=LABEL=domsnap-root"),
         "{what}: kernel command line not seen:\n{log}"
