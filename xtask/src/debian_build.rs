@@ -67,6 +67,7 @@ impl Steps {
 /// Builds the guest into `dir` (the `debian` folder) and returns its description.
 pub fn build(dir: &Path, stamp: &str, mirror: &str) -> Result<DebianGuestInfo> {
     let mut steps = Steps::default();
+    remove_stale_builds(dir)?;
     let debs = dir.join(DEBS_DIR);
     fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
     // Inside `dir`: same filesystem as the results (renamed into place), removed on drop.
@@ -121,6 +122,36 @@ pub fn build(dir: &Path, stamp: &str, mirror: &str) -> Result<DebianGuestInfo> {
     info.steps = steps.steps;
     write_info(dir, &info)?;
     Ok(info)
+}
+
+/// Removes the build folders of builds that were killed (the caller holds the lock, so none is in
+/// use). Refuses to touch one with anything mounted inside (the chroot commands mount only in their
+/// own namespace, so there should never be).
+fn remove_stale_builds(dir: &Path) -> Result<()> {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let stale = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(".build-"));
+        if !stale {
+            continue;
+        }
+        let prefix = format!("{}/", path.display());
+        if mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4))
+            .any(|mount_point| mount_point.starts_with(&prefix))
+        {
+            bail!(
+                "{} is a stale build folder with filesystems mounted inside: unmount them and remove it",
+                path.display()
+            );
+        }
+        println!("setup: removing the stale build folder {}", path.display());
+        fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn len(path: &Path) -> Result<u64> {

@@ -301,6 +301,49 @@ impl DebianVm {
     pub fn agent_ping(&self, timeout: Duration) -> Result<(), String> {
         self.agent_execute("guest-ping", None, timeout).map(drop)
     }
+
+    /// Presses the ACPI power button (QMP `system_powerdown`: systemd-logind powers the guest off)
+    /// and waits up to `timeout` for QEMU to exit.
+    pub fn power_off(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, String> {
+        qmp_command(&self.qemu.qmp_socket(), "system_powerdown")?;
+        self.qemu.wait_exit(timeout).ok_or_else(|| {
+            format!(
+                "the guest did not power off within {timeout:?}; serial log:\n{}",
+                std::fs::read_to_string(self.qemu.serial_log()).unwrap_or_default()
+            )
+        })
+    }
+}
+
+/// Connects to QMP, negotiates, runs `command` (no arguments) and disconnects.
+fn qmp_command(socket: &Path, command: &str) -> Result<(), String> {
+    use std::io::{BufRead, BufReader};
+    let fail = |what: &str, err: std::io::Error| format!("QMP {command}: {what}: {err}");
+    let stream = UnixStream::connect(socket).map_err(|e| fail("connect", e))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| fail("set a read timeout", e))?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(|e| fail("clone the socket", e))?);
+    let mut line = String::new();
+    reader.read_line(&mut line).map_err(|e| fail("greeting", e))?;
+    for request in ["qmp_capabilities", command] {
+        (&stream)
+            .write_all(format!("{{\"execute\":\"{request}\"}}\n").as_bytes())
+            .map_err(|e| fail("send", e))?;
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).map_err(|e| fail("reply", e))? == 0 {
+                return Err(format!("QMP {command}: QEMU closed the connection"));
+            }
+            if line.contains("\"error\"") {
+                return Err(format!("QMP {request}: {}", line.trim()));
+            }
+            if line.contains("\"return\"") {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One `GET` over HTTP/1.0; the body of a `200` answer.

@@ -56,10 +56,36 @@ fn debian_guest_counts_serves_its_counter_and_answers_the_agent() {
         started.elapsed().as_secs_f64()
     );
 
-    // The serial counter went on meanwhile, and the cached image was not written to.
+    // The agent can freeze and thaw the filesystems (what `--quiesce` needs).
+    let frozen = vm.agent_execute("guest-fsfreeze-freeze", None, SHORT).unwrap();
+    assert!(frozen.as_u64().is_some_and(|n| n >= 1), "froze {frozen}");
+    assert_eq!(
+        vm.agent_execute("guest-fsfreeze-status", None, SHORT).unwrap(),
+        "frozen"
+    );
+    vm.agent_execute("guest-fsfreeze-thaw", None, SHORT).unwrap();
+    assert_eq!(
+        vm.agent_execute("guest-fsfreeze-status", None, SHORT).unwrap(),
+        "thawed"
+    );
+
+    // The serial counter went on meanwhile, and the guest writes to its overlay, not the cache.
     assert!(vm.serial_counters().last().copied().unwrap_or(0) >= later);
-    let base = testkit::run("qemu-img", &["info", "-U", &vm.overlay().display().to_string()]);
-    assert!(base.contains(&guest.root.display().to_string()), "{base}");
+    let overlay = vm.overlay().display().to_string();
+    let info = testkit::run("qemu-img", &["info", "-U", &overlay]);
+    assert!(info.contains(&guest.root.display().to_string()), "{info}");
+
+    // The power button shuts it down cleanly: QEMU exits and the root filesystem is clean.
+    let mut vm = vm;
+    let powered_off = Instant::now();
+    vm.power_off(Duration::from_secs(180)).unwrap();
+    eprintln!(
+        "Debian guest (kernel boot): powered off in {:.1} s",
+        powered_off.elapsed().as_secs_f64()
+    );
+    let raw = vm.qemu().dir().join("root.raw").display().to_string();
+    testkit::run("qemu-img", &["convert", "-O", "raw", &overlay, &raw]);
+    testkit::run("e2fsck", &["-fn", &raw]);
 }
 
 /// Boots the bootable disk image through `boot` and checks the counter and the agent.
