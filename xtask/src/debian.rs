@@ -168,24 +168,29 @@ pub fn mirror() -> String {
         .unwrap_or_else(|| DEFAULT_MIRROR.to_string())
 }
 
+/// Every input of the build, as text.
+fn stamp_inputs() -> Vec<String> {
+    let mut inputs = vec![
+        format!("format={FORMAT} suite={SUITE} variant={VARIANT}"),
+        format!("root={ROOT_MIB} esp={ESP_MIB} label={DEBIAN_ROOT_LABEL}"),
+        DEBIAN_CMDLINE.to_string(),
+        PACKAGES.join(","),
+        MODULES.join(","),
+        CONFIGURE_SCRIPT.to_string(),
+    ];
+    for file in EARLY_FILES.iter().chain(FILES).chain(ESP_FILES) {
+        inputs.push(format!("{} {:o}", file.path, file.mode));
+        inputs.push(file.text.to_string());
+    }
+    inputs
+}
+
 /// The hash of every input of the build.
 pub fn stamp() -> String {
     let mut h = Fnv1a64::new();
-    let mut part = |text: &str| {
-        h.update(&(text.len() as u64).to_le_bytes());
-        h.update(text.as_bytes());
-    };
-    part(&format!("format={FORMAT} suite={SUITE} variant={VARIANT}"));
-    part(&format!(
-        "root={ROOT_MIB} esp={ESP_MIB} label={DEBIAN_ROOT_LABEL}"
-    ));
-    part(DEBIAN_CMDLINE);
-    part(&PACKAGES.join(","));
-    part(&MODULES.join(","));
-    part(CONFIGURE_SCRIPT);
-    for file in EARLY_FILES.iter().chain(FILES).chain(ESP_FILES) {
-        part(&format!("{} {:o}", file.path, file.mode));
-        part(file.text);
+    for input in stamp_inputs() {
+        h.update(&(input.len() as u64).to_le_bytes());
+        h.update(input.as_bytes());
     }
     format!("{:016x}", h.finish())
 }
@@ -243,7 +248,17 @@ fn lock(path: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
         .write(true)
         .open(path)
         .with_context(|| format!("opening the lock file {}", path.display()))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+    use nix::fcntl::{Flock, FlockArg};
+    let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => return Ok(lock),
+        Err((file, nix::errno::Errno::EWOULDBLOCK)) => file,
+        Err((_, errno)) => bail!("locking {}: {errno}", path.display()),
+    };
+    println!(
+        "setup: another setup holds {} (building the Debian guest?): waiting for it",
+        path.display()
+    );
+    Flock::lock(file, FlockArg::LockExclusive)
         .map_err(|(_, errno)| anyhow::anyhow!("locking {}: {errno}", path.display()))
 }
 
@@ -362,6 +377,18 @@ mod tests {
         assert!(FILES
             .iter()
             .all(|f| !f.path.starts_with('/') && !f.text.is_empty()));
+        let inputs = stamp_inputs();
+        for file in EARLY_FILES.iter().chain(FILES).chain(ESP_FILES) {
+            assert!(
+                inputs.iter().any(|i| i == file.text),
+                "{} is not an input",
+                file.path
+            );
+        }
+        for list in [PACKAGES, MODULES] {
+            assert!(inputs.contains(&list.join(",")));
+        }
+        assert!(inputs.iter().any(|i| i == CONFIGURE_SCRIPT));
     }
 
     #[test]
@@ -420,6 +447,26 @@ mod tests {
         assert!(find_tool("/bin/sh").is_some());
         assert!(find_tool("domsnap-no-such-tool").is_none());
         assert!(find_tool("/nonexistent/file").is_none());
+    }
+
+    #[test]
+    fn a_second_setup_waits_for_the_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(LOCK_FILE);
+        let first = lock(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let second = lock(&path).unwrap();
+                tx.send(()).unwrap();
+                drop(second);
+            })
+        };
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(200)).is_err());
+        drop(first);
+        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        waiter.join().unwrap();
     }
 
     #[test]
