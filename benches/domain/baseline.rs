@@ -171,9 +171,9 @@ pub struct Loaded {
 /// `migrate-incoming` of a whole migration file into a new QEMU started with `-incoming defer -S`
 /// (the domain's machine, with `disk` as its guest disk), until it completed (the guest is paused).
 /// Returns the QEMU so the caller may check the guest.
-pub fn migrate_incoming(bench: &Bench, file: &Path, disk: &Path) -> Result<(Loaded, Vm)> {
+pub fn migrate_incoming(bench: &Bench, ram_mib: u64, file: &Path, disk: &Path) -> Result<(Loaded, Vm)> {
     let started = Instant::now();
-    let vm = Vm::spawn_incoming(bench, disk)?;
+    let vm = Vm::spawn_incoming(bench, ram_mib, disk)?;
     let startup = started.elapsed();
     let loading = Instant::now();
     vm.monitor.execute(
