@@ -3,11 +3,8 @@
 //! revert, and show that it went on from the snapshot — with the timings.
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::Command,
-    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -55,9 +52,6 @@ pub fn run() -> Result<()> {
 
     step("live snapshot while the guest works (vda: internal snapshot, vdb: external overlay)");
     let before = demo.last_tick();
-    // QEMU's own STOP and RESUME events time the pause the guest saw, on the domain's second QMP
-    // monitor (the CLI talks to the first).
-    let events = QmpEvents::watch(&dir.path().join("state/domains/demo/run/status.sock"))?;
     let report = demo.json(&[
         "snapshot",
         "create",
@@ -70,13 +64,10 @@ pub fn run() -> Result<()> {
         "taken by cargo xtask demo",
     ])?;
     let at_snapshot = demo.last_tick();
-    let paused = events.stop_to_resume();
-    // The CLI asks the run state on that monitor when it holds no connection of its own.
-    drop(events);
     let pages = &report["memory_pages"];
     let streamed = &report["streamed"];
     println!(
-        "created in {:.0} ms ({}, memory read from {}); guest paused {} ms, QEMU's downtime {} \
+        "created in {:.0} ms ({}, memory read from {}); guest paused {:.1} ms, QEMU's downtime {} \
          (the disk snapshots are taken inside it, while QEMU holds the guest before the switch-over)",
         report["total_ms"].as_f64().unwrap_or_default(),
         report["memory_mode"].as_str().unwrap_or("?"),
@@ -85,13 +76,7 @@ pub fn run() -> Result<()> {
             Some("direct") => "the shared RAM",
             _ => "?",
         },
-        paused.map_or_else(
-            || format!(
-                "{:.1} (as the report says)",
-                report["guest_pause_ms"].as_f64().unwrap_or_default()
-            ),
-            |ms| format!("{ms:.1}")
-        ),
+        report["guest_pause_ms"].as_f64().unwrap_or_default(),
         streamed["hypervisor_downtime_ms"]
             .as_f64()
             .map_or("not reported".to_owned(), |ms| format!("{ms:.0} ms"))
@@ -297,92 +282,6 @@ impl Demo {
             }
             ensure!(Instant::now() < deadline, "the reverted guest printed no tick");
             std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// QEMU's events on a QMP monitor, read on a thread of their own (plain JSON lines: the demo needs
-/// no QMP client for this).
-struct QmpEvents {
-    stream: UnixStream,
-    events: Arc<Mutex<Vec<Value>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl QmpEvents {
-    /// Connects to the monitor at `socket` and starts collecting its events.
-    fn watch(socket: &Path) -> Result<QmpEvents> {
-        let stream =
-            UnixStream::connect(socket).with_context(|| format!("connect to {}", socket.display()))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut lines = BufReader::new(stream.try_clone()?).lines();
-        let mut next = || -> Result<Value> {
-            let line = lines.next().context("QMP closed the connection")??;
-            Ok(serde_json::from_str(&line)?)
-        };
-        next().context("QMP greeting")?;
-        (&stream).write_all(b"{\"execute\": \"qmp_capabilities\"}\n")?;
-        loop {
-            let reply = next().context("QMP capabilities")?;
-            if reply.get("return").is_some() {
-                break;
-            }
-            ensure!(
-                reply.get("error").is_none(),
-                "QMP refused qmp_capabilities: {reply}"
-            );
-        }
-        stream.set_read_timeout(None)?;
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let seen = events.clone();
-        let reader = std::thread::spawn(move || {
-            while let Some(Ok(line)) = lines.next() {
-                if let Ok(value) = serde_json::from_str::<Value>(&line) {
-                    if value.get("event").is_some() {
-                        seen.lock().unwrap_or_else(PoisonError::into_inner).push(value);
-                    }
-                }
-            }
-        });
-        Ok(QmpEvents {
-            stream,
-            events,
-            reader: Some(reader),
-        })
-    }
-
-    /// Milliseconds from QEMU's first `STOP` to its last `RESUME` so far, by QEMU's timestamps
-    /// (waiting briefly for the `RESUME` to arrive).
-    fn stop_to_resume(&self) -> Option<f64> {
-        let seconds = |event: &Value| {
-            let at = &event["timestamp"];
-            Some(at["seconds"].as_f64()? + at["microseconds"].as_f64()? / 1e6)
-        };
-        let deadline = Instant::now() + Duration::from_secs(1);
-        loop {
-            let events = self.events.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            let stop = events.iter().find(|e| e["event"] == "STOP").and_then(seconds);
-            let resume = events
-                .iter()
-                .rev()
-                .find(|e| e["event"] == "RESUME")
-                .and_then(seconds);
-            if let (Some(stop), Some(resume)) = (stop, resume) {
-                return Some((resume - stop) * 1e3);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for QmpEvents {
-    fn drop(&mut self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
         }
     }
 }
