@@ -672,8 +672,8 @@ impl GuestAt {
             .serial
             .ticks()
             .into_iter()
-            .filter(|t| t.at <= paused_at)
-            .last()
+            .rev()
+            .find(|t| t.at <= paused_at)
             .context("no tick before the snapshot")?;
         let since = (paused_at - last.at).as_secs_f64();
         Ok(GuestAt {

@@ -30,6 +30,7 @@ use domsnap::{AfterRevert, CreateMode, Domain, GuestAt, RevertMode};
 use qmp::{commands::*, Client, ClientOptions, MigrationStatus};
 use report::{size_key, size_name, Results};
 use serde_json::json;
+use snapshot_core::DEFAULT_MAX_DOWNTIME;
 use tempfile::TempDir;
 use testkit::{Qemu, Workload};
 
@@ -432,18 +433,29 @@ fn create_and_delete(
     Ok(created)
 }
 
-/// QEMU's live migration with its bandwidth limit set to `bandwidth` for it.
+/// QEMU's live migration settings for one baseline; the rest stays at QEMU's defaults.
+#[derive(Debug, Clone, Copy)]
+struct LiveSettings {
+    /// `max-bandwidth`, bytes per second.
+    bandwidth: u64,
+    /// `downtime-limit`, milliseconds.
+    downtime_limit: u64,
+}
+
+/// QEMU's live migration with `settings` for it, QEMU's `defaults` put back afterwards.
 fn migrate_live(
     bench: &Bench,
     domain: &Domain,
     file: &Path,
-    bandwidth: u64,
-    default: u64,
+    settings: LiveSettings,
+    defaults: LiveSettings,
 ) -> Result<baseline::Migrated> {
     domain.with_monitor(bench, |qemu| {
-        baseline::set_max_bandwidth(bench, qemu, bandwidth)?;
+        baseline::set_max_bandwidth(bench, qemu, settings.bandwidth)?;
+        baseline::set_downtime_limit(bench, qemu, settings.downtime_limit)?;
         let migrated = baseline::migrate_live(bench, qemu, file);
-        baseline::set_max_bandwidth(bench, qemu, default)?;
+        baseline::set_max_bandwidth(bench, qemu, defaults.bandwidth)?;
+        baseline::set_downtime_limit(bench, qemu, defaults.downtime_limit)?;
         migrated
     })
 }
@@ -466,7 +478,21 @@ fn creates(bench: &Bench, domain: &Domain, reps: usize, out: &mut Sized<'_>) -> 
         first.pause_report.as_secs_f64() * 1e3
     );
     domain.populate_ram_file()?;
-    let default_bandwidth = domain.with_monitor(bench, |qemu| baseline::max_bandwidth(bench, qemu))?;
+    let defaults = domain.with_monitor(bench, |qemu| {
+        Ok(LiveSettings {
+            bandwidth: baseline::max_bandwidth(bench, qemu)?,
+            downtime_limit: baseline::downtime_limit(bench, qemu)?,
+        })
+    })?;
+    let unlimited = LiveSettings {
+        bandwidth: UNLIMITED_BANDWIDTH,
+        ..defaults
+    };
+    // What domsnap's pre-copy asks QEMU for: no bandwidth limit, its default downtime limit.
+    let like_ours = LiveSettings {
+        bandwidth: UNLIMITED_BANDWIDTH,
+        downtime_limit: u64::try_from(DEFAULT_MAX_DOWNTIME.as_millis())?,
+    };
     let (paused_file, live_file, background_file) = (
         bench.file("migrate-paused.bin"),
         bench.file("migrate-live.bin"),
@@ -479,7 +505,7 @@ fn creates(bench: &Bench, domain: &Domain, reps: usize, out: &mut Sized<'_>) -> 
         create_and_delete(bench, domain, "warm-up", mode)?;
     }
     domain.settle();
-    migrate_live(bench, domain, &live_file, UNLIMITED_BANDWIDTH, default_bandwidth)?;
+    migrate_live(bench, domain, &live_file, unlimited, defaults)?;
     for rep in 0..reps {
         eprintln!(
             "domain bench: {}: creates, repetition {}/{reps}",
@@ -495,8 +521,12 @@ fn creates(bench: &Bench, domain: &Domain, reps: usize, out: &mut Sized<'_>) -> 
         out.create("domsnap.precopy", &precopy);
 
         domain.settle();
-        let unlimited = migrate_live(bench, domain, &live_file, UNLIMITED_BANDWIDTH, default_bandwidth)?;
-        out.migrated("qemu.live_unlimited", &unlimited);
+        let migrated = migrate_live(bench, domain, &live_file, unlimited, defaults)?;
+        out.migrated("qemu.live_unlimited", &migrated);
+
+        domain.settle();
+        let migrated = migrate_live(bench, domain, &live_file, like_ours, defaults)?;
+        out.migrated("qemu.live_like_ours", &migrated);
 
         domain.settle();
         let background = create_and_delete(bench, domain, "background", CreateMode::Background)?;
@@ -509,8 +539,8 @@ fn creates(bench: &Bench, domain: &Domain, reps: usize, out: &mut Sized<'_>) -> 
         out.migrated("qemu.background_snapshot", &qemu_background);
 
         domain.settle();
-        let default = migrate_live(bench, domain, &live_file, default_bandwidth, default_bandwidth)?;
-        out.migrated("qemu.live_default", &default);
+        let migrated = migrate_live(bench, domain, &live_file, defaults, defaults)?;
+        out.migrated("qemu.live_default", &migrated);
 
         domain.settle();
         let migrated =
