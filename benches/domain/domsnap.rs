@@ -17,7 +17,7 @@ use std::{
         Arc, Mutex, PoisonError,
     },
     thread::JoinHandle,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context, Result};
@@ -344,9 +344,16 @@ fn event_seconds(timestamp: qmp::Timestamp) -> f64 {
     timestamp.seconds as f64 + timestamp.microseconds as f64 / 1e6
 }
 
+/// QEMU's first `STOP` and last `RESUME` of a create, seconds since the epoch on QEMU's clock.
+#[derive(Debug, Clone, Copy)]
+struct StopResume {
+    stop: f64,
+    resume: f64,
+}
+
 /// Drains `events` until it has been quiet for [`EVENTS_QUIET`] after a `RESUME`; returns the
-/// first `STOP` to the last `RESUME`, on QEMU's clock.
-async fn stop_to_resume(events: &mut EventStream) -> Result<Duration> {
+/// first `STOP` and the last `RESUME`.
+async fn stop_to_resume(events: &mut EventStream) -> Result<StopResume> {
     let (mut stop, mut resume) = (None, None);
     loop {
         let wait = if resume.is_some() {
@@ -365,9 +372,37 @@ async fn stop_to_resume(events: &mut EventStream) -> Result<Duration> {
         }
     }
     match (stop, resume) {
-        (Some(stop), Some(resume)) if resume >= stop => Ok(Duration::from_secs_f64(resume - stop)),
+        (Some(stop), Some(resume)) if resume >= stop => Ok(StopResume { stop, resume }),
         other => bail!("no STOP followed by RESUME among QEMU's events: {other:?}"),
     }
+}
+
+/// Puts the observer's instants on QEMU's event clock (the host's real-time clock).
+#[derive(Debug, Clone, Copy)]
+struct WallClock {
+    instant: Instant,
+    unix: f64,
+}
+
+impl WallClock {
+    fn now() -> WallClock {
+        WallClock {
+            instant: Instant::now(),
+            unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        }
+    }
+
+    /// `at` in seconds since the epoch (`at` after this clock was read).
+    fn unix(&self, at: Instant) -> f64 {
+        self.unix + at.saturating_duration_since(self.instant).as_secs_f64()
+    }
+}
+
+/// `later - earlier` seconds as a duration (zero if negative).
+fn between(earlier: f64, later: f64) -> Duration {
+    Duration::from_secs_f64((later - earlier).max(0.0))
 }
 
 impl Domain {
@@ -463,20 +498,41 @@ impl Domain {
             }
         };
         self.clock.take();
+        let wall_clock = WallClock::now();
         let started = Instant::now();
         let report = bench.block_on(self.orchestrator.create(&self.name, &snapshot, options));
         let wall = started.elapsed();
         let steps = self.clock.take();
         let report = report?;
-        let pause_events = match watch {
+        let events = match watch {
             Some((monitor, mut events)) => {
-                let pause = bench.block_on(stop_to_resume(&mut events))?;
+                let events = bench.block_on(stop_to_resume(&mut events))?;
                 drop(monitor);
-                Some(pause)
+                Some(events)
             }
             None => None,
         };
-        self.created(&snapshot, mode, &report, &steps, wall, pause_events)
+        let mut created = self.created(&snapshot, mode, &report, &steps, wall)?;
+        if let Some(events) = events {
+            created.pause_events = Some(between(events.stop, events.resume));
+            // Where the pause goes outside the orchestrator's steps, on one clock: how long after
+            // QEMU stopped the guest the orchestrator knew it (pre-copy) or how long its `stop`
+            // took to stop it (background), and from its resume step to QEMU's `RESUME`.
+            let pause_step = steps.at(Step::Pause).map(|at| wall_clock.unix(at));
+            let resume_step = steps.at(Step::Resume).map(|at| wall_clock.unix(at));
+            if let Some(pause_step) = pause_step {
+                created.splits.push(match mode {
+                    CreateMode::Precopy => ("stop_event_to_pause_step", between(events.stop, pause_step)),
+                    _ => ("pause_step_to_stop_event", between(pause_step, events.stop)),
+                });
+            }
+            if let Some(resume_step) = resume_step {
+                created
+                    .splits
+                    .push(("resume_step_to_resume_event", between(resume_step, events.resume)));
+            }
+        }
+        Ok(created)
     }
 
     fn created(
@@ -486,7 +542,6 @@ impl Domain {
         report: &CreateReport,
         steps: &Steps,
         wall: Duration,
-        pause_events: Option<Duration>,
     ) -> Result<Created> {
         let files = self.store.files(&self.name, snapshot);
         let (image_len, image_allocated) = file_size(&files.memory_image)?;
@@ -506,6 +561,10 @@ impl Domain {
                 // QEMU's passes until it stopped the guest at pre-switchover; the disks while it
                 // waits there; `migrate-continue` to completed; after `cont`.
                 split("passes_time", steps.span(Step::Precopy, &[Step::Pause]));
+                split(
+                    "pause_step_to_disks",
+                    steps.span(Step::Pause, &[Step::SnapshotDisks]),
+                );
                 split("pause_disks", steps.span(Step::SnapshotDisks, &[Step::Capture]));
                 split("pause_capture", steps.span(Step::Capture, &[Step::Resume]));
                 split("after_resume", steps.span(Step::Resume, &[Step::UpdateTree]));
@@ -540,7 +599,7 @@ impl Domain {
             wall,
             report_total: millis(report.total_ms),
             pause_report: millis(report.guest_pause_ms),
-            pause_events,
+            pause_events: None,
             image_len,
             image_allocated,
             pages_stored: report.memory_pages.map_or(0, |(_, stored)| stored),
