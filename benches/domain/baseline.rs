@@ -85,6 +85,31 @@ pub fn set_max_bandwidth(bench: &Bench, qemu: &Monitor, bytes_per_second: u64) -
     Ok(())
 }
 
+/// Sets QEMU's migration downtime limit (milliseconds; QEMU's default is 300).
+pub fn set_downtime_limit(bench: &Bench, qemu: &Monitor, ms: u64) -> Result<()> {
+    qemu.execute(
+        bench,
+        &MigrateSetParameters {
+            downtime_limit: Some(ms),
+            ..Default::default()
+        },
+    )?;
+    Ok(())
+}
+
+/// QEMU's current downtime limit (milliseconds).
+pub fn downtime_limit(bench: &Bench, qemu: &Monitor) -> Result<u64> {
+    let parameters = bench
+        .block_on(
+            qemu.client
+                .execute_raw("query-migrate-parameters", serde_json::json!({})),
+        )
+        .context("QMP query-migrate-parameters")?;
+    parameters["downtime-limit"]
+        .as_u64()
+        .with_context(|| format!("no downtime-limit in {parameters}"))
+}
+
 /// QEMU's current migration bandwidth limit.
 pub fn max_bandwidth(bench: &Bench, qemu: &Monitor) -> Result<u64> {
     let parameters = bench
@@ -171,9 +196,9 @@ pub struct Loaded {
 /// `migrate-incoming` of a whole migration file into a new QEMU started with `-incoming defer -S`
 /// (the domain's machine, with `disk` as its guest disk), until it completed (the guest is paused).
 /// Returns the QEMU so the caller may check the guest.
-pub fn migrate_incoming(bench: &Bench, file: &Path, disk: &Path) -> Result<(Loaded, Vm)> {
+pub fn migrate_incoming(bench: &Bench, ram_mib: u64, file: &Path, disk: &Path) -> Result<(Loaded, Vm)> {
     let started = Instant::now();
-    let vm = Vm::spawn_incoming(bench, disk)?;
+    let vm = Vm::spawn_incoming(bench, ram_mib, disk)?;
     let startup = started.elapsed();
     let loading = Instant::now();
     vm.monitor.execute(

@@ -1,22 +1,21 @@
-//! The issue-5 benchmark: domsnap against QEMU's own snapshot and migration commands, on one 1 GiB test
-//! guest with one qcow2 disk, in one run, side by side. Run it with `cargo xtask bench --only domain`
-//! (or `cargo bench -p integration --bench domain -- --reps N`); method and results in
-//! `docs/benchmarks.md`.
+//! The domain benchmark (issue 11, part 5): domsnap against QEMU's own migration and snapshot
+//! commands, on a test guest with one qcow2 disk rewriting a 64 MiB working set at 48 MiB/s, at
+//! 1 GiB and 4 GiB of RAM, in one run, side by side. Run it with `cargo xtask bench --only domain`
+//! (or `cargo bench -p integration --bench domain -- --reps N --sizes 1024,4096`); method and
+//! results in `docs/benchmarks.md`.
 //!
 //! The domsnap side is the product itself ([`domsnap`]): an in-process `Orchestrator` over a
-//! `QemuDriver` and an `FsStore` on a temporary state directory, whose domain runs the guest
-//! (rewriting a 64 MiB working set at 48 MiB/s, about 50 MB/s). QEMU's side ([`baseline`]) runs on
+//! `QemuDriver` and an `FsStore` on a temporary state directory. QEMU's side ([`baseline`]) runs on
 //! that same domain's QEMU through its second QMP monitor; only `migrate-incoming` gets a QEMU of
 //! its own (a new one each time, as each domsnap revert starts one). The repetitions of the
-//! scenarios are interleaved, so a burst of other work on the machine hits both sides alike. A second
-//! domain runs the idle guest for the live creates against QEMU's live migration there. The live
-//! create runs in both modes, pre-copy and background (QEMU's `background-snapshot` streamed into
-//! domsnap's image); issue 6's table puts them beside QEMU's live `migrate` and QEMU's
-//! `background-snapshot` migration to a plain file.
+//! scenarios are interleaved, so a burst of other work on the machine hits both sides alike. The
+//! guest pauses of the live creates come from QEMU's own `STOP` and `RESUME` event timestamps; the
+//! guest's behaviour after a revert from its ticks, timestamped as they reach the serial log.
 
 mod baseline;
 mod domsnap;
 mod report;
+mod rows;
 
 use std::{
     fs,
@@ -27,59 +26,58 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use domsnap::{Domain, MemorySteps};
+use domsnap::{AfterRevert, CreateMode, Domain, GuestAt, RevertMode};
 use qmp::{commands::*, Client, ClientOptions, MigrationStatus};
-use report::{GridRow, Pick, Results, Row, Target};
+use report::{size_key, size_name, Results};
 use serde_json::json;
-use snapshot_core::{LiveMethod, LiveOptions, MemoryMode};
+use snapshot_core::DEFAULT_MAX_DOWNTIME;
 use tempfile::TempDir;
 use testkit::{Qemu, Workload};
 
-/// Guest RAM.
-const RAM_MIB: u64 = 1024;
+/// Guest sizes measured unless `--sizes` says otherwise (MiB).
+const DEFAULT_SIZES: &[u64] = &[1024, 4096];
 /// The guest disk: small and unused by the workload; it is there so that the disk step of a
 /// snapshot is part of what is measured.
 const DISK_SIZE: &str = "64M";
 /// The guest disk's target id.
 const DISK: &str = "vda";
-/// Repetitions of every scenario unless `--reps` says otherwise.
-const DEFAULT_REPS: usize = 5;
+/// Repetitions of every scenario unless `--reps` says otherwise: 5 up to 1 GiB, 3 above (a
+/// 4 GiB guest's QEMU baselines take several seconds each on this 2-core machine).
+fn default_reps(ram_mib: u64) -> usize {
+    if ram_mib <= 1024 {
+        5
+    } else {
+        3
+    }
+}
 /// Where the `migrate-incoming` QEMUs' RAM files live, as the driver's do (tmpfs).
 const SHM: &str = "/dev/shm";
 /// The guest's boot, and any wait for the guest to print something.
-const BOOT: Duration = Duration::from_secs(120);
+const BOOT: Duration = Duration::from_secs(180);
 /// How long the guest runs between two measurements, so each starts from a guest that is dirtying
 /// memory at its steady rate (a pause stops the workload's clock).
 const SETTLE: Duration = Duration::from_millis(1500);
 /// Longest wait for a migration (a live one to a file can take many seconds here).
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 /// QEMU's migration bandwidth limit when lifted: no limit in practice (libvirt lifts it the same way
-/// when it saves a domain to a file).
+/// when it saves a domain to a file; domsnap's own migrations set 0, QEMU's "unlimited").
 const UNLIMITED_BANDWIDTH: u64 = 1 << 40;
 /// The paused snapshot every revert goes back to.
 const KEPT: &str = "kept";
 /// A guest page.
 const PAGE_BYTES: u64 = 4096;
+/// The dirtying guest's working set and rate.
+const WSS_MIB: u64 = 64;
+const RATE_MIB: u64 = 48;
+/// Ticks of a reverted guest watched after each revert.
+const TICKS_AFTER_REVERT: u64 = 3;
 
 /// The dirtying guest's workload: 48 MiB/s (50.3 MB/s) over a 64 MiB working set.
 fn dirty_workload() -> Workload {
     Workload::Dirty {
-        rate_mib: 48,
-        wss_mib: 64,
+        rate_mib: RATE_MIB,
+        wss_mib: WSS_MIB,
     }
-}
-
-/// The live create's memory mode, as `domsnap snapshot create --live` uses: pre-copy.
-fn live() -> MemoryMode {
-    MemoryMode::Live(LiveOptions::default())
-}
-
-/// The background create's memory mode (`--live-mode background`).
-fn background() -> MemoryMode {
-    MemoryMode::Live(LiveOptions {
-        method: LiveMethod::Background,
-        ..LiveOptions::default()
-    })
 }
 
 fn main() -> ExitCode {
@@ -92,23 +90,50 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--reps N`; the rest is ignored, because `cargo xtask bench -- ARGS` hands the same arguments
-/// to every bench binary (criterion's among them) and cargo adds `--bench`.
-fn parse_reps() -> Result<usize> {
+/// The command line: `--reps N` (every size), `--sizes MIB[,MIB...]`; the rest is ignored, because
+/// `cargo xtask bench -- ARGS` hands the same arguments to every bench binary (criterion's among
+/// them) and cargo adds `--bench`.
+#[derive(Debug)]
+struct Args {
+    reps: Option<usize>,
+    sizes: Vec<u64>,
+}
+
+fn parse_args() -> Result<Args> {
     let mut args = std::env::args().skip(1);
-    let mut reps = DEFAULT_REPS;
+    let mut parsed = Args {
+        reps: None,
+        sizes: DEFAULT_SIZES.to_vec(),
+    };
     while let Some(arg) = args.next() {
-        if arg == "--reps" {
-            let value = args.next().context("--reps needs a number")?;
-            reps = value.parse().with_context(|| format!("--reps {value}"))?;
-            if reps == 0 {
-                bail!("--reps must be at least 1");
+        match arg.as_str() {
+            "--reps" => {
+                let value = args.next().context("--reps needs a number")?;
+                let reps: usize = value.parse().with_context(|| format!("--reps {value}"))?;
+                if reps == 0 {
+                    bail!("--reps must be at least 1");
+                }
+                parsed.reps = Some(reps);
             }
-        } else if arg != "--bench" {
-            eprintln!("domain bench: ignoring argument {arg:?}");
+            "--sizes" => {
+                let value = args.next().context("--sizes needs MiB values, e.g. 1024,4096")?;
+                parsed.sizes = value
+                    .split(',')
+                    .map(|size| {
+                        size.trim()
+                            .parse::<u64>()
+                            .with_context(|| format!("--sizes {value}"))
+                    })
+                    .collect::<Result<_>>()?;
+                if parsed.sizes.iter().any(|&size| size < 256 || size % 2 != 0) {
+                    bail!("--sizes: each size is a guest RAM in MiB, at least 256");
+                }
+            }
+            "--bench" => {}
+            other => eprintln!("domain bench: ignoring argument {other:?}"),
         }
     }
-    Ok(reps)
+    Ok(parsed)
 }
 
 /// What the run shares: the async runtime and the folder.
@@ -212,7 +237,7 @@ pub struct Vm {
 impl Vm {
     /// Starts the dirtying domain's machine with `disk` as its guest disk and connects to QMP.
     /// Returns once QEMU answers.
-    pub fn spawn_incoming(bench: &Bench, disk: &Path) -> Result<Vm> {
+    pub fn spawn_incoming(bench: &Bench, ram_mib: u64, disk: &Path) -> Result<Vm> {
         let dir = tempfile::Builder::new()
             .prefix("domsnap-bench-incoming-")
             .tempdir_in(SHM)
@@ -220,7 +245,7 @@ impl Vm {
         // testkit builds the driver's command line, so this is the domain's machine; without
         // `send-configuration=off`: QEMU's own stream carries the configuration section.
         let qemu = Qemu::builder("bench-incoming")
-            .memory_mib(RAM_MIB)
+            .memory_mib(ram_mib)
             .guest(dirty_workload())
             .disk(disk)
             .in_dir(dir.path())
@@ -305,447 +330,93 @@ fn loadavg() -> String {
         .to_owned()
 }
 
-/// The rows of the table; series keys are those the scenarios record.
-const ROWS: &[Row] = &[
-    Row {
-        scenario: "paused create, end to end (memory, devices, disk; all fsynced)",
-        domsnap: "domsnap.create_paused.wall",
-        baseline: Some((
-            "`migrate` to `file:`, default bandwidth, + fsync (no disk)",
-            "qemu.migrate_paused.wall_fsync",
-        )),
-        pick: Pick::Median,
-        target: Target::RatioAtLeast(6.0),
-    },
-    Row {
-        scenario: "paused create, end to end",
-        domsnap: "domsnap.create_paused.wall",
-        baseline: Some((
-            "`migrate` to `file:`, bandwidth unlimited, + fsync (no disk)",
-            "qemu.migrate_paused_unlimited.wall_fsync",
-        )),
-        pick: Pick::Median,
-        target: Target::RatioAtLeast(6.0),
-    },
-    Row {
-        scenario: "paused create, end to end",
-        domsnap: "domsnap.create_paused.wall",
-        baseline: Some((
-            "`snapshot-save` job (VM state into the disk, disk snapshot)",
-            "qemu.snapshot_save.wall",
-        )),
-        pick: Pick::Median,
-        target: Target::None,
-    },
-    Row {
-        scenario: "paused create: guest pause (report)",
-        domsnap: "domsnap.create_paused.pause",
-        baseline: Some((
-            "`snapshot-save` (guest stopped throughout)",
-            "qemu.snapshot_save.wall",
-        )),
-        pick: Pick::Median,
-        target: Target::None,
-    },
-    Row {
-        scenario: "live create: guest pause (report, stop → cont)",
-        domsnap: "domsnap.create_live.pause",
-        baseline: None,
-        pick: Pick::Median,
-        target: Target::AtMost(0.050),
-    },
-    Row {
-        scenario: "live create: guest pause",
-        domsnap: "domsnap.create_live.pause",
-        baseline: Some((
-            "live `migrate`, default bandwidth: `downtime`",
-            "qemu.migrate_live.downtime",
-        )),
-        pick: Pick::Median,
-        target: Target::RatioAbove(1.0),
-    },
-    Row {
-        scenario: "live create: guest pause",
-        domsnap: "domsnap.create_live.pause",
-        baseline: Some((
-            "live `migrate`, bandwidth unlimited: `downtime`",
-            "qemu.migrate_live_unlimited.downtime",
-        )),
-        pick: Pick::Median,
-        target: Target::RatioAbove(1.0),
-    },
-    Row {
-        scenario: "background live create: guest pause (stop → cont: disk snapshot, QEMU's capture)",
-        domsnap: "domsnap.create_background.pause",
-        baseline: None,
-        pick: Pick::Median,
-        target: Target::AtMost(0.050),
-    },
-    Row {
-        scenario: "background live create: guest pause",
-        domsnap: "domsnap.create_background.pause",
-        baseline: Some((
-            "live `migrate`, default bandwidth: `downtime`",
-            "qemu.migrate_live.downtime",
-        )),
-        pick: Pick::Median,
-        target: Target::RatioAbove(1.0),
-    },
-    Row {
-        scenario: "background live create: guest pause",
-        domsnap: "domsnap.create_background.pause",
-        baseline: Some((
-            "live `migrate`, bandwidth unlimited: `downtime`",
-            "qemu.migrate_live_unlimited.downtime",
-        )),
-        pick: Pick::Median,
-        target: Target::RatioAbove(1.0),
-    },
-    Row {
-        scenario: "FIRST background create of the QEMU process (fresh guest): guest pause (one sample)",
-        domsnap: "domsnap.create_background_first.pause",
-        baseline: Some((
-            "live `migrate`, default bandwidth: `downtime`",
-            "qemu.migrate_live.downtime",
-        )),
-        pick: Pick::Median,
-        target: Target::None,
-    },
-    Row {
-        scenario: "live create: total time",
-        domsnap: "domsnap.create_live.wall",
-        baseline: Some((
-            "live `migrate`, default bandwidth: start → completed",
-            "qemu.migrate_live.wall",
-        )),
-        pick: Pick::Median,
-        target: Target::None,
-    },
-    Row {
-        scenario: "live create: memory image, bytes allocated (largest)",
-        domsnap: "domsnap.create_live.image_allocated",
-        baseline: Some(("guest RAM", "guest.ram_bytes")),
-        pick: Pick::Max,
-        target: Target::RatioAtLeast(1.0),
-    },
-    Row {
-        scenario: "background live create: memory image, bytes allocated (largest)",
-        domsnap: "domsnap.create_background.image_allocated",
-        baseline: Some(("guest RAM", "guest.ram_bytes")),
-        pick: Pick::Max,
-        target: Target::RatioAtLeast(1.0),
-    },
-    Row {
-        scenario: "live create: memory image, bytes allocated (largest)",
-        domsnap: "domsnap.create_live.image_allocated",
-        baseline: Some((
-            "live `migrate` file, default bandwidth",
-            "qemu.migrate_live.file_bytes",
-        )),
-        pick: Pick::Max,
-        target: Target::None,
-    },
-    Row {
-        scenario: "idle guest: live create, guest pause",
-        domsnap: "domsnap.idle.create_live.pause",
-        baseline: None,
-        pick: Pick::Median,
-        target: Target::AtMost(0.050),
-    },
-    Row {
-        scenario: "idle guest: live create, guest pause",
-        domsnap: "domsnap.idle.create_live.pause",
-        baseline: Some((
-            "live `migrate`, default bandwidth: `downtime`",
-            "qemu.idle.migrate_live.downtime",
-        )),
-        pick: Pick::Median,
-        target: Target::RatioAbove(1.0),
-    },
-    Row {
-        scenario: "idle guest: live create, guest pause",
-        domsnap: "domsnap.idle.create_live.pause",
-        baseline: Some((
-            "live `migrate`, bandwidth unlimited: `downtime`",
-            "qemu.idle.migrate_live_unlimited.downtime",
-        )),
-        pick: Pick::Median,
-        target: Target::RatioAbove(1.0),
-    },
-    Row {
-        scenario: "idle guest: background live create, guest pause",
-        domsnap: "domsnap.idle.create_background.pause",
-        baseline: None,
-        pick: Pick::Median,
-        target: Target::AtMost(0.050),
-    },
-    Row {
-        scenario: "idle guest: background live create, guest pause",
-        domsnap: "domsnap.idle.create_background.pause",
-        baseline: Some((
-            "live `migrate`, default bandwidth: `downtime`",
-            "qemu.idle.migrate_live.downtime",
-        )),
-        pick: Pick::Median,
-        target: Target::RatioAbove(1.0),
-    },
-    Row {
-        scenario: "idle guest: background live create, guest pause",
-        domsnap: "domsnap.idle.create_background.pause",
-        baseline: Some((
-            "live `migrate`, bandwidth unlimited: `downtime`",
-            "qemu.idle.migrate_live_unlimited.downtime",
-        )),
-        pick: Pick::Median,
-        target: Target::RatioAbove(1.0),
-    },
-    Row {
-        scenario: "idle guest: FIRST background create of the QEMU process (fresh), pause (one sample)",
-        domsnap: "domsnap.idle.create_background_first.pause",
-        baseline: Some((
-            "live `migrate`, default bandwidth: `downtime`",
-            "qemu.idle.migrate_live.downtime",
-        )),
-        pick: Pick::Median,
-        target: Target::None,
-    },
-    Row {
-        scenario: "revert, end to end (old QEMU ended, disk, new QEMU, memory, devices)",
-        domsnap: "domsnap.revert.wall",
-        baseline: Some((
-            "`migrate-incoming` including QEMU start-up (no disk)",
-            "qemu.migrate_incoming.with_startup",
-        )),
-        pick: Pick::Median,
-        target: Target::RatioAtLeast(10.0),
-    },
-    Row {
-        scenario: "revert, end to end",
-        domsnap: "domsnap.revert.wall",
-        baseline: Some((
-            "`snapshot-load` job into the running QEMU (with the disk)",
-            "qemu.snapshot_load.wall",
-        )),
-        pick: Pick::Median,
-        target: Target::RatioAtLeast(2.0),
-    },
-    Row {
-        scenario: "revert from QEMU start to loaded (start, memory, devices)",
-        domsnap: "domsnap.revert.with_startup",
-        baseline: Some((
-            "`migrate-incoming` including QEMU start-up",
-            "qemu.migrate_incoming.with_startup",
-        )),
-        pick: Pick::Median,
-        target: Target::None,
-    },
-    Row {
-        scenario: "revert into the started QEMU (memory, devices)",
-        domsnap: "domsnap.revert.load",
-        baseline: Some((
-            "`snapshot-load` job into the running QEMU",
-            "qemu.snapshot_load.wall",
-        )),
-        pick: Pick::Median,
-        target: Target::RatioAtLeast(2.0),
-    },
-    Row {
-        scenario: "revert into the started QEMU",
-        domsnap: "domsnap.revert.load",
-        baseline: Some((
-            "`migrate-incoming` from file, until completed",
-            "qemu.migrate_incoming.load",
-        )),
-        pick: Pick::Median,
-        target: Target::RatioAtLeast(10.0),
-    },
-    Row {
-        scenario: "fresh guest (sparse RAM file): paused create, end to end",
-        domsnap: "domsnap.fresh.create_paused.wall",
-        baseline: Some((
-            "`migrate`, default bandwidth, + fsync (populated)",
-            "qemu.migrate_paused.wall_fsync",
-        )),
-        pick: Pick::Median,
-        target: Target::None,
-    },
-    Row {
-        scenario: "fresh guest (sparse RAM file): live create pause",
-        domsnap: "domsnap.fresh.create_live.pause",
-        baseline: Some((
-            "live `migrate` `downtime` (populated)",
-            "qemu.migrate_live.downtime",
-        )),
-        pick: Pick::Median,
-        target: Target::None,
-    },
-    Row {
-        scenario: "fresh idle guest (sparse RAM file): live create pause",
-        domsnap: "domsnap.idle_fresh.create_live.pause",
-        baseline: Some((
-            "live `migrate` `downtime` (idle, populated)",
-            "qemu.idle.migrate_live.downtime",
-        )),
-        pick: Pick::Median,
-        target: Target::None,
-    },
-];
+/// The series of one guest size.
+struct Sized<'r> {
+    results: &'r mut Results,
+    ram_mib: u64,
+}
 
-/// Issue 6's methods, in the order of [`GRID`]'s series.
-const GRID_METHODS: &[&str] = &[
-    "precopy (ours)",
-    "background (ours)",
-    "QEMU live `migrate` to `file:` (default bandwidth)",
-    "QEMU `background-snapshot` to `file:`",
-];
+impl Sized<'_> {
+    fn key(&self, key: &str) -> String {
+        size_key(self.ram_mib, key)
+    }
 
-/// Issue 6's table: the 1 GiB guest rewriting its working set, the four ways side by side.
-const GRID: &[GridRow] = &[
-    GridRow {
-        quantity: "guest pause (ours: `stop` → `cont`; QEMU: its `downtime`), median",
-        pick: Pick::Median,
-        series: &[
-            "domsnap.create_live.pause",
-            "domsnap.create_background.pause",
-            "qemu.migrate_live.downtime",
-            "qemu.background_snapshot.downtime",
-        ],
-    },
-    GridRow {
-        quantity: "total time (ours: `Orchestrator::create`; QEMU: `migrate` → `completed`), median",
-        pick: Pick::Median,
-        series: &[
-            "domsnap.create_live.wall",
-            "domsnap.create_background.wall",
-            "qemu.migrate_live.wall",
-            "qemu.background_snapshot.wall",
-        ],
-    },
-    GridRow {
-        quantity: "image / file size, bytes allocated (ours) or length (QEMU), largest",
-        pick: Pick::Max,
-        series: &[
-            "domsnap.create_live.image_allocated",
-            "domsnap.create_background.image_allocated",
-            "qemu.migrate_live.file_bytes",
-            "qemu.background_snapshot.file_bytes",
-        ],
-    },
-];
+    fn time(&mut self, key: &str, value: Duration) {
+        let key = self.key(key);
+        self.results.time(&key, value);
+    }
 
-/// Issue 6's targets, in the format of [`ROWS`].
-const ISSUE6_ROWS: &[Row] = &[
-    Row {
-        scenario: "background create: guest pause (stop → cont, disk snapshot and capture included)",
-        domsnap: "domsnap.create_background.pause",
-        baseline: Some((
-            "QEMU `background-snapshot` to `file:`: `downtime`",
-            "qemu.background_snapshot.downtime",
-        )),
-        pick: Pick::Median,
-        target: Target::WithinFactor(1.2),
-    },
-    Row {
-        scenario: "background create: QEMU's own `downtime` inside our pause (report)",
-        domsnap: "domsnap.create_background.qemu_downtime",
-        baseline: Some((
-            "QEMU `background-snapshot` to `file:`: `downtime`",
-            "qemu.background_snapshot.downtime",
-        )),
-        pick: Pick::Median,
-        target: Target::None,
-    },
-    Row {
-        scenario: "background create: total time, end to end (disk snapshot, everything fsynced)",
-        domsnap: "domsnap.create_background.wall",
-        baseline: Some((
-            "QEMU `background-snapshot` to `file:`, `migrate` → `completed`, + fsync",
-            "qemu.background_snapshot.wall_fsync",
-        )),
-        pick: Pick::Median,
-        target: Target::RatioAtLeast(1.0),
-    },
-    Row {
-        scenario: "background create: total time",
-        domsnap: "domsnap.create_background.wall",
-        baseline: Some((
-            "QEMU `background-snapshot` to `file:`, `migrate` → `completed` (no fsync)",
-            "qemu.background_snapshot.wall",
-        )),
-        pick: Pick::Median,
-        target: Target::None,
-    },
-    Row {
-        scenario: "background create: memory image, bytes allocated (largest)",
-        domsnap: "domsnap.create_background.image_allocated",
-        baseline: Some((
-            "the guest's non-zero RAM at the snapshot (pages QEMU sent with data × 4 KiB, largest)",
-            "domsnap.create_background.nonzero_ram",
-        )),
-        pick: Pick::Max,
-        target: Target::RatioAtLeast(1.0),
-    },
-    Row {
-        scenario: "background create: memory image, bytes allocated (largest)",
-        domsnap: "domsnap.create_background.image_allocated",
-        baseline: Some((
-            "the guest's non-zero RAM read by domsnap's paused create (largest)",
-            "domsnap.create_paused.nonzero_ram",
-        )),
-        pick: Pick::Max,
-        target: Target::None,
-    },
-    Row {
-        scenario: "background create: memory image, bytes allocated (largest)",
-        domsnap: "domsnap.create_background.image_allocated",
-        baseline: Some((
-            "QEMU `background-snapshot` file (largest)",
-            "qemu.background_snapshot.file_bytes",
-        )),
-        pick: Pick::Max,
-        target: Target::None,
-    },
-];
+    fn bytes(&mut self, key: &str, value: u64) {
+        let key = self.key(key);
+        self.results.bytes(&key, value);
+    }
 
-/// Records what a create measured as the series `PREFIX.wall`, `PREFIX.pause`, ...
-fn record_create(results: &mut Results, prefix: &str, created: &domsnap::Created) {
-    let key = |quantity: &str| format!("{prefix}.{quantity}");
-    results.time(&key("wall"), created.wall);
-    results.time(&key("report_total"), created.report_total);
-    results.time(&key("setup"), created.setup);
-    results.time(&key("pause"), created.pause);
-    results.bytes(&key("image_len"), created.image_len);
-    results.bytes(&key("image_allocated"), created.image_allocated);
-    results.bytes(&key("nonzero_ram"), created.pages_stored * PAGE_BYTES);
-    results.bytes(&key("devices_bytes"), created.devices_bytes);
-    match created.memory {
-        MemorySteps::Engine {
-            precopy,
-            memory_devices,
-            final_round,
-            disks,
-            seal,
-            rounds,
-        } => {
-            results.time(&key("precopy"), precopy);
-            results.time(&key("pause_memory_devices"), memory_devices);
-            results.time(&key("pause_final_round"), final_round);
-            results.time(&key("pause_disks"), disks);
-            results.time(&key("seal"), seal);
-            results.count(&key("rounds"), rounds);
+    fn count(&mut self, key: &str, value: u64) {
+        let key = self.key(key);
+        self.results.count(&key, value);
+    }
+
+    fn rate(&mut self, key: &str, value: f64) {
+        let key = self.key(key);
+        self.results.rate(&key, value);
+    }
+
+    /// Records what a create measured as the series `PREFIX.wall`, `PREFIX.pause_events`, ...
+    fn create(&mut self, prefix: &str, created: &domsnap::Created) {
+        let key = |quantity: &str| format!("{prefix}.{quantity}");
+        self.time(&key("wall"), created.wall);
+        self.time(&key("report_total"), created.report_total);
+        self.time(&key("pause_report"), created.pause_report);
+        if let Some(pause) = created.pause_events {
+            self.time(&key("pause_events"), pause);
         }
-        MemorySteps::Streamed {
-            prepare,
-            disks_capture,
-            after_resume,
-            hypervisor_downtime,
-            stream_bytes,
-        } => {
-            results.time(&key("prepare"), prepare);
-            results.time(&key("pause_disks_capture"), disks_capture);
-            results.time(&key("after_resume"), after_resume);
-            results.time(&key("qemu_downtime"), hypervisor_downtime);
-            results.bytes(&key("stream_bytes"), stream_bytes);
+        self.bytes(&key("image_len"), created.image_len);
+        self.bytes(&key("image_allocated"), created.image_allocated);
+        self.bytes(&key("nonzero_ram"), created.pages_stored * PAGE_BYTES);
+        self.bytes(&key("devices_bytes"), created.devices_bytes);
+        if let Some(downtime) = created.qemu_downtime {
+            self.time(&key("qemu_downtime"), downtime);
+        }
+        if let Some(passes) = created.passes {
+            self.count(&key("passes"), passes);
+        }
+        if let Some(bytes) = created.stream_bytes {
+            self.bytes(&key("stream_bytes"), bytes);
+        }
+        for (name, span) in &created.splits {
+            self.time(&key(name), *span);
+        }
+    }
+
+    /// Records a QEMU migration to a file as `PREFIX.downtime`, `PREFIX.wall`, ...
+    fn migrated(&mut self, prefix: &str, migrated: &baseline::Migrated) {
+        let key = |quantity: &str| format!("{prefix}.{quantity}");
+        self.time(&key("downtime"), migrated.downtime);
+        self.time(&key("wall"), migrated.wall);
+        self.time(&key("wall_fsync"), migrated.wall + migrated.fsync);
+        self.time(&key("qemu_total"), migrated.qemu_total);
+        self.bytes(&key("file_bytes"), migrated.file_bytes);
+        self.count(&key("dirty_syncs"), migrated.dirty_syncs);
+    }
+
+    /// Records a revert and what the guest did after it as `domsnap.revert_MODE.*`.
+    fn revert(&mut self, mode: RevertMode, reverted: &domsnap::Reverted, after: &AfterRevert) {
+        let key = |quantity: &str| format!("domsnap.{}.{quantity}", mode.key());
+        self.time(&key("wall"), reverted.wall);
+        self.time(&key("report_total"), reverted.report_total);
+        self.time(&key("memory_ms"), reverted.memory);
+        for (name, span) in &reverted.splits {
+            self.time(&key(name), *span);
+        }
+        self.time(&key("first_tick"), after.first_tick);
+        self.time(&key("first_tick_late"), after.first_tick_late);
+        self.rate(&key("rate_to_first_tick"), after.rate_to_first_tick);
+        self.rate(&key("rate_first_second"), after.rate_first_second);
+        if let Some(working_set) = after.working_set {
+            self.time(&key("working_set"), working_set);
+        }
+        if let Some(steady) = after.back_to_steady {
+            self.time(&key("back_to_steady"), steady);
         }
     }
 }
@@ -755,286 +426,276 @@ fn create_and_delete(
     bench: &Bench,
     domain: &Domain,
     name: &str,
-    memory: MemoryMode,
+    mode: CreateMode,
 ) -> Result<domsnap::Created> {
-    let created = domain.create(bench, name, memory)?;
+    let created = domain.create(bench, name, mode)?;
     domain.delete(bench, name)?;
     Ok(created)
 }
 
-/// The first background create of the freshly booted domain's QEMU process, measured on its own
-/// (series `PREFIX.*`, not in the repetitions' medians): QEMU populates guest RAM for write
-/// protection in its first background snapshot, inside domsnap's pause.
-fn first_background(bench: &Bench, domain: &Domain, prefix: &str, results: &mut Results) -> Result<()> {
+/// QEMU's live migration settings for one baseline; the rest stays at QEMU's defaults.
+#[derive(Debug, Clone, Copy)]
+struct LiveSettings {
+    /// `max-bandwidth`, bytes per second.
+    bandwidth: u64,
+    /// `downtime-limit`, milliseconds.
+    downtime_limit: u64,
+}
+
+/// QEMU's live migration with `settings` for it, QEMU's `defaults` put back afterwards.
+fn migrate_live(
+    bench: &Bench,
+    domain: &Domain,
+    file: &Path,
+    settings: LiveSettings,
+    defaults: LiveSettings,
+) -> Result<baseline::Migrated> {
+    domain.with_monitor(bench, |qemu| {
+        baseline::set_max_bandwidth(bench, qemu, settings.bandwidth)?;
+        baseline::set_downtime_limit(bench, qemu, settings.downtime_limit)?;
+        let migrated = baseline::migrate_live(bench, qemu, file);
+        baseline::set_max_bandwidth(bench, qemu, defaults.bandwidth)?;
+        baseline::set_downtime_limit(bench, qemu, defaults.downtime_limit)?;
+        migrated
+    })
+}
+
+/// Phase 1: the first background create of the freshly booted domain's QEMU process (QEMU
+/// populates its RAM for write protection once per process: the driver does it before the pause),
+/// then the creates of both sides, interleaved: domsnap paused, pre-copy and background; QEMU's
+/// live migration (unlimited and default bandwidth), `background-snapshot` to a file, paused
+/// migration to a file, `snapshot-save` and `snapshot-load` (which must run in the QEMU that
+/// saved, i.e. before the first revert). Returns the last paused migration file, for the
+/// reverts' `migrate-incoming`.
+fn creates(bench: &Bench, domain: &Domain, reps: usize, out: &mut Sized<'_>) -> Result<PathBuf> {
     domain.settle();
-    let first = create_and_delete(bench, domain, "background-first", background())?;
-    record_create(results, prefix, &first);
-    Ok(())
-}
-
-/// Records QEMU's background snapshot to a file as the series `PREFIX.downtime`, ...
-fn record_background_snapshot(results: &mut Results, prefix: &str, migrated: &baseline::Migrated) {
-    let key = |quantity: &str| format!("{prefix}.{quantity}");
-    results.time(&key("downtime"), migrated.downtime);
-    results.time(&key("wall"), migrated.wall);
-    results.time(&key("wall_fsync"), migrated.wall + migrated.fsync);
-    results.time(&key("qemu_total"), migrated.qemu_total);
-    results.bytes(&key("file_bytes"), migrated.file_bytes);
-}
-
-/// Phase 1: the freshly booted guest, whose RAM file is mostly holes: domsnap's paused and live
-/// creates, then the QEMU process's first background create (its own row). Only domsnap can be
-/// measured here repeatedly: QEMU's migration reads (and so allocates) every page on its first run.
-fn fresh_creates(bench: &Bench, source: &Domain, reps: usize, results: &mut Results) -> Result<()> {
-    for rep in 0..reps {
-        eprintln!("domain bench: fresh guest, repetition {}/{reps}", rep + 1);
-        source.settle();
-        let paused = create_and_delete(bench, source, "fresh-paused", MemoryMode::Paused)?;
-        record_create(results, "domsnap.fresh.create_paused", &paused);
-        source.settle();
-        let live = create_and_delete(bench, source, "fresh-live", live())?;
-        record_create(results, "domsnap.fresh.create_live", &live);
-    }
-    // Last: QEMU's first background snapshot populates all guest RAM, so the RAM file is no longer
-    // sparse afterwards.
-    first_background(bench, source, "domsnap.create_background_first", results)?;
-    Ok(())
-}
-
-/// Phase 2: the creates of both sides on the populated RAM file (paused, pre-copy and background;
-/// QEMU's paused, live and background-snapshot migrations), interleaved, and `snapshot-load`
-/// (which must run in the QEMU that saved: see `docs/benchmarks.md`). Then takes the paused
-/// snapshot [`KEPT`] (not timed) and returns the last paused migration file, for the reverts.
-fn creates(bench: &Bench, source: &Domain, reps: usize, results: &mut Results) -> Result<PathBuf> {
-    source.populate_ram_file()?;
-    let default_bandwidth = source.with_monitor(bench, |qemu| baseline::max_bandwidth(bench, qemu))?;
-    // One pass of each side first, not measured: the first to touch the new pages also pays for
-    // mapping them into its address space.
-    create_and_delete(bench, source, "warm-up", MemoryMode::Paused)?;
-    source.with_monitor(bench, |qemu| {
-        baseline::migrate_paused(bench, qemu, &bench.file("warm-up.bin"))
+    let first = create_and_delete(bench, domain, "background-first", CreateMode::Background)?;
+    out.create("domsnap.background_first", &first);
+    eprintln!(
+        "domain bench: {}: first background create paused the guest {:.1} ms (events; report {:.1} ms)",
+        size_name(out.ram_mib),
+        first.pause_events.unwrap_or_default().as_secs_f64() * 1e3,
+        first.pause_report.as_secs_f64() * 1e3
+    );
+    domain.populate_ram_file()?;
+    let defaults = domain.with_monitor(bench, |qemu| {
+        Ok(LiveSettings {
+            bandwidth: baseline::max_bandwidth(bench, qemu)?,
+            downtime_limit: baseline::downtime_limit(bench, qemu)?,
+        })
     })?;
-    let migrate_file = bench.file("migrate-paused.bin");
-    let live_file = bench.file("migrate-live.bin");
-    let background_file = bench.file("background-snapshot.bin");
-    create_and_delete(bench, source, "warm-up", background())?;
+    let unlimited = LiveSettings {
+        bandwidth: UNLIMITED_BANDWIDTH,
+        ..defaults
+    };
+    // What domsnap's pre-copy asks QEMU for: no bandwidth limit, its default downtime limit.
+    let like_ours = LiveSettings {
+        bandwidth: UNLIMITED_BANDWIDTH,
+        downtime_limit: u64::try_from(DEFAULT_MAX_DOWNTIME.as_millis())?,
+    };
+    let (paused_file, live_file, background_file) = (
+        bench.file("migrate-paused.bin"),
+        bench.file("migrate-live.bin"),
+        bench.file("background-snapshot.bin"),
+    );
+    // One pass of each side first, not measured: the first to touch pages also pays for mapping
+    // them into its address space.
+    for mode in [CreateMode::Paused, CreateMode::Precopy, CreateMode::Background] {
+        domain.settle();
+        create_and_delete(bench, domain, "warm-up", mode)?;
+    }
+    domain.settle();
+    migrate_live(bench, domain, &live_file, unlimited, defaults)?;
     for rep in 0..reps {
-        eprintln!("domain bench: creates, repetition {}/{reps}", rep + 1);
-        source.settle();
-        let paused = create_and_delete(bench, source, "paused", MemoryMode::Paused)?;
-        record_create(results, "domsnap.create_paused", &paused);
-
-        source.settle();
-        let migrated =
-            source.with_monitor(bench, |qemu| baseline::migrate_paused(bench, qemu, &migrate_file))?;
-        results.time("qemu.migrate_paused.wall", migrated.wall);
-        results.time("qemu.migrate_paused.wall_fsync", migrated.wall + migrated.fsync);
-        results.time("qemu.migrate_paused.qemu_total", migrated.qemu_total);
-        results.bytes("qemu.migrate_paused.file_bytes", migrated.file_bytes);
-
-        source.settle();
-        let unlimited = source.with_monitor(bench, |qemu| {
-            baseline::set_max_bandwidth(bench, qemu, UNLIMITED_BANDWIDTH)?;
-            let migrated = baseline::migrate_paused(bench, qemu, &bench.file("migrate-unlimited.bin"));
-            baseline::set_max_bandwidth(bench, qemu, default_bandwidth)?;
-            migrated
-        })?;
-        results.time("qemu.migrate_paused_unlimited.wall", unlimited.wall);
-        results.time(
-            "qemu.migrate_paused_unlimited.wall_fsync",
-            unlimited.wall + unlimited.fsync,
+        eprintln!(
+            "domain bench: {}: creates, repetition {}/{reps}",
+            size_name(out.ram_mib),
+            rep + 1
         );
-        results.time("qemu.migrate_paused_unlimited.qemu_total", unlimited.qemu_total);
+        domain.settle();
+        let paused = create_and_delete(bench, domain, "paused", CreateMode::Paused)?;
+        out.create("domsnap.paused", &paused);
 
-        source.settle();
+        domain.settle();
+        let precopy = create_and_delete(bench, domain, "precopy", CreateMode::Precopy)?;
+        out.create("domsnap.precopy", &precopy);
+
+        domain.settle();
+        let migrated = migrate_live(bench, domain, &live_file, unlimited, defaults)?;
+        out.migrated("qemu.live_unlimited", &migrated);
+
+        domain.settle();
+        let migrated = migrate_live(bench, domain, &live_file, like_ours, defaults)?;
+        out.migrated("qemu.live_like_ours", &migrated);
+
+        domain.settle();
+        let background = create_and_delete(bench, domain, "background", CreateMode::Background)?;
+        out.create("domsnap.background", &background);
+
+        domain.settle();
+        let qemu_background = domain.with_monitor(bench, |qemu| {
+            baseline::background_snapshot(bench, qemu, &background_file)
+        })?;
+        out.migrated("qemu.background_snapshot", &qemu_background);
+
+        domain.settle();
+        let migrated = migrate_live(bench, domain, &live_file, defaults, defaults)?;
+        out.migrated("qemu.live_default", &migrated);
+
+        domain.settle();
+        let migrated =
+            domain.with_monitor(bench, |qemu| baseline::migrate_paused(bench, qemu, &paused_file))?;
+        out.migrated("qemu.migrate_paused", &migrated);
+
+        domain.settle();
         let tag = format!("qemu-{rep}");
-        let saved = source.with_monitor(bench, |qemu| baseline::snapshot_save(bench, qemu, &tag))?;
-        results.time("qemu.snapshot_save.wall", saved);
-        source.settle();
-        let loaded = source.with_monitor(bench, |qemu| {
+        let saved = domain.with_monitor(bench, |qemu| baseline::snapshot_save(bench, qemu, &tag))?;
+        out.time("qemu.snapshot_save.wall", saved);
+        domain.settle();
+        let loaded = domain.with_monitor(bench, |qemu| {
             let loaded = baseline::snapshot_load(bench, qemu, &tag)?;
             baseline::snapshot_delete(bench, qemu, &tag)?;
             Ok(loaded)
         })?;
-        results.time("qemu.snapshot_load.wall", loaded);
-
-        source.settle();
-        let live = create_and_delete(bench, source, "live", live())?;
-        record_create(results, "domsnap.create_live", &live);
-
-        source.settle();
-        let background = create_and_delete(bench, source, "background", background())?;
-        record_create(results, "domsnap.create_background", &background);
-
-        source.settle();
-        let qemu_background = source.with_monitor(bench, |qemu| {
-            baseline::background_snapshot(bench, qemu, &background_file)
-        })?;
-        record_background_snapshot(results, "qemu.background_snapshot", &qemu_background);
-
-        source.settle();
-        let migrated_live =
-            source.with_monitor(bench, |qemu| baseline::migrate_live(bench, qemu, &live_file))?;
-        results.time("qemu.migrate_live.downtime", migrated_live.downtime);
-        results.time("qemu.migrate_live.wall", migrated_live.wall);
-        results.time("qemu.migrate_live.qemu_total", migrated_live.qemu_total);
-        results.bytes("qemu.migrate_live.file_bytes", migrated_live.file_bytes);
-        results.count("qemu.migrate_live.dirty_syncs", migrated_live.dirty_syncs);
-
-        source.settle();
-        let live_unlimited = source.with_monitor(bench, |qemu| {
-            baseline::set_max_bandwidth(bench, qemu, UNLIMITED_BANDWIDTH)?;
-            let migrated = baseline::migrate_live(bench, qemu, &live_file);
-            baseline::set_max_bandwidth(bench, qemu, default_bandwidth)?;
-            migrated
-        })?;
-        results.time("qemu.migrate_live_unlimited.downtime", live_unlimited.downtime);
-        results.time("qemu.migrate_live_unlimited.wall", live_unlimited.wall);
-        results.bytes(
-            "qemu.migrate_live_unlimited.file_bytes",
-            live_unlimited.file_bytes,
-        );
-        results.count(
-            "qemu.migrate_live_unlimited.dirty_syncs",
-            live_unlimited.dirty_syncs,
-        );
+        out.time("qemu.snapshot_load.wall", loaded);
     }
-    // Taken after the repetitions, not in the last one: with it in the disk, that repetition's
-    // `snapshot-save` took 1.7–3.5 s instead of 0.4–0.6 s.
-    source.settle();
-    source.create(bench, KEPT, MemoryMode::Paused)?;
-    Ok(migrate_file)
+    Ok(paused_file)
 }
 
-/// Phase 3: domsnap's revert of the running guest to [`KEPT`] (each ends the domain's QEMU and
-/// starts a new one) and `migrate-incoming` of the last paused migration file into a new QEMU,
-/// interleaved. Every domsnap revert is checked by resuming its guest before the next one.
+/// Phase 2: the paused snapshot [`KEPT`] (not timed), then domsnap's reverts of the running guest
+/// to it, lazy and eager (each ends the domain's QEMU and starts a new one; the guest runs
+/// afterwards and its ticks are watched), and `migrate-incoming` of the last paused migration file
+/// into a new QEMU, interleaved.
 fn reverts(
     bench: &Bench,
-    source: &Domain,
+    domain: &Domain,
     migrate_file: &Path,
     reps: usize,
-    results: &mut Results,
+    out: &mut Sized<'_>,
 ) -> Result<()> {
     // The incoming QEMU needs a guest disk for the domain's machine, and the domain's own image is
     // locked by the domain's QEMU: an empty one of the same size (the stream holds no disk data).
-    let incoming_disk = bench.file("incoming-vda.qcow2");
+    let incoming_disk = bench.file(&format!("incoming-{}-vda.qcow2", out.ram_mib));
     testkit::create_qcow2(&incoming_disk, DISK_SIZE);
+    // A few consecutive ticks for the steady rate (`snapshot-load` set the guest's counter back).
+    std::thread::sleep(SETTLE * 3);
+    let steady = domain
+        .steady_rate(Instant::now(), Duration::from_secs(4))
+        .context("the guest printed no ticks before the snapshot")?;
+    let kept = domain.create(bench, KEPT, CreateMode::Paused)?;
+    let at = GuestAt::estimate(
+        domain,
+        kept.paused_at.context("the paused create announced no pause")?,
+        steady,
+    )?;
+    out.rate("guest.steady_rate", steady);
+    out.time(
+        "guest.working_set_steady",
+        Duration::from_secs_f64(WSS_MIB as f64 / steady),
+    );
+    out.time("guest.kept_to_next_tick", at.to_next_tick);
+    let modes = [RevertMode::Lazy, RevertMode::Eager];
     for rep in 0..reps {
-        eprintln!("domain bench: reverts, repetition {}/{reps}", rep + 1);
-        // Every revert ends a running guest, as a user's revert does.
-        if rep > 0 {
-            source.resume_checked(bench)?;
+        eprintln!(
+            "domain bench: {}: reverts, repetition {}/{reps}",
+            size_name(out.ram_mib),
+            rep + 1
+        );
+        for mode in modes {
+            // The guest being reverted must be past the ticks the reverted one will print, and
+            // dirtying at its steady rate.
+            let since = Instant::now();
+            domain
+                .serial
+                .wait(since - SETTLE, BOOT, "ticks past the snapshot's", |t| {
+                    t.n >= at.next_tick + TICKS_AFTER_REVERT
+                })?;
+            domain.settle();
+            let steady_now = domain
+                .steady_rate(Instant::now(), Duration::from_secs(4))
+                .unwrap_or(steady);
+            out.rate("guest.steady_rate", steady_now);
+            let reverted = domain.revert(bench, KEPT, mode)?;
+            let after = AfterRevert::watch(domain, &reverted, &at, steady_now, WSS_MIB, TICKS_AFTER_REVERT)?;
+            out.revert(mode, &reverted, &after);
+            if mode == RevertMode::Lazy {
+                // QEMU's RAM is now private to it: a paused create reads memory through QEMU's
+                // stream (the direct read's counterpart, measured in the creates).
+                let paused = create_and_delete(bench, domain, "paused-stream", CreateMode::Paused)?;
+                if !paused.streamed {
+                    bail!("a paused create after a lazy revert read the RAM directly");
+                }
+                out.create("domsnap.paused_stream", &paused);
+                // Its pause must not enter the next revert's steady rate.
+                std::thread::sleep(SETTLE * 2);
+            }
+            eprintln!(
+                "domain bench: {}: {mode:?} revert ({}) {:.1} ms, first tick after {:.0} ms",
+                size_name(out.ram_mib),
+                reverted.memory_load,
+                reverted.wall.as_secs_f64() * 1e3,
+                after.first_tick.as_secs_f64() * 1e3
+            );
         }
-        source.settle();
-        let reverted = source.revert(bench, KEPT)?;
-        results.time("domsnap.revert.wall", reverted.wall);
-        results.time("domsnap.revert.report_total", reverted.report_total);
-        results.time("domsnap.revert.memory", reverted.memory);
-        results.time("domsnap.revert.check", reverted.check);
-        results.time("domsnap.revert.stop", reverted.stop);
-        results.time("domsnap.revert.disks", reverted.disks);
-        results.time("domsnap.revert.startup", reverted.startup);
-        results.time("domsnap.revert.load", reverted.load);
-        results.time("domsnap.revert.with_startup", reverted.with_startup);
-
-        let (incoming, target) = baseline::migrate_incoming(bench, migrate_file, &incoming_disk)?;
-        results.time("qemu.migrate_incoming.load", incoming.load);
-        results.time("qemu.migrate_incoming.with_startup", incoming.with_startup);
-        results.time("qemu.migrate_incoming.startup", incoming.startup);
+        let (incoming, target) =
+            baseline::migrate_incoming(bench, out.ram_mib, migrate_file, &incoming_disk)?;
+        out.time("qemu.migrate_incoming.load", incoming.load);
+        out.time("qemu.migrate_incoming.with_startup", incoming.with_startup);
+        out.time("qemu.migrate_incoming.startup", incoming.startup);
         if rep == 0 {
             target.check_resumes(bench)?;
         }
     }
-    source.resume_checked(bench)
+    Ok(())
 }
 
-/// Phase 4: the idle guest. domsnap's live creates on the fresh guest and then the QEMU process's
-/// first background create, then, on the populated RAM file, domsnap's live creates (pre-copy and
-/// background) and QEMU's live migration (default and unlimited bandwidth), interleaved.
-fn idle_creates(bench: &Bench, idle: &Domain, reps: usize, results: &mut Results) -> Result<()> {
-    for rep in 0..reps {
-        eprintln!("domain bench: fresh idle guest, repetition {}/{reps}", rep + 1);
-        idle.settle();
-        let live = create_and_delete(bench, idle, "fresh-live", live())?;
-        record_create(results, "domsnap.idle_fresh.create_live", &live);
-    }
-    first_background(bench, idle, "domsnap.idle.create_background_first", results)?;
-    idle.populate_ram_file()?;
-    let default_bandwidth = idle.with_monitor(bench, |qemu| baseline::max_bandwidth(bench, qemu))?;
-    create_and_delete(bench, idle, "warm-up", MemoryMode::Paused)?;
-    idle.with_monitor(bench, |qemu| {
-        baseline::migrate_paused(bench, qemu, &bench.file("warm-up.bin"))
-    })?;
-    let live_file = bench.file("migrate-live-idle.bin");
-    create_and_delete(bench, idle, "warm-up", background())?;
-    for rep in 0..reps {
-        eprintln!("domain bench: idle guest, repetition {}/{reps}", rep + 1);
-        idle.settle();
-        let live = create_and_delete(bench, idle, "live", live())?;
-        record_create(results, "domsnap.idle.create_live", &live);
-
-        idle.settle();
-        let background = create_and_delete(bench, idle, "background", background())?;
-        record_create(results, "domsnap.idle.create_background", &background);
-
-        idle.settle();
-        let migrated = idle.with_monitor(bench, |qemu| baseline::migrate_live(bench, qemu, &live_file))?;
-        results.time("qemu.idle.migrate_live.downtime", migrated.downtime);
-        results.time("qemu.idle.migrate_live.wall", migrated.wall);
-        results.count("qemu.idle.migrate_live.dirty_syncs", migrated.dirty_syncs);
-
-        idle.settle();
-        let unlimited = idle.with_monitor(bench, |qemu| {
-            baseline::set_max_bandwidth(bench, qemu, UNLIMITED_BANDWIDTH)?;
-            let migrated = baseline::migrate_live(bench, qemu, &live_file);
-            baseline::set_max_bandwidth(bench, qemu, default_bandwidth)?;
-            migrated
-        })?;
-        results.time("qemu.idle.migrate_live_unlimited.downtime", unlimited.downtime);
-        results.time("qemu.idle.migrate_live_unlimited.wall", unlimited.wall);
-    }
+/// Every phase on a freshly booted guest of `ram_mib` MiB.
+fn measure(bench: &Bench, ram_mib: u64, reps: usize, results: &mut Results) -> Result<()> {
+    let mut out = Sized { results, ram_mib };
+    out.bytes("guest.ram_bytes", ram_mib << 20);
+    out.count("repetitions", reps as u64);
+    eprintln!(
+        "domain bench: booting the {} domain ({:?}) in {}",
+        size_name(ram_mib),
+        dirty_workload(),
+        bench.state_dir().display()
+    );
+    let booted = Instant::now();
+    let domain = Domain::boot(bench, &format!("g{ram_mib}"), ram_mib, &dirty_workload())?;
+    out.time("guest.boot", booted.elapsed());
+    let migrate_file = creates(bench, &domain, reps, &mut out)?;
+    reverts(bench, &domain, &migrate_file, reps, &mut out)?;
     Ok(())
 }
 
 fn run() -> Result<()> {
-    let reps = parse_reps()?;
+    let args = parse_args()?;
     let started = Instant::now();
     let load_before = loadavg();
     // Declared first so that it is dropped last: the domains need its runtime to end their QEMUs.
     let bench = Bench::new()?;
     let mut results = Results::default();
-    results.bytes("guest.ram_bytes", RAM_MIB << 20);
-
-    eprintln!(
-        "domain bench: booting the 1 GiB domain `bench` ({:?}) in {}",
-        dirty_workload(),
-        bench.state_dir().display()
-    );
-    let source = Domain::boot(&bench, "bench", &dirty_workload())?;
-    fresh_creates(&bench, &source, reps, &mut results)?;
-    let migrate_file = creates(&bench, &source, reps, &mut results)?;
-    reverts(&bench, &source, &migrate_file, reps, &mut results)?;
-    // Ended before the idle guest boots, so that it takes no CPU from what is measured there.
-    drop(source);
-
-    eprintln!("domain bench: booting the 1 GiB domain `idle` (Idle)");
-    let idle = Domain::boot(&bench, "idle", &Workload::Idle)?;
-    idle_creates(&bench, &idle, reps, &mut results)?;
-    drop(idle);
+    let mut reps_by_size = serde_json::Map::new();
+    for &ram_mib in &args.sizes {
+        let reps = args.reps.unwrap_or_else(|| default_reps(ram_mib));
+        reps_by_size.insert(ram_mib.to_string(), json!(reps));
+        let size_started = Instant::now();
+        measure(&bench, ram_mib, reps, &mut results)?;
+        results.time(&size_key(ram_mib, "bench.elapsed"), size_started.elapsed());
+    }
 
     let elapsed = started.elapsed();
-    let table = report::table(&results, ROWS);
+    let sizes = &args.sizes;
+    let table = report::table(&results, rows::ROWS, sizes);
     println!("\n{table}");
     println!(
-        "issue 6, side by side:\n\n{}\n{}",
-        report::grid(&results, GRID_METHODS, GRID),
-        report::table(&results, ISSUE6_ROWS)
+        "the live ways side by side:\n\n{}",
+        report::grid(&results, rows::GRID_METHODS, rows::GRID, sizes)
     );
     println!("all series (median [min, max]):\n{}", results.summary());
     let load_after = loadavg();
     println!(
-        "{reps} repetitions in {:.0} s; load average before {load_before}, after {load_after}",
+        "repetitions {reps_by_size:?} in {:.0} s; load average before {load_before}, after {load_after}",
         elapsed.as_secs_f64()
     );
     let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -1042,22 +703,21 @@ fn run() -> Result<()> {
         .context("the target folder")?
         .join("bench-domain.json");
     let document = json!({
-        "benchmark": "domain: domsnap vs QEMU snapshot-save/snapshot-load/migrate/migrate-incoming",
+        "benchmark": "domain: domsnap vs QEMU's migration, background-snapshot, snapshot-save/load \
+                      and migrate-incoming, issue 11's targets",
         "level": "domsnap measured through the product: snapshot_core::Orchestrator over \
                   qemu::QemuDriver and FsStore, see docs/benchmarks.md",
         "guest": {
-            "ram_mib": RAM_MIB,
+            "ram_mib": sizes,
             "disk": format!("{DISK}: qcow2, {DISK_SIZE}, internal snapshots"),
             "workload": format!("{:?}", dirty_workload()),
-            "idle_workload": format!("{:?}", Workload::Idle),
         },
-        "repetitions": reps,
+        "repetitions": reps_by_size,
         "elapsed_seconds": elapsed.as_secs_f64(),
         "machine": machine(),
         "loadavg_before": load_before,
         "loadavg_after": load_after,
-        "rows": report::rows_json(&results, ROWS),
-        "issue6_rows": report::rows_json(&results, ISSUE6_ROWS),
+        "rows": report::rows_json(&results, rows::ROWS, sizes),
         "series": results.to_json(),
     });
     fs::write(&out, serde_json::to_string_pretty(&document)?)

@@ -13,6 +13,8 @@ pub enum Unit {
     Bytes,
     /// A plain number (rounds, pages).
     Count,
+    /// MiB per second (the guest's dirty rate).
+    MibPerSecond,
 }
 
 /// One measured quantity over the repetitions.
@@ -54,6 +56,7 @@ impl Series {
                 Unit::Time => "seconds",
                 Unit::Bytes => "bytes",
                 Unit::Count => "count",
+                Unit::MibPerSecond => "MiB/s",
             },
             "samples": self.samples,
             "median": self.median(),
@@ -94,11 +97,15 @@ impl Results {
         self.push(key, Unit::Count, value as f64);
     }
 
-    /// A recorded series; panics on a key nothing recorded (a bug in the row table).
-    pub fn get(&self, key: &str) -> &Series {
-        self.series
-            .get(key)
-            .unwrap_or_else(|| panic!("no series {key} was measured"))
+    /// Records a rate in MiB/s.
+    pub fn rate(&mut self, key: &str, mib_per_second: f64) {
+        self.push(key, Unit::MibPerSecond, mib_per_second);
+    }
+
+    /// A recorded series, if it was measured in this run (a scenario may be skipped, e.g. at one
+    /// size or when the product cannot run it).
+    pub fn get(&self, key: &str) -> Option<&Series> {
+        self.series.get(key)
     }
 
     /// One line per series: median [min, max] (n), for the log.
@@ -107,7 +114,7 @@ impl Results {
         for (key, series) in &self.series {
             let _ = writeln!(
                 out,
-                "  {key:<44} {} [{}, {}] (n={})",
+                "  {key:<52} {} [{}, {}] (n={})",
                 format_value(series.unit, series.median()),
                 format_value(series.unit, series.min()),
                 format_value(series.unit, series.max()),
@@ -144,15 +151,16 @@ pub enum Target {
     None,
     /// ratio ≥ this.
     RatioAtLeast(f64),
-    /// ratio > this (strictly below the baseline).
-    RatioAbove(f64),
     /// The domsnap value (seconds) at most this.
     AtMost(f64),
+    /// The domsnap value at most the baseline's plus this many seconds.
+    AtMostPlus(f64),
     /// The domsnap value at most this many times the baseline's.
-    WithinFactor(f64),
+    AtMostTimes(f64),
 }
 
-/// One line of the table.
+/// One line of the table, the same at every guest size: its series keys are relative to the size's
+/// prefix ([`size_key`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Row {
     /// What is compared.
@@ -165,6 +173,20 @@ pub struct Row {
     pub pick: Pick,
     /// The target.
     pub target: Target,
+}
+
+/// The series `key` of the guest with `ram_mib` MiB of RAM.
+pub fn size_key(ram_mib: u64, key: &str) -> String {
+    format!("{ram_mib}m.{key}")
+}
+
+/// A guest size as the tables show it.
+pub fn size_name(ram_mib: u64) -> String {
+    if ram_mib % 1024 == 0 {
+        format!("{} GiB", ram_mib / 1024)
+    } else {
+        format!("{ram_mib} MiB")
+    }
 }
 
 fn pick(series: &Series, pick: Pick) -> f64 {
@@ -181,73 +203,92 @@ fn format_value(unit: Unit, value: f64) -> String {
         Unit::Bytes if value < f64::from(1 << 20) => format!("{:.1} KiB", value / 1024.0),
         Unit::Bytes => format!("{:.1} MiB", value / f64::from(1 << 20)),
         Unit::Count => format!("{value:.0}"),
+        Unit::MibPerSecond => format!("{value:.1} MiB/s"),
     }
 }
 
-/// A row with its numbers worked out.
+/// A row with its numbers worked out, at one size.
 struct Evaluated {
     row: Row,
-    domsnap: f64,
-    unit: Unit,
+    ram_mib: u64,
+    /// `None`: the domsnap series was not measured in this run.
+    domsnap: Option<(f64, Unit)>,
     baseline: Option<f64>,
     ratio: Option<f64>,
     met: Option<bool>,
+    /// The unit of the row's values (the baseline's when domsnap's was not measured).
+    unit: Unit,
 }
 
-fn evaluate(results: &Results, row: Row) -> Evaluated {
-    let domsnap_series = results.get(row.domsnap);
-    let domsnap = pick(domsnap_series, row.pick);
-    let baseline = row.baseline.map(|(_, key)| pick(results.get(key), row.pick));
-    let ratio = baseline.map(|b| b / domsnap);
-    let met = match row.target {
+fn evaluate(results: &Results, row: Row, ram_mib: u64) -> Evaluated {
+    let series = |key: &str| results.get(&size_key(ram_mib, key));
+    let domsnap = series(row.domsnap).map(|s| (pick(s, row.pick), s.unit));
+    let baseline_series = row.baseline.and_then(|(_, key)| series(key));
+    let baseline = baseline_series.map(|s| pick(s, row.pick));
+    let ratio = domsnap.zip(baseline).map(|((d, _), b)| b / d);
+    let met = domsnap.and_then(|(d, _)| match row.target {
         Target::None => None,
         Target::RatioAtLeast(x) => ratio.map(|r| r >= x),
-        Target::RatioAbove(x) => ratio.map(|r| r > x),
-        Target::AtMost(limit) => Some(domsnap <= limit),
-        Target::WithinFactor(x) => baseline.map(|b| domsnap <= x * b),
-    };
+        Target::AtMost(limit) => Some(d <= limit),
+        Target::AtMostPlus(slack) => baseline.map(|b| d <= b + slack),
+        Target::AtMostTimes(x) => baseline.map(|b| d <= x * b),
+    });
     Evaluated {
         row,
+        ram_mib,
         domsnap,
-        unit: domsnap_series.unit,
         baseline,
         ratio,
         met,
+        unit: domsnap
+            .map(|(_, unit)| unit)
+            .or(baseline_series.map(|s| s.unit))
+            .unwrap_or(Unit::Time),
     }
 }
 
 fn target_text(target: Target) -> String {
     match target {
         Target::None => "—".into(),
-        Target::RatioAtLeast(x) => format!("≥ {x}×"),
-        Target::RatioAbove(x) => format!("> {x}× (below it)"),
+        Target::RatioAtLeast(x) => format!("ratio ≥ {x}×"),
         Target::AtMost(limit) => format!("≤ {}", format_value(Unit::Time, limit)),
-        Target::WithinFactor(x) => format!("≤ {x}× the baseline"),
+        Target::AtMostPlus(slack) => format!("≤ baseline + {}", format_value(Unit::Time, slack)),
+        Target::AtMostTimes(x) => format!("≤ baseline × {x}"),
     }
 }
 
-/// The table in Markdown.
-pub fn table(results: &Results, rows: &[Row]) -> String {
+fn verdict(e: &Evaluated) -> &'static str {
+    match (e.domsnap, e.met) {
+        (None, _) => "not measured",
+        (Some(_), None) if matches!(e.row.target, Target::None) => "",
+        (Some(_), None) => "no baseline",
+        (Some(_), Some(true)) => "PASS",
+        (Some(_), Some(false)) => "**FAIL**",
+    }
+}
+
+/// The table in Markdown: every row at every size, size by size.
+pub fn table(results: &Results, rows: &[Row], sizes: &[u64]) -> String {
     let mut out = String::from(
-        "| scenario | domsnap | QEMU baseline | baseline | ratio | target | met? |\n\
-         | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| guest | scenario | domsnap | QEMU baseline | baseline | ratio | target | result |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
-    for e in rows.iter().map(|row| evaluate(results, *row)) {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            e.row.scenario,
-            format_value(e.unit, e.domsnap),
-            e.row.baseline.map_or("—", |(name, _)| name),
-            e.baseline.map_or("—".into(), |b| format_value(e.unit, b)),
-            e.ratio.map_or("—".into(), |r| format!("{r:.2}×")),
-            target_text(e.row.target),
-            match e.met {
-                None => "",
-                Some(true) => "yes",
-                Some(false) => "**no**",
-            }
-        );
+    for &ram_mib in sizes {
+        for e in rows.iter().map(|row| evaluate(results, *row, ram_mib)) {
+            let unit = e.unit;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                size_name(e.ram_mib),
+                e.row.scenario,
+                e.domsnap.map_or("—".into(), |(d, unit)| format_value(unit, d)),
+                e.row.baseline.map_or("—", |(name, _)| name),
+                e.baseline.map_or("—".into(), |b| format_value(unit, b)),
+                e.ratio.map_or("—".into(), |r| format!("{r:.2}×")),
+                target_text(e.row.target),
+                verdict(&e)
+            );
+        }
     }
     out
 }
@@ -263,43 +304,55 @@ pub struct GridRow {
     pub series: &'static [&'static str],
 }
 
-/// Several methods side by side (one column each), one quantity a row, in Markdown.
-pub fn grid(results: &Results, methods: &[&str], rows: &[GridRow]) -> String {
+/// Several methods side by side (one column each), one quantity a row per size, in Markdown.
+pub fn grid(results: &Results, methods: &[&str], rows: &[GridRow], sizes: &[u64]) -> String {
     let mut out = format!(
-        "| | {} |\n|{}\n",
+        "| guest | | {} |\n|{}\n",
         methods.join(" | "),
-        " --- |".repeat(methods.len() + 1)
+        " --- |".repeat(methods.len() + 2)
     );
-    for row in rows {
-        let cells: Vec<String> = row
-            .series
-            .iter()
-            .map(|key| {
-                let series = results.get(key);
-                format_value(series.unit, pick(series, row.pick))
-            })
-            .collect();
-        let _ = writeln!(out, "| {} | {} |", row.quantity, cells.join(" | "));
+    for &ram_mib in sizes {
+        for row in rows {
+            let cells: Vec<String> = row
+                .series
+                .iter()
+                .map(|key| {
+                    results.get(&size_key(ram_mib, key)).map_or("—".into(), |series| {
+                        format_value(series.unit, pick(series, row.pick))
+                    })
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} |",
+                size_name(ram_mib),
+                row.quantity,
+                cells.join(" | ")
+            );
+        }
     }
     out
 }
 
 /// The table as JSON rows.
-pub fn rows_json(results: &Results, rows: &[Row]) -> Value {
-    rows.iter()
-        .map(|row| {
-            let e = evaluate(results, *row);
+pub fn rows_json(results: &Results, rows: &[Row], sizes: &[u64]) -> Value {
+    sizes
+        .iter()
+        .flat_map(|&ram_mib| rows.iter().map(move |row| evaluate(results, *row, ram_mib)))
+        .map(|e| {
             json!({
+                "ram_mib": e.ram_mib,
                 "scenario": e.row.scenario,
-                "domsnap_series": e.row.domsnap,
-                "domsnap": e.domsnap,
+                "domsnap_series": size_key(e.ram_mib, e.row.domsnap),
+                "domsnap": e.domsnap.map(|(d, _)| d),
                 "baseline_name": e.row.baseline.map(|(name, _)| name),
-                "baseline_series": e.row.baseline.map(|(_, key)| key),
+                "baseline_series": e.row.baseline.map(|(_, key)| size_key(e.ram_mib, key)),
                 "baseline": e.baseline,
                 "statistic": match e.row.pick { Pick::Median => "median", Pick::Max => "max" },
                 "ratio_baseline_over_domsnap": e.ratio,
                 "target": target_text(e.row.target),
                 "met": e.met,
+                "result": verdict(&e).trim_matches('*'),
             })
         })
         .collect()

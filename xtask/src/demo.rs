@@ -64,30 +64,31 @@ pub fn run() -> Result<()> {
         "taken by cargo xtask demo",
     ])?;
     let at_snapshot = demo.last_tick();
-    let rounds = report["memory_rounds"].as_array().map_or(0, Vec::len);
     let pages = &report["memory_pages"];
+    let streamed = &report["streamed"];
     println!(
-        "created in {:.0} ms; the guest was paused for {:.1} ms; {rounds} memory rounds, {} of {} pages \
-         stored (the rest are zero)",
+        "created in {:.0} ms ({}, memory read from {}); guest paused {:.1} ms, QEMU's downtime {} \
+         (the disk snapshots are taken inside it, while QEMU holds the guest before the switch-over)",
         report["total_ms"].as_f64().unwrap_or_default(),
+        report["memory_mode"].as_str().unwrap_or("?"),
+        match report["memory_read"].as_str() {
+            Some("stream") => "QEMU's migration stream",
+            Some("direct") => "the shared RAM",
+            _ => "?",
+        },
         report["guest_pause_ms"].as_f64().unwrap_or_default(),
+        streamed["hypervisor_downtime_ms"]
+            .as_f64()
+            .map_or("not reported".to_owned(), |ms| format!("{ms:.0} ms"))
+    );
+    println!(
+        "  {} passes over RAM while the guest ran, {:.1} MiB streamed; {} of {} pages stored (the rest are \
+         zero)",
+        streamed["passes"],
+        streamed["stream_bytes"].as_f64().unwrap_or_default() / f64::from(1 << 20),
         pages[1],
         pages[0]
     );
-    for round in report["memory_rounds"].as_array().into_iter().flatten() {
-        println!(
-            "  round {:>2}{}: {:>6} dirty pages, {:>7.1} MiB written in {:>7.1} ms",
-            round["round"],
-            if round["final_round"] == true {
-                " (paused)"
-            } else {
-                "         "
-            },
-            round["pages_dirty"],
-            round["bytes_written"].as_f64().unwrap_or_default() / f64::from(1 << 20),
-            round["duration_ms"].as_f64().unwrap_or_default()
-        );
-    }
     println!("the guest's counter was between {before} and {at_snapshot} when the snapshot was taken");
 
     step("let the guest change");
@@ -101,10 +102,20 @@ pub fn run() -> Result<()> {
     let old = demo.last_tick();
     let report = demo.json(&["snapshot", "revert", "demo", "before"])?;
     println!(
-        "reverted in {:.0} ms (memory {}, {:.0} ms copying); the domain is {}",
+        "reverted in {:.0} ms: {}; the domain is {}",
         report["total_ms"].as_f64().unwrap_or_default(),
-        report["memory_load"].as_str().unwrap_or("?"),
-        report["memory_ms"].as_f64().unwrap_or_default(),
+        match report["memory_load"].as_str() {
+            Some("mapped") =>
+                "QEMU maps the snapshot's memory image copy-on-write, nothing copied".to_owned(),
+            Some(load) => format!(
+                "memory {load} ({:.0} ms)",
+                report["memory_ms"].as_f64().unwrap_or_default()
+            ),
+            None => format!(
+                "memory copied into the new QEMU's RAM ({:.0} ms)",
+                report["memory_ms"].as_f64().unwrap_or_default()
+            ),
+        },
         report["state"].as_str().unwrap_or("?")
     );
     let resumed_at = demo.first_reverted_tick(position, old)?;
