@@ -46,6 +46,11 @@ pub fn run() -> Result<()> {
          disks vda and vdb"
     ));
     demo.show(&["domain", "start", config.to_str().context("UTF-8 path")?])?;
+    // QEMU runs daemonized: if a step fails, end it rather than leave it running.
+    let mut running = Running {
+        demo: &demo,
+        stopped: false,
+    };
     demo.wait_serial("DOMSNAP READY")?;
     let tick = demo.wait_tick_above(1)?;
     println!("the guest works: tick {tick}");
@@ -132,6 +137,7 @@ pub fn run() -> Result<()> {
     demo.show(&["snapshot", "verify", "demo", "before"])?;
     demo.show(&["snapshot", "delete", "demo", "before"])?;
     demo.show(&["domain", "stop", "demo", "--force"])?;
+    running.stopped = true;
     println!("\ndemo finished in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -173,6 +179,20 @@ fn write_config(dir: &Path) -> Result<PathBuf> {
     let path = dir.join("demo.toml");
     std::fs::write(&path, config)?;
     Ok(path)
+}
+
+/// Stops the demo's domain when the demo ends early.
+struct Running<'d> {
+    demo: &'d Demo,
+    stopped: bool,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = self.demo.command(&["domain", "stop", "demo", "--force"]).output();
+        }
+    }
 }
 
 struct Demo {
