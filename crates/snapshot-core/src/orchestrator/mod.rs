@@ -86,6 +86,13 @@ fn now_unix_ms() -> u64 {
 
 /// Removes a file; a missing file is fine.
 fn remove_file(path: &Path) -> std::io::Result<()> {
+    // Nothing there is nothing to remove, also where unlink would say more (a read-only folder
+    // answers EROFS for a name that does not exist).
+    if let Err(e) = std::fs::symlink_metadata(path) {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return Ok(());
+        }
+    }
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
