@@ -300,7 +300,7 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     let error = cli.fails(&["snapshot", "create", "bad", "s2", "--disk", "vdz=internal"]);
     assert!(error.contains("no disk \"vdz\""), "{error}");
     let error = cli.fails(&["snapshot", "create", "bad", "s2", "--disk", "vda=copy"]);
-    assert!(error.contains("internal or external"), "{error}");
+    assert!(error.contains("the kind must be internal"), "{error}");
     let error = cli.fails(&["domain", "undefine", "bad"]);
     assert!(error.contains("snapshot"), "{error}");
     let error = cli.fails(&["domain", "start", domain.config.to_str().unwrap()]);
