@@ -4,7 +4,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use xtask::{cmd, demo, guest, run_setup, workspace_root};
+use xtask::{cmd, demo, guest, run_setup, run_setup_with, workspace_root};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,15 +19,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install QEMU 10 if needed and build the test guest (idempotent)
+    /// Install QEMU 10 if needed and build the test guests (idempotent)
     ///
-    /// QEMU comes from bookworm-backports, cc and valgrind (the C API test) from Debian; the guest
-    /// is built into $DOMSNAP_GUEST_DIR (default ~/.cache/domsnap/guest) and rebuilt only when
-    /// its inputs changed.
+    /// QEMU comes from bookworm-backports, cc and valgrind (the C API test) from Debian; the guests
+    /// are built into $DOMSNAP_GUEST_DIR (default ~/.cache/domsnap/guest): the tiny guest (kernel +
+    /// busybox initramfs) and, in debian/, a Debian 12 system (debootstrap; a few minutes the first
+    /// time). Each is rebuilt only when its inputs changed.
     Setup {
-        /// Rebuild the guest even if it is up to date.
+        /// Rebuild the tiny guest even if it is up to date.
         #[arg(long)]
         force: bool,
+        /// Rebuild the Debian guest even if it is up to date (takes newer Debian packages).
+        #[arg(long)]
+        force_debian: bool,
     },
     /// Run the checks (fmt, clippy, doc), `setup`, then `cargo test --workspace` with
     /// DOMSNAP_GUEST_DIR exported
@@ -76,7 +80,7 @@ enum Task {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
-        Task::Setup { force } => run_setup(force).map(|_| ExitCode::SUCCESS),
+        Task::Setup { force, force_debian } => run_setup_with(force, force_debian).map(|_| ExitCode::SUCCESS),
         Task::Test { cargo_args } => test(&cargo_args).map(|()| ExitCode::SUCCESS),
         Task::Bench { only, bench_args } => bench(&only, &bench_args).map(|()| ExitCode::SUCCESS),
         Task::Fuzz { time, only } => xtask::fuzz::run(time, &only).map(|()| ExitCode::SUCCESS),
@@ -333,6 +337,20 @@ mod tests {
         assert_eq!(targets, ["domain"]);
         assert_eq!(selected_benches(&[]).count(), BENCHES.len());
         let cli = Cli::try_parse_from(["xtask", "setup", "--force"]).unwrap();
-        assert!(matches!(cli.task, Task::Setup { force: true }));
+        assert!(matches!(
+            cli.task,
+            Task::Setup {
+                force: true,
+                force_debian: false
+            }
+        ));
+        let cli = Cli::try_parse_from(["xtask", "setup", "--force-debian"]).unwrap();
+        assert!(matches!(
+            cli.task,
+            Task::Setup {
+                force: false,
+                force_debian: true
+            }
+        ));
     }
 }

@@ -4,6 +4,9 @@
 //! Tests that need QEMU call these helpers and **fail loudly** (panic with what to run) when QEMU
 //! or the guest is missing; they never skip silently. `cargo xtask setup` installs both.
 //!
+//! Two guests: the tiny one ([`guest`]: a Debian kernel and a busybox initramfs running the
+//! workload) and a real Debian 12 system ([`debian_guest`], booted with [`DebianGuest::vm`]).
+//!
 //! ```no_run
 //! let qemu = testkit::Qemu::builder("demo").paused().spawn();
 //! println!("QMP at {}", qemu.qmp_socket().display());
@@ -17,6 +20,17 @@ use std::{
 };
 
 pub use guest_workload::{marker_sector, parse_marker, parse_serial_line, SerialLine};
+
+mod debian;
+mod debian_vm;
+
+pub use debian::{
+    counters, debian_guest, debian_guest_dir, parse_counter_line, BuildStep, DebianBoot, DebianGuest,
+    DebianGuestInfo, DebianVm, DebianVmBuilder, COUNTER_PREFIX, DEBIAN_CMDLINE, DEBIAN_DISK_FILE,
+    DEBIAN_HTTP_PORT, DEBIAN_INFO_FILE, DEBIAN_INITRD_FILE, DEBIAN_KERNEL_FILE, DEBIAN_ROOT_FILE,
+    DEBIAN_ROOT_LABEL, DEBIAN_SUBDIR, GUEST_AGENT_PORT_NAME,
+};
+pub use debian_vm::{OVMF_CODE, OVMF_VARS};
 
 /// The QEMU major version the project is built and tested against.
 pub const QEMU_MAJOR: u32 = 10;
@@ -144,9 +158,18 @@ pub struct QemuBuilder {
     paused: bool,
     incoming_defer: bool,
     workload: Option<Workload>,
+    kernel: Option<KernelBoot>,
     disks: Vec<PathBuf>,
     extra: Vec<String>,
     dir: Option<PathBuf>,
+}
+
+/// A kernel QEMU loads itself (`-kernel`, `-initrd`, `-append`).
+#[derive(Debug, Clone)]
+struct KernelBoot {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    cmdline: String,
 }
 
 /// A running QEMU, killed on drop. Its files live in a temporary folder removed on drop.
@@ -166,6 +189,7 @@ impl Qemu {
             paused: false,
             incoming_defer: false,
             workload: None,
+            kernel: None,
             disks: Vec::new(),
             extra: Vec::new(),
             dir: None,
@@ -362,6 +386,17 @@ impl QemuBuilder {
         self
     }
 
+    /// Boot this kernel, initramfs and command line (instead of the test guest's; overrides
+    /// [`QemuBuilder::guest`]).
+    pub fn kernel(mut self, kernel: &Path, initrd: Option<&Path>, cmdline: impl Into<String>) -> Self {
+        self.kernel = Some(KernelBoot {
+            kernel: kernel.to_owned(),
+            initrd: initrd.map(Path::to_owned),
+            cmdline: cmdline.into(),
+        });
+        self
+    }
+
     /// Attach a qcow2 image as a virtio disk: the first has target id `vda` (block nodes
     /// `file-vda` and `disk-vda`, see [`disk_id`]), the second `vdb`, and so on.
     pub fn disk(mut self, path: impl Into<PathBuf>) -> Self {
@@ -385,10 +420,18 @@ impl QemuBuilder {
     /// The full argument list QEMU is started with, given the folder for its files: the domain
     /// driver's command line ([`qemu::qemu_args`]) plus this builder's extra arguments.
     pub fn args(&self, dir: &Path) -> Vec<std::ffi::OsString> {
-        let guest = self
-            .workload
-            .as_ref()
-            .map(|workload| (guest(), workload.cmdline()));
+        let boot = match (&self.kernel, &self.workload) {
+            (Some(boot), _) => Some(boot.clone()),
+            (None, Some(workload)) => {
+                let guest = guest();
+                Some(KernelBoot {
+                    kernel: guest.kernel,
+                    initrd: Some(guest.initrd),
+                    cmdline: format!("console=ttyS0 quiet {}", workload.cmdline()),
+                })
+            }
+            (None, None) => None,
+        };
         // Built directly rather than parsed: a QMP-only test QEMU has nothing to boot, which a
         // user's configuration may not do.
         let config = qemu::DomainConfig {
@@ -396,11 +439,9 @@ impl QemuBuilder {
                 .expect("test QEMU names are valid domain names"),
             memory_mib: self.memory_mib,
             vcpus: 1,
-            kernel: guest.as_ref().map(|(guest, _)| guest.kernel.clone()),
-            initrd: guest.as_ref().map(|(guest, _)| guest.initrd.clone()),
-            cmdline: guest
-                .as_ref()
-                .map(|(_, words)| format!("console=ttyS0 quiet {words}")),
+            kernel: boot.as_ref().map(|boot| boot.kernel.clone()),
+            initrd: boot.as_ref().and_then(|boot| boot.initrd.clone()),
+            cmdline: boot.map(|boot| boot.cmdline),
             serial_log: None,
             run_as: None,
             disks: self
