@@ -409,7 +409,7 @@ mod tests {
         assert!(
             text("etc/systemd/system/dscounter-http.service").contains("httpd -f -p 80 -h /run/dscounter")
         );
-        assert!(text("etc/systemd/network/20-virtio.network").contains("DHCP=ipv4"));
+        assert!(text("etc/systemd/network/20-virtio.network").contains("Address=10.0.2.15/24"));
         assert!(text("etc/fstab").contains(&format!("LABEL={DEBIAN_ROOT_LABEL} / ext4")));
         for esp in ["syslinux.cfg", "loader/entries/debian.conf"] {
             assert!(

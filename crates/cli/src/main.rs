@@ -104,6 +104,12 @@ enum DomainCommand {
         /// The domain.
         name: String,
     },
+    /// Thaw the guest's filesystems through its guest agent (after a paused revert to a
+    /// quiesced snapshot, once the domain runs, or after an interrupted quiesced create).
+    Thaw {
+        /// The domain.
+        name: String,
+    },
     /// Every defined domain: name, state (running, paused, shut-off), pid.
     List,
     /// One domain's name, state and pid.
@@ -162,6 +168,11 @@ enum SnapshotCommand {
         /// snapshot's folder. The device state stays there.
         #[arg(long, value_name = "PATH")]
         memory_path: Option<PathBuf>,
+        /// Freeze the guest's filesystems through its guest agent (guest_agent = true, and
+        /// qemu-guest-agent in the guest) for the snapshot; they are thawed as soon as the guest
+        /// runs again, failures included. A revert to the snapshot thaws the restored guest.
+        #[arg(long)]
+        quiesce: bool,
         /// Free text stored with the snapshot.
         #[arg(long)]
         description: Option<String>,
@@ -435,6 +446,15 @@ impl App {
                 let domain = self.defined_domain(&domain)?;
                 self.status(&domain).await
             }
+            DomainCommand::Thaw { name: domain } => {
+                let domain = self.defined_domain(&domain)?;
+                let _lock = self.orchestrator.begin(&domain).await?;
+                let thawed = self.driver.thaw_filesystems(&domain).await?;
+                let document = serde_json::json!({ "domain": domain, "thawed": thawed });
+                self.print(&Flat::new(&document), || {
+                    format!("domain {domain}: {thawed} filesystem(s) thawed\n")
+                })
+            }
             DomainCommand::Undefine { name: domain } => {
                 let domain = self.defined_domain(&domain)?;
                 self.orchestrator.undefine(&domain).await?;
@@ -500,6 +520,7 @@ impl App {
                 disks,
                 disk_only,
                 memory_path,
+                quiesce,
                 description,
             } => {
                 let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
@@ -523,6 +544,7 @@ impl App {
                     disks: disks.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?,
                     description,
                     memory_path: memory_path.map(std::path::absolute).transpose()?,
+                    quiesce,
                 };
                 let report = self.orchestrator.create(&domain, &snap, options).await?;
                 self.print(&Flat::new(&report), || output::created(&report))

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use serde::Serialize;
 use snapshot_core::{
     Abandoned, Activity, CreateReport, DeleteReport, DiskSnapshot, DomainState, MemoryLoad, MemoryRead, Name,
-    Recovery, RevertReport, SnapshotFiles, SnapshotRecord, VerifyReport,
+    Recovery, RevertReport, SnapshotFiles, SnapshotRecord, ThawOutcome, VerifyReport,
 };
 
 /// One line of `domain list`.
@@ -223,6 +223,12 @@ pub fn show(record: &SnapshotRecord, current: Option<&Name>, files: &SnapshotFil
     if let Some(description) = &record.description {
         let _ = writeln!(out, "description: {description}");
     }
+    if record.quiesced {
+        let _ = writeln!(
+            out,
+            "quiesced:    yes (filesystems frozen through the guest agent)"
+        );
+    }
     match &record.memory {
         Some(memory) => {
             let consistency = match memory.consistency {
@@ -332,6 +338,29 @@ pub fn reverted(domain: &Name, report: &RevertReport) -> String {
     );
     if let Some(reason) = &report.memory_fallback {
         let _ = writeln!(out, "note: {reason}");
+    }
+    match &report.thaw {
+        None => {}
+        Some(ThawOutcome::Thawed { filesystems }) => {
+            let _ = writeln!(
+                out,
+                "the snapshot was quiesced: {filesystems} filesystem(s) thawed"
+            );
+        }
+        Some(ThawOutcome::Pending) => {
+            let _ = writeln!(
+                out,
+                "note: the snapshot was quiesced and the guest is paused, so its filesystems are \
+                 frozen: `domsnap domain resume {domain}`, then `domsnap domain thaw {domain}`"
+            );
+        }
+        Some(ThawOutcome::Failed { error }) => {
+            let _ = writeln!(
+                out,
+                "warning: the snapshot was quiesced and its filesystems could not be thawed ({error}): \
+                 `domsnap domain thaw {domain}`"
+            );
+        }
     }
     out
 }

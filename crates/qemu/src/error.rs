@@ -63,6 +63,28 @@ pub enum Error {
         pid: u32,
     },
 
+    /// A quiesce was asked of a domain whose configuration has no guest agent channel.
+    #[error(
+        "domain {domain} has no guest agent channel: set guest_agent = true in its configuration \
+         (and run qemu-guest-agent in the guest)"
+    )]
+    NoGuestAgent {
+        /// The domain.
+        domain: Name,
+    },
+
+    /// The guest agent could not do what was asked.
+    #[error("cannot {action} domain {domain} through its guest agent")]
+    GuestAgent {
+        /// The domain.
+        domain: Name,
+        /// What failed, e.g. "freeze the filesystems of".
+        action: &'static str,
+        /// The agent's error.
+        #[source]
+        source: qmp::Error,
+    },
+
     /// The domain has no QEMU process.
     #[error("domain {domain} is shut off")]
     NotRunning {
@@ -366,6 +388,7 @@ impl Error {
             | Error::NotRunning { .. }
             | Error::WrongState { .. }
             | Error::UnexpectedImage { .. } => ErrorClass::InvalidArgument,
+            Error::NoGuestAgent { .. } => ErrorClass::Unsupported,
             Error::Busy { .. } | Error::MigrationBusy { .. } => ErrorClass::Busy,
             Error::MigrationSettings { .. } => ErrorClass::Unsupported,
             Error::SaveDefinition { source, .. } => source.class(),

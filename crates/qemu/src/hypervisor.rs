@@ -109,6 +109,14 @@ impl Hypervisor for QemuDriver {
         Ok(self.save_devices(domain, path).await?)
     }
 
+    async fn freeze_filesystems(&self, domain: &Name) -> DriverResult<u64> {
+        Ok(QemuDriver::freeze_filesystems(self, domain).await?)
+    }
+
+    async fn thaw_filesystems(&self, domain: &Name) -> DriverResult<u64> {
+        Ok(QemuDriver::thaw_filesystems(self, domain).await?)
+    }
+
     async fn disk_backend(&self, domain: &Name) -> DriverResult<Arc<dyn DiskSnapshots>> {
         let files = self.files(domain)?;
         self.load_definition(domain, &files)?;

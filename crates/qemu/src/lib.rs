@@ -56,6 +56,7 @@ mod command_line;
 mod config;
 mod driver;
 mod error;
+mod guest_agent;
 mod hypervisor;
 mod launch;
 mod mapped_ram;

@@ -598,7 +598,7 @@ impl RequestIds {
 
 /// 64 random bits for a connection's id tag: from the OS (`/dev/urandom`), or if that cannot be
 /// read, from std's randomly keyed hasher over the time, the pid and a process-wide counter.
-fn random_tag() -> u64 {
+pub(crate) fn random_tag() -> u64 {
     use std::{
         hash::{BuildHasher, Hasher},
         io::Read,

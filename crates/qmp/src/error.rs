@@ -18,6 +18,16 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// Connecting to a guest agent's socket failed.
+    #[error("cannot connect to the guest agent's socket {path}")]
+    AgentConnect {
+        /// The socket path.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+
     /// The server's first message was not a valid QMP greeting, or capability negotiation failed.
     #[error("QMP handshake failed: {reason}")]
     Handshake {
@@ -108,6 +118,18 @@ pub enum Error {
     OobNotEnabled {
         /// The command name.
         command: String,
+    },
+
+    /// The guest agent did not answer a request in time.
+    #[error(
+        "the guest agent did not answer `{command}` within {after:?} (is qemu-ga running in the guest, \
+         and is the guest running?)"
+    )]
+    AgentTimeout {
+        /// The agent command.
+        command: String,
+        /// The timeout that expired.
+        after: Duration,
     },
 
     /// No matching event arrived in time.

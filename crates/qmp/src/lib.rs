@@ -7,6 +7,8 @@
 //! - Typed events ([`Event`]) with an [`Event::Unknown`] fallback, per-subscriber streams and
 //!   [`EventStream::wait_for`].
 //! - Jobs run to completion with [`Client::run_job`] (errors read, job dismissed).
+//! - A client for the guest agent ([`GuestAgent`]): synchronised, bounded, with filesystem
+//!   freeze and thaw for quiesced snapshots.
 //! - File descriptors passed with SCM_RIGHTS ([`Client::getfd`], [`Client::add_fd`]).
 //! - Per-call timeouts ([`Client::with_timeout`]); a dead connection fails every pending call at
 //!   once; malformed or over-long input closes the connection with a clear error.
@@ -33,6 +35,7 @@
 //! # }
 //! ```
 
+mod agent;
 mod client;
 pub mod commands;
 mod error;
@@ -42,6 +45,7 @@ mod jobs;
 mod types;
 pub mod wire;
 
+pub use agent::{FsfreezeStatus, GuestAgent};
 pub use client::{Client, ClientOptions};
 pub use error::{Error, Result};
 pub use events::{

@@ -258,6 +258,8 @@ pub enum Step {
     Inspect,
     /// Writing the intent record.
     Intent,
+    /// Freezing the guest's filesystems through its agent (a quiesced create).
+    Freeze,
     /// Pre-copy rounds while the domain runs.
     Precopy,
     /// Pausing the domain.
@@ -272,6 +274,8 @@ pub enum Step {
     Capture,
     /// Resuming the domain.
     Resume,
+    /// Thawing the guest's filesystems (after a quiesced create, or a revert to one).
+    Thaw,
     /// Sealing the memory image (fsync, rename).
     SealMemory,
     /// Writing the snapshot's record.
@@ -305,6 +309,7 @@ impl std::fmt::Display for Step {
         f.write_str(match self {
             Step::Inspect => "inspecting the domain",
             Step::Intent => "writing the intent record",
+            Step::Freeze => "freezing the guest's filesystems",
             Step::Precopy => "copying memory while the domain runs",
             Step::Pause => "pausing the domain",
             Step::SaveMemory => "saving memory",
@@ -312,6 +317,7 @@ impl std::fmt::Display for Step {
             Step::SnapshotDisks => "snapshotting the disks",
             Step::Capture => "capturing the domain's state",
             Step::Resume => "resuming the domain",
+            Step::Thaw => "thawing the guest's filesystems",
             Step::SealMemory => "sealing the memory image",
             Step::Commit => "writing the snapshot record",
             Step::DeleteDisks => "deleting the disk snapshots",

@@ -185,6 +185,14 @@ pub trait Hypervisor: Send + Sync {
     async fn memory_access(&self, domain: &Name) -> DriverResult<MemoryAccess>;
     /// Saves the device (and vCPU) state of a paused domain to `path`, written and fsynced.
     async fn save_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()>;
+    /// Freezes the running guest's filesystems through its guest agent (flushing them first) and
+    /// returns how many it froze. Fails clearly when the domain has no agent or it does not
+    /// answer; a freeze that timed out may still complete in the guest, so callers thaw after
+    /// any freeze attempt.
+    async fn freeze_filesystems(&self, domain: &Name) -> DriverResult<u64>;
+    /// Thaws the guest's filesystems; returns how many it thawed (0 when none were frozen, which
+    /// is not an error).
+    async fn thaw_filesystems(&self, domain: &Name) -> DriverResult<u64>;
     /// Saves memory and device state through the hypervisor's own stream, into the memory image
     /// `image` and the device-state file `device_state` (both complete and synced when this
     /// returns), following the handshake of `signals` as `mode` describes. On failure neither

@@ -27,6 +27,10 @@ pub enum Intent {
         /// absent in records of older versions, which had none.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         memory_path: Option<PathBuf>,
+        /// The create freezes the guest's filesystems (recovery thaws them); absent in records
+        /// of older versions, which never froze them.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        quiesce: bool,
     },
     /// A snapshot is being deleted. Recovery finishes the delete (every step is idempotent).
     Delete {

@@ -77,7 +77,7 @@ pub use name::{InvalidName, Name, MAX_NAME_LEN};
 pub use orchestrator::{
     Abandoned, Activity, CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, LiveMethod,
     LiveOptions, MemoryLoad, MemoryMode, MemoryRead, Observer, Orchestrator, Quiet, Recovery,
-    RecoveryOutcome, RevertOptions, RevertReport, RoundReport, SavedMemory, VerifyReport,
+    RecoveryOutcome, RevertOptions, RevertReport, RoundReport, SavedMemory, ThawOutcome, VerifyReport,
     DEFAULT_CONVERGE_WITHIN, DEFAULT_MAX_DOWNTIME,
 };
 pub use state_dir::{DomainDir, DomainLock, StateDir};

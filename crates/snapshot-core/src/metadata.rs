@@ -21,6 +21,16 @@ pub enum DomainState {
     ShutOff,
 }
 
+impl std::fmt::Display for DomainState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DomainState::Running => "running",
+            DomainState::Paused => "paused",
+            DomainState::ShutOff => "shut off",
+        })
+    }
+}
+
 /// The moment the memory image represents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -105,4 +115,9 @@ pub struct SnapshotRecord {
     pub memory: Option<MemoryState>,
     /// One record per disk.
     pub disks: Vec<DiskRecord>,
+    /// The guest's filesystems were frozen through its agent while it was taken: the disks
+    /// hold clean filesystems, and a guest restored from its memory starts frozen (a revert
+    /// thaws it). Absent in records of older versions and when not quiesced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quiesced: bool,
 }

@@ -340,6 +340,7 @@ mod tests {
                     name: snapshot.into(),
                 },
             }],
+            quiesced: false,
         }
     }
 

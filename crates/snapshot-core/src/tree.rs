@@ -78,6 +78,7 @@ mod tests {
             config: serde_json::Value::Null,
             memory: None,
             disks: vec![],
+            quiesced: false,
         }
     }
 

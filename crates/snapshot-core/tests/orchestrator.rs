@@ -593,6 +593,7 @@ async fn recover_undoes_an_unfinished_create_and_resumes_the_domain() {
                 was: DomainState::Running,
                 disks,
                 memory_path: None,
+                quiesce: false,
             },
         )
         .unwrap();
@@ -639,6 +640,7 @@ async fn recover_finishes_a_committed_create_and_an_interrupted_delete() {
                 was: DomainState::Running,
                 disks: report.record.disks.clone(),
                 memory_path: None,
+                quiesce: false,
             },
         )
         .unwrap();
@@ -707,6 +709,7 @@ async fn a_background_create_pauses_for_disks_and_capture_and_is_consistent_at_t
         disks: mixed_disks(),
         description: None,
         memory_path: None,
+        quiesce: false,
     };
     let report = f
         .orchestrator
@@ -770,6 +773,7 @@ fn live(method: LiveMethod) -> CreateOptions {
         disks: mixed_disks(),
         description: None,
         memory_path: None,
+        quiesce: false,
     }
 }
 

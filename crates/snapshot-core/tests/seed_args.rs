@@ -32,6 +32,7 @@ fn options(memory: MemoryMode, disks: Vec<DiskRequest>, memory_path: Option<Path
         disks,
         description: None,
         memory_path,
+        quiesce: false,
     }
 }
 
@@ -345,6 +346,7 @@ async fn recovery_of_an_interrupted_create_removes_the_image_at_its_path() {
                 was: DomainState::Running,
                 disks: Vec::new(),
                 memory_path: Some(image.clone()),
+                quiesce: false,
             },
         )
         .unwrap();

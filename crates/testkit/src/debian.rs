@@ -1,5 +1,5 @@
 //! The Debian 12 test guest: a real operating system (systemd, the Debian kernel and its initramfs,
-//! `qemu-guest-agent`, DHCP on its virtio NIC) with one service of ours, `dscounter`, that counts once
+//! `qemu-guest-agent`, a static 10.0.2.15 plus DHCP on its virtio NIC) with one service of ours, `dscounter`, that counts once
 //! a second in memory, prints `DSCOUNTER <n>` on the serial console and serves the value over HTTP on
 //! port 80. `cargo xtask setup` builds it into `<guest dir>/debian/` (see `docs/debian-guest.md`).
 //!

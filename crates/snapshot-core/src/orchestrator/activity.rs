@@ -119,6 +119,9 @@ impl Orchestrator {
                 left.push(format!("memory image {}", image.display()));
             }
         }
+        if let Intent::Create { quiesce: true, .. } = intent {
+            left.push("the guest's filesystems, if they are still frozen".to_owned());
+        }
         let (disks, overlays) = match intent {
             Intent::Create { disks, .. } => (disks.clone(), new_overlays(disks)),
             Intent::Delete { record } => (record.disks.clone(), Vec::new()),

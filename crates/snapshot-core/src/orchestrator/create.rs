@@ -68,6 +68,12 @@ impl Orchestrator {
                 snapshot: snapshot.clone(),
             });
         }
+        if options.quiesce && was != DomainState::Running {
+            return Err(Error::InvalidRequest(format!(
+                "domain {domain} is {was}: a quiesced snapshot needs a running guest (its agent \
+                 freezes the filesystems)"
+            )));
+        }
         let disks_only = was == DomainState::ShutOff || matches!(options.memory, MemoryMode::DisksOnly);
         let disks = plan_disks(snapshot, &targets, &options.disks, disks_only)?;
         let memory_path = match &options.memory_path {
@@ -102,6 +108,7 @@ impl Orchestrator {
             was,
             disks: disks.clone(),
             memory_path: memory_path.clone(),
+            quiesce: options.quiesce,
         };
         self.store.set_intent(domain, &intent)?;
         let overlays = new_overlays(&disks);
@@ -125,6 +132,7 @@ impl Orchestrator {
         job.parent = parent;
         job.plan = Some(plan);
         job.memory_path = memory_path;
+        job.quiesce = options.quiesce;
         Ok(job)
     }
 
@@ -305,6 +313,11 @@ pub(super) struct CreateJob<'o> {
     /// The memory image's path when the caller chose it (outside the snapshot's folder: the
     /// rollback removes it itself).
     memory_path: Option<PathBuf>,
+    /// The guest's filesystems are frozen for the create.
+    quiesce: bool,
+    /// A freeze was asked for and no thaw has succeeded since (undo: thaw; a freeze that failed
+    /// may still complete in the guest, so any attempt counts).
+    froze: bool,
 }
 
 impl<'o> CreateJob<'o> {
@@ -332,6 +345,8 @@ impl<'o> CreateJob<'o> {
             after_crash: false,
             plan: None,
             memory_path: None,
+            quiesce: false,
+            froze: false,
         }
     }
 
@@ -345,6 +360,7 @@ impl<'o> CreateJob<'o> {
         was: DomainState,
         disks: Vec<DiskRecord>,
         memory_path: Option<PathBuf>,
+        quiesce: bool,
     ) -> Self {
         let mut files = orchestrator.store.files(domain, snapshot);
         if let Some(path) = &memory_path {
@@ -352,6 +368,7 @@ impl<'o> CreateJob<'o> {
         }
         let mut job = CreateJob::new(orchestrator, domain, snapshot, was, disks, files);
         job.memory_path = memory_path;
+        job.quiesce = quiesce;
         job.made_internal = true;
         job.made_overlays = true;
         job.after_crash = true;
@@ -362,18 +379,51 @@ impl<'o> CreateJob<'o> {
         self.orchestrator.observer.step(Operation::Create, step);
     }
 
-    /// Saves memory (as planned) and device state, and snapshots the disks.
+    /// Saves memory (as planned) and device state, and snapshots the disks; all of it with the
+    /// guest's filesystems frozen when the create is quiesced (they are thawed as soon as the
+    /// guest runs again).
     async fn save(&mut self) -> StepResult<Saved> {
-        match self.plan.take() {
+        self.freeze().await?;
+        let saved = match self.plan.take() {
             None | Some(MemoryPlan::DisksOnly) => self.save_disks_only().await,
             Some(MemoryPlan::Copy { mem, precopy }) => self.save_by_copy(mem, precopy).await,
             Some(MemoryPlan::Stream { mode, ram_bytes }) => self.save_streamed(mode, ram_bytes).await,
+        }?;
+        self.thaw().await?;
+        Ok(saved)
+    }
+
+    /// Freezes the guest's filesystems if the create is quiesced. Undo: [`CreateJob::thaw`].
+    async fn freeze(&mut self) -> StepResult<()> {
+        if !self.quiesce {
+            return Ok(());
         }
+        self.observe(Step::Freeze);
+        self.froze = true;
+        let hypervisor = &self.orchestrator.hypervisor;
+        let frozen = hypervisor.freeze_filesystems(&self.domain).await;
+        frozen.map(drop).map_err(at(Step::Freeze))
+    }
+
+    /// Thaws the filesystems the create froze (once; a no-op otherwise).
+    pub(super) async fn thaw(&mut self) -> StepResult<()> {
+        if !self.froze {
+            return Ok(());
+        }
+        self.observe(Step::Thaw);
+        let hypervisor = &self.orchestrator.hypervisor;
+        hypervisor
+            .thaw_filesystems(&self.domain)
+            .await
+            .map_err(at(Step::Thaw))?;
+        self.froze = false;
+        Ok(())
     }
 
     /// A shut-off domain: its disks, recorded in its definition.
     async fn save_disks_only(&mut self) -> StepResult<Saved> {
         self.snapshot_disks().await?;
+        self.thaw().await?;
         self.orchestrator
             .define_disks(&self.domain, &active_after_create(&self.disks))
             .await
@@ -476,7 +526,9 @@ impl<'o> CreateJob<'o> {
         let hypervisor = &self.orchestrator.hypervisor;
         hypervisor.resume(&self.domain).await.map_err(at(Step::Resume))?;
         self.paused_since = None;
-        Ok(since.elapsed())
+        let paused = since.elapsed();
+        self.thaw().await?;
+        Ok(paused)
     }
 
     /// Takes every disk's snapshot, internal and external, in one call (atomic across the
@@ -522,6 +574,7 @@ impl<'o> CreateJob<'o> {
             config: std::mem::take(&mut self.config),
             memory: saved.memory.clone(),
             disks: self.disks.clone(),
+            quiesced: self.quiesce,
         };
         self.observe(Step::Commit);
         if let Err(e) = orchestrator.store.commit(&record) {
@@ -548,6 +601,9 @@ impl<'o> CreateJob<'o> {
         }
         let mut problems = self.undo_disks().await;
         if let Err(e) = self.resume_after_failure().await {
+            problems.push(e);
+        }
+        if let Err(e) = self.thaw_after_failure().await {
             problems.push(e);
         }
         if !problems.is_empty() {
@@ -579,6 +635,33 @@ impl<'o> CreateJob<'o> {
                 .map_err(|e| format!("cannot resume the domain: {e}"))?;
             self.paused_since = None;
         }
+        Ok(())
+    }
+
+    /// Thaws the guest's filesystems if the create froze them (after a crash: if it was to). The
+    /// agent is a guest process: a guest that could not be resumed cannot answer, and then the
+    /// thaw is left to the next `recover`.
+    async fn thaw_after_failure(&mut self) -> std::result::Result<(), String> {
+        let may_be_frozen = self.froze || (self.after_crash && self.quiesce);
+        if !may_be_frozen {
+            return Ok(());
+        }
+        let hypervisor = &self.orchestrator.hypervisor;
+        match hypervisor.state(&self.domain).await {
+            Ok(DomainState::Running) => {}
+            Ok(DomainState::ShutOff) => return Ok(()),
+            Ok(DomainState::Paused) => {
+                return Err(
+                    "the guest's filesystems stay frozen: it is paused, so its agent cannot thaw them".into(),
+                )
+            }
+            Err(e) => return Err(format!("cannot read the domain's state: {e}")),
+        }
+        hypervisor
+            .thaw_filesystems(&self.domain)
+            .await
+            .map_err(|e| format!("cannot thaw the guest's filesystems: {e}"))?;
+        self.froze = false;
         Ok(())
     }
 

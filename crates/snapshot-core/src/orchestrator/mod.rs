@@ -35,7 +35,7 @@ pub use activity::{Abandoned, Activity};
 pub use types::{
     CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, LiveMethod, LiveOptions, MemoryLoad,
     MemoryMode, MemoryRead, Observer, Quiet, Recovery, RecoveryOutcome, RevertOptions, RevertReport,
-    RoundReport, SavedMemory, VerifyReport, DEFAULT_CONVERGE_WITHIN, DEFAULT_MAX_DOWNTIME,
+    RoundReport, SavedMemory, ThawOutcome, VerifyReport, DEFAULT_CONVERGE_WITHIN, DEFAULT_MAX_DOWNTIME,
 };
 
 use crate::{

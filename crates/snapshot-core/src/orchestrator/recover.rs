@@ -43,9 +43,10 @@ impl Orchestrator {
                 was,
                 disks,
                 memory_path,
+                quiesce,
             } => {
                 let outcome = self
-                    .recover_create(domain, &snapshot, was, disks, memory_path)
+                    .recover_create(domain, &snapshot, was, disks, memory_path, quiesce)
                     .await?;
                 (Operation::Create, outcome)
             }
@@ -90,6 +91,7 @@ impl Orchestrator {
         was: DomainState,
         disks: Vec<DiskRecord>,
         memory_path: Option<PathBuf>,
+        quiesce: bool,
     ) -> Result<RecoveryOutcome> {
         let fail =
             |e: StepError, rollback| self.failed(Operation::Recover, domain, snapshot, e, rollback, None);
@@ -101,7 +103,7 @@ impl Orchestrator {
             self.store.clear_intent(domain)?;
             return Ok(RecoveryOutcome::Finished);
         }
-        let rollback = CreateJob::interrupted(self, domain, snapshot, was, disks, memory_path)
+        let rollback = CreateJob::interrupted(self, domain, snapshot, was, disks, memory_path, quiesce)
             .rollback()
             .await;
         if rollback.is_empty() {

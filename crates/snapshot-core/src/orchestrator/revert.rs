@@ -19,7 +19,7 @@ use super::{
     at,
     disk_plan::{external_overlay, holds_internal, internal_snapshots},
     millis, now_unix_ms, remove_file, MemoryLoad, Orchestrator, RevertOptions, RevertReport, StepError,
-    StepResult,
+    StepResult, ThawOutcome,
 };
 use crate::{
     error::{DriverError, Operation, Result, Step},
@@ -43,6 +43,7 @@ pub(super) struct Reverted {
     memory: MemoryLoad,
     fallback: Option<String>,
     memory_ms: f64,
+    thaw: Option<ThawOutcome>,
 }
 
 impl Orchestrator {
@@ -101,6 +102,7 @@ impl Orchestrator {
                     memory_load: reverted.memory,
                     memory_fallback: reverted.fallback,
                     memory_ms: reverted.memory_ms,
+                    thaw: reverted.thaw,
                 })
             }
             Err(error) => {
@@ -215,15 +217,19 @@ impl Orchestrator {
             .await
             .map_err(at(Step::Define))?;
 
-        let reverted = match record.memory {
+        let mut reverted = match record.memory {
             Some(_) => self.restore_state(domain, files, options).await?,
             None => Reverted {
                 state: DomainState::ShutOff,
                 memory: MemoryLoad::None,
                 fallback: None,
                 memory_ms: 0.0,
+                thaw: None,
             },
         };
+        if record.quiesced && record.memory.is_some() {
+            reverted.thaw = Some(self.thaw_restored(domain, reverted.state).await);
+        }
 
         observe(Step::UpdateTree);
         self.store
@@ -323,6 +329,7 @@ impl Orchestrator {
             memory: MemoryLoad::Mapped,
             fallback: None,
             memory_ms: 0.0,
+            thaw: None,
         };
         if let IncomingStart::Fresh { fallback } = started {
             if let Some(reason) = &fallback {
@@ -348,6 +355,25 @@ impl Orchestrator {
             reverted.state = DomainState::Running;
         }
         Ok(reverted)
+    }
+
+    /// Thaws a guest restored from a quiesced snapshot: its filesystems were frozen when its
+    /// memory was saved. A paused guest cannot answer (its agent is a guest process): the thaw
+    /// is left to the user. A failed thaw does not undo the revert, which is complete.
+    async fn thaw_restored(&self, domain: &Name, state: DomainState) -> ThawOutcome {
+        if state != DomainState::Running {
+            return ThawOutcome::Pending;
+        }
+        self.observer.step(Operation::Revert, Step::Thaw);
+        match self.hypervisor.thaw_filesystems(domain).await {
+            Ok(filesystems) => ThawOutcome::Thawed { filesystems },
+            Err(error) => {
+                tracing::warn!(%domain, %error, "the restored guest's filesystems stay frozen");
+                ThawOutcome::Failed {
+                    error: error.to_string(),
+                }
+            }
+        }
     }
 
     /// Writes the memory image into the RAM of the domain just started to receive it, checking

@@ -194,6 +194,10 @@ pub struct CreateOptions {
     /// must not be inside a snapshot's folder); `None`: the snapshot's folder. The device state
     /// stays in the snapshot's folder.
     pub memory_path: Option<PathBuf>,
+    /// Freeze the guest's filesystems through its guest agent around the disk snapshots (and the
+    /// memory save), so the disks hold clean filesystems even without the memory. Needs a
+    /// running domain with an agent; the thaw follows on every path, failures included.
+    pub quiesce: bool,
 }
 
 /// Statistics of one memory round, for reports.
@@ -326,6 +330,29 @@ pub struct RevertReport {
     pub memory_fallback: Option<String>,
     /// Time spent copying memory into the new domain, milliseconds (0 when mapped).
     pub memory_ms: f64,
+    /// The snapshot was quiesced, so the restored guest's filesystems were frozen: whether the
+    /// revert thawed them (`None` for snapshots that were not quiesced, or have no memory).
+    pub thaw: Option<ThawOutcome>,
+}
+
+/// What a revert to a quiesced snapshot did about the restored guest's frozen filesystems
+/// (serialised as `{"outcome": "thawed", "filesystems": 2}` and so on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum ThawOutcome {
+    /// The guest agent thawed them.
+    Thawed {
+        /// How many filesystems were thawed.
+        filesystems: u64,
+    },
+    /// The domain stays paused: its filesystems stay frozen until it is resumed and thawed
+    /// (`domsnap domain thaw`).
+    Pending,
+    /// The thaw failed; the domain runs with frozen filesystems until a thaw succeeds.
+    Failed {
+        /// Why.
+        error: String,
+    },
 }
 
 /// What [`Orchestrator::recover`](crate::Orchestrator::recover) found and did.

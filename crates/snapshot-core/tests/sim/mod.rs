@@ -52,6 +52,8 @@ pub struct Sim {
     pub streams: bool,
     /// The hypervisor cannot map memory images: it falls back to fresh RAM.
     pub cannot_map: bool,
+    /// The guest's filesystems are frozen.
+    pub frozen: bool,
     pub calls: Vec<&'static str>,
 }
 
@@ -201,6 +203,21 @@ pub fn hypervisor(sim: &Shared) -> MockHypervisor {
         Ok(())
     });
     let s = sim.clone();
+    h.expect_freeze_filesystems().returning(move |_| {
+        // A freeze that fails may still happen in the guest (a timed-out agent): simulate that.
+        s.lock().unwrap().frozen = true;
+        call(&s, "freeze")?;
+        Ok(2)
+    });
+    let s = sim.clone();
+    h.expect_thaw_filesystems().returning(move |_| {
+        call(&s, "thaw")?;
+        let mut sim = s.lock().unwrap();
+        let thawed = if sim.frozen { 2 } else { 0 };
+        sim.frozen = false;
+        Ok(thawed)
+    });
+    let s = sim.clone();
     h.expect_guest_memory().returning(move |_| {
         call(&s, "guest_memory")?;
         Ok(memory::GuestMemory::anonymous(RAM)?)
@@ -282,6 +299,12 @@ impl Hypervisor for Simulated {
     }
     async fn save_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()> {
         self.mock.save_device_state(domain, path).await
+    }
+    async fn freeze_filesystems(&self, domain: &Name) -> DriverResult<u64> {
+        self.mock.freeze_filesystems(domain).await
+    }
+    async fn thaw_filesystems(&self, domain: &Name) -> DriverResult<u64> {
+        self.mock.thaw_filesystems(domain).await
     }
     async fn memory_access(&self, domain: &Name) -> DriverResult<MemoryAccess> {
         let (shared_ram, streams) = {
@@ -396,6 +419,7 @@ pub fn fixture(state: DomainState) -> Fixture {
         shared_ram: true,
         streams: false,
         cannot_map: false,
+        frozen: false,
         calls: Vec::new(),
     }));
     let store = Arc::new(FsStore::new(dir.path().join("state")));
@@ -477,6 +501,7 @@ impl Fixture {
             disks: mixed_disks(),
             description: Some("test".into()),
             memory_path: None,
+            quiesce: false,
         };
         self.orchestrator
             .create(&self.domain, &name(snapshot), options)
