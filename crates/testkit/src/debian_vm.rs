@@ -161,7 +161,7 @@ fn create_overlay(base: &Path, overlay: &Path) {
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
     listener
         .local_addr()
@@ -249,52 +249,22 @@ impl DebianVm {
 
     /// `GET path` on the forwarded port, retried until a `200` answer or `timeout`; returns the body.
     pub fn http_get(&self, path: &str, timeout: Duration) -> Result<String, String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let last = match http_get_once(self.http_port, path) {
-                Ok(body) => return Ok(body),
-                Err(err) => err,
-            };
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "GET {path} on 127.0.0.1:{} gave no answer within {timeout:?}: {last}",
-                    self.http_port
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        http_get(self.http_port, path, timeout)
     }
 
     /// The counter as the guest serves it over the network (`GET /counter`).
     pub fn http_counter(&self, timeout: Duration) -> Result<u64, String> {
-        let body = self.http_get("/counter", timeout)?;
-        body.trim()
-            .parse()
-            .map_err(|err| format!("GET /counter answered {body:?}, not a number ({err})"))
+        http_counter(self.http_port, timeout)
     }
 
-    /// Runs a guest-agent command (`{"execute": command, "arguments": arguments}`) and returns its
-    /// `return` value. Synchronises first (`guest-sync-delimited`), so it also waits, up to
-    /// `timeout`, for the agent to start.
+    /// Runs a guest-agent command on this VM's agent (see [`agent_execute`]).
     pub fn agent_execute(
         &self,
         command: &str,
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, String> {
-        let mut agent = Agent::connect(&self.agent_socket(), Instant::now() + timeout)?;
-        agent.sync()?;
-        let mut request = json!({ "execute": command });
-        if let Some(arguments) = arguments {
-            request["arguments"] = arguments;
-        }
-        agent.send(&request)?;
-        let reply = agent.reply(|_| true)?;
-        match (reply.get("return"), reply.get("error")) {
-            (Some(value), _) => Ok(value.clone()),
-            (None, Some(error)) => Err(format!("guest agent: {command} failed: {error}")),
-            (None, None) => Err(format!("guest agent: {command}: unexpected reply {reply}")),
-        }
+        agent_execute(&self.agent_socket(), command, arguments, timeout)
     }
 
     /// `guest-ping` through the guest agent.
@@ -312,6 +282,82 @@ impl DebianVm {
                 std::fs::read_to_string(self.qemu.serial_log()).unwrap_or_default()
             )
         })
+    }
+}
+
+/// `GET path` on 127.0.0.1:`port` (a host forward to the guest's service), retried until a `200`
+/// answer or `timeout`; returns the body.
+pub fn http_get(port: u16, path: &str, timeout: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match http_get_once(port, path) {
+            Ok(body) => return Ok(body),
+            Err(err) => err,
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "GET {path} on 127.0.0.1:{port} gave no answer within {timeout:?}: {last}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The Debian guest's counter as its service serves it on 127.0.0.1:`port` (`GET /counter`).
+pub fn http_counter(port: u16, timeout: Duration) -> Result<u64, String> {
+    let body = http_get(port, "/counter", timeout)?;
+    body.trim()
+        .parse()
+        .map_err(|err| format!("GET /counter answered {body:?}, not a number ({err})"))
+}
+
+/// Runs a guest-agent command (`{"execute": command, "arguments": arguments}`) on the agent at
+/// `socket` and returns its `return` value. Synchronises first (`guest-sync-delimited`), so it
+/// also waits, up to `timeout`, for the agent to start.
+pub fn agent_execute(
+    socket: &Path,
+    command: &str,
+    arguments: Option<Value>,
+    timeout: Duration,
+) -> Result<Value, String> {
+    let mut agent = Agent::connect(socket, Instant::now() + timeout)?;
+    agent.sync()?;
+    let mut request = json!({ "execute": command });
+    if let Some(arguments) = arguments {
+        request["arguments"] = arguments;
+    }
+    agent.send(&request)?;
+    let reply = agent.reply(|_| true)?;
+    match (reply.get("return"), reply.get("error")) {
+        (Some(value), _) => Ok(value.clone()),
+        (None, Some(error)) => Err(format!("guest agent: {command} failed: {error}")),
+        (None, None) => Err(format!("guest agent: {command}: unexpected reply {reply}")),
+    }
+}
+
+/// Runs `/bin/sh -c script` in the guest through the agent at `socket` (`guest-exec`, then
+/// `guest-exec-status` until it exits) and returns its exit code.
+pub fn agent_shell(socket: &Path, script: &str, timeout: Duration) -> Result<i64, String> {
+    let deadline = Instant::now() + timeout;
+    let started = agent_execute(
+        socket,
+        "guest-exec",
+        Some(json!({ "path": "/bin/sh", "arg": ["-c", script] })),
+        timeout,
+    )?;
+    let pid = started["pid"].clone();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let status = agent_execute(socket, "guest-exec-status", Some(json!({ "pid": pid })), left)?;
+        if status["exited"] == true {
+            return status["exitcode"]
+                .as_i64()
+                .ok_or_else(|| format!("`{script}` ended without an exit code: {status}"));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("`{script}` did not end within {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
