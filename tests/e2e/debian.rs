@@ -13,6 +13,8 @@
 //! Needs `cargo xtask setup` (which builds the guest); fails, never skips, without it. Boots take
 //! 35-90 s under TCG here, so each test boots as few times as it can.
 
+#![allow(clippy::unwrap_used, reason = "a test that cannot unwrap has failed")]
+
 mod common;
 
 use std::{
@@ -69,12 +71,22 @@ impl Debian {
         testkit::run(
             "qemu-img",
             &[
-                "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base.display().to_string(),
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                &base.display().to_string(),
                 &root.display().to_string(),
             ],
         );
         let data = dir.join("data.raw");
-        testkit::run("qemu-img", &["create", "-q", "-f", "raw", &data.display().to_string(), "64M"]);
+        testkit::run(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", &data.display().to_string(), "64M"],
+        );
         let config = format!(
             "name = \"{name}\"\nmemory_mib = 1024\nvcpus = 1\n{boot_keys}guest_agent = true\n\n\
              [[nics]]\ntype = \"user\"\nhostfwd = [\"tcp:127.0.0.1:{http_port}-:80\"]\n\n\
@@ -145,7 +157,13 @@ fn fsck_root(image: &Path, scratch: &Path) {
     let raw = scratch.join("root-check.raw");
     testkit::run(
         "qemu-img",
-        &["convert", "-O", "raw", &image.display().to_string(), &raw.display().to_string()],
+        &[
+            "convert",
+            "-O",
+            "raw",
+            &image.display().to_string(),
+            &raw.display().to_string(),
+        ],
     );
     let target = raw.display().to_string();
     let output = std::process::Command::new("e2fsck")
@@ -171,9 +189,24 @@ fn a_live_quiesced_snapshot_of_debian_reverts_its_counter_files_and_network() {
     assert_eq!(status["accel"], "tcg", "{status}");
 
     // Files on the root filesystem and a marker on the raw data disk, then the snapshot.
-    assert_eq!(deb.shell(&cli, "echo before >/root/before && printf SNAP-A | dd of=/dev/vdb conv=fsync 2>/dev/null && sync"), 0);
+    assert_eq!(
+        deb.shell(
+            &cli,
+            "echo before >/root/before && printf SNAP-A | dd of=/dev/vdb conv=fsync 2>/dev/null && sync"
+        ),
+        0
+    );
     let before = deb.counter(SHORT);
-    let report = cli.json(&["snapshot", "create", "deb", "s1", "--live", "--quiesce", "--disk", "vdb=external"]);
+    let report = cli.json(&[
+        "snapshot",
+        "create",
+        "deb",
+        "s1",
+        "--live",
+        "--quiesce",
+        "--disk",
+        "vdb=external",
+    ]);
     let after_create = deb.counter(SHORT);
     assert_eq!(report["record"]["quiesced"], true, "{report}");
     assert_eq!(report["memory_mode"], "precopy", "{report}");
@@ -195,8 +228,16 @@ fn a_live_quiesced_snapshot_of_debian_reverts_its_counter_files_and_network() {
     );
     deb.counter_above(restored);
     assert_eq!(deb.fsfreeze_status(&cli), "thawed");
-    assert_eq!(deb.shell(&cli, "test -e /root/before && ! test -e /root/after"), 0, "root files");
-    assert_eq!(deb.shell(&cli, "dd if=/dev/vdb bs=6 count=1 2>/dev/null | grep -q SNAP-A"), 0, "data disk");
+    assert_eq!(
+        deb.shell(&cli, "test -e /root/before && ! test -e /root/after"),
+        0,
+        "root files"
+    );
+    assert_eq!(
+        deb.shell(&cli, "dd if=/dev/vdb bs=6 count=1 2>/dev/null | grep -q SNAP-A"),
+        0,
+        "data disk"
+    );
 
     cli.ok(&["snapshot", "delete", "deb", "s1"]);
     cli.ok(&["domain", "stop", "deb", "--force"]);
@@ -236,21 +277,39 @@ fn debian_under_uefi_survives_a_snapshot_and_a_revert_with_its_nvram() {
     deb.start(&cli, true);
     let disks: Vec<String> = cli.json(&["domain", "status", "efi"])["disks"]
         .as_array()
-        .map(|d| d.iter().filter_map(|d| d["id"].as_str().map(str::to_owned)).collect())
+        .map(|d| {
+            d.iter()
+                .filter_map(|d| d["id"].as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     let before = deb.counter(SHORT);
-    let report = cli.json(&["snapshot", "create", "efi", "u1", "--live", "--disk", "vdb=external"]);
+    let report = cli.json(&[
+        "snapshot",
+        "create",
+        "efi",
+        "u1",
+        "--live",
+        "--disk",
+        "vdb=external",
+    ]);
     let record_disks: Vec<&str> = report["record"]["disks"]
         .as_array()
         .unwrap()
         .iter()
         .map(|d| d["target"].as_str().unwrap())
         .collect();
-    assert!(record_disks.contains(&"nvram"), "the NVRAM is snapshotted: {report} (disks {disks:?})");
+    assert!(
+        record_disks.contains(&"nvram"),
+        "the NVRAM is snapshotted: {report} (disks {disks:?})"
+    );
 
     // A boot variable written after the snapshot is gone after the revert.
     let efivar = "/sys/firmware/efi/efivars/DomsnapTest-8be4df61-93ca-11d2-aa0d-00e098032b8c";
-    assert_eq!(deb.shell(&cli, &format!("printf '\\007\\000\\000\\000x' >{efivar}")), 0);
+    assert_eq!(
+        deb.shell(&cli, &format!("printf '\\007\\000\\000\\000x' >{efivar}")),
+        0
+    );
     deb.counter_above(before + 3);
     cli.json(&["snapshot", "revert", "efi", "u1"]);
     let restored = deb.counter(SHORT);
@@ -259,6 +318,10 @@ fn debian_under_uefi_survives_a_snapshot_and_a_revert_with_its_nvram() {
     cli.ok(&["domain", "stop", "efi", "--timeout", "180"]);
     // Booted again from the reverted NVRAM: the variable is not there.
     deb.start(&cli, false);
-    assert_eq!(deb.shell(&cli, &format!("! test -e {efivar}")), 0, "the NVRAM was reverted");
+    assert_eq!(
+        deb.shell(&cli, &format!("! test -e {efivar}")),
+        0,
+        "the NVRAM was reverted"
+    );
     cli.ok(&["domain", "stop", "efi", "--force"]);
 }

@@ -1,6 +1,8 @@
 //! `cargo xtask demo`: the whole story through the `domsnap` CLI (release build). Start a domain
-//! whose guest keeps rewriting memory, take a live snapshot while it works, let it change,
-//! revert, and show that it went on from the snapshot — with the timings.
+//! whose guest keeps working, take a live snapshot while it works, let it change, revert, and
+//! show that it went on from the snapshot — with the timings. On the Debian guest when it is
+//! built ([`crate::demo_debian`]: its service answers over the network before and after the
+//! revert), else on the tiny guest, whose workload rewrites memory.
 
 use std::{
     path::{Path, PathBuf},
@@ -39,7 +41,20 @@ pub fn run() -> Result<()> {
         state: dir.path().join("state"),
         serial_log: dir.path().join("state/domains/demo/serial.log"),
     };
-    let config = write_config(dir.path())?;
+    match testkit::DebianGuest::load(&testkit::debian_guest_dir()) {
+        Ok(guest) => crate::demo_debian::run(&demo, dir.path(), &guest)?,
+        Err(why) => {
+            println!("(the Debian guest is not built: {why}; the demo runs on the tiny guest)");
+            run_tiny(&demo, dir.path())?;
+        }
+    }
+    println!("\ndemo finished in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The story on the tiny guest: its serial console ticks, and it rewrites a working set.
+fn run_tiny(demo: &Demo, dir: &Path) -> Result<()> {
+    let config = write_config(dir)?;
 
     step(&format!(
         "start domain \"demo\": {MEMORY_MIB} MiB, a guest rewriting 20 MiB/s of a 64 MiB working set, \
@@ -48,7 +63,8 @@ pub fn run() -> Result<()> {
     demo.show(&["domain", "start", config.to_str().context("UTF-8 path")?])?;
     // QEMU runs daemonized: if a step fails, end it rather than leave it running.
     let mut running = Running {
-        demo: &demo,
+        demo,
+        domain: "demo",
         stopped: false,
     };
     demo.wait_serial("DOMSNAP READY")?;
@@ -69,6 +85,40 @@ pub fn run() -> Result<()> {
         "taken by cargo xtask demo",
     ])?;
     let at_snapshot = demo.last_tick();
+    print_created(&report);
+    println!("the guest's counter was between {before} and {at_snapshot} when the snapshot was taken");
+
+    step("let the guest change");
+    let later = demo.wait_tick_above(at_snapshot + 5)?;
+    println!("counter now {later}");
+    demo.show(&["snapshot", "list", "demo"])?;
+    demo.show(&["snapshot", "show", "demo", "before"])?;
+
+    step("revert to the snapshot");
+    let position = demo.serial_position();
+    let old = demo.last_tick();
+    let report = demo.json(&["snapshot", "revert", "demo", "before"])?;
+    print_reverted(&report);
+    let resumed_at = demo.first_reverted_tick(position, old)?;
+    println!(
+        "the guest went on at tick {resumed_at}: from the snapshot (taken at {before}..{at_snapshot}), \
+         not from {later}"
+    );
+    ensure!(
+        before < resumed_at && resumed_at <= at_snapshot + 2,
+        "the guest did not continue from the snapshot"
+    );
+
+    step("check, delete, stop");
+    demo.show(&["snapshot", "verify", "demo", "before"])?;
+    demo.show(&["snapshot", "delete", "demo", "before"])?;
+    demo.show(&["domain", "stop", "demo", "--force"])?;
+    running.stopped = true;
+    Ok(())
+}
+
+/// What a create report says about the pause, QEMU's downtime and the memory image.
+pub(crate) fn print_created(report: &Value) {
     let pages = &report["memory_pages"];
     let streamed = &report["streamed"];
     println!(
@@ -94,18 +144,10 @@ pub fn run() -> Result<()> {
         pages[1],
         pages[0]
     );
-    println!("the guest's counter was between {before} and {at_snapshot} when the snapshot was taken");
+}
 
-    step("let the guest change");
-    let later = demo.wait_tick_above(at_snapshot + 5)?;
-    println!("counter now {later}");
-    demo.show(&["snapshot", "list", "demo"])?;
-    demo.show(&["snapshot", "show", "demo", "before"])?;
-
-    step("revert to the snapshot");
-    let position = demo.serial_position();
-    let old = demo.last_tick();
-    let report = demo.json(&["snapshot", "revert", "demo", "before"])?;
+/// What a revert report says about its time and how memory came back.
+pub(crate) fn print_reverted(report: &Value) {
     println!(
         "reverted in {:.0} ms: {}; the domain is {}",
         report["total_ms"].as_f64().unwrap_or_default(),
@@ -123,26 +165,9 @@ pub fn run() -> Result<()> {
         },
         report["state"].as_str().unwrap_or("?")
     );
-    let resumed_at = demo.first_reverted_tick(position, old)?;
-    println!(
-        "the guest went on at tick {resumed_at}: from the snapshot (taken at {before}..{at_snapshot}), \
-         not from {later}"
-    );
-    ensure!(
-        before < resumed_at && resumed_at <= at_snapshot + 2,
-        "the guest did not continue from the snapshot"
-    );
-
-    step("check, delete, stop");
-    demo.show(&["snapshot", "verify", "demo", "before"])?;
-    demo.show(&["snapshot", "delete", "demo", "before"])?;
-    demo.show(&["domain", "stop", "demo", "--force"])?;
-    running.stopped = true;
-    println!("\ndemo finished in {:.1} s", started.elapsed().as_secs_f64());
-    Ok(())
 }
 
-fn step(text: &str) {
+pub(crate) fn step(text: &str) {
     println!("\n== {text}");
 }
 
@@ -182,20 +207,25 @@ fn write_config(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Stops the demo's domain when the demo ends early.
-struct Running<'d> {
-    demo: &'d Demo,
-    stopped: bool,
+pub(crate) struct Running<'d> {
+    pub(crate) demo: &'d Demo,
+    pub(crate) domain: &'static str,
+    pub(crate) stopped: bool,
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         if !self.stopped {
-            let _ = self.demo.command(&["domain", "stop", "demo", "--force"]).output();
+            let _ = self
+                .demo
+                .command(&["domain", "stop", self.domain, "--force"])
+                .output();
         }
     }
 }
 
-struct Demo {
+/// The release `domsnap` on the demo's state directory.
+pub(crate) struct Demo {
     binary: PathBuf,
     state: PathBuf,
     serial_log: PathBuf,
@@ -209,7 +239,7 @@ impl Demo {
     }
 
     /// Runs a command and shows it with its output.
-    fn show(&self, args: &[&str]) -> Result<()> {
+    pub(crate) fn show(&self, args: &[&str]) -> Result<()> {
         println!("$ domsnap {}", args.join(" "));
         let output = self.command(args).output()?;
         print!("{}", String::from_utf8_lossy(&output.stdout));
@@ -223,8 +253,13 @@ impl Demo {
     }
 
     /// Runs a command with --json (shown without it) and returns its document.
-    fn json(&self, args: &[&str]) -> Result<Value> {
+    pub(crate) fn json(&self, args: &[&str]) -> Result<Value> {
         println!("$ domsnap {}", args.join(" "));
+        self.quiet_json(args)
+    }
+
+    /// Runs a command with --json, not shown, and returns its document.
+    pub(crate) fn quiet_json(&self, args: &[&str]) -> Result<Value> {
         let mut with_json = vec!["--json"];
         with_json.extend_from_slice(args);
         let output = self.command(&with_json).output()?;

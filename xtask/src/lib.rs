@@ -8,6 +8,7 @@ pub mod debian;
 pub mod debian_build;
 pub mod debian_image;
 pub mod demo;
+mod demo_debian;
 pub mod fuzz;
 pub mod guest;
 pub mod guest_image;
