@@ -19,34 +19,6 @@ const BOOT: Duration = Duration::from_secs(120);
 const TICKS: Duration = Duration::from_secs(60);
 
 /// The image the domain's disk `id` uses now, from its definition.
-fn active_image(cli: &Cli, domain: &Domain, id: &str) -> PathBuf {
-    let path = cli
-        .state_dir()
-        .join("domains")
-        .join(&domain.name)
-        .join("domain.toml");
-    let config: toml::Value = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let disk = config["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["id"].as_str() == Some(id))
-        .unwrap();
-    PathBuf::from(disk["path"].as_str().unwrap())
-}
-
-fn assert_marker_within(image: &std::path::Path, ticks: &TicksAround) {
-    let marker =
-        Domain::disk_marker_tick(image).unwrap_or_else(|| panic!("no marker in {}", image.display()));
-    assert!(
-        ticks.before.saturating_sub(1) <= marker && marker <= ticks.after + 1,
-        "disk marker tick {marker} of {} is not the snapshot's (between {} and {})",
-        image.display(),
-        ticks.before,
-        ticks.after
-    );
-}
-
 /// Reverts paused, checks vda's marker, resumes and checks that the counter goes on from the
 /// snapshot's value.
 fn revert_and_check(cli: &Cli, domain: &Domain, snapshot: &str, ticks: &TicksAround, eager: bool) {
@@ -56,7 +28,7 @@ fn revert_and_check(cli: &Cli, domain: &Domain, snapshot: &str, ticks: &TicksAro
     }
     let report = cli.json(&args);
     assert_eq!(report["state"], "paused", "{report}");
-    assert_marker_within(&active_image(cli, domain, "vda"), ticks);
+    common::assert_marker_within(&cli.active_image(domain, "vda"), ticks);
     let position = domain.serial_position();
     cli.ok(&["domain", "resume", &domain.name]);
     let first = domain.first_tick_since(position, TICKS);
@@ -120,7 +92,7 @@ fn disks_left_out_named_internal_snapshots_and_disk_only_snapshots_of_a_running_
     domain.wait_tick_above(ticks.position, ticks.after + 2, TICKS);
     revert_and_check(&cli, &domain, "s1", &ticks, false);
     assert_eq!(
-        active_image(&cli, &domain, "vdb"),
+        cli.active_image(&domain, "vdb"),
         domain.images[1],
         "vdb stays as it is"
     );
@@ -139,7 +111,7 @@ fn disks_left_out_named_internal_snapshots_and_disk_only_snapshots_of_a_running_
     assert_eq!(reverted["state"], "shut-off", "{reverted}");
     assert_eq!(reverted["memory_load"], "none", "{reverted}");
     assert_eq!(state(&cli, &domain), "shut-off");
-    assert_marker_within(&active_image(&cli, &domain, "vda"), &ticks);
+    common::assert_marker_within(&cli.active_image(&domain, "vda"), &ticks);
 
     cli.ok(&["snapshot", "delete", "seed", "s1"]);
     cli.ok(&["snapshot", "delete", "seed", "d1"]);

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use common::{create, internal_snapshots, state, Cli, Domain, TicksAround, Workload};
 
@@ -63,35 +63,6 @@ fn assert_continues(domain: &Domain, mark: &Mark, ticks: &TicksAround) {
 }
 
 /// The image the domain's disk `id` uses now, from its definition in the state directory.
-fn active_image(cli: &Cli, domain: &Domain, id: &str) -> PathBuf {
-    let path = cli
-        .state_dir()
-        .join("domains")
-        .join(&domain.name)
-        .join("domain.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let config: toml::Value = toml::from_str(&text).unwrap();
-    let disk = config["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["id"].as_str() == Some(id))
-        .unwrap_or_else(|| panic!("no disk {id} in {text}"));
-    PathBuf::from(disk["path"].as_str().unwrap())
-}
-
-fn assert_marker_within(image: &std::path::Path, ticks: &TicksAround) {
-    let marker =
-        Domain::disk_marker_tick(image).unwrap_or_else(|| panic!("no disk marker in {}", image.display()));
-    assert!(
-        ticks.before.saturating_sub(1) <= marker && marker <= ticks.after + 1,
-        "disk marker tick {marker} of {} is not the snapshot's (between {} and {})",
-        image.display(),
-        ticks.before,
-        ticks.after
-    );
-}
-
 /// Reverts paused (lazily, or `eager`ly), checks the disk marker while nothing writes it,
 /// resumes, and checks the counter.
 fn revert_and_check(
@@ -111,7 +82,7 @@ fn revert_and_check(
     let load = if eager { "copied" } else { "mapped" };
     assert_eq!(report["memory_load"], load, "{report}");
     assert_eq!(state(cli, domain), "paused");
-    assert_marker_within(&active_image(cli, domain, marker_disk), ticks);
+    common::assert_marker_within(&cli.active_image(domain, marker_disk), ticks);
     let mark = mark(domain);
     cli.ok(&["domain", "resume", &domain.name]);
     assert_continues(domain, &mark, ticks);
@@ -131,14 +102,14 @@ fn paused_snapshot_of_a_fingerprint_guest_brings_back_memory_and_disks() {
     assert!(report["guest_pause_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(internal_snapshots(&domain.images[0]), ["s1"]);
     let overlay = domain.dir.join("vdb.s1.qcow2");
-    assert_eq!(active_image(&cli, &domain, "vdb"), overlay);
+    assert_eq!(cli.active_image(&domain, "vdb"), overlay);
     assert_eq!(state(&cli, &domain), "running");
     run_on(&domain, &ticks);
 
     revert_and_check(&cli, &domain, "s1", &ticks, "vda", false);
     assert_eq!(domain.fingerprint_check(), fingerprint);
     // vdb writes to a fresh overlay on the snapshot's image; the one written since is gone.
-    let vdb = active_image(&cli, &domain, "vdb");
+    let vdb = cli.active_image(&domain, "vdb");
     assert!(vdb.to_string_lossy().contains(".revert-"), "{}", vdb.display());
     assert!(!overlay.exists());
     cli.ok(&["snapshot", "verify", "fp", "s1"]);
@@ -176,7 +147,8 @@ fn live_snapshot_of_a_dirtying_guest_brings_back_memory_and_disks() {
     run_on(&domain, &ticks);
 
     revert_and_check(&cli, &domain, "live", &ticks, "vda", false);
-    assert!(active_image(&cli, &domain, "vda")
+    assert!(cli
+        .active_image(&domain, "vda")
         .to_string_lossy()
         .contains(".revert-"));
     // The guest keeps dirtying memory after the revert.
@@ -233,7 +205,7 @@ fn a_tree_of_snapshots_reverts_along_every_branch_and_deletes_cleanly() {
     assert_eq!(cli.ok(&["snapshot", "list", "tree", "--tree"]), "");
     assert_eq!(cli.snapshot_files(), Vec::<String>::new());
     assert_eq!(internal_snapshots(&domain.images[0]), Vec::<String>::new());
-    assert_eq!(active_image(&cli, &domain, "vdb"), domain.images[1]);
+    assert_eq!(cli.active_image(&domain, "vdb"), domain.images[1]);
     assert_eq!(state(&cli, &domain), "running");
     cli.ok(&["domain", "stop", "tree", "--force"]);
     assert_eq!(internal_snapshots(&domain.images[1]), Vec::<String>::new());
@@ -256,7 +228,7 @@ fn a_shut_off_domain_gets_disk_only_snapshots_and_stays_shut_off_on_revert() {
     assert_eq!(report["guest_pause_ms"], 0.0);
     assert_eq!(internal_snapshots(&domain.images[0]), ["cold"]);
     assert_eq!(
-        active_image(&cli, &domain, "vdb"),
+        cli.active_image(&domain, "vdb"),
         domain.dir.join("vdb.cold.qcow2")
     );
 
@@ -277,7 +249,7 @@ fn a_shut_off_domain_gets_disk_only_snapshots_and_stays_shut_off_on_revert() {
     assert_eq!(Domain::disk_marker_tick(&domain.images[0]), Some(marker));
     cli.ok(&["snapshot", "delete", "off", "cold"]);
     assert_eq!(cli.snapshot_files(), Vec::<String>::new());
-    assert_eq!(active_image(&cli, &domain, "vdb"), domain.images[1]);
+    assert_eq!(cli.active_image(&domain, "vdb"), domain.images[1]);
 }
 
 #[test]

@@ -134,6 +134,25 @@ impl Cli {
         domain
     }
 
+    /// The image domain's disk `id` uses now (its defined configuration: an overlay after an
+    /// external snapshot or a revert).
+    pub fn active_image(&self, domain: &Domain, id: &str) -> PathBuf {
+        let path = self
+            .state_dir()
+            .join("domains")
+            .join(&domain.name)
+            .join("domain.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config: toml::Value = toml::from_str(&text).unwrap();
+        let disk = config["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"].as_str() == Some(id))
+            .unwrap_or_else(|| panic!("no disk {id} in {text}"));
+        PathBuf::from(disk["path"].as_str().unwrap())
+    }
+
     /// Writes the configuration and creates the disks, without starting.
     pub fn define_domain(&self, name: &str, memory_mib: u64, workload: Workload, disks: usize) -> Domain {
         let guest = testkit::guest();
@@ -386,6 +405,19 @@ pub fn internal_snapshots(image: &Path) -> Vec<String> {
 
 /// The guest's tick counter around a create: the last tick before it and after it. The snapshot
 /// holds a value in between (for a background create, the value at its start).
+/// Checks that the disk marker in `image` was written at the snapshot: its tick is within `ticks`.
+pub fn assert_marker_within(image: &Path, ticks: &TicksAround) {
+    let marker =
+        Domain::disk_marker_tick(image).unwrap_or_else(|| panic!("no disk marker in {}", image.display()));
+    assert!(
+        ticks.before.saturating_sub(1) <= marker && marker <= ticks.after + 1,
+        "disk marker tick {marker} of {} is not the snapshot's (between {} and {})",
+        image.display(),
+        ticks.before,
+        ticks.after
+    );
+}
+
 pub struct TicksAround {
     pub before: u64,
     pub after: u64,
