@@ -522,6 +522,8 @@ impl<'o> CreateJob<'o> {
             config: std::mem::take(&mut self.config),
             memory: saved.memory.clone(),
             disks: self.disks.clone(),
+            broken: None,
+            chains: Default::default(),
         };
         self.observe(Step::Commit);
         if let Err(e) = orchestrator.store.commit(&record) {
