@@ -89,6 +89,9 @@ fn an_internal_snapshot_deleted_with_qemu_img_marks_its_snapshot_broken() {
         "{report}"
     );
     assert_eq!(report["broken"], json!(["s1"]));
+    let again = cli.ok(&["snapshot", "rescan", "rsi"]);
+    assert!(again.starts_with("rescanned rsi in "), "{again}");
+    assert!(again.ends_with("broken snapshots: s1\n"), "{again}");
     assert_eq!(list_row(&cli, &domain, "s1")["broken"], json!([reason]));
     assert!(list_row(&cli, &domain, "s2")["broken"].is_null());
     let listed = cli.ok(&["snapshot", "list", "rsi"]);
