@@ -176,7 +176,7 @@ enum SnapshotCommand {
         #[arg(long, conflicts_with = "filter")]
         tree: bool,
         #[command(flatten)]
-        filter: snapshots::ListFilter,
+        filter: snapshots::FilterArgs,
     },
     /// Print the domain's current snapshot (the parent of its next one), or make SNAP current.
     Current {
@@ -704,7 +704,7 @@ mod tests {
         let Command::Snapshot(SnapshotCommand::List { filter, .. }) = cli.command else {
             panic!("not a list")
         };
-        assert_eq!(filter.get(), snapshots::Filter::Leaves);
+        assert_eq!(filter.get(), snapshot_core::ListFilter::Leaves);
         assert!(parse(&["current", "d", "s1"]).is_ok() && parse(&["rescan", "d"]).is_ok());
     }
 

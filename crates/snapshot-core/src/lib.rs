@@ -86,4 +86,4 @@ pub use state_dir::{DomainDir, DomainLock, StateDir};
 #[cfg(any(test, feature = "mock"))]
 pub use store::MockSnapshotStore;
 pub use store::{FsStore, ImageLinks, SnapshotFiles, SnapshotStore};
-pub use tree::{SnapshotTree, TreeNode};
+pub use tree::{filter_records, ListFilter, SnapshotTree, TreeNode};

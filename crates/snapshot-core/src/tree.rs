@@ -17,6 +17,38 @@ pub struct TreeNode<T> {
     pub children: Vec<TreeNode<T>>,
 }
 
+/// Which snapshots a listing keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ListFilter {
+    /// Every snapshot.
+    #[default]
+    All,
+    /// The snapshots without a parent (among the records).
+    Roots,
+    /// The snapshots without children.
+    Leaves,
+    /// The current snapshot only (none if the domain has none).
+    Current,
+}
+
+/// The records `filter` keeps, in their order (`current`: the domain's current snapshot).
+pub fn filter_records<'a>(
+    records: &'a [SnapshotRecord],
+    filter: ListFilter,
+    current: Option<&Name>,
+) -> Vec<&'a SnapshotRecord> {
+    let tree = SnapshotTree::new(records);
+    records
+        .iter()
+        .filter(|record| match filter {
+            ListFilter::All => true,
+            ListFilter::Roots => tree.roots().iter().any(|root| root.name == record.name),
+            ListFilter::Leaves => tree.is_leaf(&record.name),
+            ListFilter::Current => current == Some(&record.name),
+        })
+        .collect()
+}
+
 /// A domain's snapshots arranged by parent.
 #[derive(Debug)]
 pub struct SnapshotTree<'a> {
@@ -151,6 +183,28 @@ mod tests {
         let roots: Vec<String> = tree.roots().iter().map(|r| r.name.to_string()).collect();
         assert_eq!(roots, ["s1", "orphan"]);
         assert!(!tree.is_leaf(&s1) && tree.is_leaf(&Name::new("s2").unwrap()));
+    }
+
+    #[test]
+    fn filters_keep_roots_leaves_or_the_current_snapshot() {
+        let records = [
+            record("a", None),
+            record("b", Some("a")),
+            record("c", Some("a")),
+            record("x", None),
+        ];
+        let names = |filter, current: Option<&str>| {
+            let current = current.map(|c| Name::new(c).unwrap());
+            filter_records(&records, filter, current.as_ref())
+                .iter()
+                .map(|r| r.name.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(ListFilter::All, None), ["a", "b", "c", "x"]);
+        assert_eq!(names(ListFilter::Roots, None), ["a", "x"]);
+        assert_eq!(names(ListFilter::Leaves, None), ["b", "c", "x"]);
+        assert_eq!(names(ListFilter::Current, Some("b")), ["b"]);
+        assert!(names(ListFilter::Current, None).is_empty());
     }
 
     #[test]
