@@ -38,7 +38,7 @@ impl Orchestrator {
             self.store.set_intent(
                 domain,
                 &Intent::Delete {
-                    record: victim.clone(),
+                    record: Box::new(victim.clone()),
                 },
             )?;
             let files = self.store.files(domain, &victim.name).of_record(&victim);
