@@ -259,3 +259,41 @@ fn list_filters_the_tree_as_json_and_the_current_snapshot() {
         "s1\n  s2\n  s3 *\n"
     );
 }
+
+#[test]
+fn an_overlay_made_outside_domsnap_on_the_active_image_is_reported_once() {
+    let cli = Cli::new();
+    let domain = cli.define_domain("foreign", 128, Workload::Idle, 1);
+    cli.ok(&["domain", "start", text(&domain.config)]);
+    cli.ok(&["domain", "stop", "foreign", "--force"]);
+    assert_eq!(rescan(&cli, &domain)["first"], true);
+    // Someone makes an overlay on vda.qcow2 and has the domain run on it.
+    let theirs = domain.dir.join("theirs.qcow2");
+    let (vda, overlay) = (text(&domain.images[0]), text(&theirs));
+    testkit::run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-b", vda, "-F", "qcow2", overlay],
+    );
+    let config = std::fs::read_to_string(&domain.config)
+        .unwrap()
+        .replace(vda, overlay);
+    std::fs::write(&domain.config, config).unwrap();
+    cli.ok(&["domain", "start", text(&domain.config)]);
+    let report = rescan(&cli, &domain);
+    assert_eq!(
+        report["disks"][0]["changed"],
+        json!([format!(
+            "{overlay} was not made by domsnap (its backing file: {vda})"
+        )]),
+        "{report}"
+    );
+    assert_eq!(report["disks"][0]["chain"], json!([overlay, vda]));
+    assert!(cli
+        .ok(&["snapshot", "rescan", "foreign"])
+        .contains("no snapshot is broken"));
+    assert_eq!(
+        rescan(&cli, &domain)["disks"][0]["changed"],
+        json!([]),
+        "recorded"
+    );
+}

@@ -99,9 +99,10 @@ impl Orchestrator {
             .await
             .map_err(driver_error(domain, "read the disks of"))?;
         let previous = self.store.links(domain)?;
-        let known = previous
-            .as_ref()
-            .map(|links| Known::new(links, self.store.overlays(domain).unwrap_or_default(), records));
+        let known = match &previous {
+            Some(links) => Some(Known::new(links, self.store.overlays(domain)?, records)),
+            None => None,
+        };
         let mut disks = Vec::new();
         let mut links = ImageLinks::new();
         for target in targets {
