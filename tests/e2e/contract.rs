@@ -105,6 +105,12 @@ fn real_documents(cli: &Cli) -> BTreeMap<&'static str, Value> {
     real.insert("snapshot-show", cli.json(&["snapshot", "show", name, "s1"]));
     real.insert("snapshot-verify", cli.json(&["snapshot", "verify", name, "s1"]));
     real.insert("snapshot-revert", cli.json(&["snapshot", "revert", name, "s1"]));
+    real.insert("snapshot-current", cli.json(&["snapshot", "current", name, "s1"]));
+    real.insert(
+        "snapshot-list-tree",
+        cli.json(&["snapshot", "list", name, "--tree"]),
+    );
+    real.insert("snapshot-rescan", cli.json(&["snapshot", "rescan", name]));
     real.insert("snapshot-delete", cli.json(&["snapshot", "delete", name, "s1"]));
     real.insert("recover", cli.json(&["recover"]));
     // A create killed as it pauses the guest leaves an operation to abandon.

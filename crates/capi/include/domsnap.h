@@ -78,6 +78,28 @@ typedef enum domsnap_code {
 } domsnap_code;
 
 /**
+ * Which snapshots `domsnap_snapshot_list_filtered` keeps (pass the value as an `int`).
+ */
+typedef enum domsnap_list_filter {
+  /**
+   * Every snapshot.
+   */
+  DOMSNAP_LIST_ALL = 0,
+  /**
+   * The snapshots without a parent.
+   */
+  DOMSNAP_LIST_ROOTS = 1,
+  /**
+   * The snapshots without children.
+   */
+  DOMSNAP_LIST_LEAVES = 2,
+  /**
+   * The current snapshot only (none if the domain has none).
+   */
+  DOMSNAP_LIST_CURRENT = 3,
+} domsnap_list_filter;
+
+/**
  * A domsnap context (opaque to C): one per state directory, made by `domsnap_ctx_open`.
  *
  * It may be shared between threads: every call takes it by shared reference, calls on one
@@ -270,6 +292,51 @@ int domsnap_snapshot_revert(struct domsnap_ctx *ctx, const char *domain, const s
  * writable.
  */
 int domsnap_snapshot_list(struct domsnap_ctx *ctx, const char *domain, char **json_out);
+
+/**
+ * The snapshots of `domain` that `filter` (a `domsnap_list_filter`) keeps, as the JSON
+ * document of `domsnap_snapshot_list` (`"snapshots"` filtered) in `*json_out` (free it with
+ * `domsnap_string_free`). Never waits for another command.
+ *
+ * # Safety
+ * As `domsnap_snapshot_list`.
+ */
+int domsnap_snapshot_list_filtered(struct domsnap_ctx *ctx, const char *domain, int filter, char **json_out);
+
+/**
+ * Rescans the disks of `domain` (running, paused or shut off) and reconciles its snapshot
+ * records: every snapshot, or only `snapshot` (NULL: all). A snapshot whose disk part is gone
+ * or changed (an internal snapshot deleted, an image removed, the chain under it changed) is
+ * marked broken with the reasons, and `domsnap_snapshot_revert` refuses it
+ * (`DOMSNAP_INVALID_ARGUMENT`); one whose parts are back is unmarked. The report is a JSON
+ * document in `*json_out` (free it with `domsnap_string_free`), with the keys of `domsnap
+ * snapshot rescan --json` (docs/cli.md): `version`, `domain`, `changed`, `broken`, `disks`,
+ * `first`, `total_ms`. Takes the domain's lock.
+ *
+ * # Safety
+ * As `domsnap_snapshot_list`; `snapshot` is NULL or NUL-terminated.
+ */
+int domsnap_snapshot_rescan(struct domsnap_ctx *ctx, const char *domain, const char *snapshot, char **json_out);
+
+/**
+ * The current snapshot of `domain` (the parent of its next snapshot) in `*name_out`, a new
+ * string to free with `domsnap_string_free`, or NULL when the domain has none. Never waits for
+ * another command.
+ *
+ * # Safety
+ * `ctx` is NULL or a live context; `domain` is NULL or NUL-terminated; `name_out` is NULL or
+ * writable.
+ */
+int domsnap_snapshot_current(struct domsnap_ctx *ctx, const char *domain, char **name_out);
+
+/**
+ * Makes snapshot `name` the current snapshot of `domain` (the parent of its next snapshot);
+ * an unknown snapshot is `DOMSNAP_NOT_FOUND`. Nothing else changes. Takes the domain's lock.
+ *
+ * # Safety
+ * `ctx` is NULL or a live context; `domain` and `name` are NULL or NUL-terminated.
+ */
+int domsnap_snapshot_set_current(struct domsnap_ctx *ctx, const char *domain, const char *name);
 
 /**
  * Snapshot `name` of `domain` as a JSON document in `*json_out` (free it with

@@ -2,9 +2,11 @@
 //! reading into checked Rust values.
 
 use std::{
-    ffi::{c_char, CStr},
+    ffi::{c_char, c_int, CStr},
     path::PathBuf,
 };
+
+use snapshot_core::ListFilter;
 
 use crate::error::CapiError;
 
@@ -255,6 +257,38 @@ unsafe fn read_disk(disk: &domsnap_disk_args, index: usize) -> Result<DiskArgs, 
         DiskArgsKind::Internal
     };
     Ok(DiskArgs { device, name, kind })
+}
+
+/// Which snapshots `domsnap_snapshot_list_filtered` keeps (pass the value as an `int`).
+#[allow(non_camel_case_types, reason = "the C name, as the header spells it")]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum domsnap_list_filter {
+    /// Every snapshot.
+    DOMSNAP_LIST_ALL = 0,
+    /// The snapshots without a parent.
+    DOMSNAP_LIST_ROOTS = 1,
+    /// The snapshots without children.
+    DOMSNAP_LIST_LEAVES = 2,
+    /// The current snapshot only (none if the domain has none).
+    DOMSNAP_LIST_CURRENT = 3,
+}
+
+impl domsnap_list_filter {
+    /// The filter a C caller passed; another value is `DOMSNAP_INVALID_ARGUMENT`.
+    pub fn read(value: c_int) -> Result<ListFilter, CapiError> {
+        Ok(match value {
+            0 => ListFilter::All,
+            1 => ListFilter::Roots,
+            2 => ListFilter::Leaves,
+            3 => ListFilter::Current,
+            _ => {
+                return Err(CapiError::InvalidArgument(format!(
+                    "filter {value} is no domsnap_list_filter"
+                )))
+            }
+        })
+    }
 }
 
 #[cfg(test)]

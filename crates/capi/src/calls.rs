@@ -8,8 +8,9 @@ use std::{path::Path, sync::Arc, time::Duration};
 use qemu::{DomainConfig, QemuDriver, StopMode};
 use serde::Serialize;
 use snapshot_core::{
-    CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, FsStore, LiveOptions, MemoryMode, Name,
-    Observer, Orchestrator, RevertOptions, RevertReport, SnapshotRecord, SnapshotStore,
+    filter_records, CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, FsStore, ListFilter,
+    LiveOptions, MemoryMode, Name, Observer, Orchestrator, RevertOptions, RevertReport, SnapshotRecord,
+    SnapshotStore,
 };
 
 use crate::{
@@ -39,6 +40,14 @@ struct ListDocument<'a> {
     domain: &'a Name,
     current: Option<Name>,
     snapshots: Vec<SnapshotRecord>,
+}
+
+/// A report with the documents' version in front: `{"version": 1, ...the report's keys}`.
+#[derive(Debug, Serialize)]
+struct Versioned<'a, T: Serialize> {
+    version: u32,
+    #[serde(flatten)]
+    body: &'a T,
 }
 
 /// `domsnap_snapshot_show`'s document.
@@ -120,17 +129,50 @@ impl Api {
         Ok(self.orchestrator.revert(&domain, &snapshot, options).await?)
     }
 
-    /// The domain's snapshots as a JSON document: `{"version", "domain", "current",
-    /// "snapshots": [record, ...]}`.
-    pub fn list(&self, domain: &str) -> Result<String, CapiError> {
+    /// The domain's snapshots that `filter` keeps as a JSON document: `{"version", "domain",
+    /// "current", "snapshots": [record, ...]}`.
+    pub fn list(&self, domain: &str, filter: ListFilter) -> Result<String, CapiError> {
         let domain = self.defined(domain)?;
+        let current = self.store.current(&domain)?;
+        let records = self.store.list(&domain)?;
+        let snapshots = filter_records(&records, filter, current.as_ref())
+            .into_iter()
+            .cloned()
+            .collect();
         let document = ListDocument {
             version: DOMSNAP_JSON_VERSION,
             domain: &domain,
-            current: self.store.current(&domain)?,
-            snapshots: self.store.list(&domain)?,
+            current,
+            snapshots,
         };
         to_json(&document, "snapshot list")
+    }
+
+    /// Rescans the domain's disks and reconciles its snapshot records (all, or `snapshot`);
+    /// the report as a JSON document, `{"version", ...}` with the keys of `domsnap snapshot
+    /// rescan --json`.
+    pub async fn rescan(&self, domain: &str, snapshot: Option<&str>) -> Result<String, CapiError> {
+        let domain = self.defined(domain)?;
+        let snapshot = snapshot.map(Name::new).transpose()?;
+        let report = self.orchestrator.rescan(&domain, snapshot.as_ref()).await?;
+        let document = Versioned {
+            version: DOMSNAP_JSON_VERSION,
+            body: &report,
+        };
+        to_json(&document, "rescan report")
+    }
+
+    /// The domain's current snapshot, if it has one.
+    pub fn current(&self, domain: &str) -> Result<Option<String>, CapiError> {
+        let domain = self.defined(domain)?;
+        Ok(self.orchestrator.current(&domain)?.map(String::from))
+    }
+
+    /// Makes `snapshot` the domain's current snapshot (it must exist).
+    pub async fn set_current(&self, domain: &str, snapshot: &str) -> Result<(), CapiError> {
+        let domain = self.defined(domain)?;
+        let snapshot = Name::new(snapshot)?;
+        Ok(self.orchestrator.set_current(&domain, &snapshot).await?)
     }
 
     /// One snapshot as a JSON document: `{"version", "current", "record"}`.

@@ -155,7 +155,12 @@ mod tests {
         std::thread::scope(|s| {
             s.spawn(|| {
                 // SAFETY: the context is alive for the call.
-                let rc = unsafe { enter(&ctx, |ctx| ctx.read(|api| api.list("nosuch")).map(drop)) };
+                let rc = unsafe {
+                    enter(&ctx, |ctx| {
+                        ctx.read(|api| api.list("nosuch", snapshot_core::ListFilter::All))
+                            .map(drop)
+                    })
+                };
                 assert_eq!(rc, -1);
                 assert_eq!(ctx.last_error().0, domsnap_code::DOMSNAP_NOT_FOUND);
             })

@@ -24,13 +24,13 @@ use std::{
     ptr::null_mut,
 };
 
-pub use args::{domsnap_disk_args, domsnap_snapshot_args};
+pub use args::{domsnap_disk_args, domsnap_list_filter, domsnap_snapshot_args};
 pub use calls::DOMSNAP_JSON_VERSION;
 pub use ctx::domsnap_ctx;
 pub use error::{domsnap_code, CapiError};
 pub use progress::domsnap_progress_cb;
 
-use args::{read_snapshot_args, required};
+use args::{optional, read_snapshot_args, required};
 use ctx::enter;
 use error::LastError;
 
@@ -205,6 +205,35 @@ pub unsafe extern "C" fn domsnap_snapshot_revert(
     }
 }
 
+/// Writes a new string to `out` (NULL on failure, or when `call` gives none).
+///
+/// # Safety
+/// `out` is NULL or points to writable storage for a pointer.
+unsafe fn string_call(
+    ctx: *const domsnap_ctx,
+    out: *mut *mut c_char,
+    what: &str,
+    call: impl FnOnce(&domsnap_ctx) -> Result<Option<String>, CapiError>,
+) -> c_int {
+    if !out.is_null() {
+        // SAFETY: not NULL, and writable by the caller's contract.
+        unsafe { out.write(null_mut()) };
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        enter(ctx, |ctx| {
+            if out.is_null() {
+                return Err(CapiError::InvalidArgument(format!("{what} is NULL")));
+            }
+            if let Some(text) = call(ctx)? {
+                // SAFETY: not NULL, and writable by the caller's contract.
+                out.write(CString::into_raw(error::c_string_lossy(text)));
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Writes a new JSON string to `json_out` (NULL on failure).
 ///
 /// # Safety
@@ -214,22 +243,8 @@ unsafe fn json_call(
     json_out: *mut *mut c_char,
     call: impl FnOnce(&domsnap_ctx) -> Result<String, CapiError>,
 ) -> c_int {
-    if !json_out.is_null() {
-        // SAFETY: not NULL, and writable by the caller's contract.
-        unsafe { json_out.write(null_mut()) };
-    }
     // SAFETY: the caller's contract.
-    unsafe {
-        enter(ctx, |ctx| {
-            if json_out.is_null() {
-                return Err(CapiError::InvalidArgument("json_out is NULL".into()));
-            }
-            let json = error::c_string_lossy(call(ctx)?);
-            // SAFETY: not NULL, and writable by the caller's contract.
-            json_out.write(CString::into_raw(json));
-            Ok(())
-        })
-    }
+    unsafe { string_call(ctx, json_out, "json_out", |ctx| call(ctx).map(Some)) }
 }
 
 /// The snapshots of `domain` as a JSON document in `*json_out` (free it with
@@ -247,9 +262,105 @@ pub unsafe extern "C" fn domsnap_snapshot_list(
 ) -> c_int {
     // SAFETY: the caller's contract.
     unsafe {
+        domsnap_snapshot_list_filtered(
+            ctx,
+            domain,
+            domsnap_list_filter::DOMSNAP_LIST_ALL as c_int,
+            json_out,
+        )
+    }
+}
+
+/// The snapshots of `domain` that `filter` (a `domsnap_list_filter`) keeps, as the JSON
+/// document of `domsnap_snapshot_list` (`"snapshots"` filtered) in `*json_out` (free it with
+/// `domsnap_string_free`). Never waits for another command.
+///
+/// # Safety
+/// As `domsnap_snapshot_list`.
+#[no_mangle]
+pub unsafe extern "C" fn domsnap_snapshot_list_filtered(
+    ctx: *mut domsnap_ctx,
+    domain: *const c_char,
+    filter: c_int,
+    json_out: *mut *mut c_char,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe {
         json_call(ctx, json_out, |ctx| {
             let domain = required(domain, "domain")?;
-            ctx.read(|api| api.list(&domain))
+            let filter = domsnap_list_filter::read(filter)?;
+            ctx.read(|api| api.list(&domain, filter))
+        })
+    }
+}
+
+/// Rescans the disks of `domain` (running, paused or shut off) and reconciles its snapshot
+/// records: every snapshot, or only `snapshot` (NULL: all). A snapshot whose disk part is gone
+/// or changed (an internal snapshot deleted, an image removed, the chain under it changed) is
+/// marked broken with the reasons, and `domsnap_snapshot_revert` refuses it
+/// (`DOMSNAP_INVALID_ARGUMENT`); one whose parts are back is unmarked. The report is a JSON
+/// document in `*json_out` (free it with `domsnap_string_free`), with the keys of `domsnap
+/// snapshot rescan --json` (docs/cli.md): `version`, `domain`, `changed`, `broken`, `disks`,
+/// `first`, `total_ms`. Takes the domain's lock.
+///
+/// # Safety
+/// As `domsnap_snapshot_list`; `snapshot` is NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn domsnap_snapshot_rescan(
+    ctx: *mut domsnap_ctx,
+    domain: *const c_char,
+    snapshot: *const c_char,
+    json_out: *mut *mut c_char,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe {
+        json_call(ctx, json_out, |ctx| {
+            let domain = required(domain, "domain")?;
+            let snapshot = optional(snapshot, "snapshot")?;
+            ctx.run(|api| async move { api.rescan(&domain, snapshot.as_deref()).await })
+        })
+    }
+}
+
+/// The current snapshot of `domain` (the parent of its next snapshot) in `*name_out`, a new
+/// string to free with `domsnap_string_free`, or NULL when the domain has none. Never waits for
+/// another command.
+///
+/// # Safety
+/// `ctx` is NULL or a live context; `domain` is NULL or NUL-terminated; `name_out` is NULL or
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn domsnap_snapshot_current(
+    ctx: *mut domsnap_ctx,
+    domain: *const c_char,
+    name_out: *mut *mut c_char,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe {
+        string_call(ctx, name_out, "name_out", |ctx| {
+            let domain = required(domain, "domain")?;
+            ctx.read(|api| api.current(&domain))
+        })
+    }
+}
+
+/// Makes snapshot `name` the current snapshot of `domain` (the parent of its next snapshot);
+/// an unknown snapshot is `DOMSNAP_NOT_FOUND`. Nothing else changes. Takes the domain's lock.
+///
+/// # Safety
+/// `ctx` is NULL or a live context; `domain` and `name` are NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn domsnap_snapshot_set_current(
+    ctx: *mut domsnap_ctx,
+    domain: *const c_char,
+    name: *const c_char,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe {
+        enter(ctx, |ctx| {
+            let domain = required(domain, "domain")?;
+            let name = required(name, "name")?;
+            ctx.run(|api| async move { api.set_current(&domain, &name).await })
         })
     }
 }

@@ -9,6 +9,8 @@ mod contract;
 mod disk_option;
 mod generate;
 mod output;
+mod progress;
+mod snapshots;
 
 use std::{
     io::IsTerminal,
@@ -21,11 +23,11 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use contract::{Flat, Keyed};
 use disk_option::parse_disk;
-use memory::RoundStats;
+use progress::Progress;
 use qemu::{DomainConfig, QemuDriver, StopMode};
 use snapshot_core::{
-    Activity, CreateOptions, FsStore, LiveMethod, LiveOptions, MemoryMode, Name, Observer, Operation,
-    Orchestrator, RevertOptions, SnapshotStore, Step,
+    Activity, CreateOptions, FsStore, LiveMethod, LiveOptions, MemoryMode, Name, Orchestrator, RevertOptions,
+    SnapshotStore,
 };
 
 /// Whole-domain snapshots for QEMU domains: memory, device state and disks.
@@ -177,13 +179,34 @@ enum SnapshotCommand {
         #[arg(long)]
         description: Option<String>,
     },
-    /// A domain's snapshots.
+    /// A domain's snapshots (broken ones marked), all or those a filter keeps.
     List {
         /// The domain.
         name: String,
-        /// Show parents and children as a tree.
-        #[arg(long)]
+        /// Show parents and children as a tree (with --json: nested, each with its children).
+        #[arg(long, conflicts_with = "filter")]
         tree: bool,
+        #[command(flatten)]
+        filter: snapshots::FilterArgs,
+    },
+    /// Print the domain's current snapshot (the parent of its next one), or make SNAP current.
+    Current {
+        /// The domain.
+        name: String,
+        /// The snapshot to make current (it must exist).
+        snap: Option<String>,
+    },
+    /// Re-read every disk's backing chain and internal snapshots and reconcile the records.
+    ///
+    /// A snapshot whose disk part is gone or changed outside domsnap (an internal snapshot
+    /// deleted, an image removed or rebased) is marked broken with the reason, and a revert to it
+    /// is refused; one whose parts are back is unmarked. Changes to the domain's chains made
+    /// outside domsnap are reported and recorded. With SNAP, only that snapshot is reconciled.
+    Rescan {
+        /// The domain.
+        name: String,
+        /// Only this snapshot.
+        snap: Option<String>,
     },
     /// One snapshot in detail.
     Show {
@@ -549,25 +572,24 @@ impl App {
                 let report = self.orchestrator.create(&domain, &snap, options).await?;
                 self.print(&Flat::new(&report), || output::created(&report))
             }
-            SnapshotCommand::List { name: domain, tree } => {
+            SnapshotCommand::List {
+                name: domain,
+                tree,
+                filter,
+            } => {
                 let domain = self.defined_domain(&domain)?;
-                self.note_activity(&domain)?;
-                // An unknown domain is an error, not an empty list.
-                self.driver.status(&domain).await?;
-                let records = self.store.list(&domain)?;
-                let current = self.store.current(&domain)?;
-                if tree && !self.json {
-                    print!(
-                        "{}",
-                        snapshot_core::SnapshotTree::new(&records).render(current.as_ref())
-                    );
-                    return Ok(());
-                }
-                let rows: Vec<output::SnapshotRow> = records
-                    .iter()
-                    .map(|r| output::SnapshotRow::new(r, current.as_ref()))
-                    .collect();
-                self.print(&Keyed::new("snapshots", &rows), || output::snapshots(&rows))
+                self.list(&domain, tree, filter.get()).await
+            }
+            SnapshotCommand::Current { name: domain, snap } => {
+                let domain = self.defined_domain(&domain)?;
+                let snap = snap.map(|s| name(&s, "snapshot")).transpose()?;
+                self.current(&domain, snap.as_ref()).await
+            }
+            SnapshotCommand::Rescan { name: domain, snap } => {
+                let domain = self.defined_domain(&domain)?;
+                let snap = snap.map(|s| name(&s, "snapshot")).transpose()?;
+                let report = self.orchestrator.rescan(&domain, snap.as_ref()).await?;
+                self.print(&Flat::new(&report), || output::rescanned(&report))
             }
             SnapshotCommand::Show { name: domain, snap } => {
                 let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
@@ -634,73 +656,6 @@ fn looks_like_file(argument: &str) -> bool {
     argument.ends_with(".toml") || argument.contains('/') || Path::new(argument).is_file()
 }
 
-/// Progress on a terminal, and the crash-test hook: with `DOMSNAP_TEST_KILL_AT=STEP` (a step's
-/// kebab-case name, e.g. `snapshot-disks`) the process kills itself with SIGKILL as that step
-/// starts, so tests can check `recover` after a crash at every step; `STEP+MS` kills it MS
-/// milliseconds later (e.g. while QEMU streams).
-struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    kill_at: Option<String>,
-}
-
-impl Progress {
-    fn new(terminal: bool) -> Self {
-        let bar = terminal.then(|| {
-            let bar = indicatif::ProgressBar::new_spinner();
-            bar.enable_steady_tick(Duration::from_millis(120));
-            bar
-        });
-        Progress {
-            bar,
-            kill_at: std::env::var("DOMSNAP_TEST_KILL_AT").ok(),
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-    }
-}
-
-impl Observer for Progress {
-    fn step(&self, operation: Operation, step: Step) {
-        tracing::debug!(%operation, %step, "step");
-        if let Some(kill_at) = &self.kill_at {
-            let (wanted, delay_ms) = match kill_at.split_once('+') {
-                Some((wanted, ms)) => (wanted, ms.parse().unwrap_or(0)),
-                None => (kill_at.as_str(), 0),
-            };
-            let name = serde_json::to_value(step).ok();
-            if name.as_ref().and_then(|n| n.as_str()) == Some(wanted) {
-                std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_millis(delay_ms));
-                    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-                });
-                if delay_ms == 0 {
-                    // Not a step further.
-                    std::thread::park();
-                }
-            }
-        }
-        if let Some(bar) = &self.bar {
-            bar.set_message(format!("{operation}: {step}"));
-        }
-    }
-
-    fn memory_round(&self, stats: &RoundStats) {
-        if let Some(bar) = &self.bar {
-            bar.set_message(format!(
-                "memory round {}: {} dirty pages, {:.1} MiB written in {:.0} ms",
-                stats.round,
-                stats.pages_dirty,
-                stats.bytes_written as f64 / f64::from(1 << 20),
-                stats.duration.as_secs_f64() * 1e3
-            ));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -758,6 +713,21 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn list_filters_exclude_each_other_and_the_tree() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["domsnap", "snapshot"], args].concat());
+        assert!(parse(&["list", "d", "--roots"]).is_ok());
+        assert!(parse(&["list", "d", "--tree"]).is_ok());
+        assert!(parse(&["list", "d", "--roots", "--leaves"]).is_err());
+        assert!(parse(&["list", "d", "--current", "--tree"]).is_err());
+        let cli = parse(&["list", "d", "--leaves"]).unwrap();
+        let Command::Snapshot(SnapshotCommand::List { filter, .. }) = cli.command else {
+            panic!("not a list")
+        };
+        assert_eq!(filter.get(), snapshot_core::ListFilter::Leaves);
+        assert!(parse(&["current", "d", "s1"]).is_ok() && parse(&["rescan", "d"]).is_ok());
     }
 
     #[test]

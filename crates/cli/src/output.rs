@@ -4,8 +4,9 @@ use std::fmt::Write;
 
 use serde::Serialize;
 use snapshot_core::{
-    Abandoned, Activity, CreateReport, DeleteReport, DiskSnapshot, DomainState, MemoryLoad, MemoryRead, Name,
-    Recovery, RevertReport, SnapshotFiles, SnapshotRecord, ThawOutcome, VerifyReport,
+    Abandoned, Activity, CreateReport, DeleteReport, DiskSnapshot, DomainState, Health, MemoryLoad,
+    MemoryRead, Name, Recovery, RescanReport, RevertReport, SnapshotFiles, SnapshotRecord, ThawOutcome,
+    VerifyReport,
 };
 
 /// One line of `domain list`.
@@ -118,7 +119,7 @@ impl<'a> ShowDocument<'a> {
 }
 
 /// One line of `snapshot list`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct SnapshotRow {
     name: Name,
     current: bool,
@@ -128,6 +129,8 @@ pub struct SnapshotRow {
     parent: Option<Name>,
     disks: Vec<String>,
     description: Option<String>,
+    /// Why it cannot be reverted to, as the last rescan found; `None`: not broken.
+    broken: Option<Vec<String>>,
 }
 
 impl SnapshotRow {
@@ -141,6 +144,7 @@ impl SnapshotRow {
             parent: record.parent.clone(),
             disks: record.disks.iter().map(disk_text).collect(),
             description: record.description.clone(),
+            broken: record.broken.as_ref().map(|b| b.reasons.clone()),
         }
     }
 }
@@ -196,6 +200,9 @@ pub fn snapshots(rows: &[SnapshotRow]) -> String {
             row.parent.as_ref().map_or("-", Name::as_str),
             row.disks.join(" ")
         );
+        for reason in row.broken.iter().flatten() {
+            let _ = writeln!(out, "  ! broken: {reason}");
+        }
     }
     out
 }
@@ -228,6 +235,16 @@ pub fn show(record: &SnapshotRecord, current: Option<&Name>, files: &SnapshotFil
             out,
             "quiesced:    yes (filesystems frozen through the guest agent)"
         );
+    }
+    if let Some(broken) = &record.broken {
+        let _ = writeln!(
+            out,
+            "broken:      since {} UTC (a revert is refused; `snapshot rescan` unmarks it once repaired)",
+            utc(broken.since_unix_ms)
+        );
+        for reason in &broken.reasons {
+            let _ = writeln!(out, "  {reason}");
+        }
     }
     match &record.memory {
         Some(memory) => {
@@ -383,6 +400,43 @@ pub fn verified(report: &VerifyReport) -> String {
             .map(|p| format!("problem: {p}\n"))
             .collect()
     }
+}
+
+pub fn rescanned(report: &RescanReport) -> String {
+    let mut out = format!("rescanned {} in {:.0} ms", report.domain, report.total_ms);
+    out.push_str(if report.first {
+        " (its first rescan: the chains are recorded, later rescans compare against them)\n"
+    } else {
+        "\n"
+    });
+    for change in &report.changed {
+        match change.health {
+            Health::Broken => {
+                let _ = writeln!(out, "snapshot {}: broken", change.snapshot);
+                for reason in &change.reasons {
+                    let _ = writeln!(out, "  {reason}");
+                }
+            }
+            Health::Repaired => {
+                let _ = writeln!(out, "snapshot {}: repaired (its parts are back)", change.snapshot);
+            }
+        }
+    }
+    for disk in &report.disks {
+        for change in &disk.changed {
+            let _ = writeln!(out, "disk {}: {change} (recorded)", disk.target);
+        }
+        if let Some(problem) = &disk.problem {
+            let _ = writeln!(out, "disk {}: {problem}", disk.target);
+        }
+    }
+    let broken: Vec<&str> = report.broken.iter().map(Name::as_str).collect();
+    if broken.is_empty() {
+        out.push_str("no snapshot is broken\n");
+    } else {
+        let _ = writeln!(out, "broken snapshots: {}", broken.join(", "));
+    }
+    out
 }
 
 pub fn recoveries(recovered: &[Recovery]) -> String {

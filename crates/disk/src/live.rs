@@ -282,8 +282,18 @@ impl LiveBackend {
 
 #[async_trait]
 impl DiskSnapshots for LiveBackend {
+    /// An image QEMU has open is listed as QEMU sees it; one it has not (the image of another
+    /// branch of the snapshot tree) is read natively, as the offline backend does (reading takes
+    /// no lock and writes nothing).
     async fn list_internal(&self, disk: &Path) -> Result<Vec<InternalSnapshot>> {
-        let node = self.node(disk).await?;
+        let node = match self.node(disk).await {
+            Ok(node) => node,
+            Err(Error::NodeNotFound { .. }) => {
+                let disk = disk.to_owned();
+                return offline::blocking(move || offline::list_internal(&disk)).await;
+            }
+            Err(e) => return Err(e),
+        };
         Ok(node
             .info
             .image

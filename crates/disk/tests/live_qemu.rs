@@ -61,6 +61,16 @@ async fn live_snapshots_on_a_running_guest() {
     let live = LiveBackend::new(qmp.clone());
     let both = vec![d0.clone(), d1.clone()];
 
+    // An image QEMU has not open (another branch's) is listed natively.
+    let other = dir.path().join("other.qcow2");
+    testkit::create_qcow2(&other, "1M");
+    testkit::run("qemu-img", &["snapshot", "-c", "theirs", other.to_str().unwrap()]);
+    assert_eq!(names(&live.list_internal(&other).await.unwrap()), ["theirs"]);
+    assert!(live
+        .list_internal(&dir.path().join("missing.qcow2"))
+        .await
+        .is_err());
+
     // Atomic two-disk internal snapshot, and a transaction failing in its second action.
     live.create_internal(&both, "s1").await.unwrap();
     live.create_internal(&both[1..], "only-d1").await.unwrap();

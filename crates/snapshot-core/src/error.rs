@@ -88,6 +88,22 @@ pub enum Error {
         source: DriverError,
     },
 
+    /// The snapshot is marked broken (a rescan found part of it gone or changed): it cannot be
+    /// reverted to. Nothing was changed.
+    #[error(
+        "snapshot {snapshot} of domain {domain} is broken: {}; `domsnap snapshot rescan {domain}` \
+         unmarks it once its parts are back",
+        .reasons.join("; ")
+    )]
+    Broken {
+        /// The domain.
+        domain: Name,
+        /// The snapshot.
+        snapshot: Name,
+        /// What is missing or changed, as the rescan found.
+        reasons: Vec<String>,
+    },
+
     /// The request cannot be carried out as asked (nothing was changed).
     #[error("{0}")]
     InvalidRequest(String),
@@ -195,7 +211,9 @@ impl Error {
     /// from it means [`ErrorClass::Failed`].
     pub fn class_with(&self, driver: impl Fn(&DriverError) -> Option<ErrorClass>) -> ErrorClass {
         match self {
-            Error::InvalidName(_) | Error::InvalidRequest(_) => ErrorClass::InvalidArgument,
+            Error::InvalidName(_) | Error::InvalidRequest(_) | Error::Broken { .. } => {
+                ErrorClass::InvalidArgument
+            }
             Error::Unsupported(_) => ErrorClass::Unsupported,
             Error::SnapshotNotFound { .. } => ErrorClass::NotFound,
             Error::SnapshotExists { .. } => ErrorClass::AlreadyExists,

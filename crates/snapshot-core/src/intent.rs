@@ -34,8 +34,9 @@ pub enum Intent {
     },
     /// A snapshot is being deleted. Recovery finishes the delete (every step is idempotent).
     Delete {
-        /// The record as it was before the delete (its metadata file goes early).
-        record: SnapshotRecord,
+        /// The record as it was before the delete (its metadata file goes early); boxed, as the
+        /// largest variant by far (the JSON is the record's all the same).
+        record: Box<SnapshotRecord>,
     },
     /// The domain is being reverted to a snapshot. Recovery runs the revert again from the
     /// start: its steps redo cleanly, and the domain's old state is already gone once it stops.

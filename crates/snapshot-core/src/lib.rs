@@ -5,7 +5,9 @@
 //! [`Orchestrator::create`] (paused, pre-copy or background memory; internal or external disk
 //! snapshots), [`Orchestrator::delete`], [`Orchestrator::revert`] and [`Orchestrator::verify`] over
 //! it, rolls back every step of a failed operation and, through intent records,
-//! [`Orchestrator::recover`]s operations a crash interrupted. Snapshot metadata
+//! [`Orchestrator::recover`]s operations a crash interrupted. [`Orchestrator::rescan`]
+//! reconciles the records with the disks after changes made outside domsnap (marking snapshots
+//! whose disk part is gone broken, and unmarking them once it is back). Snapshot metadata
 //! ([`SnapshotRecord`]), the tree of a domain's snapshots ([`SnapshotTree`]) and the store that keeps
 //! them under a state directory ([`SnapshotStore`], [`FsStore`]: atomic writes, a per-domain lock)
 //! live here too, and so does [`StateDir`], the one owner of the state directory's layout and of
@@ -71,17 +73,17 @@ pub use hypervisor::{
 };
 pub use intent::Intent;
 pub use metadata::{
-    Consistency, DiskRecord, DiskSnapshot, DomainState, MemoryState, SnapshotRecord, METADATA_VERSION,
+    Broken, Consistency, DiskRecord, DiskSnapshot, DomainState, MemoryState, SnapshotRecord, METADATA_VERSION,
 };
 pub use name::{InvalidName, Name, MAX_NAME_LEN};
 pub use orchestrator::{
-    Abandoned, Activity, CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, LiveMethod,
-    LiveOptions, MemoryLoad, MemoryMode, MemoryRead, Observer, Orchestrator, Quiet, Recovery,
-    RecoveryOutcome, RevertOptions, RevertReport, RoundReport, SavedMemory, ThawOutcome, VerifyReport,
-    DEFAULT_CONVERGE_WITHIN, DEFAULT_MAX_DOWNTIME,
+    Abandoned, Activity, CreateOptions, CreateReport, DeleteReport, DiskChain, DiskKind, DiskRequest, Health,
+    LiveMethod, LiveOptions, MemoryLoad, MemoryMode, MemoryRead, Observer, Orchestrator, Quiet, Recovery,
+    RecoveryOutcome, RescanReport, RevertOptions, RevertReport, RoundReport, SavedMemory, SnapshotChange,
+    ThawOutcome, VerifyReport, DEFAULT_CONVERGE_WITHIN, DEFAULT_MAX_DOWNTIME,
 };
 pub use state_dir::{DomainDir, DomainLock, StateDir};
 #[cfg(any(test, feature = "mock"))]
 pub use store::MockSnapshotStore;
-pub use store::{FsStore, SnapshotFiles, SnapshotStore};
-pub use tree::SnapshotTree;
+pub use store::{FsStore, ImageLinks, SnapshotFiles, SnapshotStore};
+pub use tree::{filter_records, ListFilter, SnapshotTree, TreeNode};

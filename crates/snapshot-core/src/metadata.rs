@@ -1,6 +1,6 @@
 //! Snapshot metadata: what a snapshot holds and how it relates to the others.
 
-use std::path::PathBuf;
+use std::{collections::BTreeMap, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -120,4 +120,21 @@ pub struct SnapshotRecord {
     /// thaws it). Absent in records of older versions and when not quiesced.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub quiesced: bool,
+    /// Why the snapshot cannot be reverted to, as the last rescan found (`None`: nothing is
+    /// known to be missing). A revert of a broken snapshot is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken: Option<Broken>,
+    /// The backing chain under each disk's image (disk target → the images below it, nearest
+    /// first), as a rescan first found it complete: what later rescans compare against.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub chains: BTreeMap<String, Vec<PathBuf>>,
+}
+
+/// A snapshot whose disk part is gone or changed, found by a rescan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Broken {
+    /// When a rescan first found it broken, milliseconds since the Unix epoch.
+    pub since_unix_ms: u64,
+    /// What is missing or changed, one line per problem, each naming the disk and the file.
+    pub reasons: Vec<String>,
 }

@@ -172,6 +172,12 @@ impl DomainDir {
         self.dir.join("overlays.json")
     }
 
+    /// The store's record of the domain's disk chains (each image's backing file) as the last
+    /// rescan read them.
+    pub fn chains_file(&self) -> PathBuf {
+        self.dir.join("chains.json")
+    }
+
     /// The folder of the domain's snapshots.
     pub fn snapshots_dir(&self) -> PathBuf {
         self.dir.join("snapshots")

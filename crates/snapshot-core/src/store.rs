@@ -7,6 +7,7 @@
 //! hold the guest's secrets.
 
 use std::{
+    collections::BTreeMap,
     fs,
     io::ErrorKind,
     os::unix::fs::DirBuilderExt,
@@ -27,6 +28,9 @@ use crate::{
 const META_FILE: &str = "meta.json";
 const MEMORY_FILE: &str = "memory.img";
 const DEVICE_STATE_FILE: &str = "devices.bin";
+
+/// Images and the backing file each one's header names (absolute; `None`: it has none).
+pub type ImageLinks = BTreeMap<PathBuf, Option<PathBuf>>;
 
 /// Paths of one snapshot's files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +90,11 @@ pub trait SnapshotStore: Send + Sync {
     fn overlays(&self, domain: &Name) -> Result<Vec<PathBuf>>;
     /// Replaces the list of overlays domsnap created.
     fn set_overlays(&self, domain: &Name, overlays: &[PathBuf]) -> Result<()>;
+    /// Each image of the domain's disk chains and the backing file its header named, as the
+    /// last rescan read them; `None` before the first rescan.
+    fn links(&self, domain: &Name) -> Result<Option<ImageLinks>>;
+    /// Records the links a rescan read (see [`SnapshotStore::links`]).
+    fn set_links(&self, domain: &Name, links: &ImageLinks) -> Result<()>;
     /// Every domain that has a folder in the store.
     fn domains(&self) -> Result<Vec<Name>>;
     /// Removes what the store keeps for a domain that is being undefined. Refused while the
@@ -235,6 +244,14 @@ impl SnapshotStore for FsStore {
         write_or_remove(&path, (!overlays.is_empty()).then(|| to_json(&overlays)))
     }
 
+    fn links(&self, domain: &Name) -> Result<Option<ImageLinks>> {
+        read_json(&self.domain_dir(domain).chains_file())
+    }
+
+    fn set_links(&self, domain: &Name, links: &ImageLinks) -> Result<()> {
+        write_or_remove(&self.domain_dir(domain).chains_file(), Some(to_json(links)))
+    }
+
     fn domains(&self) -> Result<Vec<Name>> {
         self.state.domain_names()
     }
@@ -248,7 +265,7 @@ impl SnapshotStore for FsStore {
         let dir = self.domain_dir(domain);
         // The lock file stays while its holder lives: unlinking a held lock would let another
         // process lock a new file of the same name at the same time.
-        for file in [dir.current_file(), dir.overlays_file()] {
+        for file in [dir.current_file(), dir.overlays_file(), dir.chains_file()] {
             write_or_remove(&file, None)?;
         }
         let folder = dir.snapshots_dir();
@@ -341,6 +358,8 @@ mod tests {
                 },
             }],
             quiesced: false,
+            broken: None,
+            chains: Default::default(),
         }
     }
 
@@ -397,6 +416,21 @@ mod tests {
             matches!(&error, Error::CorruptMetadata { path, .. } if path.ends_with("bad/meta.json")),
             "{error}"
         );
+    }
+
+    #[test]
+    fn links_round_trip() {
+        let state = tempfile::tempdir().unwrap();
+        let store = FsStore::new(state.path());
+        let vm = name("vm");
+        assert_eq!(store.links(&vm).unwrap(), None);
+        let links: ImageLinks = [
+            (PathBuf::from("/d/o1.qcow2"), Some(PathBuf::from("/d/vda.qcow2"))),
+            (PathBuf::from("/d/vda.qcow2"), None),
+        ]
+        .into();
+        store.set_links(&vm, &links).unwrap();
+        assert_eq!(store.links(&vm).unwrap(), Some(links));
     }
 
     #[test]

@@ -655,7 +655,7 @@ async fn recover_finishes_a_committed_create_and_an_interrupted_delete() {
         .set_intent(
             &f.domain,
             &Intent::Delete {
-                record: report.record.clone(),
+                record: Box::new(report.record.clone()),
             },
         )
         .unwrap();

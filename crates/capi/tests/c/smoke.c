@@ -1,7 +1,8 @@
 /*
  * libdomsnap from C, using the header alone: define and start a domain with two qcow2 disks,
- * take a live snapshot (vda internal, vdb external), list and show it, revert to it, delete it,
- * and check the code of every kind of bad input. Run by crates/capi/tests/c_smoke.rs, plainly
+ * take a live snapshot (vda internal, vdb external), list and show it, rescan the disks, get
+ * and set the current snapshot, list with filters, revert to it, delete it, and check the code
+ * of every kind of bad input. Run by crates/capi/tests/c_smoke.rs, plainly
  * and under valgrind.
  *
  * usage: smoke STATE_DIR CONFIG.toml DOMAIN SERIAL_LOG OVERLAY_PATH
@@ -205,6 +206,48 @@ static int json_has(char *json, const char *needle) {
     return found;
 }
 
+/* Whether `name` is `want` (NULL: none); frees it. */
+static int name_is(char *name, const char *want) {
+    int same = (name == NULL || want == NULL) ? name == want : strcmp(name, want) == 0;
+    if (!same) {
+        fprintf(stderr, "name %s, want %s\n", name ? name : "(null)", want ? want : "(null)");
+    }
+    domsnap_string_free(name);
+    return same;
+}
+
+/* Rescan, the current snapshot and the list filters, on a domain holding s1 (current) only. */
+static void check_rescan_and_current(domsnap_ctx *ctx, const char *domain) {
+    char *json = NULL, *name = (char *)1;
+    expect_ok(ctx, domsnap_snapshot_current(ctx, domain, &name), "current");
+    CHECK(name_is(name, "s1"));
+    expect_ok(ctx, domsnap_snapshot_rescan(ctx, domain, NULL, &json), "rescan");
+    CHECK(json_has(json, "\"broken\":[]"));
+    expect_ok(ctx, domsnap_snapshot_rescan(ctx, domain, "s1", &json), "rescan s1");
+    CHECK(json_has(json, "\"first\":false"));
+    expect_code(ctx, domsnap_snapshot_rescan(ctx, domain, "nosuch", &json), DOMSNAP_NOT_FOUND,
+                "rescan: unknown snapshot");
+    CHECK(json == NULL);
+    expect_code(ctx, domsnap_snapshot_rescan(ctx, NULL, NULL, &json), DOMSNAP_INVALID_ARGUMENT,
+                "rescan: NULL domain");
+    expect_code(ctx, domsnap_snapshot_rescan(ctx, domain, NULL, NULL), DOMSNAP_INVALID_ARGUMENT,
+                "rescan: json_out NULL");
+    expect_code(ctx, domsnap_snapshot_set_current(ctx, domain, "nosuch"), DOMSNAP_NOT_FOUND,
+                "set current: unknown snapshot");
+    expect_code(ctx, domsnap_snapshot_set_current(ctx, domain, NULL), DOMSNAP_INVALID_ARGUMENT,
+                "set current: NULL name");
+    expect_code(ctx, domsnap_snapshot_current(ctx, domain, NULL), DOMSNAP_INVALID_ARGUMENT,
+                "current: name_out NULL");
+    expect_ok(ctx, domsnap_snapshot_set_current(ctx, domain, "s1"), "set current s1");
+    expect_ok(ctx, domsnap_snapshot_list_filtered(ctx, domain, DOMSNAP_LIST_ROOTS, &json), "roots");
+    CHECK(json_has(json, "\"name\":\"s1\""));
+    expect_ok(ctx, domsnap_snapshot_list_filtered(ctx, domain, DOMSNAP_LIST_CURRENT, &json),
+              "current only");
+    CHECK(json_has(json, "\"current\":\"s1\""));
+    expect_code(ctx, domsnap_snapshot_list_filtered(ctx, domain, 42, &json),
+                DOMSNAP_INVALID_ARGUMENT, "list: no such filter");
+}
+
 int main(int argc, char **argv) {
     if (argc != 6) {
         fprintf(stderr, "usage: %s STATE_DIR CONFIG.toml DOMAIN SERIAL_LOG OVERLAY_PATH\n", argv[0]);
@@ -272,6 +315,7 @@ int main(int argc, char **argv) {
     CHECK(json_has(json, "\"kind\":\"excluded\""));
     expect_ok(ctx, domsnap_snapshot_delete(ctx, domain, &disk_only), "delete d1");
 
+    check_rescan_and_current(ctx, domain);
     check_bad_input(ctx, domain, config);
 
     expect_ok(ctx, domsnap_snapshot_revert(ctx, domain, &args), "revert to s1");
@@ -281,6 +325,9 @@ int main(int argc, char **argv) {
     CHECK(access(memory_path, F_OK) != 0);
     expect_ok(ctx, domsnap_snapshot_list(ctx, domain, &json), "list after delete");
     CHECK(json_has(json, "\"snapshots\":[]"));
+    char *none = (char *)1;
+    expect_ok(ctx, domsnap_snapshot_current(ctx, domain, &none), "current after delete");
+    CHECK(name_is(none, NULL));
     expect_ok(ctx, domsnap_domain_stop(ctx, domain, true), "stop");
     domsnap_ctx_close(ctx);
 

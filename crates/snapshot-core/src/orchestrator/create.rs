@@ -575,6 +575,8 @@ impl<'o> CreateJob<'o> {
             memory: saved.memory.clone(),
             disks: self.disks.clone(),
             quiesced: self.quiesce,
+            broken: None,
+            chains: Default::default(),
         };
         self.observe(Step::Commit);
         if let Err(e) = orchestrator.store.commit(&record) {

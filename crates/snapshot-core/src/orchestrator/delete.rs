@@ -38,7 +38,7 @@ impl Orchestrator {
             self.store.set_intent(
                 domain,
                 &Intent::Delete {
-                    record: victim.clone(),
+                    record: Box::new(victim.clone()),
                 },
             )?;
             let files = self.store.files(domain, &victim.name).of_record(&victim);
@@ -108,7 +108,8 @@ impl Orchestrator {
     async fn delete_disks(&self, record: &SnapshotRecord) -> std::result::Result<(), DriverError> {
         let backend = self.hypervisor.disk_backend(&record.domain).await?;
         for disk in &record.disks {
-            if let DiskSnapshot::Internal { name } = &disk.snapshot {
+            // A broken snapshot's image may be gone: nothing is left to delete in it.
+            if let (DiskSnapshot::Internal { name }, true) = (&disk.snapshot, disk.image.exists()) {
                 delete_internal_if_present(&*backend, &disk.image, name).await?;
             }
         }

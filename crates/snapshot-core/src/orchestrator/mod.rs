@@ -9,16 +9,19 @@
 //! One file per operation: `create` (a [`create::CreateJob`] carries a create's state, and its
 //! undo is the rollback), `background` (the background-save handshake of a create), `delete`,
 //! `tidy` (folding away overlays no snapshot needs, after a delete or a revert), `revert`,
-//! `recover`, `verify`; `disk_plan` decides and takes each disk's snapshot, `memory_saver`
+//! `recover`, `verify`, `rescan` (reconciling the records with the disks), `current`;
+//! `disk_plan` decides and takes each disk's snapshot, `memory_saver`
 //! runs a memory save on its own thread, and `types` holds the public options and reports.
 
 mod activity;
 mod create;
+mod current;
 mod delete;
 mod disk_plan;
 mod domain;
 mod memory_saver;
 mod recover;
+mod rescan;
 mod revert;
 mod streamed;
 mod tidy;
@@ -33,9 +36,10 @@ use std::{
 
 pub use activity::{Abandoned, Activity};
 pub use types::{
-    CreateOptions, CreateReport, DeleteReport, DiskKind, DiskRequest, LiveMethod, LiveOptions, MemoryLoad,
-    MemoryMode, MemoryRead, Observer, Quiet, Recovery, RecoveryOutcome, RevertOptions, RevertReport,
-    RoundReport, SavedMemory, ThawOutcome, VerifyReport, DEFAULT_CONVERGE_WITHIN, DEFAULT_MAX_DOWNTIME,
+    CreateOptions, CreateReport, DeleteReport, DiskChain, DiskKind, DiskRequest, Health, LiveMethod,
+    LiveOptions, MemoryLoad, MemoryMode, MemoryRead, Observer, Quiet, Recovery, RecoveryOutcome,
+    RescanReport, RevertOptions, RevertReport, RoundReport, SavedMemory, SnapshotChange, ThawOutcome,
+    VerifyReport, DEFAULT_CONVERGE_WITHIN, DEFAULT_MAX_DOWNTIME,
 };
 
 use crate::{

@@ -64,6 +64,7 @@ impl Orchestrator {
         let started = Instant::now();
         let _lock = self.begin(domain).await?;
         let record = self.store.get(domain, snapshot)?;
+        super::rescan::check_not_broken(&record)?;
         let files = self.store.files(domain, snapshot).of_record(&record);
         let fail = |e: StepError| self.failed(Operation::Revert, domain, snapshot, e, Vec::new(), None);
 

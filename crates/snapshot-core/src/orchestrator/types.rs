@@ -378,3 +378,64 @@ pub struct VerifyReport {
     /// Pages in the memory image, and how many are stored.
     pub memory_pages: Option<(u64, u64)>,
 }
+
+/// How a rescan changed a snapshot's mark (serialised in lower case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Marked broken now (newly, or for other reasons than before).
+    Broken,
+    /// Its parts are back: no longer marked broken.
+    Repaired,
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Health::Broken => "broken",
+            Health::Repaired => "repaired",
+        })
+    }
+}
+
+/// A snapshot whose mark a rescan changed.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotChange {
+    /// The snapshot.
+    pub snapshot: Name,
+    /// Broken or repaired.
+    pub health: Health,
+    /// What is missing or changed (empty when repaired).
+    pub reasons: Vec<String>,
+}
+
+/// One disk of the domain as a rescan found it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskChain {
+    /// The disk's target id.
+    pub target: String,
+    /// Its active image and the images below it, nearest first (as far as they could be read).
+    pub chain: Vec<PathBuf>,
+    /// What stops the chain from being read to its base (a missing backing file), if anything.
+    pub problem: Option<String>,
+    /// What changed in it outside domsnap since the last rescan (a backing file changed, an
+    /// image domsnap did not make); recorded, so the next rescan does not report it again.
+    pub changed: Vec<String>,
+}
+
+/// What [`Orchestrator::rescan`](crate::Orchestrator::rescan) found and changed.
+#[derive(Debug, Clone, Serialize)]
+pub struct RescanReport {
+    /// The domain.
+    pub domain: Name,
+    /// Snapshots whose mark changed (newly broken, or repaired).
+    pub changed: Vec<SnapshotChange>,
+    /// Every snapshot scanned that is broken now.
+    pub broken: Vec<Name>,
+    /// The domain's disks and their chains.
+    pub disks: Vec<DiskChain>,
+    /// Whether this was the domain's first rescan (its chains were recorded, nothing compared).
+    pub first: bool,
+    /// Wall time, milliseconds.
+    pub total_ms: f64,
+}
