@@ -18,7 +18,7 @@ use snapshot_core::{DomainLock, DomainState, Name, StateDir};
 
 use crate::{
     command_line::{escape, RuntimePaths, StartMode},
-    config::DomainConfig,
+    config::{Accel, DiskFormat, DomainConfig, NVRAM_DISK_ID},
     error::{Error, Result},
     process,
 };
@@ -153,6 +153,11 @@ pub struct DomainStatus {
     /// revert), while the domain has a process. Such RAM is private to QEMU: domsnap cannot read
     /// it.
     pub mapped_image: Option<PathBuf>,
+    /// The accelerator the domain runs (or would run) under.
+    pub accel: Accel,
+    /// The Unix socket of the guest agent's channel (`guest_agent = true`), while the domain
+    /// has a process.
+    pub guest_agent_socket: Option<PathBuf>,
 }
 
 /// How [`QemuDriver::stop`] ends a domain.
@@ -178,6 +183,7 @@ pub(crate) struct DomainFiles {
     qmp_socket: PathBuf,
     pub(crate) status_socket: PathBuf,
     console_socket: PathBuf,
+    pub(crate) guest_agent_socket: PathBuf,
     default_serial_log: PathBuf,
     pub(crate) ram_file: PathBuf,
     /// The hard link of the memory image the running QEMU maps as its RAM (a lazy revert).
@@ -196,6 +202,7 @@ impl DomainFiles {
                 .clone()
                 .unwrap_or_else(|| self.default_serial_log.clone()),
             console_socket: self.console_socket.clone(),
+            guest_agent_socket: self.guest_agent_socket.clone(),
         }
     }
 
@@ -210,7 +217,12 @@ impl DomainFiles {
     }
 
     pub(crate) fn check_socket_paths(&self) -> Result<()> {
-        for socket in [&self.qmp_socket, &self.status_socket, &self.console_socket] {
+        for socket in [
+            &self.qmp_socket,
+            &self.status_socket,
+            &self.console_socket,
+            &self.guest_agent_socket,
+        ] {
             let len = socket.as_os_str().len();
             if len > MAX_SOCKET_PATH {
                 return Err(Error::SocketPathTooLong {
@@ -287,14 +299,28 @@ impl QemuDriver {
         }
     }
 
-    /// Defines (or redefines) a domain: validates `config`, makes its paths absolute (QEMU runs
-    /// from `/`) and writes `domain.toml`. Refused while the domain's QEMU runs.
+    /// Defines (or redefines) a domain: validates `config`, pins what the host decides (the
+    /// accelerator, the versioned machine type, the vCPU model, MACs, a UEFI domain's NVRAM
+    /// image: see `pin`), makes its paths absolute (QEMU runs from `/`) and writes
+    /// `domain.toml`. Refused while the domain's QEMU runs.
     pub async fn define(&self, config: &DomainConfig) -> Result<()> {
         config.validate()?;
         let dir = self.inner.state_dir.join("domains").join(config.name.as_str());
         durable::create_private_dir_all(&dir)?;
         let _lock = self.lock(&config.name).await?;
-        self.define_locked(config)
+        let files = self.files(&config.name)?;
+        let previous = files
+            .definition
+            .is_file()
+            .then(|| self.load_definition(&config.name, &files))
+            .transpose()?;
+        let pinned = self.pin(config, previous.as_ref(), &files.dir).await?;
+        self.define_locked(&pinned)
+    }
+
+    /// The state directory as the driver was given it.
+    pub(crate) fn state_path(&self) -> &Path {
+        &self.inner.state_dir
     }
 
     /// [`QemuDriver::define`] with the domain's lock held by the caller.
@@ -420,7 +446,7 @@ impl QemuDriver {
     /// The domain's state. Finding its QEMU dead cleans its stale files up.
     pub async fn status(&self, name: &Name) -> Result<DomainStatus> {
         let files = self.files(name)?;
-        self.load_definition(name, &files)?;
+        let config = self.load_definition(name, &files)?;
         if let Some(pid) = files.pid() {
             match self.run_state(name, &files, pid).await {
                 Ok(state) => {
@@ -429,6 +455,8 @@ impl QemuDriver {
                         state: domain_state(&state),
                         pid: Some(pid),
                         mapped_image: crate::mapped_ram::mapped_image(&files),
+                        accel: config.accel(),
+                        guest_agent_socket: config.guest_agent.then(|| files.guest_agent_socket.clone()),
                     })
                 }
                 // QEMU may have exited since the check.
@@ -442,6 +470,8 @@ impl QemuDriver {
             state: DomainState::ShutOff,
             pid: None,
             mapped_image: None,
+            accel: config.accel(),
+            guest_agent_socket: None,
         })
     }
 
@@ -525,6 +555,7 @@ impl QemuDriver {
             qmp_socket: run.join("qmp.sock"),
             status_socket: run.join("status.sock"),
             console_socket: run.join("console.sock"),
+            guest_agent_socket: run.join("qga.sock"),
             ram_base: run.join(crate::mapped_ram::RAM_BASE),
             ram_base_origin: run.join(crate::mapped_ram::RAM_BASE_ORIGIN),
             default_serial_log: domain.serial_log(),
@@ -740,24 +771,28 @@ impl QemuDriver {
             .await
             .map_err(qmp_error(name, "querying the disks"))?;
         let mut changed = false;
-        for disk in &mut config.disks {
-            match active_image(&blocks, &disk.id) {
-                Some((image, chain)) if image != disk.path => {
-                    if !chain_expected(&disk.path, &image, &chain, expected) {
+        for disk in config.disk_targets() {
+            match active_image(&blocks, &disk.target) {
+                Some(active) if active.image != disk.image => {
+                    if !chain_expected(&disk.image, &active.image, &active.chain, expected) {
                         return Err(Error::UnexpectedImage {
                             domain: name.clone(),
-                            disk: disk.id.clone(),
-                            image,
-                            defined: disk.path.clone(),
+                            disk: disk.target,
+                            image: active.image,
+                            defined: disk.image,
                         });
                     }
-                    let shown = image.display();
-                    tracing::info!(domain = %name, disk = disk.id, image = %shown, "active image changed");
-                    disk.path = image;
+                    let shown = active.image.display();
+                    tracing::info!(domain = %name, disk = disk.target, image = %shown, "active image changed");
+                    let format = match active.format.as_str() {
+                        "raw" => DiskFormat::Raw,
+                        _ => DiskFormat::Qcow2,
+                    };
+                    config.set_disk_image(&disk.target, active.image, format);
                     changed = true;
                 }
                 Some(_) => {}
-                None => tracing::warn!(domain = %name, disk = disk.id, "QEMU has no such disk"),
+                None => tracing::warn!(domain = %name, disk = disk.target, "QEMU has no such disk"),
             }
         }
         if changed {
@@ -839,9 +874,14 @@ impl QemuDriver {
 fn absolute_paths(config: &DomainConfig) -> Result<DomainConfig> {
     let absolute = |path: &Path| std::path::absolute(path).map_err(io_error("cannot resolve", path));
     let mut config = config.clone();
-    for path in [&mut config.kernel, &mut config.initrd, &mut config.serial_log]
-        .into_iter()
-        .flatten()
+    for path in [
+        &mut config.kernel,
+        &mut config.initrd,
+        &mut config.serial_log,
+        &mut config.nvram,
+    ]
+    .into_iter()
+    .flatten()
     {
         *path = absolute(path)?;
     }
@@ -851,16 +891,29 @@ fn absolute_paths(config: &DomainConfig) -> Result<DomainConfig> {
     Ok(config)
 }
 
+/// A disk's active image as QEMU has it open.
+#[derive(Debug, PartialEq, Eq)]
+struct ActiveImage {
+    /// The image of the root node.
+    image: PathBuf,
+    /// Its format driver (`qcow2`, `raw`).
+    format: String,
+    /// The images of its backing chain, nearest first.
+    chain: Vec<PathBuf>,
+}
+
 /// The active image of the disk whose device id is `id`: the image of the root node inserted in
-/// the device (`-device virtio-blk-pci,id=ID` has the QOM path `/machine/peripheral/ID/...`),
-/// and the images of its backing chain as QEMU has them open, nearest first.
-fn active_image(blocks: &[BlockInfo], id: &str) -> Option<(PathBuf, Vec<PathBuf>)> {
+/// the device (`-device virtio-blk-pci,id=ID` has the QOM path `/machine/peripheral/ID/...`; a
+/// UEFI domain's NVRAM is the second flash, `/machine/system.flash1`), and the images of its
+/// backing chain as QEMU has them open, nearest first.
+fn active_image(blocks: &[BlockInfo], id: &str) -> Option<ActiveImage> {
     let prefix = format!("/machine/peripheral/{id}/");
+    let flash = (id == NVRAM_DISK_ID).then_some("/machine/system.flash1");
     let block = blocks.iter().find(|block| {
         block
             .qdev
             .as_deref()
-            .is_some_and(|qdev| qdev.starts_with(&prefix) || qdev == id)
+            .is_some_and(|qdev| qdev.starts_with(&prefix) || qdev == id || Some(qdev) == flash)
     })?;
     let inserted = block.inserted.as_ref()?;
     let image = qmp::commands::node_image_file(&inserted.file)?;
@@ -870,7 +923,11 @@ fn active_image(blocks: &[BlockInfo], id: &str) -> Option<(PathBuf, Vec<PathBuf>
         chain.extend(qmp::commands::node_image_file(&info.filename));
         next = info.backing_image.as_deref();
     }
-    Some((image, chain))
+    Some(ActiveImage {
+        image,
+        format: inserted.drv.clone(),
+        chain,
+    })
 }
 
 /// Whether QEMU's active image `image` (backed by `chain`) is one domsnap expects for a disk
@@ -916,15 +973,17 @@ mod tests {
                 ),
             ),
         ];
+        let image = |id| active_image(&blocks, id).map(|active| active.image);
+        assert_eq!(image("vda"), Some("/img/a.qcow2".into()));
+        assert_eq!(image("vdb"), Some("/img/b-overlay.qcow2".into()));
+        assert_eq!(image("vd"), None);
+        assert_eq!(image(NVRAM_DISK_ID), None);
+        let flash = [block("/machine/system.flash1", "/state/nvram.qcow2")];
+        let nvram = active_image(&flash, NVRAM_DISK_ID).unwrap();
         assert_eq!(
-            active_image(&blocks, "vda"),
-            Some(("/img/a.qcow2".into(), Vec::new()))
+            (nvram.image.to_str(), nvram.format.as_str()),
+            (Some("/state/nvram.qcow2"), "qcow2")
         );
-        assert_eq!(
-            active_image(&blocks, "vdb"),
-            Some(("/img/b-overlay.qcow2".into(), Vec::new()))
-        );
-        assert_eq!(active_image(&blocks, "vd"), None);
     }
 
     #[test]
@@ -940,7 +999,7 @@ mod tests {
         let chain = backing("/img/a.qcow2", Some(backing("/img/base.qcow2", None)));
         overlay.inserted.as_mut().unwrap().image.backing_image =
             Some(Box::new(serde_json::from_value(chain).unwrap()));
-        let (image, chain) = active_image(&[overlay], "vda").unwrap();
+        let ActiveImage { image, chain, .. } = active_image(&[overlay], "vda").unwrap();
         assert_eq!(image, Path::new("/img/a.s1.qcow2"));
         assert_eq!(chain, [Path::new("/img/a.qcow2"), Path::new("/img/base.qcow2")]);
         let defined = Path::new("/img/a.qcow2");
@@ -989,9 +1048,16 @@ mod tests {
         driver.define(&config).await.unwrap();
         let definition = state.path().join("domains/vm1/domain.toml");
         assert!(definition.is_file());
-        // Another driver (another process) sees it.
+        // Another driver (another process) sees it, with what the host decides pinned (the
+        // machine type is QEMU's answer to `-machine help`).
         let other = QemuDriver::new(state.path());
-        assert_eq!(other.definition(&name).unwrap(), config);
+        let mut stored = other.definition(&name).unwrap();
+        let accel = crate::host::default_accel();
+        assert_eq!(stored.accel, Some(accel));
+        assert_eq!(stored.cpu.as_deref(), Some(accel.default_cpu()));
+        assert!(stored.machine().starts_with("pc-q35-"), "{stored:?}");
+        (stored.accel, stored.cpu, stored.machine) = (None, None, None);
+        assert_eq!(stored, config);
         assert_eq!(
             other.list().await.unwrap(),
             [DomainStatus {
@@ -999,6 +1065,8 @@ mod tests {
                 state: DomainState::ShutOff,
                 pid: None,
                 mapped_image: None,
+                accel: other.definition(&name).unwrap().accel(),
+                guest_agent_socket: None,
             }]
         );
         let paths = other.runtime_paths(&name).unwrap();

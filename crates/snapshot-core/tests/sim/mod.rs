@@ -250,6 +250,7 @@ pub fn hypervisor(sim: &Shared) -> MockHypervisor {
         .returning(move |_, _| call(&s, "load_device_state"));
     let s = sim.clone();
     h.expect_undefine().returning(move |_| call(&s, "undefine"));
+    h.expect_check_restorable().returning(|_, _, _| Ok(()));
     h
 }
 
@@ -384,6 +385,7 @@ pub fn fixture(state: DomainState) -> Fixture {
             DiskTarget {
                 target: (*id).into(),
                 image,
+                format: snapshot_core::ImageFormat::Qcow2,
             }
         })
         .collect();
