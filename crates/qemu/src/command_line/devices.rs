@@ -178,3 +178,128 @@ impl<A, B, C> Unzip3<A, B, C> for Option<(A, B, C)> {
 pub fn ovmf_installed() -> bool {
     Path::new(OVMF_CODE).is_file() && Path::new(OVMF_VARS_TEMPLATE).is_file()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::{qemu_args, StartMode};
+    use super::*;
+
+    fn line(text: &str) -> String {
+        let config = DomainConfig::parse(
+            &format!("name = \"vm1\"\nmemory_mib = 256\nkernel = \"/k\"\n{text}"),
+            Path::new("/img"),
+        )
+        .unwrap();
+        let paths = RuntimePaths {
+            ram_file: "/dev/shm/vm1.ram".into(),
+            qmp_socket: "/run/vm1/qmp.sock".into(),
+            serial_log: "/run/vm1/serial.log".into(),
+            console_socket: "/run/vm1/console.sock".into(),
+            guest_agent_socket: "/run/vm1/qga.sock".into(),
+        };
+        qemu_args(&config, &paths, StartMode::Boot { paused: false })
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn has(line: &str, expected: &[&str]) {
+        for part in expected {
+            assert!(line.contains(part), "missing {part:?} in {line}");
+        }
+    }
+
+    #[test]
+    fn kvm_runs_the_hosts_cpu_and_tcg_the_emulated_max() {
+        has(
+            &line("accel = \"kvm\"\ncpu = \"host\"\nmachine = \"pc-q35-10.0\""),
+            &["-accel kvm -machine pc-q35-10.0,memory-backend=mem -cpu host -m 256M"],
+        );
+        has(
+            &line("accel = \"tcg\"\ncpu = \"max\"\nmachine = \"pc-i440fx-10.0\""),
+            &["-accel tcg -machine pc-i440fx-10.0,memory-backend=mem -cpu max -m 256M"],
+        );
+        // Unpinned (older definitions): as before, TCG on q35 with QEMU's default vCPU.
+        let old = line("");
+        has(&old, &["-accel tcg -machine q35,memory-backend=mem -m 256M"]);
+        assert!(!old.contains("-cpu"), "{old}");
+    }
+
+    #[test]
+    fn disks_get_their_format_bus_cache_read_only_flag_and_boot_order() {
+        assert!(!line("[[disks]]\nid = \"vda\"\npath = \"/a\"").contains("virtio-scsi"));
+        let line = line(
+            "[[disks]]\nid = \"vda\"\npath = \"a.raw\"\nformat = \"raw\"\nboot = 2\ncache = \"unsafe\"\n\
+             [[disks]]\nid = \"sda\"\npath = \"b.qcow2\"\nbus = \"scsi\"\ncache = \"none\"\n\
+             [[disks]]\nid = \"sdb\"\npath = \"c.qcow2\"\nbus = \"scsi\"\nreadonly = true\ncache = \"writethrough\"\n\
+             [[disks]]\nid = \"nv\"\npath = \"d.qcow2\"\nbus = \"nvme\"",
+        );
+        has(
+            &line,
+            &[
+                "-blockdev driver=file,filename=/img/a.raw,node-name=file-vda,cache.no-flush=on \
+                 -blockdev driver=raw,file=file-vda,node-name=disk-vda,cache.no-flush=on \
+                 -device virtio-blk-pci,drive=disk-vda,id=vda,bootindex=2,write-cache=on",
+                "-device virtio-scsi-pci,id=scsi0",
+                "-blockdev driver=file,filename=/img/b.qcow2,node-name=file-sda,cache.direct=on \
+                 -blockdev driver=qcow2,file=file-sda,node-name=disk-sda \
+                 -device scsi-hd,bus=scsi0.0,drive=disk-sda,id=sda,write-cache=on",
+                "-blockdev driver=file,filename=/img/c.qcow2,node-name=file-sdb,read-only=on \
+                 -blockdev driver=qcow2,file=file-sdb,node-name=disk-sdb,read-only=on \
+                 -device scsi-hd,bus=scsi0.0,drive=disk-sdb,id=sdb,write-cache=off",
+                "-device nvme,drive=disk-nv,id=nv,serial=nv",
+            ],
+        );
+        // One controller for every SCSI disk.
+        assert_eq!(line.matches("virtio-scsi-pci").count(), 1, "{line}");
+    }
+
+    #[test]
+    fn nics_get_their_backend_model_and_mac() {
+        has(
+            &line(
+                "[[nics]]\ntype = \"user\"\nhostfwd = [\"tcp::8080-:80\", \"udp::5353-:53\"]\nmac = \"52:54:00:00:00:01\"\n\
+                 [[nics]]\ntype = \"tap\"\nifname = \"tap0\"\nmodel = \"e1000\"\nmac = \"52:54:00:00:00:02\"\n\
+                 [[nics]]\ntype = \"bridge\"\nbr = \"br0\"\nmac = \"52:54:00:00:00:03\"",
+            ),
+            &[
+                "-netdev user,id=net0,hostfwd=tcp::8080-:80,hostfwd=udp::5353-:53 \
+                 -device virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:00:00:01",
+                "-netdev tap,id=net1,ifname=tap0,script=no,downscript=no \
+                 -device e1000,netdev=net1,id=nic1,mac=52:54:00:00:00:02",
+                "-netdev bridge,id=net2,br=br0 -device virtio-net-pci,netdev=net2,id=nic2,mac=52:54:00:00:00:03",
+            ],
+        );
+    }
+
+    #[test]
+    fn uefi_puts_ovmf_and_the_nvram_image_on_the_flashes() {
+        let uefi = line("firmware = \"uefi\"\nnvram = \"/state/vm1/nvram.qcow2\"\nmachine = \"pc-q35-10.0\"");
+        has(
+            &uefi,
+            &[
+                "-machine pc-q35-10.0,memory-backend=mem,pflash0=ovmf-code,pflash1=disk-nvram ",
+                "-blockdev driver=file,filename=/usr/share/OVMF/OVMF_CODE_4M.fd,node-name=ovmf-code-file,read-only=on \
+                 -blockdev driver=raw,file=ovmf-code-file,node-name=ovmf-code,read-only=on",
+                "-blockdev driver=file,filename=/state/vm1/nvram.qcow2,node-name=file-nvram \
+                 -blockdev driver=qcow2,file=file-nvram,node-name=disk-nvram",
+            ],
+        );
+        let bios = line("");
+        assert!(!bios.contains("pflash") && !bios.contains("OVMF"), "{bios}");
+    }
+
+    #[test]
+    fn the_guest_agent_gets_its_named_port_on_a_socket() {
+        has(
+            &line("guest_agent = true"),
+            &["-device virtio-serial-pci,id=vser0 \
+               -chardev socket,id=qga0,path=/run/vm1/qga.sock,server=on,wait=off \
+               -device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"],
+        );
+        assert!(!line("").contains("qga"));
+    }
+}

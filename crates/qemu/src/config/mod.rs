@@ -367,3 +367,6 @@ mod tests {
         assert!(error.contains("absent.toml"), "{error}");
     }
 }
+
+#[cfg(test)]
+mod machine_tests;
