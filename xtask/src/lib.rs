@@ -35,6 +35,7 @@ pub struct SetupReport {
 pub fn run_setup(force: bool) -> Result<SetupReport> {
     let qemu = setup::ensure_qemu()?;
     setup::ensure_c_test_tools()?;
+    setup::ensure_ovmf()?;
     let guest_dir = guest::guest_dir();
     let guest = guest_image::ensure_guest(&workspace_root(), &guest_dir, force)?;
     println!("setup: summary");

@@ -58,7 +58,13 @@ fn every_machine_key_parses_and_survives_the_definitions_round_trip() {
     assert_eq!(root.path, Path::new("/etc/domsnap/root.raw"));
     assert_eq!(
         (root.format, root.bus, root.cache, root.boot, root.readonly),
-        (DiskFormat::Raw, DiskBus::Scsi, Some(DiskCache::None), Some(1), false)
+        (
+            DiskFormat::Raw,
+            DiskBus::Scsi,
+            Some(DiskCache::None),
+            Some(1),
+            false
+        )
     );
     assert!(config.disk("iso").unwrap().readonly);
     assert_eq!(config.nics.len(), 3);
@@ -74,14 +80,27 @@ fn every_machine_key_parses_and_survives_the_definitions_round_trip() {
 fn defaults_describe_the_machine_domsnap_always_ran() {
     let config = parse("[[disks]]\nid = \"vda\"\npath = \"/d\"").unwrap();
     // Unpinned (a definition made before these keys): TCG on q35, QEMU's default vCPU.
-    assert_eq!((config.accel(), config.machine(), config.cpu.as_deref()), (Accel::Tcg, "q35", None));
+    assert_eq!(
+        (config.accel(), config.machine(), config.cpu.as_deref()),
+        (Accel::Tcg, "q35", None)
+    );
     assert_eq!(config.firmware, Firmware::Bios);
     assert!(!config.guest_agent && config.nics.is_empty() && config.nvram.is_none());
     let disk = config.disk("vda").unwrap();
     assert_eq!(disk, &DiskConfig::qcow2("vda", "/d"));
     // The defaults are not written out, so older definitions read the same.
     let text = toml::to_string(&config).unwrap();
-    for key in ["accel", "machine", "cpu", "firmware", "guest_agent", "nics", "format", "bus", "readonly"] {
+    for key in [
+        "accel",
+        "machine",
+        "cpu",
+        "firmware",
+        "guest_agent",
+        "nics",
+        "format",
+        "bus",
+        "readonly",
+    ] {
         assert!(!text.contains(&format!("\n{key} =")), "{key} in {text}");
     }
     assert_eq!(Accel::Kvm.default_cpu(), "host");
@@ -118,19 +137,49 @@ fn bad_nics_are_refused_with_the_reason() {
         ("type = \"user\"\nmac = \"52-54-00-12-34-56\"", "six hex bytes"),
         ("type = \"user\"\nmac = \"53:54:00:12:34:56\"", "multicast"),
         ("type = \"user\"\nmac = \"00:00:00:00:00:00\"", "all zero"),
-        ("type = \"user\"\nmodel = \"virtio-net-pci,romfile=/x\"", "not a QEMU device name"),
-        ("type = \"user\"\nhostfwd = [\"tcp:8080:80\"]", "hostfwd \"tcp:8080:80\""),
+        (
+            "type = \"user\"\nmodel = \"virtio-net-pci,romfile=/x\"",
+            "not a QEMU device name",
+        ),
+        (
+            "type = \"user\"\nhostfwd = [\"tcp:8080:80\"]",
+            "hostfwd \"tcp:8080:80\"",
+        ),
         ("type = \"user\"\nhostfwd = [\"sctp::1-:2\"]", "tcp or udp"),
-        ("type = \"user\"\nhostfwd = [\"tcp::70000-:80\"]", "ports are numbers"),
-        ("type = \"user\"\nhostfwd = [\"tcp::8080-:0\"]", "ports are numbers"),
-        ("type = \"user\"\nhostfwd = [\"tcp:host:1-:2\"]", "not an IPv4 address"),
-        ("type = \"user\"\nifname = \"tap0\"", "ifname is for type = \"tap\" only"),
+        (
+            "type = \"user\"\nhostfwd = [\"tcp::70000-:80\"]",
+            "ports are numbers",
+        ),
+        (
+            "type = \"user\"\nhostfwd = [\"tcp::8080-:0\"]",
+            "ports are numbers",
+        ),
+        (
+            "type = \"user\"\nhostfwd = [\"tcp:host:1-:2\"]",
+            "not an IPv4 address",
+        ),
+        (
+            "type = \"user\"\nifname = \"tap0\"",
+            "ifname is for type = \"tap\" only",
+        ),
         ("type = \"tap\"", "ifname is required"),
-        ("type = \"tap\"\nifname = \"tap0,script=/evil\"", "ifname = \"tap0,script=/evil\""),
-        ("type = \"tap\"\nifname = \"t\"\nhostfwd = [\"tcp::1-:2\"]", "hostfwd is for type = \"user\" only"),
+        (
+            "type = \"tap\"\nifname = \"tap0,script=/evil\"",
+            "ifname = \"tap0,script=/evil\"",
+        ),
+        (
+            "type = \"tap\"\nifname = \"t\"\nhostfwd = [\"tcp::1-:2\"]",
+            "hostfwd is for type = \"user\" only",
+        ),
         ("type = \"bridge\"", "br is required"),
-        ("type = \"bridge\"\nbr = \"br0\"\nifname = \"x\"", "ifname is for type = \"tap\" only"),
-        ("type = \"user\"\nbr = \"br0\"", "br is for type = \"bridge\" only"),
+        (
+            "type = \"bridge\"\nbr = \"br0\"\nifname = \"x\"",
+            "ifname is for type = \"tap\" only",
+        ),
+        (
+            "type = \"user\"\nbr = \"br0\"",
+            "br is for type = \"bridge\" only",
+        ),
         ("type = \"user\"\nspeed = 10", "unknown field `speed`"),
     ];
     for (nic, expected) in cases {
@@ -151,12 +200,18 @@ fn the_disks_snapshots_see_are_the_writable_ones_and_the_nvram() {
         targets.iter().map(|t| (t.target.as_str(), t.format)).collect();
     assert_eq!(
         ids,
-        [("root", snapshot_core::ImageFormat::Raw), (NVRAM_DISK_ID, snapshot_core::ImageFormat::Qcow2)]
+        [
+            ("root", snapshot_core::ImageFormat::Raw),
+            (NVRAM_DISK_ID, snapshot_core::ImageFormat::Qcow2)
+        ]
     );
     // An overlay on the raw disk is qcow2; the NVRAM follows its overlays too.
     assert!(config.set_disk_image("root", "/o.qcow2".into(), DiskFormat::Qcow2));
     assert!(config.set_disk_image(NVRAM_DISK_ID, "/state/a/nvram.s1.qcow2".into(), DiskFormat::Qcow2));
     assert!(!config.set_disk_image("vdz", "/x".into(), DiskFormat::Qcow2));
     assert_eq!(config.disk("root").unwrap().format, DiskFormat::Qcow2);
-    assert_eq!(config.nvram.as_deref(), Some(Path::new("/state/a/nvram.s1.qcow2")));
+    assert_eq!(
+        config.nvram.as_deref(),
+        Some(Path::new("/state/a/nvram.s1.qcow2"))
+    );
 }
