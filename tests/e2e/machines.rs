@@ -3,6 +3,11 @@
 //! blockers, and UEFI with its NVRAM snapshotted and reverted with the disks. Real QEMU 10 under
 //! TCG; the tiny test guest, or OVMF alone (it reaches its shell without an OS).
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, and unwrap says where"
+)]
+
 mod common;
 
 use std::{
