@@ -48,6 +48,18 @@ fn domain(cli: &Cli, name: &str, kernel: bool, extra: &str) -> Domain {
     }
 }
 
+/// Makes the qcow2 images `qcow2` (file name, size) in `name`'s folder, writes its configuration
+/// (as [`domain`]), starts it and waits for `ready` on its console.
+fn started(cli: &Cli, name: &str, kernel: bool, qcow2: &[(&str, &str)], extra: &str, ready: &str) -> Domain {
+    let domain = domain(cli, name, kernel, extra);
+    for (file, size) in qcow2 {
+        testkit::create_qcow2(&domain.dir.join(file), size);
+    }
+    cli.ok(&["domain", "start", domain.config.to_str().unwrap()]);
+    domain.wait_for_serial(ready, BOOT);
+    domain
+}
+
 /// The stored definition of a domain.
 fn definition(cli: &Cli, name: &str) -> toml::Table {
     let path = cli.state_dir().join("domains").join(name).join("domain.toml");
@@ -106,13 +118,7 @@ fn a_machine_with_a_nic_raw_and_scsi_disks_keeps_its_mac_across_snapshot_and_rev
     let port = free_port();
     let files = cli.dir.path().join("m1-files");
     std::fs::create_dir_all(&files).unwrap();
-    let (vda, raw, scsi) = (
-        files.join("vda.qcow2"),
-        files.join("data.raw"),
-        files.join("sda.qcow2"),
-    );
-    testkit::create_qcow2(&vda, "64M");
-    testkit::create_qcow2(&scsi, "32M");
+    let raw = files.join("data.raw");
     std::fs::File::create(&raw).unwrap().set_len(16 << 20).unwrap();
     let extra = format!(
         "[[disks]]\nid = \"vda\"\npath = \"vda.qcow2\"\nboot = 1\n\
@@ -120,9 +126,8 @@ fn a_machine_with_a_nic_raw_and_scsi_disks_keeps_its_mac_across_snapshot_and_rev
          [[disks]]\nid = \"sda\"\npath = \"sda.qcow2\"\nbus = \"scsi\"\n\
          [[nics]]\ntype = \"user\"\nhostfwd = [\"tcp:127.0.0.1:{port}-:80\"]\n"
     );
-    let m = domain(&cli, "m1", true, &extra);
-    cli.ok(&["domain", "start", m.config.to_str().unwrap()]);
-    m.wait_for_serial("DOMSNAP READY", BOOT);
+    let qcow2 = [("vda.qcow2", "64M"), ("sda.qcow2", "32M")];
+    let m = started(&cli, "m1", true, &qcow2, &extra, "DOMSNAP READY");
 
     // Defining pinned the machine and a MAC; status says TCG.
     let defined = definition(&cli, "m1");
@@ -236,17 +241,8 @@ fn check_machine_mismatch(cli: &Cli, m: &Domain) {
 #[test]
 fn a_migration_blocker_is_reported_before_a_memory_snapshot_starts() {
     let cli = Cli::new();
-    let files = cli.dir.path().join("nv-files");
-    std::fs::create_dir_all(&files).unwrap();
-    testkit::create_qcow2(&files.join("n.qcow2"), "16M");
-    let m = domain(
-        &cli,
-        "nv",
-        true,
-        "[[disks]]\nid = \"nvd\"\npath = \"n.qcow2\"\nbus = \"nvme\"\n",
-    );
-    cli.ok(&["domain", "start", m.config.to_str().unwrap()]);
-    m.wait_for_serial("DOMSNAP READY", BOOT);
+    let disk = "[[disks]]\nid = \"nvd\"\npath = \"n.qcow2\"\nbus = \"nvme\"\n";
+    let m = started(&cli, "nv", true, &[("n.qcow2", "16M")], disk, "DOMSNAP READY");
     let files_before = cli.snapshot_files();
     for extra in [&[][..], &["--live"][..]] {
         let mut args = vec!["snapshot", "create", "nv", "s1"];
@@ -268,17 +264,8 @@ fn a_migration_blocker_is_reported_before_a_memory_snapshot_starts() {
 fn uefi_variables_changed_after_a_snapshot_are_undone_by_its_revert() {
     assert!(qemu::ovmf_installed(), "OVMF is missing: run cargo xtask setup");
     let cli = Cli::new();
-    let files = cli.dir.path().join("uefi-files");
-    std::fs::create_dir_all(&files).unwrap();
-    testkit::create_qcow2(&files.join("vda.qcow2"), "16M");
-    let u = domain(
-        &cli,
-        "uefi",
-        false,
-        "firmware = \"uefi\"\n[[disks]]\nid = \"vda\"\npath = \"vda.qcow2\"\n",
-    );
-    cli.ok(&["domain", "start", u.config.to_str().unwrap()]);
-    u.wait_for_serial("Shell>", BOOT);
+    let extra = "firmware = \"uefi\"\n[[disks]]\nid = \"vda\"\npath = \"vda.qcow2\"\n";
+    let u = started(&cli, "uefi", false, &[("vda.qcow2", "16M")], extra, "Shell>");
     let nvram = PathBuf::from(definition(&cli, "uefi")["nvram"].as_str().unwrap().to_owned());
     assert_eq!(
         nvram,

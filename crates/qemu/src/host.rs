@@ -2,17 +2,14 @@
 //! file), and what the QEMU binary is: its version and the machine types it provides (from
 //! `-machine help`, remembered in the state directory per binary file).
 
-use std::{
-    fs,
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-};
+use std::{fs, path::Path};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     config::Accel,
     error::{Error, Result},
+    process::{qemu_output, remembered},
 };
 
 /// The KVM device.
@@ -154,73 +151,17 @@ pub(crate) fn version_less(a: &str, b: &str) -> bool {
 /// The facts of `binary` as remembered in `cache`, or read from the binary (and remembered):
 /// the cache holds the binary file's identity, so a replaced QEMU is asked again.
 pub(crate) async fn qemu_facts(binary: &Path, cache: &Path) -> Result<QemuFacts> {
-    let identity = identity(binary);
-    if let (Some(identity), Ok(text)) = (&identity, fs::read(cache)) {
-        if let Ok(cached) = serde_json::from_slice::<Cached>(&text) {
-            if cached.identity == *identity {
-                return Ok(cached.facts);
-            }
-        }
-    }
-    let facts = ask_qemu(binary).await?;
-    if let Some(identity) = identity {
-        let cached = Cached {
-            identity,
-            facts: facts.clone(),
-        };
-        let written = serde_json::to_vec(&cached)
-            .map_err(|error| error.to_string())
-            .and_then(|text| durable::write_atomic(cache, &text).map_err(|error| error.to_string()));
-        if let Err(error) = written {
-            tracing::debug!(%error, "cannot remember QEMU's machine types");
-        }
-    }
-    Ok(facts)
-}
-
-#[derive(Serialize, Deserialize)]
-struct Cached {
-    identity: (PathBuf, u64, u64, i64, i64),
-    facts: QemuFacts,
-}
-
-/// The binary file's path, inode, size and change time.
-fn identity(binary: &Path) -> Option<(PathBuf, u64, u64, i64, i64)> {
-    let path = if binary.components().count() > 1 {
-        binary.to_owned()
-    } else {
-        let paths = std::env::var_os("PATH")?;
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(binary))
-            .find(|candidate| candidate.is_file())?
-    };
-    let path = fs::canonicalize(path).ok()?;
-    let meta = fs::metadata(&path).ok()?;
-    Some((path, meta.ino(), meta.size(), meta.ctime(), meta.ctime_nsec()))
+    remembered(binary, cache, ask_qemu(binary)).await
 }
 
 async fn ask_qemu(binary: &Path) -> Result<QemuFacts> {
-    let run = |arg: &'static [&'static str]| {
-        let binary = binary.to_owned();
-        async move {
-            let output = tokio::process::Command::new(&binary)
-                .args(arg)
-                .output()
-                .await
-                .map_err(|source| Error::QemuNotFound {
-                    binary: binary.clone(),
-                    source,
-                })?;
-            Ok::<_, Error>(String::from_utf8_lossy(&output.stdout).into_owned())
-        }
-    };
-    let version_text = run(&["--version"]).await?;
+    let version_text = qemu_output(binary, &["--version"]).await?;
     let first_line = version_text.lines().next().unwrap_or_default();
     let version = parse_version(first_line).ok_or_else(|| Error::QemuVersion {
         binary: binary.to_owned(),
         found: first_line.to_owned(),
     })?;
-    let machines = parse_machine_help(&run(&["-machine", "help"]).await?);
+    let machines = parse_machine_help(&qemu_output(binary, &["-machine", "help"]).await?);
     Ok(QemuFacts { version, machines })
 }
 
