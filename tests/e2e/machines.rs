@@ -312,6 +312,11 @@ fn uefi_variables_changed_after_a_snapshot_are_undone_by_its_revert() {
         image_bytes(&nvram, None) == at_snapshot,
         "the NVRAM is not the snapshot's"
     );
+
+    // Defined again from its file (which names no NVRAM), the domain keeps its NVRAM image.
+    cli.ok(&["domain", "start", u.config.to_str().unwrap()]);
+    assert_eq!(definition(&cli, "uefi")["nvram"].as_str(), nvram.to_str());
+    cli.ok(&["domain", "stop", "uefi", "--force"]);
 }
 
 /// Sends one QMP command without arguments on a socket no one else holds.

@@ -67,6 +67,25 @@ impl QemuDriver {
         Ok(config)
     }
 
+    /// The disks `config` would have once defined, for the orchestrator's redefinition check
+    /// (`check_redefinition`): as [`DomainConfig::disk_targets`], with a UEFI domain's NVRAM
+    /// image, which a configuration file never names, kept from the stored definition as
+    /// defining keeps it.
+    pub fn redefinition_targets(&self, config: &DomainConfig) -> Result<Vec<snapshot_core::DiskTarget>> {
+        let mut config = config.clone();
+        if config.firmware == Firmware::Uefi && config.nvram.is_none() {
+            // No state directory yet: no definition either.
+            let files = match self.files(&config.name) {
+                Err(Error::UnknownDomain { .. }) => return Ok(config.disk_targets()),
+                files => files?,
+            };
+            if files.definition.is_file() {
+                config.nvram = self.load_definition(&config.name, &files)?.nvram;
+            }
+        }
+        Ok(config.disk_targets())
+    }
+
     /// Refuses a snapshot whose recorded configuration `recorded` this host cannot restore: a
     /// machine type this QEMU lacks, with memory a QEMU older than the one that saved it (QEMU
     /// loads the state of older versions of a versioned machine type, not of newer ones), or
