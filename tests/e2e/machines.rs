@@ -121,7 +121,8 @@ fn a_machine_with_a_nic_raw_and_scsi_disks_keeps_its_mac_across_snapshot_and_rev
     let raw = files.join("data.raw");
     std::fs::File::create(&raw).unwrap().set_len(16 << 20).unwrap();
     let extra = format!(
-        "[[disks]]\nid = \"vda\"\npath = \"vda.qcow2\"\nboot = 1\n\
+        "guest_agent = true\n\
+         [[disks]]\nid = \"vda\"\npath = \"vda.qcow2\"\nboot = 1\n\
          [[disks]]\nid = \"vdb\"\npath = \"data.raw\"\nformat = \"raw\"\ncache = \"writethrough\"\n\
          [[disks]]\nid = \"sda\"\npath = \"sda.qcow2\"\nbus = \"scsi\"\n\
          [[nics]]\ntype = \"user\"\nhostfwd = [\"tcp:127.0.0.1:{port}-:80\"]\n"
@@ -138,13 +139,19 @@ fn a_machine_with_a_nic_raw_and_scsi_disks_keeps_its_mac_across_snapshot_and_rev
     );
     let mac = defined["nics"][0]["mac"].as_str().unwrap().to_owned();
     assert!(mac.starts_with("52:54:00:"), "{mac}");
-    assert_eq!(cli.json(&["domain", "status", "m1"])["accel"], "tcg");
+    let status = cli.json(&["domain", "status", "m1"]);
+    assert_eq!(status["accel"], "tcg");
+    // The guest agent's channel listens on its socket in the run folder.
+    let agent = PathBuf::from(status["guest_agent_socket"].as_str().unwrap());
+    assert!(agent.ends_with("domains/m1/run/qga.sock"), "{}", agent.display());
+    std::os::unix::net::UnixStream::connect(&agent).expect("QEMU listens on the agent's socket");
     let (_, line) = qemu_cmdline(&cli, "m1");
     for part in [
         format!("mac={mac}"),
         format!("hostfwd=tcp:127.0.0.1:{port}-:80"),
         "driver=raw,file=file-vdb".to_owned(),
         "scsi-hd,bus=scsi0.0,drive=disk-sda".to_owned(),
+        "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0".to_owned(),
     ] {
         assert!(line.contains(&part), "{part} not in {line}");
     }

@@ -351,6 +351,15 @@ impl QemuDriver {
         Ok(files.runtime(&self.load_definition(name, &files)?))
     }
 
+    /// The Unix socket of the domain's guest agent channel (the host side of the virtio-serial
+    /// port `org.qemu.guest_agent.0`), if its definition has `guest_agent = true`. QEMU listens
+    /// on it while the domain runs; one client at a time.
+    pub fn guest_agent_socket(&self, name: &Name) -> Result<Option<PathBuf>> {
+        let files = self.files(name)?;
+        let config = self.load_definition(name, &files)?;
+        Ok(config.guest_agent.then_some(files.guest_agent_socket))
+    }
+
     /// Boots a shut-off domain; with `paused`, its vCPUs wait for [`QemuDriver::resume`].
     pub async fn start(&self, name: &Name, paused: bool) -> Result<()> {
         self.launch(name, StartMode::Boot { paused }).await
