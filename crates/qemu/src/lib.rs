@@ -57,6 +57,7 @@ mod command_line;
 mod config;
 mod driver;
 mod error;
+mod follow_disks;
 mod host;
 mod hypervisor;
 mod launch;
