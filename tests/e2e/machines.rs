@@ -125,9 +125,10 @@ fn a_machine_with_a_nic_raw_and_scsi_disks_keeps_its_mac_across_snapshot_and_rev
          [[disks]]\nid = \"vda\"\npath = \"vda.qcow2\"\nboot = 1\n\
          [[disks]]\nid = \"vdb\"\npath = \"data.raw\"\nformat = \"raw\"\ncache = \"writethrough\"\n\
          [[disks]]\nid = \"sda\"\npath = \"sda.qcow2\"\nbus = \"scsi\"\n\
+         [[disks]]\nid = \"ro\"\npath = \"ro.qcow2\"\nreadonly = true\n\
          [[nics]]\ntype = \"user\"\nhostfwd = [\"tcp:127.0.0.1:{port}-:80\"]\n"
     );
-    let qcow2 = [("vda.qcow2", "64M"), ("sda.qcow2", "32M")];
+    let qcow2 = [("vda.qcow2", "64M"), ("sda.qcow2", "32M"), ("ro.qcow2", "16M")];
     let m = started(&cli, "m1", true, &qcow2, &extra, "DOMSNAP READY");
 
     // Defining pinned the machine and a MAC; status says TCG.
@@ -151,6 +152,7 @@ fn a_machine_with_a_nic_raw_and_scsi_disks_keeps_its_mac_across_snapshot_and_rev
         format!("hostfwd=tcp:127.0.0.1:{port}-:80"),
         "driver=raw,file=file-vdb".to_owned(),
         "scsi-hd,bus=scsi0.0,drive=disk-sda".to_owned(),
+        "driver=qcow2,file=file-ro,node-name=disk-ro,read-only=on".to_owned(),
         "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0".to_owned(),
     ] {
         assert!(line.contains(&part), "{part} not in {line}");
@@ -172,7 +174,8 @@ fn a_machine_with_a_nic_raw_and_scsi_disks_keeps_its_mac_across_snapshot_and_rev
     assert_eq!(common::state(&cli, &m), "running");
     assert_eq!(cli.snapshot_files(), files_before);
 
-    // By default the raw disk gets an overlay, the qcow2 disks internal snapshots.
+    // By default the raw disk gets an overlay, the qcow2 disks internal snapshots; the
+    // read-only disk is left out.
     let created = cli.json(&["snapshot", "create", "m1", "s1"]);
     let record = &created["record"];
     let kinds: Vec<(&str, &str)> = record["disks"]
@@ -190,6 +193,7 @@ fn a_machine_with_a_nic_raw_and_scsi_disks_keeps_its_mac_across_snapshot_and_rev
         kinds,
         [("vda", "internal"), ("vdb", "external"), ("sda", "internal")]
     );
+    assert!(common::internal_snapshots(&m.dir.join("ro.qcow2")).is_empty());
     assert_eq!(record["config"]["machine"], "pc-q35-10.0");
     assert!(
         record["config"]["qemu_version"]
