@@ -250,6 +250,41 @@ mod tests {
         assert_eq!(stored.nics, first.nics);
     }
 
+    #[tokio::test]
+    async fn a_revert_needs_the_machine_type_and_for_memory_a_qemu_not_older() {
+        let state = tempfile::tempdir().unwrap();
+        let driver = QemuDriver::new(state.path());
+        let name = Name::new("a").unwrap();
+        let facts = driver.qemu_facts().await.unwrap();
+        let recorded = |machine: &str, version: &str| {
+            let mut value = serde_json::to_value(config(&format!("machine = \"{machine}\""))).unwrap();
+            value[QEMU_VERSION_KEY] = version.into();
+            value
+        };
+        let check = |value: serde_json::Value, memory: bool| {
+            let driver = driver.clone();
+            let name = name.clone();
+            async move { driver.check_restorable_config(&name, &value, memory).await }
+        };
+        let this = recorded("q35", &facts.version);
+        check(this.clone(), true).await.unwrap();
+        // Unpinned records (older domsnap versions) and older QEMUs restore.
+        check(serde_json::to_value(config("")).unwrap(), true)
+            .await
+            .unwrap();
+        check(recorded("pc-q35-10.0", "9.2.0"), true).await.unwrap();
+        // A machine type this QEMU lacks never does; memory from a newer QEMU neither, but its
+        // disks alone do.
+        let error = check(recorded("pc-q35-99.0", &facts.version), false)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("machine type pc-q35-99.0"), "{error}");
+        let newer = recorded("q35", "99.0.0");
+        let error = check(newer.clone(), true).await.unwrap_err().to_string();
+        assert!(error.contains("saved by QEMU 99.0.0"), "{error}");
+        check(newer, false).await.unwrap();
+    }
+
     #[test]
     fn a_recorded_configuration_carries_the_qemu_version() {
         let mut value = serde_json::to_value(config("machine = \"pc-q35-10.0\"")).unwrap();
