@@ -332,10 +332,16 @@ fn config(name: &Name, ram_mib: u64, workload: &Workload, disk: &Path) -> Domain
         cmdline: Some(format!("console=ttyS0 quiet {}", workload.cmdline())),
         serial_log: None,
         run_as: None,
-        disks: vec![DiskConfig {
-            id: DISK.to_owned(),
-            path: disk.to_owned(),
-        }],
+        // As testkit's QEMU: TCG (KVM guests stall on these machines); defining pins the vCPU
+        // model TCG gets, max, which testkit uses too.
+        accel: Some(qemu::Accel::Tcg),
+        machine: None,
+        cpu: None,
+        firmware: qemu::Firmware::Bios,
+        nvram: None,
+        guest_agent: false,
+        nics: Vec::new(),
+        disks: vec![DiskConfig::qcow2(DISK, disk)],
     }
 }
 

@@ -88,7 +88,7 @@ impl Debian {
             &["create", "-q", "-f", "raw", &data.display().to_string(), "64M"],
         );
         let config = format!(
-            "name = \"{name}\"\nmemory_mib = 1024\nvcpus = 1\n{boot_keys}guest_agent = true\n\n\
+            "name = \"{name}\"\nmemory_mib = 1024\nvcpus = 1\naccel = \"tcg\"\n{boot_keys}guest_agent = true\n\n\
              [[nics]]\ntype = \"user\"\nhostfwd = [\"tcp:127.0.0.1:{http_port}-:80\"]\n\n\
              [[disks]]\nid = \"vda\"\npath = \"{}\"\nboot = 1\n\n\
              [[disks]]\nid = \"vdb\"\npath = \"{}\"\nformat = \"raw\"\n",

@@ -187,7 +187,7 @@ fn write_config(dir: &Path) -> Result<PathBuf> {
         wss_mib: 64,
     };
     let mut config = format!(
-        "name = \"demo\"\nmemory_mib = {MEMORY_MIB}\nvcpus = 1\nkernel = \"{}\"\ninitrd = \"{}\"\n\
+        "name = \"demo\"\nmemory_mib = {MEMORY_MIB}\nvcpus = 1\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
          cmdline = \"console=ttyS0 quiet {}\"\n",
         guest.kernel.display(),
         guest.initrd.display(),

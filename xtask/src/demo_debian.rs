@@ -128,7 +128,7 @@ fn write_config(dir: &Path, guest: &DebianGuest, http_port: u16) -> Result<PathB
     );
     testkit::run("qemu-img", &["create", "-q", "-f", "raw", &data_path, "64M"]);
     let config = format!(
-        "name = \"{DOMAIN}\"\nmemory_mib = 1024\nvcpus = 1\nkernel = \"{}\"\ninitrd = \"{}\"\n\
+        "name = \"{DOMAIN}\"\nmemory_mib = 1024\nvcpus = 1\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
          cmdline = \"{}\"\nguest_agent = true\n\n\
          [[nics]]\ntype = \"user\"\nhostfwd = [\"tcp:127.0.0.1:{http_port}-:80\"]\n\n\
          [[disks]]\nid = \"vda\"\npath = \"{root_path}\"\n\n\

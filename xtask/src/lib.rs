@@ -47,6 +47,7 @@ pub fn run_setup(force: bool) -> Result<SetupReport> {
 pub fn run_setup_with(force: bool, force_debian: bool) -> Result<SetupReport> {
     let qemu = setup::ensure_qemu()?;
     setup::ensure_c_test_tools()?;
+    setup::ensure_ovmf()?;
     let guest_dir = guest::guest_dir();
     let guest = guest_image::ensure_guest(&workspace_root(), &guest_dir, force)?;
     let debian = debian::ensure_debian_guest(&guest_dir, force_debian)?;

@@ -136,19 +136,43 @@ pub fn ensure_c_test_tools() -> Result<()> {
         return Ok(());
     }
     println!("setup: installing {} (the C API's test)", missing.join(" "));
-    cmd::run(cmd::as_root("apt-get", cmd::APT_ENV).arg("update"), false)?;
-    cmd::run(
-        cmd::as_root("apt-get", cmd::APT_ENV)
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
-        false,
-    )?;
+    apt_install(&missing)?;
     for (program, package) in C_TEST_TOOLS {
         if cmd::probe(Command::new(program).arg("--version")).is_none() {
             bail!("{program} is still missing after installing {package}");
         }
     }
     Ok(())
+}
+
+/// The UEFI firmware a `firmware = "uefi"` domain runs (Debian's `ovmf`; any version will do):
+/// its code and the NVRAM variables template, as the QEMU driver names them.
+pub const OVMF_FILES: &[&str] = &[qemu::OVMF_CODE, qemu::OVMF_VARS_TEMPLATE];
+
+/// Installs Debian's `ovmf` package unless its files are there.
+pub fn ensure_ovmf() -> Result<()> {
+    if OVMF_FILES.iter().all(|file| Path::new(file).is_file()) {
+        println!("setup: OVMF present: nothing to install");
+        return Ok(());
+    }
+    println!("setup: installing ovmf (UEFI domains)");
+    apt_install(&["ovmf"])?;
+    if let Some(missing) = OVMF_FILES.iter().find(|file| !Path::new(file).is_file()) {
+        bail!("{missing} is still missing after installing ovmf");
+    }
+    Ok(())
+}
+
+/// `apt-get update`, then installs `packages` without recommends.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    cmd::run(cmd::as_root("apt-get", cmd::APT_ENV).arg("update"), false)?;
+    cmd::run(
+        cmd::as_root("apt-get", cmd::APT_ENV)
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(packages),
+        false,
+    )
+    .map(drop)
 }
 
 /// `VERSION_CODENAME` from /etc/os-release.

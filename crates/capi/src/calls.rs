@@ -195,7 +195,7 @@ impl Api {
         let config = DomainConfig::load(Path::new(config))?;
         self.orchestrator.recover(&config.name).await?;
         self.orchestrator
-            .check_redefinition(&config.name, &config.disk_targets())
+            .check_redefinition(&config.name, &self.driver.redefinition_targets(&config)?)
             .await?;
         Ok(self.driver.define(&config).await?)
     }

@@ -66,7 +66,7 @@ impl Setup {
             .expect("a temporary folder");
         let guest = testkit::guest();
         let mut config = format!(
-            "name = \"{domain}\"\nmemory_mib = {memory_mib}\nvcpus = 1\nkernel = \"{}\"\ninitrd = \"{}\"\n\
+            "name = \"{domain}\"\nmemory_mib = {memory_mib}\nvcpus = 1\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
              cmdline = \"console=ttyS0 quiet {}\"\n",
             guest.kernel.display(),
             guest.initrd.display(),

@@ -422,7 +422,7 @@ impl App {
                     let config = DomainConfig::load(Path::new(&domain))?;
                     self.orchestrator.recover(&config.name).await?;
                     self.orchestrator
-                        .check_redefinition(&config.name, &config.disk_targets())
+                        .check_redefinition(&config.name, &self.driver.redefinition_targets(&config)?)
                         .await?;
                     self.driver.define(&config).await?;
                     config.name

@@ -15,9 +15,14 @@ pub struct DomainRow {
     name: Name,
     state: DomainState,
     pid: Option<u32>,
+    /// The accelerator it runs (or would run) under: `kvm` or `tcg`.
+    accel: qemu::Accel,
     /// The snapshot memory image its RAM is mapped from (after a lazy revert), while it runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     mapped_image: Option<std::path::PathBuf>,
+    /// The guest agent channel's Unix socket (`guest_agent = true`), while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guest_agent_socket: Option<std::path::PathBuf>,
     /// What domsnap is doing on it: idle, busy (another command holds its lock) or interrupted.
     activity: Activity,
 }
@@ -28,7 +33,9 @@ impl DomainRow {
             name: status.name.clone(),
             state: status.state,
             pid: status.pid,
+            accel: status.accel,
             mapped_image: status.mapped_image.clone(),
+            guest_agent_socket: status.guest_agent_socket.clone(),
             activity,
         }
     }
@@ -84,18 +91,25 @@ fn state_text(state: DomainState) -> &'static str {
 }
 
 pub fn domains(rows: &[DomainRow]) -> String {
-    let mut out = format!("{:<24} {:<9} {:<8} {}\n", "NAME", "STATE", "PID", "ACTIVITY");
+    let mut out = format!(
+        "{:<24} {:<9} {:<8} {:<5} {}\n",
+        "NAME", "STATE", "PID", "ACCEL", "ACTIVITY"
+    );
     for row in rows {
         let pid = row.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
         let _ = writeln!(
             out,
-            "{:<24} {:<9} {pid:<8} {}",
+            "{:<24} {:<9} {pid:<8} {:<5} {}",
             row.name.as_str(),
             state_text(row.state),
+            row.accel.as_str(),
             activity_text(&row.activity)
         );
         if let Some(image) = &row.mapped_image {
             let _ = writeln!(out, "  RAM mapped copy-on-write from {}", image.display());
+        }
+        if let Some(socket) = &row.guest_agent_socket {
+            let _ = writeln!(out, "  guest agent channel on {}", socket.display());
         }
     }
     out

@@ -11,14 +11,14 @@ use std::{
 };
 
 use qmp::{
-    commands::{BlockInfo, Cont, MigrateCancel, QueryBlock, QueryMigrate, QueryStatus, Quit, Stop},
+    commands::{Cont, MigrateCancel, QueryMigrate, QueryStatus, Quit, Stop},
     Client, ClientOptions, MigrationStatus, RunState,
 };
 use snapshot_core::{DomainLock, DomainState, Name, StateDir};
 
 use crate::{
     command_line::{escape, RuntimePaths, StartMode},
-    config::DomainConfig,
+    config::{Accel, DomainConfig},
     error::{Error, Result},
     process,
 };
@@ -153,6 +153,11 @@ pub struct DomainStatus {
     /// revert), while the domain has a process. Such RAM is private to QEMU: domsnap cannot read
     /// it.
     pub mapped_image: Option<PathBuf>,
+    /// The accelerator the domain runs (or would run) under.
+    pub accel: Accel,
+    /// The Unix socket of the guest agent's channel (`guest_agent = true`), while the domain
+    /// has a process.
+    pub guest_agent_socket: Option<PathBuf>,
 }
 
 /// How [`QemuDriver::stop`] ends a domain.
@@ -178,6 +183,7 @@ pub(crate) struct DomainFiles {
     qmp_socket: PathBuf,
     pub(crate) status_socket: PathBuf,
     console_socket: PathBuf,
+    pub(crate) guest_agent_socket: PathBuf,
     default_serial_log: PathBuf,
     pub(crate) ram_file: PathBuf,
     /// The hard link of the memory image the running QEMU maps as its RAM (a lazy revert).
@@ -196,6 +202,7 @@ impl DomainFiles {
                 .clone()
                 .unwrap_or_else(|| self.default_serial_log.clone()),
             console_socket: self.console_socket.clone(),
+            guest_agent_socket: self.guest_agent_socket.clone(),
         }
     }
 
@@ -210,7 +217,12 @@ impl DomainFiles {
     }
 
     pub(crate) fn check_socket_paths(&self) -> Result<()> {
-        for socket in [&self.qmp_socket, &self.status_socket, &self.console_socket] {
+        for socket in [
+            &self.qmp_socket,
+            &self.status_socket,
+            &self.console_socket,
+            &self.guest_agent_socket,
+        ] {
             let len = socket.as_os_str().len();
             if len > MAX_SOCKET_PATH {
                 return Err(Error::SocketPathTooLong {
@@ -287,14 +299,28 @@ impl QemuDriver {
         }
     }
 
-    /// Defines (or redefines) a domain: validates `config`, makes its paths absolute (QEMU runs
-    /// from `/`) and writes `domain.toml`. Refused while the domain's QEMU runs.
+    /// Defines (or redefines) a domain: validates `config`, pins what the host decides (the
+    /// accelerator, the versioned machine type, the vCPU model, MACs, a UEFI domain's NVRAM
+    /// image: see `pin`), makes its paths absolute (QEMU runs from `/`) and writes
+    /// `domain.toml`. Refused while the domain's QEMU runs.
     pub async fn define(&self, config: &DomainConfig) -> Result<()> {
         config.validate()?;
         let dir = self.inner.state_dir.join("domains").join(config.name.as_str());
         durable::create_private_dir_all(&dir)?;
         let _lock = self.lock(&config.name).await?;
-        self.define_locked(config)
+        let files = self.files(&config.name)?;
+        let previous = files
+            .definition
+            .is_file()
+            .then(|| self.load_definition(&config.name, &files))
+            .transpose()?;
+        let pinned = self.pin(config, previous.as_ref(), &files.dir).await?;
+        self.define_locked(&pinned)
+    }
+
+    /// The state directory as the driver was given it.
+    pub(crate) fn state_path(&self) -> &Path {
+        &self.inner.state_dir
     }
 
     /// [`QemuDriver::define`] with the domain's lock held by the caller.
@@ -323,6 +349,15 @@ impl QemuDriver {
     pub fn runtime_paths(&self, name: &Name) -> Result<RuntimePaths> {
         let files = self.files(name)?;
         Ok(files.runtime(&self.load_definition(name, &files)?))
+    }
+
+    /// The Unix socket of the domain's guest agent channel (the host side of the virtio-serial
+    /// port `org.qemu.guest_agent.0`), if its definition has `guest_agent = true`. QEMU listens
+    /// on it while the domain runs; one client at a time.
+    pub fn guest_agent_socket(&self, name: &Name) -> Result<Option<PathBuf>> {
+        let files = self.files(name)?;
+        let config = self.load_definition(name, &files)?;
+        Ok(config.guest_agent.then_some(files.guest_agent_socket))
     }
 
     /// Boots a shut-off domain; with `paused`, its vCPUs wait for [`QemuDriver::resume`].
@@ -420,7 +455,7 @@ impl QemuDriver {
     /// The domain's state. Finding its QEMU dead cleans its stale files up.
     pub async fn status(&self, name: &Name) -> Result<DomainStatus> {
         let files = self.files(name)?;
-        self.load_definition(name, &files)?;
+        let config = self.load_definition(name, &files)?;
         if let Some(pid) = files.pid() {
             match self.run_state(name, &files, pid).await {
                 Ok(state) => {
@@ -429,6 +464,8 @@ impl QemuDriver {
                         state: domain_state(&state),
                         pid: Some(pid),
                         mapped_image: crate::mapped_ram::mapped_image(&files),
+                        accel: config.accel(),
+                        guest_agent_socket: config.guest_agent.then(|| files.guest_agent_socket.clone()),
                     })
                 }
                 // QEMU may have exited since the check.
@@ -442,6 +479,8 @@ impl QemuDriver {
             state: DomainState::ShutOff,
             pid: None,
             mapped_image: None,
+            accel: config.accel(),
+            guest_agent_socket: None,
         })
     }
 
@@ -525,6 +564,7 @@ impl QemuDriver {
             qmp_socket: run.join("qmp.sock"),
             status_socket: run.join("status.sock"),
             console_socket: run.join("console.sock"),
+            guest_agent_socket: run.join("qga.sock"),
             ram_base: run.join(crate::mapped_ram::RAM_BASE),
             ram_base_origin: run.join(crate::mapped_ram::RAM_BASE_ORIGIN),
             default_serial_log: domain.serial_log(),
@@ -551,7 +591,7 @@ impl QemuDriver {
         DomainConfig::load(&files.definition)
     }
 
-    fn write_definition(&self, files: &DomainFiles, config: &DomainConfig) -> Result<()> {
+    pub(crate) fn write_definition(&self, files: &DomainFiles, config: &DomainConfig) -> Result<()> {
         let text = toml::to_string(config).map_err(|error| Error::InvalidConfig {
             path: None,
             reason: error.to_string(),
@@ -709,63 +749,6 @@ impl QemuDriver {
         }
     }
 
-    /// Reads the active image of every disk from QEMU and records any change in the definition;
-    /// returns the (updated) definition.
-    pub(crate) async fn sync_disks(
-        &self,
-        name: &Name,
-        files: &DomainFiles,
-        client: &Client,
-    ) -> Result<DomainConfig> {
-        self.sync_disks_expecting(name, files, client, &[]).await
-    }
-
-    /// [`QemuDriver::sync_disks`], also accepting the images in `expected` as active images.
-    ///
-    /// An image QEMU reports is recorded only when it is in the chain domsnap expects: the
-    /// defined image, an image whose backing chain (as QEMU has it open) contains the defined
-    /// image (an overlay of a live external snapshot), or one the caller expects. Anything else
-    /// (an image swapped in by another QMP client, or a path a compromised QEMU made up) is an
-    /// error and the definition is left as it was.
-    pub(crate) async fn sync_disks_expecting(
-        &self,
-        name: &Name,
-        files: &DomainFiles,
-        client: &Client,
-        expected: &[PathBuf],
-    ) -> Result<DomainConfig> {
-        let mut config = self.load_definition(name, files)?;
-        let blocks = client
-            .execute(&QueryBlock)
-            .await
-            .map_err(qmp_error(name, "querying the disks"))?;
-        let mut changed = false;
-        for disk in &mut config.disks {
-            match active_image(&blocks, &disk.id) {
-                Some((image, chain)) if image != disk.path => {
-                    if !chain_expected(&disk.path, &image, &chain, expected) {
-                        return Err(Error::UnexpectedImage {
-                            domain: name.clone(),
-                            disk: disk.id.clone(),
-                            image,
-                            defined: disk.path.clone(),
-                        });
-                    }
-                    let shown = image.display();
-                    tracing::info!(domain = %name, disk = disk.id, image = %shown, "active image changed");
-                    disk.path = image;
-                    changed = true;
-                }
-                Some(_) => {}
-                None => tracing::warn!(domain = %name, disk = disk.id, "QEMU has no such disk"),
-            }
-        }
-        if changed {
-            self.write_definition(files, &config)?;
-        }
-        Ok(config)
-    }
-
     /// Presses the power button of a running guest and waits for QEMU to exit.
     async fn power_off(&self, name: &Name, files: &DomainFiles, pid: u32, timeout: Duration) -> Result<()> {
         let client = self.client(name, files, pid).await?;
@@ -839,9 +822,14 @@ impl QemuDriver {
 fn absolute_paths(config: &DomainConfig) -> Result<DomainConfig> {
     let absolute = |path: &Path| std::path::absolute(path).map_err(io_error("cannot resolve", path));
     let mut config = config.clone();
-    for path in [&mut config.kernel, &mut config.initrd, &mut config.serial_log]
-        .into_iter()
-        .flatten()
+    for path in [
+        &mut config.kernel,
+        &mut config.initrd,
+        &mut config.serial_log,
+        &mut config.nvram,
+    ]
+    .into_iter()
+    .flatten()
     {
         *path = absolute(path)?;
     }
@@ -851,113 +839,9 @@ fn absolute_paths(config: &DomainConfig) -> Result<DomainConfig> {
     Ok(config)
 }
 
-/// The active image of the disk whose device id is `id`: the image of the root node inserted in
-/// the device (`-device virtio-blk-pci,id=ID` has the QOM path `/machine/peripheral/ID/...`),
-/// and the images of its backing chain as QEMU has them open, nearest first.
-fn active_image(blocks: &[BlockInfo], id: &str) -> Option<(PathBuf, Vec<PathBuf>)> {
-    let prefix = format!("/machine/peripheral/{id}/");
-    let block = blocks.iter().find(|block| {
-        block
-            .qdev
-            .as_deref()
-            .is_some_and(|qdev| qdev.starts_with(&prefix) || qdev == id)
-    })?;
-    let inserted = block.inserted.as_ref()?;
-    let image = qmp::commands::node_image_file(&inserted.file)?;
-    let mut chain = Vec::new();
-    let mut next = inserted.image.backing_image.as_deref();
-    while let Some(info) = next {
-        chain.extend(qmp::commands::node_image_file(&info.filename));
-        next = info.backing_image.as_deref();
-    }
-    Some((image, chain))
-}
-
-/// Whether QEMU's active image `image` (backed by `chain`) is one domsnap expects for a disk
-/// defined on `defined`: `defined` is in its backing chain, or the caller expects `image`.
-fn chain_expected(defined: &Path, image: &Path, chain: &[PathBuf], expected: &[PathBuf]) -> bool {
-    let same = |a: &Path, b: &Path| {
-        a == b
-            || matches!(
-                (std::fs::canonicalize(a), std::fs::canonicalize(b)),
-                (Ok(a), Ok(b)) if a == b
-            )
-    };
-    chain.iter().any(|backing| same(backing, defined)) || expected.iter().any(|wanted| same(wanted, image))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn block(qdev: &str, file: &str) -> BlockInfo {
-        serde_json::from_value(serde_json::json!({
-            "device": "",
-            "qdev": qdev,
-            "removable": false,
-            "locked": false,
-            "inserted": {
-                "file": file, "ro": false, "drv": "qcow2", "backing_file_depth": 0,
-                "image": {"filename": file, "format": "qcow2", "virtual-size": 1}
-            }
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn the_active_image_is_the_root_node_of_the_disk_device() {
-        let blocks = [
-            block("/machine/peripheral/vda/virtio-backend", "/img/a.qcow2"),
-            block(
-                "/machine/peripheral/vdb/virtio-backend",
-                concat!(
-                    r#"json:{"backing": null, "driver": "qcow2", "#,
-                    r#""file": {"driver": "file", "filename": "/img/b-overlay.qcow2"}}"#
-                ),
-            ),
-        ];
-        assert_eq!(
-            active_image(&blocks, "vda"),
-            Some(("/img/a.qcow2".into(), Vec::new()))
-        );
-        assert_eq!(
-            active_image(&blocks, "vdb"),
-            Some(("/img/b-overlay.qcow2".into(), Vec::new()))
-        );
-        assert_eq!(active_image(&blocks, "vd"), None);
-    }
-
-    #[test]
-    fn only_images_in_the_expected_chain_are_accepted() {
-        let mut overlay = block("/machine/peripheral/vda/virtio-backend", "/img/a.s1.qcow2");
-        let backing = |filename: &str, below: Option<serde_json::Value>| {
-            let mut info = serde_json::json!({"filename": filename, "format": "qcow2", "virtual-size": 1});
-            if let Some(below) = below {
-                info["backing-image"] = below;
-            }
-            info
-        };
-        let chain = backing("/img/a.qcow2", Some(backing("/img/base.qcow2", None)));
-        overlay.inserted.as_mut().unwrap().image.backing_image =
-            Some(Box::new(serde_json::from_value(chain).unwrap()));
-        let (image, chain) = active_image(&[overlay], "vda").unwrap();
-        assert_eq!(image, Path::new("/img/a.s1.qcow2"));
-        assert_eq!(chain, [Path::new("/img/a.qcow2"), Path::new("/img/base.qcow2")]);
-        let defined = Path::new("/img/a.qcow2");
-        // An overlay on the defined image (or deeper in its chain) is accepted.
-        assert!(chain_expected(defined, &image, &chain, &[]));
-        assert!(chain_expected(Path::new("/img/base.qcow2"), &image, &chain, &[]));
-        // An image not backed by the defined one only when the caller expects it.
-        let elsewhere = Path::new("/etc/shadow");
-        assert!(!chain_expected(defined, elsewhere, &[], &[]));
-        assert!(!chain_expected(
-            defined,
-            elsewhere,
-            &[PathBuf::from("/img/other.qcow2")],
-            &[]
-        ));
-        assert!(chain_expected(defined, elsewhere, &[], &[elsewhere.to_owned()]));
-    }
 
     #[test]
     fn only_qemus_running_state_is_running() {
@@ -989,9 +873,16 @@ mod tests {
         driver.define(&config).await.unwrap();
         let definition = state.path().join("domains/vm1/domain.toml");
         assert!(definition.is_file());
-        // Another driver (another process) sees it.
+        // Another driver (another process) sees it, with what the host decides pinned (the
+        // machine type is QEMU's answer to `-machine help`).
         let other = QemuDriver::new(state.path());
-        assert_eq!(other.definition(&name).unwrap(), config);
+        let mut stored = other.definition(&name).unwrap();
+        let accel = crate::host::default_accel();
+        assert_eq!(stored.accel, Some(accel));
+        assert_eq!(stored.cpu.as_deref(), Some(accel.default_cpu()));
+        assert!(stored.machine().starts_with("pc-q35-"), "{stored:?}");
+        (stored.accel, stored.cpu, stored.machine) = (None, None, None);
+        assert_eq!(stored, config);
         assert_eq!(
             other.list().await.unwrap(),
             [DomainStatus {
@@ -999,6 +890,8 @@ mod tests {
                 state: DomainState::ShutOff,
                 pid: None,
                 mapped_image: None,
+                accel: other.definition(&name).unwrap().accel(),
+                guest_agent_socket: None,
             }]
         );
         let paths = other.runtime_paths(&name).unwrap();

@@ -363,6 +363,38 @@ pub enum Error {
         defined: PathBuf,
     },
 
+    /// A snapshot was taken on a machine (type, QEMU version, accelerator) this host cannot
+    /// restore; the domain was not touched.
+    #[error("domain {domain} cannot be restored to this snapshot here: {reason}")]
+    NotRestorable {
+        /// The domain.
+        domain: Name,
+        /// What differs.
+        reason: String,
+    },
+
+    /// QEMU refuses to migrate (and so to snapshot with memory) the domain.
+    #[error(
+        "domain {domain} cannot be snapshotted with its memory: QEMU cannot save its state ({}); \
+         take a disk-only snapshot (--disk-only) or remove what blocks it",
+        reasons.join("; ")
+    )]
+    MigrationBlocked {
+        /// The domain.
+        domain: Name,
+        /// QEMU's reasons (`query-migrate`'s `blocked-reasons`).
+        reasons: Vec<String>,
+    },
+
+    /// The firmware a domain needs is missing, or its NVRAM image cannot be made.
+    #[error("domain {domain}: {reason}")]
+    Firmware {
+        /// The domain.
+        domain: Name,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// The memory image cannot be written.
     #[error("cannot write the memory image {path}")]
     MemoryImage {
@@ -387,10 +419,11 @@ impl Error {
             | Error::Running { .. }
             | Error::NotRunning { .. }
             | Error::WrongState { .. }
-            | Error::UnexpectedImage { .. } => ErrorClass::InvalidArgument,
+            | Error::UnexpectedImage { .. }
+            | Error::NotRestorable { .. } => ErrorClass::InvalidArgument,
             Error::NoGuestAgent { .. } => ErrorClass::Unsupported,
             Error::Busy { .. } | Error::MigrationBusy { .. } => ErrorClass::Busy,
-            Error::MigrationSettings { .. } => ErrorClass::Unsupported,
+            Error::MigrationSettings { .. } | Error::MigrationBlocked { .. } => ErrorClass::Unsupported,
             Error::SaveDefinition { source, .. } => source.class(),
             _ => ErrorClass::Failed,
         }

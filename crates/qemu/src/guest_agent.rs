@@ -12,8 +12,6 @@ use crate::{
     error::{Error, Result},
 };
 
-/// The socket of the agent's channel, in the domain's run folder.
-pub(crate) const GUEST_AGENT_SOCKET: &str = "qga.sock";
 /// How long connecting and each plain request may take: a running agent answers at once.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a freeze may take: the guest flushes its dirty data first.
@@ -37,13 +35,13 @@ impl QemuDriver {
 
     /// A synchronised connection to the domain's guest agent.
     async fn guest_agent(&self, domain: &Name) -> Result<GuestAgent> {
-        let (files, _pid, _qmp) = self.running(domain).await?;
-        let socket = files.run.join(GUEST_AGENT_SOCKET);
-        if !socket.exists() {
+        let Some(socket) = self.guest_agent_socket(domain)? else {
             return Err(Error::NoGuestAgent {
                 domain: domain.clone(),
             });
-        }
+        };
+        // The agent answers only while the domain has a process.
+        self.running(domain).await?;
         GuestAgent::connect(&socket, AGENT_TIMEOUT)
             .await
             .map_err(|source| agent_error(domain, "reach the guest agent of", source))

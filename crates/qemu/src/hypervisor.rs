@@ -31,7 +31,6 @@ use qmp::{
     commands::{QueryMigrate, XenSaveDevicesState},
     MigrationStatus, RunState,
 };
-use serde::Deserialize as _;
 use snapshot_core::{
     CaptureSignals, DiskTarget, DomainState, DriverResult, Hypervisor, IncomingRam, IncomingStart,
     MemoryAccess, Name, StreamMode, StreamedSave,
@@ -43,6 +42,7 @@ use crate::{
     driver::{io_error, qmp_error, QemuDriver},
     error::{Error, Result},
     migration_stream::{device_state_format, device_state_prefix, DeviceStateFormat, DEVICE_STATE_HEADER},
+    pin::{recorded_config, QEMU_VERSION_KEY},
     process,
 };
 
@@ -63,20 +63,30 @@ impl Hypervisor for QemuDriver {
         Ok(self.status(domain).await?.state)
     }
 
+    /// The definition, and the version of this QEMU (under `qemu_version`): a snapshot records
+    /// both, and a revert checks them ([`Hypervisor::check_restorable`]).
     async fn config(&self, domain: &Name) -> DriverResult<serde_json::Value> {
-        Ok(serde_json::to_value(self.current_config(domain).await?)?)
+        let mut value = serde_json::to_value(self.current_config(domain).await?)?;
+        let version = self.qemu_facts().await?.version;
+        if let Some(map) = value.as_object_mut() {
+            map.insert(QEMU_VERSION_KEY.to_owned(), version.into());
+        }
+        Ok(value)
     }
 
+    /// The writable disks and a UEFI domain's NVRAM image (`nvram`); read-only disks are left
+    /// out of snapshots.
     async fn disks(&self, domain: &Name) -> DriverResult<Vec<DiskTarget>> {
-        let config = self.current_config(domain).await?;
-        Ok(config
-            .disks
-            .into_iter()
-            .map(|disk| DiskTarget {
-                target: disk.id,
-                image: disk.path,
-            })
-            .collect())
+        Ok(self.current_config(domain).await?.disk_targets())
+    }
+
+    async fn check_restorable(
+        &self,
+        domain: &Name,
+        config: &serde_json::Value,
+        with_memory: bool,
+    ) -> DriverResult<()> {
+        Ok(self.check_restorable_config(domain, config, with_memory).await?)
     }
 
     async fn pause(&self, domain: &Name) -> DriverResult<()> {
@@ -147,7 +157,7 @@ impl Hypervisor for QemuDriver {
         disks: &[DiskTarget],
     ) -> DriverResult<()> {
         let invalid = |reason: String| Error::InvalidConfig { path: None, reason };
-        let mut config = DomainConfig::deserialize(config).map_err(|error| invalid(error.to_string()))?;
+        let (mut config, _) = recorded_config(config)?;
         if config.name != *domain {
             return Err(invalid(format!(
                 "the configuration is of domain {}, not {domain}",
@@ -156,12 +166,10 @@ impl Hypervisor for QemuDriver {
             .into());
         }
         for target in disks {
-            let disk = config
-                .disks
-                .iter_mut()
-                .find(|disk| disk.id == target.target)
-                .ok_or_else(|| invalid(format!("the configuration has no disk {:?}", target.target)))?;
-            disk.path = target.image.clone();
+            let format = crate::config::disk_format(target.format);
+            if !config.set_disk_image(&target.target, target.image.clone(), format) {
+                return Err(invalid(format!("the configuration has no disk {:?}", target.target)).into());
+            }
         }
         Ok(self.define_locked(&config)?)
     }
@@ -180,8 +188,11 @@ impl Hypervisor for QemuDriver {
         }
     }
 
+    /// Fails, before anything is paused or written, when QEMU says it cannot migrate the domain
+    /// (`query-migrate`'s `blocked-reasons`): every memory snapshot asks this first.
     async fn memory_access(&self, domain: &Name) -> DriverResult<MemoryAccess> {
         let (_, _, client) = self.running(domain).await?;
+        check_migratable(domain, &client).await?;
         let regions = crate::ram_layout(&client).await?;
         let ram_bytes = regions.iter().map(|r| r.len).sum();
         let shared = match self.guest_memory(domain).await {
@@ -479,6 +490,32 @@ impl QemuDriver {
 
 /// The machine type of the QEMU behind `client` as its migration stream names it: QOM type
 /// `pc-q35-10.0-machine` is machine `pc-q35-10.0` (QEMU's `MachineClass::name`).
+/// Refuses a domain QEMU cannot migrate, naming QEMU's reasons (a device that cannot be
+/// migrated, a migration blocker a device or option added).
+async fn check_migratable(domain: &Name, client: &qmp::Client) -> Result<()> {
+    let info = client
+        .execute_raw("query-migrate", serde_json::json!({}))
+        .await
+        .map_err(qmp_error(domain, "asking whether QEMU can save the domain"))?;
+    let reasons: Vec<String> = info
+        .get("blocked-reasons")
+        .and_then(serde_json::Value::as_array)
+        .map(|reasons| {
+            reasons
+                .iter()
+                .filter_map(|r| r.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if reasons.is_empty() {
+        return Ok(());
+    }
+    Err(Error::MigrationBlocked {
+        domain: domain.clone(),
+        reasons,
+    })
+}
+
 async fn machine_type(client: &qmp::Client) -> std::result::Result<String, String> {
     let value = client
         .execute_raw(

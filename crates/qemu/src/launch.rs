@@ -43,6 +43,7 @@ impl QemuDriver {
         let config = self.load_definition(name, &files)?;
         // The run_as user may have gone since the definition.
         config.check_host()?;
+        check_firmware(name, &config)?;
         if let Some(pid) = files.pid() {
             return Err(Error::Running {
                 domain: name.clone(),
@@ -171,6 +172,30 @@ async fn wait_initialised(name: &Name, files: &DomainFiles, mut child: tokio::pr
         reason,
         stderr,
     })
+}
+
+/// A UEFI domain needs OVMF and its NVRAM image (made when it was defined).
+fn check_firmware(name: &Name, config: &DomainConfig) -> Result<()> {
+    if config.firmware != crate::config::Firmware::Uefi {
+        return Ok(());
+    }
+    let missing = |reason: String| {
+        Err(Error::Firmware {
+            domain: name.clone(),
+            reason,
+        })
+    };
+    if !crate::command_line::ovmf_installed() {
+        return missing(format!(
+            "firmware = \"uefi\" needs OVMF ({}): install Debian's ovmf package",
+            crate::command_line::OVMF_CODE
+        ));
+    }
+    match &config.nvram {
+        Some(nvram) if nvram.is_file() => Ok(()),
+        Some(nvram) => missing(format!("its NVRAM image {} is missing", nvram.display())),
+        None => missing("it has no NVRAM image: define it again".into()),
+    }
 }
 
 /// Opens (creating if needed) a log file for appending, private to its owner: mode 0600, and a

@@ -47,6 +47,7 @@
 //!     qmp_socket: "/run/domsnap/demo/qmp.sock".into(),
 //!     serial_log: "/run/domsnap/demo/serial.log".into(),
 //!     console_socket: "/run/domsnap/demo/console.sock".into(),
+//!     guest_agent_socket: "/run/domsnap/demo/qga.sock".into(),
 //! };
 //! let args = qemu_args(&config, &paths, StartMode::Boot { paused: false });
 //! assert!(args.iter().any(|a| a == "-qmp"));
@@ -56,19 +57,29 @@ mod command_line;
 mod config;
 mod driver;
 mod error;
+mod follow_disks;
 mod guest_agent;
+mod host;
 mod hypervisor;
 mod launch;
 mod mapped_ram;
 mod migration_stream;
+mod pin;
 mod process;
 mod ram_layout;
 mod stream_save;
 
-pub use command_line::{disk_nodes, qemu_args, RuntimePaths, StartMode, RAM_BACKEND_ID, SANDBOX};
-pub use config::{DiskConfig, DomainConfig, MAX_VCPUS, MEMORY_MIB_RANGE};
+pub use command_line::{
+    disk_nodes, ovmf_installed, qemu_args, RuntimePaths, StartMode, GUEST_AGENT_PORT, OVMF_CODE,
+    OVMF_VARS_TEMPLATE, RAM_BACKEND_ID, SANDBOX,
+};
+pub use config::{
+    Accel, DiskBus, DiskCache, DiskConfig, DiskFormat, DomainConfig, Firmware, NicConfig, NicType,
+    DEFAULT_MACHINE, DEFAULT_NIC_MODEL, MAX_VCPUS, MEMORY_MIB_RANGE, NVRAM_DISK_ID,
+};
 pub use driver::{DomainStatus, QemuDriver, StopMode};
 pub use error::{error_class, Error, Result};
+pub use host::{default_accel, parse_machine_help, probe_kvm, MachineType, QemuFacts};
 pub use migration_stream::{
     configuration_section, device_state_format, device_state_prefix, parse_migration_stream,
     DeviceStateFormat, ExpectedBlocks, FormatError, RamSink, StreamError, StreamStats, DEVICE_STATE_HEADER,

@@ -32,7 +32,7 @@ fn configured_binary() -> PathBuf {
 
 /// A binary as it was when it passed the version check: its path and the identity of its file
 /// (a replaced or changed file has another inode or change time).
-#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Checked {
     path: PathBuf,
     dev: u64,
@@ -70,37 +70,48 @@ impl Checked {
 /// passed last time, it is not run again (`qemu --version` costs tens of milliseconds, in the
 /// path of every start and so of every revert). Any doubt runs the check.
 pub(crate) async fn find_qemu_remembered(record: &Path) -> Result<PathBuf> {
-    let binary = configured_binary();
-    let identity = Checked::of(&binary);
+    remembered(&configured_binary(), record, find_qemu()).await
+}
+
+/// A value learnt from the QEMU binary `binary` (by `learn`), remembered in the file `record`
+/// with the identity of the binary's file: while the file stays the same, `learn` does not run
+/// again. A record that cannot be read or written only costs the learning.
+pub(crate) async fn remembered<T, F>(binary: &Path, record: &Path, learn: F) -> Result<T>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned,
+    F: std::future::Future<Output = Result<T>>,
+{
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Record<T> {
+        #[serde(flatten)]
+        binary: Checked,
+        value: T,
+    }
+    let identity = Checked::of(binary);
     if let (Some(identity), Ok(text)) = (&identity, fs::read(record)) {
-        if serde_json::from_slice::<Checked>(&text).is_ok_and(|recorded| recorded == *identity) {
-            return Ok(binary);
+        match serde_json::from_slice::<Record<T>>(&text) {
+            Ok(recorded) if recorded.binary == *identity => return Ok(recorded.value),
+            _ => {}
         }
     }
-    let found = find_qemu().await?;
-    if let Some(identity) = identity {
-        let written = serde_json::to_vec(&identity)
+    let value = learn.await?;
+    if let Some(binary) = identity {
+        let record_of = Record { binary, value };
+        let written = serde_json::to_vec(&record_of)
             .map_err(|error| error.to_string())
             .and_then(|text| durable::write_atomic(record, &text).map_err(|error| error.to_string()));
         if let Err(error) = written {
-            tracing::debug!(%error, "cannot remember the checked QEMU binary");
+            tracing::debug!(%error, record = %record.display(), "cannot remember what QEMU said");
         }
+        return Ok(record_of.value);
     }
-    Ok(found)
+    Ok(value)
 }
 
 /// `$DOMSNAP_QEMU`, else `qemu-system-x86_64` from `PATH`, checked to be QEMU 10.
 pub(crate) async fn find_qemu() -> Result<PathBuf> {
     let binary = configured_binary();
-    let output = tokio::process::Command::new(&binary)
-        .arg("--version")
-        .output()
-        .await
-        .map_err(|source| Error::QemuNotFound {
-            binary: binary.clone(),
-            source,
-        })?;
-    let text = String::from_utf8_lossy(&output.stdout);
+    let text = qemu_output(&binary, &["--version"]).await?;
     let first_line = text.lines().next().unwrap_or_default().to_owned();
     match parse_major(&first_line) {
         Some(QEMU_MAJOR) => Ok(binary),
@@ -109,6 +120,19 @@ pub(crate) async fn find_qemu() -> Result<PathBuf> {
             found: first_line,
         }),
     }
+}
+
+/// What the QEMU binary prints on stdout when run with `args` (`--version`, `-machine help`).
+pub(crate) async fn qemu_output(binary: &Path, args: &[&str]) -> Result<String> {
+    let output = tokio::process::Command::new(binary)
+        .args(args)
+        .output()
+        .await
+        .map_err(|source| Error::QemuNotFound {
+            binary: binary.to_owned(),
+            source,
+        })?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// The major version in `QEMU emulator version 10.0.2 (...)`.

@@ -32,6 +32,8 @@ fn status(name: &Name, state: DomainState, pid: Option<u32>) -> DomainStatus {
         state,
         pid,
         mapped_image: None,
+        accel: qemu::Accel::Tcg,
+        guest_agent_socket: None,
     }
 }
 
@@ -556,6 +558,7 @@ async fn the_disk_backend_follows_the_domain_and_the_definition_follows_the_acti
     let vda = |image: &Path| DiskTarget {
         target: "vda".into(),
         image: image.to_owned(),
+        format: snapshot_core::ImageFormat::Qcow2,
     };
     assert_eq!(driver.disks(&name).await.unwrap(), [vda(&overlay)]);
     assert_eq!(driver.definition(&name).unwrap().disks[0].path, overlay);
@@ -587,6 +590,7 @@ async fn the_disk_backend_follows_the_domain_and_the_definition_follows_the_acti
     let vdz = DiskTarget {
         target: "vdz".into(),
         image: base.clone(),
+        format: snapshot_core::ImageFormat::Qcow2,
     };
     let error = Hypervisor::define(&driver, &name, &recorded, &[vdz])
         .await

@@ -24,6 +24,21 @@ pub struct DiskTarget {
     pub target: String,
     /// Its active image.
     pub image: PathBuf,
+    /// The active image's format. Overlays domsnap makes are qcow2.
+    #[serde(default)]
+    pub format: ImageFormat,
+}
+
+/// A disk image's format, as far as snapshots care.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// qcow2: internal snapshots and overlays.
+    #[default]
+    Qcow2,
+    /// A raw image: it can only be the base of a qcow2 overlay (external snapshots); an
+    /// internal snapshot of it is refused.
+    Raw,
 }
 
 /// What a streamed save ([`Hypervisor::streamed_save`]) did.
@@ -232,4 +247,17 @@ pub trait Hypervisor: Send + Sync {
     /// Loads device state saved by [`Hypervisor::save_device_state`] into a domain started with
     /// [`Hypervisor::start_incoming`]; the domain is paused afterwards.
     async fn load_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()>;
+    /// Checks, before a revert touches the domain, that the hypervisor can restore a snapshot
+    /// taken with configuration `config` (as [`Hypervisor::config`] returned it then), with its
+    /// memory and device state when `with_memory`: e.g. that it still provides the machine the
+    /// snapshot was taken on. The default accepts everything.
+    async fn check_restorable(
+        &self,
+        domain: &Name,
+        config: &serde_json::Value,
+        with_memory: bool,
+    ) -> DriverResult<()> {
+        let _ = (domain, config, with_memory);
+        Ok(())
+    }
 }

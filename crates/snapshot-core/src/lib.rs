@@ -68,8 +68,8 @@ pub use error::{Error, ErrorClass, FailedStep, Operation, Result, Step};
 #[cfg(any(test, feature = "mock"))]
 pub use hypervisor::MockHypervisor;
 pub use hypervisor::{
-    CaptureSignals, DiskTarget, DriverError, DriverResult, Hypervisor, IncomingRam, IncomingStart,
-    MemoryAccess, StreamMode, StreamedSave,
+    CaptureSignals, DiskTarget, DriverError, DriverResult, Hypervisor, ImageFormat, IncomingRam,
+    IncomingStart, MemoryAccess, StreamMode, StreamedSave,
 };
 pub use intent::Intent;
 pub use metadata::{

@@ -893,6 +893,7 @@ async fn a_domain_with_snapshots_keeps_its_disks_and_its_definition() {
     let moved = vec![DiskTarget {
         target: "vda".into(),
         image: f.dir.path().join("elsewhere.qcow2"),
+        format: snapshot_core::ImageFormat::Qcow2,
     }];
     f.orchestrator
         .check_redefinition(&f.domain, &moved)

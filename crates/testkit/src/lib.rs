@@ -444,14 +444,20 @@ impl QemuBuilder {
             cmdline: boot.map(|boot| boot.cmdline),
             serial_log: None,
             run_as: None,
+            // What the driver pins for a domain under TCG (KVM guests stall on these machines),
+            // so a test QEMU and a driver's domain of the same guest are the same machine.
+            accel: Some(qemu::Accel::Tcg),
+            machine: None,
+            cpu: Some(qemu::Accel::Tcg.default_cpu().to_owned()),
+            firmware: qemu::Firmware::Bios,
+            nvram: None,
+            guest_agent: false,
+            nics: Vec::new(),
             disks: self
                 .disks
                 .iter()
                 .enumerate()
-                .map(|(index, path)| qemu::DiskConfig {
-                    id: disk_id(index),
-                    path: path.clone(),
-                })
+                .map(|(index, path)| qemu::DiskConfig::qcow2(disk_id(index), path.clone()))
                 .collect(),
         };
         let paths = qemu::RuntimePaths {
@@ -459,6 +465,7 @@ impl QemuBuilder {
             qmp_socket: dir.join("qmp.sock"),
             serial_log: dir.join("serial.log"),
             console_socket: dir.join("console.sock"),
+            guest_agent_socket: dir.join("qga.sock"),
         };
         let mode = if self.incoming_defer {
             qemu::StartMode::Incoming

@@ -159,7 +159,7 @@ impl Cli {
         let dir = self.dir.path().join(format!("{name}-files"));
         std::fs::create_dir_all(&dir).unwrap();
         let mut config = format!(
-            "name = \"{name}\"\nmemory_mib = {memory_mib}\nvcpus = 1\nkernel = \"{}\"\ninitrd = \"{}\"\n\
+            "name = \"{name}\"\nmemory_mib = {memory_mib}\nvcpus = 1\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
              cmdline = \"console=ttyS0 quiet {}\"\n",
             guest.kernel.display(),
             guest.initrd.display(),

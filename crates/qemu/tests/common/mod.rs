@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use qemu::{DiskConfig, DomainConfig, QemuDriver};
+use qemu::{Accel, DiskConfig, DomainConfig, Firmware, QemuDriver};
 use snapshot_core::Name;
 use testkit::{SerialLine, Workload};
 
@@ -60,13 +60,18 @@ impl State {
             cmdline: workload.map(|w| format!("console=ttyS0 quiet {}", w.cmdline())),
             serial_log: None,
             run_as: None,
+            // KVM guests stall on these machines: the tests run under TCG.
+            accel: Some(Accel::Tcg),
+            machine: None,
+            cpu: None,
+            firmware: Firmware::Bios,
+            nvram: None,
+            guest_agent: false,
+            nics: Vec::new(),
             disks: disks
                 .iter()
                 .enumerate()
-                .map(|(index, path)| DiskConfig {
-                    id: testkit::disk_id(index),
-                    path: path.clone(),
-                })
+                .map(|(index, path)| DiskConfig::qcow2(testkit::disk_id(index), path.clone()))
                 .collect(),
         }
     }

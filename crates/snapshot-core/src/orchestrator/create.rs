@@ -422,10 +422,16 @@ impl<'o> CreateJob<'o> {
 
     /// A shut-off domain: its disks, recorded in its definition.
     async fn save_disks_only(&mut self) -> StepResult<Saved> {
+        let before = self
+            .orchestrator
+            .hypervisor
+            .disks(&self.domain)
+            .await
+            .map_err(at(Step::SnapshotDisks))?;
         self.snapshot_disks().await?;
         self.thaw().await?;
         self.orchestrator
-            .define_disks(&self.domain, &active_after_create(&self.disks))
+            .define_disks(&self.domain, &active_after_create(&self.disks, &before))
             .await
             .map_err(at(Step::SnapshotDisks))?;
         Ok(Saved {

@@ -7,13 +7,14 @@ use disk::{DiskSnapshots, ExternalSnapshot, NewInternal};
 use super::{DiskKind, DiskRequest};
 use crate::{
     error::{Error, Result},
-    hypervisor::DiskTarget,
+    hypervisor::{DiskTarget, ImageFormat},
     metadata::{DiskRecord, DiskSnapshot},
     name::Name,
 };
 
 /// Decides each disk's snapshot from the requests (disks not named: internal, named like the
-/// snapshot). A disk-only snapshot (`disks_only`) must snapshot at least one disk.
+/// snapshot; raw disks, which cannot hold internal snapshots: external, beside the image). A
+/// disk-only snapshot (`disks_only`) must snapshot at least one disk.
 pub(super) fn plan_disks(
     snapshot: &Name,
     targets: &[DiskTarget],
@@ -21,13 +22,21 @@ pub(super) fn plan_disks(
     disks_only: bool,
 ) -> Result<Vec<DiskRecord>> {
     check_requests(targets, requests)?;
-    let default = DiskKind::Internal { name: None };
+    let internal = DiskKind::Internal { name: None };
+    let external = DiskKind::External {
+        path: None,
+        format: None,
+    };
     let mut planned: Vec<DiskRecord> = Vec::new();
     for target in targets {
+        let default = match target.format {
+            ImageFormat::Qcow2 => &internal,
+            ImageFormat::Raw => &external,
+        };
         let kind = requests
             .iter()
             .find(|r| r.target == target.target)
-            .map_or(&default, |r| &r.kind);
+            .map_or(default, |r| &r.kind);
         let snapshot_kind = match kind {
             DiskKind::Internal { name } => plan_internal(snapshot, target, name.as_deref())?,
             DiskKind::External { path, format } => {
@@ -49,8 +58,19 @@ pub(super) fn plan_disks(
     Ok(planned)
 }
 
-/// An internal snapshot of `target`, named `name` (default: the snapshot's name).
+/// An internal snapshot of `target`, named `name` (default: the snapshot's name). Refused for
+/// a raw image, which has nowhere to keep one.
 fn plan_internal(snapshot: &Name, target: &DiskTarget, name: Option<&str>) -> Result<DiskSnapshot> {
+    if target.format == ImageFormat::Raw {
+        return Err(Error::Unsupported(format!(
+            "disk {} ({}) is a raw image, which cannot hold an internal snapshot: use --disk \
+             {}=external (the default for raw disks) or {}=no",
+            target.target,
+            target.image.display(),
+            target.target,
+            target.target
+        )));
+    }
     let (name, whose) = match name {
         Some(name) => (name, "the name given for it"),
         None => (snapshot.as_str(), "the snapshot's name"),
@@ -131,15 +151,32 @@ pub(super) fn new_overlays(disks: &[DiskRecord]) -> Vec<PathBuf> {
     disks.iter().filter_map(external_overlay).cloned().collect()
 }
 
-/// The disks a domain writes to after a create: external overlays replace their images.
-pub(super) fn active_after_create(disks: &[DiskRecord]) -> Vec<DiskTarget> {
+/// The disks a domain writes to after a create: external overlays (qcow2) replace their
+/// images; the others keep their image and its format (from `before`, the disks before).
+pub(super) fn active_after_create(disks: &[DiskRecord], before: &[DiskTarget]) -> Vec<DiskTarget> {
     disks
         .iter()
-        .map(|d| DiskTarget {
-            target: d.target.clone(),
-            image: external_overlay(d).unwrap_or(&d.image).clone(),
+        .map(|d| match external_overlay(d) {
+            Some(overlay) => DiskTarget {
+                target: d.target.clone(),
+                image: overlay.clone(),
+                format: ImageFormat::Qcow2,
+            },
+            None => DiskTarget {
+                target: d.target.clone(),
+                image: d.image.clone(),
+                format: format_of(before, &d.target),
+            },
         })
         .collect()
+}
+
+/// The format of disk `target` among `disks` (qcow2 if it is not there).
+pub(super) fn format_of(disks: &[DiskTarget], target: &str) -> ImageFormat {
+    disks
+        .iter()
+        .find(|t| t.target == target)
+        .map_or(ImageFormat::Qcow2, |t| t.format)
 }
 
 /// The internal snapshots to take: each disk's image and its snapshot's name.

@@ -23,7 +23,7 @@ use super::{
 };
 use crate::{
     error::{DriverError, Operation, Result, Step},
-    hypervisor::{DiskTarget, IncomingRam, IncomingStart},
+    hypervisor::{DiskTarget, ImageFormat, IncomingRam, IncomingStart},
     intent::Intent,
     metadata::{DiskSnapshot, DomainState, MemoryState, SnapshotRecord},
     name::Name,
@@ -170,6 +170,9 @@ impl Orchestrator {
         files: &SnapshotFiles,
         eager: bool,
     ) -> std::result::Result<(), DriverError> {
+        self.hypervisor
+            .check_restorable(&record.domain, &record.config, record.memory.is_some())
+            .await?;
         if let Some(memory) = &record.memory {
             check_memory(memory, files, eager).await?;
         }
@@ -266,12 +269,12 @@ impl Orchestrator {
         let mut new_disks = Vec::new();
         let mut overlays = new_overlays.iter();
         for disk in &record.disks {
-            let image = match &disk.snapshot {
-                DiskSnapshot::Internal { .. } => disk.image.clone(),
-                DiskSnapshot::Excluded => current
-                    .iter()
-                    .find(|t| t.target == disk.target)
-                    .map_or_else(|| disk.image.clone(), |t| t.image.clone()),
+            let (image, format) = match &disk.snapshot {
+                DiskSnapshot::Internal { .. } => (disk.image.clone(), ImageFormat::Qcow2),
+                DiskSnapshot::Excluded => current.iter().find(|t| t.target == disk.target).map_or_else(
+                    || (disk.image.clone(), ImageFormat::Qcow2),
+                    |t| (t.image.clone(), t.format),
+                ),
                 DiskSnapshot::External { .. } => {
                     let overlay = overlays
                         .next()
@@ -287,12 +290,13 @@ impl Orchestrator {
                         .revert_external(&revert)
                         .await
                         .map_err(at(Step::RevertDisks))?;
-                    overlay.clone()
+                    (overlay.clone(), ImageFormat::Qcow2)
                 }
             };
             new_disks.push(DiskTarget {
                 target: disk.target.clone(),
                 image,
+                format,
             });
         }
         let internal = internal_snapshots(&record.disks);

@@ -7,7 +7,11 @@ use std::{collections::HashSet, path::PathBuf};
 use disk::{DiskSnapshots, MergeMethod};
 
 use super::{disk_plan::snapshot_images, remove_file, Orchestrator};
-use crate::{error::DriverError, hypervisor::DiskTarget, name::Name};
+use crate::{
+    error::DriverError,
+    hypervisor::{DiskTarget, ImageFormat},
+    name::Name,
+};
 
 /// What the tidy-up works from: the images snapshots read, and the overlays domsnap made.
 struct Images {
@@ -87,9 +91,20 @@ impl Orchestrator {
                 return Ok(None);
             }
         }
+        // The parent's format as the overlay records it (a raw disk's base is raw).
+        let parent_format = match backend
+            .backing_chain(&image)
+            .await?
+            .get(1)
+            .map(|i| i.format.as_str())
+        {
+            Some("raw") => ImageFormat::Raw,
+            _ => ImageFormat::Qcow2,
+        };
         active[index].image = backend
             .delete_external(&image, &image, MergeMethod::CommitIntoParent)
             .await?;
+        active[index].format = parent_format;
         remove_file(&image)?;
         images.owned.retain(|o| o != &image);
         self.store.set_overlays(domain, &images.owned)?;

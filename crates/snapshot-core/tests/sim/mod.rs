@@ -267,6 +267,9 @@ pub fn hypervisor(sim: &Shared) -> MockHypervisor {
         .returning(move |_, _| call(&s, "load_device_state"));
     let s = sim.clone();
     h.expect_undefine().returning(move |_| call(&s, "undefine"));
+    let s = sim.clone();
+    h.expect_check_restorable()
+        .returning(move |_, _, _| call(&s, "check_restorable"));
     h
 }
 
@@ -386,6 +389,14 @@ impl Hypervisor for Simulated {
     async fn load_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()> {
         self.mock.load_device_state(domain, path).await
     }
+    async fn check_restorable(
+        &self,
+        domain: &Name,
+        config: &serde_json::Value,
+        with_memory: bool,
+    ) -> DriverResult<()> {
+        self.mock.check_restorable(domain, config, with_memory).await
+    }
 }
 
 pub struct Fixture {
@@ -407,6 +418,7 @@ pub fn fixture(state: DomainState) -> Fixture {
             DiskTarget {
                 target: (*id).into(),
                 image,
+                format: snapshot_core::ImageFormat::Qcow2,
             }
         })
         .collect();

@@ -4,6 +4,11 @@
 //! name = "demo"                    # [A-Za-z0-9_.-]{1,64}
 //! memory_mib = 512
 //! vcpus = 1
+//! accel = "tcg"                    # "kvm" or "tcg"; default: kvm when /dev/kvm is usable
+//! machine = "q35"                  # default q35; pinned to QEMU's versioned type (pc-q35-10.0)
+//! cpu = "max"                      # default: max under tcg, host under kvm
+//! firmware = "bios"                # "bios" (SeaBIOS) or "uefi" (OVMF, per-domain NVRAM)
+//! guest_agent = false              # a virtio-serial channel org.qemu.guest_agent.0
 //! kernel = "/path/vmlinuz"         # optional with disks that boot
 //! initrd = "/path/initrd.gz"       # optional
 //! cmdline = "console=ttyS0 quiet"  # optional
@@ -12,20 +17,38 @@
 //! [[disks]]
 //! id = "vda"                       # the target name used by --disk
 //! path = "/path/disk.qcow2"
+//! format = "qcow2"                 # or "raw" (external snapshots only)
+//! bus = "virtio"                   # or "scsi" (virtio-scsi) or "nvme" (no memory snapshots)
+//! readonly = false                 # read-only disks are left out of snapshots
+//! cache = "writeback"              # none, writeback, writethrough, directsync, unsafe
+//! boot = 1                         # boot order (bootindex)
+//! [[nics]]
+//! type = "user"                    # "user", "tap" (ifname) or "bridge" (br)
+//! hostfwd = ["tcp::8080-:80"]      # user networking only
+//! model = "virtio-net-pci"         # default
+//! mac = "52:54:00:12:34:56"        # default: generated when the domain is defined
 //! ```
 //!
 //! Relative paths are taken relative to the configuration file's folder. Unknown keys are refused
-//! (a typo must not silently drop a disk).
+//! (a typo must not silently drop a disk). Defining a domain pins what depends on the host:
+//! the accelerator, the machine's versioned type, the vCPU model, the NICs' MACs and (UEFI) the
+//! NVRAM file; the stored definition says them, snapshots record them.
 
-use std::{
-    collections::HashSet,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use snapshot_core::{DiskTarget, Name};
 
 use crate::error::{Error, Result};
+
+mod devices;
+mod validate;
+
+pub(crate) use devices::generate_mac;
+pub use devices::{
+    Accel, DiskBus, DiskCache, DiskConfig, DiskFormat, Firmware, NicConfig, NicType, DEFAULT_NIC_MODEL,
+    NVRAM_DISK_ID,
+};
 
 /// Smallest and largest guest RAM accepted, in MiB.
 pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u64> = 16..=1 << 20;
@@ -43,6 +66,29 @@ pub struct DomainConfig {
     /// Virtual CPUs.
     #[serde(default = "one_vcpu")]
     pub vcpus: u32,
+    /// The accelerator. Unset in a definition made before domsnap pinned it: TCG.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<Accel>,
+    /// The machine type: `q35` (the default), `pc`, or a versioned type such as `pc-q35-10.0`.
+    /// Defining the domain replaces an alias with the versioned type this QEMU gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    /// The vCPU model (default: `max` under TCG, `host` under KVM; a definition made before
+    /// domsnap pinned it uses QEMU's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// BIOS or UEFI.
+    #[serde(default, skip_serializing_if = "Firmware::is_bios")]
+    pub firmware: Firmware,
+    /// UEFI: the domain's NVRAM variables image (qcow2), made from OVMF's template when the
+    /// domain is defined, in its state folder; snapshotted and reverted with the disks (as the
+    /// disk `nvram`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvram: Option<PathBuf>,
+    /// A virtio-serial channel `org.qemu.guest_agent.0` for the QEMU guest agent, on a Unix
+    /// socket in the domain's run folder.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guest_agent: bool,
     /// Kernel to boot directly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<PathBuf>,
@@ -63,16 +109,9 @@ pub struct DomainConfig {
     /// Disks, in the order the guest sees them.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
-}
-
-/// One disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiskConfig {
-    /// The target id (`vda`); also names the QEMU device and block nodes.
-    pub id: String,
-    /// The qcow2 image.
-    pub path: PathBuf,
+    /// Network cards, in the order the guest sees them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicConfig>,
 }
 
 fn one_vcpu() -> u32 {
@@ -113,54 +152,32 @@ impl DomainConfig {
                 *path = base.join(&*path);
             }
         };
-        [&mut self.kernel, &mut self.initrd, &mut self.serial_log]
-            .into_iter()
-            .flatten()
-            .for_each(resolve);
+        [
+            &mut self.kernel,
+            &mut self.initrd,
+            &mut self.serial_log,
+            &mut self.nvram,
+        ]
+        .into_iter()
+        .flatten()
+        .for_each(resolve);
         self.disks.iter_mut().for_each(|disk| resolve(&mut disk.path));
     }
 
-    /// Checks the values: RAM and vCPU ranges, something to boot, unique well-formed disk ids.
+    /// Checks the values: RAM and vCPU ranges, something to boot, well-formed names, unique
+    /// well-formed disk ids, NICs and their options (see the `validate` module).
     pub fn validate(&self) -> Result<()> {
-        let invalid = |reason: String| Err(Error::InvalidConfig { path: None, reason });
-        if !MEMORY_MIB_RANGE.contains(&self.memory_mib) {
-            return invalid(format!(
-                "memory_mib = {} is outside {}..={}",
-                self.memory_mib,
-                MEMORY_MIB_RANGE.start(),
-                MEMORY_MIB_RANGE.end()
-            ));
-        }
-        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
-            return invalid(format!("vcpus = {} is outside 1..={MAX_VCPUS}", self.vcpus));
-        }
-        if self.kernel.is_none() && self.disks.is_empty() {
-            return invalid("nothing to boot: give a kernel or at least one disk".into());
-        }
-        if self.kernel.is_none() && (self.initrd.is_some() || self.cmdline.is_some()) {
-            return invalid("initrd and cmdline need a kernel".into());
-        }
-        if let Some(user) = &self.run_as {
-            if !valid_user_name(user) {
-                return invalid(format!(
-                    "run_as = {user:?}: a user name is 1 to 32 letters, digits, '_', '-' or '.', \
-                     not starting with '-'"
-                ));
-            }
-        }
-        let mut seen = HashSet::new();
-        for disk in &self.disks {
-            if !valid_disk_id(&disk.id) {
-                return invalid(format!(
-                    "disk id {:?}: use a letter then up to 15 letters, digits, '_' or '-'",
-                    disk.id
-                ));
-            }
-            if !seen.insert(disk.id.as_str()) {
-                return invalid(format!("disk id {:?} is used twice", disk.id));
-            }
-        }
-        Ok(())
+        validate::check(self).map_err(|reason| Error::InvalidConfig { path: None, reason })
+    }
+
+    /// The accelerator QEMU runs with: the pinned one, TCG for definitions made before.
+    pub fn accel(&self) -> Accel {
+        self.accel.unwrap_or(Accel::Tcg)
+    }
+
+    /// The machine type QEMU runs: the pinned one, `q35` for definitions made before.
+    pub fn machine(&self) -> &str {
+        self.machine.as_deref().unwrap_or(DEFAULT_MACHINE)
     }
 
     /// Checks what depends on the host rather than on the text: that the `run_as` user exists,
@@ -189,35 +206,61 @@ impl DomainConfig {
         self.disks.iter().find(|disk| disk.id == id)
     }
 
-    /// The disks as the orchestrator names them (id and image).
+    /// The disks as the orchestrator snapshots them (id, image, format): the writable disks,
+    /// then a UEFI domain's NVRAM image as disk [`NVRAM_DISK_ID`]. Read-only disks are left out.
     pub fn disk_targets(&self) -> Vec<DiskTarget> {
-        self.disks
+        let disks = self
+            .disks
             .iter()
+            .filter(|disk| !disk.readonly)
             .map(|disk| DiskTarget {
                 target: disk.id.clone(),
                 image: disk.path.clone(),
-            })
-            .collect()
+                format: snapshot_format(disk.format),
+            });
+        let nvram = self.nvram.iter().map(|image| DiskTarget {
+            target: NVRAM_DISK_ID.to_owned(),
+            image: image.clone(),
+            format: snapshot_core::ImageFormat::Qcow2,
+        });
+        disks.chain(nvram).collect()
+    }
+
+    /// Points disk `id` (or the NVRAM image) at `image` of `format`; false if there is no such
+    /// disk.
+    pub fn set_disk_image(&mut self, id: &str, image: PathBuf, format: DiskFormat) -> bool {
+        if id == NVRAM_DISK_ID && self.nvram.is_some() {
+            self.nvram = Some(image);
+            return true;
+        }
+        match self.disks.iter_mut().find(|disk| disk.id == id) {
+            Some(disk) => {
+                disk.path = image;
+                disk.format = format;
+                true
+            }
+            None => false,
+        }
     }
 }
 
-/// A portable user name (POSIX portable file name characters, as `useradd` accepts them); it
-/// goes into QEMU's `-run-with user=`, so no comma.
-fn valid_user_name(user: &str) -> bool {
-    !user.is_empty()
-        && user.len() <= 32
-        && !user.starts_with('-')
-        && user
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+/// The machine type of a definition that names none.
+pub const DEFAULT_MACHINE: &str = "q35";
+
+/// A disk format as the orchestrator knows it.
+pub(crate) fn snapshot_format(format: DiskFormat) -> snapshot_core::ImageFormat {
+    match format {
+        DiskFormat::Qcow2 => snapshot_core::ImageFormat::Qcow2,
+        DiskFormat::Raw => snapshot_core::ImageFormat::Raw,
+    }
 }
 
-/// Disk ids become QEMU ids and node names (`disk-ID`, at most 31 characters, starting with a letter).
-fn valid_disk_id(id: &str) -> bool {
-    let mut chars = id.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && id.len() <= 16
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+/// The driver's disk format for the orchestrator's.
+pub(crate) fn disk_format(format: snapshot_core::ImageFormat) -> DiskFormat {
+    match format {
+        snapshot_core::ImageFormat::Qcow2 => DiskFormat::Qcow2,
+        snapshot_core::ImageFormat::Raw => DiskFormat::Raw,
+    }
 }
 
 #[cfg(test)]
@@ -324,3 +367,6 @@ mod tests {
         assert!(error.contains("absent.toml"), "{error}");
     }
 }
+
+#[cfg(test)]
+mod machine_tests;

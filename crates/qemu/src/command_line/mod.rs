@@ -1,8 +1,12 @@
 //! The QEMU 10 command line of a domain.
 //!
+//! The accelerator, the machine's (versioned) type and the vCPU model come from the definition
+//! (unset in a definition made before domsnap pinned them: TCG, `q35`, QEMU's default CPU).
 //! Guest RAM is a `memory-backend-file` with `share=on`, so the toolstack can map the same file to
-//! save and restore memory; disks are `-blockdev` file + qcow2 nodes on virtio-blk; QMP listens on
-//! a Unix socket. A restore starts the same machine with `-incoming defer` and QEMU's default
+//! save and restore memory; disks are `-blockdev` file + format (qcow2 or raw) nodes on
+//! virtio-blk, a virtio-scsi controller or NVMe; a UEFI domain's NVRAM image is a qcow2 node on
+//! the second flash; network cards and the guest agent's virtio-serial channel follow the
+//! definition (`devices`); QMP listens on a Unix socket. A restore starts the same machine with `-incoming defer` and QEMU's default
 //! `migration.send-configuration=on`: every device-state file the driver loads carries QEMU's
 //! configuration section (files of older domsnap versions get it inserted when loaded), and only
 //! a QEMU that loaded one with it can migrate, so be snapshotted, again.
@@ -16,6 +20,10 @@
 use std::{ffi::OsString, path::PathBuf};
 
 use crate::config::DomainConfig;
+
+mod devices;
+
+pub use devices::{ovmf_installed, GUEST_AGENT_PORT, OVMF_CODE, OVMF_VARS_TEMPLATE};
 
 /// QEMU's seccomp sandbox, always on: no obsolete system calls, no changes of scheduling or CPU
 /// affinity (`resourcecontrol`). `elevateprivileges=deny` and `spawn=deny` are left out because
@@ -39,6 +47,8 @@ pub struct RuntimePaths {
     pub serial_log: PathBuf,
     /// The serial console as a Unix socket, for typing into the guest.
     pub console_socket: PathBuf,
+    /// The guest agent's channel (a domain with `guest_agent = true`).
+    pub guest_agent_socket: PathBuf,
 }
 
 /// How the domain starts.
@@ -74,8 +84,18 @@ pub fn qemu_args(config: &DomainConfig, paths: &RuntimePaths, mode: StartMode) -
     let mut args = Args::default();
     let mib = config.memory_mib;
     args.pair("-name", format!("{},debug-threads=on", config.name));
-    args.pair("-accel", "tcg");
-    args.pair("-machine", format!("q35,memory-backend={RAM_BACKEND_ID}"));
+    args.pair("-accel", config.accel().as_str());
+    args.pair(
+        "-machine",
+        format!(
+            "{},memory-backend={RAM_BACKEND_ID}{}",
+            config.machine(),
+            devices::machine_flash(config).unwrap_or_default()
+        ),
+    );
+    if let Some(cpu) = &config.cpu {
+        args.pair("-cpu", cpu.clone());
+    }
     args.pair("-m", format!("{mib}M"));
     args.pair("-smp", config.vcpus.to_string());
     args.pair("-sandbox", SANDBOX);
@@ -120,24 +140,10 @@ pub fn qemu_args(config: &DomainConfig, paths: &RuntimePaths, mode: StartMode) -
             args.pair("-append", cmdline.clone());
         }
     }
-    for disk in &config.disks {
-        let (file_node, format_node) = disk_nodes(&disk.id);
-        args.pair(
-            "-blockdev",
-            format!(
-                "driver=file,filename={},node-name={file_node}",
-                escape(&disk.path)
-            ),
-        );
-        args.pair(
-            "-blockdev",
-            format!("driver=qcow2,file={file_node},node-name={format_node}"),
-        );
-        args.pair(
-            "-device",
-            format!("virtio-blk-pci,drive={format_node},id={}", disk.id),
-        );
-    }
+    devices::firmware(&mut args, config);
+    devices::disks(&mut args, config);
+    devices::nics(&mut args, config);
+    devices::guest_agent(&mut args, config, paths);
     match mode {
         StartMode::Boot { paused: false } => {}
         StartMode::Boot { paused: true } => args.flag("-S"),
@@ -188,6 +194,7 @@ mod tests {
             qmp_socket: "/run/vm1/qmp.sock".into(),
             serial_log: "/run/vm1/serial.log".into(),
             console_socket: "/run/vm1/console.sock".into(),
+            guest_agent_socket: "/run/vm1/qga.sock".into(),
         }
     }
 
