@@ -304,12 +304,14 @@ fn debian_under_uefi_survives_a_snapshot_and_a_revert_with_its_nvram() {
         "the NVRAM is snapshotted: {report} (disks {disks:?})"
     );
 
-    // A boot variable written after the snapshot is gone after the revert.
-    let efivar = "/sys/firmware/efi/efivars/DomsnapTest-8be4df61-93ca-11d2-aa0d-00e098032b8c";
-    assert_eq!(
-        deb.shell(&cli, &format!("printf '\\007\\000\\000\\000x' >{efivar}")),
-        0
+    // A UEFI variable written after the snapshot is gone after the revert (efivarfs takes the
+    // 4-byte attributes, non-volatile + boot + runtime, then the data, in one write).
+    let efivar = "/sys/firmware/efi/efivars/DomsnapTest-5f0c9a3e-2b7d-4e61-9c84-3a1d6e0b7f25";
+    let write = format!(
+        "grep -q efivarfs /proc/mounts || mount -t efivarfs efivarfs /sys/firmware/efi/efivars; \
+         printf '\\007\\000\\000\\000x' >/tmp/var && cat /tmp/var >{efivar} && test -e {efivar}"
     );
+    assert_eq!(deb.shell(&cli, &write), 0, "write {efivar}");
     deb.counter_above(before + 3);
     cli.json(&["snapshot", "revert", "efi", "u1"]);
     let restored = deb.counter(SHORT);

@@ -192,6 +192,13 @@ typedef struct domsnap_snapshot_args {
    * The per-disk choices; NULL when `num_disks` is 0.
    */
   const struct domsnap_disk_args *disks;
+  /**
+   * true: freeze the guest's filesystems through its guest agent (`guest_agent = true` and
+   * qemu-guest-agent in the guest) while the snapshot is taken; they are thawed on every
+   * path. Needs a running domain (`DOMSNAP_INVALID_ARGUMENT` otherwise) with an agent
+   * channel (`DOMSNAP_UNSUPPORTED` otherwise); both are refused before anything changes.
+   */
+  bool quiesce;
 } domsnap_snapshot_args;
 
 #ifdef __cplusplus

@@ -62,6 +62,11 @@ pub struct domsnap_snapshot_args {
     pub num_disks: usize,
     /// The per-disk choices; NULL when `num_disks` is 0.
     pub disks: *const domsnap_disk_args,
+    /// true: freeze the guest's filesystems through its guest agent (`guest_agent = true` and
+    /// qemu-guest-agent in the guest) while the snapshot is taken; they are thawed on every
+    /// path. Needs a running domain (`DOMSNAP_INVALID_ARGUMENT` otherwise) with an agent
+    /// channel (`DOMSNAP_UNSUPPORTED` otherwise); both are refused before anything changes.
+    pub quiesce: bool,
 }
 
 /// More disks than any domain has: a larger `num_disks` is a caller's mistake (garbage), not a
@@ -108,6 +113,8 @@ pub struct SnapshotArgs {
     pub memory_path: Option<PathBuf>,
     /// The per-disk choices.
     pub disks: Vec<DiskArgs>,
+    /// Freeze the filesystems for the snapshot.
+    pub quiesce: bool,
 }
 
 /// A required C string argument as UTF-8 text.
@@ -198,6 +205,7 @@ pub unsafe fn read_snapshot_args(args: *const domsnap_snapshot_args) -> Result<S
             .map(|p| absolute(p, "args->memory_path"))
             .transpose()?,
         disks,
+        quiesce: args.quiesce,
     })
 }
 
@@ -306,6 +314,7 @@ mod tests {
             memory_path: null(),
             num_disks: disks.len(),
             disks: if disks.is_empty() { null() } else { disks.as_ptr() },
+            quiesce: false,
         }
     }
 

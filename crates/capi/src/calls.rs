@@ -107,7 +107,7 @@ impl Api {
             disks: args.disks.into_iter().map(disk_request).collect(),
             description: args.description,
             memory_path: args.memory_path,
-            quiesce: false,
+            quiesce: args.quiesce,
         }
     }
 

@@ -123,6 +123,10 @@ impl Hypervisor for QemuDriver {
         Ok(QemuDriver::freeze_filesystems(self, domain).await?)
     }
 
+    async fn has_guest_agent(&self, domain: &Name) -> DriverResult<bool> {
+        Ok(self.guest_agent_socket(domain)?.is_some())
+    }
+
     async fn thaw_filesystems(&self, domain: &Name) -> DriverResult<u64> {
         Ok(QemuDriver::thaw_filesystems(self, domain).await?)
     }

@@ -205,6 +205,8 @@ pub trait Hypervisor: Send + Sync {
     /// answer; a freeze that timed out may still complete in the guest, so callers thaw after
     /// any freeze attempt.
     async fn freeze_filesystems(&self, domain: &Name) -> DriverResult<u64>;
+    /// Whether the domain has a guest agent channel (so a quiesce can be asked of it).
+    async fn has_guest_agent(&self, domain: &Name) -> DriverResult<bool>;
     /// Thaws the guest's filesystems; returns how many it thawed (0 when none were frozen, which
     /// is not an error).
     async fn thaw_filesystems(&self, domain: &Name) -> DriverResult<u64>;

@@ -159,6 +159,21 @@ async fn only_a_running_domain_can_be_quiesced() {
 }
 
 #[tokio::test]
+async fn a_domain_without_a_guest_agent_is_refused_before_anything_changes() {
+    let f = fixture(DomainState::Running);
+    f.sim.lock().unwrap().no_agent = true;
+    let err = f
+        .orchestrator
+        .create(&f.domain, &name("q"), quiesced(MemoryMode::Paused))
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Unsupported, "{err}");
+    assert!(err.to_string().contains("guest_agent = true"), "{err}");
+    assert!(!f.calls().contains(&"freeze") && !f.calls().contains(&"pause"));
+    assert!(f.store.intent(&f.domain).unwrap().is_none());
+}
+
+#[tokio::test]
 async fn recovery_after_a_crash_while_frozen_thaws_the_guest() {
     let f = fixture(DomainState::Running);
     {

@@ -176,6 +176,12 @@ static void check_bad_input(domsnap_ctx *ctx, const char *domain, const char *co
     expect_code(ctx, domsnap_snapshot_create(ctx, domain, &args, false), DOMSNAP_INVALID_ARGUMENT,
                 "create: memory_path of a disk-only snapshot");
     args.memory_path = NULL;
+    args.memory = true;
+    args.quiesce = true; /* the test domain has no guest agent channel */
+    expect_code(ctx, domsnap_snapshot_create(ctx, domain, &args, true), DOMSNAP_UNSUPPORTED,
+                "create: quiesce without a guest agent");
+    args.quiesce = false;
+    args.memory = false;
 
     expect_code(ctx, domsnap_snapshot_show(ctx, domain, "s2", &json), DOMSNAP_NOT_FOUND,
                 "show: unknown snapshot");

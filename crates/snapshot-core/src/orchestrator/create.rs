@@ -68,11 +68,8 @@ impl Orchestrator {
                 snapshot: snapshot.clone(),
             });
         }
-        if options.quiesce && was != DomainState::Running {
-            return Err(Error::InvalidRequest(format!(
-                "domain {domain} is {was}: a quiesced snapshot needs a running guest (its agent \
-                 freezes the filesystems)"
-            )));
+        if options.quiesce {
+            self.check_quiesce(domain, was).await?;
         }
         let disks_only = was == DomainState::ShutOff || matches!(options.memory, MemoryMode::DisksOnly);
         let disks = plan_disks(snapshot, &targets, &options.disks, disks_only)?;
@@ -134,6 +131,30 @@ impl Orchestrator {
         job.memory_path = memory_path;
         job.quiesce = options.quiesce;
         Ok(job)
+    }
+
+    /// Refuses a quiesce the domain cannot do: it must run (its agent is a guest process) and
+    /// have a guest agent channel.
+    async fn check_quiesce(&self, domain: &Name, was: DomainState) -> Result<()> {
+        if was != DomainState::Running {
+            return Err(Error::InvalidRequest(format!(
+                "domain {domain} is {was}: a quiesced snapshot needs a running guest (its agent \
+                 freezes the filesystems)"
+            )));
+        }
+        let has_agent = self.hypervisor.has_guest_agent(domain).await;
+        let has_agent = has_agent.map_err(|source| Error::Driver {
+            domain: domain.clone(),
+            action: "look for the guest agent of",
+            source,
+        })?;
+        if !has_agent {
+            return Err(Error::Unsupported(format!(
+                "domain {domain} has no guest agent channel, so its filesystems cannot be frozen: \
+                 set guest_agent = true in its configuration (and run qemu-guest-agent in the guest)"
+            )));
+        }
+        Ok(())
     }
 
     /// How a running or paused domain's memory is saved; its image's folder (the snapshot's, or

@@ -54,6 +54,8 @@ pub struct Sim {
     pub cannot_map: bool,
     /// The guest's filesystems are frozen.
     pub frozen: bool,
+    /// The domain has no guest agent channel.
+    pub no_agent: bool,
     pub calls: Vec<&'static str>,
 }
 
@@ -210,6 +212,9 @@ pub fn hypervisor(sim: &Shared) -> MockHypervisor {
         Ok(2)
     });
     let s = sim.clone();
+    h.expect_has_guest_agent()
+        .returning(move |_| Ok(!s.lock().unwrap().no_agent));
+    let s = sim.clone();
     h.expect_thaw_filesystems().returning(move |_| {
         call(&s, "thaw")?;
         let mut sim = s.lock().unwrap();
@@ -308,6 +313,9 @@ impl Hypervisor for Simulated {
     }
     async fn thaw_filesystems(&self, domain: &Name) -> DriverResult<u64> {
         self.mock.thaw_filesystems(domain).await
+    }
+    async fn has_guest_agent(&self, domain: &Name) -> DriverResult<bool> {
+        self.mock.has_guest_agent(domain).await
     }
     async fn memory_access(&self, domain: &Name) -> DriverResult<MemoryAccess> {
         let (shared_ram, streams) = {
@@ -432,6 +440,7 @@ pub fn fixture(state: DomainState) -> Fixture {
         streams: false,
         cannot_map: false,
         frozen: false,
+        no_agent: false,
         calls: Vec::new(),
     }));
     let store = Arc::new(FsStore::new(dir.path().join("state")));
