@@ -239,6 +239,29 @@ fn a_live_quiesced_snapshot_of_debian_reverts_its_counter_files_and_network() {
         "data disk"
     );
 
+    // The thaw happens on every path. A disk step that fails (the overlay's folder is
+    // read-only): rolled back, the guest runs and is thawed.
+    let read_only = common::ReadOnlyDir::new(&deb.dir);
+    let overlay = format!("vdb=external:{}", read_only.path.join("vdb.q.qcow2").display());
+    let failed = cli.fails(&["snapshot", "create", "deb", "q", "--quiesce", "--disk", &overlay]);
+    assert!(
+        failed.contains("rolled back") || failed.contains("snapshotting the disks"),
+        "{failed}"
+    );
+    assert_eq!(deb.fsfreeze_status(&cli), "thawed", "after a failed disk step");
+    // domsnap killed while the guest is frozen and paused, in the disk step: `recover`
+    // resumes and thaws it.
+    common::killed_at(
+        &cli,
+        &["snapshot", "create", "deb", "q", "--quiesce"],
+        "snapshot-disks",
+    );
+    let recovered = cli.json(&["recover", "deb"]);
+    assert_eq!(recovered["recovered"][0]["outcome"], "undone", "{recovered}");
+    assert_eq!(deb.fsfreeze_status(&cli), "thawed", "after recover");
+    let now = deb.counter(SHORT);
+    deb.counter_above(now);
+
     cli.ok(&["snapshot", "delete", "deb", "s1"]);
     cli.ok(&["domain", "stop", "deb", "--force"]);
 }
