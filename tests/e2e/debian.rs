@@ -5,8 +5,8 @@
 //!   (internal snapshot) and a raw data disk (external overlay); the guest writes files and its
 //!   counter moves; the revert brings the counter back to the snapshot's and it continues, the
 //!   files are as they were, the host reaches the service again, the filesystems are thawed;
-//! - a disk-only snapshot of the shut-off domain, then a guest that writes and is killed; the
-//!   revert leaves a root filesystem that `e2fsck -n` finds clean;
+//! - a disk-only snapshot of the shut-off domain (booted by SeaBIOS from its disk), then a guest
+//!   that writes and is killed; the revert leaves a root filesystem that `e2fsck -n` finds clean;
 //! - the guest booted from its disk through OVMF (`firmware = "uefi"`) survives a snapshot and a
 //!   revert, NVRAM included.
 //!
@@ -43,6 +43,8 @@ struct Debian {
 enum Boot {
     /// `kernel`/`initrd`/`cmdline` from the guest build, root on a qcow2 overlay of root.qcow2.
     Kernel,
+    /// SeaBIOS from the bootable disk image (an overlay of disk.qcow2, SYSLINUX on its ESP).
+    Bios,
     /// OVMF from the bootable disk image (an overlay of disk.qcow2).
     Uefi,
 }
@@ -65,6 +67,7 @@ impl Debian {
                     testkit::DEBIAN_CMDLINE
                 ),
             ),
+            Boot::Bios => (&guest.disk, String::new()),
             Boot::Uefi => (&guest.disk, "firmware = \"uefi\"\n".to_owned()),
         };
         let root = dir.join("root.qcow2");
@@ -152,20 +155,28 @@ impl Debian {
     }
 }
 
-/// The root filesystem of a qcow2 image, checked read-only by `e2fsck` (on a raw copy).
+/// The root filesystem of a qcow2 image (the whole image, or its last partition when it has a
+/// partition table), checked read-only by `e2fsck` on a raw copy.
 fn fsck_root(image: &Path, scratch: &Path) {
     let raw = scratch.join("root-check.raw");
+    let raw_text = raw.display().to_string();
     testkit::run(
         "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            &image.display().to_string(),
-            &raw.display().to_string(),
-        ],
+        &["convert", "-O", "raw", &image.display().to_string(), &raw_text],
     );
-    let target = raw.display().to_string();
+    let table = std::process::Command::new("sfdisk")
+        .args(["-J", &raw_text])
+        .output();
+    let root_start = table
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| serde_json::from_slice::<Value>(&out.stdout).ok())
+        .and_then(|json| json["partitiontable"]["partitions"].as_array()?.last()?["start"].as_u64());
+    // e2fsck opens `FILE?offset=BYTES` at that offset.
+    let target = match root_start {
+        Some(sector) => format!("{raw_text}?offset={}", sector * 512),
+        None => raw_text,
+    };
     let output = std::process::Command::new("e2fsck")
         .args(["-fn", &target])
         .output()
@@ -270,7 +281,8 @@ fn a_live_quiesced_snapshot_of_debian_reverts_its_counter_files_and_network() {
 fn a_disk_only_snapshot_of_shut_off_debian_reverts_to_a_clean_root_filesystem() {
     let cli = Cli::new();
     let guest = debian_guest();
-    let deb = Debian::define(&cli, &guest, "off", Boot::Kernel);
+    // Booted by SeaBIOS from its disk (no kernel in the configuration).
+    let deb = Debian::define(&cli, &guest, "off", Boot::Bios);
     deb.start(&cli, true);
     cli.ok(&["domain", "stop", "off", "--timeout", "180"]);
     let report = cli.json(&["snapshot", "create", "off", "cold"]);
