@@ -1,7 +1,7 @@
 //! `cargo xtask demo`: the whole story through the `domsnap` CLI (release build). Start a domain
 //! whose guest keeps working, take a live snapshot while it works, let it change, revert, and
 //! show that it went on from the snapshot — with the timings. On the Debian guest when it is
-//! built ([`crate::demo_debian`]: its service answers over the network before and after the
+//! built (`demo_debian.rs`: its service answers over the network before and after the
 //! revert), else on the tiny guest, whose workload rewrites memory.
 
 use std::{
