@@ -134,7 +134,7 @@ pub enum IncomingRam<'a> {
     /// Fresh, zeroed RAM shared with the toolstack: the caller writes the memory image into it
     /// through [`Hypervisor::guest_memory`].
     Fresh,
-    /// The sealed memory image at this path (format v1, whose data area is guest RAM in page
+    /// The sealed memory image at this path (format v1 or v2, whose data area is guest RAM in page
     /// order), mapped copy-on-write: the guest starts on the image's pages, its writes stay
     /// private to its process and the image is never written. The driver checks the image's
     /// metadata (not every page) and its size against the domain's RAM before it starts
