@@ -350,17 +350,19 @@ fn event_seconds(timestamp: qmp::Timestamp) -> f64 {
     timestamp.seconds as f64 + timestamp.microseconds as f64 / 1e6
 }
 
-/// QEMU's first `STOP` and last `RESUME` of a create, seconds since the epoch on QEMU's clock.
+/// QEMU's first `STOP` and last `RESUME` of a create, seconds since the epoch on QEMU's clock,
+/// and its `MIGRATION` event saying `completed` if one came between them (a pre-copy's).
 #[derive(Debug, Clone, Copy)]
 struct StopResume {
     stop: f64,
     resume: f64,
+    completed: Option<f64>,
 }
 
 /// Drains `events` until it has been quiet for [`EVENTS_QUIET`] after a `RESUME`; returns the
 /// first `STOP` and the last `RESUME`.
 async fn stop_to_resume(events: &mut EventStream) -> Result<StopResume> {
-    let (mut stop, mut resume) = (None, None);
+    let (mut stop, mut resume, mut completed) = (None, None, None);
     loop {
         let wait = if resume.is_some() {
             EVENTS_QUIET
@@ -371,6 +373,11 @@ async fn stop_to_resume(events: &mut EventStream) -> Result<StopResume> {
             Ok(Ok(message)) => match message.event {
                 Event::Stop if stop.is_none() => stop = Some(event_seconds(message.timestamp)),
                 Event::Resume => resume = Some(event_seconds(message.timestamp)),
+                Event::Migration(ref data)
+                    if data.status == qmp::MigrationStatus::Completed && resume.is_none() =>
+                {
+                    completed = Some(event_seconds(message.timestamp));
+                }
                 _ => {}
             },
             Ok(Err(error)) => bail!("QMP events: {error}"),
@@ -378,7 +385,11 @@ async fn stop_to_resume(events: &mut EventStream) -> Result<StopResume> {
         }
     }
     match (stop, resume) {
-        (Some(stop), Some(resume)) if resume >= stop => Ok(StopResume { stop, resume }),
+        (Some(stop), Some(resume)) if resume >= stop => Ok(StopResume {
+            stop,
+            resume,
+            completed,
+        }),
         other => bail!("no STOP followed by RESUME among QEMU's events: {other:?}"),
     }
 }
@@ -531,6 +542,13 @@ impl Domain {
                     CreateMode::Precopy => ("stop_event_to_pause_step", between(events.stop, pause_step)),
                     _ => ("pause_step_to_stop_event", between(pause_step, events.stop)),
                 });
+            }
+            if let Some(completed) = events.completed {
+                // QEMU's completion (its `downtime` ends here) to the guest running again.
+                created.splits.push((
+                    "completed_event_to_resume_event",
+                    between(completed, events.resume),
+                ));
             }
             if let Some(resume_step) = resume_step {
                 created

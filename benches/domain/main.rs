@@ -81,6 +81,11 @@ fn dirty_workload() -> Workload {
 }
 
 fn main() -> ExitCode {
+    // `DOMSNAP_LOG=qemu=debug` shows what the product logs while it is measured (as the CLI).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("DOMSNAP_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

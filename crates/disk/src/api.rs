@@ -129,6 +129,16 @@ pub trait DiskSnapshots: Send + Sync {
     /// made if one fails.
     async fn create_snapshots(&self, internal: &[NewInternal], external: &[ExternalSnapshot]) -> Result<()>;
 
+    /// Gets ready for [`DiskSnapshots::create_snapshots`] of these disks on this backend, so
+    /// that the call itself does less (it may run while the guest is paused): the live backend
+    /// looks up QEMU's block nodes now, for its next `create_snapshots` only. Best effort: a
+    /// failure here changes nothing, and `create_snapshots` works without it. Does nothing by
+    /// default.
+    async fn prepare_snapshots(&self, internal: &[NewInternal], external: &[ExternalSnapshot]) -> Result<()> {
+        let _ = (internal, external);
+        Ok(())
+    }
+
     /// Reverts a disk to an external snapshot: a fresh overlay on top of the snapshot's image
     /// (`revert.disk`), which is never written to (later snapshots may depend on it).
     async fn revert_external(&self, revert: &ExternalSnapshot) -> Result<()>;

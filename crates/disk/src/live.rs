@@ -7,7 +7,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, PoisonError,
+    },
 };
 
 use async_trait::async_trait;
@@ -35,6 +38,9 @@ const MAX_CHAIN: usize = 256;
 pub struct LiveBackend {
     qmp: Client,
     jobs: JobOptions,
+    /// QEMU's block nodes looked up by [`DiskSnapshots::prepare_snapshots`], for the next
+    /// [`DiskSnapshots::create_snapshots`] (shared by clones).
+    prepared_nodes: Arc<Mutex<Option<Vec<BlockDeviceInfo>>>>,
 }
 
 /// Unique suffixes for node and job names within this process.
@@ -62,6 +68,7 @@ impl LiveBackend {
         Self {
             qmp,
             jobs: JobOptions::default(),
+            prepared_nodes: Arc::default(),
         }
     }
 
@@ -84,6 +91,30 @@ impl LiveBackend {
             .execute(&QueryNamedBlockNodes { flat: Some(true) })
             .await
             .map_err(Self::qmp_error("query-named-block-nodes", path))
+    }
+
+    /// QEMU's block nodes for the disks of `internal` and `external` (`first` is one of them):
+    /// those looked up by [`DiskSnapshots::prepare_snapshots`] (taken: they serve one call) if
+    /// they have every disk, else fresh ones.
+    async fn nodes_for(
+        &self,
+        first: &Path,
+        internal: &[NewInternal],
+        external: &[ExternalSnapshot],
+    ) -> Result<Vec<BlockDeviceInfo>> {
+        let prepared = self
+            .prepared_nodes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let mut disks = internal
+            .iter()
+            .map(|i| &i.disk)
+            .chain(external.iter().map(|e| &e.disk));
+        match prepared {
+            Some(nodes) if disks.all(|disk| Self::find(&nodes, disk).is_ok()) => Ok(nodes),
+            _ => self.nodes(first).await,
+        }
     }
 
     /// The format node that has `path` open.
@@ -168,11 +199,12 @@ impl LiveBackend {
     async fn add_overlays(
         &self,
         snapshots: &[ExternalSnapshot],
+        nodes: &[BlockDeviceInfo],
         added: &mut Vec<String>,
     ) -> Result<Vec<TransactionAction>> {
         let mut actions = Vec::new();
         for snapshot in snapshots {
-            let node = self.node(&snapshot.disk).await?;
+            let node = Self::find(nodes, &snapshot.disk)?;
             let file_node = unique("dsf");
             let format_node = unique("dsd");
             let overlay = snapshot.overlay.to_string_lossy().into_owned();
@@ -195,11 +227,15 @@ impl LiveBackend {
 
     /// Writes every overlay's file (backing file recorded, the disk's format and size); returns
     /// them. If one fails, those already written are removed.
-    async fn write_overlays(&self, snapshots: &[ExternalSnapshot]) -> Result<Vec<PathBuf>> {
+    async fn write_overlays(
+        &self,
+        snapshots: &[ExternalSnapshot],
+        nodes: &[BlockDeviceInfo],
+    ) -> Result<Vec<PathBuf>> {
         let mut plans = Vec::with_capacity(snapshots.len());
         for snapshot in snapshots {
             let backing = offline::backing_name(snapshot)?;
-            let node = self.node(&snapshot.disk).await?;
+            let node = Self::find(nodes, &snapshot.disk)?;
             plans.push((
                 snapshot.overlay.clone(),
                 backing,
@@ -379,7 +415,7 @@ impl DiskSnapshots for LiveBackend {
             return Ok(());
         };
         let mut actions = Vec::with_capacity(internal.len() + external.len());
-        let nodes = self.nodes(first).await?;
+        let nodes = self.nodes_for(first, internal, external).await?;
         for snapshot in internal {
             names::validate_snapshot_name(&snapshot.name)?;
             actions.push(TransactionAction::BlockdevSnapshotInternalSync(
@@ -389,9 +425,9 @@ impl DiskSnapshots for LiveBackend {
                 },
             ));
         }
-        let files = self.write_overlays(external).await?;
+        let files = self.write_overlays(external, &nodes).await?;
         let mut added = Vec::new();
-        let result = match self.add_overlays(external, &mut added).await {
+        let result = match self.add_overlays(external, &nodes, &mut added).await {
             Ok(more) => {
                 actions.extend(more);
                 self.transaction(actions, first).await
@@ -402,6 +438,19 @@ impl DiskSnapshots for LiveBackend {
             self.discard_overlays(&added, &files).await;
         }
         result
+    }
+
+    async fn prepare_snapshots(&self, internal: &[NewInternal], external: &[ExternalSnapshot]) -> Result<()> {
+        let first = internal
+            .first()
+            .map(|i| &i.disk)
+            .or(external.first().map(|e| &e.disk));
+        let nodes = match first {
+            Some(first) => Some(self.nodes(first).await?),
+            None => None,
+        };
+        *self.prepared_nodes.lock().unwrap_or_else(PoisonError::into_inner) = nodes;
+        Ok(())
     }
 
     async fn revert_external(&self, _revert: &ExternalSnapshot) -> Result<()> {

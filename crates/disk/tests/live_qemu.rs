@@ -90,6 +90,22 @@ async fn live_snapshots_on_a_running_guest() {
     live.delete_internal(&both, "s1").await.unwrap();
     assert!(live.list_internal(&d0).await.unwrap().is_empty());
 
+    // Prepared ahead (QEMU's nodes looked up before, as before a pause), for one call only.
+    let internal = |name: &str| {
+        both.iter()
+            .map(|disk| disk::NewInternal {
+                disk: disk.clone(),
+                name: name.to_owned(),
+            })
+            .collect::<Vec<_>>()
+    };
+    live.prepare_snapshots(&internal("p1"), &[]).await.unwrap();
+    live.create_snapshots(&internal("p1"), &[]).await.unwrap();
+    live.create_snapshots(&internal("p2"), &[]).await.unwrap();
+    assert_eq!(names(&live.list_internal(&d1).await.unwrap()), ["p1", "p2"]);
+    live.delete_internal(&both, "p1").await.unwrap();
+    live.delete_internal(&both, "p2").await.unwrap();
+
     // Atomic two-disk external snapshot; a bad second overlay leaves both disks as they were.
     let o0 = dir.path().join("o0.qcow2");
     let o1 = dir.path().join("o1.qcow2");
@@ -103,9 +119,9 @@ async fn live_snapshots_on_a_running_guest() {
     assert!(!o0.exists(), "the first overlay was not removed");
     assert_eq!(live.backing_chain(&d0).await.unwrap().len(), 1);
     let before = marker_passes(&d0, 0).await;
-    live.create_external(&[spec(&d0, &o0), spec(&d1, &o1)])
-        .await
-        .unwrap();
+    let external = [spec(&d0, &o0), spec(&d1, &o1)];
+    live.prepare_snapshots(&[], &external).await.unwrap();
+    live.create_external(&external).await.unwrap();
     let chain = live.backing_chain(&o0).await.unwrap();
     assert_eq!(
         chain.iter().map(|c| c.path.clone()).collect::<Vec<_>>(),

@@ -1,4 +1,4 @@
-//! Image format v1: layout, header and footer encoding (see `docs/memory-image-format.md`).
+//! Image format v2 (and v1 read): layout, header and footer encoding (see `docs/memory-image-format.md`).
 //!
 //! All integers are little-endian. Every block carries an xxh3-64 checksum, and decoding checks every
 //! field it can derive, so a flipped bit anywhere is reported as the block it hit.
@@ -11,8 +11,13 @@ use crate::guest::{GuestMemory, PAGE, PAGE_SIZE};
 use crate::num::{to_u64, to_usize};
 use crate::table::{block_hash, PageTable};
 
-/// Format version written and read by this build.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format version written by this build. Version 2 differs from version 1 in one rule only: a
+/// zero page's checksum entry in the page table is 0 (in version 1 it is the seeded hash of a zero
+/// page), so that the table of a mostly empty guest is mostly zeros, which the writer leaves as
+/// holes in the file.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 pub(crate) const IMAGE_MAGIC: [u8; 8] = *b"DSMEMIMG";
 pub(crate) const STREAM_MAGIC: [u8; 8] = *b"DSMEMSTR";
 pub(crate) const FOOTER_MAGIC: [u8; 8] = *b"DSMEMEND";
@@ -188,18 +193,23 @@ impl ImageLayout {
     }
 
     /// The header block: fixed fields, region table, checksum, zero padding to `header_len`.
+    pub(crate) fn encode_header(&self, magic: [u8; 8]) -> Vec<u8> {
+        self.encode_header_of_version(magic, FORMAT_VERSION)
+    }
+
+    /// [`Self::encode_header`] for an older format `version` (for tests of older images).
     #[allow(
         clippy::cast_possible_truncation,
         reason = "header_len <= MAX_HEADER_LEN, which also bounds the region count (checked when the layout \
                   was made or decoded); PAGE_SIZE is 4096"
     )]
-    pub(crate) fn encode_header(&self, magic: [u8; 8]) -> Vec<u8> {
+    pub(crate) fn encode_header_of_version(&self, magic: [u8; 8], version: u32) -> Vec<u8> {
         let mut h = Vec::with_capacity(to_usize(self.header_len));
         h.extend_from_slice(&magic);
-        h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        h.extend_from_slice(&version.to_le_bytes());
         h.extend_from_slice(&(self.header_len as u32).to_le_bytes());
         h.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
-        h.extend_from_slice(&0u32.to_le_bytes()); // flags: none defined in v1
+        h.extend_from_slice(&0u32.to_le_bytes()); // flags: none defined in v1 or v2
         h.extend_from_slice(&(self.regions.len() as u32).to_le_bytes());
         h.extend_from_slice(&0u32.to_le_bytes()); // reserved
         h.extend_from_slice(&self.total_pages.to_le_bytes());
@@ -223,7 +233,7 @@ impl ImageLayout {
             return Err(Error::BadMagic { kind, found });
         }
         let version = le_u32(prefix, 8);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(Error::UnsupportedVersion {
                 kind,
                 found: version,
@@ -238,6 +248,11 @@ impl ImageLayout {
             ));
         }
         Ok(to_usize(len))
+    }
+
+    /// The format version of a header whose prefix [`Self::header_len_from_prefix`] accepted.
+    pub(crate) fn version_of(prefix: &[u8]) -> u32 {
+        le_u32(prefix, 8)
     }
 
     /// Decodes a whole header block (as sized by [`Self::header_len_from_prefix`]); returns the layout

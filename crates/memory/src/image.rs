@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::format::{Footer, ImageLayout, RegionInfo, FOOTER_LEN, IMAGE_MAGIC};
+use crate::format::{Footer, ImageLayout, RegionInfo, FOOTER_LEN, FORMAT_VERSION, IMAGE_MAGIC};
 use crate::guest::{GuestMemory, PAGE, PAGE_SIZE};
 use crate::num::{to_u64, to_usize};
 use crate::par;
@@ -94,9 +94,8 @@ impl ImageWriter {
             "page table of another layout"
         );
         let mut at = self.layout.table_offset();
-        let table_checksum = table.write_encoded(|piece| {
-            self.file()
-                .write_all_at(piece, at)
+        let table_checksum = table.write_encoded(FORMAT_VERSION, |piece| {
+            self.write_sparse(piece, at)
                 .map_err(|e| self.err("write page table to", e))?;
             at += to_u64(piece.len());
             Ok::<_, Error>(())
@@ -113,6 +112,23 @@ impl ImageWriter {
             Durability::NoSync => durable::Sync::No,
         };
         self.temp.persist(sync)?;
+        Ok(())
+    }
+
+    /// Writes `bytes` at `offset` (past the file's end so far), leaving out every file block
+    /// (4 KiB, aligned) they would fill with zeros: those stay holes, which read as zeros. The page
+    /// table of a mostly empty guest is mostly zeros (format v2).
+    fn write_sparse(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < bytes.len() {
+            let at = offset + to_u64(done);
+            let block_end = to_usize((at / PAGE + 1) * PAGE - at);
+            let piece = &bytes[done..(done + block_end).min(bytes.len())];
+            if !is_zero(piece) {
+                self.file().write_all_at(piece, at)?;
+            }
+            done += piece.len();
+        }
         Ok(())
     }
 
@@ -262,7 +278,7 @@ fn read_at<S: ReadAt>(src: &S, buf: &mut [u8], offset: u64, what: &'static str) 
 }
 
 /// Reads and checks an image's header, length and footer; returns its layout and footer.
-fn read_frame<S: ReadAt>(src: &S) -> Result<(ImageLayout, Footer)> {
+fn read_frame<S: ReadAt>(src: &S) -> Result<(ImageLayout, Footer, u32)> {
     let kind = "image";
     let size = src.size().map_err(|e| Error::io("stat", Path::new("image"), e))?;
     if size < 16 {
@@ -292,14 +308,14 @@ fn read_frame<S: ReadAt>(src: &S) -> Result<(ImageLayout, Footer)> {
     let mut footer = [0u8; FOOTER_LEN];
     read_at(src, &mut footer, size - to_u64(FOOTER_LEN), "read footer of")?;
     let footer = Footer::decode(&footer, &layout, header_sum)?;
-    Ok((layout, footer))
+    Ok((layout, footer, ImageLayout::version_of(&header)))
 }
 
 impl<S: ReadAt> ImageReader<S> {
     /// Checks the metadata of an image read from `src`: header, length, footer, page table.
     pub fn from_source(src: S) -> Result<Self> {
         let kind = "image";
-        let (layout, footer) = read_frame(&src)?;
+        let (layout, footer, version) = read_frame(&src)?;
         let table_len = layout.table_len();
         let mut table = Vec::new();
         table
@@ -314,7 +330,7 @@ impl<S: ReadAt> ImageReader<S> {
         if block_hash(&table) != footer.table_checksum {
             return Err(Error::corrupt(kind, "page table checksum mismatch"));
         }
-        let table = PageTable::decode(&table, layout.total_pages(), layout.seed(), kind)?;
+        let table = PageTable::decode(&table, layout.total_pages(), layout.seed(), version, kind)?;
         Ok(ImageReader { src, layout, table })
     }
 
@@ -493,7 +509,7 @@ pub fn check_metadata(path: &Path) -> Result<ImageLayout> {
         other => other,
     };
     let file = File::open(path).map_err(|e| Error::io("open image", path, e))?;
-    let (layout, footer) = read_frame(&file).map_err(with_path)?;
+    let (layout, footer, _) = read_frame(&file).map_err(with_path)?;
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut piece = vec![0u8; 1 << 16];
     let (mut at, end) = (layout.table_offset(), layout.table_offset() + layout.table_len());

@@ -86,7 +86,7 @@ mod table;
 
 pub use dirty::{ContentCompare, DirtySource, Everything, UffdWriteProtect};
 pub use error::{Error, Result};
-pub use format::{ImageLayout, RegionInfo, FORMAT_VERSION};
+pub use format::{ImageLayout, RegionInfo, FORMAT_VERSION, OLDEST_FORMAT_VERSION};
 pub use guest::{Backing, FileRegion, GuestMemory, GuestMemoryBuilder, Region, PAGE_SIZE};
 pub use image::{
     check_metadata, restore, verify, Durability, ImageInfo, ImageReader, ImageWriter, PageSink, ReadAt,

@@ -2,7 +2,7 @@
 //! to compare against. Not for production use: they hold whole copies of guest memory.
 
 use crate::error::Result;
-use crate::format::{Footer, ImageLayout, IMAGE_MAGIC};
+use crate::format::{Footer, ImageLayout, FIXED_HEADER_LEN, FORMAT_VERSION, IMAGE_MAGIC};
 use crate::guest::{GuestMemory, PAGE, PAGE_SIZE};
 use crate::num::{to_u64, to_usize};
 use crate::table::{block_hash, page_hash, DirtySet, PageTable};
@@ -45,22 +45,28 @@ pub fn dirty_pages(before: &[u8], after: &[u8]) -> DirtySet {
 /// The complete image file a save of memory holding `contents` must produce for `layout`, built
 /// page by page in memory: header, data (zeros where a page is zero), page table, footer.
 pub fn image_bytes(contents: &[u8], layout: &ImageLayout) -> Vec<u8> {
+    image_bytes_of_version(contents, layout, FORMAT_VERSION)
+}
+
+/// [`image_bytes`] in format `version` (1: what older domsnap versions wrote).
+pub fn image_bytes_of_version(contents: &[u8], layout: &ImageLayout, version: u32) -> Vec<u8> {
     assert_eq!(
         to_u64(contents.len()),
         layout.total_pages() * PAGE,
         "contents of another layout"
     );
-    let mut image = layout.encode_header(IMAGE_MAGIC);
+    let mut image = layout.encode_header_of_version(IMAGE_MAGIC, version);
+    let header_checksum = block_hash(&image[..FIXED_HEADER_LEN + 16 * layout.regions().len()]);
     let mut table = PageTable::new(layout.total_pages(), layout.seed());
     for (i, page) in contents.chunks(PAGE_SIZE).enumerate() {
         let zero = page.iter().all(|&b| b == 0);
         table.set(to_u64(i), (!zero).then(|| page_hash(layout.seed(), page)));
         image.extend_from_slice(page);
     }
-    let encoded = table.encode();
+    let encoded = table.encode(version);
     let footer = Footer {
         table_checksum: block_hash(&encoded),
-        header_checksum: layout.header_checksum(IMAGE_MAGIC),
+        header_checksum,
     };
     image.extend_from_slice(&encoded);
     image.extend_from_slice(&footer.encode(layout));

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use crate::error::{Error, Result};
-use crate::format::{ImageLayout, STREAM_MAGIC};
+use crate::format::{ImageLayout, FORMAT_VERSION, STREAM_MAGIC};
 use crate::guest::{PAGE, PAGE_SIZE};
 use crate::image::{Durability, ImageInfo, ImageWriter, PageSink};
 use crate::num::{to_u64, to_usize};
@@ -101,7 +101,7 @@ impl<W: Write + Send> PageSink for StreamWriter<W> {
     }
 
     fn seal(self: Box<Self>, table: &PageTable) -> Result<()> {
-        let digest = table.digest().to_le_bytes();
+        let digest = table.digest(FORMAT_VERSION).to_le_bytes();
         let head = record_header(TAG_END, 0, self.records.load(Ordering::Relaxed), &digest);
         self.record(&head, &[&digest])?;
         self.out
@@ -152,6 +152,7 @@ pub fn receive_stream(mut input: impl Read, dest: &Path, options: &ReceiveOption
     header[..16].copy_from_slice(&prefix);
     read_full(&mut input, &mut header[16..], 0)?;
     let (layout, _) = ImageLayout::decode_header(&header, STREAM_MAGIC, KIND)?;
+    let version = ImageLayout::version_of(&header);
     let total = layout.total_pages();
     if total * PAGE > options.max_guest_bytes {
         return Err(Error::TooLarge {
@@ -191,7 +192,7 @@ pub fn receive_stream(mut input: impl Read, dest: &Path, options: &ReceiveOption
                     "end record counts {first} records, {records} were read"
                 )));
             }
-            if meta[..8] != table.digest().to_le_bytes() {
+            if meta[..8] != table.digest(version).to_le_bytes() {
                 return Err(bad("page table digest mismatch (records lost or damaged)"));
             }
             let info = ImageInfo {

@@ -49,7 +49,8 @@ impl PageState {
 /// The state and checksum of every page as last saved: what the image (or stream) holds.
 ///
 /// For a zero page the checksum is the seeded hash of a zero page, so comparing a live page's hash with
-/// the table's entry tells whether it changed, whatever its state. Costs 9 bytes per guest page.
+/// the table's entry tells whether it changed, whatever its state (encoded from format version 2 on,
+/// a zero page's entry is 0). Costs 9 bytes per guest page in memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageTable {
     states: Vec<u8>,
@@ -118,9 +119,24 @@ impl PageTable {
         pages.next_multiple_of(8) + pages * 8
     }
 
-    /// Emits the encoded table in pieces of at most 64 KiB (never a second copy of the whole table)
-    /// and returns its checksum.
-    pub(crate) fn write_encoded<E>(&self, mut out: impl FnMut(&[u8]) -> Result<(), E>) -> Result<u64, E> {
+    /// The checksum entry a zero page has in an encoded table of format `version`: 0 from version
+    /// 2 on, the seeded hash of a zero page in version 1.
+    fn zero_entry(&self, version: u32) -> u64 {
+        if version >= 2 {
+            0
+        } else {
+            self.zero_hash
+        }
+    }
+
+    /// Emits the table encoded for format `version` in pieces of at most 64 KiB (never a second
+    /// copy of the whole table) and returns its checksum.
+    pub(crate) fn write_encoded<E>(
+        &self,
+        version: u32,
+        mut out: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        let zero_entry = self.zero_entry(version);
         let mut hasher = Xxh3::new();
         let mut emit = |piece: &[u8]| {
             hasher.update(piece);
@@ -131,37 +147,54 @@ impl PageTable {
         }
         emit(&[0u8; 8][..self.states.len().next_multiple_of(8) - self.states.len()])?;
         let mut buf = Vec::with_capacity(1 << 16);
-        for sums in self.checksums.chunks(1 << 13) {
+        for (sums, states) in self.checksums.chunks(1 << 13).zip(self.states.chunks(1 << 13)) {
             buf.clear();
-            sums.iter().for_each(|c| buf.extend_from_slice(&c.to_le_bytes()));
+            for (&sum, &state) in sums.iter().zip(states) {
+                let entry = if state == PageState::Zero.byte() {
+                    zero_entry
+                } else {
+                    sum
+                };
+                buf.extend_from_slice(&entry.to_le_bytes());
+            }
             emit(&buf)?;
         }
         Ok(hasher.digest())
     }
 
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    /// The table encoded for format `version`.
+    pub(crate) fn encode(&self, version: u32) -> Vec<u8> {
         let mut out = Vec::with_capacity(to_usize(Self::encoded_len(self.pages())));
-        let Ok(_) = self.write_encoded(|piece| {
+        let Ok(_) = self.write_encoded(version, |piece| {
             out.extend_from_slice(piece);
             Ok::<_, std::convert::Infallible>(())
         });
         out
     }
 
-    /// Checksum of the encoded table; binds a stream's end record to the pages it carried.
-    pub(crate) fn digest(&self) -> u64 {
-        let Ok(digest) = self.write_encoded(|_| Ok::<_, std::convert::Infallible>(()));
+    /// Checksum of the table encoded for format `version`; binds a stream's end record to the
+    /// pages it carried.
+    pub(crate) fn digest(&self, version: u32) -> u64 {
+        let Ok(digest) = self.write_encoded(version, |_| Ok::<_, std::convert::Infallible>(()));
         digest
     }
 
-    /// Decodes a table whose block checksum has already been checked, and checks each entry.
-    pub(crate) fn decode(bytes: &[u8], pages: u64, seed: u64, kind: &'static str) -> Result<Self> {
+    /// Decodes a table of format `version` whose block checksum has already been checked, and
+    /// checks each entry.
+    pub(crate) fn decode(
+        bytes: &[u8],
+        pages: u64,
+        seed: u64,
+        version: u32,
+        kind: &'static str,
+    ) -> Result<Self> {
         let n = to_usize(pages);
         let states_len = n.next_multiple_of(8);
         if to_u64(bytes.len()) != Self::encoded_len(pages) {
             return Err(Error::corrupt(kind, "page table has the wrong length"));
         }
         let mut table = PageTable::new(pages, seed);
+        let zero_entry = table.zero_entry(version);
         if bytes[n..states_len].iter().any(|&b| b != 0) {
             return Err(Error::corrupt(kind, "page table padding is not zero"));
         }
@@ -172,7 +205,7 @@ impl PageTable {
         {
             let c = u64::from_le_bytes(c.try_into().expect("chunks_exact(8) yields 8 bytes"));
             match s {
-                0 if c == table.zero_hash => {}
+                0 if c == zero_entry => {}
                 0 => {
                     return Err(Error::corrupt(
                         kind,
@@ -311,13 +344,25 @@ mod tests {
     }
 
     #[test]
-    fn table_round_trips() {
+    fn table_round_trips_in_both_format_versions() {
         let mut t = PageTable::new(10, 42);
         t.set(3, Some(77));
-        let encoded = t.encode();
-        assert_eq!(block_hash(&encoded), t.digest());
-        let back = PageTable::decode(&encoded, 10, 42, "image").unwrap();
-        assert_eq!(back, t);
-        assert_eq!(back.present_pages(), 1);
+        for version in [1, 2] {
+            let encoded = t.encode(version);
+            assert_eq!(block_hash(&encoded), t.digest(version));
+            let back = PageTable::decode(&encoded, 10, 42, version, "image").unwrap();
+            assert_eq!(back, t);
+            assert_eq!(back.present_pages(), 1);
+            // A zero page's entry is the other version's: refused.
+            let other = PageTable::decode(&t.encode(3 - version), 10, 42, version, "image");
+            assert!(other
+                .unwrap_err()
+                .to_string()
+                .contains("zero page with a data checksum"));
+        }
+        // Version 2: every zero page's entry is 0, so only the present page's bytes are not zero.
+        let encoded = t.encode(2);
+        let sums = &encoded[16..];
+        assert!(sums.chunks(8).enumerate().all(|(i, c)| (i == 3) != (c == [0; 8])));
     }
 }

@@ -94,15 +94,15 @@ fn wrong_magic_and_version_are_named() {
     bad[0] = b'X';
     let err = ImageReader::from_source(bad.as_slice()).unwrap_err();
     assert!(matches!(err, Error::BadMagic { kind: "image", .. }), "{err}");
-    let mut v2 = image.clone();
-    v2[8] = 2;
-    let err = ImageReader::from_source(v2.as_slice()).unwrap_err();
+    let mut v3 = image.clone();
+    v3[8] = 3;
+    let err = ImageReader::from_source(v3.as_slice()).unwrap_err();
     assert!(
         matches!(
             err,
             Error::UnsupportedVersion {
-                found: 2,
-                supported: 1,
+                found: 3,
+                supported: 2,
                 ..
             }
         ),

@@ -601,7 +601,20 @@ impl DiskSnapshots for LiveDisks {
         external: &[ExternalSnapshot],
     ) -> disk::Result<()> {
         let created = self.live.create_snapshots(internal, external).await;
+        if external.is_empty() {
+            // Internal snapshots leave every active image as it is: nothing to record (and no
+            // round trip to QEMU inside the guest's pause).
+            return created;
+        }
         self.record(created, |()| Vec::new()).await
+    }
+
+    async fn prepare_snapshots(
+        &self,
+        internal: &[NewInternal],
+        external: &[ExternalSnapshot],
+    ) -> disk::Result<()> {
+        self.live.prepare_snapshots(internal, external).await
     }
 
     async fn revert_external(&self, revert: &ExternalSnapshot) -> disk::Result<()> {

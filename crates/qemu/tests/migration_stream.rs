@@ -688,10 +688,19 @@ async fn precopy_stops_the_guest_for_the_disks_and_restores_to_that_stop() {
     assert!(on_prepared.await.is_err(), "never prepared");
     assert!(entries(files.path()).is_empty());
     assert!(qmp.execute(&QueryStatus).await.unwrap().running);
+    // Ended: cancelled, or failed when QEMU's write into the socket the reader shut down came
+    // first (a race that the machine's load decides).
     let info = qmp.execute(&QueryMigrate).await.unwrap();
-    assert_eq!(info.status, Some(MigrationStatus::Cancelled), "{info:?}");
+    assert!(
+        matches!(
+            info.status,
+            Some(MigrationStatus::Cancelled | MigrationStatus::Failed)
+        ),
+        "{info:?}"
+    );
 
-    // Converging: QEMU stops the guest, waits for the disks, completes; the caller resumes.
+    // Converging: QEMU stops the guest, waits for the disks, completes; the guest runs again
+    // when the capture is announced.
     let (prepared, on_prepared) = tokio::sync::oneshot::channel();
     let (go, capture) = tokio::sync::oneshot::channel();
     let (captured, on_captured) = tokio::sync::oneshot::channel();
@@ -721,7 +730,8 @@ async fn precopy_stops_the_guest_for_the_disks_and_restores_to_that_stop() {
         let tick = last_tick(&source);
         go.send(()).unwrap();
         on_captured.await.expect("the capture is announced");
-        qmp.execute(&Cont).await.unwrap();
+        // QEMU stopped the guest, and the capture resumed it.
+        assert!(qmp.execute(&QueryStatus).await.unwrap().running);
         tick
     };
     let (stats, tick_at_stop) = tokio::join!(snapshot, switch_over);

@@ -505,7 +505,10 @@ async fn read_loop<R: AsyncRead + Unpin>(mut reader: MessageReader<BufReader<R>>
         let outcome = match parse_server_message(&message) {
             Ok(ServerMessage::Return { id, value }) => {
                 match shared.ids.decode(id.as_ref()) {
-                    Some(id) => shared.deliver(id, Ok(value)),
+                    Some(id) => {
+                        tracing::trace!(id, "QMP reply");
+                        shared.deliver(id, Ok(value));
+                    }
                     None => drop_stale_reply(id.as_ref(), None),
                 }
                 Ok(())

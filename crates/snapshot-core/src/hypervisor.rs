@@ -71,9 +71,11 @@ pub enum StreamMode {
     Paused,
     /// The hypervisor copies memory while the guest runs, in passes, until what is left fits
     /// `max_downtime`; then it stops the guest itself and says so (`prepared`), the caller
-    /// snapshots the disks and sends `capture`, and the hypervisor sends the rest (`captured`:
-    /// the caller resumes). Memory is as of that stop. Fails, leaving the guest running, when
-    /// that point is not reached within `converge_within`.
+    /// snapshots the disks and sends `capture`, the hypervisor sends the rest and resumes the
+    /// guest itself (it stopped it, so it knows the earliest moment it can), then fires
+    /// `captured`: the guest runs again. Memory is as of that stop. Fails, leaving the guest
+    /// running, when that point is not reached within `converge_within`; a failure after the
+    /// stop and before `captured` may leave the guest stopped (the caller resumes it).
     Precopy {
         /// The longest final stop the hypervisor aims at.
         max_downtime: std::time::Duration,
@@ -87,7 +89,8 @@ pub enum StreamMode {
 }
 
 impl StreamMode {
-    /// Whether the hypervisor stops the guest itself (the caller must not pause it).
+    /// Whether the hypervisor stops the guest itself (the caller must not pause it), and resumes
+    /// it once captured.
     pub fn hypervisor_pauses(&self) -> bool {
         matches!(self, StreamMode::Precopy { .. })
     }
@@ -120,7 +123,8 @@ pub struct CaptureSignals {
     pub prepared: tokio::sync::oneshot::Sender<()>,
     /// Received by the driver: capture now. Dropped unsent: give up, leaving nothing behind.
     pub capture: tokio::sync::oneshot::Receiver<()>,
-    /// Sent by the driver once the state is captured: the domain may resume.
+    /// Sent by the driver once the state is captured: the domain may resume (for
+    /// [`StreamMode::Precopy`]: the hypervisor has resumed it).
     pub captured: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -145,7 +149,7 @@ pub enum IncomingRam<'a> {
     /// Fresh, zeroed RAM shared with the toolstack: the caller writes the memory image into it
     /// through [`Hypervisor::guest_memory`].
     Fresh,
-    /// The sealed memory image at this path (format v1, whose data area is guest RAM in page
+    /// The sealed memory image at this path (format v1 or v2, whose data area is guest RAM in page
     /// order), mapped copy-on-write: the guest starts on the image's pages, its writes stay
     /// private to its process and the image is never written. The driver checks the image's
     /// metadata (not every page) and its size against the domain's RAM before it starts

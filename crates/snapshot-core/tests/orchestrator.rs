@@ -784,6 +784,7 @@ fn domain_calls(f: &Fixture) -> Vec<&'static str> {
         "pause",
         "create_internal",
         "create_external",
+        "hypervisor_resume",
         "stream",
         "resume",
     ];
@@ -803,22 +804,30 @@ async fn a_streaming_hypervisor_precopies_and_stops_the_guest_itself_for_the_dis
     assert_eq!(report.memory_read, Some(MemoryRead::Stream));
     let memory = report.record.memory.as_ref().unwrap();
     assert_eq!(memory.consistency, snapshot_core::Consistency::End);
-    // No pause of ours: the hypervisor stopped the guest; the disks, the capture, our resume.
+    // No pause or resume of ours: the hypervisor stopped the guest, we took the disks, the
+    // capture resumed it.
     assert_eq!(
         domain_calls(&f),
         [
             "precopy",
             "create_internal",
             "create_external",
+            "hypervisor_resume",
             "stream",
-            "resume"
         ]
     );
     assert_eq!(f.sim().state, DomainState::Running);
 
     // A disk snapshot failing at the switch-over: the stream is cancelled, nothing stays, the
-    // guest runs.
-    for failure in ["create_external", "precopy", "stream"] {
+    // guest runs. A capture failing before the hypervisor resumed the guest (or its resume
+    // failing): our rollback resumes it. The stream failing after: the guest runs already.
+    for failure in [
+        "create_external",
+        "precopy",
+        "stream_before_capture",
+        "hypervisor_resume",
+        "stream",
+    ] {
         let f = fixture(DomainState::Running);
         f.sim.lock().unwrap().streams = true;
         f.fail_at(failure);

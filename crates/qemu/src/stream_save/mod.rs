@@ -6,7 +6,7 @@
 //!   and with `pause-before-switchover` stops the guest for the rest and waits (`pre-switchover`)
 //!   so that the caller snapshots the disks at that instant; `migrate-continue` sends the rest.
 //!   The pause holds QEMU's last pass (bounded by its `downtime-limit`), the disks and the
-//!   device state, whatever the RAM size;
+//!   device state, whatever the RAM size; the guest is resumed here as soon as QEMU completed;
 //! - **background**: QEMU's `background-snapshot` write-protects RAM, saves the device state and
 //!   streams RAM while the guest runs on (consistent at its start).
 
@@ -21,8 +21,8 @@ use std::{
 
 use memory::{Durability, ImageLayout, ImportStats, PAGE_SIZE};
 use qmp::{
-    commands::{MigrateCancel, MigrateContinue, MigrationInfo, QueryMigrate, QueryStatus},
-    Client, EventStream, MigrationStatus, RunState,
+    commands::{Cont, MigrateCancel, MigrateContinue, MigrationInfo, QueryMigrate, QueryStatus},
+    Client, Event, EventStream, MigrationStatus, RunState,
 };
 use snapshot_core::{CaptureSignals, StreamMode};
 use tokio::sync::oneshot;
@@ -47,6 +47,10 @@ const END_TIMEOUT: Duration = Duration::from_secs(30);
 /// Socket send buffer asked for QEMU's end (the kernel caps it at `net.core.wmem_max`): QEMU can run
 /// ahead of the reader by this much.
 const SOCKET_BUFFER: usize = 4 << 20;
+/// How QEMU refuses `cont` while its migration thread finishes a completed migration.
+const NOT_FINALIZED: &str = "Migration is not finalized yet";
+/// The wait before `cont` is tried again after that refusal.
+const CONT_RETRY: Duration = Duration::from_millis(1);
 
 /// What a streamed snapshot did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +81,10 @@ pub struct SnapshotStats {
 /// switch-over); QEMU captures when `capture` arrives (dropped instead, the snapshot gives up,
 /// leaving nothing behind, and a pre-copy's guest runs again); `captured` fires once the state is
 /// fixed and the caller may resume the guest: at the first RAM page of a background snapshot,
-/// when QEMU completes otherwise. It is dropped unsent if the snapshot fails before.
+/// when QEMU completes otherwise. A pre-copy resumes the guest QEMU stopped itself (if it ran
+/// when the snapshot started) before it fires `captured`: the pause ends as soon as QEMU allows.
+/// `captured` is dropped unsent if the snapshot fails before (then a pre-copy's guest may still
+/// be stopped: the caller resumes it).
 ///
 /// A pre-copy that does not reach its switch-over within its `converge_within` is cancelled
 /// ([`Error::NotConverged`]). A background snapshot needs RAM QEMU can write-protect (a shared file
@@ -217,8 +224,11 @@ impl Migration<'_> {
             capture,
             captured,
         } = handshake;
+        // Whether the stop before the switch-over is ours to end: QEMU stops a running guest only.
+        let mut resume = false;
         if let StreamMode::Precopy { converge_within, .. } = mode {
             // Everything up to QEMU's stop happens while the guest runs.
+            resume = self.guest_running().await?;
             self.start().await?;
             let deadline = Instant::now() + converge_within;
             self.wait_for(MigrationStatus::PreSwitchover, Some((deadline, converge_within)))
@@ -240,18 +250,24 @@ impl Migration<'_> {
             }
             StreamMode::Paused | StreamMode::Background => self.start().await?,
         }
-        let info = self.wait_for(MigrationStatus::Completed, None).await?;
+        self.wait_for(MigrationStatus::Completed, None).await?;
         match mode {
             // The domain may stay paused: its disks must be usable.
             StreamMode::Paused => settle_after_migration(self.client).await?,
-            // The caller's `cont` follows at once, and reactivates the disks.
-            StreamMode::Precopy { .. } => drop(wait_until_settled(self.client).await?),
-            StreamMode::Background => {}
+            // The guest goes on at once: nothing else is left for the pause.
+            StreamMode::Precopy { .. } if resume => resume_after_switchover(self.client).await?,
+            StreamMode::Precopy { .. } | StreamMode::Background => {}
         }
         if let Some(captured) = captured {
             // The caller may not be waiting for it.
             let _ = captured.send(());
         }
+        // QEMU's figures of the migration, read once the guest runs again.
+        let info = self
+            .client
+            .execute(&QueryMigrate)
+            .await
+            .map_err(qmp("reading the completed migration's figures"))?;
         let (stream, outputs) = match self.parsed.take() {
             Some(done) => done,
             None => tokio::time::timeout(END_TIMEOUT, self.parser.result())
@@ -266,6 +282,16 @@ impl Migration<'_> {
         Ok((info, stream, outputs))
     }
 
+    /// Whether the guest runs now.
+    async fn guest_running(&self) -> Result<bool> {
+        let status = self
+            .client
+            .execute(&QueryStatus)
+            .await
+            .map_err(qmp("reading the run state before the migration"))?;
+        Ok(status.running)
+    }
+
     async fn start(&self) -> Result<()> {
         let migrate = qmp::commands::Migrate {
             uri: format!("fd:{FD_NAME}"),
@@ -277,26 +303,24 @@ impl Migration<'_> {
             .map_err(qmp("starting the migration into the stream"))
     }
 
-    /// Waits until QEMU's migration reaches `target`, woken by QEMU's `MIGRATION` events (with a
-    /// slow poll beside them); takes the parser's outcome if the stream ends meanwhile. With a
-    /// `deadline` (and the limit it came from), gives up when it passes.
+    /// Waits until QEMU's migration reaches `target`, following QEMU's `MIGRATION` events (the
+    /// stream was subscribed before the migration started, so it holds every change; a slow poll
+    /// of `query-migrate` beside it covers lost events); takes the parser's outcome if the stream
+    /// ends meanwhile. With a `deadline` (and the limit it came from), gives up when it passes.
     async fn wait_for(
         &mut self,
         target: MigrationStatus,
         deadline: Option<(Instant, Duration)>,
-    ) -> Result<MigrationInfo> {
+    ) -> Result<()> {
+        let mut status = None;
         loop {
-            let info = self
-                .client
-                .execute(&QueryMigrate)
-                .await
-                .map_err(qmp("following the migration"))?;
-            match &info.status {
-                Some(status) if *status == target => return Ok(info),
+            match status {
+                Some(ref reached) if *reached == target => return Ok(()),
                 Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {
+                    let info = self.query().await?;
                     return Err(Error::MigrationFailed {
                         reason: info.error_desc.unwrap_or_else(|| "QEMU gave no reason".into()),
-                    })
+                    });
                 }
                 Some(MigrationStatus::Completed) => {
                     return Err(Error::MigrationFailed {
@@ -307,18 +331,30 @@ impl Migration<'_> {
             }
             if let Some((deadline, limit)) = deadline {
                 if Instant::now() >= deadline {
-                    return Err(not_converged(&info, limit));
+                    return Err(not_converged(&self.query().await?, limit));
                 }
             }
             let parsing = self.parsed.is_none() && !self.parser.finished();
             tokio::select! {
-                // Any event may be the one; the query above tells. A closed connection fails
-                // the next query.
-                _ = self.events.next() => {}
+                event = self.events.next() => match event {
+                    Ok(message) => match &message.event {
+                        Event::Migration(data) => status = Some(data.status.clone()),
+                        _ => continue,
+                    },
+                    // Events lost or the connection gone: the query tells (or fails).
+                    Err(_) => status = self.query().await?.status,
+                },
                 outcome = self.parser.result(), if parsing => self.parsed = Some(outcome?),
-                () = tokio::time::sleep(POLL) => {}
+                () = tokio::time::sleep(POLL) => status = self.query().await?.status,
             }
         }
+    }
+
+    async fn query(&self) -> Result<MigrationInfo> {
+        self.client
+            .execute(&QueryMigrate)
+            .await
+            .map_err(qmp("following the migration"))
     }
 
     /// Cancels the migration and waits for QEMU to let go of the domain (a pre-copy's guest runs
@@ -380,6 +416,34 @@ pub(crate) async fn wait_until_settled(client: &Client) -> Result<RunState> {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// Resumes the guest a pre-copy stopped for its switch-over, as soon as QEMU lets it: right
+/// after the `completed` event QEMU's migration thread still has to leave `finish-migrate`, and
+/// `cont` is refused until it has ("Migration is not finalized yet"), so a refusal is tried
+/// again after [`CONT_RETRY`]. `cont` also reactivates the disks the completion deactivated.
+async fn resume_after_switchover(client: &Client) -> Result<()> {
+    let deadline = Instant::now() + END_TIMEOUT;
+    let mut refused = 0u32;
+    loop {
+        match client.execute(&Cont).await {
+            Ok(_) => break,
+            Err(qmp::Error::Command { desc, .. })
+                if desc.contains(NOT_FINALIZED) && Instant::now() < deadline =>
+            {
+                refused += 1;
+                tokio::time::sleep(CONT_RETRY).await;
+            }
+            Err(source) => {
+                return Err(Error::Qmp {
+                    operation: "resuming the guest after the switch-over",
+                    source,
+                })
+            }
+        }
+    }
+    tracing::debug!(refused, "guest resumed after the switch-over");
+    Ok(())
 }
 
 /// Whether a migration in `status` still holds the domain.

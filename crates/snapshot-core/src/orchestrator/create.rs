@@ -4,6 +4,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -130,6 +131,7 @@ impl Orchestrator {
         job.plan = Some(plan);
         job.memory_path = memory_path;
         job.quiesce = options.quiesce;
+        job.disk_backend = Some(backend);
         Ok(job)
     }
 
@@ -339,6 +341,9 @@ pub(super) struct CreateJob<'o> {
     /// A freeze was asked for and no thaw has succeeded since (undo: thaw; a freeze that failed
     /// may still complete in the guest, so any attempt counts).
     froze: bool,
+    /// The disk backend found while inspecting, for the disk snapshots (asking the hypervisor
+    /// again would cost round trips inside the guest's pause).
+    disk_backend: Option<Arc<dyn disk::DiskSnapshots>>,
 }
 
 impl<'o> CreateJob<'o> {
@@ -368,6 +373,7 @@ impl<'o> CreateJob<'o> {
             memory_path: None,
             quiesce: false,
             froze: false,
+            disk_backend: None,
         }
     }
 
@@ -484,6 +490,7 @@ impl<'o> CreateJob<'o> {
             observer,
         ));
         saver.precopied().await.map_err(at(Step::Precopy))?;
+        self.prepare_disks().await;
         self.pause().await?;
         // The final memory round and the device state are independent: overlap them.
         self.observe(Step::SaveMemory);
@@ -544,6 +551,16 @@ impl<'o> CreateJob<'o> {
         }
     }
 
+    /// Records that the hypervisor resumed the domain it paused for the create (a pre-copy
+    /// stream once captured); returns how long it was paused.
+    pub(super) fn resumed_by_hypervisor(&mut self) -> Duration {
+        let Some(since) = self.paused_since.take() else {
+            return Duration::ZERO;
+        };
+        self.observe(Step::Resume);
+        since.elapsed()
+    }
+
     /// Resumes the domain if the create paused it; returns how long it was paused.
     pub(super) async fn resume(&mut self) -> StepResult<Duration> {
         let Some(since) = self.paused_since else {
@@ -558,17 +575,32 @@ impl<'o> CreateJob<'o> {
         Ok(paused)
     }
 
+    /// Gets the disk backend ready for [`CreateJob::snapshot_disks`], before a pause (best
+    /// effort: the snapshots work without it).
+    pub(super) async fn prepare_disks(&self) {
+        let Some(backend) = &self.disk_backend else {
+            return;
+        };
+        let (internal, external) = (internal_snapshots(&self.disks), external_snapshots(&self.disks));
+        if let Err(error) = backend.prepare_snapshots(&internal, &external).await {
+            tracing::debug!(%error, "cannot prepare the disk snapshots ahead; they will take longer");
+        }
+    }
+
     /// Takes every disk's snapshot, internal and external, in one call (atomic across the
     /// disks of a running domain). Undo: [`CreateJob::undo_disks`]: what exists of it was made
     /// by this create (names and overlays were checked free before the intent).
     pub(super) async fn snapshot_disks(&mut self) -> StepResult<()> {
         self.observe(Step::SnapshotDisks);
-        let backend = self
-            .orchestrator
-            .hypervisor
-            .disk_backend(&self.domain)
-            .await
-            .map_err(at(Step::SnapshotDisks))?;
+        let backend = match &self.disk_backend {
+            Some(backend) => backend.clone(),
+            None => self
+                .orchestrator
+                .hypervisor
+                .disk_backend(&self.domain)
+                .await
+                .map_err(at(Step::SnapshotDisks))?,
+        };
         let internal = internal_snapshots(&self.disks);
         let external = external_snapshots(&self.disks);
         if internal.is_empty() && external.is_empty() {

@@ -2,8 +2,8 @@
 //! parsed by the driver into the memory image. The driver prepares while the guest runs (for
 //! pre-copy: it copies memory in passes until the hypervisor stops the guest for the rest); the
 //! job then pauses the guest (unless the hypervisor did), snapshots its disks, lets the
-//! hypervisor capture, resumes as soon as it has, and waits for the stream to end. Memory,
-//! devices and disks are all as of the pause.
+//! hypervisor capture, resumes as soon as it has (the hypervisor resumes a guest it stopped
+//! itself), and waits for the stream to end. Memory, devices and disks are all as of the pause.
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,7 @@ impl CreateJob<'_> {
             StreamMode::Paused | StreamMode::Background => Step::SaveMemory,
         };
         self.observe(first_step);
+        self.prepare_disks().await;
         // The save runs beside the job's own steps (pause, disks), so it gets its own copies.
         let hypervisor = self.orchestrator.hypervisor.clone();
         let (domain, image, device_state) = (
@@ -57,7 +58,15 @@ impl CreateJob<'_> {
             .await?;
         let mut guest_pause = Duration::ZERO;
         if ended_early.as_ref().is_none_or(Result::is_ok) {
-            guest_pause = self.resume().await?;
+            guest_pause = match mode.hypervisor_pauses() {
+                // The capture resumed the guest: it can thaw now.
+                true => {
+                    let paused = self.resumed_by_hypervisor();
+                    self.thaw().await?;
+                    paused
+                }
+                false => self.resume().await?,
+            };
         }
         let streamed = match ended_early {
             Some(result) => result,

@@ -73,6 +73,10 @@ pub fn call(sim: &Shared, name: &'static str) -> DriverResult<()> {
 pub fn disk_mock(sim: &Shared) -> MockDiskSnapshots {
     let mut disks = MockDiskSnapshots::new();
     let s = sim.clone();
+    disks
+        .expect_prepare_snapshots()
+        .returning(move |_, _| call(&s, "prepare_snapshots").map_err(disk_error));
+    let s = sim.clone();
     disks.expect_create_internal().returning(move |images, name| {
         call(&s, "create_internal").map_err(disk_error)?;
         let mut sim = s.lock().unwrap();
@@ -355,6 +359,11 @@ impl Hypervisor for Simulated {
             return Err("abandoned".into());
         }
         call(&self.sim, "stream_before_capture")?;
+        if mode.hypervisor_pauses() {
+            // Captured: the hypervisor resumes the guest it stopped.
+            call(&self.sim, "hypervisor_resume")?;
+            self.sim.lock().unwrap().state = DomainState::Running;
+        }
         let _ = signals.captured.send(());
         call(&self.sim, "stream")?;
         // "Streams": a real image of the memory.
