@@ -135,30 +135,6 @@ impl Orchestrator {
         Ok(job)
     }
 
-    /// Refuses a quiesce the domain cannot do: it must run (its agent is a guest process) and
-    /// have a guest agent channel.
-    async fn check_quiesce(&self, domain: &Name, was: DomainState) -> Result<()> {
-        if was != DomainState::Running {
-            return Err(Error::InvalidRequest(format!(
-                "domain {domain} is {was}: a quiesced snapshot needs a running guest (its agent \
-                 freezes the filesystems)"
-            )));
-        }
-        let has_agent = self.hypervisor.has_guest_agent(domain).await;
-        let has_agent = has_agent.map_err(|source| Error::Driver {
-            domain: domain.clone(),
-            action: "look for the guest agent of",
-            source,
-        })?;
-        if !has_agent {
-            return Err(Error::Unsupported(format!(
-                "domain {domain} has no guest agent channel, so its filesystems cannot be frozen: \
-                 set guest_agent = true in its configuration (and run qemu-guest-agent in the guest)"
-            )));
-        }
-        Ok(())
-    }
-
     /// How a running or paused domain's memory is saved; its image's folder (the snapshot's, or
     /// `image_dir`) must have room for the guest's RAM.
     async fn plan_memory(
@@ -330,17 +306,17 @@ pub(super) struct CreateJob<'o> {
     /// The memory save in progress (undo: abandon it, which removes its temporary image).
     memory: Option<MemorySaver>,
     /// Rebuilt from an intent after a crash: whether the domain is paused is asked, not known.
-    after_crash: bool,
+    pub(super) after_crash: bool,
     /// How memory is saved, chosen while inspecting (the shared RAM it may hold is mapped once).
     plan: Option<MemoryPlan>,
     /// The memory image's path when the caller chose it (outside the snapshot's folder: the
     /// rollback removes it itself).
     memory_path: Option<PathBuf>,
     /// The guest's filesystems are frozen for the create.
-    quiesce: bool,
+    pub(super) quiesce: bool,
     /// A freeze was asked for and no thaw has succeeded since (undo: thaw; a freeze that failed
     /// may still complete in the guest, so any attempt counts).
-    froze: bool,
+    pub(super) froze: bool,
     /// The disk backend found while inspecting, for the disk snapshots (asking the hypervisor
     /// again would cost round trips inside the guest's pause).
     disk_backend: Option<Arc<dyn disk::DiskSnapshots>>,
@@ -418,33 +394,6 @@ impl<'o> CreateJob<'o> {
         }?;
         self.thaw().await?;
         Ok(saved)
-    }
-
-    /// Freezes the guest's filesystems if the create is quiesced. Undo: [`CreateJob::thaw`].
-    async fn freeze(&mut self) -> StepResult<()> {
-        if !self.quiesce {
-            return Ok(());
-        }
-        self.observe(Step::Freeze);
-        self.froze = true;
-        let hypervisor = &self.orchestrator.hypervisor;
-        let frozen = hypervisor.freeze_filesystems(&self.domain).await;
-        frozen.map(drop).map_err(at(Step::Freeze))
-    }
-
-    /// Thaws the filesystems the create froze (once; a no-op otherwise).
-    pub(super) async fn thaw(&mut self) -> StepResult<()> {
-        if !self.froze {
-            return Ok(());
-        }
-        self.observe(Step::Thaw);
-        let hypervisor = &self.orchestrator.hypervisor;
-        hypervisor
-            .thaw_filesystems(&self.domain)
-            .await
-            .map_err(at(Step::Thaw))?;
-        self.froze = false;
-        Ok(())
     }
 
     /// A shut-off domain: its disks, recorded in its definition.
@@ -696,33 +645,6 @@ impl<'o> CreateJob<'o> {
                 .map_err(|e| format!("cannot resume the domain: {e}"))?;
             self.paused_since = None;
         }
-        Ok(())
-    }
-
-    /// Thaws the guest's filesystems if the create froze them (after a crash: if it was to). The
-    /// agent is a guest process: a guest that could not be resumed cannot answer, and then the
-    /// thaw is left to the next `recover`.
-    async fn thaw_after_failure(&mut self) -> std::result::Result<(), String> {
-        let may_be_frozen = self.froze || (self.after_crash && self.quiesce);
-        if !may_be_frozen {
-            return Ok(());
-        }
-        let hypervisor = &self.orchestrator.hypervisor;
-        match hypervisor.state(&self.domain).await {
-            Ok(DomainState::Running) => {}
-            Ok(DomainState::ShutOff) => return Ok(()),
-            Ok(DomainState::Paused) => {
-                return Err(
-                    "the guest's filesystems stay frozen: it is paused, so its agent cannot thaw them".into(),
-                )
-            }
-            Err(e) => return Err(format!("cannot read the domain's state: {e}")),
-        }
-        hypervisor
-            .thaw_filesystems(&self.domain)
-            .await
-            .map_err(|e| format!("cannot thaw the guest's filesystems: {e}"))?;
-        self.froze = false;
         Ok(())
     }
 

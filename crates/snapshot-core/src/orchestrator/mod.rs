@@ -20,6 +20,7 @@ mod delete;
 mod disk_plan;
 mod domain;
 mod memory_saver;
+mod quiesce;
 mod recover;
 mod rescan;
 mod revert;
