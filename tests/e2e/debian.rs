@@ -24,7 +24,7 @@ use std::{
 
 use common::Cli;
 use serde_json::Value;
-use testkit::{agent_shell, debian_guest, http_counter, DebianGuest};
+use testkit::{agent_shell, debian_guest, http_counter, DebianBoot, DebianGuest};
 
 /// Generous for a shared 2-core machine.
 const BOOT: Duration = Duration::from_secs(300);
@@ -38,72 +38,18 @@ struct Debian {
     http_port: u16,
 }
 
-/// How the Debian domain boots.
-#[derive(Clone, Copy, PartialEq)]
-enum Boot {
-    /// `kernel`/`initrd`/`cmdline` from the guest build, root on a qcow2 overlay of root.qcow2.
-    Kernel,
-    /// SeaBIOS from the bootable disk image (an overlay of disk.qcow2, SYSLINUX on its ESP).
-    Bios,
-    /// OVMF from the bootable disk image (an overlay of disk.qcow2).
-    Uefi,
-}
-
 impl Debian {
-    /// Writes the configuration: 1 GiB, the guest agent, a user NIC forwarding a free host port
-    /// to port 80, the root disk (vda, qcow2 overlay of the cached image) and a 64 MiB raw data
-    /// disk (vdb).
-    fn define(cli: &Cli, guest: &DebianGuest, name: &str, boot: Boot) -> Debian {
+    /// Writes the configuration ([`DebianGuest::domain_config`]: 1 GiB under TCG, the guest
+    /// agent, a user NIC forwarding a free host port to port 80, the root disk vda and a 64 MiB
+    /// raw data disk vdb).
+    fn define(cli: &Cli, guest: &DebianGuest, name: &str, boot: DebianBoot) -> Debian {
         let dir = cli.dir.path().join(format!("{name}-files"));
-        std::fs::create_dir_all(&dir).unwrap();
         let http_port = testkit::free_port();
-        let (base, boot_keys) = match boot {
-            Boot::Kernel => (
-                &guest.root,
-                format!(
-                    "kernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"{}\"\n",
-                    guest.kernel.display(),
-                    guest.initrd.display(),
-                    testkit::DEBIAN_CMDLINE
-                ),
-            ),
-            Boot::Bios => (&guest.disk, String::new()),
-            Boot::Uefi => (&guest.disk, "firmware = \"uefi\"\n".to_owned()),
-        };
-        let root = dir.join("root.qcow2");
-        testkit::run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "qcow2",
-                "-b",
-                &base.display().to_string(),
-                &root.display().to_string(),
-            ],
-        );
-        let data = dir.join("data.raw");
-        testkit::run(
-            "qemu-img",
-            &["create", "-q", "-f", "raw", &data.display().to_string(), "64M"],
-        );
-        let config = format!(
-            "name = \"{name}\"\nmemory_mib = 1024\nvcpus = 1\naccel = \"tcg\"\n{boot_keys}guest_agent = true\n\n\
-             [[nics]]\ntype = \"user\"\nhostfwd = [\"tcp:127.0.0.1:{http_port}-:80\"]\n\n\
-             [[disks]]\nid = \"vda\"\npath = \"{}\"\nboot = 1\n\n\
-             [[disks]]\nid = \"vdb\"\npath = \"{}\"\nformat = \"raw\"\n",
-            root.display(),
-            data.display()
-        );
-        let path = dir.join(format!("{name}.toml"));
-        std::fs::write(&path, config).unwrap();
+        let config = guest.domain_config(&dir, name, boot, http_port);
         Debian {
             name: name.to_owned(),
             dir,
-            config: path,
+            config,
             http_port,
         }
     }
@@ -143,15 +89,8 @@ impl Debian {
 
     /// Waits until the served counter passes `above`.
     fn counter_above(&self, above: u64) -> u64 {
-        let deadline = std::time::Instant::now() + SHORT;
-        loop {
-            let now = self.counter(SHORT);
-            if now > above {
-                return now;
-            }
-            assert!(std::time::Instant::now() < deadline, "counter stuck at {now}");
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        testkit::http_counter_above(self.http_port, above, SHORT)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.name))
     }
 }
 
@@ -194,7 +133,7 @@ fn fsck_root(image: &Path, scratch: &Path) {
 fn a_live_quiesced_snapshot_of_debian_reverts_its_counter_files_and_network() {
     let cli = Cli::new();
     let guest = debian_guest();
-    let deb = Debian::define(&cli, &guest, "deb", Boot::Kernel);
+    let deb = Debian::define(&cli, &guest, "deb", DebianBoot::Kernel);
     deb.start(&cli, true);
     let status = cli.json(&["domain", "status", "deb"]);
     assert_eq!(status["accel"], "tcg", "{status}");
@@ -282,7 +221,7 @@ fn a_disk_only_snapshot_of_shut_off_debian_reverts_to_a_clean_root_filesystem() 
     let cli = Cli::new();
     let guest = debian_guest();
     // Booted by SeaBIOS from its disk (no kernel in the configuration).
-    let deb = Debian::define(&cli, &guest, "off", Boot::Bios);
+    let deb = Debian::define(&cli, &guest, "off", DebianBoot::Bios);
     deb.start(&cli, true);
     cli.ok(&["domain", "stop", "off", "--timeout", "180"]);
     let report = cli.json(&["snapshot", "create", "off", "cold"]);
@@ -308,7 +247,7 @@ fn a_disk_only_snapshot_of_shut_off_debian_reverts_to_a_clean_root_filesystem() 
 fn debian_under_uefi_survives_a_snapshot_and_a_revert_with_its_nvram() {
     let cli = Cli::new();
     let guest = debian_guest();
-    let deb = Debian::define(&cli, &guest, "efi", Boot::Uefi);
+    let deb = Debian::define(&cli, &guest, "efi", DebianBoot::Uefi);
     deb.start(&cli, true);
     let disks: Vec<String> = cli.json(&["domain", "status", "efi"])["disks"]
         .as_array()

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use testkit::DebianGuest;
+use testkit::{DebianBoot, DebianGuest};
 
 use crate::demo::{print_created, print_reverted, step, Demo, Running};
 
@@ -20,7 +20,7 @@ const SHORT: Duration = Duration::from_secs(60);
 /// Runs the story on the Debian guest.
 pub(crate) fn run(demo: &Demo, dir: &Path, guest: &DebianGuest) -> Result<()> {
     let http_port = testkit::free_port();
-    let config = write_config(dir, guest, http_port)?;
+    let config = guest.domain_config(&dir.join("debian-files"), DOMAIN, DebianBoot::Kernel, http_port);
     step(&format!(
         "start domain \"{DOMAIN}\": Debian 12 (systemd, ext4 root on a qcow2 overlay, a raw data disk), \
          1 GiB, the guest agent, user networking with 127.0.0.1:{http_port} forwarded to its port 80"
@@ -65,7 +65,7 @@ pub(crate) fn run(demo: &Demo, dir: &Path, guest: &DebianGuest) -> Result<()> {
 
     step("the guest changes: a file removed, another written, the counter moves on");
     ensure!(shell("rm /root/demo-before && echo 'written after' >/root/demo-after && sync")? == 0);
-    let later = wait_counter_above(http_port, at_snapshot + 5)?;
+    let later = testkit::http_counter_above(http_port, at_snapshot + 5, SHORT).map_err(anyhow::Error::msg)?;
     println!("GET /counter = {later}");
 
     step("revert to the snapshot");
@@ -91,53 +91,10 @@ pub(crate) fn run(demo: &Demo, dir: &Path, guest: &DebianGuest) -> Result<()> {
     Ok(())
 }
 
-/// The counter once it has passed `above`.
-fn wait_counter_above(port: u16, above: u64) -> Result<u64> {
-    let deadline = Instant::now() + SHORT;
-    loop {
-        let now = testkit::http_counter(port, SHORT).map_err(anyhow::Error::msg)?;
-        if now > above {
-            return Ok(now);
-        }
-        ensure!(Instant::now() < deadline, "the counter stayed at {now}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 fn agent_socket(demo: &Demo) -> Result<PathBuf> {
     let status = demo.quiet_json(&["domain", "status", DOMAIN])?;
     let socket = status["guest_agent_socket"].as_str();
     Ok(PathBuf::from(
         socket.context("the domain has no guest agent socket")?,
     ))
-}
-
-fn write_config(dir: &Path, guest: &DebianGuest, http_port: u16) -> Result<PathBuf> {
-    let root = dir.join("debian-root.qcow2");
-    let data = dir.join("debian-data.raw");
-    let (base, root_path, data_path) = (
-        guest.root.display().to_string(),
-        root.display().to_string(),
-        data.display().to_string(),
-    );
-    testkit::run(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &root_path,
-        ],
-    );
-    testkit::run("qemu-img", &["create", "-q", "-f", "raw", &data_path, "64M"]);
-    let config = format!(
-        "name = \"{DOMAIN}\"\nmemory_mib = 1024\nvcpus = 1\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
-         cmdline = \"{}\"\nguest_agent = true\n\n\
-         [[nics]]\ntype = \"user\"\nhostfwd = [\"tcp:127.0.0.1:{http_port}-:80\"]\n\n\
-         [[disks]]\nid = \"vda\"\npath = \"{root_path}\"\n\n\
-         [[disks]]\nid = \"vdb\"\npath = \"{data_path}\"\nformat = \"raw\"\n",
-        guest.kernel.display(),
-        guest.initrd.display(),
-        testkit::DEBIAN_CMDLINE,
-    );
-    let path = dir.join("debian.toml");
-    std::fs::write(&path, config)?;
-    Ok(path)
 }

@@ -159,6 +159,44 @@ impl DebianGuest {
     pub fn vm(&self, name: &str) -> DebianVmBuilder {
         DebianVmBuilder::new(self.clone(), name)
     }
+
+    /// A domsnap domain configuration for this guest, written to `dir/NAME.toml` with its disks
+    /// beside it: 1 GiB under TCG, the guest agent, a user NIC forwarding 127.0.0.1:`http_port`
+    /// to the service's port 80, `vda` (`root.qcow2`, an overlay over the root image for
+    /// [`DebianBoot::Kernel`], over the bootable disk image otherwise; `firmware = "uefi"` for
+    /// [`DebianBoot::Uefi`]) and `vdb` (`data.raw`, 64 MiB raw). Returns the configuration's path.
+    pub fn domain_config(&self, dir: &Path, name: &str, boot: DebianBoot, http_port: u16) -> PathBuf {
+        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let (base, boot_keys) = match boot {
+            DebianBoot::Kernel => (
+                &self.root,
+                format!(
+                    "kernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"{DEBIAN_CMDLINE}\"\n",
+                    self.kernel.display(),
+                    self.initrd.display()
+                ),
+            ),
+            DebianBoot::Bios => (&self.disk, String::new()),
+            DebianBoot::Uefi => (&self.disk, "firmware = \"uefi\"\n".to_owned()),
+        };
+        let root = dir.join("root.qcow2").display().to_string();
+        let data = dir.join("data.raw").display().to_string();
+        let base = base.display().to_string();
+        crate::run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &root],
+        );
+        crate::run("qemu-img", &["create", "-q", "-f", "raw", &data, "64M"]);
+        let config = format!(
+            "name = \"{name}\"\nmemory_mib = 1024\nvcpus = 1\naccel = \"tcg\"\n{boot_keys}guest_agent = true\n\n\
+             [[nics]]\ntype = \"user\"\nhostfwd = [\"tcp:127.0.0.1:{http_port}-:{DEBIAN_HTTP_PORT}\"]\n\n\
+             [[disks]]\nid = \"vda\"\npath = \"{root}\"\nboot = 1\n\n\
+             [[disks]]\nid = \"vdb\"\npath = \"{data}\"\nformat = \"raw\"\n"
+        );
+        let path = dir.join(format!("{name}.toml"));
+        fs::write(&path, config).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
+    }
 }
 
 /// The counter value of a serial console line holding `DSCOUNTER <n>` (anywhere in the line, since

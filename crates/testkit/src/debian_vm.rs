@@ -311,6 +311,24 @@ pub fn http_counter(port: u16, timeout: Duration) -> Result<u64, String> {
         .map_err(|err| format!("GET /counter answered {body:?}, not a number ({err})"))
 }
 
+/// The Debian guest's counter on 127.0.0.1:`port` once it has passed `above`, asked every half
+/// second for up to `timeout`.
+pub fn http_counter_above(port: u16, above: u64, timeout: Duration) -> Result<u64, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = http_counter(port, timeout)?;
+        if now > above {
+            return Ok(now);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the counter stayed at {now} (not past {above}) for {timeout:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Runs a guest-agent command (`{"execute": command, "arguments": arguments}`) on the agent at
 /// `socket` and returns its `return` value. Synchronises first (`guest-sync-delimited`), so it
 /// also waits, up to `timeout`, for the agent to start.

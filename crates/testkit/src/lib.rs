@@ -30,7 +30,9 @@ pub use debian::{
     DEBIAN_HTTP_PORT, DEBIAN_INFO_FILE, DEBIAN_INITRD_FILE, DEBIAN_KERNEL_FILE, DEBIAN_ROOT_FILE,
     DEBIAN_ROOT_LABEL, DEBIAN_SUBDIR, GUEST_AGENT_PORT_NAME,
 };
-pub use debian_vm::{agent_execute, agent_shell, free_port, http_counter, http_get, OVMF_CODE, OVMF_VARS};
+pub use debian_vm::{
+    agent_execute, agent_shell, free_port, http_counter, http_counter_above, http_get, OVMF_CODE, OVMF_VARS,
+};
 
 /// The QEMU major version the project is built and tested against.
 pub const QEMU_MAJOR: u32 = 10;
