@@ -173,6 +173,21 @@ pub enum IncomingStart {
     },
 }
 
+/// What [`Hypervisor::start_standby`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Standby {
+    /// The standby process runs beside the domain's, paused, waiting for its state; its RAM is
+    /// as said.
+    Started(IncomingStart),
+    /// The hypervisor cannot run a second process for this domain now (the reason says why,
+    /// e.g. a network card or firmware two processes cannot share): a revert ends the running
+    /// process before it starts the new one.
+    Unavailable {
+        /// Why, for the report.
+        reason: String,
+    },
+}
+
 /// A hypervisor managing named domains.
 ///
 /// Every call names the domain; the driver keeps the processes and connections. Calls that need
@@ -230,8 +245,43 @@ pub trait Hypervisor: Send + Sync {
     /// offline when shut off.
     async fn disk_backend(&self, domain: &Name) -> DriverResult<Arc<dyn DiskSnapshots>>;
     /// Ends the domain's process at once, without a guest shutdown (revert discards its state).
-    /// Succeeds if the domain is already shut off.
+    /// Succeeds if the domain is already shut off. A standby ([`Hypervisor::start_standby`])
+    /// is left as it is.
     async fn destroy(&self, domain: &Name) -> DriverResult<()>;
+    /// Starts a second process for a running domain, beside its current one (which keeps
+    /// running): paused, waiting for its state, with configuration `config` and disks `disks`
+    /// (the domain's after a revert) and RAM as `ram` asks (as [`Hypervisor::start_incoming`]).
+    /// Its disks are opened inactive: it neither locks nor writes them until its state is loaded,
+    /// so the caller may end the current process and apply internal snapshots to the images in
+    /// between; it reads them again when it becomes active. [`Hypervisor::promote_standby`]
+    /// makes it the domain's process, [`Hypervisor::discard_standby`] ends it. `Unavailable`
+    /// when the domain cannot have two processes at once; an error when the start failed, which
+    /// leaves the running process as it was. The default: unavailable.
+    async fn start_standby<'a>(
+        &self,
+        domain: &Name,
+        config: &serde_json::Value,
+        disks: &[DiskTarget],
+        ram: IncomingRam<'a>,
+    ) -> DriverResult<Standby> {
+        let _ = (domain, config, disks, ram);
+        Ok(Standby::Unavailable {
+            reason: "the hypervisor does not start standby processes".into(),
+        })
+    }
+    /// Makes the standby the domain's process, once the previous one has ended
+    /// ([`Hypervisor::destroy`]) and the domain is defined with the standby's configuration and
+    /// disks. The domain is then as after [`Hypervisor::start_incoming`]:
+    /// [`Hypervisor::load_device_state`] completes it.
+    async fn promote_standby(&self, domain: &Name) -> DriverResult<()> {
+        Err(format!("domain {domain} has no standby process").into())
+    }
+    /// Ends the domain's standby process, if it has one, and removes its files. Succeeds when
+    /// there is none.
+    async fn discard_standby(&self, domain: &Name) -> DriverResult<()> {
+        let _ = domain;
+        Ok(())
+    }
     /// Replaces the domain's stored configuration with `config` (as returned by
     /// [`Hypervisor::config`]) whose disks use the images `disks`. Takes effect at the next start.
     async fn define(

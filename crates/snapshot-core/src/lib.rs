@@ -69,7 +69,7 @@ pub use error::{Error, ErrorClass, FailedStep, Operation, Result, Step};
 pub use hypervisor::MockHypervisor;
 pub use hypervisor::{
     CaptureSignals, DiskTarget, DriverError, DriverResult, Hypervisor, ImageFormat, IncomingRam,
-    IncomingStart, MemoryAccess, StreamMode, StreamedSave,
+    IncomingStart, MemoryAccess, Standby, StreamMode, StreamedSave,
 };
 pub use intent::Intent;
 pub use metadata::{
