@@ -678,23 +678,32 @@ impl Domain {
         let report = bench.block_on(self.revert_call(&snapshot, mode))?;
         let returned_at = Instant::now();
         let steps = self.clock.take();
-        let mut splits = vec![
-            ("check", steps.require(Step::Check, &[Step::Intent])?),
-            ("stop", steps.require(Step::Stop, &[Step::RevertDisks])?),
-            ("disks", steps.require(Step::RevertDisks, &[Step::StartIncoming])?),
+        // The new QEMU starts beside the old one (`standby`: its start-up is before the stop)
+        // or after the old one ended (`startup`, between the disks and the device state).
+        let new_qemu = if report.standby {
+            ("standby", steps.require(Step::StartStandby, &[Step::Stop])?)
+        } else {
             (
                 "startup",
                 steps.require(Step::StartIncoming, &[Step::RestoreMemory, Step::LoadDeviceState])?,
+            )
+        };
+        let mut splits = vec![
+            ("check", steps.require(Step::Check, &[Step::Intent])?),
+            new_qemu,
+            ("stop", steps.require(Step::Stop, &[Step::RevertDisks])?),
+            (
+                "disks",
+                steps.require(Step::RevertDisks, &[Step::StartIncoming, Step::PromoteStandby])?,
             ),
             (
                 "devices",
                 steps.require(Step::LoadDeviceState, &[Step::Resume, Step::UpdateTree])?,
             ),
-            (
-                "with_startup",
-                steps.require(Step::StartIncoming, &[Step::Resume, Step::UpdateTree])?,
-            ),
         ];
+        if let Some(downtime) = report.downtime_ms {
+            splits.push(("downtime", millis(downtime)));
+        }
         if let Some(copy) = steps.span(Step::RestoreMemory, &[Step::LoadDeviceState]) {
             splits.push(("memory_copy", copy));
         }

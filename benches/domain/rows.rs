@@ -147,6 +147,13 @@ pub const ROWS: &[Row] = &[
         target: Target::RatioAtLeast(3.0),
     },
     Row {
+        scenario: "revert (lazy): the domain without a guest, old QEMU ended → new one resumed (report's `downtime_ms`)",
+        domsnap: "domsnap.revert_lazy.downtime",
+        baseline: None,
+        pick: Pick::Median,
+        target: Target::None,
+    },
+    Row {
         scenario: "revert (eager: image copied into fresh RAM), end to end, guest running",
         domsnap: "domsnap.revert_eager.wall",
         baseline: None,

@@ -46,15 +46,17 @@ const CREATE_STEPS: [&str; 11] = [
 /// Every step a delete reports, in order.
 const DELETE_STEPS: [&str; 4] = ["delete-disks", "remove-files", "update-tree", "tidy-disks"];
 
-/// Every step a (lazy) revert reports, in order. An eager one restores memory between
-/// `start-incoming` and `load-device-state`.
-const REVERT_STEPS: [&str; 10] = [
+/// Every step a (lazy) revert of a running domain reports, in order: its new QEMU starts
+/// beside the old one, which is then stopped. An eager one restores memory between
+/// `promote-standby` and `load-device-state`.
+const REVERT_STEPS: [&str; 11] = [
     "check",
     "intent",
+    "start-standby",
     "stop",
     "revert-disks",
     "define",
-    "start-incoming",
+    "promote-standby",
     "load-device-state",
     "resume",
     "update-tree",

@@ -370,6 +370,17 @@ pub fn reverted(domain: &Name, report: &RevertReport) -> String {
     if let Some(reason) = &report.memory_fallback {
         let _ = writeln!(out, "note: {reason}");
     }
+    if let Some(downtime) = report.downtime_ms {
+        let how = if report.standby {
+            "the new QEMU was started beside the old one"
+        } else {
+            "the new QEMU was started after the old one ended"
+        };
+        let _ = writeln!(out, "the domain had no guest for {downtime:.0} ms ({how})");
+    }
+    if let Some(reason) = &report.standby_unavailable {
+        let _ = writeln!(out, "note: not started beside the old QEMU: {reason}");
+    }
     match &report.thaw {
         None => {}
         Some(ThawOutcome::Thawed { filesystems }) => {

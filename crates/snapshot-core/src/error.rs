@@ -306,6 +306,9 @@ pub enum Step {
     UpdateTree,
     /// Checking the snapshot before a revert touches the domain.
     Check,
+    /// Starting the domain's new process beside the running one, to receive the snapshot's
+    /// state (a revert whose hypervisor can run both at once).
+    StartStandby,
     /// Stopping the domain's process.
     Stop,
     /// Reverting the disks.
@@ -314,6 +317,8 @@ pub enum Step {
     Define,
     /// Starting the domain to receive state.
     StartIncoming,
+    /// Making the new process started beside the old one the domain's process.
+    PromoteStandby,
     /// Loading memory.
     RestoreMemory,
     /// Loading device state.
@@ -342,10 +347,12 @@ impl std::fmt::Display for Step {
             Step::RemoveFiles => "removing the snapshot's files",
             Step::UpdateTree => "updating the snapshot tree",
             Step::Check => "checking the snapshot",
+            Step::StartStandby => "starting the domain's new process beside the running one",
             Step::Stop => "stopping the domain",
             Step::RevertDisks => "reverting the disks",
             Step::Define => "restoring the domain configuration",
             Step::StartIncoming => "starting the domain to receive its state",
+            Step::PromoteStandby => "switching the domain to its new process",
             Step::RestoreMemory => "restoring memory",
             Step::LoadDeviceState => "loading device state",
             Step::TidyDisks => "folding away overlays no snapshot needs",

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use super::{
-    at, create::CreateJob, Orchestrator, Recovery, RecoveryOutcome, RevertOptions, StepError, StepResult,
+    at, create::CreateJob, revert::NewProcess, Orchestrator, Recovery, RecoveryOutcome, RevertOptions,
+    StepError, StepResult,
 };
 use crate::{
     error::{Error, Operation, Result, Step},
@@ -66,9 +67,15 @@ impl Orchestrator {
                 let record = self.store.get(domain, &snapshot)?;
                 let files = self.store.files(domain, &snapshot).of_record(&record);
                 let options = RevertOptions { paused, eager };
-                self.revert_steps(&record, &files, options, &new_overlays)
-                    .await
-                    .map_err(|e| fail(e, Vec::new()))?;
+                self.revert_steps(
+                    &record,
+                    &files,
+                    options,
+                    &new_overlays,
+                    NewProcess::AfterStop(None),
+                )
+                .await
+                .map_err(|e| fail(e, Vec::new()))?;
                 self.store.clear_intent(domain)?;
                 (Operation::Revert, RecoveryOutcome::Finished)
             }

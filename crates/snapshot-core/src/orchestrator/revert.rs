@@ -7,6 +7,13 @@
 //! Either way the check before the domain is touched reads only the image's metadata (header,
 //! page table and footer checksums) and its size: a lazy revert leaves the pages to `snapshot
 //! verify`, an eager one checks each page's checksum as it copies it.
+//!
+//! Where the hypervisor can run two processes of the domain at once, the new one is started
+//! beside the running one first ([`Hypervisor::start_standby`], its disks inactive): a failure
+//! to start it leaves the domain running as it was, and the guest is gone only while the old
+//! process ends, the internal disk snapshots are applied and the device state is loaded.
+//!
+//! [`Hypervisor::start_standby`]: crate::Hypervisor::start_standby
 
 use std::{
     path::{Path, PathBuf},
@@ -23,7 +30,7 @@ use super::{
 };
 use crate::{
     error::{DriverError, Operation, Result, Step},
-    hypervisor::{DiskTarget, ImageFormat, IncomingRam, IncomingStart},
+    hypervisor::{DiskTarget, ImageFormat, IncomingRam, IncomingStart, Standby},
     intent::Intent,
     metadata::{DiskSnapshot, DomainState, MemoryState, SnapshotRecord},
     name::Name,
@@ -44,6 +51,19 @@ pub(super) struct Reverted {
     fallback: Option<String>,
     memory_ms: f64,
     thaw: Option<ThawOutcome>,
+    downtime_ms: Option<f64>,
+}
+
+/// Whether the revert's new process runs beside the old one already.
+pub(super) enum NewProcess {
+    /// Started beside the old one ([`Hypervisor::start_standby`](crate::Hypervisor::start_standby))
+    /// on `disks` (the revert's external overlays already made); what its RAM got.
+    Standby {
+        ram: IncomingStart,
+        disks: Vec<DiskTarget>,
+    },
+    /// Started once the old one has ended; why not beside it, if the domain was running.
+    AfterStop(Option<String>),
 }
 
 impl Orchestrator {
@@ -93,7 +113,25 @@ impl Orchestrator {
             new_overlays: new_overlays.clone(),
         };
         self.store.set_intent(domain, &intent)?;
-        match self.revert_steps(&record, &files, options, &new_overlays).await {
+        let process = match self
+            .start_standby(&record, &files, options, &replaced, &new_overlays)
+            .await
+        {
+            Ok(process) => process,
+            Err(error) => {
+                // The domain was not touched: it runs on as it was.
+                let rollback = self.undo_revert(domain, &replaced, false, &new_overlays).await;
+                return Err(self.failed(Operation::Revert, domain, snapshot, error, rollback, None));
+            }
+        };
+        let (standby, standby_unavailable) = match &process {
+            NewProcess::Standby { .. } => (true, None),
+            NewProcess::AfterStop(reason) => (false, reason.clone()),
+        };
+        match self
+            .revert_steps(&record, &files, options, &new_overlays, process)
+            .await
+        {
             Ok(reverted) => {
                 self.store.clear_intent(domain)?;
                 Ok(RevertReport {
@@ -104,6 +142,9 @@ impl Orchestrator {
                     memory_fallback: reverted.fallback,
                     memory_ms: reverted.memory_ms,
                     thaw: reverted.thaw,
+                    standby,
+                    standby_unavailable,
+                    downtime_ms: reverted.downtime_ms,
                 })
             }
             Err(error) => {
@@ -127,6 +168,9 @@ impl Orchestrator {
         new_overlays: &[PathBuf],
     ) -> Vec<String> {
         let mut rollback = Vec::new();
+        if let Err(e) = self.hypervisor.discard_standby(domain).await {
+            rollback.push(format!("cannot end the domain's new process: {e}"));
+        }
         if stopped {
             if let Err(e) = self.hypervisor.destroy(domain).await {
                 rollback.push(format!("cannot stop the half-started domain: {e}"));
@@ -137,12 +181,14 @@ impl Orchestrator {
                 rollback.push(format!("cannot remove overlay {}: {e}", overlay.display()));
             }
         }
-        if let Err(e) = self
-            .hypervisor
-            .define(domain, &replaced.config, &replaced.disks)
-            .await
-        {
-            rollback.push(format!("cannot restore the domain configuration: {e}"));
+        if stopped {
+            if let Err(e) = self
+                .hypervisor
+                .define(domain, &replaced.config, &replaced.disks)
+                .await
+            {
+                rollback.push(format!("cannot restore the domain configuration: {e}"));
+            }
         }
         if !rollback.is_empty() {
             // `recover` runs the revert again from the start, which ends in a consistent state.
@@ -198,22 +244,80 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// The steps of a revert from stopping the domain on. They redo cleanly, so recovery runs
-    /// them again after a crash. Returns the domain's state afterwards and how memory was loaded.
+    /// Starts the revert's new process beside the running one when the snapshot has memory and
+    /// the hypervisor can (making the external disks' revert overlays first: the new process
+    /// opens them). An error leaves the domain as it was (the caller removes the overlays).
+    async fn start_standby(
+        &self,
+        record: &SnapshotRecord,
+        files: &SnapshotFiles,
+        options: RevertOptions,
+        replaced: &Replaced,
+        new_overlays: &[PathBuf],
+    ) -> StepResult<NewProcess> {
+        if record.memory.is_none() || replaced.state == DomainState::ShutOff {
+            return Ok(NewProcess::AfterStop(None));
+        }
+        let domain = &record.domain;
+        self.observer.step(Operation::Revert, Step::StartStandby);
+        let disks = self
+            .revert_targets(record, &replaced.disks, new_overlays, Step::StartStandby)
+            .await?;
+        let started = self
+            .hypervisor
+            .start_standby(domain, &record.config, &disks, incoming_ram(files, options))
+            .await
+            .map_err(at(Step::StartStandby))?;
+        match started {
+            Standby::Started(ram) => Ok(NewProcess::Standby { ram, disks }),
+            Standby::Unavailable { reason } => {
+                tracing::info!(%domain, %reason, "the new process starts after the old one ends");
+                for overlay in new_overlays {
+                    remove_file(overlay).map_err(at(Step::StartStandby))?;
+                }
+                Ok(NewProcess::AfterStop(Some(reason)))
+            }
+        }
+    }
+
+    /// The steps of a revert from stopping the domain on. They redo cleanly (with the new
+    /// process started after the stop), so recovery runs them again after a crash. Returns the
+    /// domain's state afterwards and how memory was loaded.
     pub(super) async fn revert_steps(
         &self,
         record: &SnapshotRecord,
         files: &SnapshotFiles,
         options: RevertOptions,
         new_overlays: &[PathBuf],
+        process: NewProcess,
     ) -> StepResult<Reverted> {
         let domain = &record.domain;
         let observe = |step| self.observer.step(Operation::Revert, step);
         observe(Step::Stop);
+        let stopping = Instant::now();
         self.hypervisor.destroy(domain).await.map_err(at(Step::Stop))?;
-
         observe(Step::RevertDisks);
-        let new_disks = self.revert_disks(record, new_overlays).await?;
+        let (standby, new_disks) = match process {
+            NewProcess::Standby { ram, disks } => (Some(ram), disks),
+            NewProcess::AfterStop(_) => {
+                // One left by an interrupted revert would hold the images.
+                self.hypervisor
+                    .discard_standby(domain)
+                    .await
+                    .map_err(at(Step::Stop))?;
+                // The domain is stopped: these are the images its definition names now.
+                let current = self
+                    .hypervisor
+                    .disks(domain)
+                    .await
+                    .map_err(at(Step::RevertDisks))?;
+                let disks = self
+                    .revert_targets(record, &current, new_overlays, Step::RevertDisks)
+                    .await?;
+                (None, disks)
+            }
+        };
+        self.apply_internal_snapshots(record).await?;
 
         observe(Step::Define);
         self.hypervisor
@@ -222,13 +326,18 @@ impl Orchestrator {
             .map_err(at(Step::Define))?;
 
         let mut reverted = match record.memory {
-            Some(_) => self.restore_state(domain, files, options).await?,
+            Some(_) => {
+                let mut reverted = self.restore_state(domain, files, options, standby).await?;
+                reverted.downtime_ms = Some(millis(stopping.elapsed()));
+                reverted
+            }
             None => Reverted {
                 state: DomainState::ShutOff,
                 memory: MemoryLoad::None,
                 fallback: None,
                 memory_ms: 0.0,
                 thaw: None,
+                downtime_ms: None,
             },
         };
         if record.quiesced && record.memory.is_some() {
@@ -246,26 +355,21 @@ impl Orchestrator {
         Ok(reverted)
     }
 
-    /// Puts every disk back to the snapshot's: a fresh overlay on an external snapshot's image,
-    /// the internal snapshot applied to the others (each under its own name); a disk left out
-    /// of the snapshot stays as it is. Returns the disks' new active images.
-    async fn revert_disks(
+    /// The disks' active images after the revert, made at `step`: a fresh overlay on an
+    /// external snapshot's image (made here), the image itself for an internal snapshot, the
+    /// domain's `current` image for a disk left out of the snapshot.
+    async fn revert_targets(
         &self,
         record: &SnapshotRecord,
+        current: &[DiskTarget],
         new_overlays: &[PathBuf],
+        step: Step,
     ) -> StepResult<Vec<DiskTarget>> {
-        let domain = &record.domain;
         let backend = self
             .hypervisor
-            .disk_backend(domain)
+            .disk_backend(&record.domain)
             .await
-            .map_err(at(Step::RevertDisks))?;
-        // The domain is stopped: these are the images its definition names now.
-        let current = self
-            .hypervisor
-            .disks(domain)
-            .await
-            .map_err(at(Step::RevertDisks))?;
+            .map_err(at(step))?;
         let mut new_disks = Vec::new();
         let mut overlays = new_overlays.iter();
         for disk in &record.disks {
@@ -278,18 +382,15 @@ impl Orchestrator {
                 DiskSnapshot::External { .. } => {
                     let overlay = overlays
                         .next()
-                        .ok_or_else(|| (Step::RevertDisks, "revert overlay list is short".into()))?;
+                        .ok_or_else(|| (step, "revert overlay list is short".into()))?;
                     // A crash may have left it from an earlier attempt.
-                    remove_file(overlay).map_err(at(Step::RevertDisks))?;
+                    remove_file(overlay).map_err(at(step))?;
                     let revert = ExternalSnapshot {
                         disk: disk.image.clone(),
                         overlay: overlay.clone(),
                         backing_path: disk::BackingPath::Absolute,
                     };
-                    backend
-                        .revert_external(&revert)
-                        .await
-                        .map_err(at(Step::RevertDisks))?;
+                    backend.revert_external(&revert).await.map_err(at(step))?;
                     (overlay.clone(), ImageFormat::Qcow2)
                 }
             };
@@ -299,42 +400,66 @@ impl Orchestrator {
                 format,
             });
         }
+        Ok(new_disks)
+    }
+
+    /// Applies the snapshot's internal disk snapshots (each under its own name); the domain's
+    /// process has ended.
+    async fn apply_internal_snapshots(&self, record: &SnapshotRecord) -> StepResult<()> {
         let internal = internal_snapshots(&record.disks);
+        if internal.is_empty() {
+            return Ok(());
+        }
+        let backend = self
+            .hypervisor
+            .disk_backend(&record.domain)
+            .await
+            .map_err(at(Step::RevertDisks))?;
         for (name, images) in disk::internal_by_name(&internal) {
             backend
                 .apply_internal(&images, name)
                 .await
                 .map_err(at(Step::RevertDisks))?;
         }
-        Ok(new_disks)
+        Ok(())
     }
 
     /// Starts the domain to receive its state (its RAM mapped from the memory image, or fresh
     /// and written from it), loads the device state, and resumes it unless `paused`.
+    ///
+    /// A `standby` process (started beside the old one) becomes the domain's instead.
     async fn restore_state(
         &self,
         domain: &Name,
         files: &SnapshotFiles,
         options: RevertOptions,
+        standby: Option<IncomingStart>,
     ) -> StepResult<Reverted> {
         let observe = |step| self.observer.step(Operation::Revert, step);
-        observe(Step::StartIncoming);
-        let ram = if options.eager {
-            IncomingRam::Fresh
-        } else {
-            IncomingRam::Image(&files.memory_image)
+        let started = match standby {
+            Some(started) => {
+                observe(Step::PromoteStandby);
+                self.hypervisor
+                    .promote_standby(domain)
+                    .await
+                    .map_err(at(Step::PromoteStandby))?;
+                started
+            }
+            None => {
+                observe(Step::StartIncoming);
+                self.hypervisor
+                    .start_incoming(domain, incoming_ram(files, options))
+                    .await
+                    .map_err(at(Step::StartIncoming))?
+            }
         };
-        let started = self
-            .hypervisor
-            .start_incoming(domain, ram)
-            .await
-            .map_err(at(Step::StartIncoming))?;
         let mut reverted = Reverted {
             state: DomainState::Paused,
             memory: MemoryLoad::Mapped,
             fallback: None,
             memory_ms: 0.0,
             thaw: None,
+            downtime_ms: None,
         };
         if let IncomingStart::Fresh { fallback } = started {
             if let Some(reason) = &fallback {
@@ -433,4 +558,13 @@ async fn check_memory(
         return Err(format!("device state {} is empty", files.device_state.display()).into());
     }
     Ok(())
+}
+
+/// The RAM a revert's new process gets: the memory image mapped, or fresh RAM to copy it into.
+fn incoming_ram(files: &SnapshotFiles, options: RevertOptions) -> IncomingRam<'_> {
+    if options.eager {
+        IncomingRam::Fresh
+    } else {
+        IncomingRam::Image(&files.memory_image)
+    }
 }

@@ -333,6 +333,16 @@ pub struct RevertReport {
     /// The snapshot was quiesced, so the restored guest's filesystems were frozen: whether the
     /// revert thawed them (`None` for snapshots that were not quiesced, or have no memory).
     pub thaw: Option<ThawOutcome>,
+    /// The domain's new process was started beside the running one and took over from it
+    /// (so a failure before the switch would have left the domain running as it was).
+    pub standby: bool,
+    /// Why the new process was started only after the old one ended, although the domain was
+    /// running (`None` when `standby`, or when there was no process to keep or no memory).
+    pub standby_unavailable: Option<String>,
+    /// How long the domain had no guest: from the start of ending its previous process to the
+    /// restored guest resumed (or loaded, when it stays paused), milliseconds. `None` when the
+    /// revert leaves the domain shut off.
+    pub downtime_ms: Option<f64>,
 }
 
 /// What a revert to a quiesced snapshot did about the restored guest's frozen filesystems

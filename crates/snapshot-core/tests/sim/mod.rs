@@ -19,7 +19,7 @@ pub use snapshot_core::{
     Activity, CaptureSignals, CreateOptions, DiskKind, DiskRequest, DiskTarget, DomainState, DriverResult,
     Error, FsStore, Hypervisor, IncomingRam, IncomingStart, Intent, LiveMethod, LiveOptions, MemoryAccess,
     MemoryLoad, MemoryMode, MemoryRead, MockHypervisor, Name, Operation, Orchestrator, Quiet,
-    RecoveryOutcome, RevertOptions, SavedMemory, SnapshotStore, Step, StreamMode, StreamedSave,
+    RecoveryOutcome, RevertOptions, SavedMemory, SnapshotStore, Standby, Step, StreamMode, StreamedSave,
 };
 
 pub const RAM: u64 = 4 << 20;
@@ -56,6 +56,10 @@ pub struct Sim {
     pub frozen: bool,
     /// The domain has no guest agent channel.
     pub no_agent: bool,
+    /// The hypervisor can start a revert's new process beside the running one.
+    pub standby_capable: bool,
+    /// The standby process, with what its RAM got.
+    pub standby: Option<IncomingStart>,
     pub calls: Vec<&'static str>,
 }
 
@@ -400,6 +404,57 @@ impl Hypervisor for Simulated {
     async fn start_incoming<'a>(&self, domain: &Name, ram: IncomingRam<'a>) -> DriverResult<IncomingStart> {
         self.mock.start_incoming(domain, ram).await
     }
+    async fn start_standby<'a>(
+        &self,
+        _domain: &Name,
+        _config: &serde_json::Value,
+        disks: &[DiskTarget],
+        ram: IncomingRam<'a>,
+    ) -> DriverResult<Standby> {
+        call(&self.sim, "start_standby")?;
+        let mut sim = self.sim.lock().unwrap();
+        if !sim.standby_capable {
+            return Ok(Standby::Unavailable {
+                reason: "simulated: two processes cannot share its network card".into(),
+            });
+        }
+        assert_ne!(
+            sim.state,
+            DomainState::ShutOff,
+            "a standby beside a stopped domain"
+        );
+        // The standby opens its disks at start: the revert's overlays must exist.
+        for disk in disks {
+            assert!(
+                disk.image.exists(),
+                "{} missing at the standby's start",
+                disk.image.display()
+            );
+        }
+        let started = match ram {
+            IncomingRam::Image(_) if !sim.cannot_map => IncomingStart::Mapped,
+            IncomingRam::Image(_) => IncomingStart::Fresh {
+                fallback: Some("simulated: the image is on another filesystem".into()),
+            },
+            IncomingRam::Fresh => IncomingStart::Fresh { fallback: None },
+        };
+        sim.standby = Some(started.clone());
+        Ok(Standby::Started(started))
+    }
+    async fn promote_standby(&self, domain: &Name) -> DriverResult<()> {
+        call(&self.sim, "promote_standby")?;
+        let mut sim = self.sim.lock().unwrap();
+        if sim.state != DomainState::ShutOff || sim.standby.take().is_none() {
+            return Err(format!("{domain}: no standby, or the old process still runs").into());
+        }
+        sim.state = DomainState::Paused;
+        Ok(())
+    }
+    async fn discard_standby(&self, _domain: &Name) -> DriverResult<()> {
+        call(&self.sim, "discard_standby")?;
+        self.sim.lock().unwrap().standby = None;
+        Ok(())
+    }
     async fn undefine(&self, domain: &Name) -> DriverResult<()> {
         self.mock.undefine(domain).await
     }
@@ -450,6 +505,8 @@ pub fn fixture(state: DomainState) -> Fixture {
         cannot_map: false,
         frozen: false,
         no_agent: false,
+        standby_capable: false,
+        standby: None,
         calls: Vec::new(),
     }));
     let store = Arc::new(FsStore::new(dir.path().join("state")));
