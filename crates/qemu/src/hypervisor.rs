@@ -33,11 +33,10 @@ use qmp::{
 };
 use snapshot_core::{
     CaptureSignals, DiskTarget, DomainState, DriverResult, Hypervisor, IncomingRam, IncomingStart,
-    MemoryAccess, Name, StreamMode, StreamedSave,
+    MemoryAccess, Name, Standby, StreamMode, StreamedSave,
 };
 
 use crate::{
-    command_line::StartMode,
     config::DomainConfig,
     driver::{io_error, qmp_error, QemuDriver},
     error::{Error, Result},
@@ -160,36 +159,37 @@ impl Hypervisor for QemuDriver {
         config: &serde_json::Value,
         disks: &[DiskTarget],
     ) -> DriverResult<()> {
-        let invalid = |reason: String| Error::InvalidConfig { path: None, reason };
-        let (mut config, _) = recorded_config(config)?;
-        if config.name != *domain {
-            return Err(invalid(format!(
-                "the configuration is of domain {}, not {domain}",
-                config.name
-            ))
-            .into());
-        }
-        for target in disks {
-            let format = crate::config::disk_format(target.format);
-            if !config.set_disk_image(&target.target, target.image.clone(), format) {
-                return Err(invalid(format!("the configuration has no disk {:?}", target.target)).into());
-            }
-        }
-        Ok(self.define_locked(&config)?)
+        Ok(self.define_locked(&revert_config(domain, config, disks)?)?)
     }
 
     async fn undefine(&self, domain: &Name) -> DriverResult<()> {
-        Ok(self.undefine_locked(domain)?)
+        Ok(self.undefine_locked(domain).await?)
     }
 
     async fn start_incoming<'a>(&self, domain: &Name, ram: IncomingRam<'a>) -> DriverResult<IncomingStart> {
-        match ram {
-            IncomingRam::Fresh => {
-                self.launch_locked(domain, StartMode::Incoming).await?;
-                Ok(IncomingStart::Fresh { fallback: None })
-            }
-            IncomingRam::Image(image) => Ok(self.start_mapped(domain, image).await?),
-        }
+        let launch = self.prepare_launch(domain).await?;
+        Ok(self.start_prepared_incoming(domain, launch, ram).await?)
+    }
+
+    /// Unavailable for a domain that does not run, and for configurations two QEMUs cannot
+    /// share (see `DomainConfig::standby_blocker`); the standby runs in the domain's other run
+    /// slot (see `standby`).
+    async fn start_standby<'a>(
+        &self,
+        domain: &Name,
+        config: &serde_json::Value,
+        disks: &[DiskTarget],
+        ram: IncomingRam<'a>,
+    ) -> DriverResult<Standby> {
+        Ok(self.start_standby_locked(domain, config, disks, ram).await?)
+    }
+
+    async fn promote_standby(&self, domain: &Name) -> DriverResult<()> {
+        Ok(self.promote_standby_locked(domain).await?)
+    }
+
+    async fn discard_standby(&self, domain: &Name) -> DriverResult<()> {
+        Ok(self.discard_standby_locked(domain).await?)
     }
 
     /// Fails, before anything is paused or written, when QEMU says it cannot migrate the domain
@@ -490,6 +490,33 @@ impl QemuDriver {
             .await
             .map(drop)
     }
+}
+
+/// The recorded configuration `config` of `domain` (as [`Hypervisor::config`] returned it) with
+/// its disks on the images `disks`: what a revert defines, and what its standby QEMU runs.
+pub(crate) fn revert_config(
+    domain: &Name,
+    config: &serde_json::Value,
+    disks: &[DiskTarget],
+) -> Result<DomainConfig> {
+    let invalid = |reason: String| Error::InvalidConfig { path: None, reason };
+    let (mut config, _) = recorded_config(config)?;
+    if config.name != *domain {
+        return Err(invalid(format!(
+            "the configuration is of domain {}, not {domain}",
+            config.name
+        )));
+    }
+    for target in disks {
+        let format = crate::config::disk_format(target.format);
+        if !config.set_disk_image(&target.target, target.image.clone(), format) {
+            return Err(invalid(format!(
+                "the configuration has no disk {:?}",
+                target.target
+            )));
+        }
+    }
+    Ok(config)
 }
 
 /// The machine type of the QEMU behind `client` as its migration stream names it: QOM type
