@@ -230,7 +230,9 @@ pub fn revert_external(revert: &ExternalSnapshot) -> Result<()> {
 fn probe_header(path: &Path) -> Result<(String, u64)> {
     let file = regular::open(path, false)?;
     if lock::is_written_by_other(&file).map_err(io_err("cannot query the locks of", path))? {
-        return Err(Error::Locked { path: path.to_owned() });
+        return Err(Error::Locked {
+            path: path.to_owned(),
+        });
     }
     if probe_is_qcow2(path)? {
         let image = Image::open(path, Access::Header)?;
