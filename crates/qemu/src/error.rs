@@ -85,8 +85,8 @@ pub enum Error {
         source: qmp::Error,
     },
 
-    /// A revert's standby QEMU was to be promoted, but there is none.
-    #[error("domain {domain} has no standby QEMU to promote (none was started, or it has exited)")]
+    /// A revert's standby QEMU was asked for (to promote it, to reach its RAM), but there is none.
+    #[error("domain {domain} has no standby QEMU (none was started, or it has exited)")]
     NoStandby {
         /// The domain.
         domain: Name,

@@ -38,7 +38,7 @@ use snapshot_core::{
 
 use crate::{
     config::DomainConfig,
-    driver::{io_error, qmp_error, QemuDriver},
+    driver::{io_error, qmp_error, DomainFiles, QemuDriver},
     error::{Error, Result},
     migration_stream::{device_state_format, device_state_prefix, DeviceStateFormat, DEVICE_STATE_HEADER},
     pin::{recorded_config, QEMU_VERSION_KEY},
@@ -98,20 +98,7 @@ impl Hypervisor for QemuDriver {
 
     async fn guest_memory(&self, domain: &Name) -> DriverResult<GuestMemory> {
         let (files, _, client) = self.running(domain).await?;
-        if let Some(image) = crate::mapped_ram::mapped_image(&files) {
-            return Err(Error::RamNotShared {
-                domain: domain.clone(),
-                image,
-            }
-            .into());
-        }
-        let regions = crate::ram_layout(&client).await?;
-        Ok(
-            GuestMemory::from_ram_file(&files.ram_file, &regions).map_err(|source| Error::Memory {
-                domain: domain.clone(),
-                source,
-            })?,
-        )
+        Ok(shared_memory(domain, &files, &client).await?)
     }
 
     async fn save_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()> {
@@ -442,7 +429,7 @@ impl QemuDriver {
     async fn follow_load(
         &self,
         domain: &Name,
-        files: &crate::driver::DomainFiles,
+        files: &DomainFiles,
         client: &qmp::Client,
         fail: &impl Fn(String, String) -> Error,
     ) -> Result<()> {
@@ -490,6 +477,26 @@ impl QemuDriver {
             .await
             .map(drop)
     }
+}
+
+/// The guest RAM of the QEMU of run slot `files` (behind `client`): its shared RAM file, laid
+/// out as QEMU reports; refused when its RAM is mapped from a memory image.
+pub(crate) async fn shared_memory(
+    domain: &Name,
+    files: &DomainFiles,
+    client: &qmp::Client,
+) -> Result<GuestMemory> {
+    if let Some(image) = crate::mapped_ram::mapped_image(files) {
+        return Err(Error::RamNotShared {
+            domain: domain.clone(),
+            image,
+        });
+    }
+    let regions = crate::ram_layout(client).await?;
+    GuestMemory::from_ram_file(&files.ram_file, &regions).map_err(|source| Error::Memory {
+        domain: domain.clone(),
+        source,
+    })
 }
 
 /// The recorded configuration `config` of `domain` (as [`Hypervisor::config`] returned it) with

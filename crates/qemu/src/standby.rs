@@ -13,12 +13,13 @@
 //! What two QEMUs cannot share makes a standby unavailable (`DomainConfig::standby_blocker`);
 //! the revert then ends the old QEMU before it starts the new one, as before.
 
+use memory::GuestMemory;
 use snapshot_core::{DiskTarget, IncomingRam, Name, Standby};
 
 use crate::{
     driver::QemuDriver,
     error::{Error, Result},
-    hypervisor::revert_config,
+    hypervisor::{revert_config, shared_memory},
 };
 
 impl QemuDriver {
@@ -93,6 +94,20 @@ impl QemuDriver {
             tracing::warn!(domain = %name, %error, "cannot remove the files of the ended QEMU");
         }
         Ok(())
+    }
+
+    /// The guest RAM of the domain's standby QEMU, started on fresh shared RAM (an eager
+    /// revert, or a memory image that could not be mapped): a revert can write the snapshot's
+    /// memory into it before it ends the running QEMU, outside the guest's gap. (The
+    /// orchestrator's trait has no such call yet; once the standby is promoted,
+    /// [`snapshot_core::Hypervisor::guest_memory`] gives the same RAM.)
+    pub async fn standby_guest_memory(&self, name: &Name) -> Result<GuestMemory> {
+        let files = self.standby_files(name)?;
+        let pid = files
+            .pid()
+            .ok_or_else(|| Error::NoStandby { domain: name.clone() })?;
+        let client = self.client(name, &files, pid).await?;
+        shared_memory(name, &files, &client).await
     }
 
     /// [`snapshot_core::Hypervisor::discard_standby`], with the domain's lock held by the

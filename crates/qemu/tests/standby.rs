@@ -219,6 +219,10 @@ async fn a_discarded_or_stale_standby_ends_and_the_running_qemu_goes_on() {
         .unwrap();
     assert_eq!(started, Standby::Started(IncomingStart::Fresh { fallback: None }));
     let standby_pid = slot_pid(&state, &name, "run-1").unwrap();
+    // Its RAM, to restore memory into before the switch, is its own shared RAM file.
+    let ram = driver.standby_guest_memory(&name).await.unwrap();
+    assert_eq!(ram.size(), 128 << 20);
+    drop(ram);
     // Not while the old QEMU runs.
     let error = driver.promote_standby(&name).await.unwrap_err().to_string();
     assert!(
