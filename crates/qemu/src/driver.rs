@@ -634,8 +634,8 @@ impl QemuDriver {
     }
 }
 
-/// `config` with absolute paths.
-fn absolute_paths(config: &DomainConfig) -> Result<DomainConfig> {
+/// `config` with absolute paths (QEMU runs from `/`).
+pub(crate) fn absolute_paths(config: &DomainConfig) -> Result<DomainConfig> {
     let absolute = |path: &Path| std::path::absolute(path).map_err(io_error("cannot resolve", path));
     let mut config = config.clone();
     for path in [

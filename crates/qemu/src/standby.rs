@@ -17,7 +17,7 @@ use memory::GuestMemory;
 use snapshot_core::{DiskTarget, IncomingRam, Name, Standby};
 
 use crate::{
-    driver::QemuDriver,
+    driver::{absolute_paths, QemuDriver},
     error::{Error, Result},
     hypervisor::{revert_config, shared_memory},
 };
@@ -41,7 +41,7 @@ impl QemuDriver {
         if active.pid().is_none() {
             return unavailable(format!("domain {name} is not running"));
         }
-        let config = revert_config(name, config, disks)?;
+        let config = absolute_paths(&revert_config(name, config, disks)?)?;
         config.validate()?;
         if let Some(reason) = config.standby_blocker() {
             return unavailable(reason);
