@@ -453,14 +453,27 @@ impl DiskSnapshots for LiveBackend {
         Ok(())
     }
 
-    async fn revert_external(&self, _revert: &ExternalSnapshot) -> Result<()> {
-        Err(Error::NotSupported {
-            operation: "reverting to an external snapshot",
-            backend: "live",
-            reason: "a running guest cannot have its disk replaced under it; stop the domain and use the \
-                     offline backend"
-                .into(),
-        })
+    /// A fresh overlay on the snapshot's image, written natively ([`offline::revert_external`]):
+    /// the running QEMU keeps its disks as they are (the overlay is for the QEMU a revert starts
+    /// next), and may hold the snapshot's image as a read-only backing file, but not as an image
+    /// it writes: that is refused, by QEMU's block nodes and by its locks.
+    async fn revert_external(&self, revert: &ExternalSnapshot) -> Result<()> {
+        let nodes = self.nodes(&revert.disk).await?;
+        if let Ok(node) = Self::find(&nodes, &revert.disk) {
+            if !node.info.ro {
+                return Err(Error::NotSupported {
+                    operation: "reverting to an external snapshot",
+                    backend: "live",
+                    reason: format!(
+                        "the running QEMU writes {} (node {}); a snapshot's image is never written",
+                        node.path.display(),
+                        node.name
+                    ),
+                });
+            }
+        }
+        let revert = revert.clone();
+        offline::blocking(move || offline::revert_external(&revert)).await
     }
 
     async fn delete_external(&self, disk: &Path, image: &Path, method: MergeMethod) -> Result<PathBuf> {

@@ -73,6 +73,24 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     })
 }
 
+/// QEMU's lock byte for the `write` permission (`BLK_PERM_WRITE`, bit 1): locked by every
+/// process that has the image open for writing.
+const WRITE_PERMISSION_BYTE: i64 = LOCK_START + 1;
+
+/// Whether another process has the image open for writing (holds QEMU's `write` permission
+/// byte). A QEMU that holds the image only as a read-only backing file does not: its contents
+/// do not move.
+pub fn is_written_by_other(file: &File) -> io::Result<bool> {
+    let free = free_within_transient_hold(|| {
+        let mut probe = lock_request(short(libc::F_WRLCK));
+        probe.l_start = WRITE_PERMISSION_BYTE;
+        probe.l_len = 1;
+        fcntl(file.as_fd(), FcntlArg::F_OFD_GETLK(&mut probe))?;
+        Ok(probe.l_type == short(libc::F_UNLCK))
+    })?;
+    Ok(!free)
+}
+
 /// Whether another process holds any lock on QEMU's lock bytes (for read-only checks, where
 /// the file may be open read-only and so cannot take a write lock itself).
 pub fn is_locked_by_other(file: &File) -> io::Result<bool> {

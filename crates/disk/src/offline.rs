@@ -213,6 +213,35 @@ pub fn create_external(snapshots: &[ExternalSnapshot]) -> Result<()> {
     Ok(())
 }
 
+/// Reverts a disk to an external snapshot: creates `revert.overlay`, a fresh qcow2 overlay on
+/// the snapshot's image `revert.disk`. Only the new file is written; the snapshot's image is
+/// read from its header alone (qcow2) or its length (raw), so it may be held by a running QEMU
+/// as a read-only backing file (a revert prepares the new overlay before it ends the domain's
+/// old QEMU). An image a process has open for writing is refused ([`Error::Locked`]): its
+/// contents are moving, and the overlay would show whatever they become.
+pub fn revert_external(revert: &ExternalSnapshot) -> Result<()> {
+    let backing = backing_name(revert)?;
+    let (format, size) = probe_header(&revert.disk)?;
+    qcow2::create_overlay(&revert.overlay, &backing, &format, size)
+}
+
+/// The format and virtual size of an image, from its header alone: the image may be in use,
+/// but not for writing.
+fn probe_header(path: &Path) -> Result<(String, u64)> {
+    let file = regular::open(path, false)?;
+    if lock::is_written_by_other(&file).map_err(io_err("cannot query the locks of", path))? {
+        return Err(Error::Locked {
+            path: path.to_owned(),
+        });
+    }
+    if probe_is_qcow2(path)? {
+        let image = Image::open(path, Access::Header)?;
+        Ok(("qcow2".into(), image.header().size))
+    } else {
+        Ok(("raw".into(), regular::len(path)?))
+    }
+}
+
 /// The backing file of `image` (`None` for a raw image or a qcow2 image without one), read
 /// from the header alone, so it works on images a running QEMU holds.
 pub fn backing_file(image: &Path) -> Result<Option<PathBuf>> {
@@ -508,7 +537,7 @@ impl DiskSnapshots for OfflineBackend {
 
     async fn revert_external(&self, revert: &ExternalSnapshot) -> Result<()> {
         let revert = revert.clone();
-        blocking(move || create_external(std::slice::from_ref(&revert))).await
+        blocking(move || revert_external(&revert)).await
     }
 
     async fn delete_external(&self, disk: &Path, image: &Path, method: MergeMethod) -> Result<PathBuf> {
@@ -530,6 +559,49 @@ impl DiskSnapshots for OfflineBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A revert's overlay reads its backing image's header only: a backing image another
+    /// process holds read-only (QEMU's permission byte 100) is fine, one it writes (byte 101) is
+    /// refused, and nothing is created then.
+    #[test]
+    fn a_revert_overlay_needs_its_backing_not_to_be_written() {
+        use std::os::fd::AsFd;
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let raw = dir.path().join("base.raw");
+        std::fs::write(&raw, vec![0u8; 2 << 20]).unwrap();
+        qcow2::create_overlay(&base, raw.to_str().unwrap(), "raw", 2 << 20).unwrap();
+        let hold = |byte: i64| {
+            let file = std::fs::File::open(&base).unwrap();
+            let request = libc::flock {
+                l_type: libc::c_short::try_from(libc::F_RDLCK).unwrap(),
+                l_whence: libc::c_short::try_from(libc::SEEK_SET).unwrap(),
+                l_start: byte,
+                l_len: 1,
+                l_pid: 0,
+            };
+            nix::fcntl::fcntl(file.as_fd(), nix::fcntl::FcntlArg::F_OFD_SETLK(&request)).unwrap();
+            file
+        };
+        let revert = |overlay: &str| ExternalSnapshot {
+            disk: base.clone(),
+            overlay: dir.path().join(overlay),
+            backing_path: BackingPath::Absolute,
+        };
+
+        let reader = hold(100);
+        revert_external(&revert("o1.qcow2")).unwrap();
+        drop(reader);
+        let chain = backing_chain(&dir.path().join("o1.qcow2")).unwrap();
+        assert_eq!(chain[0].virtual_size, 2 << 20);
+        assert_eq!(chain[1].path, base);
+
+        let writer = hold(101);
+        let error = revert_external(&revert("o2.qcow2")).unwrap_err();
+        assert!(matches!(error, Error::Locked { .. }), "{error}");
+        assert!(!dir.path().join("o2.qcow2").exists());
+        drop(writer);
+    }
 
     /// The trait's `backing_file` reads the header alone and resolves a relative name against
     /// the image's folder; a raw image has none.

@@ -2,31 +2,27 @@
 //! run states and disk handling).
 
 use std::{
-    collections::HashMap,
     fs, io,
-    os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, OnceLock, PoisonError},
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
 use qmp::{
-    commands::{Cont, MigrateCancel, QueryMigrate, QueryStatus, Quit, Stop},
-    Client, ClientOptions, MigrationStatus, RunState,
+    commands::{Cont, MigrateCancel, QueryMigrate, Quit, Stop},
+    Client, MigrationStatus, RunState,
 };
 use snapshot_core::{DomainLock, DomainState, Name, StateDir};
 
+pub(crate) use crate::files::DomainFiles;
 use crate::{
-    command_line::{escape, RuntimePaths, StartMode},
+    command_line::{RuntimePaths, StartMode},
     config::{Accel, DomainConfig},
+    connections::Connections,
     error::{Error, Result},
     process,
 };
 
-/// Longest Unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
-const MAX_SOCKET_PATH: usize = 107;
-/// Where guest RAM files go (tmpfs).
-const RAM_DIR: &str = "/dev/shm";
 /// Longest wait for QEMU to answer `quit` and exit before it is killed.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for the process to vanish after SIGKILL.
@@ -36,8 +32,6 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(120);
 /// The file in the state directory that remembers the QEMU binary that passed its version
 /// check (so that starts need not run `qemu --version` again).
 const QEMU_RECORD: &str = "qemu-binary.json";
-/// Longest wait for QMP's greeting: QEMU answers at once unless another client is connected.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The QEMU domain driver: named domains under a state directory, each run by a daemonized QEMU 10
 /// that outlives the process that started it (the `domsnap` CLI runs one short process per
@@ -62,9 +56,17 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 ///                                    memory image that QEMU maps as guest RAM, copy-on-write, so
 ///                                    the data outlives a delete of the snapshot while QEMU runs
 ///                    ram-base.origin the path of the image it links to (for messages)
+/// STATE/domains/NAME/run-1/          the second run slot, the same files: a revert's standby
+///                                    QEMU starts there beside the running one (see `standby`)
+/// STATE/domains/NAME/active-slot     which slot the domain's QEMU runs in: `0` (run/, also
+///                                    when the file is absent) or `1` (run-1/)
 /// /dev/shm/domsnap-UID-HASH-NAME.ram guest RAM (mode 0600), HASH = first 8 hex digits of the
-///                                    xxh3-64 of the canonical state directory
+///                                    xxh3-64 of the canonical state directory; slot 1's is
+///                                    `NAME+1.ram`
 /// ```
+///
+/// Every call but the standby's own uses the active slot (see `files`), so once a standby is
+/// promoted, status, pause, destroy, the consoles and the guest agent find the new QEMU.
 ///
 /// Guest RAM is on tmpfs because `share=on` RAM in a file on a disk would be written back to the
 /// disk. The paths come from [`snapshot_core::StateDir`], the one owner of the layout; the
@@ -75,8 +77,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// # Supervision
 ///
-/// A domain runs iff the process in `run/qemu.pid` is alive and its `/proc/PID/cmdline` names
-/// the domain's QMP socket (a recycled pid or a zombie does not count). When the driver finds
+/// A domain runs iff the process in its active slot's `qemu.pid` is alive and its
+/// `/proc/PID/cmdline` names that slot's QMP socket (a recycled pid or a zombie does not count). When the driver finds
 /// the QEMU dead (the guest powered off, QEMU crashed or was killed), it removes `run/` and the
 /// RAM file and reports the domain shut off. Starting, stopping, defining and undefining take the
 /// domain's one lock ([`snapshot_core::StateDir::lock`], the same lock snapshot operations
@@ -88,7 +90,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// (disks open and locked, QMP listening), with its errors in `run/qemu.log`.
 ///
 /// QEMU serves one client at a time on a QMP socket. A driver keeps one connection to
-/// `qmp.sock` per running domain and reuses it (reconnecting when it closed or the pid changed);
+/// `qmp.sock` per running domain (and run slot) and reuses it (reconnecting when it closed or the pid changed);
 /// while one process holds it, another process's commands on that domain fail after a few
 /// seconds with [`Error::QmpConnect`] (drop the driver, or end the process, to let another one
 /// talk). State queries of a driver that holds no connection go to `status.sock` instead
@@ -127,17 +129,8 @@ struct Inner {
     root: OnceLock<PathBuf>,
     /// The QEMU binary, once checked.
     qemu: tokio::sync::OnceCell<PathBuf>,
-    /// One QMP connection slot per domain; the async mutex makes concurrent callers share one
-    /// connection attempt (a second one would wait for QEMU to drop the first).
-    connections: Mutex<HashMap<Name, Slot>>,
-}
-
-type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
-
-#[derive(Debug)]
-struct Connection {
-    pid: u32,
-    client: Client,
+    /// The QMP connections to the domains' QEMUs.
+    connections: Connections,
 }
 
 /// A domain's state as the driver sees it.
@@ -170,91 +163,6 @@ pub enum StopMode {
     },
     /// QMP `quit` (QEMU flushes and closes its disk images), SIGKILL if QEMU does not answer.
     Force,
-}
-
-/// The files of one domain.
-#[derive(Debug)]
-pub(crate) struct DomainFiles {
-    dir: PathBuf,
-    pub(crate) definition: PathBuf,
-    pub(crate) run: PathBuf,
-    pub(crate) pid_file: PathBuf,
-    pub(crate) qemu_log: PathBuf,
-    qmp_socket: PathBuf,
-    pub(crate) status_socket: PathBuf,
-    console_socket: PathBuf,
-    pub(crate) guest_agent_socket: PathBuf,
-    default_serial_log: PathBuf,
-    pub(crate) ram_file: PathBuf,
-    /// The hard link of the memory image the running QEMU maps as its RAM (a lazy revert).
-    pub(crate) ram_base: PathBuf,
-    /// The path of the image `ram_base` links to, for messages.
-    pub(crate) ram_base_origin: PathBuf,
-}
-
-impl DomainFiles {
-    pub(crate) fn runtime(&self, config: &DomainConfig) -> RuntimePaths {
-        RuntimePaths {
-            ram_file: self.ram_file.clone(),
-            qmp_socket: self.qmp_socket.clone(),
-            serial_log: config
-                .serial_log
-                .clone()
-                .unwrap_or_else(|| self.default_serial_log.clone()),
-            console_socket: self.console_socket.clone(),
-            guest_agent_socket: self.guest_agent_socket.clone(),
-        }
-    }
-
-    /// What QEMU's command line contains, and no other process's does: the QMP socket option.
-    pub(crate) fn marker(&self) -> Vec<u8> {
-        format!("unix:{},server=on", escape(&self.qmp_socket)).into_bytes()
-    }
-
-    /// QEMU's pid, if the domain's QEMU is alive.
-    pub(crate) fn pid(&self) -> Option<u32> {
-        process::read_pid(&self.pid_file).filter(|&pid| process::is_our_qemu(pid, &self.marker()))
-    }
-
-    pub(crate) fn check_socket_paths(&self) -> Result<()> {
-        for socket in [
-            &self.qmp_socket,
-            &self.status_socket,
-            &self.console_socket,
-            &self.guest_agent_socket,
-        ] {
-            let len = socket.as_os_str().len();
-            if len > MAX_SOCKET_PATH {
-                return Err(Error::SocketPathTooLong {
-                    path: socket.clone(),
-                    len,
-                    max: MAX_SOCKET_PATH,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    fn has_leftovers(&self) -> bool {
-        self.run.exists() || self.ram_file.exists()
-    }
-
-    /// Removes the runtime files (with a mapped memory image's link) and the RAM file (of a QEMU
-    /// that has ended).
-    pub(crate) fn clean(&self) -> Result<()> {
-        match fs::remove_dir_all(&self.run) {
-            Err(source) if source.kind() != io::ErrorKind::NotFound => {
-                return Err(io_error("cannot remove", &self.run)(source))
-            }
-            _ => {}
-        }
-        match fs::remove_file(&self.ram_file) {
-            Err(source) if source.kind() != io::ErrorKind::NotFound => {
-                Err(io_error("cannot remove", &self.ram_file)(source))
-            }
-            _ => Ok(()),
-        }
-    }
 }
 
 /// Builds an [`Error::Io`] for `path`.
@@ -294,7 +202,7 @@ impl QemuDriver {
                 state_dir: state_dir.into(),
                 root: OnceLock::new(),
                 qemu: tokio::sync::OnceCell::new(),
-                connections: Mutex::new(HashMap::new()),
+                connections: Connections::default(),
             }),
         }
     }
@@ -316,6 +224,11 @@ impl QemuDriver {
             .transpose()?;
         let pinned = self.pin(config, previous.as_ref(), &files.dir).await?;
         self.define_locked(&pinned)
+    }
+
+    /// The driver's QMP connections (shared by its clones).
+    pub(crate) fn connections(&self) -> &Connections {
+        &self.inner.connections
     }
 
     /// The state directory as the driver was given it.
@@ -371,7 +284,7 @@ impl QemuDriver {
         let _lock = self.lock(name).await?;
         self.load_definition(name, &files)?;
         let Some(pid) = files.pid() else {
-            self.forget(name);
+            self.forget(name, files.slot);
             files.clean()?;
             return Err(Error::NotRunning { domain: name.clone() });
         };
@@ -387,14 +300,20 @@ impl QemuDriver {
         self.destroy_locked(name).await
     }
 
-    /// [`QemuDriver::destroy`] with the domain's lock held by the caller.
+    /// [`QemuDriver::destroy`] with the domain's lock held by the caller. A standby QEMU (a
+    /// revert's, see `standby`) is left as it is.
     pub(crate) async fn destroy_locked(&self, name: &Name) -> Result<()> {
         let files = self.files(name)?;
         self.load_definition(name, &files)?;
+        self.end_slot(name, &files).await
+    }
+
+    /// Ends the QEMU of the run slot `files` if it is alive, and removes the slot's files.
+    pub(crate) async fn end_slot(&self, name: &Name, files: &DomainFiles) -> Result<()> {
         match files.pid() {
-            Some(pid) => self.end_process(name, &files, pid).await,
+            Some(pid) => self.end_process(name, files, pid).await,
             None => {
-                self.forget(name);
+                self.forget(name, files.slot);
                 files.clean()
             }
         }
@@ -514,11 +433,12 @@ impl QemuDriver {
     /// to the snapshot store.
     pub async fn undefine(&self, name: &Name) -> Result<()> {
         let _lock = self.lock(name).await?;
-        self.undefine_locked(name)
+        self.undefine_locked(name).await
     }
 
-    /// [`QemuDriver::undefine`] with the domain's lock held by the caller.
-    pub(crate) fn undefine_locked(&self, name: &Name) -> Result<()> {
+    /// [`QemuDriver::undefine`] with the domain's lock held by the caller. A standby QEMU left
+    /// by an interrupted revert is ended.
+    pub(crate) async fn undefine_locked(&self, name: &Name) -> Result<()> {
         let files = self.files(name)?;
         self.load_definition(name, &files)?;
         if let Some(pid) = files.pid() {
@@ -528,8 +448,9 @@ impl QemuDriver {
                 pid,
             });
         }
-        self.forget(name);
+        self.forget(name, files.slot);
         files.clean()?;
+        self.end_slot(name, &self.standby_files(name)?).await?;
         fs::remove_file(&files.definition).map_err(io_error("cannot remove", &files.definition))?;
         Ok(durable::sync_dir(&files.dir)?)
     }
@@ -544,44 +465,6 @@ impl QemuDriver {
         };
         let client = self.client(name, &files, pid).await?;
         Ok((files, pid, client))
-    }
-
-    /// The domain's files; fails for a domain that cannot exist (no state directory).
-    pub(crate) fn files(&self, name: &Name) -> Result<DomainFiles> {
-        let state = self.state(name)?;
-        let domain = state.domain(name);
-        let run = domain.run_dir();
-        let hash = xxhash_rust::xxh3::xxh3_64(state.root().as_os_str().as_bytes());
-        let ram_file = Path::new(RAM_DIR).join(format!(
-            "domsnap-{}-{:08x}-{name}.ram",
-            nix::unistd::getuid(),
-            hash >> 32
-        ));
-        Ok(DomainFiles {
-            definition: domain.definition_file(),
-            pid_file: run.join("qemu.pid"),
-            qemu_log: run.join("qemu.log"),
-            qmp_socket: run.join("qmp.sock"),
-            status_socket: run.join("status.sock"),
-            console_socket: run.join("console.sock"),
-            guest_agent_socket: run.join("qga.sock"),
-            ram_base: run.join(crate::mapped_ram::RAM_BASE),
-            ram_base_origin: run.join(crate::mapped_ram::RAM_BASE_ORIGIN),
-            default_serial_log: domain.serial_log(),
-            ram_file,
-            dir: domain.path().to_owned(),
-            run,
-        })
-    }
-
-    /// The canonical state directory: every process names the same domain's files alike, so
-    /// the pid check and the RAM file name agree whatever path the caller used.
-    fn root(&self) -> io::Result<&Path> {
-        if let Some(root) = self.inner.root.get() {
-            return Ok(root);
-        }
-        let root = fs::canonicalize(&self.inner.state_dir)?;
-        Ok(self.inner.root.get_or_init(|| root))
     }
 
     pub(crate) fn load_definition(&self, name: &Name, files: &DomainFiles) -> Result<DomainConfig> {
@@ -609,8 +492,18 @@ impl QemuDriver {
         self.inner.qemu.get_or_try_init(find).await.cloned()
     }
 
+    /// The canonical state directory: every process names the same domain's files alike, so
+    /// the pid check and the RAM file name agree whatever path the caller used.
+    fn root(&self) -> io::Result<&Path> {
+        if let Some(root) = self.inner.root.get() {
+            return Ok(root);
+        }
+        let root = fs::canonicalize(&self.inner.state_dir)?;
+        Ok(self.inner.root.get_or_init(|| root))
+    }
+
     /// The state directory, by its canonical path.
-    fn state(&self, name: &Name) -> Result<StateDir> {
+    pub(crate) fn state(&self, name: &Name) -> Result<StateDir> {
         let root = self.root().map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => Error::UnknownDomain { domain: name.clone() },
             _ => Error::Io {
@@ -662,91 +555,10 @@ impl QemuDriver {
         };
         if files.pid().is_none() {
             tracing::info!(domain = %name, "QEMU is gone; removing its stale files");
-            self.forget(name);
+            self.forget(name, files.slot);
             files.clean()?;
         }
         Ok(())
-    }
-
-    /// The QMP connection to the domain's QEMU (pid `pid`), reused while it stays open.
-    pub(crate) async fn client(&self, name: &Name, files: &DomainFiles, pid: u32) -> Result<Client> {
-        let slot = self
-            .inner
-            .connections
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(name.clone())
-            .or_default()
-            .clone();
-        let mut held = slot.lock().await;
-        if let Some(connection) = held.as_ref() {
-            if connection.pid == pid && connection.client.closed_reason().is_none() {
-                return Ok(connection.client.clone());
-            }
-        }
-        *held = None;
-        let client = Client::connect_unix(&files.qmp_socket, Self::client_options())
-            .await
-            .map_err(|source| Error::QmpConnect {
-                domain: name.clone(),
-                socket: files.qmp_socket.clone(),
-                source,
-            })?;
-        *held = Some(Connection {
-            pid,
-            client: client.clone(),
-        });
-        Ok(client)
-    }
-
-    /// Drops the domain's QMP connection (its QEMU ended).
-    pub(crate) fn forget(&self, name: &Name) {
-        self.inner
-            .connections
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(name);
-    }
-
-    /// QEMU's run state, on this driver's connection if it has one, else on the status monitor.
-    pub(crate) async fn run_state(&self, name: &Name, files: &DomainFiles, pid: u32) -> Result<RunState> {
-        let client = match self.connected(name, pid) {
-            Some(client) => client,
-            None => Client::connect_unix(&files.status_socket, Self::client_options())
-                .await
-                .map_err(|source| Error::QmpConnect {
-                    domain: name.clone(),
-                    socket: files.status_socket.clone(),
-                    source,
-                })?,
-        };
-        let status = client
-            .execute(&QueryStatus)
-            .await
-            .map_err(qmp_error(name, "querying the run state"))?;
-        Ok(status.status)
-    }
-
-    /// This driver's open connection to the domain's QEMU (pid `pid`), if it has one at hand.
-    fn connected(&self, name: &Name, pid: u32) -> Option<Client> {
-        let slot = self
-            .inner
-            .connections
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(name)?
-            .clone();
-        let held = slot.try_lock().ok()?;
-        held.as_ref()
-            .filter(|c| c.pid == pid && c.client.closed_reason().is_none())
-            .map(|c| c.client.clone())
-    }
-
-    fn client_options() -> ClientOptions {
-        ClientOptions {
-            handshake_timeout: HANDSHAKE_TIMEOUT,
-            ..ClientOptions::default()
-        }
     }
 
     /// Presses the power button of a running guest and waits for QEMU to exit.
@@ -771,7 +583,7 @@ impl QemuDriver {
                 seconds: timeout.as_secs(),
             });
         }
-        self.forget(name);
+        self.forget(name, files.slot);
         files.clean()
     }
 
@@ -783,8 +595,12 @@ impl QemuDriver {
                 .client(name, files, pid)
                 .await?
                 .with_timeout(Some(QUIT_TIMEOUT));
-            if let Err(error) = self.sync_disks(name, files, &client).await {
-                tracing::warn!(domain = %name, %error, "cannot record the active disk images");
+            // Only the active slot's QEMU runs the defined disks: a standby's are a revert's.
+            let active = self.files(name).is_ok_and(|active| active.slot == files.slot);
+            if active {
+                if let Err(error) = self.sync_disks(name, files, &client).await {
+                    tracing::warn!(domain = %name, %error, "cannot record the active disk images");
+                }
             }
             match client.execute(&Quit).await {
                 // QEMU may close the connection before its reply is read.
@@ -813,13 +629,13 @@ impl QemuDriver {
                 });
             }
         }
-        self.forget(name);
+        self.forget(name, files.slot);
         files.clean()
     }
 }
 
-/// `config` with absolute paths.
-fn absolute_paths(config: &DomainConfig) -> Result<DomainConfig> {
+/// `config` with absolute paths (QEMU runs from `/`).
+pub(crate) fn absolute_paths(config: &DomainConfig) -> Result<DomainConfig> {
     let absolute = |path: &Path| std::path::absolute(path).map_err(io_error("cannot resolve", path));
     let mut config = config.clone();
     for path in [

@@ -85,6 +85,13 @@ pub enum Error {
         source: qmp::Error,
     },
 
+    /// A revert's standby QEMU was asked for (to promote it, to reach its RAM), but there is none.
+    #[error("domain {domain} has no standby QEMU (none was started, or it has exited)")]
+    NoStandby {
+        /// The domain.
+        domain: Name,
+    },
+
     /// The domain has no QEMU process.
     #[error("domain {domain} is shut off")]
     NotRunning {

@@ -33,13 +33,12 @@ use qmp::{
 };
 use snapshot_core::{
     CaptureSignals, DiskTarget, DomainState, DriverResult, Hypervisor, IncomingRam, IncomingStart,
-    MemoryAccess, Name, StreamMode, StreamedSave,
+    MemoryAccess, Name, Standby, StreamMode, StreamedSave,
 };
 
 use crate::{
-    command_line::StartMode,
     config::DomainConfig,
-    driver::{io_error, qmp_error, QemuDriver},
+    driver::{io_error, qmp_error, DomainFiles, QemuDriver},
     error::{Error, Result},
     migration_stream::{device_state_format, device_state_prefix, DeviceStateFormat, DEVICE_STATE_HEADER},
     pin::{recorded_config, QEMU_VERSION_KEY},
@@ -99,20 +98,7 @@ impl Hypervisor for QemuDriver {
 
     async fn guest_memory(&self, domain: &Name) -> DriverResult<GuestMemory> {
         let (files, _, client) = self.running(domain).await?;
-        if let Some(image) = crate::mapped_ram::mapped_image(&files) {
-            return Err(Error::RamNotShared {
-                domain: domain.clone(),
-                image,
-            }
-            .into());
-        }
-        let regions = crate::ram_layout(&client).await?;
-        Ok(
-            GuestMemory::from_ram_file(&files.ram_file, &regions).map_err(|source| Error::Memory {
-                domain: domain.clone(),
-                source,
-            })?,
-        )
+        Ok(shared_memory(domain, &files, &client).await?)
     }
 
     async fn save_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()> {
@@ -160,36 +146,37 @@ impl Hypervisor for QemuDriver {
         config: &serde_json::Value,
         disks: &[DiskTarget],
     ) -> DriverResult<()> {
-        let invalid = |reason: String| Error::InvalidConfig { path: None, reason };
-        let (mut config, _) = recorded_config(config)?;
-        if config.name != *domain {
-            return Err(invalid(format!(
-                "the configuration is of domain {}, not {domain}",
-                config.name
-            ))
-            .into());
-        }
-        for target in disks {
-            let format = crate::config::disk_format(target.format);
-            if !config.set_disk_image(&target.target, target.image.clone(), format) {
-                return Err(invalid(format!("the configuration has no disk {:?}", target.target)).into());
-            }
-        }
-        Ok(self.define_locked(&config)?)
+        Ok(self.define_locked(&revert_config(domain, config, disks)?)?)
     }
 
     async fn undefine(&self, domain: &Name) -> DriverResult<()> {
-        Ok(self.undefine_locked(domain)?)
+        Ok(self.undefine_locked(domain).await?)
     }
 
     async fn start_incoming<'a>(&self, domain: &Name, ram: IncomingRam<'a>) -> DriverResult<IncomingStart> {
-        match ram {
-            IncomingRam::Fresh => {
-                self.launch_locked(domain, StartMode::Incoming).await?;
-                Ok(IncomingStart::Fresh { fallback: None })
-            }
-            IncomingRam::Image(image) => Ok(self.start_mapped(domain, image).await?),
-        }
+        let launch = self.prepare_launch(domain).await?;
+        Ok(self.start_prepared_incoming(domain, launch, ram).await?)
+    }
+
+    /// Unavailable for a domain that does not run, and for configurations two QEMUs cannot
+    /// share (see `DomainConfig::standby_blocker`); the standby runs in the domain's other run
+    /// slot (see `standby`).
+    async fn start_standby<'a>(
+        &self,
+        domain: &Name,
+        config: &serde_json::Value,
+        disks: &[DiskTarget],
+        ram: IncomingRam<'a>,
+    ) -> DriverResult<Standby> {
+        Ok(self.start_standby_locked(domain, config, disks, ram).await?)
+    }
+
+    async fn promote_standby(&self, domain: &Name) -> DriverResult<()> {
+        Ok(self.promote_standby_locked(domain).await?)
+    }
+
+    async fn discard_standby(&self, domain: &Name) -> DriverResult<()> {
+        Ok(self.discard_standby_locked(domain).await?)
     }
 
     /// Fails, before anything is paused or written, when QEMU says it cannot migrate the domain
@@ -442,7 +429,7 @@ impl QemuDriver {
     async fn follow_load(
         &self,
         domain: &Name,
-        files: &crate::driver::DomainFiles,
+        files: &DomainFiles,
         client: &qmp::Client,
         fail: &impl Fn(String, String) -> Error,
     ) -> Result<()> {
@@ -490,6 +477,53 @@ impl QemuDriver {
             .await
             .map(drop)
     }
+}
+
+/// The guest RAM of the QEMU of run slot `files` (behind `client`): its shared RAM file, laid
+/// out as QEMU reports; refused when its RAM is mapped from a memory image.
+pub(crate) async fn shared_memory(
+    domain: &Name,
+    files: &DomainFiles,
+    client: &qmp::Client,
+) -> Result<GuestMemory> {
+    if let Some(image) = crate::mapped_ram::mapped_image(files) {
+        return Err(Error::RamNotShared {
+            domain: domain.clone(),
+            image,
+        });
+    }
+    let regions = crate::ram_layout(client).await?;
+    GuestMemory::from_ram_file(&files.ram_file, &regions).map_err(|source| Error::Memory {
+        domain: domain.clone(),
+        source,
+    })
+}
+
+/// The recorded configuration `config` of `domain` (as [`Hypervisor::config`] returned it) with
+/// its disks on the images `disks`: what a revert defines, and what its standby QEMU runs.
+pub(crate) fn revert_config(
+    domain: &Name,
+    config: &serde_json::Value,
+    disks: &[DiskTarget],
+) -> Result<DomainConfig> {
+    let invalid = |reason: String| Error::InvalidConfig { path: None, reason };
+    let (mut config, _) = recorded_config(config)?;
+    if config.name != *domain {
+        return Err(invalid(format!(
+            "the configuration is of domain {}, not {domain}",
+            config.name
+        )));
+    }
+    for target in disks {
+        let format = crate::config::disk_format(target.format);
+        if !config.set_disk_image(&target.target, target.image.clone(), format) {
+            return Err(invalid(format!(
+                "the configuration has no disk {:?}",
+                target.target
+            )));
+        }
+    }
+    Ok(config)
 }
 
 /// The machine type of the QEMU behind `client` as its migration stream names it: QOM type

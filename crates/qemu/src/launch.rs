@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use snapshot_core::Name;
+use snapshot_core::{IncomingRam, IncomingStart, Name};
 
 use crate::{
     command_line::{escape, qemu_args, StartMode},
@@ -36,14 +36,12 @@ impl QemuDriver {
         self.spawn_qemu(name, &prepared, mode).await
     }
 
-    /// Checks that the domain can start, removes what an earlier QEMU left (its run folder,
-    /// with the link of a mapped memory image, and its RAM file) and makes a fresh run folder.
+    /// Checks that the shut-off domain can start and prepares its active run slot
+    /// ([`QemuDriver::prepare_run`]). A standby QEMU left by an interrupted revert is ended
+    /// first: a domain started normally never has one beside it.
     pub(crate) async fn prepare_launch(&self, name: &Name) -> Result<Launch> {
         let files = self.files(name)?;
         let config = self.load_definition(name, &files)?;
-        // The run_as user may have gone since the definition.
-        config.check_host()?;
-        check_firmware(name, &config)?;
         if let Some(pid) = files.pid() {
             return Err(Error::Running {
                 domain: name.clone(),
@@ -51,8 +49,24 @@ impl QemuDriver {
                 pid,
             });
         }
+        self.end_slot(name, &self.standby_files(name)?).await?;
+        self.prepare_run(name, files, config).await
+    }
+
+    /// Checks that QEMU can start `config` in the run slot `files` (whose QEMU has ended),
+    /// removes what an earlier QEMU left there (its run folder, with the link of a mapped
+    /// memory image, and its RAM file) and makes a fresh run folder.
+    pub(crate) async fn prepare_run(
+        &self,
+        name: &Name,
+        files: DomainFiles,
+        config: DomainConfig,
+    ) -> Result<Launch> {
+        // The run_as user may have gone since the definition.
+        config.check_host()?;
+        check_firmware(name, &config)?;
         files.check_socket_paths()?;
-        self.forget(name);
+        self.forget(name, files.slot);
         files.clean()?;
         let binary = self.qemu().await?;
         DirBuilder::new()
@@ -64,6 +78,24 @@ impl QemuDriver {
             config,
             binary,
         })
+    }
+
+    /// Starts a prepared launch to receive its state ([`StartMode::Incoming`]), on fresh shared
+    /// RAM or with its RAM mapped from a memory image (`mapped_ram`, which falls back to fresh
+    /// RAM when the image cannot be linked).
+    pub(crate) async fn start_prepared_incoming(
+        &self,
+        name: &Name,
+        launch: Launch,
+        ram: IncomingRam<'_>,
+    ) -> Result<IncomingStart> {
+        match ram {
+            IncomingRam::Fresh => {
+                self.spawn_qemu(name, &launch, StartMode::Incoming).await?;
+                Ok(IncomingStart::Fresh { fallback: None })
+            }
+            IncomingRam::Image(image) => self.start_mapped(name, launch, image).await,
+        }
     }
 
     /// Spawns the daemonized QEMU of a prepared launch in `mode` and waits until it has

@@ -55,8 +55,10 @@
 
 mod command_line;
 mod config;
+mod connections;
 mod driver;
 mod error;
+mod files;
 mod follow_disks;
 mod guest_agent;
 mod host;
@@ -67,6 +69,7 @@ mod migration_stream;
 mod pin;
 mod process;
 mod ram_layout;
+mod standby;
 mod stream_save;
 
 pub use command_line::{

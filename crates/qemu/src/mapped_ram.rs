@@ -59,12 +59,15 @@ enum Linked {
 }
 
 impl QemuDriver {
-    /// Starts a shut-off domain to receive its state with its RAM mapped from `image` (see the
+    /// Starts a prepared launch to receive its state with its RAM mapped from `image` (see the
     /// module documentation), falling back to fresh shared RAM when the image cannot be linked.
-    pub(crate) async fn start_mapped(&self, name: &Name, image: &Path) -> Result<IncomingStart> {
+    pub(crate) async fn start_mapped(
+        &self,
+        name: &Name,
+        launch: Launch,
+        image: &Path,
+    ) -> Result<IncomingStart> {
         let started = std::time::Instant::now();
-        let launch = self.prepare_launch(name).await?;
-        let prepared = started.elapsed();
         let image = std::path::absolute(image).map_err(io_error("cannot resolve", image))?;
         let linked = {
             let (image, link, origin) = (
@@ -106,13 +109,13 @@ impl QemuDriver {
         self.spawn_qemu(name, &launch, mode).await?;
         let spawned = started.elapsed();
         if let Err(reason) = self.check_mapped_layout(name, &launch, &regions).await {
-            if let Err(error) = self.destroy_locked(name).await {
+            if let Err(error) = self.end_slot(name, &launch.files).await {
                 tracing::warn!(domain = %name, %error, "cannot end the QEMU that maps a mismatched image");
             }
             return Err(fail(reason));
         }
         tracing::debug!(
-            domain = %name, ?prepared, ?checked, ?spawned, done = ?started.elapsed(),
+            domain = %name, ?checked, ?spawned, done = ?started.elapsed(),
             "started on the mapped image"
         );
         Ok(IncomingStart::Mapped)

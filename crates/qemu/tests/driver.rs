@@ -12,11 +12,9 @@ use std::{
     fs,
     io::Write,
     os::unix::net::UnixStream,
-    path::Path,
     time::{Duration, Instant},
 };
 
-use disk::ExternalSnapshot;
 use memory::{restore, save_paused, Durability, ImageLayout, ImageWriter, RestoreOptions, ZeroPages};
 use qemu::{DomainStatus, StopMode};
 use snapshot_core::{DiskTarget, DomainState, Hypervisor, IncomingRam, Name};
@@ -24,7 +22,10 @@ use testkit::{SerialLine, Workload};
 
 mod common;
 
-use common::{last_tick, serial_lines, wait_serial, wait_tick_after, State, BOOT, WAIT};
+use common::{
+    first_tick_from, last_tick, overlay_on, serial_lines, vda, wait_serial, wait_tick_after, State, BOOT,
+    WAIT,
+};
 
 fn status(name: &Name, state: DomainState, pid: Option<u32>) -> DomainStatus {
     DomainStatus {
@@ -384,13 +385,7 @@ async fn a_restored_domain_snapshots_again_from_new_and_old_device_state_files()
         let position = serial_lines(&log).len();
         driver.load_device_state(&name, file).await.unwrap();
         driver.resume(&name).await.unwrap();
-        let resumed = wait_serial(&log, WAIT, |lines| {
-            lines.iter().skip(position).find_map(|line| match line {
-                SerialLine::Tick { n, .. } => Some(*n),
-                _ => None,
-            })
-        })
-        .await;
+        let resumed = first_tick_from(&log, position).await;
         assert!(
             resumed <= tick_at_save + 2,
             "{}: saved at {tick_at_save}, resumed at {resumed}",
@@ -534,13 +529,8 @@ async fn run_as_runs_qemu_as_that_user_in_the_sandbox() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_disk_backend_follows_the_domain_and_the_definition_follows_the_active_image() {
     let mut state = State::new();
-    let base = state.path().join("vda.qcow2");
-    testkit::create_qcow2(&base, "16M");
-    let config = state.config("disks", None, std::slice::from_ref(&base));
-    let name = config.name.clone();
+    let (name, base) = state.started_on_disk("disks", None, true).await;
     let driver = state.driver();
-    driver.define(&config).await.unwrap();
-    driver.start(&name, true).await.unwrap();
 
     // Live: QEMU takes the snapshots, and the overlay becomes the active image everywhere.
     let live = driver.disk_backend(&name).await.unwrap();
@@ -548,18 +538,9 @@ async fn the_disk_backend_follows_the_domain_and_the_definition_follows_the_acti
         .await
         .unwrap();
     let overlay = state.path().join("vda-1.qcow2");
-    live.create_external(&[ExternalSnapshot {
-        disk: base.clone(),
-        overlay: overlay.clone(),
-        backing_path: Default::default(),
-    }])
-    .await
-    .unwrap();
-    let vda = |image: &Path| DiskTarget {
-        target: "vda".into(),
-        image: image.to_owned(),
-        format: snapshot_core::ImageFormat::Qcow2,
-    };
+    live.create_external(&[overlay_on(&base, &overlay)])
+        .await
+        .unwrap();
     assert_eq!(driver.disks(&name).await.unwrap(), [vda(&overlay)]);
     assert_eq!(driver.definition(&name).unwrap().disks[0].path, overlay);
 

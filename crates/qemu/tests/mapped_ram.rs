@@ -23,7 +23,7 @@ use testkit::{SerialLine, Workload};
 
 mod common;
 
-use common::{last_tick, wait_serial, wait_tick_after, State, BOOT, WAIT};
+use common::{last_tick, save_memory_and_devices, wait_serial, wait_tick_after, State, BOOT, WAIT};
 
 /// xxh3-64 of a whole file.
 fn file_hash(path: &Path) -> u64 {
@@ -69,12 +69,7 @@ async fn a_guest_mapped_from_its_image_runs_on_and_the_image_never_changes() {
     let folder = state.path().join("snapshot");
     fs::create_dir(&folder).unwrap();
     let (image, devices) = (folder.join("memory.img"), folder.join("devices.bin"));
-    driver.pause(&name).await.unwrap();
-    let ram = driver.guest_memory(&name).await.unwrap();
-    let writer = ImageWriter::create(&image, ImageLayout::of(&ram), Durability::Sync).unwrap();
-    save_paused(&ram, Box::new(writer)).unwrap();
-    drop(ram);
-    driver.save_device_state(&name, &devices).await.unwrap();
+    save_memory_and_devices(&driver, &name, &image, &devices).await;
     let tick_at_save = last_tick(&log).unwrap();
     let hash = file_hash(&image);
 

@@ -201,6 +201,40 @@ impl DomainConfig {
         Ok(())
     }
 
+    /// Why a second QEMU of this configuration cannot start beside a running QEMU of the
+    /// domain, before its disks are reverted (a revert's standby): `None` when it can.
+    /// UEFI firmware reads the NVRAM image into its flash at start, before the revert would
+    /// change it, and writes its copy back later; a tap or bridge card's host interface serves
+    /// one QEMU; host port forwards are bound by the running QEMU.
+    pub fn standby_blocker(&self) -> Option<String> {
+        if self.firmware == Firmware::Uefi {
+            return Some(
+                "UEFI firmware reads its NVRAM image when QEMU starts, before the revert changes                  it: the new QEMU starts after the old one ends"
+                    .into(),
+            );
+        }
+        self.nics.iter().enumerate().find_map(|(index, nic)| {
+            let reason = match nic.kind {
+                NicType::Tap => format!(
+                    "its tap interface {} is attached to one QEMU at a time",
+                    nic.ifname.as_deref().unwrap_or_default()
+                ),
+                NicType::Bridge => format!(
+                    "bridge {} would get a second port with the guest's MAC",
+                    nic.br.as_deref().unwrap_or_default()
+                ),
+                NicType::User if !nic.hostfwd.is_empty() => format!(
+                    "its host port forwards ({}) are bound by the running QEMU",
+                    nic.hostfwd.join(", ")
+                ),
+                NicType::User => return None,
+            };
+            Some(format!(
+                "nics[{index}]: {reason}: the new QEMU starts after the old one ends"
+            ))
+        })
+    }
+
     /// The disk with target id `id`.
     pub fn disk(&self, id: &str) -> Option<&DiskConfig> {
         self.disks.iter().find(|disk| disk.id == id)
@@ -349,6 +383,42 @@ mod tests {
             DomainConfig::parse("name = \"a\"\nmemory_mib = 64\nkernel = \"/k\"", Path::new("/")).unwrap();
         assert_eq!(plain.run_as, None);
         plain.check_host().unwrap();
+    }
+
+    #[test]
+    fn uefi_tap_bridge_and_host_forwards_rule_out_a_standby() {
+        let parse = |extra: &str| {
+            DomainConfig::parse(
+                &format!("name = \"a\"\nmemory_mib = 64\nkernel = \"/k\"\n{extra}"),
+                Path::new("/"),
+            )
+            .unwrap()
+        };
+        assert_eq!(parse("").standby_blocker(), None);
+        assert_eq!(parse("[[nics]]\ntype = \"user\"").standby_blocker(), None);
+        let cases = [
+            ("firmware = \"uefi\"", "UEFI firmware reads its NVRAM image"),
+            (
+                "[[nics]]\ntype = \"user\"\n[[nics]]\ntype = \"user\"\nhostfwd = [\"tcp::8080-:80\"]",
+                "nics[1]: its host port forwards (tcp::8080-:80) are bound by the running QEMU",
+            ),
+            (
+                "[[nics]]\ntype = \"tap\"\nifname = \"tap7\"",
+                "nics[0]: its tap interface tap7",
+            ),
+            (
+                "[[nics]]\ntype = \"bridge\"\nbr = \"br0\"",
+                "nics[0]: bridge br0 would get a second port",
+            ),
+        ];
+        for (extra, expected) in cases {
+            let reason = parse(extra).standby_blocker().unwrap();
+            assert!(reason.contains(expected), "{extra:?}: {reason}");
+            assert!(
+                reason.ends_with("the new QEMU starts after the old one ends"),
+                "{reason}"
+            );
+        }
     }
 
     #[test]

@@ -13,8 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use disk::{BackingPath, ExternalSnapshot};
+use memory::{save_paused, Durability, ImageLayout, ImageWriter};
 use qemu::{Accel, DiskConfig, DomainConfig, Firmware, QemuDriver};
-use snapshot_core::Name;
+use snapshot_core::{DiskTarget, Hypervisor, Name};
 use testkit::{SerialLine, Workload};
 
 pub const BOOT: Duration = Duration::from_secs(90);
@@ -76,6 +78,23 @@ impl State {
         }
     }
 
+    /// A domain of the test guest running `workload` on a fresh 16 MiB qcow2 disk
+    /// `STATE/NAME.qcow2`, defined and started (paused with `paused`); its name and disk.
+    pub async fn started_on_disk(
+        &mut self,
+        name: &str,
+        workload: Option<Workload>,
+        paused: bool,
+    ) -> (Name, PathBuf) {
+        let disk = self.path().join(format!("{name}.qcow2"));
+        testkit::create_qcow2(&disk, "16M");
+        let config = self.config(name, workload, std::slice::from_ref(&disk));
+        let driver = self.driver();
+        driver.define(&config).await.unwrap();
+        driver.start(&config.name, paused).await.unwrap();
+        (config.name, disk)
+    }
+
     pub fn pid(&self, name: &Name) -> Option<i32> {
         let pid_file = self
             .path()
@@ -86,20 +105,71 @@ impl State {
     }
 }
 
+/// The run folders of a domain's two run slots (the second holds a revert's standby QEMU).
+const RUN_SLOTS: [&str; 2] = ["run", "run-1"];
+
 impl Drop for State {
     fn drop(&mut self) {
         let driver = self.driver();
         for name in &self.names {
-            if let Some(pid) = self.pid(name) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+            for slot in RUN_SLOTS {
+                let pid_file = self
+                    .path()
+                    .join("domains")
+                    .join(name.as_str())
+                    .join(slot)
+                    .join("qemu.pid");
+                let pid = fs::read_to_string(pid_file)
+                    .ok()
+                    .and_then(|pid| pid.trim().parse().ok());
+                if let Some(pid) = pid {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
             }
             if let Ok(paths) = driver.runtime_paths(name) {
-                let _ = fs::remove_file(paths.ram_file);
+                // Both slots' RAM files: NAME.ram and NAME+1.ram.
+                let ram = paths.ram_file.to_string_lossy().into_owned();
+                let stem = ram
+                    .strip_suffix("+1.ram")
+                    .or(ram.strip_suffix(".ram"))
+                    .unwrap_or(&ram);
+                let _ = fs::remove_file(format!("{stem}.ram"));
+                let _ = fs::remove_file(format!("{stem}+1.ram"));
             }
         }
+    }
+}
+
+/// What a paused create saves of a running domain: pauses it, writes its RAM into the memory
+/// image `image` (from the shared RAM file) and its device state into `devices`.
+pub async fn save_memory_and_devices(driver: &QemuDriver, name: &Name, image: &Path, devices: &Path) {
+    driver.pause(name).await.unwrap();
+    let ram = driver.guest_memory(name).await.unwrap();
+    let writer = ImageWriter::create(image, ImageLayout::of(&ram), Durability::Sync).unwrap();
+    save_paused(&ram, Box::new(writer)).unwrap();
+    drop(ram);
+    driver.save_device_state(name, devices).await.unwrap();
+}
+
+/// Disk `vda` (the first test disk) on the qcow2 image `image`, as the orchestrator names it.
+pub fn vda(image: &Path) -> DiskTarget {
+    DiskTarget {
+        target: "vda".into(),
+        image: image.to_owned(),
+        format: snapshot_core::ImageFormat::Qcow2,
+    }
+}
+
+/// A new overlay `overlay` on `disk` (an external snapshot of it, or a revert to it), naming
+/// its backing file by its absolute path.
+pub fn overlay_on(disk: &Path, overlay: &Path) -> ExternalSnapshot {
+    ExternalSnapshot {
+        disk: disk.to_owned(),
+        overlay: overlay.to_owned(),
+        backing_path: BackingPath::Absolute,
     }
 }
 
@@ -137,6 +207,18 @@ pub async fn wait_serial<T>(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The first tick the guest prints after the log's first `position` lines (a restored guest's,
+/// when the log also holds later ticks of an earlier run).
+pub async fn first_tick_from(log: &Path, position: usize) -> u64 {
+    wait_serial(log, WAIT, |lines| {
+        lines.iter().skip(position).find_map(|line| match line {
+            SerialLine::Tick { n, .. } => Some(*n),
+            _ => None,
+        })
+    })
+    .await
 }
 
 pub async fn wait_tick_after(log: &Path, after: u64, timeout: Duration) -> u64 {

@@ -1,0 +1,118 @@
+//! A revert's standby QEMU: the domain's next process, started in its other run slot (see
+//! `files`) while the current one runs on.
+//!
+//! QEMU started with `-incoming defer` opens its disk images inactive: it takes none of their
+//! locks and neither reads their metadata for good nor writes them until the incoming state
+//! is loaded, when it activates them (and reads their qcow2 metadata again). So the standby can
+//! start on the same images as the running QEMU; once that one has ended, the revert applies
+//! internal snapshots to the images offline, and the standby, promoted to the active slot,
+//! loads the device state and runs the reverted disks. A revert that fails before the old QEMU
+//! ends therefore leaves the domain running as it was, and the guest's gap is only: the old
+//! QEMU quits, the disks are reverted, the device state loads, the vCPUs continue.
+//!
+//! What two QEMUs cannot share makes a standby unavailable (`DomainConfig::standby_blocker`);
+//! the revert then ends the old QEMU before it starts the new one, as before.
+
+use memory::GuestMemory;
+use snapshot_core::{DiskTarget, IncomingRam, Name, Standby};
+
+use crate::{
+    driver::{absolute_paths, QemuDriver},
+    error::{Error, Result},
+    hypervisor::{revert_config, shared_memory},
+};
+
+impl QemuDriver {
+    /// [`snapshot_core::Hypervisor::start_standby`], with the domain's lock held by the caller:
+    /// the domain's QEMU must run; the standby runs `config` (a recorded configuration) on
+    /// `disks`, in the domain's standby slot, started as `start_incoming` starts the active one.
+    /// A failed start ends what it started and removes the standby's files; the running QEMU
+    /// is never touched.
+    pub(crate) async fn start_standby_locked(
+        &self,
+        name: &Name,
+        config: &serde_json::Value,
+        disks: &[DiskTarget],
+        ram: IncomingRam<'_>,
+    ) -> Result<Standby> {
+        let unavailable = |reason: String| Ok(Standby::Unavailable { reason });
+        let active = self.files(name)?;
+        self.load_definition(name, &active)?;
+        if active.pid().is_none() {
+            return unavailable(format!("domain {name} is not running"));
+        }
+        let config = absolute_paths(&revert_config(name, config, disks)?)?;
+        config.validate()?;
+        if let Some(reason) = config.standby_blocker() {
+            return unavailable(reason);
+        }
+        let files = self.standby_files(name)?;
+        // The second slot's paths are a little longer than the first's.
+        if let Err(error) = files.check_socket_paths() {
+            return unavailable(error.to_string());
+        }
+        // A standby left by an interrupted revert.
+        self.end_slot(name, &files).await?;
+        let started = match self.prepare_run(name, files, config).await {
+            Ok(launch) => self.start_prepared_incoming(name, launch, ram).await,
+            Err(error) => Err(error),
+        };
+        match started {
+            Ok(started) => Ok(Standby::Started(started)),
+            Err(error) => {
+                if let Err(cleanup) = self.discard_standby_locked(name).await {
+                    tracing::warn!(domain = %name, %cleanup, "cannot clean up after a failed standby start");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// [`snapshot_core::Hypervisor::promote_standby`], with the domain's lock held by the
+    /// caller: once the active slot's QEMU has ended, the standby slot becomes the active one
+    /// (recorded durably), and the old slot's leftovers go.
+    pub(crate) async fn promote_standby_locked(&self, name: &Name) -> Result<()> {
+        let active = self.files(name)?;
+        self.load_definition(name, &active)?;
+        if let Some(pid) = active.pid() {
+            return Err(Error::Running {
+                domain: name.clone(),
+                action: "promote the standby QEMU of",
+                pid,
+            });
+        }
+        let standby = self.standby_files(name)?;
+        if standby.pid().is_none() {
+            self.forget(name, standby.slot);
+            standby.clean()?;
+            return Err(Error::NoStandby { domain: name.clone() });
+        }
+        standby.make_active()?;
+        self.forget(name, active.slot);
+        // Promoted all the same: the next start, standby or discard removes them.
+        if let Err(error) = active.clean() {
+            tracing::warn!(domain = %name, %error, "cannot remove the files of the ended QEMU");
+        }
+        Ok(())
+    }
+
+    /// The guest RAM of the domain's standby QEMU, started on fresh shared RAM (an eager
+    /// revert, or a memory image that could not be mapped): a revert can write the snapshot's
+    /// memory into it before it ends the running QEMU, outside the guest's gap. (The
+    /// orchestrator's trait has no such call yet; once the standby is promoted,
+    /// [`snapshot_core::Hypervisor::guest_memory`] gives the same RAM.)
+    pub async fn standby_guest_memory(&self, name: &Name) -> Result<GuestMemory> {
+        let files = self.standby_files(name)?;
+        let pid = files
+            .pid()
+            .ok_or_else(|| Error::NoStandby { domain: name.clone() })?;
+        let client = self.client(name, &files, pid).await?;
+        shared_memory(name, &files, &client).await
+    }
+
+    /// [`snapshot_core::Hypervisor::discard_standby`], with the domain's lock held by the
+    /// caller: ends the standby QEMU if one runs (quit, else kill) and removes its files.
+    pub(crate) async fn discard_standby_locked(&self, name: &Name) -> Result<()> {
+        self.end_slot(name, &self.standby_files(name)?).await
+    }
+}
