@@ -175,6 +175,10 @@ impl Hypervisor for QemuDriver {
         Ok(self.promote_standby_locked(domain).await?)
     }
 
+    async fn standby_guest_memory(&self, domain: &Name) -> DriverResult<GuestMemory> {
+        Ok(QemuDriver::standby_guest_memory(self, domain).await?)
+    }
+
     async fn discard_standby(&self, domain: &Name) -> DriverResult<()> {
         Ok(self.discard_standby_locked(domain).await?)
     }

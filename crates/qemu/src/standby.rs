@@ -98,9 +98,8 @@ impl QemuDriver {
 
     /// The guest RAM of the domain's standby QEMU, started on fresh shared RAM (an eager
     /// revert, or a memory image that could not be mapped): a revert can write the snapshot's
-    /// memory into it before it ends the running QEMU, outside the guest's gap. (The
-    /// orchestrator's trait has no such call yet; once the standby is promoted,
-    /// [`snapshot_core::Hypervisor::guest_memory`] gives the same RAM.)
+    /// memory into it before it ends the running QEMU, outside the guest's gap (once the
+    /// standby is promoted, [`snapshot_core::Hypervisor::guest_memory`] gives the same RAM).
     pub async fn standby_guest_memory(&self, name: &Name) -> Result<GuestMemory> {
         let files = self.standby_files(name)?;
         let pid = files

@@ -276,6 +276,12 @@ pub trait Hypervisor: Send + Sync {
     async fn promote_standby(&self, domain: &Name) -> DriverResult<()> {
         Err(format!("domain {domain} has no standby process").into())
     }
+    /// Maps the fresh RAM of the domain's standby ([`Standby::Started`] with
+    /// [`IncomingStart::Fresh`]), as [`Hypervisor::guest_memory`] does for the domain's process:
+    /// the caller writes the memory image into it while the old process still runs.
+    async fn standby_guest_memory(&self, domain: &Name) -> DriverResult<GuestMemory> {
+        Err(format!("domain {domain} has no standby process").into())
+    }
     /// Ends the domain's standby process, if it has one, and removes its files. Succeeds when
     /// there is none.
     async fn discard_standby(&self, domain: &Name) -> DriverResult<()> {

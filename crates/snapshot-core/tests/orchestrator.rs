@@ -347,16 +347,6 @@ async fn an_image_the_hypervisor_cannot_map_is_copied_and_the_report_says_why() 
 }
 
 /// Damages byte `offset` of a file (a negative offset counts from its end).
-fn damage(path: &Path, offset: i64) {
-    let mut bytes = std::fs::read(path).unwrap();
-    let at = if offset < 0 {
-        bytes.len() - usize::try_from(-offset).unwrap()
-    } else {
-        usize::try_from(offset).unwrap()
-    };
-    bytes[at] ^= 0x55;
-    std::fs::write(path, bytes).unwrap();
-}
 
 #[tokio::test]
 async fn a_memory_image_with_damaged_metadata_is_refused_before_the_domain_is_touched() {
@@ -427,15 +417,7 @@ async fn an_image_of_another_size_is_refused_before_the_domain_is_touched() {
 async fn damaged_pages_are_left_to_verify_by_a_lazy_revert_and_refused_by_an_eager_one() {
     let f = fixture(DomainState::Running);
     f.create("s1", false).await.unwrap();
-    // An image with data: page 1 holds bytes, and its first byte gets damaged.
-    let image = f.store.files(&f.domain, &name("s1")).memory_image;
-    std::fs::remove_file(&image).unwrap();
-    let mem = memory::GuestMemory::anonymous(RAM).unwrap();
-    mem.write(4096, b"guest data").unwrap();
-    let sink = memory::ImageWriter::create(&image, memory::ImageLayout::of(&mem), memory::Durability::NoSync)
-        .unwrap();
-    memory::save_paused(&mem, Box::new(sink)).unwrap();
-    damage(&image, 2 * 4096);
+    f.damage_a_page("s1");
 
     // Lazy: only the metadata is read before the start; `verify` finds the page.
     let report = f

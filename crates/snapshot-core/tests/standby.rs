@@ -30,6 +30,7 @@ fn revert_calls(f: &Fixture) -> Vec<&'static str> {
                 "start_incoming",
                 "promote_standby",
                 "guest_memory",
+                "standby_guest_memory",
                 "load_device_state",
                 "resume",
             ]
@@ -52,15 +53,19 @@ async fn the_new_process_starts_beside_the_running_one_and_takes_over_after_the_
             // The overlay first: the standby opens it.
             "revert_external",
             "start_standby",
+        ];
+        if copied {
+            // Into the standby's RAM while the old process still runs.
+            expected.push("standby_guest_memory");
+        }
+        expected.extend([
             "destroy",
             "apply_internal",
             "define",
             "promote_standby",
-        ];
-        if copied {
-            expected.push("guest_memory");
-        }
-        expected.extend(["load_device_state", "resume"]);
+            "load_device_state",
+            "resume",
+        ]);
         assert_eq!(revert_calls(&f), expected, "eager: {copied}");
         assert!(report.standby && report.standby_unavailable.is_none());
         assert_eq!(report.state, DomainState::Running);
@@ -116,6 +121,36 @@ async fn a_standby_that_fails_to_start_leaves_the_domain_running_as_it_was() {
         "{:?}",
         f.stray_files()
     );
+}
+
+#[tokio::test]
+async fn an_eager_revert_copies_into_the_standby_and_a_damaged_page_stops_it_before_the_domain() {
+    let f = standby_fixture().await;
+    f.damage_a_page("s1");
+    f.fail_at("nothing");
+    let err = f
+        .orchestrator
+        .revert(&f.domain, &name("s1"), EAGER)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Failed {
+                step: Step::RestoreMemory,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // No separate check of every page ran first: the copy found it, before the stop.
+    let calls = f.calls();
+    assert!(calls.contains(&"standby_guest_memory"), "{calls:?}");
+    assert!(!calls.contains(&"destroy"), "{calls:?}");
+    let sim = f.sim();
+    assert_eq!(sim.state, DomainState::Running);
+    assert!(sim.standby.is_none());
+    assert!(f.store.intent(&f.domain).unwrap().is_none());
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@
 //! [`Hypervisor::start_standby`]: crate::Hypervisor::start_standby
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::Instant,
 };
 
@@ -54,13 +54,21 @@ pub(super) struct Reverted {
     downtime_ms: Option<f64>,
 }
 
+/// Memory copied into a new process's fresh RAM.
+pub(super) struct Copied {
+    ms: f64,
+    /// Why the image was not mapped, if that was asked for.
+    fallback: Option<String>,
+}
+
 /// Whether the revert's new process runs beside the old one already.
 pub(super) enum NewProcess {
     /// Started beside the old one ([`Hypervisor::start_standby`](crate::Hypervisor::start_standby))
-    /// on `disks` (the revert's external overlays already made); what its RAM got.
+    /// on `disks` (the revert's external overlays already made), its RAM mapped from the image or
+    /// fresh and `copied` into already.
     Standby {
-        ram: IncomingStart,
         disks: Vec<DiskTarget>,
+        copied: Option<Copied>,
     },
     /// Started once the old one has ended; why not beside it, if the domain was running.
     AfterStop(Option<String>),
@@ -89,7 +97,7 @@ impl Orchestrator {
         let fail = |e: StepError| self.failed(Operation::Revert, domain, snapshot, e, Vec::new(), None);
 
         self.observer.step(Operation::Revert, Step::Check);
-        self.check_revertible(&record, &files, options.eager)
+        self.check_revertible(&record, &files)
             .await
             .map_err(at(Step::Check))
             .map_err(fail)?;
@@ -113,10 +121,19 @@ impl Orchestrator {
             new_overlays: new_overlays.clone(),
         };
         self.store.set_intent(domain, &intent)?;
-        let process = match self
+        let prepared = match self
             .start_standby(&record, &files, options, &replaced, &new_overlays)
             .await
         {
+            // An eager revert that copies after the stop checks every page first, while the
+            // domain still runs as it was (a standby's copy checks them before the stop).
+            Ok(process @ NewProcess::AfterStop(_)) if options.eager && record.memory.is_some() => {
+                self.observer.step(Operation::Revert, Step::Check);
+                check_pages(&files).await.map(|()| process).map_err(at(Step::Check))
+            }
+            other => other,
+        };
+        let process = match prepared {
             Ok(process) => process,
             Err(error) => {
                 // The domain was not touched: it runs on as it was.
@@ -209,18 +226,18 @@ impl Orchestrator {
         rollback
     }
 
-    /// Checks what a revert needs before it stops the domain.
+    /// Checks what a revert needs before it stops the domain (of its memory, the image's
+    /// metadata: the pages are checked as they are copied, or by [`check_pages`]).
     async fn check_revertible(
         &self,
         record: &SnapshotRecord,
         files: &SnapshotFiles,
-        eager: bool,
     ) -> std::result::Result<(), DriverError> {
         self.hypervisor
             .check_restorable(&record.domain, &record.config, record.memory.is_some())
             .await?;
         if let Some(memory) = &record.memory {
-            check_memory(memory, files, eager).await?;
+            check_memory(memory, files).await?;
         }
         let backend = self.hypervisor.disk_backend(&record.domain).await?;
         for disk in &record.disks {
@@ -269,7 +286,19 @@ impl Orchestrator {
             .await
             .map_err(at(Step::StartStandby))?;
         match started {
-            Standby::Started(ram) => Ok(NewProcess::Standby { ram, disks }),
+            Standby::Started(IncomingStart::Mapped) => Ok(NewProcess::Standby { disks, copied: None }),
+            Standby::Started(IncomingStart::Fresh { fallback }) => {
+                let memory = self
+                    .hypervisor
+                    .standby_guest_memory(domain)
+                    .await
+                    .map_err(at(Step::RestoreMemory))?;
+                let copied = self.copy_memory(domain, files, memory, fallback).await?;
+                Ok(NewProcess::Standby {
+                    disks,
+                    copied: Some(copied),
+                })
+            }
             Standby::Unavailable { reason } => {
                 tracing::info!(%domain, %reason, "the new process starts after the old one ends");
                 for overlay in new_overlays {
@@ -298,7 +327,7 @@ impl Orchestrator {
         self.hypervisor.destroy(domain).await.map_err(at(Step::Stop))?;
         observe(Step::RevertDisks);
         let (standby, new_disks) = match process {
-            NewProcess::Standby { ram, disks } => (Some(ram), disks),
+            NewProcess::Standby { disks, copied } => (Some(copied), disks),
             NewProcess::AfterStop(_) => {
                 // One left by an interrupted revert would hold the images.
                 self.hypervisor
@@ -425,32 +454,44 @@ impl Orchestrator {
     }
 
     /// Starts the domain to receive its state (its RAM mapped from the memory image, or fresh
-    /// and written from it), loads the device state, and resumes it unless `paused`.
-    ///
-    /// A `standby` process (started beside the old one) becomes the domain's instead.
+    /// and written from it), loads the device state, and resumes it unless `paused`. A
+    /// `standby` process (started beside the old one, its memory copied if it has fresh RAM)
+    /// becomes the domain's instead.
     async fn restore_state(
         &self,
         domain: &Name,
         files: &SnapshotFiles,
         options: RevertOptions,
-        standby: Option<IncomingStart>,
+        standby: Option<Option<Copied>>,
     ) -> StepResult<Reverted> {
         let observe = |step| self.observer.step(Operation::Revert, step);
-        let started = match standby {
-            Some(started) => {
+        let copied = match standby {
+            Some(copied) => {
                 observe(Step::PromoteStandby);
                 self.hypervisor
                     .promote_standby(domain)
                     .await
                     .map_err(at(Step::PromoteStandby))?;
-                started
+                copied
             }
             None => {
                 observe(Step::StartIncoming);
-                self.hypervisor
+                let started = self
+                    .hypervisor
                     .start_incoming(domain, incoming_ram(files, options))
                     .await
-                    .map_err(at(Step::StartIncoming))?
+                    .map_err(at(Step::StartIncoming))?;
+                match started {
+                    IncomingStart::Mapped => None,
+                    IncomingStart::Fresh { fallback } => {
+                        let memory = self
+                            .hypervisor
+                            .guest_memory(domain)
+                            .await
+                            .map_err(at(Step::RestoreMemory))?;
+                        Some(self.copy_memory(domain, files, memory, fallback).await?)
+                    }
+                }
             }
         };
         let mut reverted = Reverted {
@@ -461,18 +502,10 @@ impl Orchestrator {
             thaw: None,
             downtime_ms: None,
         };
-        if let IncomingStart::Fresh { fallback } = started {
-            if let Some(reason) = &fallback {
-                tracing::warn!(%domain, %reason, "the memory image cannot be mapped; copying it");
-            }
-            observe(Step::RestoreMemory);
-            let restore_started = Instant::now();
-            self.restore_memory(domain, &files.memory_image)
-                .await
-                .map_err(at(Step::RestoreMemory))?;
-            reverted.memory_ms = millis(restore_started.elapsed());
+        if let Some(copied) = copied {
             reverted.memory = MemoryLoad::Copied;
-            reverted.fallback = fallback;
+            reverted.memory_ms = copied.ms;
+            reverted.fallback = copied.fallback;
         }
         observe(Step::LoadDeviceState);
         self.hypervisor
@@ -506,42 +539,48 @@ impl Orchestrator {
         }
     }
 
-    /// Writes the memory image into the RAM of the domain just started to receive it, checking
-    /// each stored page's checksum as it is copied (so no separate full check runs before).
-    async fn restore_memory(&self, domain: &Name, image: &Path) -> std::result::Result<(), DriverError> {
-        let mem = self.hypervisor.guest_memory(domain).await?;
-        let image = image.to_owned();
+    /// Writes the memory image into `memory`, the fresh RAM of a process just started to
+    /// receive it, checking each stored page's checksum as it is copied; `fallback` says why the
+    /// image was not mapped, if that was asked for.
+    async fn copy_memory(
+        &self,
+        domain: &Name,
+        files: &SnapshotFiles,
+        memory: memory::GuestMemory,
+        fallback: Option<String>,
+    ) -> StepResult<Copied> {
+        if let Some(reason) = &fallback {
+            tracing::warn!(%domain, %reason, "the memory image cannot be mapped; copying it");
+        }
+        self.observer.step(Operation::Revert, Step::RestoreMemory);
+        let started = Instant::now();
+        let image = files.memory_image.clone();
         tokio::task::spawn_blocking(move || {
-            // The new domain's RAM file was just created: all zero.
+            // The new process's RAM file was just created: all zero.
             let options = memory::RestoreOptions {
                 zero_pages: memory::ZeroPages::AssumeZeroed,
             };
-            memory::restore(&image, &mem, &options)
+            memory::restore(&image, &memory, &options)
         })
-        .await??;
-        Ok(())
+        .await
+        .map_err(|e| (Step::RestoreMemory, e.into()))?
+        .map_err(|e| (Step::RestoreMemory, e.into()))?;
+        Ok(Copied {
+            ms: millis(started.elapsed()),
+            fallback,
+        })
     }
 }
 
 /// Checks a snapshot's memory before a revert touches the domain: the memory image's metadata
 /// (header, page table and footer checksums), that it holds the snapshot's RAM size, and that the
 /// device state is there. A lazy revert leaves the pages to `snapshot verify` (reading them all
-/// would cost more than the revert); an eager one, which reads every page anyway, checks them
-/// all first, so that a damaged page is found while the domain still runs as it was.
-async fn check_memory(
-    memory: &MemoryState,
-    files: &SnapshotFiles,
-    eager: bool,
-) -> std::result::Result<(), DriverError> {
+/// would cost more than the revert); an eager one checks each page as it copies it, into a
+/// standby before the domain is stopped, or else after [`check_pages`] checked them all first:
+/// either way a damaged page is found while the domain still runs as it was.
+async fn check_memory(memory: &MemoryState, files: &SnapshotFiles) -> std::result::Result<(), DriverError> {
     let image = files.memory_image.clone();
-    let checked = tokio::task::spawn_blocking(move || {
-        let layout = memory::check_metadata(&image)?;
-        if eager {
-            memory::verify(&image)?;
-        }
-        Ok::<_, memory::Error>(layout)
-    })
-    .await?;
+    let checked = tokio::task::spawn_blocking(move || memory::check_metadata(&image)).await?;
     let shown = files.memory_image.display();
     let layout = checked.map_err(|e| format!("memory image {shown}: {e}"))?;
     let ram_bytes = layout.ram_bytes();
@@ -557,6 +596,16 @@ async fn check_memory(
     if devices.len() == 0 {
         return Err(format!("device state {} is empty", files.device_state.display()).into());
     }
+    Ok(())
+}
+
+/// Checks every stored page of a snapshot's memory image (its checksum), as `snapshot verify`
+/// does: what an eager revert that copies after the stop runs before it.
+async fn check_pages(files: &SnapshotFiles) -> std::result::Result<(), DriverError> {
+    let image = files.memory_image.clone();
+    tokio::task::spawn_blocking(move || memory::verify(&image))
+        .await?
+        .map_err(|e| format!("memory image {}: {e}", files.memory_image.display()))?;
     Ok(())
 }
 

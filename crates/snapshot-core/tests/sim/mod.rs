@@ -450,6 +450,10 @@ impl Hypervisor for Simulated {
         sim.state = DomainState::Paused;
         Ok(())
     }
+    async fn standby_guest_memory(&self, _domain: &Name) -> DriverResult<memory::GuestMemory> {
+        call(&self.sim, "standby_guest_memory")?;
+        Ok(memory::GuestMemory::anonymous(RAM)?)
+    }
     async fn discard_standby(&self, _domain: &Name) -> DriverResult<()> {
         call(&self.sim, "discard_standby")?;
         self.sim.lock().unwrap().standby = None;
@@ -538,7 +542,32 @@ pub fn mixed_disks() -> Vec<DiskRequest> {
     }]
 }
 
+/// Flips a byte of the file at `offset` (from the end if negative).
+pub fn damage(path: &Path, offset: i64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = if offset < 0 {
+        bytes.len() - usize::try_from(-offset).unwrap()
+    } else {
+        usize::try_from(offset).unwrap()
+    };
+    bytes[at] ^= 0x55;
+    std::fs::write(path, bytes).unwrap();
+}
+
 impl Fixture {
+    /// Replaces `snapshot`'s memory image with one whose page 1 holds data, its first byte
+    /// damaged: the metadata is intact, the page's checksum is not.
+    pub fn damage_a_page(&self, snapshot: &str) {
+        let image = self.store.files(&self.domain, &name(snapshot)).memory_image;
+        std::fs::remove_file(&image).unwrap();
+        let mem = memory::GuestMemory::anonymous(RAM).unwrap();
+        mem.write(4096, b"guest data").unwrap();
+        let layout = memory::ImageLayout::of(&mem);
+        let sink = memory::ImageWriter::create(&image, layout, memory::Durability::NoSync).unwrap();
+        memory::save_paused(&mem, Box::new(sink)).unwrap();
+        damage(&image, 2 * 4096);
+    }
+
     pub fn fail_at(&self, call: &'static str) {
         let mut sim = self.sim.lock().unwrap();
         sim.fail = Some(call);
