@@ -38,20 +38,15 @@ fn assert_runs_on(cli: &Cli, domain: &Domain, ticks: &TicksAround, what: &str) {
             Instant::now() < deadline,
             "{what}: the guest stopped counting at {}; QEMU log:\n{}",
             ticks.after,
-            qemu_log(cli, domain)
+            qemu_log(domain)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(state(cli, domain), "running", "{what}: the domain is not running");
 }
 
-fn qemu_log(cli: &Cli, domain: &Domain) -> String {
-    let path = cli
-        .state_dir()
-        .join("domains")
-        .join(&domain.name)
-        .join("run/qemu.log");
-    std::fs::read_to_string(path).unwrap_or_default()
+fn qemu_log(domain: &Domain) -> String {
+    std::fs::read_to_string(domain.run_dir().join("qemu.log")).unwrap_or_default()
 }
 
 /// Reverts to `snapshot` and checks that the guest goes on from the snapshot's tick: its first
@@ -75,7 +70,7 @@ fn revert_and_check(cli: &Cli, domain: &Domain, snapshot: &str, ticks: &TicksAro
         assert!(
             Instant::now() < deadline,
             "revert to {snapshot}: no tick of the reverted guest; QEMU log:\n{}",
-            qemu_log(cli, domain)
+            qemu_log(domain)
         );
         std::thread::sleep(Duration::from_millis(100));
     };

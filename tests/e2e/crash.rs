@@ -131,12 +131,18 @@ fn defined_disks(cli: &Cli, name: &str) -> BTreeMap<String, PathBuf> {
 }
 
 /// Every file of the test (state directory and disk folders) except those that change while a
-/// domain merely runs (QEMU's run folder, the serial log, the lock file): what an operation
-/// may leave behind.
+/// domain merely runs (QEMU's run folders and which one is active, the serial log, the lock
+/// file): what an operation may leave behind.
 fn lasting_files(cli: &Cli) -> Vec<String> {
     cli.files()
         .into_iter()
-        .filter(|f| !f.contains("/run/") && !f.ends_with("/serial.log") && !f.ends_with("/lock"))
+        .filter(|f| {
+            !f.contains("/run/")
+                && !f.contains("/run-1/")
+                && !f.ends_with("/active-slot")
+                && !f.ends_with("/serial.log")
+                && !f.ends_with("/lock")
+        })
         .collect()
 }
 

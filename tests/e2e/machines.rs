@@ -44,7 +44,7 @@ fn domain(cli: &Cli, name: &str, kernel: bool, extra: &str) -> Domain {
         dir,
         images: Vec::new(),
         serial_log: folder.join("serial.log"),
-        console: folder.join("run/console.sock"),
+        folder,
     }
 }
 

@@ -26,13 +26,26 @@ impl Drop for Cli {
             return;
         };
         for domain in domains.flatten() {
-            let pid = std::fs::read_to_string(domain.path().join("run/qemu.pid")).unwrap_or_default();
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            // Both run slots: a revert's standby QEMU runs in the other one.
+            for run in RUN_SLOTS {
+                let pid = std::fs::read_to_string(domain.path().join(run).join("qemu.pid")).unwrap_or_default();
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+                }
             }
         }
         let _ = self.command(&["domain", "list"]).output();
     }
+}
+
+/// The run folders of a domain's two QEMU slots (a revert starts its new QEMU in the one the
+/// running QEMU does not use).
+pub const RUN_SLOTS: [&str; 2] = ["run", "run-1"];
+
+/// The run folder of the domain's active QEMU slot (named by `active-slot`; `run` without it).
+pub fn active_run_dir(domain_folder: &Path) -> PathBuf {
+    let slot = std::fs::read_to_string(domain_folder.join("active-slot")).unwrap_or_default();
+    domain_folder.join(if slot.trim() == "1" { RUN_SLOTS[1] } else { RUN_SLOTS[0] })
 }
 
 /// The outcome of one `domsnap` run.
@@ -184,11 +197,7 @@ impl Cli {
             dir,
             images,
             serial_log: self.state_dir().join("domains").join(name).join("serial.log"),
-            console: self
-                .state_dir()
-                .join("domains")
-                .join(name)
-                .join("run/console.sock"),
+            folder: self.state_dir().join("domains").join(name),
         }
     }
 
@@ -234,10 +243,21 @@ pub struct Domain {
     /// The disks' base images (vda, vdb, ...).
     pub images: Vec<PathBuf>,
     pub serial_log: PathBuf,
-    pub console: PathBuf,
+    /// The domain's folder in the state directory.
+    pub folder: PathBuf,
 }
 
 impl Domain {
+    /// The serial console's socket, in the active QEMU's run folder.
+    pub fn console(&self) -> PathBuf {
+        active_run_dir(&self.folder).join("console.sock")
+    }
+
+    /// The run folder of the domain's active QEMU.
+    pub fn run_dir(&self) -> PathBuf {
+        active_run_dir(&self.folder)
+    }
+
     /// The first tick logged since `position` that does not follow `last_tick` one by one: after
     /// a revert, the reverted guest's first tick (the old guest's late ticks continue the
     /// sequence). `None` while there is none yet.
@@ -338,8 +358,9 @@ impl Domain {
 
     /// Sends a line to the guest's serial console.
     pub fn console_send(&self, line: &str) {
-        let mut stream = std::os::unix::net::UnixStream::connect(&self.console)
-            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.console.display()));
+        let console = self.console();
+        let mut stream = std::os::unix::net::UnixStream::connect(&console)
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", console.display()));
         stream.write_all(format!("{line}\n").as_bytes()).unwrap();
         // Give QEMU time to read it before the connection closes.
         std::thread::sleep(Duration::from_millis(300));
