@@ -190,7 +190,8 @@ impl Drop for Fixture {
         let mut pids = Vec::new();
         for domain in domains.flatten() {
             for run in common::RUN_SLOTS {
-                let pid = std::fs::read_to_string(domain.path().join(run).join("qemu.pid")).unwrap_or_default();
+                let pid =
+                    std::fs::read_to_string(domain.path().join(run).join("qemu.pid")).unwrap_or_default();
                 if let Ok(pid) = pid.trim().parse::<i32>() {
                     let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
                     pids.push(pid);

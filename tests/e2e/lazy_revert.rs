@@ -131,7 +131,9 @@ fn a_lazy_revert_goes_on_exactly_and_keeps_the_image_as_it_was() {
     let report = revert(&cli, &domain, "s1", &ticks, &["--eager"]);
     assert!(report["memory_ms"].as_f64().unwrap() > 0.0, "{report}");
     assert_eq!(mapped_image(&cli, &domain), None);
-    assert!(RUN_SLOTS.iter().all(|run| !folder.join(run).join("ram-base.img").exists()));
+    assert!(RUN_SLOTS
+        .iter()
+        .all(|run| !folder.join(run).join("ram-base.img").exists()));
     assert_eq!(domain.fingerprint_check(), fingerprint);
     // And a lazy one after the eager one.
     revert(&cli, &domain, "s1", &ticks, &[]);

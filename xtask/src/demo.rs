@@ -165,6 +165,17 @@ pub(crate) fn print_reverted(report: &Value) {
         },
         report["state"].as_str().unwrap_or("?")
     );
+    if let Some(downtime) = report["downtime_ms"].as_f64() {
+        match report["standby_unavailable"].as_str() {
+            None => println!(
+                "the new QEMU started beside the old one: the domain had no guest for {downtime:.0} ms"
+            ),
+            Some(reason) => println!(
+                "the new QEMU started after the old one ended ({reason}): the domain had no guest \
+                 for {downtime:.0} ms"
+            ),
+        }
+    }
 }
 
 pub(crate) fn step(text: &str) {

@@ -28,9 +28,11 @@ impl Drop for Cli {
         for domain in domains.flatten() {
             // Both run slots: a revert's standby QEMU runs in the other one.
             for run in RUN_SLOTS {
-                let pid = std::fs::read_to_string(domain.path().join(run).join("qemu.pid")).unwrap_or_default();
+                let pid =
+                    std::fs::read_to_string(domain.path().join(run).join("qemu.pid")).unwrap_or_default();
                 if let Ok(pid) = pid.trim().parse::<i32>() {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+                    let _ =
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
                 }
             }
         }
@@ -45,7 +47,11 @@ pub const RUN_SLOTS: [&str; 2] = ["run", "run-1"];
 /// The run folder of the domain's active QEMU slot (named by `active-slot`; `run` without it).
 pub fn active_run_dir(domain_folder: &Path) -> PathBuf {
     let slot = std::fs::read_to_string(domain_folder.join("active-slot")).unwrap_or_default();
-    domain_folder.join(if slot.trim() == "1" { RUN_SLOTS[1] } else { RUN_SLOTS[0] })
+    domain_folder.join(if slot.trim() == "1" {
+        RUN_SLOTS[1]
+    } else {
+        RUN_SLOTS[0]
+    })
 }
 
 /// The outcome of one `domsnap` run.

@@ -15,10 +15,7 @@
 //!
 //! [`Hypervisor::start_standby`]: crate::Hypervisor::start_standby
 
-use std::{
-    path::PathBuf,
-    time::Instant,
-};
+use std::{path::PathBuf, time::Instant};
 
 use disk::ExternalSnapshot;
 
@@ -129,7 +126,10 @@ impl Orchestrator {
             // domain still runs as it was (a standby's copy checks them before the stop).
             Ok(process @ NewProcess::AfterStop(_)) if options.eager && record.memory.is_some() => {
                 self.observer.step(Operation::Revert, Step::Check);
-                check_pages(&files).await.map(|()| process).map_err(at(Step::Check))
+                check_pages(&files)
+                    .await
+                    .map(|()| process)
+                    .map_err(at(Step::Check))
             }
             other => other,
         };
