@@ -85,6 +85,18 @@ pub enum Error {
         source: qmp::Error,
     },
 
+    /// A host port forward could not be added to the QEMU that took over from the old one (a
+    /// revert's standby): another process may have bound the port meanwhile.
+    #[error("domain {domain}: cannot forward host port ({rule}) to the new QEMU: {reason}")]
+    HostForward {
+        /// The domain.
+        domain: Name,
+        /// The `hostfwd` rule.
+        rule: String,
+        /// What QEMU said.
+        reason: String,
+    },
+
     /// A revert's standby QEMU was asked for (to promote it, to reach its RAM), but there is none.
     #[error("domain {domain} has no standby QEMU (none was started, or it has exited)")]
     NoStandby {

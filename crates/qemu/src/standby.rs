@@ -17,7 +17,7 @@ use memory::GuestMemory;
 use snapshot_core::{DiskTarget, IncomingRam, Name, Standby};
 
 use crate::{
-    driver::{absolute_paths, QemuDriver},
+    driver::{absolute_paths, qmp_error, QemuDriver},
     error::{Error, Result},
     hypervisor::{revert_config, shared_memory},
 };
@@ -46,6 +46,8 @@ impl QemuDriver {
         if let Some(reason) = config.standby_blocker() {
             return unavailable(reason);
         }
+        // The running QEMU holds the ports: the standby gets them when it takes over.
+        let config = config.without_host_forwards();
         let files = self.standby_files(name)?;
         // The second slot's paths are a little longer than the first's.
         if let Err(error) = files.check_socket_paths() {
@@ -92,6 +94,32 @@ impl QemuDriver {
         // Promoted all the same: the next start, standby or discard removes them.
         if let Err(error) = active.clean() {
             tracing::warn!(domain = %name, %error, "cannot remove the files of the ended QEMU");
+        }
+        self.add_host_forwards(name).await
+    }
+
+    /// Adds the definition's host port forwards to the domain's QEMU, a standby that took over
+    /// (it started without them: the old QEMU held the ports).
+    async fn add_host_forwards(&self, name: &Name) -> Result<()> {
+        let (files, _, client) = self.running(name).await?;
+        let config = self.load_definition(name, &files)?;
+        for (netdev, rule) in config.host_forwards() {
+            let said = client
+                .execute_raw(
+                    "human-monitor-command",
+                    serde_json::json!({ "command-line": format!("hostfwd_add {netdev} {rule}") }),
+                )
+                .await
+                .map_err(qmp_error(name, "adding a host port forward"))?;
+            // HMP answers with an empty text on success, and the reason otherwise.
+            let said = said.as_str().unwrap_or_default().trim();
+            if !said.is_empty() {
+                return Err(Error::HostForward {
+                    domain: name.clone(),
+                    rule,
+                    reason: said.to_owned(),
+                });
+            }
         }
         Ok(())
     }

@@ -305,3 +305,77 @@ async fn a_revert_overlay_is_created_while_the_old_qemu_runs_but_never_on_its_ac
     assert_eq!(driver.disks(&name).await.unwrap(), [vda(&overlay)]);
     Hypervisor::destroy(&driver, &name).await.unwrap();
 }
+
+/// Whether something accepts TCP connections on the host's `port`.
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_gets_the_host_port_forwards_when_it_takes_over() {
+    let mut state = State::new();
+    // A free port, for the domain's forward.
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = state.config("fwd", Some(Workload::Idle), &[]);
+    config.nics.push(qemu::NicConfig {
+        kind: qemu::NicType::User,
+        model: None,
+        mac: None,
+        hostfwd: vec![format!("tcp:127.0.0.1:{port}-:80")],
+        ifname: None,
+        br: None,
+    });
+    let driver = state.driver();
+    driver.define(&config).await.unwrap();
+    driver.start(&config.name, false).await.unwrap();
+    let name = config.name.clone();
+    let log = driver.runtime_paths(&name).unwrap().serial_log;
+    wait_tick_after(&log, 1, BOOT).await;
+    assert!(listening(port), "the running QEMU forwards port {port}");
+
+    let image = state.path().join("memory.img");
+    let devices = state.path().join("devices.bin");
+    save_memory_and_devices(&driver, &name, &image, &devices).await;
+    let recorded = driver.config(&name).await.unwrap();
+    Hypervisor::resume(&driver, &name).await.unwrap();
+
+    // The standby starts although the running QEMU holds the port: it starts without it.
+    let started = driver
+        .start_standby(&name, &recorded, &[], IncomingRam::Image(&image))
+        .await
+        .unwrap();
+    assert_eq!(started, Standby::Started(IncomingStart::Mapped));
+    Hypervisor::destroy(&driver, &name).await.unwrap();
+    assert!(
+        !listening(port),
+        "nothing forwards the port between the two QEMUs"
+    );
+    Hypervisor::define(&driver, &name, &recorded, &[]).await.unwrap();
+    driver.promote_standby(&name).await.unwrap();
+    assert!(listening(port), "the new QEMU forwards port {port}");
+    driver.load_device_state(&name, &devices).await.unwrap();
+    Hypervisor::resume(&driver, &name).await.unwrap();
+    let resumed_from = serial_lines(&log).len();
+    first_tick_from(&log, resumed_from).await;
+    assert!(listening(port));
+
+    // A port someone else took meanwhile: the takeover says which forward failed.
+    driver
+        .start_standby(&name, &recorded, &[], IncomingRam::Fresh)
+        .await
+        .unwrap();
+    Hypervisor::destroy(&driver, &name).await.unwrap();
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    Hypervisor::define(&driver, &name, &recorded, &[]).await.unwrap();
+    let error = driver.promote_standby(&name).await.unwrap_err().to_string();
+    assert!(
+        error.contains(&format!("{port}")) && error.contains("cannot forward"),
+        "{error}"
+    );
+    drop(squatter);
+    Hypervisor::destroy(&driver, &name).await.unwrap();
+}

@@ -111,7 +111,7 @@ fn disk_device(disk: &DiskConfig, node: &str, write_cache: Option<bool>) -> Stri
 /// Every network card: a `-netdev` backend and its device, with the definition's MAC.
 pub(super) fn nics(args: &mut Args, config: &DomainConfig) {
     for (index, nic) in config.nics.iter().enumerate() {
-        let id = format!("net{index}");
+        let id = super::netdev_id(index);
         args.pair("-netdev", netdev(nic, &id));
         let model = nic.model.as_deref().unwrap_or(DEFAULT_NIC_MODEL);
         let mut device = format!("{model},netdev={id},id=nic{index}");

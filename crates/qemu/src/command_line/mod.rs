@@ -174,6 +174,11 @@ impl Args {
     }
 }
 
+/// The QEMU id of network card `index`'s `-netdev` backend.
+pub(crate) fn netdev_id(index: usize) -> String {
+    format!("net{index}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -205,11 +205,13 @@ impl DomainConfig {
     /// domain, before its disks are reverted (a revert's standby): `None` when it can.
     /// UEFI firmware reads the NVRAM image into its flash at start, before the revert would
     /// change it, and writes its copy back later; a tap or bridge card's host interface serves
-    /// one QEMU; host port forwards are bound by the running QEMU.
+    /// one QEMU. (Host port forwards are bound by the running QEMU: the standby starts without
+    /// them and gets them when it takes over, see [`DomainConfig::without_host_forwards`].)
     pub fn standby_blocker(&self) -> Option<String> {
         if self.firmware == Firmware::Uefi {
             return Some(
-                "UEFI firmware reads its NVRAM image when QEMU starts, before the revert changes                  it: the new QEMU starts after the old one ends"
+                "UEFI firmware reads its NVRAM image when QEMU starts, before the revert changes \
+                 it: the new QEMU starts after the old one ends"
                     .into(),
             );
         }
@@ -223,16 +225,36 @@ impl DomainConfig {
                     "bridge {} would get a second port with the guest's MAC",
                     nic.br.as_deref().unwrap_or_default()
                 ),
-                NicType::User if !nic.hostfwd.is_empty() => format!(
-                    "its host port forwards ({}) are bound by the running QEMU",
-                    nic.hostfwd.join(", ")
-                ),
                 NicType::User => return None,
             };
             Some(format!(
                 "nics[{index}]: {reason}: the new QEMU starts after the old one ends"
             ))
         })
+    }
+
+    /// This configuration without its user cards' host port forwards: a standby QEMU cannot
+    /// bind the ports the running one holds, so it starts without them and adds them
+    /// ([`DomainConfig::host_forwards`]) once the old QEMU has ended.
+    pub fn without_host_forwards(&self) -> DomainConfig {
+        let mut config = self.clone();
+        for nic in &mut config.nics {
+            nic.hostfwd.clear();
+        }
+        config
+    }
+
+    /// Every host port forward, with the QEMU netdev id of its card.
+    pub fn host_forwards(&self) -> Vec<(String, String)> {
+        self.nics
+            .iter()
+            .enumerate()
+            .flat_map(|(index, nic)| {
+                nic.hostfwd
+                    .iter()
+                    .map(move |rule| (crate::command_line::netdev_id(index), rule.clone()))
+            })
+            .collect()
     }
 
     /// The disk with target id `id`.
@@ -386,7 +408,7 @@ mod tests {
     }
 
     #[test]
-    fn uefi_tap_bridge_and_host_forwards_rule_out_a_standby() {
+    fn uefi_tap_and_bridge_rule_out_a_standby_and_host_forwards_wait_for_the_switch() {
         let parse = |extra: &str| {
             DomainConfig::parse(
                 &format!("name = \"a\"\nmemory_mib = 64\nkernel = \"/k\"\n{extra}"),
@@ -396,12 +418,23 @@ mod tests {
         };
         assert_eq!(parse("").standby_blocker(), None);
         assert_eq!(parse("[[nics]]\ntype = \"user\"").standby_blocker(), None);
+        // Forwards: the standby starts without them and adds them when it takes over.
+        let forwards = parse(
+            "[[nics]]\ntype = \"user\"\n[[nics]]\ntype = \"user\"\nhostfwd = [\"tcp::8080-:80\", \"udp::53-:53\"]",
+        );
+        assert_eq!(forwards.standby_blocker(), None);
+        assert_eq!(
+            forwards.host_forwards(),
+            [
+                ("net1".to_owned(), "tcp::8080-:80".to_owned()),
+                ("net1".to_owned(), "udp::53-:53".to_owned())
+            ]
+        );
+        let without = forwards.without_host_forwards();
+        assert!(without.host_forwards().is_empty());
+        assert_eq!(without.nics.len(), 2);
         let cases = [
             ("firmware = \"uefi\"", "UEFI firmware reads its NVRAM image"),
-            (
-                "[[nics]]\ntype = \"user\"\n[[nics]]\ntype = \"user\"\nhostfwd = [\"tcp::8080-:80\"]",
-                "nics[1]: its host port forwards (tcp::8080-:80) are bound by the running QEMU",
-            ),
             (
                 "[[nics]]\ntype = \"tap\"\nifname = \"tap7\"",
                 "nics[0]: its tap interface tap7",
