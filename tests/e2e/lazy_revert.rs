@@ -184,3 +184,70 @@ fn a_snapshot_deleted_while_its_image_is_mapped_keeps_the_data_until_the_domain_
     assert_eq!(report["memory_in_use"], serde_json::json!(["s2"]), "{report}");
     cli.ok(&["domain", "stop", "keep", "--force"]);
 }
+
+#[test]
+fn a_revert_whose_new_qemu_cannot_start_leaves_the_domain_running_as_it_was() {
+    let cli = Cli::new();
+    let domain = cli.start_domain("fails", 256, Workload::Fingerprint { seed: 3, mib: 16 }, 1);
+    let fingerprint = domain.fingerprint();
+    domain.wait_tick_above(0, 1, BOOT);
+    let (ticks, _) = create(&cli, &domain, "s1", &[]);
+    domain.wait_tick_above(ticks.position, ticks.after + 2, TICKS);
+
+    // A QEMU that cannot start beside the running one (in the domain's second run slot).
+    let wrapper = cli.dir.path().join("qemu-fails-beside");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *\"/run-1/\"*) echo 'simulated: out of memory' >&2; exit 1;; esac\n\
+             exec {} \"$@\"\n",
+            testkit::qemu_system().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let pid = cli.json(&["domain", "status", "fails"])["pid"].clone();
+    let disks_before = cli.active_image(&domain, "vda");
+    let snapshot_files = cli.snapshot_files();
+    let position = domain.serial_position();
+    let last = domain.last_tick_since(0).unwrap();
+    let run = cli
+        .command(&["--json", "snapshot", "revert", "fails", "s1"])
+        .env(qemu::QEMU_ENV, &wrapper)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let failure: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let error = &failure["error"];
+    assert_eq!(error["code"], "failed_rolled_back", "{failure}");
+    assert_eq!(error["step"], "start-standby", "{failure}");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("simulated: out of memory"), "{message}");
+    assert!(!message.contains("shut off"), "{message}");
+
+    // The same QEMU runs the same guest on, undisturbed; nothing of the revert is left.
+    let status = cli.json(&["domain", "status", "fails"]);
+    assert_eq!(
+        (&status["state"], &status["pid"]),
+        (&"running".into(), &pid),
+        "{status}"
+    );
+    domain.wait_tick_above(position, last + 3, TICKS);
+    let ticks_since: Vec<u64> = domain
+        .serial_since(position)
+        .iter()
+        .filter_map(common::tick)
+        .collect();
+    assert!(
+        ticks_since.windows(2).all(|w| w[1] == w[0] + 1),
+        "the guest did not run on: {ticks_since:?}"
+    );
+    assert_eq!(cli.active_image(&domain, "vda"), disks_before);
+    assert_eq!(cli.snapshot_files(), snapshot_files);
+    assert!(!domain.folder.join("run-1").exists());
+    assert!(!domain.folder.join("intent.json").exists());
+
+    // And the revert works once QEMU can start.
+    revert(&cli, &domain, "s1", &ticks, &[]);
+    assert_eq!(domain.fingerprint_check(), fingerprint);
+}
