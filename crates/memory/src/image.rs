@@ -65,26 +65,30 @@ impl ImageWriter {
     /// Starts an image for `layout` that will appear at `dest` when sealed.
     pub fn create(dest: &Path, layout: ImageLayout, durability: Durability) -> Result<Self> {
         let every = match durability {
-            Durability::Sync => WRITEBACK_EVERY,
-            Durability::NoSync => 0,
+            Durability::Sync => Some(WRITEBACK_EVERY),
+            Durability::NoSync => None,
         };
         Self::with_writeback(dest, layout, durability, every)
     }
 
     /// [`ImageWriter::create`], with the page data's writeback started every `every` bytes
-    /// written (0: never), whatever the durability.
+    /// written (`None`: never), whatever the durability.
     pub(crate) fn with_writeback(
         dest: &Path,
         layout: ImageLayout,
         durability: Durability,
-        every: u64,
+        every: Option<u64>,
     ) -> Result<Self> {
         let temp = durable::TempFile::create(dest)?;
+        let writeback = match every {
+            Some(every) => Writeback::every(temp.file(), every),
+            None => Writeback::none(),
+        };
         let writer = ImageWriter {
             temp,
             layout,
             durability,
-            writeback: Writeback::every(every),
+            writeback,
         };
         let header = writer.layout.encode_header(IMAGE_MAGIC);
         writer
@@ -108,7 +112,7 @@ impl ImageWriter {
     }
 
     /// Writes the page table and footer, fsyncs (per [`Durability`]) and renames into place.
-    pub fn seal(self, table: &PageTable) -> Result<()> {
+    pub fn seal(mut self, table: &PageTable) -> Result<()> {
         assert_eq!(
             table.pages(),
             self.layout.total_pages(),
@@ -132,6 +136,8 @@ impl ImageWriter {
             Durability::Sync => durable::Sync::Yes,
             Durability::NoSync => durable::Sync::No,
         };
+        // The hint thread holds its own descriptor of the temporary: it ends before the rename.
+        self.writeback.finish();
         self.temp.persist(sync)?;
         Ok(())
     }
@@ -185,9 +191,8 @@ impl PageSink for ImageWriter {
         self.file()
             .write_all_at(data, self.layout.page_offset(first_page))
             .map_err(|e| self.err("write page data to", e))?;
-        self.writeback
-            .wrote(self.file(), to_u64(data.len()))
-            .map_err(|e| self.err("start the writeback of", e))
+        self.writeback.wrote(to_u64(data.len()));
+        Ok(())
     }
     fn zero_pages(&self, first_page: u64, count: u64) -> Result<()> {
         self.punch_hole(self.layout.page_offset(first_page), count * PAGE)
