@@ -14,6 +14,7 @@ use crate::guest::{GuestMemory, PAGE, PAGE_SIZE};
 use crate::num::{to_u64, to_usize};
 use crate::par;
 use crate::table::{block_hash, is_zero, page_hash, PageState, PageTable, CHUNK_PAGES};
+use crate::writeback::{Writeback, WRITEBACK_EVERY};
 
 /// Pages read or written with one system call at most (1 MiB).
 const IO_BATCH_PAGES: u64 = 256;
@@ -49,21 +50,45 @@ pub enum Durability {
 ///
 /// Page data lives at fixed offsets, so pages written again in later rounds overwrite in place and the
 /// file never grows past the guest's size plus its metadata (9 bytes per page).
+///
+/// With [`Durability::Sync`], the page data's writeback to the disk is started every few MiB
+/// written, so that the fsync of [`ImageWriter::seal`] has little left to write.
 #[derive(Debug)]
 pub struct ImageWriter {
     temp: durable::TempFile,
     layout: ImageLayout,
     durability: Durability,
+    writeback: Writeback,
 }
 
 impl ImageWriter {
     /// Starts an image for `layout` that will appear at `dest` when sealed.
     pub fn create(dest: &Path, layout: ImageLayout, durability: Durability) -> Result<Self> {
+        let every = match durability {
+            Durability::Sync => Some(WRITEBACK_EVERY),
+            Durability::NoSync => None,
+        };
+        Self::with_writeback(dest, layout, durability, every)
+    }
+
+    /// [`ImageWriter::create`], with the page data's writeback started every `every` bytes
+    /// written (`None`: never), whatever the durability.
+    pub(crate) fn with_writeback(
+        dest: &Path,
+        layout: ImageLayout,
+        durability: Durability,
+        every: Option<u64>,
+    ) -> Result<Self> {
         let temp = durable::TempFile::create(dest)?;
+        let writeback = match every {
+            Some(every) => Writeback::every(temp.file(), every),
+            None => Writeback::none(),
+        };
         let writer = ImageWriter {
             temp,
             layout,
             durability,
+            writeback,
         };
         let header = writer.layout.encode_header(IMAGE_MAGIC);
         writer
@@ -87,7 +112,7 @@ impl ImageWriter {
     }
 
     /// Writes the page table and footer, fsyncs (per [`Durability`]) and renames into place.
-    pub fn seal(self, table: &PageTable) -> Result<()> {
+    pub fn seal(mut self, table: &PageTable) -> Result<()> {
         assert_eq!(
             table.pages(),
             self.layout.total_pages(),
@@ -111,6 +136,8 @@ impl ImageWriter {
             Durability::Sync => durable::Sync::Yes,
             Durability::NoSync => durable::Sync::No,
         };
+        // The hint thread holds its own descriptor of the temporary: it ends before the rename.
+        self.writeback.finish();
         self.temp.persist(sync)?;
         Ok(())
     }
@@ -163,7 +190,9 @@ impl PageSink for ImageWriter {
     fn write_pages(&self, first_page: u64, data: &[u8], _checksums: &[u64]) -> Result<()> {
         self.file()
             .write_all_at(data, self.layout.page_offset(first_page))
-            .map_err(|e| self.err("write page data to", e))
+            .map_err(|e| self.err("write page data to", e))?;
+        self.writeback.wrote(to_u64(data.len()));
+        Ok(())
     }
     fn zero_pages(&self, first_page: u64, count: u64) -> Result<()> {
         self.punch_hole(self.layout.page_offset(first_page), count * PAGE)

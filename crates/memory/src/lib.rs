@@ -83,6 +83,7 @@ pub mod reference;
 mod save;
 mod stream;
 mod table;
+mod writeback;
 
 pub use dirty::{ContentCompare, DirtySource, Everything, UffdWriteProtect};
 pub use error::{Error, Result};

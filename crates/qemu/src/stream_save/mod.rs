@@ -155,11 +155,12 @@ pub async fn stream_snapshot(
             missing: image_stats.pages_missing,
         });
     }
-    let image_stats = tokio::task::spawn_blocking(move || outputs.seal())
-        .await
-        .map_err(|e| Error::MigrationFailed {
-            reason: format!("sealing the memory image failed: {e}"),
-        })??;
+    let sealing = Instant::now();
+    let image_stats = outputs.seal().await?;
+    tracing::debug!(
+        elapsed_ms = sealing.elapsed().as_secs_f64() * 1e3,
+        "memory image and device state sealed"
+    );
     Ok(SnapshotStats {
         downtime: Duration::from_millis(info.downtime.unwrap_or_default()),
         total_time: started.elapsed(),
