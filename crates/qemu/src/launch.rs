@@ -1,6 +1,6 @@
 //! Starting a domain's QEMU: the checks, a fresh run folder, guest RAM (a fresh shared file, or
-//! a memory image mapped copy-on-write, see `mapped_ram`), the daemonized process and the wait
-//! for its initialisation.
+//! a memory image mapped copy-on-write, see `mapped_ram`), the QEMU process (in a session of its
+//! own) and the wait for its initialisation.
 
 use std::{
     fs::{self, DirBuilder, OpenOptions},
@@ -15,7 +15,7 @@ use snapshot_core::{IncomingRam, IncomingStart, Name};
 use crate::{
     command_line::{escape, qemu_args, StartMode},
     config::DomainConfig,
-    driver::{io_error, DomainFiles, QemuDriver, KILL_TIMEOUT},
+    driver::{io_error, DomainFiles, QemuDriver},
     error::{Error, Result},
     process,
 };
@@ -98,8 +98,7 @@ impl QemuDriver {
         }
     }
 
-    /// Spawns the daemonized QEMU of a prepared launch in `mode` and waits until it has
-    /// initialised. A failed start removes the run folder and the RAM file.
+    /// Spawns the QEMU of a prepared launch in `mode` and waits until it has initialised. A failed start removes the run folder and the RAM file.
     pub(crate) async fn spawn_qemu(&self, name: &Name, launch: &Launch, mode: StartMode) -> Result<()> {
         let Launch {
             files,
@@ -130,22 +129,25 @@ impl QemuDriver {
         args.extend([
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", escape(&files.status_socket)).into(),
-            "-daemonize".into(),
             "-pidfile".into(),
             files.pid_file.clone().into(),
             "-D".into(),
             files.qemu_log.clone().into(),
         ]);
-        let spawned = tokio::process::Command::new(binary)
+        let mut command = tokio::process::Command::new(binary);
+        command
             .args(&args)
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(log_too)
-            // Not in the caller's process group: a Ctrl-C at the terminal must not reach QEMU
-            // before it has detached.
-            .process_group(0)
-            .spawn();
-        match spawned {
+            .stderr(log_too);
+        // SAFETY: `setsid` is async-signal-safe and touches no memory of the parent; it is all
+        // the child runs between `fork` and `exec`.
+        unsafe {
+            // QEMU runs in a session of its own, without a terminal: it outlives the command
+            // that started it, and a Ctrl-C or hang-up at the caller's terminal never reaches it.
+            command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+        }
+        match command.spawn() {
             Ok(child) => wait_initialised(name, files, child).await,
             Err(source) => {
                 files.clean()?;
@@ -166,35 +168,39 @@ pub(crate) struct Launch {
     binary: PathBuf,
 }
 
-/// Waits for QEMU's first process to exit (`-daemonize`: once initialisation has finished) and
-/// checks that the daemon lives; on failure ends it and removes the domain's runtime files.
+/// Waits until QEMU has initialised: its status monitor answers `qmp_capabilities` only once
+/// QEMU's main loop runs (disks open and locked, privileges dropped, every socket listening; the
+/// greeting alone comes earlier, from the monitor's own thread). A QEMU that exits first, or
+/// takes longer than [`START_TIMEOUT`], fails the start: it is ended and the domain's runtime
+/// files removed. Afterwards a task reaps the process when it exits (QEMU is this process's
+/// child; once this process has exited, init is its parent).
 async fn wait_initialised(name: &Name, files: &DomainFiles, mut child: tokio::process::Child) -> Result<()> {
-    let failure = match tokio::time::timeout(START_TIMEOUT, child.wait()).await {
-        Ok(Ok(status)) if status.success() => None,
-        Ok(Ok(status)) => Some(format!("QEMU {status}")),
-        Ok(Err(error)) => Some(format!("cannot wait for QEMU: {error}")),
-        Err(_) => {
-            let _ = child.start_kill();
-            Some(format!(
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    let failure = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(format!("QEMU exited while it initialised ({status})")),
+            Ok(None) => {}
+            Err(error) => break Some(format!("cannot wait for QEMU: {error}")),
+        }
+        if greeted(&files.status_socket).await {
+            break files.pid().is_none().then(|| "QEMU wrote no pid file".to_owned());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break Some(format!(
                 "it did not finish initialising within {} s",
                 START_TIMEOUT.as_secs()
-            ))
+            ));
         }
+        tokio::time::sleep(READY_POLL).await;
     };
-    let failure = failure.or_else(|| {
-        files
-            .pid()
-            .is_none()
-            .then(|| "QEMU exited right after initialising".to_owned())
-    });
     let Some(reason) = failure else {
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
         return Ok(());
     };
-    // The daemon may have been forked before the failure.
-    if let Some(pid) = files.pid() {
-        let _ = process::kill(pid, &files.marker());
-        process::wait_exit(pid, &files.marker(), KILL_TIMEOUT).await;
-    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
     let stderr = process::log_tail(&files.qemu_log);
     if let Err(error) = files.clean() {
         tracing::warn!(%error, "cannot clean up after a failed start");
@@ -204,6 +210,18 @@ async fn wait_initialised(name: &Name, files: &DomainFiles, mut child: tokio::pr
         reason,
         stderr,
     })
+}
+
+/// How often [`wait_initialised`] looks whether QEMU is ready.
+const READY_POLL: Duration = Duration::from_millis(1);
+
+/// Whether a QMP monitor listens on `socket` and QEMU's main loop has answered its handshake.
+async fn greeted(socket: &Path) -> bool {
+    let options = qmp::ClientOptions {
+        handshake_timeout: START_TIMEOUT,
+        ..qmp::ClientOptions::default()
+    };
+    qmp::Client::connect_unix(socket, options).await.is_ok()
 }
 
 /// A UEFI domain needs OVMF and its NVRAM image (made when it was defined).

@@ -2,7 +2,7 @@
 //! it under TCG with guest RAM in a shared file, QMP on a Unix socket and qcow2 disks as
 //! `-blockdev` nodes; and where the RAM file sits in guest-physical memory ([`ram_layout`],
 //! read from QEMU); and [`QemuDriver`], which keeps named domains under a state directory, runs
-//! each in a daemonized QEMU that outlives the process that started it, supervises it, and
+//! each in a QEMU process (in a session of its own) that outlives the process that started it, supervises it, and
 //! implements [`snapshot_core::Hypervisor`] (device state through `xen-save-devices-state` and
 //! `migrate-incoming`, RAM through the shared file or, for a lazy revert, mapped copy-on-write
 //! from a snapshot's memory image, a disk backend that follows the domain's state). The driver

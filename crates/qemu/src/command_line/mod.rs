@@ -26,11 +26,9 @@ mod devices;
 pub use devices::{ovmf_installed, GUEST_AGENT_PORT, OVMF_CODE, OVMF_VARS_TEMPLATE};
 
 /// QEMU's seccomp sandbox, always on: no obsolete system calls, no changes of scheduling or CPU
-/// affinity (`resourcecontrol`). `elevateprivileges=deny` and `spawn=deny` are left out because
-/// QEMU 10 installs the filter before it daemonizes, and `-daemonize` needs both: it forks (a
-/// `clone` without `CLONE_THREAD`, refused by `spawn=deny`, QEMU exits with status 1 and no
-/// message) and calls `setsid` (killed by SIGSYS under `elevateprivileges=deny`, the audit log
-/// shows syscall 112). A QEMU started without `-daemonize` runs with all four.
+/// affinity (`resourcecontrol`). `spawn=deny` is left out because a bridge card's
+/// `qemu-bridge-helper` is a process QEMU spawns, and `elevateprivileges=deny` because it
+/// forbids the `setuid`/`setgid` with which QEMU drops to a domain's `run_as` user.
 pub const SANDBOX: &str = "on,obsolete=deny,resourcecontrol=deny";
 
 /// The memory backend's id (the RAM block QEMU names in its migration stream).
