@@ -98,7 +98,8 @@ impl QemuDriver {
         }
     }
 
-    /// Spawns the QEMU of a prepared launch in `mode` and waits until it has initialised. A failed start removes the run folder and the RAM file.
+    /// Spawns the QEMU of a prepared launch in `mode` and waits until it has initialised. A
+    /// failed start removes the run folder and the RAM file.
     pub(crate) async fn spawn_qemu(&self, name: &Name, launch: &Launch, mode: StartMode) -> Result<()> {
         let Launch {
             files,
@@ -182,7 +183,7 @@ async fn wait_initialised(name: &Name, files: &DomainFiles, mut child: tokio::pr
             Ok(None) => {}
             Err(error) => break Some(format!("cannot wait for QEMU: {error}")),
         }
-        if greeted(&files.status_socket).await {
+        if answers_qmp(&files.status_socket).await {
             break files.pid().is_none().then(|| "QEMU wrote no pid file".to_owned());
         }
         if tokio::time::Instant::now() >= deadline {
@@ -215,8 +216,9 @@ async fn wait_initialised(name: &Name, files: &DomainFiles, mut child: tokio::pr
 /// How often [`wait_initialised`] looks whether QEMU is ready.
 const READY_POLL: Duration = Duration::from_millis(1);
 
-/// Whether a QMP monitor listens on `socket` and QEMU's main loop has answered its handshake.
-async fn greeted(socket: &Path) -> bool {
+/// Whether a QMP monitor listens on `socket` and QEMU's main loop has answered its handshake
+/// (`qmp_capabilities`).
+async fn answers_qmp(socket: &Path) -> bool {
     let options = qmp::ClientOptions {
         handshake_timeout: START_TIMEOUT,
         ..qmp::ClientOptions::default()

@@ -58,6 +58,14 @@ pub(super) struct Copied {
     fallback: Option<String>,
 }
 
+/// Where the domain's new process comes from once the old one has ended.
+enum Takeover {
+    /// The standby takes over, its memory copied already when it has fresh RAM.
+    Standby(Option<Copied>),
+    /// It is started now.
+    Start,
+}
+
 /// Whether the revert's new process runs beside the old one already.
 pub(super) enum NewProcess {
     /// Started beside the old one ([`Hypervisor::start_standby`](crate::Hypervisor::start_standby))
@@ -326,8 +334,8 @@ impl Orchestrator {
         let stopping = Instant::now();
         self.hypervisor.destroy(domain).await.map_err(at(Step::Stop))?;
         observe(Step::RevertDisks);
-        let (standby, new_disks) = match process {
-            NewProcess::Standby { disks, copied } => (Some(copied), disks),
+        let (takeover, new_disks) = match process {
+            NewProcess::Standby { disks, copied } => (Takeover::Standby(copied), disks),
             NewProcess::AfterStop(_) => {
                 // One left by an interrupted revert would hold the images.
                 self.hypervisor
@@ -343,7 +351,7 @@ impl Orchestrator {
                 let disks = self
                     .revert_targets(record, &current, new_overlays, Step::RevertDisks)
                     .await?;
-                (None, disks)
+                (Takeover::Start, disks)
             }
         };
         self.apply_internal_snapshots(record).await?;
@@ -356,7 +364,7 @@ impl Orchestrator {
 
         let mut reverted = match record.memory {
             Some(_) => {
-                let mut reverted = self.restore_state(domain, files, options, standby).await?;
+                let mut reverted = self.restore_state(domain, files, options, takeover).await?;
                 reverted.downtime_ms = Some(millis(stopping.elapsed()));
                 reverted
             }
@@ -462,11 +470,11 @@ impl Orchestrator {
         domain: &Name,
         files: &SnapshotFiles,
         options: RevertOptions,
-        standby: Option<Option<Copied>>,
+        takeover: Takeover,
     ) -> StepResult<Reverted> {
         let observe = |step| self.observer.step(Operation::Revert, step);
-        let copied = match standby {
-            Some(copied) => {
+        let copied = match takeover {
+            Takeover::Standby(copied) => {
                 observe(Step::PromoteStandby);
                 self.hypervisor
                     .promote_standby(domain)
@@ -474,7 +482,7 @@ impl Orchestrator {
                     .map_err(at(Step::PromoteStandby))?;
                 copied
             }
-            None => {
+            Takeover::Start => {
                 observe(Step::StartIncoming);
                 let started = self
                     .hypervisor
