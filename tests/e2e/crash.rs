@@ -46,12 +46,12 @@ const CREATE_STEPS: [&str; 11] = [
 /// Every step a delete reports, in order.
 const DELETE_STEPS: [&str; 4] = ["delete-disks", "remove-files", "update-tree", "tidy-disks"];
 
-/// Every step a (lazy) revert of a running domain reports, in order: its new QEMU starts
-/// beside the old one, which is then stopped. An eager one restores memory between
-/// `promote-standby` and `load-device-state`.
+/// Every step a (lazy) revert of a running domain reports, in order: the snapshot is checked
+/// while its new QEMU starts beside the old one, which is then stopped. An eager one restores
+/// memory between `promote-standby` and `load-device-state`.
 const REVERT_STEPS: [&str; 11] = [
-    "check",
     "intent",
+    "check",
     "start-standby",
     "stop",
     "revert-disks",

@@ -209,10 +209,10 @@ impl LiveBackend {
             let format_node = unique("dsd");
             let overlay = snapshot.overlay.to_string_lossy().into_owned();
             let fail = || Self::qmp_error("blockdev-add", &snapshot.overlay);
-            self.qmp
-                .execute(&BlockdevAdd::file(&file_node, overlay))
-                .await
-                .map_err(fail())?;
+            // As for the domain's own images: no flush and page-cache drop when QEMU reactivates
+            // its disks after a migration that never leaves this host.
+            let add_file = BlockdevAdd::file(&file_node, overlay).with("drop-cache", false);
+            self.qmp.execute(&add_file).await.map_err(fail())?;
             added.push(file_node.clone());
             let add = BlockdevAdd::qcow2(&format_node, &file_node).with("backing", Value::Null);
             self.qmp.execute(&add).await.map_err(fail())?;

@@ -47,9 +47,12 @@ use crate::{
 
 /// Longest wait for QEMU to load a device state (about 80 KB; it takes milliseconds).
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often the load is looked at, at first and at most: the wait doubles from the first to
-/// the last (a device state loads in about 10 ms, in a revert's critical path).
+/// How often the load is looked at, at first and at most: after [`LOAD_QUICK`] the wait
+/// doubles from the first to the last (a device state loads in about 10 ms, in a revert's
+/// critical path).
 const POLL: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(20));
+/// How long a device-state load is looked at every [`POLL`]`.0`.
+const LOAD_QUICK: Duration = Duration::from_millis(50);
 /// The name the device-state stream's socket is filed under in QEMU (`getfd`, `fd:NAME`).
 const LOAD_FD_NAME: &str = "domsnap-device-state";
 /// Bytes read to tell a device-state file's layout: the header and the longest configuration
@@ -466,7 +469,11 @@ impl QemuDriver {
                 }
                 _ => {
                     tokio::time::sleep(poll).await;
-                    poll = (poll * 2).min(POLL.1);
+                    // Doubling from the first poll would notice the end of a load of a few
+                    // ms up to as late again.
+                    if started.elapsed() > LOAD_QUICK {
+                        poll = (poll * 2).min(POLL.1);
+                    }
                 }
             }
         }

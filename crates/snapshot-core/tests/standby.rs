@@ -124,6 +124,43 @@ async fn a_standby_that_fails_to_start_leaves_the_domain_running_as_it_was() {
 }
 
 #[tokio::test]
+async fn a_snapshot_that_fails_its_check_while_the_standby_starts_leaves_the_domain_running() {
+    let f = standby_fixture().await;
+    let disks_before = f.sim().disks;
+    let overlays_before = f.store.overlays(&f.domain).unwrap();
+    let image = f.store.files(&f.domain, &name("s1")).memory_image;
+    // The image's footer: its checksums no longer match.
+    damage(&image, -30);
+    f.fail_at("nothing");
+    let err = f
+        .orchestrator
+        .revert(&f.domain, &name("s1"), RevertOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Failed {
+                step: Step::Check,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // The check ran beside the standby's start; the standby it started is ended.
+    let calls = f.calls();
+    assert!(calls.contains(&"start_standby"), "{calls:?}");
+    assert!(calls.contains(&"discard_standby"), "{calls:?}");
+    assert!(!calls.contains(&"destroy"), "{calls:?}");
+    let sim = f.sim();
+    assert_eq!(sim.state, DomainState::Running);
+    assert!(sim.standby.is_none());
+    assert_eq!(sim.disks, disks_before);
+    assert!(f.store.intent(&f.domain).unwrap().is_none());
+    assert_eq!(f.store.overlays(&f.domain).unwrap(), overlays_before);
+}
+
+#[tokio::test]
 async fn an_eager_revert_copies_into_the_standby_and_a_damaged_page_stops_it_before_the_domain() {
     let f = standby_fixture().await;
     f.damage_a_page("s1");
@@ -262,4 +299,35 @@ async fn recovery_of_a_revert_ends_a_standby_the_crash_left() {
     let sim = f.sim();
     assert!(sim.standby.is_none());
     assert_eq!(sim.state, DomainState::Running);
+}
+
+#[tokio::test]
+async fn recovery_checks_the_snapshot_again_before_it_finishes_a_revert() {
+    let f = standby_fixture().await;
+    // A revert killed while it checked the snapshot, whose image is damaged.
+    let intent = Intent::Revert {
+        snapshot: name("s1"),
+        paused: false,
+        eager: false,
+        new_overlays: vec![f.dir.path().join("vdb.revert-1.qcow2")],
+    };
+    f.store.set_intent(&f.domain, &intent).unwrap();
+    let image = f.store.files(&f.domain, &name("s1")).memory_image;
+    damage(&image, -30);
+    f.fail_at("nothing");
+    let err = f.orchestrator.recover(&f.domain).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Failed {
+                step: Step::Check,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Nothing was stopped; the intent stays for `recover --abandon`.
+    assert!(!f.calls().contains(&"destroy"));
+    assert_eq!(f.sim().state, DomainState::Running);
+    assert!(f.store.intent(&f.domain).unwrap().is_some());
 }

@@ -42,10 +42,7 @@ pub(super) fn firmware(args: &mut Args, config: &DomainConfig) {
     );
     if let Some(nvram) = &config.nvram {
         let (file_node, format_node) = disk_nodes(NVRAM_DISK_ID);
-        args.pair(
-            "-blockdev",
-            format!("driver=file,filename={},node-name={file_node}", escape(nvram)),
-        );
+        args.pair("-blockdev", file_blockdev(nvram, &file_node, ""));
         args.pair(
             "-blockdev",
             format!("driver=qcow2,file={file_node},node-name={format_node}"),
@@ -76,10 +73,7 @@ pub(super) fn disks(args: &mut Args, config: &DomainConfig) {
         };
         args.pair(
             "-blockdev",
-            format!(
-                "driver=file,filename={},node-name={file_node}{direct}{common}",
-                escape(&disk.path)
-            ),
+            file_blockdev(&disk.path, &file_node, &format!("{direct}{common}")),
         );
         args.pair(
             "-blockdev",
@@ -90,6 +84,21 @@ pub(super) fn disks(args: &mut Args, config: &DomainConfig) {
         );
         args.pair("-device", disk_device(disk, &format_node, write_cache));
     }
+}
+
+/// The `-blockdev` of a writable image's protocol node; `extra` holds further options.
+///
+/// `drop-cache=off`: when QEMU reactivates its disks (`cont` after a completed migration, the
+/// first `cont` of an incoming QEMU) it would otherwise `fdatasync` the image and drop its page
+/// cache, for a destination host that shares the storage. domsnap's migrations never leave this
+/// host, whose page cache is coherent with every writer (qemu-img included); the flush waited
+/// behind other writeback inside the guest's pause, and the dropped cache made the guest's
+/// first reads after a revert go to the disk.
+fn file_blockdev(path: &Path, node: &str, extra: &str) -> String {
+    format!(
+        "driver=file,filename={},node-name={node},drop-cache=off{extra}",
+        escape(path)
+    )
 }
 
 /// The `-device` of one disk.
@@ -240,14 +249,14 @@ mod tests {
         has(
             &line,
             &[
-                "-blockdev driver=file,filename=/img/a.raw,node-name=file-vda,cache.no-flush=on \
+                "-blockdev driver=file,filename=/img/a.raw,node-name=file-vda,drop-cache=off,cache.no-flush=on \
                  -blockdev driver=raw,file=file-vda,node-name=disk-vda,cache.no-flush=on \
                  -device virtio-blk-pci,drive=disk-vda,id=vda,bootindex=2,write-cache=on",
                 "-device virtio-scsi-pci,id=scsi0",
-                "-blockdev driver=file,filename=/img/b.qcow2,node-name=file-sda,cache.direct=on \
+                "-blockdev driver=file,filename=/img/b.qcow2,node-name=file-sda,drop-cache=off,cache.direct=on \
                  -blockdev driver=qcow2,file=file-sda,node-name=disk-sda \
                  -device scsi-hd,bus=scsi0.0,drive=disk-sda,id=sda,write-cache=on",
-                "-blockdev driver=file,filename=/img/c.qcow2,node-name=file-sdb,read-only=on \
+                "-blockdev driver=file,filename=/img/c.qcow2,node-name=file-sdb,drop-cache=off,read-only=on \
                  -blockdev driver=qcow2,file=file-sdb,node-name=disk-sdb,read-only=on \
                  -device scsi-hd,bus=scsi0.0,drive=disk-sdb,id=sdb,write-cache=off",
                 "-device nvme,drive=disk-nv,id=nv,serial=nv",
@@ -284,7 +293,7 @@ mod tests {
                 "-machine pc-q35-10.0,memory-backend=mem,pflash0=ovmf-code,pflash1=disk-nvram ",
                 "-blockdev driver=file,filename=/usr/share/OVMF/OVMF_CODE_4M.fd,node-name=ovmf-code-file,read-only=on \
                  -blockdev driver=raw,file=ovmf-code-file,node-name=ovmf-code,read-only=on",
-                "-blockdev driver=file,filename=/state/vm1/nvram.qcow2,node-name=file-nvram \
+                "-blockdev driver=file,filename=/state/vm1/nvram.qcow2,node-name=file-nvram,drop-cache=off \
                  -blockdev driver=qcow2,file=file-nvram,node-name=disk-nvram",
             ],
         );

@@ -219,7 +219,7 @@ mod tests {
             "-chardev socket,id=console,path=/run/vm1/console.sock,server=on,wait=off,\
              logfile=/run/vm1/serial.log,logappend=on -serial chardev:console",
             "-kernel /k -append console=ttyS0",
-            "-blockdev driver=file,filename=/img/a,,b.qcow2,node-name=file-vda",
+            "-blockdev driver=file,filename=/img/a,,b.qcow2,node-name=file-vda,drop-cache=off",
             "-blockdev driver=qcow2,file=file-vda,node-name=disk-vda",
             "-device virtio-blk-pci,drive=disk-vda,id=vda",
         ] {

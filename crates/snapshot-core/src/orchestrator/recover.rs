@@ -67,6 +67,10 @@ impl Orchestrator {
                 let record = self.store.get(domain, &snapshot)?;
                 let files = self.store.files(domain, &snapshot).of_record(&record);
                 let options = RevertOptions { paused, eager };
+                // The crash may have come while the revert still checked the snapshot.
+                self.check_revertible(&record, &files)
+                    .await
+                    .map_err(|e| fail((Step::Check, e), Vec::new()))?;
                 self.revert_steps(
                     &record,
                     &files,

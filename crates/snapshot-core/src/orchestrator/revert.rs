@@ -101,11 +101,6 @@ impl Orchestrator {
         let files = self.store.files(domain, snapshot).of_record(&record);
         let fail = |e: StepError| self.failed(Operation::Revert, domain, snapshot, e, Vec::new(), None);
 
-        self.observer.step(Operation::Revert, Step::Check);
-        self.check_revertible(&record, &files)
-            .await
-            .map_err(at(Step::Check))
-            .map_err(fail)?;
         let (state, config, disks) = self.inspect(domain).await.map_err(fail)?;
         let replaced = Replaced { state, config, disks };
         let stamp = now_unix_ms();
@@ -126,22 +121,10 @@ impl Orchestrator {
             new_overlays: new_overlays.clone(),
         };
         self.store.set_intent(domain, &intent)?;
-        let prepared = match self
-            .start_standby(&record, &files, options, &replaced, &new_overlays)
+        let process = match self
+            .check_and_prepare(&record, &files, options, &replaced, &new_overlays)
             .await
         {
-            // An eager revert that copies after the stop checks every page first, while the
-            // domain still runs as it was (a standby's copy checks them before the stop).
-            Ok(process @ NewProcess::AfterStop(_)) if options.eager && record.memory.is_some() => {
-                self.observer.step(Operation::Revert, Step::Check);
-                check_pages(&files)
-                    .await
-                    .map(|()| process)
-                    .map_err(at(Step::Check))
-            }
-            other => other,
-        };
-        let process = match prepared {
             Ok(process) => process,
             Err(error) => {
                 // The domain was not touched: it runs on as it was.
@@ -234,9 +217,41 @@ impl Orchestrator {
         rollback
     }
 
+    /// Checks the snapshot while the revert's new process starts beside the running one (see
+    /// [`Orchestrator::start_standby`]): starting a process is most of a revert's time, and the
+    /// check reads only metadata. Nothing is stopped before both are done; an error leaves the
+    /// domain running as it was (the caller ends a started standby and removes the overlays).
+    async fn check_and_prepare(
+        &self,
+        record: &SnapshotRecord,
+        files: &SnapshotFiles,
+        options: RevertOptions,
+        replaced: &Replaced,
+        new_overlays: &[PathBuf],
+    ) -> StepResult<NewProcess> {
+        self.observer.step(Operation::Revert, Step::Check);
+        let check = async {
+            self.check_revertible(record, files)
+                .await
+                .map_err(at(Step::Check))
+        };
+        let standby = self.start_standby(record, files, options, replaced, new_overlays);
+        let (checked, started) = tokio::join!(check, standby);
+        // The check's error first: a failed start may only be its consequence.
+        checked?;
+        let process = started?;
+        if matches!(process, NewProcess::AfterStop(_)) && options.eager && record.memory.is_some() {
+            // An eager revert that copies after the stop checks every page first, while the
+            // domain still runs as it was (a standby's copy checks them before the stop).
+            self.observer.step(Operation::Revert, Step::Check);
+            check_pages(files).await.map_err(at(Step::Check))?;
+        }
+        Ok(process)
+    }
+
     /// Checks what a revert needs before it stops the domain (of its memory, the image's
     /// metadata: the pages are checked as they are copied, or by [`check_pages`]).
-    async fn check_revertible(
+    pub(super) async fn check_revertible(
         &self,
         record: &SnapshotRecord,
         files: &SnapshotFiles,

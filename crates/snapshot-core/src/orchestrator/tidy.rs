@@ -30,6 +30,11 @@ impl Orchestrator {
     ///
     /// Returns the images removed.
     pub(super) async fn tidy_disks(&self, domain: &Name) -> Result<Vec<PathBuf>, DriverError> {
+        let owned = self.store.overlays(domain)?;
+        if owned.is_empty() {
+            // Only domsnap's overlays are ever folded or removed: nothing to read the chains for.
+            return Ok(Vec::new());
+        }
         let mut images = Images {
             snapshots: self
                 .store
@@ -37,7 +42,7 @@ impl Orchestrator {
                 .iter()
                 .flat_map(|r| snapshot_images(r).cloned().collect::<Vec<_>>())
                 .collect(),
-            owned: self.store.overlays(domain)?,
+            owned,
         };
         let backend = self.hypervisor.disk_backend(domain).await?;
         let mut active = self.hypervisor.disks(domain).await?;
