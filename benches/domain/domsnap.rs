@@ -678,29 +678,45 @@ impl Domain {
         let report = bench.block_on(self.revert_call(&snapshot, mode))?;
         let returned_at = Instant::now();
         let steps = self.clock.take();
-        // The new QEMU starts beside the old one (`standby`: its start-up is before the stop)
-        // or after the old one ended (`startup`, between the disks and the device state).
-        let new_qemu = if report.standby {
-            ("standby", steps.require(Step::StartStandby, &[Step::Stop])?)
-        } else {
-            (
-                "startup",
-                steps.require(Step::StartIncoming, &[Step::RestoreMemory, Step::LoadDeviceState])?,
-            )
-        };
+        // The new QEMU starts beside the old one (`standby`) and loads the device state before
+        // the stop, or starts after the old one ended (`startup`, between the disks and the
+        // device state).
         let mut splits = vec![
-            ("check", steps.require(Step::Check, &[Step::Intent])?),
-            new_qemu,
+            ("intent", steps.require(Step::Intent, &[Step::Check])?),
+            // The snapshot's check, beside the standby's start when there is one.
+            ("before_stop", steps.require(Step::Check, &[Step::Stop])?),
             ("stop", steps.require(Step::Stop, &[Step::RevertDisks])?),
             (
                 "disks",
                 steps.require(Step::RevertDisks, &[Step::StartIncoming, Step::PromoteStandby])?,
             ),
-            (
-                "devices",
-                steps.require(Step::LoadDeviceState, &[Step::Resume, Step::UpdateTree])?,
-            ),
         ];
+        let to_memory_or_devices = [Step::RestoreMemory, Step::LoadDeviceState];
+        if report.standby {
+            splits.extend([
+                (
+                    "standby",
+                    steps.require(Step::StartStandby, &to_memory_or_devices)?,
+                ),
+                ("devices", steps.require(Step::LoadDeviceState, &[Step::Stop])?),
+                // Its disks activated as the revert left them, its host forwards added.
+                (
+                    "promote",
+                    steps.require(Step::PromoteStandby, &[Step::Resume, Step::UpdateTree])?,
+                ),
+            ]);
+        } else {
+            splits.extend([
+                (
+                    "startup",
+                    steps.require(Step::StartIncoming, &to_memory_or_devices)?,
+                ),
+                (
+                    "devices",
+                    steps.require(Step::LoadDeviceState, &[Step::Resume, Step::UpdateTree])?,
+                ),
+            ]);
+        }
         if let Some(downtime) = report.downtime_ms {
             splits.push(("downtime", millis(downtime)));
         }

@@ -47,17 +47,17 @@ const CREATE_STEPS: [&str; 11] = [
 const DELETE_STEPS: [&str; 4] = ["delete-disks", "remove-files", "update-tree", "tidy-disks"];
 
 /// Every step a (lazy) revert of a running domain reports, in order: the snapshot is checked
-/// while its new QEMU starts beside the old one, which is then stopped. An eager one restores
-/// memory between `promote-standby` and `load-device-state`.
+/// while its new QEMU starts beside the old one and loads the device state; the old one is
+/// then stopped. An eager one restores memory between `start-standby` and `load-device-state`.
 const REVERT_STEPS: [&str; 11] = [
     "intent",
     "check",
     "start-standby",
+    "load-device-state",
     "stop",
     "revert-disks",
     "define",
     "promote-standby",
-    "load-device-state",
     "resume",
     "update-tree",
     "tidy-disks",

@@ -174,6 +174,10 @@ impl Hypervisor for QemuDriver {
         Ok(self.start_standby_locked(domain, config, disks, ram).await?)
     }
 
+    async fn load_standby_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()> {
+        Ok(self.load_standby_device_state_locked(domain, path).await?)
+    }
+
     async fn promote_standby(&self, domain: &Name) -> DriverResult<()> {
         Ok(self.promote_standby_locked(domain).await?)
     }
@@ -354,7 +358,19 @@ impl QemuDriver {
 
     async fn load_devices(&self, domain: &Name, path: &Path) -> Result<()> {
         let (files, pid, client) = self.running(domain).await?;
-        let state = self.run_state(domain, &files, pid).await?;
+        self.load_devices_into(domain, &files, pid, &client, path).await
+    }
+
+    /// Loads a device state into the QEMU of run slot `files`, started to receive it.
+    pub(crate) async fn load_devices_into(
+        &self,
+        domain: &Name,
+        files: &DomainFiles,
+        pid: u32,
+        client: &qmp::Client,
+        path: &Path,
+    ) -> Result<()> {
+        let state = self.run_state(domain, files, pid).await?;
         if state != RunState::InMigrate {
             return Err(Error::WrongState {
                 domain: domain.clone(),
@@ -385,7 +401,7 @@ impl QemuDriver {
             match device_state_format(&start).map_err(|reason| fail(reason, String::new()))? {
                 DeviceStateFormat::Configured { .. } => (Vec::new(), 0),
                 DeviceStateFormat::Legacy => {
-                    let machine_type = machine_type(&client)
+                    let machine_type = machine_type(client)
                         .await
                         .map_err(|reason| fail(reason, String::new()))?;
                     let prefix = device_state_prefix(&machine_type)
@@ -411,7 +427,7 @@ impl QemuDriver {
             // EOF for QEMU.
             ours.shutdown(std::net::Shutdown::Write)
         });
-        let loaded = self.follow_load(domain, &files, &client, &fail).await;
+        let loaded = self.follow_load(domain, files, client, &fail).await;
         if let Err(error) = loaded {
             // A QEMU that stopped reading must not keep the feeder waiting. `migrate-incoming`
             // takes the descriptor out of QEMU's table once it parsed the URI; a failure before

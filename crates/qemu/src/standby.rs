@@ -2,18 +2,25 @@
 //! `files`) while the current one runs on.
 //!
 //! QEMU started with `-incoming defer` opens its disk images inactive: it takes none of their
-//! locks and neither reads their metadata for good nor writes them until the incoming state
-//! is loaded, when it activates them (and reads their qcow2 metadata again). So the standby can
+//! locks and neither reads their metadata for good nor writes them until it activates them
+//! (and reads their qcow2 metadata again). So the standby can
 //! start on the same images as the running QEMU; once that one has ended, the revert applies
-//! internal snapshots to the images offline, and the standby, promoted to the active slot,
-//! loads the device state and runs the reverted disks. A revert that fails before the old QEMU
-//! ends therefore leaves the domain running as it was, and the guest's gap is only: the old
-//! QEMU quits, the disks are reverted, the device state loads, the vCPUs continue.
+//! internal snapshots to the images offline, and the standby, which loaded the device state
+//! before the old QEMU ended (its disks kept inactive), is promoted to the active slot and
+//! activates the reverted disks. A revert that fails before the old QEMU ends therefore leaves
+//! the domain running as it was, and the guest's gap is only: the old QEMU quits, the disks
+//! are reverted, the new QEMU activates them, the vCPUs continue.
 //!
 //! What two QEMUs cannot share makes a standby unavailable (`DomainConfig::standby_blocker`);
 //! the revert then ends the old QEMU before it starts the new one, as before.
 
+use std::path::Path;
+
 use memory::GuestMemory;
+use qmp::{
+    commands::{MigrateSetCapabilities, MigrationCapability, MigrationCapabilityStatus},
+    RunState,
+};
 use snapshot_core::{DiskTarget, IncomingRam, Name, Standby};
 
 use crate::{
@@ -95,7 +102,52 @@ impl QemuDriver {
         if let Err(error) = active.clean() {
             tracing::warn!(domain = %name, %error, "cannot remove the files of the ended QEMU");
         }
+        self.activate_disks(name).await?;
         self.add_host_forwards(name).await
+    }
+
+    /// [`snapshot_core::Hypervisor::load_standby_device_state`]: the standby loads the state
+    /// with its disks left inactive (`late-block-activate`: QEMU would otherwise activate them
+    /// once the state is in, while the running QEMU still holds them and before the revert has
+    /// applied the internal snapshots); [`QemuDriver::promote_standby_locked`] activates them.
+    pub(crate) async fn load_standby_device_state_locked(&self, name: &Name, path: &Path) -> Result<()> {
+        let files = self.standby_files(name)?;
+        let pid = files
+            .pid()
+            .ok_or_else(|| Error::NoStandby { domain: name.clone() })?;
+        let client = self.client(name, &files, pid).await?;
+        let late_block_activate = |state| MigrateSetCapabilities {
+            capabilities: vec![MigrationCapabilityStatus {
+                capability: MigrationCapability::LateBlockActivate,
+                state,
+            }],
+        };
+        client
+            .execute(&late_block_activate(true))
+            .await
+            .map_err(qmp_error(name, "keeping the standby's disks inactive"))?;
+        self.load_devices_into(name, &files, pid, &client, path).await?;
+        // Back to QEMU's default, which the domain's later snapshots expect.
+        client
+            .execute(&late_block_activate(false))
+            .await
+            .map_err(qmp_error(name, "restoring the standby's migration settings"))?;
+        Ok(())
+    }
+
+    /// Activates the disks of the domain's QEMU, a promoted standby that loaded its state: QEMU
+    /// reads their metadata now, as the revert left them, and takes their locks. One still
+    /// waiting for its state activates them when the state is in.
+    async fn activate_disks(&self, name: &Name) -> Result<()> {
+        let (files, pid, client) = self.running(name).await?;
+        if self.run_state(name, &files, pid).await? == RunState::InMigrate {
+            return Ok(());
+        }
+        client
+            .execute_raw("blockdev-set-active", serde_json::json!({ "active": true }))
+            .await
+            .map_err(qmp_error(name, "activating the disks of the new QEMU"))?;
+        Ok(())
     }
 
     /// Adds the definition's host port forwards to the domain's QEMU, a standby that took over

@@ -107,6 +107,22 @@ async fn a_standby_takes_over_from_the_running_qemu_with_the_reverted_disk() {
     let now = last_tick(&log).unwrap();
     wait_tick_after(&log, now, WAIT).await;
 
+    // The standby loads the device state while the old QEMU still runs, and keeps its disks
+    // inactive; a state that does not load is an error, before anything was stopped.
+    let damaged = state.path().join("damaged.bin");
+    std::fs::write(&damaged, b"not a device state").unwrap();
+    assert!(driver.load_standby_device_state(&name, &damaged).await.is_err());
+    Hypervisor::discard_standby(&driver, &name).await.unwrap();
+    driver
+        .start_standby(&name, &recorded, &disks, IncomingRam::Image(&image))
+        .await
+        .unwrap();
+    let standby_pid = slot_pid(&state, &name, "run-1").expect("the standby runs");
+    driver.load_standby_device_state(&name, &devices).await.unwrap();
+    let now = last_tick(&log).unwrap();
+    wait_tick_after(&log, now, WAIT).await;
+    assert_eq!(driver.status(&name).await.unwrap().pid, Some(old_pid));
+
     // The switch: the old QEMU ends (the standby stays), the disk is reverted offline (the
     // standby holds no lock on it), the domain defined and the standby promoted.
     Hypervisor::destroy(&driver, &name).await.unwrap();
@@ -131,7 +147,6 @@ async fn a_standby_takes_over_from_the_running_qemu_with_the_reverted_disk() {
         (status.state, status.pid, status.mapped_image.as_deref()),
         (DomainState::Paused, Some(standby_pid), Some(image.as_path()))
     );
-    driver.load_device_state(&name, &devices).await.unwrap();
     // The serial log also holds what the guest printed on the old QEMU after the save.
     let printed_before = serial_lines(&log).len();
     Hypervisor::resume(&driver, &name).await.unwrap();
@@ -349,6 +364,7 @@ async fn a_standby_gets_the_host_port_forwards_when_it_takes_over() {
         .await
         .unwrap();
     assert_eq!(started, Standby::Started(IncomingStart::Mapped));
+    driver.load_standby_device_state(&name, &devices).await.unwrap();
     Hypervisor::destroy(&driver, &name).await.unwrap();
     assert!(
         !listening(port),
@@ -357,7 +373,6 @@ async fn a_standby_gets_the_host_port_forwards_when_it_takes_over() {
     Hypervisor::define(&driver, &name, &recorded, &[]).await.unwrap();
     driver.promote_standby(&name).await.unwrap();
     assert!(listening(port), "the new QEMU forwards port {port}");
-    driver.load_device_state(&name, &devices).await.unwrap();
     Hypervisor::resume(&driver, &name).await.unwrap();
     let resumed_from = serial_lines(&log).len();
     first_tick_from(&log, resumed_from).await;

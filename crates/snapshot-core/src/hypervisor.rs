@@ -251,9 +251,10 @@ pub trait Hypervisor: Send + Sync {
     /// Starts a second process for a running domain, beside its current one (which keeps
     /// running): paused, waiting for its state, with configuration `config` and disks `disks`
     /// (the domain's after a revert) and RAM as `ram` asks (as [`Hypervisor::start_incoming`]).
-    /// Its disks are opened inactive: it neither locks nor writes them until its state is loaded,
-    /// so the caller may end the current process and apply internal snapshots to the images in
-    /// between; it reads them again when it becomes active. [`Hypervisor::promote_standby`]
+    /// Its disks are opened inactive: it neither locks nor writes them until it is promoted, so
+    /// the caller may load its device state ([`Hypervisor::load_standby_device_state`]), end the
+    /// current process and apply internal snapshots to the images in between; it reads them
+    /// again when it becomes active. [`Hypervisor::promote_standby`]
     /// makes it the domain's process, [`Hypervisor::discard_standby`] ends it. `Unavailable`
     /// when the domain cannot have two processes at once; an error when the start failed, which
     /// leaves the running process as it was. The default: unavailable.
@@ -269,10 +270,18 @@ pub trait Hypervisor: Send + Sync {
             reason: "the hypervisor does not start standby processes".into(),
         })
     }
+    /// Loads the device state saved at `path` into the domain's standby process, its memory in
+    /// place (mapped, or copied into its fresh RAM), while the domain's current process still
+    /// runs: a state that does not load fails the revert before anything is stopped. The
+    /// standby's disks stay inactive until [`Hypervisor::promote_standby`].
+    async fn load_standby_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()> {
+        let _ = path;
+        Err(format!("domain {domain} has no standby process").into())
+    }
     /// Makes the standby the domain's process, once the previous one has ended
     /// ([`Hypervisor::destroy`]) and the domain is defined with the standby's configuration and
-    /// disks. The domain is then as after [`Hypervisor::start_incoming`]:
-    /// [`Hypervisor::load_device_state`] completes it.
+    /// disks: it activates the standby's disks (reading them as they are now). The domain is
+    /// then paused with its state loaded; [`Hypervisor::resume`] runs it.
     async fn promote_standby(&self, domain: &Name) -> DriverResult<()> {
         Err(format!("domain {domain} has no standby process").into())
     }

@@ -31,6 +31,7 @@ fn revert_calls(f: &Fixture) -> Vec<&'static str> {
                 "promote_standby",
                 "guest_memory",
                 "standby_guest_memory",
+                "load_standby_device_state",
                 "load_device_state",
                 "resume",
             ]
@@ -59,11 +60,12 @@ async fn the_new_process_starts_beside_the_running_one_and_takes_over_after_the_
             expected.push("standby_guest_memory");
         }
         expected.extend([
+            // Before the stop: a state that does not load leaves the domain running.
+            "load_standby_device_state",
             "destroy",
             "apply_internal",
             "define",
             "promote_standby",
-            "load_device_state",
             "resume",
         ]);
         assert_eq!(revert_calls(&f), expected, "eager: {copied}");
@@ -82,36 +84,40 @@ async fn the_new_process_starts_beside_the_running_one_and_takes_over_after_the_
 }
 
 #[tokio::test]
-async fn a_standby_that_fails_to_start_leaves_the_domain_running_as_it_was() {
+async fn a_standby_that_fails_to_start_or_to_load_leaves_the_domain_running_as_it_was() {
+    for (call, step) in [
+        ("start_standby", Step::StartStandby),
+        ("load_standby_device_state", Step::LoadDeviceState),
+    ] {
+        standby_failure_leaves_the_domain_running(call, step).await;
+    }
+}
+
+async fn standby_failure_leaves_the_domain_running(call: &'static str, step: Step) {
     let f = standby_fixture().await;
     let disks_before = f.sim().disks;
     let overlays_before = f.store.overlays(&f.domain).unwrap();
-    f.fail_at("start_standby");
+    f.fail_at(call);
     let err = f
         .orchestrator
         .revert(&f.domain, &name("s1"), RevertOptions::default())
         .await
         .unwrap_err();
     assert!(
-        matches!(
-            err,
-            Error::Failed {
-                step: Step::StartStandby,
-                ..
-            }
-        ),
-        "{err}"
+        matches!(err, Error::Failed { step: failed, .. } if failed == step),
+        "{call}: {err}"
     );
-    assert!(!err.to_string().contains("shut off"), "{err}");
+    assert!(!err.to_string().contains("shut off"), "{call}: {err}");
     let calls = f.calls();
     assert!(
         !calls.contains(&"destroy") && !calls.contains(&"define"),
-        "{calls:?}"
+        "{call}: {calls:?}"
     );
     let sim = f.sim();
-    assert_eq!(sim.state, DomainState::Running);
-    assert_eq!(sim.disks, disks_before);
-    assert!(sim.applied.is_empty());
+    assert_eq!(sim.state, DomainState::Running, "{call}");
+    assert!(sim.standby.is_none(), "{call}: the standby was left");
+    assert_eq!(sim.disks, disks_before, "{call}");
+    assert!(sim.applied.is_empty(), "{call}");
     assert!(f.store.intent(&f.domain).unwrap().is_none());
     assert_eq!(f.store.overlays(&f.domain).unwrap(), overlays_before);
     assert!(
@@ -192,13 +198,7 @@ async fn an_eager_revert_copies_into_the_standby_and_a_damaged_page_stops_it_bef
 
 #[tokio::test]
 async fn a_failure_after_the_switch_began_ends_the_standby_and_restores_the_configuration() {
-    for call in [
-        "destroy",
-        "apply_internal",
-        "define",
-        "promote_standby",
-        "load_device_state",
-    ] {
+    for call in ["destroy", "apply_internal", "define", "promote_standby", "resume"] {
         let f = standby_fixture().await;
         let disks_before = f.sim().disks;
         f.fail_at(call);

@@ -63,6 +63,9 @@ qapi_enum! {
         PauseBeforeSwitchover = "pause-before-switchover",
         /// Return path.
         ReturnPath = "return-path",
+        /// Incoming: leave the disks inactive after the load, until `cont` (or
+        /// `blockdev-set-active`) activates them.
+        LateBlockActivate = "late-block-activate",
     }
 }
 

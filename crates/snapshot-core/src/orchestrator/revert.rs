@@ -308,28 +308,32 @@ impl Orchestrator {
             .start_standby(domain, &record.config, &disks, incoming_ram(files, options))
             .await
             .map_err(at(Step::StartStandby))?;
-        match started {
-            Standby::Started(IncomingStart::Mapped) => Ok(NewProcess::Standby { disks, copied: None }),
+        let copied = match started {
+            Standby::Started(IncomingStart::Mapped) => None,
             Standby::Started(IncomingStart::Fresh { fallback }) => {
                 let memory = self
                     .hypervisor
                     .standby_guest_memory(domain)
                     .await
                     .map_err(at(Step::RestoreMemory))?;
-                let copied = self.copy_memory(domain, files, memory, fallback).await?;
-                Ok(NewProcess::Standby {
-                    disks,
-                    copied: Some(copied),
-                })
+                Some(self.copy_memory(domain, files, memory, fallback).await?)
             }
             Standby::Unavailable { reason } => {
                 tracing::info!(%domain, %reason, "the new process starts after the old one ends");
                 for overlay in new_overlays {
                     remove_file(overlay).map_err(at(Step::StartStandby))?;
                 }
-                Ok(NewProcess::AfterStop(Some(reason)))
+                return Ok(NewProcess::AfterStop(Some(reason)));
             }
-        }
+        };
+        // With its memory in place: a device state that does not load stops the revert here,
+        // and the guest's gap after the stop does not include the load.
+        self.observer.step(Operation::Revert, Step::LoadDeviceState);
+        self.hypervisor
+            .load_standby_device_state(domain, &files.device_state)
+            .await
+            .map_err(at(Step::LoadDeviceState))?;
+        Ok(NewProcess::Standby { disks, copied })
     }
 
     /// The steps of a revert from stopping the domain on. They redo cleanly (with the new
@@ -478,8 +482,8 @@ impl Orchestrator {
 
     /// Starts the domain to receive its state (its RAM mapped from the memory image, or fresh
     /// and written from it), loads the device state, and resumes it unless `paused`. A
-    /// `standby` process (started beside the old one, its memory copied if it has fresh RAM)
-    /// becomes the domain's instead.
+    /// `standby` process (started beside the old one, its memory copied if it has fresh RAM and
+    /// its device state loaded) becomes the domain's instead.
     async fn restore_state(
         &self,
         domain: &Name,
@@ -488,14 +492,14 @@ impl Orchestrator {
         takeover: Takeover,
     ) -> StepResult<Reverted> {
         let observe = |step| self.observer.step(Operation::Revert, step);
-        let copied = match takeover {
+        let (copied, loaded) = match takeover {
             Takeover::Standby(copied) => {
                 observe(Step::PromoteStandby);
                 self.hypervisor
                     .promote_standby(domain)
                     .await
                     .map_err(at(Step::PromoteStandby))?;
-                copied
+                (copied, true)
             }
             Takeover::Start => {
                 observe(Step::StartIncoming);
@@ -504,7 +508,7 @@ impl Orchestrator {
                     .start_incoming(domain, incoming_ram(files, options))
                     .await
                     .map_err(at(Step::StartIncoming))?;
-                match started {
+                let copied = match started {
                     IncomingStart::Mapped => None,
                     IncomingStart::Fresh { fallback } => {
                         let memory = self
@@ -514,7 +518,8 @@ impl Orchestrator {
                             .map_err(at(Step::RestoreMemory))?;
                         Some(self.copy_memory(domain, files, memory, fallback).await?)
                     }
-                }
+                };
+                (copied, false)
             }
         };
         let mut reverted = Reverted {
@@ -530,11 +535,13 @@ impl Orchestrator {
             reverted.memory_ms = copied.ms;
             reverted.fallback = copied.fallback;
         }
-        observe(Step::LoadDeviceState);
-        self.hypervisor
-            .load_device_state(domain, &files.device_state)
-            .await
-            .map_err(at(Step::LoadDeviceState))?;
+        if !loaded {
+            observe(Step::LoadDeviceState);
+            self.hypervisor
+                .load_device_state(domain, &files.device_state)
+                .await
+                .map_err(at(Step::LoadDeviceState))?;
+        }
         if !options.paused {
             observe(Step::Resume);
             self.hypervisor.resume(domain).await.map_err(at(Step::Resume))?;

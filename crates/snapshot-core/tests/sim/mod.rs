@@ -441,6 +441,16 @@ impl Hypervisor for Simulated {
         sim.standby = Some(started.clone());
         Ok(Standby::Started(started))
     }
+    async fn load_standby_device_state(&self, domain: &Name, path: &Path) -> DriverResult<()> {
+        call(&self.sim, "load_standby_device_state")?;
+        if self.sim.lock().unwrap().standby.is_none() {
+            return Err(format!("{domain}: no standby").into());
+        }
+        if !path.is_file() {
+            return Err(format!("{} is missing", path.display()).into());
+        }
+        Ok(())
+    }
     async fn promote_standby(&self, domain: &Name) -> DriverResult<()> {
         call(&self.sim, "promote_standby")?;
         let mut sim = self.sim.lock().unwrap();
