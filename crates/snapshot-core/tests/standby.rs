@@ -228,7 +228,7 @@ async fn a_failure_after_the_switch_began_ends_the_standby_and_restores_the_conf
 }
 
 #[tokio::test]
-async fn without_a_standby_the_report_says_why_and_the_old_order_is_kept() {
+async fn without_a_standby_the_report_says_why_and_the_new_process_starts_after_the_stop() {
     let f = fixture(DomainState::Running);
     f.create("s1", false).await.unwrap();
     f.fail_at("nothing");
@@ -245,14 +245,16 @@ async fn without_a_standby_the_report_says_why_and_the_old_order_is_kept() {
             .is_some_and(|r| r.contains("network card")),
         "{report:?}"
     );
+    // The overlay made for the standby, before it turned out unavailable, is the one used.
     let calls = revert_calls(&f);
+    assert_eq!(calls[..2], ["revert_external", "start_standby"], "{calls:?}");
+    assert_eq!(calls.iter().filter(|c| **c == "revert_external").count(), 1);
     let stop = calls.iter().position(|c| *c == "destroy").unwrap();
     assert_eq!(
         calls[stop..],
         [
             "destroy",
             "discard_standby",
-            "revert_external",
             "apply_internal",
             "define",
             "start_incoming",

@@ -71,15 +71,9 @@ impl Orchestrator {
                 self.check_revertible(&record, &files)
                     .await
                     .map_err(|e| fail((Step::Check, e), Vec::new()))?;
-                self.revert_steps(
-                    &record,
-                    &files,
-                    options,
-                    &new_overlays,
-                    NewProcess::AfterStop(None),
-                )
-                .await
-                .map_err(|e| fail(e, Vec::new()))?;
+                self.revert_steps(&record, &files, options, &new_overlays, NewProcess::AFTER_STOP)
+                    .await
+                    .map_err(|e| fail(e, Vec::new()))?;
                 self.store.clear_intent(domain)?;
                 (Operation::Revert, RecoveryOutcome::Finished)
             }

@@ -75,8 +75,21 @@ pub(super) enum NewProcess {
         disks: Vec<DiskTarget>,
         copied: Option<Copied>,
     },
-    /// Started once the old one has ended; why not beside it, if the domain was running.
-    AfterStop(Option<String>),
+    /// Started once the old one has ended: why not beside it, if the domain was running, and
+    /// the revert's disks if they were made already (the external overlays, before a standby
+    /// turned out unavailable).
+    AfterStop {
+        reason: Option<String>,
+        disks: Option<Vec<DiskTarget>>,
+    },
+}
+
+impl NewProcess {
+    /// A new process started after the stop, everything left to do then.
+    pub(super) const AFTER_STOP: NewProcess = NewProcess::AfterStop {
+        reason: None,
+        disks: None,
+    };
 }
 
 impl Orchestrator {
@@ -134,7 +147,7 @@ impl Orchestrator {
         };
         let (standby, standby_unavailable) = match &process {
             NewProcess::Standby { .. } => (true, None),
-            NewProcess::AfterStop(reason) => (false, reason.clone()),
+            NewProcess::AfterStop { reason, .. } => (false, reason.clone()),
         };
         match self
             .revert_steps(&record, &files, options, &new_overlays, process)
@@ -240,7 +253,7 @@ impl Orchestrator {
         // The check's error first: a failed start may only be its consequence.
         checked?;
         let process = started?;
-        if matches!(process, NewProcess::AfterStop(_)) && options.eager && record.memory.is_some() {
+        if matches!(process, NewProcess::AfterStop { .. }) && options.eager && record.memory.is_some() {
             // An eager revert that copies after the stop checks every page first, while the
             // domain still runs as it was (a standby's copy checks them before the stop).
             self.observer.step(Operation::Revert, Step::Check);
@@ -296,7 +309,7 @@ impl Orchestrator {
         new_overlays: &[PathBuf],
     ) -> StepResult<NewProcess> {
         if record.memory.is_none() || replaced.state == DomainState::ShutOff {
-            return Ok(NewProcess::AfterStop(None));
+            return Ok(NewProcess::AFTER_STOP);
         }
         let domain = &record.domain;
         self.observer.step(Operation::Revert, Step::StartStandby);
@@ -320,10 +333,11 @@ impl Orchestrator {
             }
             Standby::Unavailable { reason } => {
                 tracing::info!(%domain, %reason, "the new process starts after the old one ends");
-                for overlay in new_overlays {
-                    remove_file(overlay).map_err(at(Step::StartStandby))?;
-                }
-                return Ok(NewProcess::AfterStop(Some(reason)));
+                // The overlays serve the process started after the stop as well.
+                return Ok(NewProcess::AfterStop {
+                    reason: Some(reason),
+                    disks: Some(disks),
+                });
             }
         };
         // With its memory in place: a device state that does not load stops the revert here,
@@ -355,21 +369,25 @@ impl Orchestrator {
         observe(Step::RevertDisks);
         let (takeover, new_disks) = match process {
             NewProcess::Standby { disks, copied } => (Takeover::Standby(copied), disks),
-            NewProcess::AfterStop(_) => {
+            NewProcess::AfterStop { disks, .. } => {
                 // One left by an interrupted revert would hold the images.
                 self.hypervisor
                     .discard_standby(domain)
                     .await
                     .map_err(at(Step::Stop))?;
-                // The domain is stopped: these are the images its definition names now.
-                let current = self
-                    .hypervisor
-                    .disks(domain)
-                    .await
-                    .map_err(at(Step::RevertDisks))?;
-                let disks = self
-                    .revert_targets(record, &current, new_overlays, Step::RevertDisks)
-                    .await?;
+                let disks = match disks {
+                    Some(disks) => disks,
+                    None => {
+                        // The domain is stopped: these are the images its definition names now.
+                        let current = self
+                            .hypervisor
+                            .disks(domain)
+                            .await
+                            .map_err(at(Step::RevertDisks))?;
+                        self.revert_targets(record, &current, new_overlays, Step::RevertDisks)
+                            .await?
+                    }
+                };
                 (Takeover::Start, disks)
             }
         };
