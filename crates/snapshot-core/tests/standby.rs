@@ -89,15 +89,31 @@ async fn a_standby_that_fails_to_start_or_to_load_leaves_the_domain_running_as_i
         ("start_standby", Step::StartStandby),
         ("load_standby_device_state", Step::LoadDeviceState),
     ] {
-        standby_failure_leaves_the_domain_running(call, step).await;
+        let f = standby_fixture().await;
+        f.fail_at(call);
+        assert_failed_before_the_stop(&f, step, call).await;
     }
 }
 
-async fn standby_failure_leaves_the_domain_running(call: &'static str, step: Step) {
+#[tokio::test]
+async fn a_snapshot_that_fails_its_check_while_the_standby_starts_leaves_the_domain_running() {
     let f = standby_fixture().await;
+    let image = f.store.files(&f.domain, &name("s1")).memory_image;
+    // The image's footer: its checksums no longer match.
+    damage(&image, -30);
+    f.fail_at("nothing");
+    assert_failed_before_the_stop(&f, Step::Check, "check").await;
+    // The check ran beside the standby's start; the standby it started is ended.
+    let calls = f.calls();
+    assert!(calls.contains(&"start_standby"), "{calls:?}");
+    assert!(calls.contains(&"discard_standby"), "{calls:?}");
+}
+
+/// Reverts `f`'s domain to `s1`, something set up to go wrong before the stop (`what`), and
+/// checks that the revert failed at `step` and left the domain running as it was.
+async fn assert_failed_before_the_stop(f: &Fixture, step: Step, what: &str) {
     let disks_before = f.sim().disks;
     let overlays_before = f.store.overlays(&f.domain).unwrap();
-    f.fail_at(call);
     let err = f
         .orchestrator
         .revert(&f.domain, &name("s1"), RevertOptions::default())
@@ -105,65 +121,28 @@ async fn standby_failure_leaves_the_domain_running(call: &'static str, step: Ste
         .unwrap_err();
     assert!(
         matches!(err, Error::Failed { step: failed, .. } if failed == step),
-        "{call}: {err}"
+        "{what}: {err}"
     );
-    assert!(!err.to_string().contains("shut off"), "{call}: {err}");
+    assert!(!err.to_string().contains("shut off"), "{what}: {err}");
     let calls = f.calls();
     assert!(
         !calls.contains(&"destroy") && !calls.contains(&"define"),
-        "{call}: {calls:?}"
+        "{what}: {calls:?}"
     );
     let sim = f.sim();
-    assert_eq!(sim.state, DomainState::Running, "{call}");
-    assert!(sim.standby.is_none(), "{call}: the standby was left");
-    assert_eq!(sim.disks, disks_before, "{call}");
-    assert!(sim.applied.is_empty(), "{call}");
-    assert!(f.store.intent(&f.domain).unwrap().is_none());
-    assert_eq!(f.store.overlays(&f.domain).unwrap(), overlays_before);
+    assert_eq!(sim.state, DomainState::Running, "{what}");
+    assert!(sim.standby.is_none(), "{what}: the standby was left");
+    assert_eq!(sim.disks, disks_before, "{what}");
+    assert!(sim.applied.is_empty(), "{what}");
+    assert!(f.store.intent(&f.domain).unwrap().is_none(), "{what}");
+    assert_eq!(f.store.overlays(&f.domain).unwrap(), overlays_before, "{what}");
     assert!(
         f.stray_files()
             .iter()
             .all(|p| !p.to_string_lossy().contains(".revert-")),
-        "{:?}",
+        "{what}: {:?}",
         f.stray_files()
     );
-}
-
-#[tokio::test]
-async fn a_snapshot_that_fails_its_check_while_the_standby_starts_leaves_the_domain_running() {
-    let f = standby_fixture().await;
-    let disks_before = f.sim().disks;
-    let overlays_before = f.store.overlays(&f.domain).unwrap();
-    let image = f.store.files(&f.domain, &name("s1")).memory_image;
-    // The image's footer: its checksums no longer match.
-    damage(&image, -30);
-    f.fail_at("nothing");
-    let err = f
-        .orchestrator
-        .revert(&f.domain, &name("s1"), RevertOptions::default())
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Failed {
-                step: Step::Check,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    // The check ran beside the standby's start; the standby it started is ended.
-    let calls = f.calls();
-    assert!(calls.contains(&"start_standby"), "{calls:?}");
-    assert!(calls.contains(&"discard_standby"), "{calls:?}");
-    assert!(!calls.contains(&"destroy"), "{calls:?}");
-    let sim = f.sim();
-    assert_eq!(sim.state, DomainState::Running);
-    assert!(sim.standby.is_none());
-    assert_eq!(sim.disks, disks_before);
-    assert!(f.store.intent(&f.domain).unwrap().is_none());
-    assert_eq!(f.store.overlays(&f.domain).unwrap(), overlays_before);
 }
 
 #[tokio::test]
@@ -284,13 +263,7 @@ async fn without_a_standby_the_report_says_why_and_the_new_process_starts_after_
 async fn recovery_of_a_revert_ends_a_standby_the_crash_left() {
     let f = standby_fixture().await;
     // What a revert killed after starting its standby leaves: the intent and the standby.
-    let intent = Intent::Revert {
-        snapshot: name("s1"),
-        paused: false,
-        eager: false,
-        new_overlays: vec![f.dir.path().join("vdb.revert-1.qcow2")],
-    };
-    f.store.set_intent(&f.domain, &intent).unwrap();
+    interrupted_revert(&f);
     f.sim.lock().unwrap().standby = Some(IncomingStart::Mapped);
     f.fail_at("nothing");
     let recovered = f.orchestrator.recover(&f.domain).await.unwrap().unwrap();
@@ -307,13 +280,7 @@ async fn recovery_of_a_revert_ends_a_standby_the_crash_left() {
 async fn recovery_checks_the_snapshot_again_before_it_finishes_a_revert() {
     let f = standby_fixture().await;
     // A revert killed while it checked the snapshot, whose image is damaged.
-    let intent = Intent::Revert {
-        snapshot: name("s1"),
-        paused: false,
-        eager: false,
-        new_overlays: vec![f.dir.path().join("vdb.revert-1.qcow2")],
-    };
-    f.store.set_intent(&f.domain, &intent).unwrap();
+    interrupted_revert(&f);
     let image = f.store.files(&f.domain, &name("s1")).memory_image;
     damage(&image, -30);
     f.fail_at("nothing");
@@ -332,4 +299,15 @@ async fn recovery_checks_the_snapshot_again_before_it_finishes_a_revert() {
     assert!(!f.calls().contains(&"destroy"));
     assert_eq!(f.sim().state, DomainState::Running);
     assert!(f.store.intent(&f.domain).unwrap().is_some());
+}
+
+/// The intent record a revert of `f`'s domain to `s1` leaves when it is killed.
+fn interrupted_revert(f: &Fixture) {
+    let intent = Intent::Revert {
+        snapshot: name("s1"),
+        paused: false,
+        eager: false,
+        new_overlays: vec![f.dir.path().join("vdb.revert-1.qcow2")],
+    };
+    f.store.set_intent(&f.domain, &intent).unwrap();
 }
