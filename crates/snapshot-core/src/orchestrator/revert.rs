@@ -9,9 +9,10 @@
 //! verify`, an eager one checks each page's checksum as it copies it.
 //!
 //! Where the hypervisor can run two processes of the domain at once, the new one is started
-//! beside the running one first ([`Hypervisor::start_standby`], its disks inactive): a failure
-//! to start it leaves the domain running as it was, and the guest is gone only while the old
-//! process ends, the internal disk snapshots are applied and the device state is loaded.
+//! beside the running one first ([`Hypervisor::start_standby`], its disks inactive), while the
+//! snapshot is checked, and given the device state: a failure up to there leaves the domain
+//! running as it was, and the guest is gone only while the old process ends, the internal disk
+//! snapshots are applied and the new process takes the disks over.
 //!
 //! [`Hypervisor::start_standby`]: crate::Hypervisor::start_standby
 
@@ -70,7 +71,7 @@ enum Takeover {
 pub(super) enum NewProcess {
     /// Started beside the old one ([`Hypervisor::start_standby`](crate::Hypervisor::start_standby))
     /// on `disks` (the revert's external overlays already made), its RAM mapped from the image or
-    /// fresh and `copied` into already.
+    /// fresh and `copied` into already, its device state loaded.
     Standby {
         disks: Vec<DiskTarget>,
         copied: Option<Copied>,
