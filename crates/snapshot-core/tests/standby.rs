@@ -263,7 +263,7 @@ async fn without_a_standby_the_report_says_why_and_the_new_process_starts_after_
 async fn recovery_of_a_revert_ends_a_standby_the_crash_left() {
     let f = standby_fixture().await;
     // What a revert killed after starting its standby leaves: the intent and the standby.
-    interrupted_revert(&f);
+    interrupted_revert(&f, false);
     f.sim.lock().unwrap().standby = Some(IncomingStart::Mapped);
     f.fail_at("nothing");
     let recovered = f.orchestrator.recover(&f.domain).await.unwrap().unwrap();
@@ -278,35 +278,42 @@ async fn recovery_of_a_revert_ends_a_standby_the_crash_left() {
 
 #[tokio::test]
 async fn recovery_checks_the_snapshot_again_before_it_finishes_a_revert() {
-    let f = standby_fixture().await;
-    // A revert killed while it checked the snapshot, whose image is damaged.
-    interrupted_revert(&f);
-    let image = f.store.files(&f.domain, &name("s1")).memory_image;
-    damage(&image, -30);
-    f.fail_at("nothing");
-    let err = f.orchestrator.recover(&f.domain).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Failed {
-                step: Step::Check,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    // Nothing was stopped; the intent stays for `recover --abandon`.
-    assert!(!f.calls().contains(&"destroy"));
-    assert_eq!(f.sim().state, DomainState::Running);
-    assert!(f.store.intent(&f.domain).unwrap().is_some());
+    // A revert killed while it checked the snapshot, whose image is damaged: in its metadata,
+    // or (for an eager one, which recovery copies after the stop) in a page.
+    for eager in [false, true] {
+        let f = standby_fixture().await;
+        interrupted_revert(&f, eager);
+        if eager {
+            f.damage_a_page("s1");
+        } else {
+            let image = f.store.files(&f.domain, &name("s1")).memory_image;
+            damage(&image, -30);
+        }
+        f.fail_at("nothing");
+        let err = f.orchestrator.recover(&f.domain).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Failed {
+                    step: Step::Check,
+                    ..
+                }
+            ),
+            "eager {eager}: {err}"
+        );
+        // Nothing was stopped; the intent stays for `recover --abandon`.
+        assert!(!f.calls().contains(&"destroy"), "eager {eager}");
+        assert_eq!(f.sim().state, DomainState::Running, "eager {eager}");
+        assert!(f.store.intent(&f.domain).unwrap().is_some(), "eager {eager}");
+    }
 }
 
 /// The intent record a revert of `f`'s domain to `s1` leaves when it is killed.
-fn interrupted_revert(f: &Fixture) {
+fn interrupted_revert(f: &Fixture, eager: bool) {
     let intent = Intent::Revert {
         snapshot: name("s1"),
         paused: false,
-        eager: false,
+        eager,
         new_overlays: vec![f.dir.path().join("vdb.revert-1.qcow2")],
     };
     f.store.set_intent(&f.domain, &intent).unwrap();

@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 
 use super::{
-    at, create::CreateJob, revert::NewProcess, Orchestrator, Recovery, RecoveryOutcome, RevertOptions,
-    StepError, StepResult,
+    at,
+    create::CreateJob,
+    revert::{check_pages, NewProcess},
+    Orchestrator, Recovery, RecoveryOutcome, RevertOptions, StepError, StepResult,
 };
 use crate::{
     error::{Error, Operation, Result, Step},
@@ -67,10 +69,17 @@ impl Orchestrator {
                 let record = self.store.get(domain, &snapshot)?;
                 let files = self.store.files(domain, &snapshot).of_record(&record);
                 let options = RevertOptions { paused, eager };
-                // The crash may have come while the revert still checked the snapshot.
+                // The crash may have come while the revert still checked the snapshot (for an
+                // eager one, its pages too: the copy after the stop would find a damaged page only
+                // once the domain is gone).
                 self.check_revertible(&record, &files)
                     .await
                     .map_err(|e| fail((Step::Check, e), Vec::new()))?;
+                if eager && record.memory.is_some() {
+                    check_pages(&files)
+                        .await
+                        .map_err(|e| fail((Step::Check, e), Vec::new()))?;
+                }
                 self.revert_steps(&record, &files, options, &new_overlays, NewProcess::AFTER_STOP)
                     .await
                     .map_err(|e| fail(e, Vec::new()))?;

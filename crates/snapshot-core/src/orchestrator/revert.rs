@@ -650,7 +650,7 @@ async fn check_memory(memory: &MemoryState, files: &SnapshotFiles) -> std::resul
 
 /// Checks every stored page of a snapshot's memory image (its checksum), as `snapshot verify`
 /// does: what an eager revert that copies after the stop runs before it.
-async fn check_pages(files: &SnapshotFiles) -> std::result::Result<(), DriverError> {
+pub(super) async fn check_pages(files: &SnapshotFiles) -> std::result::Result<(), DriverError> {
     let image = files.memory_image.clone();
     tokio::task::spawn_blocking(move || memory::verify(&image))
         .await?
