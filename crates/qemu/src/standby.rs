@@ -19,12 +19,13 @@ use std::path::Path;
 use memory::GuestMemory;
 use qmp::{
     commands::{MigrateSetCapabilities, MigrationCapability, MigrationCapabilityStatus},
-    RunState,
+    Client, RunState,
 };
 use snapshot_core::{DiskTarget, IncomingRam, Name, Standby};
 
 use crate::{
-    driver::{absolute_paths, qmp_error, QemuDriver},
+    config::DomainConfig,
+    driver::{absolute_paths, qmp_error, DomainFiles, QemuDriver},
     error::{Error, Result},
     hypervisor::{revert_config, shared_memory},
 };
@@ -82,7 +83,7 @@ impl QemuDriver {
     /// (recorded durably), and the old slot's leftovers go.
     pub(crate) async fn promote_standby_locked(&self, name: &Name) -> Result<()> {
         let active = self.files(name)?;
-        self.load_definition(name, &active)?;
+        let config = self.load_definition(name, &active)?;
         if let Some(pid) = active.pid() {
             return Err(Error::Running {
                 domain: name.clone(),
@@ -102,8 +103,9 @@ impl QemuDriver {
         if let Err(error) = active.clean() {
             tracing::warn!(domain = %name, %error, "cannot remove the files of the ended QEMU");
         }
-        self.activate_disks(name).await?;
-        self.add_host_forwards(name).await
+        let (files, pid, client) = self.running(name).await?;
+        self.activate_disks(name, &files, pid, &client).await?;
+        add_host_forwards(name, &config, &client).await
     }
 
     /// [`snapshot_core::Hypervisor::load_standby_device_state`]: the standby loads the state
@@ -111,11 +113,7 @@ impl QemuDriver {
     /// once the state is in, while the running QEMU still holds them and before the revert has
     /// applied the internal snapshots); [`QemuDriver::promote_standby_locked`] activates them.
     pub(crate) async fn load_standby_device_state_locked(&self, name: &Name, path: &Path) -> Result<()> {
-        let files = self.standby_files(name)?;
-        let pid = files
-            .pid()
-            .ok_or_else(|| Error::NoStandby { domain: name.clone() })?;
-        let client = self.client(name, &files, pid).await?;
+        let (files, pid, client) = self.standby(name).await?;
         let late_block_activate = |state| MigrateSetCapabilities {
             capabilities: vec![MigrationCapabilityStatus {
                 capability: MigrationCapability::LateBlockActivate,
@@ -138,9 +136,14 @@ impl QemuDriver {
     /// Activates the disks of the domain's QEMU, a promoted standby that loaded its state: QEMU
     /// reads their metadata now, as the revert left them, and takes their locks. One still
     /// waiting for its state activates them when the state is in.
-    async fn activate_disks(&self, name: &Name) -> Result<()> {
-        let (files, pid, client) = self.running(name).await?;
-        if self.run_state(name, &files, pid).await? == RunState::InMigrate {
+    async fn activate_disks(
+        &self,
+        name: &Name,
+        files: &DomainFiles,
+        pid: u32,
+        client: &Client,
+    ) -> Result<()> {
+        if self.run_state(name, files, pid).await? == RunState::InMigrate {
             return Ok(());
         }
         client
@@ -150,30 +153,15 @@ impl QemuDriver {
         Ok(())
     }
 
-    /// Adds the definition's host port forwards to the domain's QEMU, a standby that took over
-    /// (it started without them: the old QEMU held the ports).
-    async fn add_host_forwards(&self, name: &Name) -> Result<()> {
-        let (files, _, client) = self.running(name).await?;
-        let config = self.load_definition(name, &files)?;
-        for (netdev, rule) in config.host_forwards() {
-            let said = client
-                .execute_raw(
-                    "human-monitor-command",
-                    serde_json::json!({ "command-line": format!("hostfwd_add {netdev} {rule}") }),
-                )
-                .await
-                .map_err(qmp_error(name, "adding a host port forward"))?;
-            // HMP answers with an empty text on success, and the reason otherwise.
-            let said = said.as_str().unwrap_or_default().trim();
-            if !said.is_empty() {
-                return Err(Error::HostForward {
-                    domain: name.clone(),
-                    rule,
-                    reason: said.to_owned(),
-                });
-            }
-        }
-        Ok(())
+    /// The standby slot's files, its QEMU's pid and a connection to it, as
+    /// [`QemuDriver::running`] gives them for the active slot.
+    async fn standby(&self, name: &Name) -> Result<(DomainFiles, u32, Client)> {
+        let files = self.standby_files(name)?;
+        let pid = files
+            .pid()
+            .ok_or_else(|| Error::NoStandby { domain: name.clone() })?;
+        let client = self.client(name, &files, pid).await?;
+        Ok((files, pid, client))
     }
 
     /// The guest RAM of the domain's standby QEMU, started on fresh shared RAM (an eager
@@ -181,11 +169,7 @@ impl QemuDriver {
     /// memory into it before it ends the running QEMU, outside the guest's gap (once the
     /// standby is promoted, [`snapshot_core::Hypervisor::guest_memory`] gives the same RAM).
     pub async fn standby_guest_memory(&self, name: &Name) -> Result<GuestMemory> {
-        let files = self.standby_files(name)?;
-        let pid = files
-            .pid()
-            .ok_or_else(|| Error::NoStandby { domain: name.clone() })?;
-        let client = self.client(name, &files, pid).await?;
+        let (files, _, client) = self.standby(name).await?;
         shared_memory(name, &files, &client).await
     }
 
@@ -194,4 +178,28 @@ impl QemuDriver {
     pub(crate) async fn discard_standby_locked(&self, name: &Name) -> Result<()> {
         self.end_slot(name, &self.standby_files(name)?).await
     }
+}
+
+/// Adds `config`'s host port forwards to the domain's QEMU, a standby that took over (it started
+/// without them: the old QEMU held the ports).
+async fn add_host_forwards(name: &Name, config: &DomainConfig, client: &Client) -> Result<()> {
+    for (netdev, rule) in config.host_forwards() {
+        let said = client
+            .execute_raw(
+                "human-monitor-command",
+                serde_json::json!({ "command-line": format!("hostfwd_add {netdev} {rule}") }),
+            )
+            .await
+            .map_err(qmp_error(name, "adding a host port forward"))?;
+        // HMP answers with an empty text on success, and the reason otherwise.
+        let said = said.as_str().unwrap_or_default().trim();
+        if !said.is_empty() {
+            return Err(Error::HostForward {
+                domain: name.clone(),
+                rule,
+                reason: said.to_owned(),
+            });
+        }
+    }
+    Ok(())
 }
