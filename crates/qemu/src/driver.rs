@@ -328,11 +328,21 @@ impl QemuDriver {
         Ok(())
     }
 
-    /// Resumes the vCPUs. A migration left waiting before its switch-over (by a toolstack that
-    /// died while it snapshotted the disks of a pre-copy save) is cancelled first: QEMU keeps the
-    /// guest stopped until it ends; one that completed is let settle first.
+    /// Resumes the vCPUs. QEMU refuses `cont`, changing nothing, while a migration holds the
+    /// guest in `finish-migrate`; then the migration is dealt with and `cont` sent again: one
+    /// left waiting before its switch-over (by a toolstack that died while it snapshotted the
+    /// disks of a pre-copy save) is cancelled, as QEMU keeps the guest stopped until it ends; one
+    /// that completed is let settle.
     pub async fn resume(&self, name: &Name) -> Result<()> {
         let (_, _, client) = self.running(name).await?;
+        // `cont` first: it is all a pause needs, and the resume is inside the guest's pause.
+        match client.execute(&Cont).await {
+            Ok(_) => return Ok(()),
+            Err(error) if error.qmp_class().is_some() => {
+                tracing::debug!(domain = %name, %error, "cont refused; settling the migration first");
+            }
+            Err(error) => return Err(qmp_error(name, "resuming")(error)),
+        }
         let migration = client
             .execute(&QueryMigrate)
             .await

@@ -103,9 +103,11 @@ impl CreateJob<'_> {
     {
         let captured = match mode {
             StreamMode::Background => {
-                // The guest is paused, so its state is the snapshot's whichever runs first: the
-                // hypervisor captures while the disks are snapshotted (a background snapshot
-                // leaves the disks alone).
+                // The guest is paused: the hypervisor captures while the disks are snapshotted.
+                // The disks are polled first so that their requests reach the hypervisor before
+                // the capture's: with QEMU's background migration asked for first, an external
+                // snapshot's graph change held the pause for 470 ms and the guest's later writes
+                // reached the snapshot's image (tried in this order; the e2e test caught it).
                 if let Err(error) = self.pause().await {
                     // Dropping `capture` makes the driver give up; let it clean up first.
                     drop(capture);
