@@ -449,8 +449,8 @@ struct LiveSettings {
 
 /// Removes a QEMU output file once measured, as domsnap's snapshot is deleted once measured.
 /// Kept, it would be truncated by QEMU's next `file:` migration, whose writes would then reuse
-/// the page cache that just freed: on this machine that is 1.5–2× faster than the memory a new
-/// file gets once freed pages went back to the host (docs/benchmarks.md, "The machine").
+/// the page cache that just freed: by hand on this machine 275–422 ms into the same file against
+/// 480–584 ms into a new one (docs/benchmarks.md, "The machine").
 fn discard(file: &Path) -> Result<()> {
     std::fs::remove_file(file).with_context(|| format!("removing {}", file.display()))
 }

@@ -338,7 +338,7 @@ impl QemuDriver {
         // `cont` first: it is all a pause needs, and the resume is inside the guest's pause.
         match client.execute(&Cont).await {
             Ok(_) => return Ok(()),
-            Err(error) if error.qmp_class().is_some() => {
+            Err(error) if crate::stream_save::refused_in_finish_migrate(&error) => {
                 tracing::debug!(domain = %name, %error, "cont refused; settling the migration first");
             }
             Err(error) => return Err(qmp_error(name, "resuming")(error)),

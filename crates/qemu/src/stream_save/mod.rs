@@ -429,9 +429,7 @@ async fn resume_after_switchover(client: &Client) -> Result<()> {
     loop {
         match client.execute(&Cont).await {
             Ok(_) => break,
-            Err(qmp::Error::Command { desc, .. })
-                if desc.contains(NOT_FINALIZED) && Instant::now() < deadline =>
-            {
+            Err(error) if refused_in_finish_migrate(&error) && Instant::now() < deadline => {
                 refused += 1;
                 tokio::time::sleep(CONT_RETRY).await;
             }
@@ -445,6 +443,12 @@ async fn resume_after_switchover(client: &Client) -> Result<()> {
     }
     tracing::debug!(refused, "guest resumed after the switch-over");
     Ok(())
+}
+
+/// Whether `error` is QEMU refusing `cont` because a migration holds the guest in
+/// `finish-migrate` (QEMU then changed nothing).
+pub(crate) fn refused_in_finish_migrate(error: &qmp::Error) -> bool {
+    matches!(error, qmp::Error::Command { desc, .. } if desc.contains(NOT_FINALIZED))
 }
 
 /// Whether a migration in `status` still holds the domain.
