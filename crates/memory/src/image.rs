@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::direct::DirectWrites;
 use crate::error::{Error, Result};
 use crate::format::{Footer, ImageLayout, RegionInfo, FOOTER_LEN, FORMAT_VERSION, IMAGE_MAGIC};
 use crate::guest::{GuestMemory, PAGE, PAGE_SIZE};
@@ -51,14 +52,19 @@ pub enum Durability {
 /// Page data lives at fixed offsets, so pages written again in later rounds overwrite in place and the
 /// file never grows past the guest's size plus its metadata (9 bytes per page).
 ///
-/// With [`Durability::Sync`], the page data's writeback to the disk is started every few MiB
-/// written, so that the fsync of [`ImageWriter::seal`] has little left to write.
+/// Runs of at least 64 KiB of page data, in page-aligned memory, are written around the page cache
+/// (`O_DIRECT`) where the file system allows it: an image is written once and read rarely, and
+/// filling the page cache with it costs memory the domains need (the `direct` module says more).
+/// Shorter runs go through the page cache; with [`Durability::Sync`] their writeback to the disk
+/// is started every few MiB written, so that the fsync of [`ImageWriter::seal`] has little left to
+/// write.
 #[derive(Debug)]
 pub struct ImageWriter {
     temp: durable::TempFile,
     layout: ImageLayout,
     durability: Durability,
     writeback: Writeback,
+    direct: DirectWrites,
 }
 
 impl ImageWriter {
@@ -84,11 +90,13 @@ impl ImageWriter {
             Some(every) => Writeback::every(temp.file(), every),
             None => Writeback::none(),
         };
+        let direct = DirectWrites::open(temp.file());
         let writer = ImageWriter {
             temp,
             layout,
             durability,
             writeback,
+            direct,
         };
         let header = writer.layout.encode_header(IMAGE_MAGIC);
         writer
@@ -188,9 +196,12 @@ impl PageSink for ImageWriter {
         &self.layout
     }
     fn write_pages(&self, first_page: u64, data: &[u8], _checksums: &[u64]) -> Result<()> {
-        self.file()
-            .write_all_at(data, self.layout.page_offset(first_page))
-            .map_err(|e| self.err("write page data to", e))?;
+        let offset = self.layout.page_offset(first_page);
+        let write_error = |e| self.err("write page data to", e);
+        if self.direct.write(data, offset).map_err(write_error)? {
+            return Ok(());
+        }
+        self.file().write_all_at(data, offset).map_err(write_error)?;
         self.writeback.wrote(to_u64(data.len()));
         Ok(())
     }

@@ -8,6 +8,7 @@ use crate::format::ImageLayout;
 use crate::guest::{PAGE, PAGE_SIZE};
 use crate::image::PageSink;
 use crate::num::{to_u64, to_usize};
+use crate::page_buf::PageBuf;
 use crate::table::{is_zero, page_hash, DirtySet, PageState, PageTable};
 
 /// Most pages staged before they are written (1 MiB): consecutive pages go to the sink in one call.
@@ -30,10 +31,11 @@ pub struct ImportStats {
     pub bytes_written: u64,
 }
 
-/// A run of consecutive pages waiting to be written, with their checksums.
+/// A run of consecutive pages waiting to be written, with their checksums. The pages are the first
+/// `sums.len()` of `data` (page-aligned, so that the sink may write them direct).
 struct Run {
     first: u64,
-    data: Vec<u8>,
+    data: PageBuf,
     sums: Vec<u64>,
 }
 
@@ -88,7 +90,7 @@ impl<'a> PageImport<'a> {
             received,
             run: Run {
                 first: 0,
-                data: Vec::with_capacity(STAGE_PAGES * PAGE_SIZE),
+                data: PageBuf::zeroed(STAGE_PAGES),
                 sums: Vec::with_capacity(STAGE_PAGES),
             },
             pages_received: 0,
@@ -119,7 +121,8 @@ impl<'a> PageImport<'a> {
                 self.flush()?;
                 self.run.first = page;
             }
-            self.run.data.extend_from_slice(data);
+            let slot = self.run.sums.len();
+            self.run.data[slot * PAGE_SIZE..][..PAGE_SIZE].copy_from_slice(data);
             self.run.sums.push(sum);
         }
         self.table.set(page, Some(sum));
@@ -185,10 +188,10 @@ impl<'a> PageImport<'a> {
         if self.run.sums.is_empty() {
             return Ok(());
         }
+        let staged = self.run.sums.len() * PAGE_SIZE;
         self.sink
-            .write_pages(self.run.first, &self.run.data, &self.run.sums)?;
+            .write_pages(self.run.first, &self.run.data[..staged], &self.run.sums)?;
         self.bytes_written += self.run.len() * PAGE;
-        self.run.data.clear();
         self.run.sums.clear();
         Ok(())
     }

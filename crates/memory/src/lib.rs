@@ -71,6 +71,7 @@
 //! # }
 //! ```
 
+mod direct;
 mod dirty;
 mod error;
 mod format;
@@ -78,6 +79,7 @@ mod guest;
 mod image;
 mod import;
 mod num;
+mod page_buf;
 mod par;
 pub mod reference;
 mod save;

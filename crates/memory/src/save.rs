@@ -10,6 +10,7 @@ use crate::error::Result;
 use crate::guest::{GuestMemory, PAGE, PAGE_SIZE};
 use crate::image::PageSink;
 use crate::num::{to_u64, to_usize};
+use crate::page_buf::PageBuf;
 use crate::par;
 use crate::table::{is_zero, page_hash, set_bits, DirtySet, PageState, PageTable, CHUNK_PAGES, CHUNK_WORDS};
 
@@ -356,7 +357,8 @@ pub fn copy_paused<'a>(mem: &'a GuestMemory, sink: Box<dyn PageSink + 'a>) -> Re
 /// A worker's staging area: copies of up to [`STAGE_PAGES`] pages (ascending, not necessarily
 /// consecutive) waiting to be written, with their checksums.
 struct Stage {
-    data: Vec<u8>,
+    /// Page-aligned, so that the sink may write runs of it direct.
+    data: PageBuf,
     sums: Vec<u64>,
     pages: Vec<u64>,
     /// Which pages of the current chunk may hold data (see [`crate::Region`]'s `data_map`).
@@ -366,7 +368,7 @@ struct Stage {
 impl Stage {
     fn new() -> Self {
         Stage {
-            data: vec![0u8; STAGE_PAGES * PAGE_SIZE],
+            data: PageBuf::zeroed(STAGE_PAGES),
             sums: Vec::with_capacity(STAGE_PAGES),
             pages: Vec::with_capacity(STAGE_PAGES),
             data_map: vec![0u8; CHUNK_PAGES],

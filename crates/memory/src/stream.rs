@@ -11,6 +11,7 @@ use crate::format::{ImageLayout, FORMAT_VERSION, STREAM_MAGIC};
 use crate::guest::{PAGE, PAGE_SIZE};
 use crate::image::{Durability, ImageInfo, ImageWriter, PageSink};
 use crate::num::{to_u64, to_usize};
+use crate::page_buf::PageBuf;
 use crate::table::{block_hash, is_zero, page_hash, PageTable};
 
 const TAG_PAGES: u32 = 1;
@@ -163,7 +164,8 @@ pub fn receive_stream(mut input: impl Read, dest: &Path, options: &ReceiveOption
     }
     let image = ImageWriter::create(dest, layout.clone(), options.durability)?;
     let mut table = PageTable::new(total, layout.seed());
-    let mut data = vec![0u8; MAX_RECORD_PAGES * PAGE_SIZE];
+    // Page-aligned, so that an image may take the records' pages direct.
+    let mut data = PageBuf::zeroed(MAX_RECORD_PAGES);
     let mut meta = vec![0u8; MAX_RECORD_PAGES * 8];
     let mut records = 0u64;
     loop {
