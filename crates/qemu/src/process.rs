@@ -16,8 +16,15 @@ pub const QEMU_ENV: &str = "DOMSNAP_QEMU";
 /// The QEMU major version the driver is built for (its command line and QMP use).
 const QEMU_MAJOR: u32 = 10;
 
-/// How often [`wait_exit`] looks again: a revert waits for the old QEMU to exit before it
-/// starts the new one, and a look is one read of `/proc/PID/cmdline`.
+/// How often [`wait_exit`] looks again during its first [`EXIT_POLL_FAST_FOR`]: a revert's guest
+/// has no process from the old QEMU's `quit` until the wait ends, and QEMU is gone a few ms
+/// after `quit` (the revert's stop step took 2.6–4.4 ms with this, 2.0–10.5 ms looking every
+/// 5 ms). A look is one read of `/proc/PID/cmdline`. A pidfd was tried and is slower: it is
+/// told only once the kernel has torn down QEMU's address space, while the command line
+/// empties when the teardown starts (QEMU has closed its images by then).
+const EXIT_POLL_FAST: Duration = Duration::from_millis(1);
+const EXIT_POLL_FAST_FOR: Duration = Duration::from_millis(100);
+/// How often it looks after that (a clean shutdown can take seconds).
 const EXIT_POLL: Duration = Duration::from_millis(5);
 
 /// The bytes of QEMU's stderr quoted in errors.
@@ -161,15 +168,20 @@ pub(crate) fn is_our_qemu(pid: u32, marker: &[u8]) -> bool {
 
 /// Waits up to `timeout` for the process to be gone; returns whether it is.
 pub(crate) async fn wait_exit(pid: u32, marker: &[u8], timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
     loop {
         if !is_our_qemu(pid, marker) {
             return true;
         }
-        if Instant::now() >= deadline {
+        let waited = started.elapsed();
+        if waited >= timeout {
             return false;
         }
-        tokio::time::sleep(EXIT_POLL).await;
+        let poll = match waited < EXIT_POLL_FAST_FOR {
+            true => EXIT_POLL_FAST,
+            false => EXIT_POLL,
+        };
+        tokio::time::sleep(poll).await;
     }
 }
 
