@@ -40,8 +40,6 @@ struct Replaced {
     state: DomainState,
     config: serde_json::Value,
     disks: Vec<DiskTarget>,
-    /// The domain's current snapshot before the revert.
-    current: Option<Name>,
 }
 
 /// The domain's state after the revert's steps, and how its memory was loaded.
@@ -118,12 +116,7 @@ impl Orchestrator {
         let fail = |e: StepError| self.failed(Operation::Revert, domain, snapshot, e, Vec::new(), None);
 
         let (state, config, disks) = self.inspect(domain).await.map_err(fail)?;
-        let replaced = Replaced {
-            state,
-            config,
-            disks,
-            current: self.store.current(domain)?,
-        };
+        let replaced = Replaced { state, config, disks };
         let stamp = now_unix_ms();
         let new_overlays: Vec<PathBuf> = record
             .disks
@@ -217,10 +210,6 @@ impl Orchestrator {
                 .await
             {
                 rollback.push(format!("cannot restore the domain configuration: {e}"));
-            }
-            // The revert pointed `current` at its snapshot once the old process had ended.
-            if let Err(e) = self.store.set_current(domain, replaced.current.clone()) {
-                rollback.push(format!("cannot restore the current snapshot: {e}"));
             }
         }
         if !rollback.is_empty() {
@@ -374,52 +363,10 @@ impl Orchestrator {
         process: NewProcess,
     ) -> StepResult<Reverted> {
         let domain = &record.domain;
-        self.observer.step(Operation::Revert, Step::Stop);
+        let observe = |step| self.observer.step(Operation::Revert, step);
+        observe(Step::Stop);
         let stopping = Instant::now();
         self.hypervisor.destroy(domain).await.map_err(at(Step::Stop))?;
-        let takeover = self
-            .revert_disks_and_define(record, new_overlays, process)
-            .await?;
-        // From here a crash is recovered forward (recovery runs these steps again), so the
-        // snapshot is the domain's current one: its pointer is written (a file and its folder
-        // fsynced, 6 ms in a trace) while the new process takes over, not after the resume; not
-        // before the definition's own fsyncs either, which would wait for it, with the domain
-        // down. It is waited for whatever happens, before a failure's undo puts the old one back.
-        let pointer = self.write_current(domain, &record.name);
-        let restored = self.restore(record, files, options, takeover, stopping).await;
-        let written = pointer.await;
-        let reverted = restored?;
-        self.observer.step(Operation::Revert, Step::UpdateTree);
-        written
-            .map_err(|e| (Step::UpdateTree, e.into()))?
-            .map_err(at(Step::UpdateTree))?;
-        // The overlays the domain wrote to before are not needed any more (unless a snapshot
-        // reads them).
-        self.observer.step(Operation::Revert, Step::TidyDisks);
-        self.tidy_disks(domain).await.map_err(at(Step::TidyDisks))?;
-        Ok(reverted)
-    }
-
-    /// Points the domain's `current` at `snapshot`, on a blocking thread.
-    fn write_current(&self, domain: &Name, snapshot: &Name) -> tokio::task::JoinHandle<Result<()>> {
-        let (store, domain, snapshot) = (
-            std::sync::Arc::clone(&self.store),
-            domain.clone(),
-            snapshot.clone(),
-        );
-        tokio::task::spawn_blocking(move || store.set_current(&domain, Some(snapshot)))
-    }
-
-    /// The revert's steps once the old process has ended, up to its new process: the disks and
-    /// the configuration. Returns where the new process comes from.
-    async fn revert_disks_and_define(
-        &self,
-        record: &SnapshotRecord,
-        new_overlays: &[PathBuf],
-        process: NewProcess,
-    ) -> StepResult<Takeover> {
-        let domain = &record.domain;
-        let observe = |step| self.observer.step(Operation::Revert, step);
         observe(Step::RevertDisks);
         let (takeover, new_disks) = match process {
             NewProcess::Standby { disks, copied } => (Takeover::Standby(copied), disks),
@@ -452,20 +399,7 @@ impl Orchestrator {
             .define(domain, &record.config, &new_disks)
             .await
             .map_err(at(Step::Define))?;
-        Ok(takeover)
-    }
 
-    /// The new process, running or paused as asked (a snapshot without memory leaves the
-    /// domain shut off), and the guest's filesystems thawed if the snapshot froze them.
-    async fn restore(
-        &self,
-        record: &SnapshotRecord,
-        files: &SnapshotFiles,
-        options: RevertOptions,
-        takeover: Takeover,
-        stopping: Instant,
-    ) -> StepResult<Reverted> {
-        let domain = &record.domain;
         let mut reverted = match record.memory {
             Some(_) => {
                 let mut reverted = self.restore_state(domain, files, options, takeover).await?;
@@ -484,6 +418,15 @@ impl Orchestrator {
         if record.quiesced && record.memory.is_some() {
             reverted.thaw = Some(self.thaw_restored(domain, reverted.state).await);
         }
+
+        observe(Step::UpdateTree);
+        self.store
+            .set_current(domain, Some(record.name.clone()))
+            .map_err(at(Step::UpdateTree))?;
+        // The overlays the domain wrote to before are not needed any more (unless a snapshot
+        // reads them).
+        observe(Step::TidyDisks);
+        self.tidy_disks(domain).await.map_err(at(Step::TidyDisks))?;
         Ok(reverted)
     }
 
