@@ -506,6 +506,8 @@ async fn a_failure_during_revert_removes_new_overlays_and_restores_the_configura
         let f = fixture(DomainState::Running);
         f.create("s1", false).await.unwrap();
         let before = f.sim.lock().unwrap().disks.clone();
+        // No current snapshot before (its snapshot deleted, say): a failed revert leaves none.
+        f.store.set_current(&f.domain, None).unwrap();
         f.fail_at(call);
         let err = f
             .orchestrator
@@ -532,9 +534,11 @@ async fn a_failure_during_revert_removes_new_overlays_and_restores_the_configura
             assert_eq!(recovered.outcome, RecoveryOutcome::Finished);
             assert_eq!(f.sim().state, DomainState::Running);
             assert!(f.store.intent(&f.domain).unwrap().is_none());
+            assert_eq!(f.store.current(&f.domain).unwrap(), Some(name("s1")));
             continue;
         }
         assert!(f.store.intent(&f.domain).unwrap().is_none());
+        assert_eq!(f.store.current(&f.domain).unwrap(), None, "{call}");
         let overlays = f.store.overlays(&f.domain).unwrap();
         assert_eq!(overlays, vec![f.dir.path().join("vdb.s1.qcow2")], "{call}");
         assert!(
