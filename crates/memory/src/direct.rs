@@ -16,7 +16,7 @@
 //! Direct I/O wants the memory, the offset and the length aligned to the device's logical block;
 //! this uses the page size, which the usual block sizes divide. Producers stage their pages in a
 //! [`crate::page_buf::PageBuf`]; anything else goes through the page cache. A file system without
-//! direct I/O (tmpfs before Linux 6.6, some network and FUSE file systems) refuses at open or with
+//! direct I/O (tmpfs on older kernels, some network and FUSE file systems) refuses at open or with
 //! `EINVAL` at the first write: then every write goes through the page cache, as before.
 
 use std::fs::{File, OpenOptions};
