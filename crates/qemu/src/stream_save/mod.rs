@@ -10,8 +10,12 @@
 //! - **background**: QEMU's `background-snapshot` write-protects RAM, saves the device state and
 //!   streams RAM while the guest runs on (consistent at its start).
 
+#[cfg(test)]
+mod fake_qmp;
 mod outputs;
 mod settings;
+#[cfg(test)]
+mod tests;
 
 use std::{
     os::unix::net::UnixStream,
@@ -345,9 +349,22 @@ impl Migration<'_> {
                     // Events lost or the connection gone: the query tells (or fails).
                     Err(_) => status = self.query().await?.status,
                 },
-                outcome = self.parser.result(), if parsing => self.parsed = Some(outcome?),
+                outcome = self.parser.result(), if parsing => match outcome {
+                    Ok(done) => self.parsed = Some(done),
+                    Err(error) => return Err(self.stream_failed(error).await),
+                },
                 () = tokio::time::sleep(POLL) => status = self.query().await?.status,
             }
+        }
+    }
+
+    /// The error to report for a stream the parser could not read to its end. A QEMU that died
+    /// ends its stream wherever it was, which the parser sees as a stream cut short: the QMP
+    /// query then fails and names the real cause instead.
+    async fn stream_failed(&self, parse_error: Error) -> Error {
+        match self.query().await {
+            Ok(_) => parse_error,
+            Err(gone) => gone,
         }
     }
 

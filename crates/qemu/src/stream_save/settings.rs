@@ -279,37 +279,20 @@ pub(super) async fn populate_ram(client: &Client) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use crate::stream_save::fake_qmp::fake_qmp;
 
-    /// A QMP peer that greets, answers every command with an empty return and hands back the
-    /// `arguments` of each `migrate-set-capabilities` it got, in order.
+    /// The `arguments` of each `migrate-set-capabilities` QEMU gets, in order (every command is
+    /// answered with an empty return).
     async fn capability_calls(mode: StreamMode, on: bool) -> Vec<serde_json::Value> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("qmp.sock");
-        let listener = tokio::net::UnixListener::bind(&path).unwrap();
-        let peer = tokio::spawn(async move {
-            let (socket, _) = listener.accept().await.unwrap();
-            let (read, mut write) = socket.into_split();
-            let greeting = r#"{"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": ""}, "capabilities": []}}"#;
-            write.write_all(format!("{greeting}\n").as_bytes()).await.unwrap();
-            let mut lines = BufReader::new(read).lines();
-            let mut calls = Vec::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let request: serde_json::Value = serde_json::from_str(&line).unwrap();
-                if request["execute"] == "migrate-set-capabilities" {
-                    calls.push(request["arguments"].clone());
-                }
-                let reply = serde_json::json!({"return": {}, "id": request["id"]});
-                write.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
-            }
-            calls
-        });
-        let client = Client::connect_unix(&path, qmp::ClientOptions::default())
-            .await
-            .unwrap();
-        set_capabilities(&client, mode, on).await.unwrap();
-        drop(client);
-        peer.await.unwrap()
+        let fake = fake_qmp(|_| Some(serde_json::json!({}))).await;
+        set_capabilities(&fake.client, mode, on).await.unwrap();
+        drop(fake.client);
+        let commands = fake.commands.await.unwrap();
+        commands
+            .into_iter()
+            .filter(|c| c["execute"] == "migrate-set-capabilities")
+            .map(|c| c["arguments"].clone())
+            .collect()
     }
 
     fn states(arguments: &serde_json::Value) -> Vec<(String, bool)> {
