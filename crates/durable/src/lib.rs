@@ -22,6 +22,7 @@
 //! ```
 
 use std::collections::hash_map::RandomState;
+use std::ffi::OsStr;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, ErrorKind, Write};
@@ -90,7 +91,50 @@ pub fn temporary_name(dest: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    dest.with_file_name(format!(".{name}.partial-{:016x}", hasher.finish()))
+    dest.with_file_name(format!(".{name}{TEMPORARY_MARK}{:016x}", hasher.finish()))
+}
+
+/// What separates a temporary's destination from its random suffix (16 hex digits).
+const TEMPORARY_MARK: &str = ".partial-";
+const TEMPORARY_SUFFIX_LEN: usize = 16;
+
+/// The file name a temporary of [`temporary_name`] was to become, or `None` if `name` is not
+/// such a temporary.
+pub fn temporary_destination(name: &OsStr) -> Option<&str> {
+    let name = name.to_str()?.strip_prefix('.')?;
+    let (dest, suffix) = name.rsplit_once(TEMPORARY_MARK)?;
+    let random = suffix.len() == TEMPORARY_SUFFIX_LEN && suffix.bytes().all(|b| b.is_ascii_hexdigit());
+    (random && !dest.is_empty()).then_some(dest)
+}
+
+/// Removes the temporaries in `dir` (not below it) whose destination file name `of` accepts:
+/// what a process killed in the middle of a write leaves. A temporary never carries its final
+/// name, so nothing is lost; but a memory image's can be gigabytes. Call it only while no other
+/// process may be writing into `dir` (e.g. holding the lock that all its writers hold). Returns
+/// what was removed; a missing `dir` has nothing to remove.
+pub fn remove_temporaries(dir: &Path, of: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::new("cannot list", dir, e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::new("cannot list", dir, e))?;
+        if !temporary_destination(&entry.file_name()).is_some_and(&of) {
+            continue;
+        }
+        let path = entry.path();
+        match fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::new("cannot remove", &path, e)),
+        }
+    }
+    if !removed.is_empty() {
+        sync_dir(dir)?;
+    }
+    Ok(removed)
 }
 
 /// Options for every file domsnap opens to write: created 0600, a symlink in its place refused
@@ -269,6 +313,56 @@ mod tests {
         let dest = Path::new("/x/image");
         assert_ne!(temporary_name(dest), temporary_name(dest));
         assert_eq!(temporary_name(dest).parent(), Some(Path::new("/x")));
+    }
+
+    #[test]
+    fn temporaries_are_told_from_other_files_by_name() {
+        let temporary = temporary_name(Path::new("/x/memory.img"));
+        assert_eq!(
+            temporary_destination(temporary.file_name().unwrap()),
+            Some("memory.img")
+        );
+        for other in [
+            "memory.img",
+            ".memory.img",
+            ".memory.img.partial-",
+            ".memory.img.partial-0123456789abcdeg",
+            ".memory.img.partial-0123456789abcdef0",
+            "memory.img.partial-0123456789abcdef",
+            "..partial-0123456789abcdef",
+        ] {
+            assert_eq!(temporary_destination(OsStr::new(other)), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn left_temporaries_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = ["meta.json", ".hidden", "current"];
+        for name in keep {
+            fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        for dest in ["current", "memory.img"] {
+            // Left as a process killed mid-write leaves it: never persisted nor dropped.
+            std::mem::forget(TempFile::create(&dir.path().join(dest)).unwrap());
+        }
+        let other = temporary_name(&dir.path().join("other.img"));
+        fs::write(&other, b"x").unwrap();
+        let mut removed = remove_temporaries(dir.path(), |dest| dest != "other.img").unwrap();
+        removed.sort();
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        let mut expected: Vec<String> = keep.iter().map(|n| n.to_string()).collect();
+        expected.push(other.file_name().unwrap().to_str().unwrap().to_owned());
+        expected.sort();
+        assert_eq!(names, expected);
+        assert_eq!(removed.len(), 2);
+        assert!(remove_temporaries(&dir.path().join("missing"), |_| true)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -95,6 +95,10 @@ pub trait SnapshotStore: Send + Sync {
     fn links(&self, domain: &Name) -> Result<Option<ImageLinks>>;
     /// Records the links a rescan read (see [`SnapshotStore::links`]).
     fn set_links(&self, domain: &Name, links: &ImageLinks) -> Result<()>;
+    /// Removes the temporary files that a command killed in the middle of a write left in the
+    /// domain's folder and in its snapshots' folders (a memory image's can be gigabytes); returns
+    /// what it removed. Call it holding the domain's lock, which every writer there holds.
+    fn remove_temporaries(&self, domain: &Name) -> Result<Vec<PathBuf>>;
     /// Every domain that has a folder in the store.
     fn domains(&self) -> Result<Vec<Name>>;
     /// Removes what the store keeps for a domain that is being undefined. Refused while the
@@ -250,6 +254,14 @@ impl SnapshotStore for FsStore {
 
     fn set_links(&self, domain: &Name, links: &ImageLinks) -> Result<()> {
         write_or_remove(&self.domain_dir(domain).chains_file(), Some(to_json(links)))
+    }
+
+    fn remove_temporaries(&self, domain: &Name) -> Result<Vec<PathBuf>> {
+        let mut removed = durable::remove_temporaries(self.domain_dir(domain).path(), |_| true)?;
+        for entry in list_dir(&self.snapshots_dir(domain))? {
+            removed.extend(durable::remove_temporaries(&entry.path(), |_| true)?);
+        }
+        Ok(removed)
     }
 
     fn domains(&self) -> Result<Vec<Name>> {

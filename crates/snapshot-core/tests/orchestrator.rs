@@ -614,6 +614,31 @@ async fn recover_undoes_an_unfinished_create_and_resumes_the_domain() {
     assert!(f.orchestrator.recover(&f.domain).await.unwrap().is_none());
 }
 
+/// A command killed in the middle of a write leaves a temporary (never under the final name);
+/// the next command's recovery removes it, whether or not an operation was interrupted.
+#[tokio::test]
+async fn recovery_removes_the_temporaries_a_killed_command_left() {
+    let f = fixture(DomainState::Running);
+    let report = f.create("s1", false).await.unwrap();
+    let domain_dir = f.store.state_dir().domain(&f.domain).path().to_owned();
+    let files = f.store.files(&f.domain, &report.record.name);
+    let before = f.stray_files().len();
+    for dest in [
+        domain_dir.join("current"),
+        files.memory_image,
+        files.dir.join("meta.json"),
+    ] {
+        std::mem::forget(durable::TempFile::create(&dest).unwrap());
+    }
+    assert_eq!(f.stray_files().len(), before + 3, "{:?}", f.stray_files());
+    assert!(f.orchestrator.recover(&f.domain).await.unwrap().is_none());
+    let mut left = f.stray_files();
+    left.retain(|p| p.to_string_lossy().contains(".partial-"));
+    assert_eq!(left, Vec::<PathBuf>::new());
+    assert_eq!(f.store.list(&f.domain).unwrap().len(), 1);
+    assert_eq!(f.store.current(&f.domain).unwrap(), Some(name("s1")));
+}
+
 #[tokio::test]
 async fn recover_finishes_a_committed_create_and_an_interrupted_delete() {
     let f = fixture(DomainState::Running);

@@ -354,3 +354,32 @@ async fn recovery_of_an_interrupted_create_removes_the_image_at_its_path() {
     assert_eq!(recovered.outcome, RecoveryOutcome::Undone);
     assert!(!image.exists());
 }
+
+#[tokio::test]
+async fn recovery_of_a_create_killed_while_writing_the_image_removes_its_temporary() {
+    let f = fixture(DomainState::Running);
+    let image = elsewhere(&f).join("m.img");
+    // Killed in the middle of the image: only its temporary exists, beside someone else's.
+    std::mem::forget(durable::TempFile::create(&image).unwrap());
+    std::mem::forget(durable::TempFile::create(&image.with_file_name("other.img")).unwrap());
+    f.store
+        .set_intent(
+            &f.domain,
+            &Intent::Create {
+                snapshot: name("s1"),
+                was: DomainState::Running,
+                disks: Vec::new(),
+                memory_path: Some(image.clone()),
+                quiesce: false,
+            },
+        )
+        .unwrap();
+    let recovered = f.orchestrator.recover(&f.domain).await.unwrap().unwrap();
+    assert_eq!(recovered.outcome, RecoveryOutcome::Undone);
+    let left: Vec<String> = std::fs::read_dir(image.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].starts_with(".other.img.partial-"), "{left:?}");
+}

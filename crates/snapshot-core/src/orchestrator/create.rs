@@ -697,11 +697,13 @@ impl<'o> CreateJob<'o> {
     fn forget(&self) -> Vec<String> {
         let store = &self.orchestrator.store;
         let image_outside = match &self.memory_path {
-            Some(path) => remove_file(path).map_err(|e| Error::Io {
-                operation: "cannot remove the memory image",
-                path: path.clone(),
-                source: e,
-            }),
+            Some(path) => remove_file(path)
+                .map_err(|e| Error::Io {
+                    operation: "cannot remove the memory image",
+                    path: path.clone(),
+                    source: e,
+                })
+                .and_then(|()| remove_temporaries_of(path)),
             None => Ok(()),
         };
         [
@@ -717,6 +719,15 @@ impl<'o> CreateJob<'o> {
     }
 }
 
+/// Removes the temporaries a killed create left beside a memory image outside the store (the
+/// store's own folders are swept by [`crate::SnapshotStore::remove_temporaries`]).
+fn remove_temporaries_of(image: &Path) -> Result<()> {
+    let (Some(dir), Some(name)) = (image.parent(), image.file_name().and_then(|n| n.to_str())) else {
+        return Ok(());
+    };
+    durable::remove_temporaries(dir, |dest| dest == name)?;
+    Ok(())
+}
 /// Undoes one external disk snapshot: an overlay the domain writes to is committed back into
 /// its image (`active_after` follows), then the overlay file goes.
 async fn undo_overlay(

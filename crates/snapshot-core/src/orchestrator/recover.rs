@@ -34,6 +34,9 @@ impl Orchestrator {
 
     /// Recovery, with the domain's lock held.
     pub(super) async fn recover_locked(&self, domain: &Name) -> Result<Option<Recovery>> {
+        for path in self.store.remove_temporaries(domain)? {
+            tracing::warn!(%domain, path = %path.display(), "removed a temporary file a killed command left");
+        }
         let Some(intent) = self.store.intent(domain)? else {
             return Ok(None);
         };
