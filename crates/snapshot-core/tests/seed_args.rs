@@ -333,11 +333,8 @@ async fn bad_memory_paths_are_refused_and_a_failed_create_removes_its_image() {
     }
 }
 
-#[tokio::test]
-async fn recovery_of_an_interrupted_create_removes_the_image_at_its_path() {
-    let f = fixture(DomainState::Running);
-    let image = elsewhere(&f).join("m.img");
-    std::fs::write(&image, b"sealed before the crash").unwrap();
+/// Recovers a create of `s1` that was interrupted while its memory image went to `image`.
+async fn recover_a_create_with_its_image_at(f: &Fixture, image: &Path) -> RecoveryOutcome {
     f.store
         .set_intent(
             &f.domain,
@@ -345,13 +342,23 @@ async fn recovery_of_an_interrupted_create_removes_the_image_at_its_path() {
                 snapshot: name("s1"),
                 was: DomainState::Running,
                 disks: Vec::new(),
-                memory_path: Some(image.clone()),
+                memory_path: Some(image.to_owned()),
                 quiesce: false,
             },
         )
         .unwrap();
-    let recovered = f.orchestrator.recover(&f.domain).await.unwrap().unwrap();
-    assert_eq!(recovered.outcome, RecoveryOutcome::Undone);
+    f.orchestrator.recover(&f.domain).await.unwrap().unwrap().outcome
+}
+
+#[tokio::test]
+async fn recovery_of_an_interrupted_create_removes_the_image_at_its_path() {
+    let f = fixture(DomainState::Running);
+    let image = elsewhere(&f).join("m.img");
+    std::fs::write(&image, b"sealed before the crash").unwrap();
+    assert_eq!(
+        recover_a_create_with_its_image_at(&f, &image).await,
+        RecoveryOutcome::Undone
+    );
     assert!(!image.exists());
 }
 
@@ -362,20 +369,10 @@ async fn recovery_of_a_create_killed_while_writing_the_image_removes_its_tempora
     // Killed in the middle of the image: only its temporary exists, beside someone else's.
     std::mem::forget(durable::TempFile::create(&image).unwrap());
     std::mem::forget(durable::TempFile::create(&image.with_file_name("other.img")).unwrap());
-    f.store
-        .set_intent(
-            &f.domain,
-            &Intent::Create {
-                snapshot: name("s1"),
-                was: DomainState::Running,
-                disks: Vec::new(),
-                memory_path: Some(image.clone()),
-                quiesce: false,
-            },
-        )
-        .unwrap();
-    let recovered = f.orchestrator.recover(&f.domain).await.unwrap().unwrap();
-    assert_eq!(recovered.outcome, RecoveryOutcome::Undone);
+    assert_eq!(
+        recover_a_create_with_its_image_at(&f, &image).await,
+        RecoveryOutcome::Undone
+    );
     let left: Vec<String> = std::fs::read_dir(image.parent().unwrap())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
