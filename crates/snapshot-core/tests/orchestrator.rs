@@ -601,6 +601,8 @@ async fn recover_undoes_an_unfinished_create_and_resumes_the_domain() {
         sim.disks[1].image = overlay.clone();
         sim.state = DomainState::Paused;
     }
+    // And the temporary of an overlay the kill came in the middle of.
+    std::mem::forget(durable::TempFile::create(&overlay).unwrap());
     let recovered = f.orchestrator.recover(&f.domain).await.unwrap().unwrap();
     assert_eq!(recovered.outcome, RecoveryOutcome::Undone);
     let sim = f.sim();

@@ -719,15 +719,17 @@ impl<'o> CreateJob<'o> {
     }
 }
 
-/// Removes the temporaries a killed create left beside a memory image outside the store (the
-/// store's own folders are swept by [`crate::SnapshotStore::remove_temporaries`]).
-fn remove_temporaries_of(image: &Path) -> Result<()> {
-    let (Some(dir), Some(name)) = (image.parent(), image.file_name().and_then(|n| n.to_str())) else {
+/// Removes the temporaries a killed create left beside a file it writes outside the store (a
+/// memory image the user placed, an overlay); the store's own folders are swept by
+/// [`crate::SnapshotStore::remove_temporaries`].
+fn remove_temporaries_of(file: &Path) -> Result<()> {
+    let (Some(dir), Some(name)) = (file.parent(), file.file_name().and_then(|n| n.to_str())) else {
         return Ok(());
     };
     durable::remove_temporaries(dir, |dest| dest == name)?;
     Ok(())
 }
+
 /// Undoes one external disk snapshot: an overlay the domain writes to is committed back into
 /// its image (`active_after` follows), then the overlay file goes.
 async fn undo_overlay(
@@ -755,7 +757,8 @@ async fn undo_overlay(
             target.image = parent.clone();
         }
     }
-    remove_file(overlay).map_err(|e| format!("cannot remove overlay {}: {e}", overlay.display()))
+    remove_file(overlay).map_err(|e| format!("cannot remove overlay {}: {e}", overlay.display()))?;
+    remove_temporaries_of(overlay).map_err(|e| e.to_string())
 }
 
 /// The report of a committed create.
