@@ -189,6 +189,11 @@ enum SnapshotCommand {
         #[command(flatten)]
         filter: snapshots::FilterArgs,
     },
+    /// A domain's snapshots as a tree of parents and children (the same as `list --tree`).
+    Tree {
+        /// The domain.
+        name: String,
+    },
     /// Print the domain's current snapshot (the parent of its next one), or make SNAP current.
     Current {
         /// The domain.
@@ -580,6 +585,10 @@ impl App {
                 let domain = self.defined_domain(&domain)?;
                 self.list(&domain, tree, filter.get()).await
             }
+            SnapshotCommand::Tree { name: domain } => {
+                let domain = self.defined_domain(&domain)?;
+                self.list(&domain, true, snapshot_core::ListFilter::All).await
+            }
             SnapshotCommand::Current { name: domain, snap } => {
                 let domain = self.defined_domain(&domain)?;
                 let snap = snap.map(|s| name(&s, "snapshot")).transpose()?;
@@ -728,6 +737,7 @@ mod tests {
         };
         assert_eq!(filter.get(), snapshot_core::ListFilter::Leaves);
         assert!(parse(&["current", "d", "s1"]).is_ok() && parse(&["rescan", "d"]).is_ok());
+        assert!(parse(&["tree", "d"]).is_ok() && parse(&["tree", "d", "--roots"]).is_err());
     }
 
     #[test]
