@@ -179,6 +179,7 @@ fn a_tree_of_snapshots_reverts_along_every_branch_and_deletes_cleanly() {
 
     let tree = cli.ok(&["snapshot", "list", "tree", "--tree"]);
     assert_eq!(tree, "s1\n  s2\n  s3 *\n", "{tree}");
+    assert_eq!(cli.ok(&["snapshot", "tree", "tree"]), tree);
 
     // Deleting the branch point keeps both branches whole.
     cli.ok(&["snapshot", "delete", "tree", "s1"]);
