@@ -17,8 +17,8 @@ pub(super) struct FakeQmp {
     _dir: tempfile::TempDir,
 }
 
-/// Starts a peer that negotiates capabilities and passes each later command to `answer`: `Some(value)` is sent back as the
-/// command's `return`, `None` closes the connection.
+/// Starts a peer that negotiates capabilities and passes each later command to `answer`:
+/// `Some(value)` is sent back as the command's `return`, `None` closes the connection.
 pub(super) async fn fake_qmp(mut answer: impl FnMut(&Value) -> Option<Value> + Send + 'static) -> FakeQmp {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("qmp.sock");
