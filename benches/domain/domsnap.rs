@@ -340,6 +340,7 @@ fn config(name: &Name, ram_mib: u64, workload: &Workload, disk: &Path) -> Domain
         firmware: qemu::Firmware::Bios,
         nvram: None,
         guest_agent: false,
+        hugepages: None,
         nics: Vec::new(),
         disks: vec![DiskConfig::qcow2(DISK, disk)],
     }

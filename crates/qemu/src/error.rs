@@ -405,6 +405,18 @@ pub enum Error {
         reasons: Vec<String>,
     },
 
+    /// The domain's RAM cannot be made in huge pages (`hugepages` in its configuration).
+    #[error("domain {domain}: cannot give it RAM in huge pages from {}", mount.display())]
+    HugePages {
+        /// The domain.
+        domain: Name,
+        /// The hugetlbfs mount.
+        mount: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::hugepages::HugePageError,
+    },
+
     /// The firmware a domain needs is missing, or its NVRAM image cannot be made.
     #[error("domain {domain}: {reason}")]
     Firmware {
@@ -439,7 +451,11 @@ impl Error {
             | Error::NotRunning { .. }
             | Error::WrongState { .. }
             | Error::UnexpectedImage { .. }
-            | Error::NotRestorable { .. } => ErrorClass::InvalidArgument,
+            | Error::NotRestorable { .. }
+            | Error::HugePages {
+                source: crate::hugepages::HugePageError::Mount(_),
+                ..
+            } => ErrorClass::InvalidArgument,
             Error::NoGuestAgent { .. } => ErrorClass::Unsupported,
             Error::Busy { .. } | Error::MigrationBusy { .. } => ErrorClass::Busy,
             Error::MigrationSettings { .. } | Error::MigrationBlocked { .. } => ErrorClass::Unsupported,

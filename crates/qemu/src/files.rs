@@ -142,24 +142,17 @@ impl DomainFiles {
     }
 
     pub(crate) fn has_leftovers(&self) -> bool {
-        self.run.exists() || self.ram_file.exists()
+        self.run.exists() || fs::symlink_metadata(&self.ram_file).is_ok()
     }
 
     /// Removes the slot's runtime files (with a mapped memory image's link) and its RAM file (of
-    /// a QEMU that has ended).
+    /// a QEMU that has ended): on tmpfs, or on hugetlbfs with its link (`hugepages`).
     pub(crate) fn clean(&self) -> Result<()> {
-        match fs::remove_dir_all(&self.run) {
-            Err(source) if source.kind() != io::ErrorKind::NotFound => {
-                return Err(io_error("cannot remove", &self.run)(source))
-            }
-            _ => {}
+        removed(&self.run, fs::remove_dir_all(&self.run))?;
+        if let Some(huge_page_file) = crate::hugepages::linked_ram_file(&self.ram_file) {
+            removed(&huge_page_file, fs::remove_file(&huge_page_file))?;
         }
-        match fs::remove_file(&self.ram_file) {
-            Err(source) if source.kind() != io::ErrorKind::NotFound => {
-                Err(io_error("cannot remove", &self.ram_file)(source))
-            }
-            _ => Ok(()),
-        }
+        removed(&self.ram_file, fs::remove_file(&self.ram_file))
     }
 
     /// Makes this slot the domain's active one (durably: written, fsynced, renamed).
@@ -169,6 +162,16 @@ impl DomainFiles {
             &self.dir.join(ACTIVE_SLOT_FILE),
             text.as_bytes(),
         )?)
+    }
+}
+
+/// The outcome of removing `path`; a path already gone is no error.
+fn removed(path: &Path, outcome: io::Result<()>) -> Result<()> {
+    match outcome {
+        Err(source) if source.kind() != io::ErrorKind::NotFound => {
+            Err(io_error("cannot remove", path)(source))
+        }
+        _ => Ok(()),
     }
 }
 

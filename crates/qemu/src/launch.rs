@@ -107,15 +107,9 @@ impl QemuDriver {
             binary,
         } = launch;
         if !matches!(mode, StartMode::IncomingMapped { .. }) {
-            // A fresh, private RAM file: a restore writes only the non-zero pages into it.
-            let created = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&files.ram_file);
-            if let Err(source) = created {
+            if let Err(error) = create_ram_file(name, files, config) {
                 let _ = files.clean();
-                return Err(io_error("cannot create the RAM file", &files.ram_file)(source));
+                return Err(error);
             }
         }
         let log = open_private_log(&files.qemu_log)?;
@@ -224,6 +218,27 @@ async fn answers_qmp(socket: &Path) -> bool {
         ..qmp::ClientOptions::default()
     };
     qmp::Client::connect_unix(socket, options).await.is_ok()
+}
+
+/// A fresh, private RAM file for the slot `files`: on tmpfs, or on the `hugepages` mount with
+/// its link at the tmpfs name. A restore writes only the non-zero pages into it.
+fn create_ram_file(name: &Name, files: &DomainFiles, config: &DomainConfig) -> Result<()> {
+    if let Some(mount) = &config.hugepages {
+        return crate::hugepages::create_ram_file(&files.ram_file, mount, config.memory_bytes()).map_err(
+            |source| Error::HugePages {
+                domain: name.clone(),
+                mount: mount.clone(),
+                source,
+            },
+        );
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&files.ram_file)
+        .map(drop)
+        .map_err(io_error("cannot create the RAM file", &files.ram_file))
 }
 
 /// A UEFI domain needs OVMF and its NVRAM image (made when it was defined).

@@ -62,6 +62,7 @@ mod files;
 mod follow_disks;
 mod guest_agent;
 mod host;
+mod hugepages;
 mod hypervisor;
 mod launch;
 mod mapped_ram;
@@ -83,6 +84,7 @@ pub use config::{
 pub use driver::{DomainStatus, QemuDriver, StopMode};
 pub use error::{error_class, Error, Result};
 pub use host::{default_accel, parse_machine_help, probe_kvm, MachineType, QemuFacts};
+pub use hugepages::HugePageError;
 pub use migration_stream::{
     configuration_section, device_state_format, device_state_prefix, parse_migration_stream,
     DeviceStateFormat, ExpectedBlocks, FormatError, RamSink, StreamError, StreamStats, DEVICE_STATE_HEADER,

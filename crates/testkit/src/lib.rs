@@ -460,6 +460,7 @@ impl QemuBuilder {
             firmware: qemu::Firmware::Bios,
             nvram: None,
             guest_agent: false,
+            hugepages: None,
             nics: Vec::new(),
             disks: self
                 .disks

@@ -69,6 +69,7 @@ impl State {
             firmware: Firmware::Bios,
             nvram: None,
             guest_agent: false,
+            hugepages: None,
             nics: Vec::new(),
             disks: disks
                 .iter()
