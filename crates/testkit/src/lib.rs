@@ -23,6 +23,7 @@ pub use guest_workload::{marker_sector, parse_marker, parse_serial_line, SerialL
 
 mod debian;
 mod debian_vm;
+mod huge_pages;
 
 pub use debian::{
     counters, debian_guest, debian_guest_dir, parse_counter_line, BuildStep, DebianBoot, DebianGuest,
@@ -32,6 +33,9 @@ pub use debian::{
 };
 pub use debian_vm::{
     agent_execute, agent_shell, free_port, http_counter, http_counter_above, http_get, OVMF_CODE, OVMF_VARS,
+};
+pub use huge_pages::{
+    huge_pages_available, reserve_huge_pages, HugePages, HUGE_PAGES_MOUNT, HUGE_PAGE_BYTES,
 };
 
 /// The QEMU major version the project is built and tested against.
