@@ -175,11 +175,31 @@ fn every_create_mode_and_both_reverts_keep_a_huge_page_guest_exact() {
     revert_and_check(&cli, &domain, "paused", &taken[0].1, true, &fingerprint);
     assert_eq!(huge_page_files("huge").len(), 1);
 
+    // A QEMU that dies leaves its RAM file: the next look at the domain removes it, link and
+    // huge-page file both.
+    let pid = cli.json(&["domain", "status", "huge"])["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_pages_given_back(&cli, &domain, free_before);
+    cli.ok(&["domain", "start", "huge"]);
+    domain.wait_tick_above(domain.serial_position(), 1, BOOT);
     cli.ok(&["domain", "stop", "huge", "--force"]);
-    assert_eq!(state(&cli, &domain), "shut-off");
-    assert_eq!(ram_links("huge"), Vec::<PathBuf>::new());
-    assert_eq!(huge_page_files("huge"), Vec::<PathBuf>::new());
+    assert_pages_given_back(&cli, &domain, free_before);
+    drop(pool);
+}
+
+/// The domain is shut off, its RAM file and link are gone and the pool has its pages again.
+fn assert_pages_given_back(cli: &Cli, domain: &Domain, free_before: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
+    while state(cli, domain) != "shut-off" {
+        assert!(Instant::now() < deadline, "the domain did not end");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ram_links(&domain.name), Vec::<PathBuf>::new());
+    assert_eq!(huge_page_files(&domain.name), Vec::<PathBuf>::new());
     while testkit::huge_pages_available().unwrap() < free_before {
         assert!(
             Instant::now() < deadline,
@@ -187,7 +207,6 @@ fn every_create_mode_and_both_reverts_keep_a_huge_page_guest_exact() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    drop(pool);
 }
 
 #[test]
