@@ -129,7 +129,7 @@ fn every_create_mode_and_both_reverts_keep_a_huge_page_guest_exact() {
     let links = ram_links("huge");
     assert_eq!(links.len(), 1, "{links:?}");
     let target = std::fs::read_link(&links[0]).unwrap();
-    assert_eq!(huge_page_files("huge"), [target.clone()]);
+    assert_eq!(huge_page_files("huge"), [target]);
     assert!(
         testkit::huge_pages_available().unwrap() + PAGES <= free_before,
         "QEMU did not take the guest's huge pages"
@@ -214,7 +214,7 @@ fn a_start_the_pool_cannot_serve_and_a_mount_that_is_not_hugetlbfs_fail_clearly(
     let pool = reserve_huge_pages(PAGES).unwrap();
     let cli = Cli::new();
     // More pages than are free: refused before QEMU runs, nothing left behind.
-    let too_big = (testkit::huge_pages_available().unwrap() + PAGES) * HUGE_PAGE_BYTES >> 20;
+    let too_big = ((testkit::huge_pages_available().unwrap() + PAGES) * HUGE_PAGE_BYTES) >> 20;
     let domain = define(&cli, "toobig", too_big, Path::new(HUGE_PAGES_MOUNT));
     let error = cli.fails(&["domain", "start", domain.config.to_str().unwrap()]);
     assert!(error.contains("huge pages"), "{error}");
