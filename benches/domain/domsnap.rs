@@ -320,8 +320,15 @@ impl Drop for Domain {
 
 /// The configuration of a test-guest domain named `name`, as a user would write it (the kernel
 /// command line as testkit builds it, so a testkit QEMU with the same workload, RAM and disk has
-/// the same machine and can load this domain's migration stream).
-fn config(name: &Name, ram_mib: u64, workload: &Workload, disk: &Path) -> DomainConfig {
+/// the same machine and can load this domain's migration stream); its RAM in huge pages of the
+/// hugetlbfs mount `hugepages` if given, else on tmpfs.
+fn config(
+    name: &Name,
+    ram_mib: u64,
+    workload: &Workload,
+    disk: &Path,
+    hugepages: Option<&Path>,
+) -> DomainConfig {
     let guest = testkit::guest();
     DomainConfig {
         name: name.clone(),
@@ -340,7 +347,7 @@ fn config(name: &Name, ram_mib: u64, workload: &Workload, disk: &Path) -> Domain
         firmware: qemu::Firmware::Bios,
         nvram: None,
         guest_agent: false,
-        hugepages: None,
+        hugepages: hugepages.map(Path::to_path_buf),
         nics: Vec::new(),
         disks: vec![DiskConfig::qcow2(DISK, disk)],
     }
@@ -424,14 +431,21 @@ fn between(earlier: f64, later: f64) -> Duration {
 }
 
 impl Domain {
-    /// Defines the domain (`ram_mib` of RAM, its disk a new qcow2 in the bench folder), starts it,
-    /// and waits until the guest's workload runs.
-    pub fn boot(bench: &Bench, name: &str, ram_mib: u64, workload: &Workload) -> Result<Domain> {
+    /// Defines the domain (`ram_mib` of RAM, in huge pages of the hugetlbfs mount `hugepages` if
+    /// given; its disk a new qcow2 in the bench folder), starts it, and waits until the guest's
+    /// workload runs.
+    pub fn boot(
+        bench: &Bench,
+        name: &str,
+        ram_mib: u64,
+        workload: &Workload,
+        hugepages: Option<&Path>,
+    ) -> Result<Domain> {
         let name = Name::new(name)?;
         let disk = bench.file(&format!("{name}-{DISK}.qcow2"));
         testkit::create_qcow2(&disk, DISK_SIZE);
         let driver = QemuDriver::new(bench.state_dir());
-        bench.block_on(driver.define(&config(&name, ram_mib, workload, &disk)))?;
+        bench.block_on(driver.define(&config(&name, ram_mib, workload, &disk, hugepages)))?;
         let store = Arc::new(FsStore::new(bench.state_dir()));
         let clock = Arc::new(StepClock::default());
         let orchestrator = Orchestrator::new(Arc::new(driver.clone()), store.clone(), clock.clone());

@@ -11,6 +11,13 @@
 //! scenarios are interleaved, so a burst of other work on the machine hits both sides alike. The
 //! guest pauses of the live creates come from QEMU's own `STOP` and `RESUME` event timestamps; the
 //! guest's behaviour after a revert from its ticks, timestamped as they reach the serial log.
+//!
+//! Three phases per guest size: the creates and the reverts on a domain whose RAM is on tmpfs (4 KiB
+//! pages), then a second domain like it (its own fresh disk, the same workload) whose RAM is in
+//! 2 MiB huge pages (`hugepages`, testkit's hugetlbfs mount, the host's pool grown for its QEMU
+//! while it runs): its QEMU's first background create, then domsnap's background creates and
+//! QEMU's `background-snapshot` on that QEMU, interleaved (QEMU write-protects guest RAM one
+//! page-table entry per page inside the pause, so huge pages shorten it).
 
 mod baseline;
 mod domsnap;
@@ -25,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use domsnap::{AfterRevert, CreateMode, Domain, GuestAt, RevertMode};
 use qmp::{commands::*, Client, ClientOptions, MigrationStatus};
 use report::{size_key, size_name, Results};
@@ -476,6 +483,78 @@ fn migrate_live(
     })
 }
 
+/// Where a domain's RAM lives, for its background creates: the series they and QEMU's
+/// `background-snapshot` beside them are recorded as, and QEMU's output file.
+#[derive(Debug)]
+struct BackgroundSeries {
+    /// Where the RAM is, for the log.
+    ram: &'static str,
+    /// The first background create of the domain's QEMU process.
+    first: &'static str,
+    /// The later background creates.
+    domsnap: &'static str,
+    /// QEMU's `background-snapshot` to `file:` on the same QEMU.
+    qemu: &'static str,
+    /// Its file in the bench folder.
+    file: &'static str,
+}
+
+/// The domain of phases 1 and 2: RAM on tmpfs, in 4 KiB pages.
+const TMPFS_BACKGROUND: BackgroundSeries = BackgroundSeries {
+    ram: "on tmpfs",
+    first: "domsnap.background_first",
+    domsnap: "domsnap.background",
+    qemu: "qemu.background_snapshot",
+    file: "background-snapshot.bin",
+};
+
+/// The domain of phase 3: RAM in 2 MiB huge pages.
+const HUGE_PAGES_BACKGROUND: BackgroundSeries = BackgroundSeries {
+    ram: "in huge pages",
+    first: "domsnap.background_huge_first",
+    domsnap: "domsnap.background_huge",
+    qemu: "qemu.background_snapshot_huge",
+    file: "background-snapshot-huge.bin",
+};
+
+/// The first background create of the domain's freshly started QEMU process (QEMU populates its
+/// RAM for write protection once per process: the driver does it before the pause), one sample.
+fn first_background(
+    bench: &Bench,
+    domain: &Domain,
+    series: &BackgroundSeries,
+    out: &mut Sized<'_>,
+) -> Result<()> {
+    domain.settle();
+    let first = create_and_delete(bench, domain, "background-first", CreateMode::Background)?;
+    out.create(series.first, &first);
+    eprintln!(
+        "domain bench: {}: first background create, RAM {}, paused the guest {:.1} ms (events; report \
+         {:.1} ms)",
+        size_name(out.ram_mib),
+        series.ram,
+        first.pause_events.unwrap_or_default().as_secs_f64() * 1e3,
+        first.pause_report.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// A domsnap background create, then QEMU's `background-snapshot` to `file:` on the same QEMU (its
+/// file removed once measured), the guest settling before each.
+fn backgrounds(bench: &Bench, domain: &Domain, series: &BackgroundSeries, out: &mut Sized<'_>) -> Result<()> {
+    domain.settle();
+    let background = create_and_delete(bench, domain, "background", CreateMode::Background)?;
+    out.create(series.domsnap, &background);
+
+    domain.settle();
+    let file = bench.file(series.file);
+    let qemu_background =
+        domain.with_monitor(bench, |qemu| baseline::background_snapshot(bench, qemu, &file))?;
+    discard(&file)?;
+    out.migrated(series.qemu, &qemu_background);
+    Ok(())
+}
+
 /// Phase 1: the first background create of the freshly booted domain's QEMU process (QEMU
 /// populates its RAM for write protection once per process: the driver does it before the pause),
 /// then the creates of both sides, interleaved: domsnap paused, pre-copy and background; QEMU's
@@ -484,15 +563,7 @@ fn migrate_live(
 /// saved, i.e. before the first revert). Returns the last paused migration file, for the
 /// reverts' `migrate-incoming`.
 fn creates(bench: &Bench, domain: &Domain, reps: usize, out: &mut Sized<'_>) -> Result<PathBuf> {
-    domain.settle();
-    let first = create_and_delete(bench, domain, "background-first", CreateMode::Background)?;
-    out.create("domsnap.background_first", &first);
-    eprintln!(
-        "domain bench: {}: first background create paused the guest {:.1} ms (events; report {:.1} ms)",
-        size_name(out.ram_mib),
-        first.pause_events.unwrap_or_default().as_secs_f64() * 1e3,
-        first.pause_report.as_secs_f64() * 1e3
-    );
+    first_background(bench, domain, &TMPFS_BACKGROUND, out)?;
     domain.populate_ram_file()?;
     let defaults = domain.with_monitor(bench, |qemu| {
         Ok(LiveSettings {
@@ -509,11 +580,7 @@ fn creates(bench: &Bench, domain: &Domain, reps: usize, out: &mut Sized<'_>) -> 
         bandwidth: UNLIMITED_BANDWIDTH,
         downtime_limit: u64::try_from(DEFAULT_MAX_DOWNTIME.as_millis())?,
     };
-    let (paused_file, live_file, background_file) = (
-        bench.file("migrate-paused.bin"),
-        bench.file("migrate-live.bin"),
-        bench.file("background-snapshot.bin"),
-    );
+    let (paused_file, live_file) = (bench.file("migrate-paused.bin"), bench.file("migrate-live.bin"));
     // One pass of each side first, not measured: the first to touch pages also pays for mapping
     // them into its address space.
     for mode in [CreateMode::Paused, CreateMode::Precopy, CreateMode::Background] {
@@ -544,16 +611,7 @@ fn creates(bench: &Bench, domain: &Domain, reps: usize, out: &mut Sized<'_>) -> 
         let migrated = migrate_live(bench, domain, &live_file, like_ours, defaults)?;
         out.migrated("qemu.live_like_ours", &migrated);
 
-        domain.settle();
-        let background = create_and_delete(bench, domain, "background", CreateMode::Background)?;
-        out.create("domsnap.background", &background);
-
-        domain.settle();
-        let qemu_background = domain.with_monitor(bench, |qemu| {
-            baseline::background_snapshot(bench, qemu, &background_file)
-        })?;
-        discard(&background_file)?;
-        out.migrated("qemu.background_snapshot", &qemu_background);
+        backgrounds(bench, domain, &TMPFS_BACKGROUND, out)?;
 
         domain.settle();
         let migrated = migrate_live(bench, domain, &live_file, defaults, defaults)?;
@@ -682,10 +740,47 @@ fn measure(bench: &Bench, ram_mib: u64, reps: usize, results: &mut Results) -> R
         bench.state_dir().display()
     );
     let booted = Instant::now();
-    let domain = Domain::boot(bench, &format!("g{ram_mib}"), ram_mib, &dirty_workload())?;
+    let domain = Domain::boot(bench, &format!("g{ram_mib}"), ram_mib, &dirty_workload(), None)?;
     out.time("guest.boot", booted.elapsed());
     let migrate_file = creates(bench, &domain, reps, &mut out)?;
     reverts(bench, &domain, &migrate_file, reps, &mut out)?;
+    // Ended before phase 3, whose guest runs alone.
+    drop(domain);
+    huge_page_backgrounds(bench, reps, &mut out)
+}
+
+/// Phase 3: a second domain like the first (its own fresh disk, the same workload) with its RAM
+/// in 2 MiB huge pages, the host's pool grown for its QEMU while it runs: its QEMU's first
+/// background create, then domsnap's background creates and QEMU's `background-snapshot`,
+/// interleaved.
+fn huge_page_backgrounds(bench: &Bench, reps: usize, out: &mut Sized<'_>) -> Result<()> {
+    let ram_mib = out.ram_mib;
+    // Declared before the domain, so dropped after it (its QEMU ended), also on an error.
+    let _pool = testkit::reserve_huge_pages((ram_mib << 20) / testkit::HUGE_PAGE_BYTES)
+        .map_err(|e| anyhow!("huge pages for the {} domain: {e}", size_name(ram_mib)))?;
+    eprintln!(
+        "domain bench: booting the {} domain with its RAM in huge pages of {}",
+        size_name(ram_mib),
+        testkit::HUGE_PAGES_MOUNT
+    );
+    let booted = Instant::now();
+    let domain = Domain::boot(
+        bench,
+        &format!("g{ram_mib}-huge"),
+        ram_mib,
+        &dirty_workload(),
+        Some(Path::new(testkit::HUGE_PAGES_MOUNT)),
+    )?;
+    out.time("guest.boot_huge_pages", booted.elapsed());
+    first_background(bench, &domain, &HUGE_PAGES_BACKGROUND, out)?;
+    for rep in 0..reps {
+        eprintln!(
+            "domain bench: {}: background creates, RAM in huge pages, repetition {}/{reps}",
+            size_name(ram_mib),
+            rep + 1
+        );
+        backgrounds(bench, &domain, &HUGE_PAGES_BACKGROUND, out)?;
+    }
     Ok(())
 }
 

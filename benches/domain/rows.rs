@@ -15,6 +15,10 @@ const BACKGROUND_DOWNTIME: (&str, &str) = (
     "QEMU `background-snapshot` to `file:`: its `downtime`",
     "qemu.background_snapshot.downtime",
 );
+const HUGE_PAGES_BACKGROUND_DOWNTIME: (&str, &str) = (
+    "QEMU `background-snapshot` to `file:`, RAM in huge pages: its `downtime`",
+    "qemu.background_snapshot_huge.downtime",
+);
 const INCOMING: (&str, &str) = (
     "`migrate-incoming` of a paused `migrate` file, QEMU start-up included (no disk)",
     "qemu.migrate_incoming.with_startup",
@@ -121,6 +125,62 @@ pub const ROWS: &[Row] = &[
         scenario: "background create: QEMU's own `downtime` inside our pause",
         domsnap: "domsnap.background.qemu_downtime",
         baseline: Some(BACKGROUND_DOWNTIME),
+        pick: Pick::Median,
+        target: Target::None,
+    },
+    // Background again, on a second domain whose RAM is in 2 MiB huge pages.
+    Row {
+        scenario: "FIRST background create of a fresh QEMU process, RAM in huge pages: guest pause, \
+                   events (one sample)",
+        domsnap: "domsnap.background_huge_first.pause_events",
+        baseline: None,
+        pick: Pick::Median,
+        target: Target::AtMost(0.050),
+    },
+    Row {
+        scenario: "FIRST background create, RAM in huge pages: guest pause, report (one sample)",
+        domsnap: "domsnap.background_huge_first.pause_report",
+        baseline: None,
+        pick: Pick::Median,
+        target: Target::None,
+    },
+    Row {
+        scenario: "FIRST background create, RAM in huge pages: total time, QEMU's RAM populated first \
+                   (one sample)",
+        domsnap: "domsnap.background_huge_first.wall",
+        baseline: None,
+        pick: Pick::Median,
+        target: Target::None,
+    },
+    Row {
+        scenario: "background create (later ones), RAM in huge pages: guest pause, events (disk \
+                   snapshot and capture)",
+        domsnap: "domsnap.background_huge.pause_events",
+        baseline: Some(HUGE_PAGES_BACKGROUND_DOWNTIME),
+        pick: Pick::Median,
+        target: Target::AtMostPlus(0.010),
+    },
+    Row {
+        scenario: "background create, RAM in huge pages: guest pause, report",
+        domsnap: "domsnap.background_huge.pause_report",
+        baseline: Some(HUGE_PAGES_BACKGROUND_DOWNTIME),
+        pick: Pick::Median,
+        target: Target::None,
+    },
+    Row {
+        scenario: "background create, RAM in huge pages: QEMU's own `downtime` inside our pause",
+        domsnap: "domsnap.background_huge.qemu_downtime",
+        baseline: Some(HUGE_PAGES_BACKGROUND_DOWNTIME),
+        pick: Pick::Median,
+        target: Target::None,
+    },
+    Row {
+        scenario: "background create, RAM in huge pages: total time (disk snapshot, everything fsynced)",
+        domsnap: "domsnap.background_huge.wall",
+        baseline: Some((
+            "QEMU `background-snapshot` to `file:`, RAM in huge pages: `migrate` → `completed`",
+            "qemu.background_snapshot_huge.wall",
+        )),
         pick: Pick::Median,
         target: Target::None,
     },
@@ -351,6 +411,8 @@ pub const GRID_METHODS: &[&str] = &[
     "QEMU live `migrate`, unlimited, 20 ms limit",
     "QEMU live `migrate`, default",
     "QEMU `background-snapshot`",
+    "background (ours), RAM in huge pages",
+    "QEMU `background-snapshot`, RAM in huge pages",
 ];
 
 /// The live ways side by side.
@@ -365,6 +427,8 @@ pub const GRID: &[GridRow] = &[
             "qemu.live_like_ours.downtime",
             "qemu.live_default.downtime",
             "qemu.background_snapshot.downtime",
+            "domsnap.background_huge.pause_events",
+            "qemu.background_snapshot_huge.downtime",
         ],
     },
     GridRow {
@@ -377,6 +441,8 @@ pub const GRID: &[GridRow] = &[
             "qemu.live_like_ours.wall",
             "qemu.live_default.wall",
             "qemu.background_snapshot.wall",
+            "domsnap.background_huge.wall",
+            "qemu.background_snapshot_huge.wall",
         ],
     },
     GridRow {
@@ -389,6 +455,8 @@ pub const GRID: &[GridRow] = &[
             "qemu.live_like_ours.file_bytes",
             "qemu.live_default.file_bytes",
             "qemu.background_snapshot.file_bytes",
+            "domsnap.background_huge.image_allocated",
+            "qemu.background_snapshot_huge.file_bytes",
         ],
     },
     GridRow {
@@ -401,6 +469,8 @@ pub const GRID: &[GridRow] = &[
             "qemu.live_like_ours.dirty_syncs",
             "qemu.live_default.dirty_syncs",
             "qemu.background_snapshot.dirty_syncs",
+            "domsnap.background_huge.passes",
+            "qemu.background_snapshot_huge.dirty_syncs",
         ],
     },
 ];
