@@ -38,50 +38,17 @@ fn assert_runs_on(cli: &Cli, domain: &Domain, ticks: &TicksAround, what: &str) {
             Instant::now() < deadline,
             "{what}: the guest stopped counting at {}; QEMU log:\n{}",
             ticks.after,
-            qemu_log(domain)
+            domain.qemu_log()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(state(cli, domain), "running", "{what}: the domain is not running");
 }
 
-fn qemu_log(domain: &Domain) -> String {
-    std::fs::read_to_string(domain.run_dir().join("qemu.log")).unwrap_or_default()
-}
-
-/// Reverts to `snapshot` and checks that the guest goes on from the snapshot's tick: its first
-/// tick after the old guest's last one breaks the old sequence and lies within `ticks`.
+/// Reverts to `snapshot` (eagerly or lazily) and checks that the guest goes on from its tick.
 fn revert_and_check(cli: &Cli, domain: &Domain, snapshot: &str, ticks: &TicksAround, eager: bool) {
-    let position = domain.serial_position();
-    let last_tick = domain.last_tick_since(0).unwrap_or(0);
-    let mut args = vec!["snapshot", "revert", &domain.name, snapshot];
-    if eager {
-        args.push("--eager");
-    }
-    let report = cli.json(&args);
-    assert_eq!(report["state"], "running", "{report}");
-    let load = if eager { "copied" } else { "mapped" };
-    assert_eq!(report["memory_load"], load, "{report}");
-    let deadline = Instant::now() + TICKS;
-    let first = loop {
-        if let Some(first) = domain.first_jump_since(position, last_tick) {
-            break first;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "revert to {snapshot}: no tick of the reverted guest; QEMU log:\n{}",
-            qemu_log(domain)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(
-        ticks.before < first && first <= ticks.after + 2,
-        "revert to {snapshot}: the counter went on at {first}; the snapshot was taken between \
-         ticks {} and {}",
-        ticks.before,
-        ticks.after
-    );
-    assert_eq!(state(cli, domain), "running");
+    let extra: &[&str] = if eager { &["--eager"] } else { &[] };
+    common::revert_expecting(cli, domain, snapshot, ticks, extra);
 }
 
 #[test]

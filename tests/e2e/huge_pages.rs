@@ -76,37 +76,8 @@ fn revert_and_check(
     if domain.last_tick_since(0).unwrap_or(0) <= ticks.after + 2 {
         domain.wait_tick_above(domain.serial_position(), ticks.after + 2, TICKS);
     }
-    let position = domain.serial_position();
-    let last_tick = domain.last_tick_since(0).unwrap_or(0);
-    let mut args = vec!["snapshot", "revert", &domain.name, snapshot];
-    if eager {
-        args.push("--eager");
-    }
-    let report = cli.json(&args);
-    assert_eq!(report["state"], "running", "{report}");
-    assert_eq!(
-        report["memory_load"],
-        if eager { "copied" } else { "mapped" },
-        "{report}"
-    );
-    let deadline = Instant::now() + TICKS;
-    let first = loop {
-        if let Some(first) = domain.first_jump_since(position, last_tick) {
-            break first;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "revert to {snapshot}: no tick of the reverted guest"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(
-        ticks.before < first && first <= ticks.after + 2,
-        "revert to {snapshot} (eager {eager}): the counter went on at {first}; the snapshot was \
-         taken between ticks {} and {}",
-        ticks.before,
-        ticks.after
-    );
+    let extra: &[&str] = if eager { &["--eager"] } else { &[] };
+    common::revert_expecting(cli, domain, snapshot, ticks, extra);
     assert_eq!(
         domain.fingerprint_check(),
         fingerprint,

@@ -15,10 +15,10 @@ use std::{
     hash::Hasher,
     io::Read,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::{create, state, Cli, Domain, TicksAround, Workload, RUN_SLOTS};
+use common::{create, revert_expecting as revert, state, Cli, Domain, Workload, RUN_SLOTS};
 
 const BOOT: Duration = Duration::from_secs(120);
 const TICKS: Duration = Duration::from_secs(60);
@@ -35,50 +35,6 @@ fn file_hash(path: &Path) -> u64 {
         }
         hasher.write(&buf[..n]);
     }
-}
-
-/// `snapshot revert DOMAIN SNAPSHOT EXTRA...`: checks that the guest goes on from the
-/// snapshot's tick (its first tick after the old guest's last one breaks the old sequence and
-/// lies within `ticks`) and that memory was loaded as `memory_load` says. The report.
-fn revert(
-    cli: &Cli,
-    domain: &Domain,
-    snapshot: &str,
-    ticks: &TicksAround,
-    extra: &[&str],
-) -> serde_json::Value {
-    let position = domain.serial_position();
-    let last_tick = domain.last_tick_since(0).unwrap_or(0);
-    let mut args = vec!["snapshot", "revert", &domain.name, snapshot];
-    args.extend_from_slice(extra);
-    let report = cli.json(&args);
-    assert_eq!(report["state"], "running", "{report}");
-    let expected = if extra.contains(&"--eager") {
-        "copied"
-    } else {
-        "mapped"
-    };
-    assert_eq!(report["memory_load"], expected, "{report}");
-    assert!(report["memory_fallback"].is_null(), "{report}");
-    let deadline = Instant::now() + TICKS;
-    let first = loop {
-        if let Some(first) = domain.first_jump_since(position, last_tick) {
-            break first;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "revert to {snapshot}: no tick of the reverted guest"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(
-        ticks.before < first && first <= ticks.after + 2,
-        "revert to {snapshot} {extra:?}: the counter went on at {first}; the snapshot was taken \
-         between ticks {} and {}",
-        ticks.before,
-        ticks.after
-    );
-    report
 }
 
 /// What `domain status` says the domain's RAM is mapped from.

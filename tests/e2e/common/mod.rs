@@ -407,6 +407,11 @@ impl Domain {
             .unwrap()
     }
 
+    /// What the domain's QEMU logged (its active run slot's log; empty when there is none).
+    pub fn qemu_log(&self) -> String {
+        std::fs::read_to_string(self.run_dir().join("qemu.log")).unwrap_or_default()
+    }
+
     /// The tick recorded in the disk marker of `image` (sector 0 as the guest sees it).
     pub fn disk_marker_tick(image: &Path) -> Option<u64> {
         read_disk_marker(image).and_then(|m| m.rsplit('=').next().and_then(|t| t.parse().ok()))
@@ -473,6 +478,53 @@ pub fn create(
         },
         report,
     )
+}
+
+/// `snapshot revert DOMAIN SNAPSHOT EXTRA...` with `--json`: checks that the domain runs, that
+/// memory was loaded as `--eager` in `extra` says (copied, else mapped from the image, without a
+/// fallback) and that the guest goes on from the snapshot's tick: its first tick after the old
+/// guest's last one breaks the old sequence and lies within `ticks`. The report.
+pub fn revert_expecting(
+    cli: &Cli,
+    domain: &Domain,
+    snapshot: &str,
+    ticks: &TicksAround,
+    extra: &[&str],
+) -> serde_json::Value {
+    let position = domain.serial_position();
+    let last_tick = domain.last_tick_since(0).unwrap_or(0);
+    let mut args = vec!["snapshot", "revert", &domain.name, snapshot];
+    args.extend_from_slice(extra);
+    let report = cli.json(&args);
+    assert_eq!(report["state"], "running", "{report}");
+    let expected = if extra.contains(&"--eager") {
+        "copied"
+    } else {
+        "mapped"
+    };
+    assert_eq!(report["memory_load"], expected, "{report}");
+    assert!(report["memory_fallback"].is_null(), "{report}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        if let Some(first) = domain.first_jump_since(position, last_tick) {
+            break first;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "revert to {snapshot}: no tick of the reverted guest; QEMU log:\n{}",
+            domain.qemu_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        ticks.before < first && first <= ticks.after + 2,
+        "revert to {snapshot} {extra:?}: the counter went on at {first}; the snapshot was taken \
+         between ticks {} and {}",
+        ticks.before,
+        ticks.after
+    );
+    assert_eq!(state(cli, domain), "running");
+    report
 }
 
 /// The domain's state as `domain status` reports it.
