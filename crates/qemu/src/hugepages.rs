@@ -17,6 +17,7 @@ use std::{
     io,
     os::unix::fs::{MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use nix::sys::statfs::{statfs, HUGETLBFS_MAGIC};
@@ -66,24 +67,42 @@ fn available_pages(mount: &Path, page_size: u64) -> io::Result<u64> {
     })
 }
 
+/// How long a start waits for huge pages that are not free yet: a QEMU that has just ended
+/// (a stop, or the old QEMU of a revert) gives its pages back while the kernel tears its
+/// address space down, after its exit was seen.
+const FREEING_GRACE: Duration = Duration::from_secs(3);
+
+/// Waits until `needed` pages of `page` bytes are available for `mount`, for at most
+/// [`FREEING_GRACE`].
+fn wait_for_pages(mount: &Path, page: u64, needed: u64) -> Result<(), HugePageError> {
+    let deadline = Instant::now() + FREEING_GRACE;
+    loop {
+        let available = available_pages(mount, page).map_err(|source| HugePageError::Io {
+            what: "cannot count the free huge pages for",
+            path: mount.to_owned(),
+            source,
+        })?;
+        if available >= needed {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(HugePageError::TooFew {
+                needed,
+                available,
+                page,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Creates the RAM file of `memory_bytes` on the hugetlbfs `mount` (mode 0600), named as `link`,
 /// and `link` pointing to it. Fails with the reason, before anything is created, when the pool
-/// lacks the pages.
+/// lacks the pages (after waiting briefly for pages being given back).
 pub(crate) fn create_ram_file(link: &Path, mount: &Path, memory_bytes: u64) -> Result<(), HugePageError> {
     let page = page_size(mount, memory_bytes).map_err(HugePageError::Mount)?;
     let needed = memory_bytes / page;
-    let available = available_pages(mount, page).map_err(|source| HugePageError::Io {
-        what: "cannot count the free huge pages for",
-        path: mount.to_owned(),
-        source,
-    })?;
-    if available < needed {
-        return Err(HugePageError::TooFew {
-            needed,
-            available,
-            page,
-        });
-    }
+    wait_for_pages(mount, page, needed)?;
     let target = mount.join(link.file_name().unwrap_or(link.as_os_str()));
     OpenOptions::new()
         .write(true)

@@ -107,7 +107,7 @@ impl QemuDriver {
             binary,
         } = launch;
         if !matches!(mode, StartMode::IncomingMapped { .. }) {
-            if let Err(error) = create_ram_file(name, files, config) {
+            if let Err(error) = create_ram_file(name, files, config).await {
                 let _ = files.clean();
                 return Err(error);
             }
@@ -222,15 +222,21 @@ async fn answers_qmp(socket: &Path) -> bool {
 
 /// A fresh, private RAM file for the slot `files`: on tmpfs, or on the `hugepages` mount with
 /// its link at the tmpfs name. A restore writes only the non-zero pages into it.
-fn create_ram_file(name: &Name, files: &DomainFiles, config: &DomainConfig) -> Result<()> {
-    if let Some(mount) = &config.hugepages {
-        return crate::hugepages::create_ram_file(&files.ram_file, mount, config.memory_bytes()).map_err(
-            |source| Error::HugePages {
-                domain: name.clone(),
-                mount: mount.clone(),
-                source,
-            },
-        );
+async fn create_ram_file(name: &Name, files: &DomainFiles, config: &DomainConfig) -> Result<()> {
+    if let Some(mount) = config.hugepages.clone() {
+        let (link, bytes) = (files.ram_file.clone(), config.memory_bytes());
+        // It may wait for pages a QEMU that just ended gives back.
+        let made = tokio::task::spawn_blocking({
+            let mount = mount.clone();
+            move || crate::hugepages::create_ram_file(&link, &mount, bytes)
+        })
+        .await
+        .map_err(|error| io_error("cannot create the RAM file", &files.ram_file)(error.into()))?;
+        return made.map_err(|source| Error::HugePages {
+            domain: name.clone(),
+            mount,
+            source,
+        });
     }
     OpenOptions::new()
         .write(true)

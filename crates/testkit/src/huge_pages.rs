@@ -34,6 +34,24 @@ pub struct HugePages {
     _serial: MutexGuard<'static, ()>,
 }
 
+impl HugePages {
+    /// Shrinks the pool until exactly `pages` huge pages are available (for a test of a start
+    /// that must wait for pages); the guard still sets the pool back on drop.
+    pub fn leave_available(&self, pages: u64) -> Result<(), String> {
+        let free = huge_pages_available()?;
+        if free > pages {
+            let total = read_number(Path::new(POOL))?;
+            let smaller = total - (free - pages);
+            fs::write(POOL, smaller.to_string())
+                .map_err(|error| format!("cannot shrink vm.nr_hugepages to {smaller}: {error}"))?;
+        }
+        match huge_pages_available()? {
+            now if now == pages => Ok(()),
+            now => Err(format!("asked to leave {pages} huge pages available, {now} are")),
+        }
+    }
+}
+
 impl Drop for HugePages {
     fn drop(&mut self) {
         if let Err(error) = fs::write(POOL, self.before.to_string()) {
