@@ -35,10 +35,11 @@ fn define(cli: &Cli, name: &str, memory_mib: u64, mount: &Path) -> Domain {
     domain
 }
 
-/// The domain's RAM file names in /dev/shm (links or files).
-fn ram_links(name: &str) -> Vec<PathBuf> {
+/// The RAM files of domain `name` (of either run slot) in `dir`: their links in /dev/shm, the
+/// files themselves on the huge page mount.
+fn ram_files_in(dir: &str, name: &str) -> Vec<PathBuf> {
     let suffixes = [format!("-{name}.ram"), format!("-{name}+1.ram")];
-    std::fs::read_dir("/dev/shm")
+    std::fs::read_dir(dir)
         .unwrap()
         .map(|entry| entry.unwrap().path())
         .filter(|path| {
@@ -48,17 +49,14 @@ fn ram_links(name: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The domain's RAM file names in /dev/shm (links or files).
+fn ram_links(name: &str) -> Vec<PathBuf> {
+    ram_files_in("/dev/shm", name)
+}
+
 /// The huge-page files of the domain on the mount.
 fn huge_page_files(name: &str) -> Vec<PathBuf> {
-    let suffixes = [format!("-{name}.ram"), format!("-{name}+1.ram")];
-    std::fs::read_dir(HUGE_PAGES_MOUNT)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| {
-            let file = path.file_name().unwrap().to_string_lossy().into_owned();
-            suffixes.iter().any(|suffix| file.ends_with(suffix.as_str()))
-        })
-        .collect()
+    ram_files_in(HUGE_PAGES_MOUNT, name)
 }
 
 /// Reverts to `snapshot` and checks that the guest goes on from the snapshot's tick and that

@@ -75,7 +75,7 @@ impl QemuDriver {
                 launch.files.ram_base.clone(),
                 launch.files.ram_base_origin.clone(),
             );
-            let ram_bytes = launch.config.memory_mib << 20;
+            let ram_bytes = launch.config.memory_bytes();
             tokio::task::spawn_blocking(move || link_image(&image, &link, &origin, ram_bytes)).await
         };
         let fail = |reason: String| Error::MappedImage {
