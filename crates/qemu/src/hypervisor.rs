@@ -91,6 +91,13 @@ impl Hypervisor for QemuDriver {
         Ok(self.check_restorable_config(domain, config, with_memory).await?)
     }
 
+    async fn prepare_pause(&self, domain: &Name) {
+        // A domain without a process has nothing to write back.
+        if let Ok((_, _, client)) = self.running(domain).await {
+            crate::write_back::write_back_disks(&client).await;
+        }
+    }
+
     async fn pause(&self, domain: &Name) -> DriverResult<()> {
         Ok(QemuDriver::pause(self, domain).await?)
     }

@@ -72,6 +72,7 @@ mod process;
 mod ram_layout;
 mod standby;
 mod stream_save;
+mod write_back;
 
 pub use command_line::{
     disk_nodes, ovmf_installed, qemu_args, RuntimePaths, StartMode, GUEST_AGENT_PORT, OVMF_CODE,

@@ -205,6 +205,12 @@ pub trait Hypervisor: Send + Sync {
     async fn config(&self, domain: &Name) -> DriverResult<serde_json::Value>;
     /// The domain's disks and their active images, in configuration order.
     async fn disks(&self, domain: &Name) -> DriverResult<Vec<DiskTarget>>;
+    /// Does, while the running domain's guest still runs, work that [`Hypervisor::pause`] or
+    /// [`Hypervisor::destroy`] would otherwise do inside the guest's pause (QEMU: write back the
+    /// guest's disk writes left in the host's page cache, which its stop flushes). The
+    /// orchestrator calls it right before a short pause it measures. Best effort: it reports
+    /// nothing, and the pause must work without it.
+    async fn prepare_pause(&self, _domain: &Name) {}
     /// Pauses the vCPUs of a running domain.
     async fn pause(&self, domain: &Name) -> DriverResult<()>;
     /// Resumes the vCPUs of a paused domain.

@@ -36,6 +36,32 @@ async fn create_saves_memory_devices_and_disks_and_resumes() {
 }
 
 #[tokio::test]
+async fn each_pause_is_prepared_while_the_guest_runs_and_counted_from_its_request() {
+    let f = fixture(DomainState::Running);
+    f.sim.lock().unwrap().pause_takes = Duration::from_millis(200);
+    let report = f.create("s1", false).await.unwrap();
+    // The guest stopped before the hypervisor answered.
+    assert!(report.guest_pause_ms >= 200.0, "{}", report.guest_pause_ms);
+    let calls = f.calls();
+    let pause = calls.iter().position(|c| *c == "pause").unwrap();
+    assert_eq!(calls[pause - 1], "prepare_pause", "{calls:?}");
+
+    // A revert prepares the end of the domain's process the same way.
+    f.orchestrator
+        .revert(&f.domain, &name("s1"), EAGER)
+        .await
+        .unwrap();
+    let calls = f.calls();
+    let destroy = calls.iter().rposition(|c| *c == "destroy").unwrap();
+    assert_eq!(calls[destroy - 1], "prepare_pause", "{calls:?}");
+
+    // Best effort: a create whose preparation fails goes on.
+    f.fail_at("prepare_pause");
+    f.create("s2", false).await.unwrap();
+    assert_eq!(f.sim().state, DomainState::Running);
+}
+
+#[tokio::test]
 async fn a_paused_domain_stays_paused_and_a_shut_off_one_gets_disks_only() {
     let f = fixture(DomainState::Paused);
     let report = f.create("p", false).await.unwrap();

@@ -236,8 +236,13 @@ impl Migration<'_> {
             resume = self.guest_running().await?;
             self.start().await?;
             let deadline = Instant::now() + converge_within;
-            self.wait_for(MigrationStatus::PreSwitchover, Some((deadline, converge_within)))
-                .await?;
+            let client = self.client;
+            // QEMU's stop before the switch-over flushes the disks: only what the guest wrote
+            // in the last interval is left for it.
+            tokio::select! {
+                reached = self.wait_for(MigrationStatus::PreSwitchover, Some((deadline, converge_within))) => reached?,
+                () = crate::write_back::keep_writing_back(client) => {}
+            }
         }
         let _ = prepared.send(());
         if capture.await.is_err() {

@@ -42,6 +42,21 @@ pub struct BlockDeviceInfo {
     pub backing_file_depth: u32,
     /// The image's details.
     pub image: ImageInfo,
+    /// How the node caches (absent from QEMUs that do not say).
+    #[serde(default)]
+    pub cache: Option<BlockdevCacheInfo>,
+}
+
+/// A node's cache mode (`BlockdevCacheInfo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevCacheInfo {
+    /// The guest sees a volatile write cache (it must flush for its writes to last).
+    pub writeback: bool,
+    /// `O_DIRECT`: the host's page cache is bypassed.
+    pub direct: bool,
+    /// Flushes are ignored.
+    pub no_flush: bool,
 }
 
 /// An image's details (`ImageInfo`).

@@ -485,8 +485,12 @@ impl<'o> CreateJob<'o> {
         if self.was == DomainState::Running {
             self.observe(Step::Pause);
             let hypervisor = &self.orchestrator.hypervisor;
+            hypervisor.prepare_pause(&self.domain).await;
+            // The guest stops while the hypervisor answers (QEMU flushes the disks after it
+            // stopped the vCPUs): the pause counts from the request.
+            let asked = Instant::now();
             hypervisor.pause(&self.domain).await.map_err(at(Step::Pause))?;
-            self.paused_since = Some(Instant::now());
+            self.paused_since = Some(asked);
         }
         Ok(())
     }

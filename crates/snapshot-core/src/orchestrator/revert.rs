@@ -365,6 +365,7 @@ impl Orchestrator {
         let domain = &record.domain;
         let observe = |step| self.observer.step(Operation::Revert, step);
         observe(Step::Stop);
+        self.hypervisor.prepare_pause(domain).await;
         let stopping = Instant::now();
         self.hypervisor.destroy(domain).await.map_err(at(Step::Stop))?;
         observe(Step::RevertDisks);

@@ -60,6 +60,9 @@ pub struct Sim {
     pub standby_capable: bool,
     /// The standby process, with what its RAM got.
     pub standby: Option<IncomingStart>,
+    /// How long the hypervisor takes to answer a pause (the vCPUs stop at once, as QEMU's do
+    /// before it flushes the disks).
+    pub pause_takes: Duration,
     pub calls: Vec<&'static str>,
 }
 
@@ -304,8 +307,15 @@ impl Hypervisor for Simulated {
     async fn disks(&self, domain: &Name) -> DriverResult<Vec<DiskTarget>> {
         self.mock.disks(domain).await
     }
+    async fn prepare_pause(&self, _domain: &Name) {
+        // Best effort: an injected failure here changes nothing.
+        let _ = call(&self.sim, "prepare_pause");
+    }
     async fn pause(&self, domain: &Name) -> DriverResult<()> {
-        self.mock.pause(domain).await
+        let result = self.mock.pause(domain).await;
+        let answer_after = self.sim.lock().unwrap().pause_takes;
+        tokio::time::sleep(answer_after).await;
+        result
     }
     async fn resume(&self, domain: &Name) -> DriverResult<()> {
         self.mock.resume(domain).await
@@ -521,6 +531,7 @@ pub fn fixture(state: DomainState) -> Fixture {
         no_agent: false,
         standby_capable: false,
         standby: None,
+        pause_takes: Duration::ZERO,
         calls: Vec::new(),
     }));
     let store = Arc::new(FsStore::new(dir.path().join("state")));
