@@ -43,9 +43,12 @@ use testkit::{Qemu, Workload};
 
 /// Guest sizes measured unless `--sizes` says otherwise (MiB).
 const DEFAULT_SIZES: &[u64] = &[1024, 4096];
-/// The guest disk: small and unused by the workload; it is there so that the disk step of a
-/// snapshot is part of what is measured.
-const DISK_SIZE: &str = "64M";
+/// The guest disk: unused by the workload; it is there so that the disk step of a snapshot is part
+/// of what is measured, and large enough for [`DISK_WRITES`] (qcow2: it takes only what is written).
+const DISK_SIZE: &str = "1G";
+/// What [`write_through_qemu`] writes to the guest disk before each side of the
+/// [`TMPFS_AFTER_DISK_WRITES`] series, from 1 MiB on (the guest's tick marker is at sector 0).
+const DISK_WRITES: &str = "512M";
 /// The guest disk's target id.
 const DISK: &str = "vda";
 /// Repetitions of every scenario unless `--reps` says otherwise: 5 up to 1 GiB, 3 above (a
@@ -489,8 +492,10 @@ fn migrate_live(
 struct BackgroundSeries {
     /// Where the RAM is, for the log.
     ram: &'static str,
-    /// The first background create of the domain's QEMU process.
-    first: &'static str,
+    /// The first background create of the domain's QEMU process, if the series has it.
+    first: Option<&'static str>,
+    /// Whether [`DISK_WRITES`] go to the guest disk through QEMU before each side.
+    disk_writes: bool,
     /// The later background creates.
     domsnap: &'static str,
     /// QEMU's `background-snapshot` to `file:` on the same QEMU.
@@ -502,7 +507,8 @@ struct BackgroundSeries {
 /// The domain of phases 1 and 2: RAM on tmpfs, in 4 KiB pages.
 const TMPFS_BACKGROUND: BackgroundSeries = BackgroundSeries {
     ram: "on tmpfs",
-    first: "domsnap.background_first",
+    first: Some("domsnap.background_first"),
+    disk_writes: false,
     domsnap: "domsnap.background",
     qemu: "qemu.background_snapshot",
     file: "background-snapshot.bin",
@@ -511,10 +517,23 @@ const TMPFS_BACKGROUND: BackgroundSeries = BackgroundSeries {
 /// The domain of phase 3: RAM in 2 MiB huge pages.
 const HUGE_PAGES_BACKGROUND: BackgroundSeries = BackgroundSeries {
     ram: "in huge pages",
-    first: "domsnap.background_huge_first",
+    first: Some("domsnap.background_huge_first"),
+    disk_writes: false,
     domsnap: "domsnap.background_huge",
     qemu: "qemu.background_snapshot_huge",
     file: "background-snapshot-huge.bin",
+};
+
+/// Phase 1's domain again, each side after [`DISK_WRITES`] written through QEMU: QEMU's stop
+/// flushes what waits in the host's page cache with the guest stopped, unless it was written back
+/// before the pause.
+const TMPFS_AFTER_DISK_WRITES: BackgroundSeries = BackgroundSeries {
+    ram: "on tmpfs, after disk writes",
+    first: None,
+    disk_writes: true,
+    domsnap: "domsnap.background_after_writes",
+    qemu: "qemu.background_snapshot_after_writes",
+    file: "background-snapshot-after-writes.bin",
 };
 
 /// The first background create of the domain's freshly started QEMU process (QEMU populates its
@@ -525,9 +544,10 @@ fn first_background(
     series: &BackgroundSeries,
     out: &mut Sized<'_>,
 ) -> Result<()> {
+    let key = series.first.context("a series without a first create")?;
     domain.settle();
     let first = create_and_delete(bench, domain, "background-first", CreateMode::Background)?;
-    out.create(series.first, &first);
+    out.create(key, &first);
     eprintln!(
         "domain bench: {}: first background create, RAM {}, paused the guest {:.1} ms (events; report \
          {:.1} ms)",
@@ -543,10 +563,12 @@ fn first_background(
 /// file removed once measured), the guest settling before each.
 fn backgrounds(bench: &Bench, domain: &Domain, series: &BackgroundSeries, out: &mut Sized<'_>) -> Result<()> {
     domain.settle();
+    write_through_qemu(bench, domain, series)?;
     let background = create_and_delete(bench, domain, "background", CreateMode::Background)?;
     out.create(series.domsnap, &background);
 
     domain.settle();
+    write_through_qemu(bench, domain, series)?;
     let file = bench.file(series.file);
     let qemu_background =
         domain.with_monitor(bench, |qemu| baseline::background_snapshot(bench, qemu, &file))?;
@@ -555,10 +577,33 @@ fn backgrounds(bench: &Bench, domain: &Domain, series: &BackgroundSeries, out: &
     Ok(())
 }
 
+/// Writes [`DISK_WRITES`] to the guest disk through QEMU's block layer (HMP `qemu-io` on the
+/// disk's device), as the guest's own writes go, if `series` asks for it.
+fn write_through_qemu(bench: &Bench, domain: &Domain, series: &BackgroundSeries) -> Result<()> {
+    if !series.disk_writes {
+        return Ok(());
+    }
+    let line =
+        format!("qemu-io -d /machine/peripheral/{DISK}/virtio-backend \"write -P 0x5a 1M {DISK_WRITES}\"");
+    let said = domain.with_monitor(bench, |qemu| {
+        bench
+            .block_on(
+                qemu.client
+                    .execute_raw("human-monitor-command", json!({ "command-line": line })),
+            )
+            .context("HMP qemu-io")
+    })?;
+    if said != json!("") {
+        bail!("qemu-io writing to {DISK}: {said}");
+    }
+    Ok(())
+}
+
 /// Phase 1: the first background create of the freshly booted domain's QEMU process (QEMU
 /// populates its RAM for write protection once per process: the driver does it before the pause),
-/// then the creates of both sides, interleaved: domsnap paused, pre-copy and background; QEMU's
-/// live migration (unlimited and default bandwidth), `background-snapshot` to a file, paused
+/// then the creates of both sides, interleaved: domsnap paused, pre-copy and background (also
+/// after disk writes); QEMU's live migration (unlimited and default bandwidth),
+/// `background-snapshot` to a file (also after the same disk writes), paused
 /// migration to a file, `snapshot-save` and `snapshot-load` (which must run in the QEMU that
 /// saved, i.e. before the first revert). Returns the last paused migration file, for the
 /// reverts' `migrate-incoming`.
@@ -612,6 +657,7 @@ fn creates(bench: &Bench, domain: &Domain, reps: usize, out: &mut Sized<'_>) -> 
         out.migrated("qemu.live_like_ours", &migrated);
 
         backgrounds(bench, domain, &TMPFS_BACKGROUND, out)?;
+        backgrounds(bench, domain, &TMPFS_AFTER_DISK_WRITES, out)?;
 
         domain.settle();
         let migrated = migrate_live(bench, domain, &live_file, defaults, defaults)?;

@@ -15,6 +15,10 @@
 //! the stream, as it arrives, into the toolstack's memory image and a device-state file
 //! (`docs/qemu-migration-stream.md`).
 //!
+//! Before a pause ([`snapshot_core::Hypervisor::prepare_pause`], and during a pre-copy), the
+//! driver writes back from the host's page cache what QEMU wrote to the disk images, which
+//! QEMU's stop would otherwise flush with the vCPUs stopped.
+//!
 //! ```no_run
 //! # async fn demo() -> qemu::Result<()> {
 //! use qemu::{DomainConfig, QemuDriver, StopMode};
