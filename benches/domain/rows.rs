@@ -184,34 +184,34 @@ pub const ROWS: &[Row] = &[
         pick: Pick::Median,
         target: Target::None,
     },
-    // Background again, on phase 1's domain, each side after 512 MiB written to the guest disk
+    // Background again, RAM in huge pages, each side after 512 MiB written to the guest disk
     // through QEMU (they wait in the host's page cache; QEMU's stop flushes them).
     Row {
-        scenario: "background create after 512 MiB of disk writes: guest pause, events",
-        domsnap: "domsnap.background_after_writes.pause_events",
+        scenario: "background create after 512 MiB of disk writes, RAM in huge pages: guest pause, events",
+        domsnap: "domsnap.background_huge_after_writes.pause_events",
         baseline: Some((
-            "the same without the writes (domsnap's later background creates)",
-            "domsnap.background.pause_events",
+            "the same without the writes (domsnap's later background creates, huge pages)",
+            "domsnap.background_huge.pause_events",
         )),
         pick: Pick::Median,
         target: Target::AtMostPlus(0.010),
     },
     Row {
-        scenario: "background create after 512 MiB of disk writes: guest pause, events",
-        domsnap: "domsnap.background_after_writes.pause_events",
+        scenario: "background create after 512 MiB of disk writes, RAM in huge pages: guest pause, events",
+        domsnap: "domsnap.background_huge_after_writes.pause_events",
         baseline: Some((
             "QEMU `background-snapshot` after the same writes: its `downtime` (its stop flushes them)",
-            "qemu.background_snapshot_after_writes.downtime",
+            "qemu.background_snapshot_huge_after_writes.downtime",
         )),
         pick: Pick::Median,
         target: Target::None,
     },
     Row {
-        scenario: "background create after 512 MiB of disk writes: total time",
-        domsnap: "domsnap.background_after_writes.wall",
+        scenario: "background create after 512 MiB of disk writes, RAM in huge pages: total time",
+        domsnap: "domsnap.background_huge_after_writes.wall",
         baseline: Some((
             "QEMU `background-snapshot` after the same writes: `migrate` → `completed`",
-            "qemu.background_snapshot_after_writes.wall",
+            "qemu.background_snapshot_huge_after_writes.wall",
         )),
         pick: Pick::Median,
         target: Target::None,

@@ -483,9 +483,9 @@ impl<'o> CreateJob<'o> {
     /// Pauses a running domain. Undo: [`CreateJob::resume`].
     pub(super) async fn pause(&mut self) -> StepResult<()> {
         if self.was == DomainState::Running {
-            self.observe(Step::Pause);
             let hypervisor = &self.orchestrator.hypervisor;
             hypervisor.prepare_pause(&self.domain).await;
+            self.observe(Step::Pause);
             // The guest stops while the hypervisor answers (QEMU flushes the disks after it
             // stopped the vCPUs): the pause counts from the request.
             let asked = Instant::now();

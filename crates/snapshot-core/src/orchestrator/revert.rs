@@ -364,8 +364,8 @@ impl Orchestrator {
     ) -> StepResult<Reverted> {
         let domain = &record.domain;
         let observe = |step| self.observer.step(Operation::Revert, step);
-        observe(Step::Stop);
         self.hypervisor.prepare_pause(domain).await;
+        observe(Step::Stop);
         let stopping = Instant::now();
         self.hypervisor.destroy(domain).await.map_err(at(Step::Stop))?;
         observe(Step::RevertDisks);
