@@ -6,7 +6,9 @@
 //!   and with `pause-before-switchover` stops the guest for the rest and waits (`pre-switchover`)
 //!   so that the caller snapshots the disks at that instant; `migrate-continue` sends the rest.
 //!   The pause holds QEMU's last pass (bounded by its `downtime-limit`), the disks and the
-//!   device state, whatever the RAM size; the guest is resumed here as soon as QEMU completed;
+//!   device state, whatever the RAM size; the guest is resumed here as soon as QEMU completed.
+//!   While QEMU copies, the disks are written back every 100 ms (`write_back`): QEMU's stop
+//!   flushes them with the guest stopped;
 //! - **background**: QEMU's `background-snapshot` write-protects RAM, saves the device state and
 //!   streams RAM while the guest runs on (consistent at its start).
 
