@@ -32,14 +32,32 @@ pub(crate) const PRECOPY_INTERVAL: Duration = Duration::from_millis(100);
 /// Writes back, from the host's page cache, what QEMU wrote to the disk images of the domain
 /// behind `client` (see the module documentation).
 pub(crate) async fn write_back_disks(client: &Client) {
-    let nodes = match client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await {
-        Ok(nodes) => nodes,
+    sync_files(written_files(client).await).await;
+}
+
+/// [`write_back_disks`] again and again, every [`PRECOPY_INTERVAL`], until dropped. The disks are
+/// listed once: the domain's lock keeps its block graph as it is meanwhile.
+pub(crate) async fn keep_writing_back(client: &Client) {
+    let files = written_files(client).await;
+    loop {
+        sync_files(files.clone()).await;
+        tokio::time::sleep(PRECOPY_INTERVAL).await;
+    }
+}
+
+/// [`page_cached_files`] of the domain behind `client`; none if QEMU cannot list its nodes.
+async fn written_files(client: &Client) -> Vec<PathBuf> {
+    match client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await {
+        Ok(nodes) => page_cached_files(&nodes),
         Err(error) => {
             tracing::debug!(%error, "cannot list the disks to write back before the pause");
-            return;
+            Vec::new()
         }
-    };
-    let files = page_cached_files(&nodes);
+    }
+}
+
+/// [`sync`]s `files` on a blocking thread, logging what fails.
+async fn sync_files(files: Vec<PathBuf>) {
     if files.is_empty() {
         return;
     }
@@ -54,14 +72,6 @@ pub(crate) async fn write_back_disks(client: &Client) {
             tracing::debug!(elapsed = ?started.elapsed(), "disks written back before the pause");
         }
         Err(error) => tracing::debug!(%error, "the write-back before the pause did not finish"),
-    }
-}
-
-/// [`write_back_disks`] again and again, every [`PRECOPY_INTERVAL`], until dropped.
-pub(crate) async fn keep_writing_back(client: &Client) {
-    loop {
-        write_back_disks(client).await;
-        tokio::time::sleep(PRECOPY_INTERVAL).await;
     }
 }
 
