@@ -287,6 +287,39 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     temp.persist(Sync::Yes)
 }
 
+/// [`write_atomic`], unless `path` already holds exactly `bytes` (a redefinition or pointer
+/// that changes nothing, e.g. a revert to the snapshot the domain is at): then it is only
+/// synced, file and folder, which costs no journal commit when they are clean, and still makes
+/// durable a write that a crash interrupted between its rename and its folder's sync. A symlink
+/// at `path` is never read through: it is replaced. Returns whether it wrote.
+pub fn write_atomic_if_changed(path: &Path, bytes: &[u8]) -> Result<bool> {
+    if holds(path, bytes) {
+        let sync = File::open(path).and_then(|file| file.sync_all());
+        sync.map_err(|e| Error::new("cannot fsync", path, e))?;
+        sync_parent(path)?;
+        return Ok(false);
+    }
+    write_atomic(path, bytes)?;
+    Ok(true)
+}
+
+/// Whether the regular file at `path` (not a symlink) holds exactly `bytes`; any error reading
+/// it means no.
+fn holds(path: &Path, bytes: &[u8]) -> bool {
+    let Ok(mut file) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    else {
+        return false;
+    };
+    let same_length = file
+        .metadata()
+        .is_ok_and(|m| m.is_file() && m.len() == bytes.len() as u64);
+    let mut current = Vec::with_capacity(bytes.len());
+    same_length && io::Read::read_to_end(&mut file, &mut current).is_ok() && current == bytes
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -306,6 +339,37 @@ mod tests {
         assert_eq!(fs::read(&dest).unwrap(), b"two");
         assert_eq!(mode(&dest), 0o600);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn unchanged_content_is_not_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("a");
+        assert!(
+            write_atomic_if_changed(&dest, b"one").unwrap(),
+            "a missing file is written"
+        );
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+        let first = inode(&dest);
+        assert!(!write_atomic_if_changed(&dest, b"one").unwrap());
+        assert_eq!(inode(&dest), first, "the same content keeps the same file");
+        for changed in [&b"two"[..], b"twofold", b""] {
+            assert!(write_atomic_if_changed(&dest, changed).unwrap());
+            assert_eq!(fs::read(&dest).unwrap(), changed);
+        }
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_symlink_holding_the_content_is_replaced_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        fs::write(&elsewhere, b"one").unwrap();
+        let dest = dir.path().join("a");
+        std::os::unix::fs::symlink(&elsewhere, &dest).unwrap();
+        assert!(write_atomic_if_changed(&dest, b"one").unwrap());
+        assert!(!fs::symlink_metadata(&dest).unwrap().file_type().is_symlink());
+        assert_eq!(mode(&dest), 0o600);
     }
 
     #[test]

@@ -491,10 +491,14 @@ impl QemuDriver {
             path: None,
             reason: error.to_string(),
         })?;
-        durable::write_atomic(&files.definition, text.as_bytes()).map_err(|source| Error::SaveDefinition {
-            domain: config.name.clone(),
-            source: Box::new(snapshot_core::Error::from(source)),
-        })
+        // A revert to a snapshot of the domain as it is defined (the usual case) redefines it
+        // alike, in the guest's gap: no journal commit for that.
+        durable::write_atomic_if_changed(&files.definition, text.as_bytes())
+            .map(drop)
+            .map_err(|source| Error::SaveDefinition {
+                domain: config.name.clone(),
+                source: Box::new(snapshot_core::Error::from(source)),
+            })
     }
 
     /// The QEMU binary, checked once per driver.

@@ -207,8 +207,10 @@ pub trait Hypervisor: Send + Sync {
     async fn disks(&self, domain: &Name) -> DriverResult<Vec<DiskTarget>>;
     /// Does, while the running domain's guest still runs, work that [`Hypervisor::pause`] or
     /// [`Hypervisor::destroy`] would otherwise do inside the guest's pause (QEMU: write back the
-    /// guest's disk writes left in the host's page cache, which its stop flushes). The
-    /// orchestrator calls it right before a short pause it measures. Best effort: it reports
+    /// guest's disk writes left in the host's page cache, which its stop flushes), or that a
+    /// running domain's disk snapshots would do while its disk I/O waits (QEMU flushes the
+    /// disks in the snapshot transaction). The orchestrator calls it right before a short pause
+    /// it measures, and before a running domain's disk-only snapshot. Best effort: it reports
     /// nothing, and the pause must work without it.
     async fn prepare_pause(&self, _domain: &Name) {}
     /// Pauses the vCPUs of a running domain.

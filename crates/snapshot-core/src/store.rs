@@ -3,7 +3,8 @@
 //!
 //! Every metadata write is atomic ([`durable::write_atomic`]): a private temporary file in the
 //! same folder, fsync, rename over the target, fsync of the folder. A crash leaves either the old
-//! or the new file, never a torn one. Every file is 0600 and every folder 0700: memory images
+//! or the new file, never a torn one. A domain's own files (pointer, intent, lists) are not
+//! written again when their content would not change. Every file is 0600 and every folder 0700: memory images
 //! hold the guest's secrets.
 
 use std::{
@@ -294,13 +295,17 @@ fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Vec<u8> {
     serde_json::to_vec_pretty(value).expect("store records always serialise")
 }
 
-/// Writes `path` atomically, or removes it (durably) when `bytes` is `None`.
+/// Writes `path` atomically unless it holds `bytes` already, or removes it (durably) when
+/// `bytes` is `None`.
 fn write_or_remove(path: &Path, bytes: Option<Vec<u8>>) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     match bytes {
         Some(bytes) => {
             create_dir_all(dir)?;
-            write_atomic(path, &bytes)
+            // The domain's pointers and lists often stay as they were (a revert to the snapshot
+            // the domain is at): no journal commit for them.
+            durable::write_atomic_if_changed(path, &bytes)?;
+            Ok(())
         }
         None => match fs::remove_file(path) {
             Ok(()) => sync_dir(dir),

@@ -62,6 +62,33 @@ async fn each_pause_is_prepared_while_the_guest_runs_and_counted_from_its_reques
 }
 
 #[tokio::test]
+async fn a_running_domains_disk_only_create_is_prepared_and_a_shut_off_ones_is_not() {
+    for (state, prepared) in [(DomainState::Running, true), (DomainState::ShutOff, false)] {
+        let f = fixture(state);
+        let options = CreateOptions {
+            memory: MemoryMode::DisksOnly,
+            disks: mixed_disks(),
+            description: None,
+            memory_path: None,
+            quiesce: false,
+        };
+        f.orchestrator
+            .create(&f.domain, &name("d"), options)
+            .await
+            .unwrap();
+        let calls = f.calls();
+        assert!(!calls.contains(&"pause"), "{state:?}: {calls:?}");
+        let disks = calls.iter().position(|c| *c == "create_internal").unwrap();
+        let preparation = calls.iter().position(|c| *c == "prepare_pause");
+        match prepared {
+            true => assert!(preparation.is_some_and(|p| p < disks), "{state:?}: {calls:?}"),
+            false => assert_eq!(preparation, None, "{state:?}: {calls:?}"),
+        }
+        assert_eq!(f.sim().state, state);
+    }
+}
+
+#[tokio::test]
 async fn a_paused_domain_stays_paused_and_a_shut_off_one_gets_disks_only() {
     let f = fixture(DomainState::Paused);
     let report = f.create("p", false).await.unwrap();

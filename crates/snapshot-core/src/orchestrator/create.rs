@@ -396,14 +396,18 @@ impl<'o> CreateJob<'o> {
         Ok(saved)
     }
 
-    /// A shut-off domain: its disks, recorded in its definition.
+    /// A shut-off domain, or a disk-only create: its disks, recorded in its definition.
     async fn save_disks_only(&mut self) -> StepResult<Saved> {
-        let before = self
-            .orchestrator
-            .hypervisor
+        let hypervisor = &self.orchestrator.hypervisor;
+        let before = hypervisor
             .disks(&self.domain)
             .await
             .map_err(at(Step::SnapshotDisks))?;
+        if self.was == DomainState::Running {
+            // A running guest's disk I/O waits while the disks are flushed for their snapshots:
+            // what its recent writes left in the host's page cache is written back first.
+            hypervisor.prepare_pause(&self.domain).await;
+        }
         self.snapshot_disks().await?;
         self.thaw().await?;
         self.orchestrator
