@@ -585,14 +585,10 @@ fn disk_writes(bench: &Bench, domain: &Domain, series: &BackgroundSeries) -> Res
     if !series.disk_writes {
         return Ok(());
     }
-    let line =
-        format!("qemu-io -d /machine/peripheral/{DISK}/virtio-backend \"write -P 0x5a 1M {DISK_WRITES}\"");
+    let write = testkit::hmp_disk_write(DISK, "1M", DISK_WRITES);
     let said = domain.with_monitor(bench, |qemu| {
         bench
-            .block_on(
-                qemu.client
-                    .execute_raw("human-monitor-command", json!({ "command-line": line })),
-            )
+            .block_on(qemu.client.execute_raw("human-monitor-command", write.clone()))
             .context("HMP qemu-io")
     })?;
     if said != json!("") {

@@ -642,9 +642,7 @@ async fn preparing_a_pause_writes_back_what_qemu_left_in_the_page_cache() {
     let qmp = qmp::Client::connect_unix(&status_socket, qmp::ClientOptions::default())
         .await
         .unwrap();
-    let write = serde_json::json!({
-        "command-line": "qemu-io -d /machine/peripheral/vda/virtio-backend \"write -P 0x5a 0 16M\""
-    });
+    let write = testkit::hmp_disk_write("vda", "0", "16M");
     let said = qmp.execute_raw("human-monitor-command", write).await.unwrap();
     assert_eq!(said, serde_json::json!(""), "qemu-io said {said}");
     drop(qmp);

@@ -555,6 +555,16 @@ pub fn disk_id(index: usize) -> String {
     format!("vd{}", char::from(letter))
 }
 
+/// The `human-monitor-command` arguments that write `length` bytes of 0x5a at `offset` (QEMU's
+/// size syntax: `1M`, `512M`) to the disk of virtio device `device` through QEMU's block layer
+/// (HMP `qemu-io`), as the guest's own writes go: with the default `cache = "writeback"` they
+/// wait in the host's page cache until a flush. QEMU answers `""` once they are written.
+pub fn hmp_disk_write(device: &str, offset: &str, length: &str) -> serde_json::Value {
+    let line =
+        format!("qemu-io -d /machine/peripheral/{device}/virtio-backend \"write -P 0x5a {offset} {length}\"");
+    serde_json::json!({ "command-line": line })
+}
+
 /// Runs a command to completion and returns its stdout; panics with its stderr on failure.
 pub fn run(program: &str, args: &[&str]) -> String {
     let output = Command::new(program)
