@@ -304,11 +304,11 @@ pub fn write_atomic_if_changed(path: &Path, bytes: &[u8]) -> Result<bool> {
 }
 
 /// Whether the regular file at `path` (not a symlink) holds exactly `bytes`; any error reading
-/// it means no.
+/// it means no. (`O_NONBLOCK`: a FIFO in its place must not hang the open.)
 fn holds(path: &Path, bytes: &[u8]) -> bool {
     let Ok(mut file) = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
     else {
         return false;
