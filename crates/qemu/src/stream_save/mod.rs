@@ -39,7 +39,7 @@ use crate::{
     error::{Error, Result},
     migration_stream::StreamStats,
 };
-use outputs::{Outputs, Parser};
+use outputs::{watch_resume, FirstPage, Outputs, Parser};
 use settings::{check_layout, check_migration_idle, check_settings, populate_ram};
 
 /// The name the stream's socket is filed under in QEMU (`getfd`, `migrate fd:NAME`).
@@ -86,7 +86,8 @@ pub struct SnapshotStats {
 /// files exist (pre-copy: once QEMU has also copied RAM and stopped the guest before the
 /// switch-over); QEMU captures when `capture` arrives (dropped instead, the snapshot gives up,
 /// leaving nothing behind, and a pre-copy's guest runs again); `captured` fires once the state is
-/// fixed and the caller may resume the guest: at the first RAM page of a background snapshot,
+/// fixed and the caller may resume the guest: at the first RAM page of a background snapshot
+/// (the parser then rests until QEMU says the guest runs, so that the resume has the CPU),
 /// when QEMU completes otherwise. A pre-copy resumes the guest QEMU stopped itself (if it ran
 /// when the snapshot started) before it fires `captured`: the pause ends as soon as QEMU allows.
 /// `captured` is dropped unsent if the snapshot fails before (then a pre-copy's guest may still
@@ -127,10 +128,14 @@ pub async fn stream_snapshot(
         captured,
     } = signals;
     // A background snapshot's state is fixed when QEMU sends RAM; the others' when QEMU is done.
-    let (at_first_page, at_completion) = match mode {
-        StreamMode::Background => (Some(captured), None),
-        StreamMode::Paused | StreamMode::Precopy { .. } => (None, Some(captured)),
+    let (at_first_page, at_completion, resume_watch) = match mode {
+        StreamMode::Background => {
+            let (resumed, watch) = watch_resume(client).await?.unzip();
+            (Some(FirstPage { captured, resumed }), None, watch)
+        }
+        StreamMode::Paused | StreamMode::Precopy { .. } => (None, Some(captured), None),
     };
+    let _resume_watch = resume_watch.map(AbortOnDrop);
     let mut parser = Parser::spawn(reader, expected, outputs, at_first_page)?;
     let mut migration = Migration {
         client,
@@ -175,6 +180,15 @@ pub async fn stream_snapshot(
         stream,
         image: image_stats,
     })
+}
+
+/// Ends a task when dropped: the snapshot is over, whatever happened to it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The caller's side of the capture (see [`stream_snapshot`]).
