@@ -4,8 +4,8 @@
 //! Every metadata write is atomic ([`durable::write_atomic`]): a private temporary file in the
 //! same folder, fsync, rename over the target, fsync of the folder. A crash leaves either the old
 //! or the new file, never a torn one. A domain's own files (pointer, intent, lists) are not
-//! written again when their content would not change. Every file is 0600 and every folder 0700: memory images
-//! hold the guest's secrets.
+//! written again when their content would not change. Every file is 0600 and every folder 0700:
+//! memory images hold the guest's secrets.
 
 use std::{
     collections::BTreeMap,

@@ -111,7 +111,7 @@ fn panicked(what: &'static str) -> impl FnOnce(tokio::task::JoinError) -> Error 
 /// until the guest runs (or [`REST_LIMIT`]). Until then a core spent parsing is one the resume
 /// waits for, with QEMU's migration thread busy too: on the 2-core machines here, `cont` went out
 /// 0.6–2.8 ms after the first page and QEMU answered it 0.6–9.4 ms later while the parser ran
-/// on, against 0.2–0.6 and 0.5–5.1 ms with it resting. QEMU fills the socket's buffer meanwhile.
+/// on, against 0.2–0.4 and 0.6–3.8 ms with it resting. QEMU fills the socket's buffer meanwhile.
 pub(super) struct FirstPage {
     pub(super) captured: oneshot::Sender<()>,
     /// Fires (or is dropped) once the guest runs again; `None` when it stays paused (it was
