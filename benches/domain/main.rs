@@ -588,7 +588,7 @@ fn disk_writes(bench: &Bench, domain: &Domain, series: &BackgroundSeries) -> Res
     let write = testkit::hmp_disk_write(DISK, "1M", DISK_WRITES);
     let said = domain.with_monitor(bench, |qemu| {
         bench
-            .block_on(qemu.client.execute_raw("human-monitor-command", write.clone()))
+            .block_on(qemu.client.execute_raw("human-monitor-command", write))
             .context("HMP qemu-io")
     })?;
     if said != json!("") {

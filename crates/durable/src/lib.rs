@@ -293,9 +293,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// durable a write that a crash interrupted between its rename and its folder's sync. A symlink
 /// at `path` is never read through: it is replaced. Returns whether it wrote.
 pub fn write_atomic_if_changed(path: &Path, bytes: &[u8]) -> Result<bool> {
-    if holds(path, bytes) {
-        let sync = File::open(path).and_then(|file| file.sync_all());
-        sync.map_err(|e| Error::new("cannot fsync", path, e))?;
+    if let Some(file) = holding(path, bytes) {
+        file.sync_all().map_err(|e| Error::new("cannot fsync", path, e))?;
         sync_parent(path)?;
         return Ok(false);
     }
@@ -303,21 +302,20 @@ pub fn write_atomic_if_changed(path: &Path, bytes: &[u8]) -> Result<bool> {
     Ok(true)
 }
 
-/// Whether the regular file at `path` (not a symlink) holds exactly `bytes`; any error reading
-/// it means no. (`O_NONBLOCK`: a FIFO in its place must not hang the open.)
-fn holds(path: &Path, bytes: &[u8]) -> bool {
-    let Ok(mut file) = OpenOptions::new()
+/// The regular file at `path` (not a symlink), opened, if it holds exactly `bytes`; any error
+/// reading it means no. (`O_NONBLOCK`: a FIFO in its place must not hang the open.)
+fn holding(path: &Path, bytes: &[u8]) -> Option<File> {
+    let mut file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
-    else {
-        return false;
-    };
+        .ok()?;
     let same_length = file
         .metadata()
         .is_ok_and(|m| m.is_file() && m.len() == bytes.len() as u64);
     let mut current = Vec::with_capacity(bytes.len());
-    same_length && io::Read::read_to_end(&mut file, &mut current).is_ok() && current == bytes
+    let same = same_length && io::Read::read_to_end(&mut file, &mut current).is_ok() && current == bytes;
+    same.then_some(file)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ mod tests;
 use std::{
     os::unix::net::UnixStream,
     path::Path,
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -39,7 +40,7 @@ use crate::{
     error::{Error, Result},
     migration_stream::StreamStats,
 };
-use outputs::{watch_resume, FirstPage, Outputs, Parser};
+use outputs::{FirstPage, Outputs, Parser};
 use settings::{check_layout, check_migration_idle, check_settings, populate_ram};
 
 /// The name the stream's socket is filed under in QEMU (`getfd`, `migrate fd:NAME`).
@@ -128,20 +129,24 @@ pub async fn stream_snapshot(
         captured,
     } = signals;
     // A background snapshot's state is fixed when QEMU sends RAM; the others' when QEMU is done.
-    let (at_first_page, at_completion, resume_watch) = match mode {
+    let (at_first_page, at_completion, resumed) = match mode {
         StreamMode::Background => {
-            let (resumed, watch) = watch_resume(client).await?.unzip();
-            (Some(FirstPage { captured, resumed }), None, watch)
+            let (resumed, rest) = mpsc::sync_channel(1);
+            let first_page = FirstPage {
+                captured,
+                resumed: rest,
+            };
+            (Some(first_page), None, Some(resumed))
         }
         StreamMode::Paused | StreamMode::Precopy { .. } => (None, Some(captured), None),
     };
-    let _resume_watch = resume_watch.map(AbortOnDrop);
     let mut parser = Parser::spawn(reader, expected, outputs, at_first_page)?;
     let mut migration = Migration {
         client,
         events: client.subscribe(),
         parser: &mut parser,
         parsed: None,
+        resumed,
     };
     let handshake = Handshake {
         prepared,
@@ -182,15 +187,6 @@ pub async fn stream_snapshot(
     })
 }
 
-/// Ends a task when dropped: the snapshot is over, whatever happened to it.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// The caller's side of the capture (see [`stream_snapshot`]).
 struct Handshake {
     prepared: oneshot::Sender<()>,
@@ -206,6 +202,9 @@ struct Migration<'a> {
     parser: &'a mut Parser,
     /// The parser's outcome, once the stream ended.
     parsed: Option<(StreamStats, Outputs)>,
+    /// Tells the parser, resting since a background snapshot's capture ([`FirstPage`]), that the
+    /// guest runs again (QEMU's `RESUME`); dropped when it will not be seen.
+    resumed: Option<mpsc::SyncSender<()>>,
 }
 
 impl Migration<'_> {
@@ -245,6 +244,10 @@ impl Migration<'_> {
             capture,
             captured,
         } = handshake;
+        if mode == StreamMode::Background && !self.guest_running().await? {
+            // A guest paused before the snapshot stays paused: the parser does not rest.
+            self.resumed = None;
+        }
         // Whether the stop before the switch-over is ours to end: QEMU stops a running guest only.
         let mut resume = false;
         if let StreamMode::Precopy { converge_within, .. } = mode {
@@ -365,10 +368,20 @@ impl Migration<'_> {
                 event = self.events.next() => match event {
                     Ok(message) => match &message.event {
                         Event::Migration(data) => status = Some(data.status.clone()),
+                        Event::Resume => {
+                            if let Some(resumed) = self.resumed.take() {
+                                let _ = resumed.try_send(());
+                            }
+                            continue;
+                        }
                         _ => continue,
                     },
-                    // Events lost or the connection gone: the query tells (or fails).
-                    Err(_) => status = self.query().await?.status,
+                    // Events lost or the connection gone: the query tells (or fails), and the
+                    // parser stops resting.
+                    Err(_) => {
+                        self.resumed = None;
+                        status = self.query().await?.status;
+                    }
                 },
                 outcome = self.parser.result(), if parsing => match outcome {
                     Ok(done) => self.parsed = Some(done),

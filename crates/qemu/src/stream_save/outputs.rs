@@ -11,7 +11,6 @@ use std::{
 };
 
 use memory::{Durability, ImageLayout, ImageWriter, ImportStats, PageImport, PAGE_SIZE};
-use qmp::{commands::QueryStatus, Client, Event};
 use tokio::sync::oneshot;
 
 use crate::{
@@ -114,36 +113,9 @@ fn panicked(what: &'static str) -> impl FnOnce(tokio::task::JoinError) -> Error 
 /// on, against 0.2–0.4 and 0.6–3.8 ms with it resting. QEMU fills the socket's buffer meanwhile.
 pub(super) struct FirstPage {
     pub(super) captured: oneshot::Sender<()>,
-    /// Fires (or is dropped) once the guest runs again; `None` when it stays paused (it was
-    /// paused before the snapshot): no rest then.
-    pub(super) resumed: Option<mpsc::Receiver<()>>,
-}
-
-/// Watches, for a [`FirstPage`], for the `RESUME` of the guest behind `client` if it runs now:
-/// the receiver fires at the first `RESUME` (or is dropped when the events are lost). The watch
-/// ends with the returned task, which the caller aborts once the snapshot is over.
-pub(super) async fn watch_resume(
-    client: &Client,
-) -> Result<Option<(mpsc::Receiver<()>, tokio::task::JoinHandle<()>)>> {
-    // Subscribed before the question: a resume right after the answer is not missed.
-    let mut events = client.subscribe();
-    let status = client
-        .execute(&QueryStatus)
-        .await
-        .map_err(super::qmp("reading the run state before the snapshot"))?;
-    if !status.running {
-        return Ok(None);
-    }
-    let (resumed, receiver) = mpsc::sync_channel(1);
-    let watch = tokio::spawn(async move {
-        while let Ok(message) = events.next().await {
-            if message.event == Event::Resume {
-                let _ = resumed.try_send(());
-                return;
-            }
-        }
-    });
-    Ok(Some((receiver, watch)))
+    /// Fires once the guest runs again; its sender is dropped instead when the guest stays
+    /// paused (it was paused before the snapshot) or QEMU's events are lost: no rest then.
+    pub(super) resumed: mpsc::Receiver<()>,
 }
 
 /// Guest RAM into the image; with `first_page`, the capture announced at the first page.
@@ -164,10 +136,9 @@ impl RamSink for ImageSink<'_> {
             tracing::debug!("state captured: the first RAM page arrived");
             // The caller may not be waiting for it.
             let _ = captured.send(());
-            if let Some(resumed) = resumed {
-                // A timeout or a lost watch ends the rest all the same.
-                let _ = resumed.recv_timeout(REST_LIMIT);
-            }
+            // A timeout or a dropped sender ends the rest all the same.
+            let outcome = resumed.recv_timeout(REST_LIMIT);
+            tracing::debug!(?outcome, "the parser goes on after its rest");
         }
     }
 }
@@ -269,7 +240,7 @@ mod tests {
     /// Calls the sink's `state_captured` as the parser does at the first page, with `resumed` as
     /// the rest's end; returns whether the capture was announced, how long the call took and
     /// when it returned.
-    fn captured_with(resumed: Option<mpsc::Receiver<()>>) -> (bool, Duration, Instant) {
+    fn captured_with(resumed: mpsc::Receiver<()>) -> (bool, Duration, Instant) {
         let dir = tempfile::tempdir().unwrap();
         let layout = ImageLayout::for_regions(vec![RegionInfo {
             gpa: 0,
@@ -306,7 +277,7 @@ mod tests {
             resumed.send(()).unwrap();
             sent
         });
-        let (announced, took, returned) = captured_with(Some(rest));
+        let (announced, took, returned) = captured_with(rest);
         let sent = resume.join().unwrap();
         assert!(announced);
         assert!(
@@ -318,15 +289,14 @@ mod tests {
     }
 
     #[test]
-    fn no_rest_for_a_guest_that_stays_paused_or_a_lost_watch_and_never_past_the_limit() {
-        let (announced, took, _) = captured_with(None);
-        assert!(announced && took < Duration::from_millis(20), "{took:?}");
-        let (lost, rest) = mpsc::sync_channel(1);
-        drop(lost);
-        let (announced, took, _) = captured_with(Some(rest));
+    fn no_rest_for_a_guest_that_stays_paused_or_lost_events_and_never_past_the_limit() {
+        // The sender is dropped for a guest that stays paused and when QEMU's events are lost.
+        let (dropped, rest) = mpsc::sync_channel(1);
+        drop(dropped);
+        let (announced, took, _) = captured_with(rest);
         assert!(announced && took < Duration::from_millis(20), "{took:?}");
         let (_never, rest) = mpsc::sync_channel::<()>(1);
-        let (announced, took, _) = captured_with(Some(rest));
+        let (announced, took, _) = captured_with(rest);
         assert!(announced && took >= REST_LIMIT, "{took:?}");
     }
 }

@@ -36,6 +36,7 @@ async fn error_of_an_empty_stream(answer: impl FnMut(&Value) -> Option<Value> + 
         events: fake.client.subscribe(),
         parser: &mut parser,
         parsed: None,
+        resumed: None,
     };
     let error = migration
         .wait_for(MigrationStatus::Completed, None)
