@@ -261,50 +261,64 @@ impl Header {
         if !(9..=21).contains(&h.cluster_bits) {
             return Err(invalid(format!("cluster_bits {} outside 9..=21", h.cluster_bits)));
         }
-        let cluster_size = h.cluster_size();
         if version == 3 {
-            if cluster0.len() < u32_to_usize(V3_MIN_HEADER_LEN) {
-                return Err(invalid("version 3 header is truncated"));
-            }
-            h.incompatible_features = be_u64(cluster0, 72);
-            h.compatible_features = be_u64(cluster0, 80);
-            h.autoclear_features = be_u64(cluster0, 88);
-            h.refcount_order = be_u32(cluster0, 96);
-            h.header_length = be_u32(cluster0, 100);
-            if h.header_length < V3_MIN_HEADER_LEN
-                || u64::from(h.header_length) > cluster_size
-                || u32_to_usize(h.header_length) > cluster0.len()
-            {
-                return Err(invalid(format!("header_length {} out of range", h.header_length)));
-            }
-            if h.header_length > V3_MIN_HEADER_LEN {
-                h.compression_type = cluster0[104];
-            }
+            h.parse_v3_fields(cluster0)?;
         }
-        if h.refcount_order > 6 {
-            return Err(invalid(format!(
-                "refcount_order {} greater than 6",
-                h.refcount_order
-            )));
-        }
-        if h.incompatible_features & incompatible::COMPRESSION_TYPE == 0 && h.compression_type != 0 {
-            return Err(invalid(
-                "compression_type set without the compression type feature bit",
-            ));
-        }
-        if h.compression_type > 1 {
-            return Err(HeaderError::Unsupported(format!(
-                "compression type {}",
-                h.compression_type
-            )));
-        }
-        if h.crypt_method > 2 {
-            return Err(invalid(format!("crypt_method {}", h.crypt_method)));
-        }
+        h.check_fields()?;
         h.check_layout(cluster0.len())?;
         h.parse_extensions(cluster0)?;
         h.parse_backing_name(cluster0)?;
         Ok(h)
+    }
+
+    /// The fields version 3 adds after the version 2 header.
+    fn parse_v3_fields(&mut self, cluster0: &[u8]) -> Result<(), HeaderError> {
+        if cluster0.len() < u32_to_usize(V3_MIN_HEADER_LEN) {
+            return Err(invalid("version 3 header is truncated"));
+        }
+        self.incompatible_features = be_u64(cluster0, 72);
+        self.compatible_features = be_u64(cluster0, 80);
+        self.autoclear_features = be_u64(cluster0, 88);
+        self.refcount_order = be_u32(cluster0, 96);
+        self.header_length = be_u32(cluster0, 100);
+        if self.header_length < V3_MIN_HEADER_LEN
+            || u64::from(self.header_length) > self.cluster_size()
+            || u32_to_usize(self.header_length) > cluster0.len()
+        {
+            return Err(invalid(format!(
+                "header_length {} out of range",
+                self.header_length
+            )));
+        }
+        if self.header_length > V3_MIN_HEADER_LEN {
+            self.compression_type = cluster0[104];
+        }
+        Ok(())
+    }
+
+    /// Field values this implementation (and QEMU) accepts.
+    fn check_fields(&self) -> Result<(), HeaderError> {
+        if self.refcount_order > 6 {
+            return Err(invalid(format!(
+                "refcount_order {} greater than 6",
+                self.refcount_order
+            )));
+        }
+        if self.incompatible_features & incompatible::COMPRESSION_TYPE == 0 && self.compression_type != 0 {
+            return Err(invalid(
+                "compression_type set without the compression type feature bit",
+            ));
+        }
+        if self.compression_type > 1 {
+            return Err(HeaderError::Unsupported(format!(
+                "compression type {}",
+                self.compression_type
+            )));
+        }
+        if self.crypt_method > 2 {
+            return Err(invalid(format!("crypt_method {}", self.crypt_method)));
+        }
+        Ok(())
     }
 
     /// Offsets and sizes that must be aligned or bounded before anything is read through them.

@@ -414,8 +414,21 @@ impl Image {
     /// decrements (after that metadata stopped referring to them), which is what makes every
     /// intermediate state at worst leak clusters.
     pub(crate) fn flush_refcounts(&mut self) -> Result<()> {
-        let cluster_size = self.cluster_size();
-        let mut old_table: Option<(u64, u32)> = None;
+        let old_table = self.home_dirty_refcount_blocks()?;
+        self.extend_file()?;
+        self.write_dirty_blocks()?;
+        match old_table {
+            Some((offset, clusters)) => self.switch_refcount_table(offset, clusters),
+            None => self.write_changed_table_entries(),
+        }
+    }
+
+    /// Gives every changed refcount block in use a home in the refcount table, growing the table
+    /// (in memory) when a block lies past its end. After a growth it returns the table the file
+    /// still points at, as (offset, clusters), for the caller to replace once the new one is
+    /// written.
+    fn home_dirty_refcount_blocks(&mut self) -> Result<Option<(u64, u32)>> {
+        let mut old_table = None;
         loop {
             let refcounts = self.refcounts.as_ref().expect("loaded");
             let needed = refcounts
@@ -424,41 +437,8 @@ impl Image {
                 .copied()
                 .filter(|&b| refcounts.block_in_use(b))
                 .max();
-            let capacity = to_u64(self.table.len());
-            if let Some(highest) = needed.filter(|&h| h >= capacity) {
-                let refcounts = self.refcounts.as_mut().expect("loaded");
-                // Grow with headroom so that the table's own clusters rarely force another growth.
-                let needed_bytes = (highest + 1) * 8;
-                if needed_bytes > MAX_REFCOUNT_TABLE {
-                    return Err(self.invalid(format!(
-                        "the refcount table would need {needed_bytes} bytes, more than QEMU's \
-                         {MAX_REFCOUNT_TABLE}-byte limit"
-                    )));
-                }
-                let entries = ((highest + 1).max(capacity) * 2).min(MAX_REFCOUNT_TABLE / 8);
-                let clusters = (entries * 8).div_ceil(cluster_size);
-                let first = refcounts.allocate(clusters);
-                match old_table {
-                    // A table allocated earlier in this loop was never written: drop it.
-                    Some(_) => {
-                        let previous = self.header.refcount_table_offset >> self.header.cluster_bits;
-                        for c in previous..previous + u64::from(self.header.refcount_table_clusters) {
-                            refcounts
-                                .add(c, -1)
-                                .expect("a table allocated in this loop counts one");
-                        }
-                    }
-                    None => {
-                        old_table = Some((
-                            self.header.refcount_table_offset,
-                            self.header.refcount_table_clusters,
-                        ))
-                    }
-                }
-                self.header.refcount_table_offset = first << self.header.cluster_bits;
-                self.header.refcount_table_clusters = u32::try_from(clusters)
-                    .map_err(|_| self.invalid("the refcount table would outgrow its 32-bit cluster count"))?;
-                self.table.resize(to_usize(clusters * cluster_size / 8), 0);
+            if let Some(highest) = needed.filter(|&h| h >= to_u64(self.table.len())) {
+                self.grow_refcount_table(highest, &mut old_table)?;
                 continue;
             }
             let refcounts = self.refcounts.as_mut().expect("loaded");
@@ -469,43 +449,86 @@ impl Image {
                 .filter(|&b| self.table[to_usize(b)] == 0 && refcounts.block_in_use(b))
                 .collect();
             if homeless.is_empty() {
-                break;
+                return Ok(old_table);
             }
             for block in homeless {
                 self.table[to_usize(block)] = refcounts.allocate(1) << self.header.cluster_bits;
             }
         }
-        self.extend_file()?;
-        self.write_dirty_blocks()?;
+    }
+
+    /// Allocates a refcount table that can address block `highest`, in memory only. The first
+    /// growth records the table on disk in `old_table`; a later one drops the previous growth's
+    /// table, which was never written.
+    fn grow_refcount_table(&mut self, highest: u64, old_table: &mut Option<(u64, u32)>) -> Result<()> {
+        let cluster_size = self.cluster_size();
+        let capacity = to_u64(self.table.len());
+        let refcounts = self.refcounts.as_mut().expect("loaded");
+        // Grow with headroom so that the table's own clusters rarely force another growth.
+        let needed_bytes = (highest + 1) * 8;
+        if needed_bytes > MAX_REFCOUNT_TABLE {
+            return Err(self.invalid(format!(
+                "the refcount table would need {needed_bytes} bytes, more than QEMU's \
+                 {MAX_REFCOUNT_TABLE}-byte limit"
+            )));
+        }
+        let entries = ((highest + 1).max(capacity) * 2).min(MAX_REFCOUNT_TABLE / 8);
+        let clusters = (entries * 8).div_ceil(cluster_size);
+        let first = refcounts.allocate(clusters);
         match old_table {
-            Some((offset, clusters)) => {
-                let bytes: Vec<u8> = self.table.iter().flat_map(|e| e.to_be_bytes()).collect();
-                self.write_at(self.header.refcount_table_offset, &bytes)?;
-                self.sync()?;
-                let mut switch = self.header.refcount_table_offset.to_be_bytes().to_vec();
-                switch.extend_from_slice(&self.header.refcount_table_clusters.to_be_bytes());
-                self.write_at(offsets::REFCOUNT_TABLE, &switch)?;
-                self.sync()?;
-                self.table_on_disk = self.table.clone();
-                // Nothing points at the old table any more.
-                let old = self.clusters_of(offset, u64::from(clusters) * cluster_size);
-                self.add_refs(&old, -1)?;
-                self.write_dirty_blocks()?;
+            // A table allocated by an earlier growth was never written: drop it.
+            Some(_) => {
+                let previous = self.header.refcount_table_offset >> self.header.cluster_bits;
+                for c in previous..previous + u64::from(self.header.refcount_table_clusters) {
+                    refcounts
+                        .add(c, -1)
+                        .expect("a table allocated in this loop counts one");
+                }
             }
             None => {
-                let mut wrote = false;
-                for index in 0..self.table.len() {
-                    if self.table[index] != self.table_on_disk[index] {
-                        let at = self.header.refcount_table_offset + to_u64(index) * 8;
-                        self.write_at(at, &self.table[index].to_be_bytes())?;
-                        wrote = true;
-                    }
-                }
-                if wrote {
-                    self.sync()?;
-                    self.table_on_disk = self.table.clone();
-                }
+                *old_table = Some((
+                    self.header.refcount_table_offset,
+                    self.header.refcount_table_clusters,
+                ))
             }
+        }
+        self.header.refcount_table_offset = first << self.header.cluster_bits;
+        self.header.refcount_table_clusters = u32::try_from(clusters)
+            .map_err(|_| self.invalid("the refcount table would outgrow its 32-bit cluster count"))?;
+        self.table.resize(to_usize(clusters * cluster_size / 8), 0);
+        Ok(())
+    }
+
+    /// Writes the grown refcount table whole, points the header at it, then frees the old table
+    /// (at `offset`, `clusters` long), each step synced before the next.
+    fn switch_refcount_table(&mut self, offset: u64, clusters: u32) -> Result<()> {
+        let bytes: Vec<u8> = self.table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.write_at(self.header.refcount_table_offset, &bytes)?;
+        self.sync()?;
+        let mut switch = self.header.refcount_table_offset.to_be_bytes().to_vec();
+        switch.extend_from_slice(&self.header.refcount_table_clusters.to_be_bytes());
+        self.write_at(offsets::REFCOUNT_TABLE, &switch)?;
+        self.sync()?;
+        self.table_on_disk = self.table.clone();
+        // Nothing points at the old table any more.
+        let old = self.clusters_of(offset, u64::from(clusters) * self.cluster_size());
+        self.add_refs(&old, -1)?;
+        self.write_dirty_blocks()
+    }
+
+    /// Writes the refcount table entries that changed in place, then syncs.
+    fn write_changed_table_entries(&mut self) -> Result<()> {
+        let mut wrote = false;
+        for index in 0..self.table.len() {
+            if self.table[index] != self.table_on_disk[index] {
+                let at = self.header.refcount_table_offset + to_u64(index) * 8;
+                self.write_at(at, &self.table[index].to_be_bytes())?;
+                wrote = true;
+            }
+        }
+        if wrote {
+            self.sync()?;
+            self.table_on_disk = self.table.clone();
         }
         Ok(())
     }

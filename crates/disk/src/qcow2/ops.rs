@@ -220,6 +220,34 @@ impl Image {
     /// [`Image::check`] against given refcounts and refcount table.
     pub(crate) fn check_against(&self, stored: &Refcounts, table: &[u64]) -> Result<CheckReport> {
         let cluster_size = self.cluster_size();
+        let expected = self.expected_refcounts(table)?;
+        let mut report = CheckReport::default();
+        let clusters: std::collections::BTreeSet<u64> = expected
+            .keys()
+            .copied()
+            .chain(stored.nonzero().map(|(c, _)| c))
+            .collect();
+        for c in clusters {
+            let want = expected.get(&c).copied().unwrap_or(0);
+            let have = stored.get(c);
+            if have > want {
+                report.leaked_clusters += 1;
+            } else if have < want {
+                report.errors.push(format!(
+                    "cluster {:#x}: refcount {have}, referenced {want} times",
+                    c * cluster_size
+                ));
+            }
+        }
+        self.check_copied_flags(stored, &mut report)?;
+        Ok(report)
+    }
+
+    /// How many times each cluster is referenced: by the header, the refcount table and its
+    /// blocks (`table`), the encryption header, the snapshot table, and every L1 table, L2 table
+    /// and data cluster reached from the active L1 table or a snapshot's.
+    fn expected_refcounts(&self, table: &[u64]) -> Result<BTreeMap<u64, u64>> {
+        let cluster_size = self.cluster_size();
         let header = self.header();
         let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
         let mut count_times = |clusters: &[u64], times: u64| {
@@ -276,26 +304,13 @@ impl Image {
             count_times(&[l2 >> header.cluster_bits], times);
             count_times(&self.l2_references(l2)?, times);
         }
+        Ok(expected)
+    }
+
+    /// COPIED must be set exactly on the active L1 entries whose L2 table has refcount one.
+    fn check_copied_flags(&self, stored: &Refcounts, report: &mut CheckReport) -> Result<()> {
+        let header = self.header();
         let active = self.read_l1(header.l1_table_offset, header.l1_size)?;
-        let mut report = CheckReport::default();
-        let clusters: std::collections::BTreeSet<u64> = expected
-            .keys()
-            .copied()
-            .chain(stored.nonzero().map(|(c, _)| c))
-            .collect();
-        for c in clusters {
-            let want = expected.get(&c).copied().unwrap_or(0);
-            let have = stored.get(c);
-            if have > want {
-                report.leaked_clusters += 1;
-            } else if have < want {
-                report.errors.push(format!(
-                    "cluster {:#x}: refcount {have}, referenced {want} times",
-                    c * cluster_size
-                ));
-            }
-        }
-        // COPIED must be set exactly on active entries whose cluster has refcount one.
         for (index, &entry) in active.iter().enumerate() {
             let l2_offset = entry & OFFSET_MASK;
             if l2_offset == 0 {
@@ -307,7 +322,7 @@ impl Image {
                 ));
             }
         }
-        Ok(report)
+        Ok(())
     }
 }
 
