@@ -1,5 +1,6 @@
 //! `cargo xtask`: domsnap's developer tasks.
 
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
@@ -162,6 +163,7 @@ fn run_checks(cargo: &std::ffi::OsStr) -> Result<()> {
 
 fn test(cargo_args: &[String]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    report_build_space();
     run_checks(&cargo)?;
     let report = run_setup(false)?;
     let mut test = Command::new(cargo);
@@ -175,6 +177,39 @@ fn test(cargo_args: &[String]) -> Result<()> {
     }
     test.args(cargo_args);
     run_counting_tests(&mut test)
+}
+
+/// Free space a clean test build wants in the target folder: the build took about 6.7 GiB with
+/// cargo's defaults and about N GiB with the settings `.ci/run` exports.
+const TEST_BUILD_SPACE: u64 = 8 << 30;
+
+/// Prints the free space where the build goes, and a warning when it is short of
+/// [`TEST_BUILD_SPACE`]: a disk that fills while a test binary links shows up only as the linker
+/// killed by SIGBUS, which names nothing.
+fn report_build_space() {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    // Before the first build there is no target folder; the workspace holds it.
+    let probe = if target.exists() {
+        target.clone()
+    } else {
+        workspace_root()
+    };
+    match nix::sys::statvfs::statvfs(&probe) {
+        Ok(stats) => {
+            let free = stats.blocks_available().saturating_mul(stats.fragment_size());
+            println!("test: {} MiB free for {}", free >> 20, target.display());
+            if free < TEST_BUILD_SPACE {
+                eprintln!(
+                    "test: warning: a clean build wants about {} MiB there; if a linker dies of \
+                     SIGBUS (`signal 7`), the disk is full",
+                    TEST_BUILD_SPACE >> 20
+                );
+            }
+        }
+        Err(e) => eprintln!("test: cannot tell the free space at {}: {e}", probe.display()),
+    }
 }
 
 /// A benchmark `cargo xtask bench` runs.

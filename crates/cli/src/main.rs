@@ -135,50 +135,7 @@ enum LiveMode {
 #[derive(Debug, Subcommand)]
 enum SnapshotCommand {
     /// Snapshot a domain: memory, device state and disks (disks only if it is shut off).
-    Create {
-        /// The domain.
-        name: String,
-        /// The new snapshot's name ([A-Za-z0-9_.-], up to 64).
-        snap: String,
-        /// Save memory while the guest runs, with a short pause (pre-copy unless --live-mode
-        /// says).
-        #[arg(long)]
-        live: bool,
-        /// precopy: QEMU copies memory in passes while the guest runs and stops it for the rest
-        /// (the pause stays within --max-downtime whatever the RAM size; consistent at the end).
-        /// background: QEMU's write-protect snapshot streamed into the image (pause about 30 ms;
-        /// consistent at the start). Implies --live.
-        #[arg(long, value_enum, value_name = "MODE")]
-        live_mode: Option<LiveMode>,
-        /// The longest final pause pre-copy aims at, in milliseconds (QEMU's downtime limit).
-        #[arg(long, value_name = "MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=60_000))]
-        max_downtime: u64,
-        /// How long pre-copy may run before the create gives up (rolled back; the guest runs
-        /// on), in seconds.
-        #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-        converge_within: u64,
-        /// Per-disk snapshot kind (default: internal, named like the snapshot, for every disk).
-        /// internal:NAME names the disk's internal snapshot; external's PATH defaults to
-        /// IMAGE-STEM.SNAP.qcow2 beside the image, FORMAT to qcow2; no leaves the disk out.
-        #[arg(long = "disk", value_name = disk_option::FORMS)]
-        disks: Vec<String>,
-        /// Disks only, even of a running domain: no memory, no pause (one atomic step for all
-        /// disks); a revert leaves the domain shut off.
-        #[arg(long, conflicts_with_all = ["live", "live_mode", "memory_path"])]
-        disk_only: bool,
-        /// Where the memory image goes (its folder must exist, the file must not); default: the
-        /// snapshot's folder. The device state stays there.
-        #[arg(long, value_name = "PATH")]
-        memory_path: Option<PathBuf>,
-        /// Freeze the guest's filesystems through its guest agent (guest_agent = true, and
-        /// qemu-guest-agent in the guest) for the snapshot; they are thawed as soon as the guest
-        /// runs again, failures included. A revert to the snapshot thaws the restored guest.
-        #[arg(long)]
-        quiesce: bool,
-        /// Free text stored with the snapshot.
-        #[arg(long)]
-        description: Option<String>,
-    },
+    Create(CreateArgs),
     /// A domain's snapshots (broken ones marked), all or those a filter keeps.
     List {
         /// The domain.
@@ -255,6 +212,81 @@ enum SnapshotCommand {
         /// The snapshot.
         snap: String,
     },
+}
+
+/// `snapshot create`'s arguments.
+#[derive(Debug, clap::Args)]
+struct CreateArgs {
+    /// The domain.
+    name: String,
+    /// The new snapshot's name ([A-Za-z0-9_.-], up to 64).
+    snap: String,
+    /// Save memory while the guest runs, with a short pause (pre-copy unless --live-mode
+    /// says).
+    #[arg(long)]
+    live: bool,
+    /// precopy: QEMU copies memory in passes while the guest runs and stops it for the rest
+    /// (the pause stays within --max-downtime whatever the RAM size; consistent at the end).
+    /// background: QEMU's write-protect snapshot streamed into the image (pause about 30 ms;
+    /// consistent at the start). Implies --live.
+    #[arg(long, value_enum, value_name = "MODE")]
+    live_mode: Option<LiveMode>,
+    /// The longest final pause pre-copy aims at, in milliseconds (QEMU's downtime limit).
+    #[arg(long, value_name = "MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    max_downtime: u64,
+    /// How long pre-copy may run before the create gives up (rolled back; the guest runs
+    /// on), in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    converge_within: u64,
+    /// Per-disk snapshot kind (default: internal, named like the snapshot, for every disk).
+    /// internal:NAME names the disk's internal snapshot; external's PATH defaults to
+    /// IMAGE-STEM.SNAP.qcow2 beside the image, FORMAT to qcow2; no leaves the disk out.
+    #[arg(long = "disk", value_name = disk_option::FORMS)]
+    disks: Vec<String>,
+    /// Disks only, even of a running domain: no memory, no pause (one atomic step for all
+    /// disks); a revert leaves the domain shut off.
+    #[arg(long, conflicts_with_all = ["live", "live_mode", "memory_path"])]
+    disk_only: bool,
+    /// Where the memory image goes (its folder must exist, the file must not); default: the
+    /// snapshot's folder. The device state stays there.
+    #[arg(long, value_name = "PATH")]
+    memory_path: Option<PathBuf>,
+    /// Freeze the guest's filesystems through its guest agent (guest_agent = true, and
+    /// qemu-guest-agent in the guest) for the snapshot; they are thawed as soon as the guest
+    /// runs again, failures included. A revert to the snapshot thaws the restored guest.
+    #[arg(long)]
+    quiesce: bool,
+    /// Free text stored with the snapshot.
+    #[arg(long)]
+    description: Option<String>,
+}
+
+impl CreateArgs {
+    /// The orchestrator's options for these arguments.
+    fn options(self) -> Result<CreateOptions> {
+        let method = match (self.live, self.live_mode) {
+            (_, Some(LiveMode::Precopy)) => Some(LiveMethod::Precopy),
+            (_, Some(LiveMode::Background)) => Some(LiveMethod::Background),
+            (true, None) => Some(LiveMethod::Auto),
+            (false, None) => None,
+        };
+        let memory = match method {
+            _ if self.disk_only => MemoryMode::DisksOnly,
+            Some(method) => MemoryMode::Live(LiveOptions {
+                method,
+                max_downtime: Duration::from_millis(self.max_downtime),
+                converge_within: Duration::from_secs(self.converge_within),
+            }),
+            None => MemoryMode::Paused,
+        };
+        Ok(CreateOptions {
+            memory,
+            disks: self.disks.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?,
+            description: self.description,
+            memory_path: self.memory_path.map(std::path::absolute).transpose()?,
+            quiesce: self.quiesce,
+        })
+    }
 }
 
 fn main() {
@@ -538,43 +570,10 @@ impl App {
 
     async fn snapshot(&self, command: SnapshotCommand) -> Result<()> {
         match command {
-            SnapshotCommand::Create {
-                name: domain,
-                snap,
-                live,
-                live_mode,
-                max_downtime,
-                converge_within,
-                disks,
-                disk_only,
-                memory_path,
-                quiesce,
-                description,
-            } => {
-                let (domain, snap) = (self.defined_domain(&domain)?, name(&snap, "snapshot")?);
-                let method = match (live, live_mode) {
-                    (_, Some(LiveMode::Precopy)) => Some(LiveMethod::Precopy),
-                    (_, Some(LiveMode::Background)) => Some(LiveMethod::Background),
-                    (true, None) => Some(LiveMethod::Auto),
-                    (false, None) => None,
-                };
-                let memory = match method {
-                    _ if disk_only => MemoryMode::DisksOnly,
-                    Some(method) => MemoryMode::Live(LiveOptions {
-                        method,
-                        max_downtime: Duration::from_millis(max_downtime),
-                        converge_within: Duration::from_secs(converge_within),
-                    }),
-                    None => MemoryMode::Paused,
-                };
-                let options = CreateOptions {
-                    memory,
-                    disks: disks.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?,
-                    description,
-                    memory_path: memory_path.map(std::path::absolute).transpose()?,
-                    quiesce,
-                };
-                let report = self.orchestrator.create(&domain, &snap, options).await?;
+            SnapshotCommand::Create(args) => {
+                let domain = self.defined_domain(&args.name)?;
+                let snap = name(&args.snap, "snapshot")?;
+                let report = self.orchestrator.create(&domain, &snap, args.options()?).await?;
                 self.print(&Flat::new(&report), || output::created(&report))
             }
             SnapshotCommand::List {

@@ -260,6 +260,13 @@ pub fn show(record: &SnapshotRecord, current: Option<&Name>, files: &SnapshotFil
             let _ = writeln!(out, "  {reason}");
         }
     }
+    write_memory(&mut out, record, files);
+    write_disks(&mut out, record);
+    out
+}
+
+/// `show`'s memory lines: the image's size and consistency, and where its files are.
+fn write_memory(out: &mut String, record: &SnapshotRecord, files: &SnapshotFiles) {
     match &record.memory {
         Some(memory) => {
             let consistency = match memory.consistency {
@@ -278,6 +285,10 @@ pub fn show(record: &SnapshotRecord, current: Option<&Name>, files: &SnapshotFil
             let _ = writeln!(out, "memory:      none (disk-only snapshot)");
         }
     }
+}
+
+/// `show`'s line for each disk: what its snapshot is and where.
+fn write_disks(out: &mut String, record: &SnapshotRecord) {
     for disk in &record.disks {
         match &disk.snapshot {
             DiskSnapshot::Internal { name } => {
@@ -307,7 +318,6 @@ pub fn show(record: &SnapshotRecord, current: Option<&Name>, files: &SnapshotFil
             }
         }
     }
-    out
 }
 
 pub fn created(report: &CreateReport) -> String {

@@ -143,17 +143,15 @@ fn read_full(input: &mut impl Read, buf: &mut [u8], records: u64) -> Result<()> 
     })
 }
 
-/// Reads a stream from `input` and writes it as a sealed image at `dest`. Reads exactly up to the end
-/// record and nothing after it. On any error no image is left behind.
-pub fn receive_stream(mut input: impl Read, dest: &Path, options: &ReceiveOptions) -> Result<ImageInfo> {
+/// Reads and checks the stream's header: the guest's layout and the format version.
+fn read_stream_header(input: &mut impl Read, options: &ReceiveOptions) -> Result<(ImageLayout, u32)> {
     let mut prefix = [0u8; 16];
-    read_full(&mut input, &mut prefix, 0)?;
+    read_full(input, &mut prefix, 0)?;
     let header_len = ImageLayout::header_len_from_prefix(&prefix, STREAM_MAGIC, KIND)?;
     let mut header = vec![0u8; header_len];
     header[..16].copy_from_slice(&prefix);
-    read_full(&mut input, &mut header[16..], 0)?;
+    read_full(input, &mut header[16..], 0)?;
     let (layout, _) = ImageLayout::decode_header(&header, STREAM_MAGIC, KIND)?;
-    let version = ImageLayout::version_of(&header);
     let total = layout.total_pages();
     if total * PAGE > options.max_guest_bytes {
         return Err(Error::TooLarge {
@@ -162,6 +160,43 @@ pub fn receive_stream(mut input: impl Read, dest: &Path, options: &ReceiveOption
             limit: options.max_guest_bytes,
         });
     }
+    Ok((layout, ImageLayout::version_of(&header)))
+}
+
+/// Checks a data record's pages (from page `first`) against their checksums in `meta`, and
+/// records them in `table`.
+fn check_data_pages(
+    layout: &ImageLayout,
+    table: &mut PageTable,
+    first: u64,
+    data: &[u8],
+    meta: &[u8],
+) -> Result<()> {
+    for (i, (page, sum)) in data.chunks_exact(PAGE_SIZE).zip(meta.chunks_exact(8)).enumerate() {
+        let p = first + to_u64(i);
+        let sum = u64::from_le_bytes(sum.try_into().expect("8 bytes"));
+        let page_error = |what| Error::PageCorrupt {
+            kind: KIND,
+            page: p,
+            gpa: layout.gpa_of_page(p),
+            what,
+        };
+        if is_zero(page) {
+            return Err(page_error("is sent as data but is zero"));
+        }
+        if page_hash(layout.seed(), page) != sum {
+            return Err(page_error("does not match its checksum"));
+        }
+        table.set(p, Some(sum));
+    }
+    Ok(())
+}
+
+/// Reads a stream from `input` and writes it as a sealed image at `dest`. Reads exactly up to the end
+/// record and nothing after it. On any error no image is left behind.
+pub fn receive_stream(mut input: impl Read, dest: &Path, options: &ReceiveOptions) -> Result<ImageInfo> {
+    let (layout, version) = read_stream_header(&mut input, options)?;
+    let total = layout.total_pages();
     let image = ImageWriter::create(dest, layout.clone(), options.durability)?;
     let mut table = PageTable::new(total, layout.seed());
     // Page-aligned, so that an image may take the records' pages direct.
@@ -216,23 +251,7 @@ pub fn receive_stream(mut input: impl Read, dest: &Path, options: &ReceiveOption
         } else {
             let data = &mut data[..count * PAGE_SIZE];
             read_full(&mut input, data, records)?;
-            for (i, (page, sum)) in data.chunks_exact(PAGE_SIZE).zip(meta.chunks_exact(8)).enumerate() {
-                let p = first + to_u64(i);
-                let sum = u64::from_le_bytes(sum.try_into().expect("8 bytes"));
-                let page_error = |what| Error::PageCorrupt {
-                    kind: KIND,
-                    page: p,
-                    gpa: layout.gpa_of_page(p),
-                    what,
-                };
-                if is_zero(page) {
-                    return Err(page_error("is sent as data but is zero"));
-                }
-                if page_hash(layout.seed(), page) != sum {
-                    return Err(page_error("does not match its checksum"));
-                }
-                table.set(p, Some(sum));
-            }
+            check_data_pages(&layout, &mut table, first, data, &meta[..meta_len])?;
             image.write_pages(first, data, &[])?;
         }
         records += 1;
