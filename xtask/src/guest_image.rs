@@ -360,6 +360,29 @@ fn single_entry(dir: &Path, what: &str, pred: impl Fn(&str) -> bool) -> Result<P
     }
 }
 
+/// Writes the guest's initramfs (busybox, the workload, the init script and `modules`) next to its
+/// final name in `dir` and renames it into place. Returns its size.
+fn write_initramfs(dir: &Path, busybox: &[u8], workload: &[u8], modules: &[(&str, Vec<u8>)]) -> Result<u64> {
+    let cpio_tmp = dir.join(format!(".{INITRAMFS_FILE}.partial"));
+    let file = fs::File::create(&cpio_tmp).with_context(|| format!("creating {}", cpio_tmp.display()))?;
+    let mut w = cpio::Writer::new(BufWriter::new(file));
+    for d in ["bin", "dev", "proc", "sys", "run", "lib", "lib/modules"] {
+        w.dir(d, 0o755)?;
+    }
+    w.dir("tmp", 0o1777)?;
+    w.char_dev("dev/console", 0o600, 5, 1)?;
+    w.file("init", 0o755, INIT_SCRIPT.as_bytes())?;
+    w.file("bin/busybox", 0o755, busybox)?;
+    w.file("bin/guest-workload", 0o755, workload)?;
+    for (name, bytes) in modules {
+        w.file(&format!("lib/modules/{name}.ko"), 0o644, bytes)?;
+    }
+    let (out, initramfs_bytes) = w.finish()?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    fs::rename(&cpio_tmp, dir.join(INITRAMFS_FILE))?;
+    Ok(initramfs_bytes)
+}
+
 fn build(dir: &Path, kernel_package: &str, debs: &Debs, workload: &[u8], stamp: String) -> Result<GuestInfo> {
     let tmp = tempfile::Builder::new()
         .prefix("domsnap-guest-")
@@ -409,24 +432,7 @@ fn build(dir: &Path, kernel_package: &str, debs: &Debs, workload: &[u8], stamp: 
         bail!("the kernel {kernel_package} has no virtio_blk: the guest could not see its disk");
     }
 
-    // The initramfs, written next to its final name and renamed into place.
-    let cpio_tmp = dir.join(format!(".{INITRAMFS_FILE}.partial"));
-    let file = fs::File::create(&cpio_tmp).with_context(|| format!("creating {}", cpio_tmp.display()))?;
-    let mut w = cpio::Writer::new(BufWriter::new(file));
-    for d in ["bin", "dev", "proc", "sys", "run", "lib", "lib/modules"] {
-        w.dir(d, 0o755)?;
-    }
-    w.dir("tmp", 0o1777)?;
-    w.char_dev("dev/console", 0o600, 5, 1)?;
-    w.file("init", 0o755, INIT_SCRIPT.as_bytes())?;
-    w.file("bin/busybox", 0o755, &busybox)?;
-    w.file("bin/guest-workload", 0o755, workload)?;
-    for (name, bytes) in &modules {
-        w.file(&format!("lib/modules/{name}.ko"), 0o644, bytes)?;
-    }
-    let (out, initramfs_bytes) = w.finish()?;
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    fs::rename(&cpio_tmp, dir.join(INITRAMFS_FILE))?;
+    let initramfs_bytes = write_initramfs(dir, &busybox, workload, &modules)?;
 
     let kernel_tmp = dir.join(format!(".{KERNEL_FILE}.partial"));
     fs::copy(&vmlinuz, &kernel_tmp).with_context(|| format!("copying {}", vmlinuz.display()))?;

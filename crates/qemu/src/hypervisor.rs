@@ -393,31 +393,7 @@ impl QemuDriver {
             reason,
             stderr,
         };
-        let mut file =
-            File::open(&path).map_err(|error| fail(format!("cannot read it: {error}"), String::new()))?;
-        let mut start = Vec::with_capacity(FORMAT_PROBE);
-        (&mut file)
-            .take(FORMAT_PROBE as u64)
-            .read_to_end(&mut start)
-            .map_err(|error| fail(format!("cannot read it: {error}"), String::new()))?;
-        // What QEMU reads: the file as it is, or for a file without configuration section (older
-        // domsnap versions) the header, the section naming this QEMU's machine type, then the
-        // file's device sections. So the restored QEMU always runs with the default
-        // `send-configuration=on` and can migrate (snapshot) again.
-        let (prefix, skip) =
-            match device_state_format(&start).map_err(|reason| fail(reason, String::new()))? {
-                DeviceStateFormat::Configured { .. } => (Vec::new(), 0),
-                DeviceStateFormat::Legacy => {
-                    let machine_type = machine_type(client)
-                        .await
-                        .map_err(|reason| fail(reason, String::new()))?;
-                    let prefix = device_state_prefix(&machine_type)
-                        .map_err(|error| fail(error.to_string(), String::new()))?;
-                    (prefix, DEVICE_STATE_HEADER.len())
-                }
-            };
-        file.seek(SeekFrom::Start(skip as u64))
-            .map_err(|error| fail(format!("cannot read it: {error}"), String::new()))?;
+        let (mut file, prefix) = device_state_source(client, &path, &fail).await?;
         // The stream goes through a socket QEMU is handed, so QEMU needs no access to the file.
         let (ours, theirs) =
             UnixStream::pair().map_err(io_error("cannot create a socket pair for", &path))?;
@@ -586,6 +562,40 @@ async fn check_migratable(domain: &Name, client: &qmp::Client) -> Result<()> {
         domain: domain.clone(),
         reasons,
     })
+}
+
+/// Opens the device-state file at `path` for QEMU: the file placed where QEMU's read starts, and
+/// the bytes to send QEMU before it.
+async fn device_state_source(
+    client: &qmp::Client,
+    path: &Path,
+    fail: &impl Fn(String, String) -> Error,
+) -> Result<(File, Vec<u8>)> {
+    let mut file =
+        File::open(path).map_err(|error| fail(format!("cannot read it: {error}"), String::new()))?;
+    let mut start = Vec::with_capacity(FORMAT_PROBE);
+    (&mut file)
+        .take(FORMAT_PROBE as u64)
+        .read_to_end(&mut start)
+        .map_err(|error| fail(format!("cannot read it: {error}"), String::new()))?;
+    // What QEMU reads: the file as it is, or for a file without configuration section (older
+    // domsnap versions) the header, the section naming this QEMU's machine type, then the
+    // file's device sections. So the restored QEMU always runs with the default
+    // `send-configuration=on` and can migrate (snapshot) again.
+    let (prefix, skip) = match device_state_format(&start).map_err(|reason| fail(reason, String::new()))? {
+        DeviceStateFormat::Configured { .. } => (Vec::new(), 0),
+        DeviceStateFormat::Legacy => {
+            let machine_type = machine_type(client)
+                .await
+                .map_err(|reason| fail(reason, String::new()))?;
+            let prefix =
+                device_state_prefix(&machine_type).map_err(|error| fail(error.to_string(), String::new()))?;
+            (prefix, DEVICE_STATE_HEADER.len())
+        }
+    };
+    file.seek(SeekFrom::Start(skip as u64))
+        .map_err(|error| fail(format!("cannot read it: {error}"), String::new()))?;
+    Ok((file, prefix))
 }
 
 async fn machine_type(client: &qmp::Client) -> std::result::Result<String, String> {

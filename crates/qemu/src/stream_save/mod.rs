@@ -128,18 +128,7 @@ pub async fn stream_snapshot(
         capture,
         captured,
     } = signals;
-    // A background snapshot's state is fixed when QEMU sends RAM; the others' when QEMU is done.
-    let (at_first_page, at_completion, resumed) = match mode {
-        StreamMode::Background => {
-            let (resumed, rest) = mpsc::sync_channel(1);
-            let first_page = FirstPage {
-                captured,
-                resumed: rest,
-            };
-            (Some(first_page), None, Some(resumed))
-        }
-        StreamMode::Paused | StreamMode::Precopy { .. } => (None, Some(captured), None),
-    };
+    let (at_first_page, at_completion, resumed) = capture_points(mode, captured);
     let mut parser = Parser::spawn(reader, expected, outputs, at_first_page)?;
     let mut migration = Migration {
         client,
@@ -165,6 +154,44 @@ pub async fn stream_snapshot(
             return Err(error);
         }
     };
+    let image_stats = seal_complete(outputs).await?;
+    Ok(SnapshotStats {
+        downtime: Duration::from_millis(info.downtime.unwrap_or_default()),
+        total_time: started.elapsed(),
+        qemu_total_time: Duration::from_millis(info.total_time.unwrap_or_default()),
+        passes: info.ram.as_ref().map_or(1, |ram| ram.dirty_sync_count.max(1)),
+        stream,
+        image: image_stats,
+    })
+}
+
+/// Where the capture is announced. A background snapshot's state is fixed when QEMU sends RAM: the
+/// parser announces it at the first page, then rests until the migration passes on the guest's
+/// resume through the returned sender. The others' state is fixed when QEMU is done: the migration
+/// announces it at completion.
+fn capture_points(
+    mode: StreamMode,
+    captured: oneshot::Sender<()>,
+) -> (
+    Option<FirstPage>,
+    Option<oneshot::Sender<()>>,
+    Option<mpsc::SyncSender<()>>,
+) {
+    match mode {
+        StreamMode::Background => {
+            let (resumed, rest) = mpsc::sync_channel(1);
+            let first_page = FirstPage {
+                captured,
+                resumed: rest,
+            };
+            (Some(first_page), None, Some(resumed))
+        }
+        StreamMode::Paused | StreamMode::Precopy { .. } => (None, Some(captured), None),
+    }
+}
+
+/// Seals the image and the device state once the stream gave every page.
+async fn seal_complete(outputs: Outputs) -> Result<ImportStats> {
     let image_stats = outputs.import.stats();
     if image_stats.pages_missing > 0 {
         return Err(Error::StreamIncomplete {
@@ -177,14 +204,7 @@ pub async fn stream_snapshot(
         elapsed_ms = sealing.elapsed().as_secs_f64() * 1e3,
         "memory image and device state sealed"
     );
-    Ok(SnapshotStats {
-        downtime: Duration::from_millis(info.downtime.unwrap_or_default()),
-        total_time: started.elapsed(),
-        qemu_total_time: Duration::from_millis(info.total_time.unwrap_or_default()),
-        passes: info.ram.as_ref().map_or(1, |ram| ram.dirty_sync_count.max(1)),
-        stream,
-        image: image_stats,
-    })
+    Ok(image_stats)
 }
 
 /// The caller's side of the capture (see [`stream_snapshot`]).
