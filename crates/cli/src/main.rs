@@ -690,7 +690,7 @@ mod tests {
         assert!(cli.json);
         assert!(matches!(
             cli.command,
-            Command::Snapshot(SnapshotCommand::Create { live: true, .. })
+            Command::Snapshot(SnapshotCommand::Create(CreateArgs { live: true, .. }))
         ));
         let cli = Cli::try_parse_from([
             "domsnap",
@@ -702,10 +702,14 @@ mod tests {
             "background",
         ])
         .unwrap();
+        let Command::Snapshot(SnapshotCommand::Create(args)) = cli.command else {
+            panic!("not a create: {:?}", cli.command);
+        };
+        assert!(matches!(args.live_mode, Some(LiveMode::Background)));
         assert!(matches!(
-            cli.command,
-            Command::Snapshot(SnapshotCommand::Create {
-                live_mode: Some(LiveMode::Background),
+            args.options().unwrap().memory,
+            MemoryMode::Live(LiveOptions {
+                method: LiveMethod::Background,
                 ..
             })
         ));
