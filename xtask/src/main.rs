@@ -180,7 +180,7 @@ fn test(cargo_args: &[String]) -> Result<()> {
 }
 
 /// Free space a clean `cargo xtask test` wants in the target folder, with a margin: measured, its
-/// target folder grew to 6.7 GiB with cargo's defaults (about 2.5 GiB with the settings `.ci/run`
+/// target folder grew to 6.7 GiB with cargo's defaults (2.2 GiB with the settings `.ci/run`
 /// exports).
 const TEST_BUILD_SPACE: u64 = 8 << 30;
 
