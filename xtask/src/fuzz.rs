@@ -43,6 +43,10 @@ pub fn run(seconds: u64, only: &[String]) -> Result<()> {
     }
     let mut failed = Vec::new();
     for target in &targets {
+        let seeded = crate::fuzz_seeds::write(target, &dir.join("corpus").join(target))?;
+        if seeded > 0 {
+            eprintln!("xtask: fuzz target {target}: {seeded} seed inputs written to its corpus");
+        }
         let mut run = fuzz();
         run.args(["run", target, "--"])
             .arg(format!("-max_total_time={seconds}"))

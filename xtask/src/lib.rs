@@ -10,6 +10,7 @@ pub mod debian_image;
 pub mod demo;
 mod demo_debian;
 pub mod fuzz;
+pub mod fuzz_seeds;
 pub mod guest;
 pub mod guest_image;
 pub mod setup;
