@@ -482,7 +482,7 @@ impl Image {
                 for c in previous..previous + u64::from(self.header.refcount_table_clusters) {
                     refcounts
                         .add(c, -1)
-                        .expect("a table allocated in this loop counts one");
+                        .expect("a table allocated by an earlier growth counts one");
                 }
             }
             None => {
